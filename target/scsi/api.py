@@ -1,0 +1,69 @@
+"""Transport-neutral contract between SCSI transports (embedded iSCSI, TCMU)
+and the SCSI emulation.
+
+A transport builds a ScsiCommand per received command (with all Data-Out
+bytes already gathered), awaits ``ScsiTarget.execute`` and sends back the
+ScsiResponse. Status codes and sense layout are the SCSI layer's business.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+GOOD = 0x00
+CHECK_CONDITION = 0x02
+CONDITION_MET = 0x04
+BUSY = 0x08
+RESERVATION_CONFLICT = 0x18
+TASK_SET_FULL = 0x28
+TASK_ABORTED = 0x40
+
+
+@dataclass(frozen=True)
+class Nexus:
+    """An I_T nexus: who sends the command, through which target port.
+
+    ``initiator`` is the full initiator port name (iSCSI: "<iqn>,i,0x<isid>"),
+    ``initiator_name`` the bare name (used by ACL-style checks and PR
+    "all target ports"), ``target_port`` the target port name
+    ("<target iqn>,t,0x<tpgt>"; TCMU has no nexus: use "tcmu").
+    """
+
+    initiator: str
+    target_port: str
+    initiator_name: str = ""
+    transport_id: bytes = b""   # SPC TransportID of the initiator port, for PR
+
+
+@dataclass
+class ScsiCommand:
+    cdb: bytes
+    lun: int
+    nexus: Nexus
+    data_out: memoryview | bytes | None = None   # every Data-Out byte of the command
+    expected_in: int = 0                          # initiator's expected Data-In length
+    task_tag: int = 0
+    task_attr: int = 0                            # SAM task attribute (0 simple)
+
+
+@dataclass
+class ScsiResponse:
+    status: int = GOOD
+    sense: bytes = b""
+    data_in: bytes | bytearray | memoryview = b""
+    extra: dict = field(default_factory=dict)     # transport hints, e.g. residuals
+
+
+class ScsiTarget(Protocol):
+    """A set of LUNs behind one target port group, as a transport sees it."""
+
+    async def execute(self, cmd: ScsiCommand) -> ScsiResponse: ...
+
+    def luns(self) -> list[int]: ...
+
+    async def lun_reset(self, lun: int, nexus: Nexus) -> None: ...
+
+    async def target_reset(self, nexus: Nexus) -> None: ...
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """The I_T nexus went away (logout, connection loss): drop its state."""
