@@ -1,0 +1,476 @@
+"""The restore engine: volumes, pairs and their lifecycle.
+
+    create pair (full sync) -> synchronized -> fracture -> [host writes
+    tracked in the delta map] -> sync (incremental) | restore (protected or
+    not) -> fractured / synchronized
+
+Every state change is made with the volumes' I/O gates closed (no host I/O
+in flight decided under the old state) and is durable before it returns.
+Jobs (sync, restore) resume on start from their persisted maps.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+from .blockstore import BlockStore
+from .committer import Committer, load_map
+from .copier import Copier
+from .extentmap import DEFAULT_EXTENT_SIZE
+from .metadata import MetadataStore
+from .pair import Job, JobKind, Pair, PairState, Progress, Throttle, VolumeRuntime
+from .volume_io import VolumeIO
+
+log = logging.getLogger(__name__)
+
+MAX_CLONES_PER_SOURCE = 8
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+class EngineError(Exception):
+    """A request the engine refuses; the message is for the operator."""
+
+
+class Engine:
+    def __init__(self, meta: MetadataStore) -> None:
+        self.meta = meta
+        self.committer = Committer(meta)
+        self.committer.on_durable.append(self._prune_pending)
+        self.volumes: dict[str, VolumeRuntime] = {}
+        self.ios: dict[str, VolumeIO] = {}
+        self.pairs: dict[str, Pair] = {}
+        self._cleaners: dict[str, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()     # one lifecycle operation at a time
+        self.started = False
+        self.listeners: list[Any] = []  # callables(event: str, pair_id: str)
+
+    # -- volumes -----------------------------------------------------------------
+    def add_volume(self, name: str, store: BlockStore) -> VolumeIO:
+        if not NAME_RE.match(name):
+            raise EngineError(f"invalid volume name {name!r}: use letters, digits, _ . : -")
+        if name in self.volumes:
+            raise EngineError(f"volume {name!r} already exists")
+        vol = VolumeRuntime(name, store)
+        self.volumes[name] = vol
+        io = VolumeIO(vol, self.committer)
+        self.ios[name] = io
+        return io
+
+    def remove_volume(self, name: str) -> BlockStore:
+        vol = self._volume(name)
+        if vol.as_clone is not None or vol.as_source:
+            users = [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])
+            raise EngineError(f"volume {name!r} is in pair(s) {', '.join(users)}; delete them first")
+        del self.volumes[name]
+        del self.ios[name]
+        return vol.store
+
+    def volume_io(self, name: str) -> VolumeIO:
+        self._volume(name)
+        return self.ios[name]
+
+    def _volume(self, name: str) -> VolumeRuntime:
+        try:
+            return self.volumes[name]
+        except KeyError:
+            raise EngineError(f"no volume named {name!r}") from None
+
+    def pair(self, pair_id: str) -> Pair:
+        try:
+            return self.pairs[pair_id]
+        except KeyError:
+            raise EngineError(f"no pair {pair_id!r}") from None
+
+    def find_pair(self, source: str, clone: str) -> Pair:
+        for p in self.pairs.values():
+            if p.source == source and p.clone == clone:
+                return p
+        raise EngineError(f"no pair {source}/{clone}")
+
+    # -- start / stop -----------------------------------------------------------------
+    async def start(self) -> None:
+        """Load pairs from the metadata store and resume interrupted jobs."""
+        snap = await asyncio.get_running_loop().run_in_executor(None, self.meta.load)
+        for pid, rec in snap.pairs.items():
+            pair = Pair.from_record(rec)
+            for name in ("delta", "done", "marks"):
+                m = load_map(pair.nextents, snap.maps.get(pair.map_key(name), {}))
+                getattr(pair, name).assign(m)
+            for name in ("delta", "done", "marks"):
+                getattr(pair, name).take_dirty_chunks()
+            self._attach(pair)
+        for pair in self.pairs.values():
+            await self._recover(pair)
+        self.started = True
+
+    def _attach(self, pair: Pair) -> None:
+        src = self._volume(pair.source)
+        cln = self._volume(pair.clone)
+        if src.store.size != pair.size or cln.store.size != pair.size:
+            raise EngineError(
+                f"pair {pair.id}: volumes are {src.store.size} and {cln.store.size} bytes, "
+                f"the pair was made for {pair.size}")
+        pair.source_store = src.store
+        pair.clone_store = cln.store
+        pair.regionlog.marks = pair.marks
+        src.as_source.append(pair)
+        cln.as_clone = pair
+        self.pairs[pair.id] = pair
+        for name in ("delta", "done", "marks"):
+            self.committer.register_map(pair.map_key(name), getattr(pair, name))
+
+    async def _recover(self, pair: Pair) -> None:
+        if pair.mirroring and pair.marks.any(0, pair.nextents):
+            # Mirrored writes may have been cut between the legs: copy those
+            # extents again (one transaction, before the copier starts).
+            if pair.state is PairState.SYNCHRONIZED:
+                pair.state = PairState.SYNCING
+                pair.job = Job(JobKind.SYNC, total=0)
+                pair.delta.clear_all()
+                pair.done.clear_all()
+            pair.delta.update_from(pair.marks)
+            pair.done.subtract(pair.marks)
+            pair.marks.clear_all()
+            pair.compute_todo()
+            if pair.job is not None:
+                pair.job.total = max(pair.job.total, pair.todo.count())
+            self.committer.put_pair(pair.id, pair.to_record())
+            await self.committer.commit()
+        if pair.job is not None:
+            pair.compute_todo()
+            log.info("pair %s: resuming %s, %d extents left", pair.id, pair.job.kind.value,
+                     pair.todo.count())
+            self._start_job(pair)
+        if pair.mirroring:
+            self._start_cleaner(pair)
+
+    async def close(self) -> None:
+        """Stop copiers (their progress is durable), flush, commit."""
+        for pair in self.pairs.values():
+            if pair.copier is not None:
+                await pair.copier.stop()
+        for t in self._cleaners.values():
+            t.cancel()
+        await asyncio.gather(*self._cleaners.values(), return_exceptions=True)
+        self._cleaners.clear()
+        for vol in self.volumes.values():
+            try:
+                await vol.store.flush()
+            except Exception as e:  # noqa: BLE001
+                log.error("flush of %s at close failed: %s", vol.name, e)
+        await self.committer.close()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def create_pair(self, source: str, clone: str, *, extent_size: int = DEFAULT_EXTENT_SIZE,
+                          sync: bool = True, throttle: Throttle | None = None) -> Pair:
+        async with self._lock:
+            src, cln = self._volume(source), self._volume(clone)
+            if source == clone:
+                raise EngineError("a volume cannot be its own clone")
+            if cln.as_clone is not None:
+                raise EngineError(f"volume {clone!r} is already the clone in pair {cln.as_clone.id}")
+            if cln.as_source:
+                raise EngineError(f"volume {clone!r} is the source of other pairs; it cannot be a clone")
+            if src.as_clone is not None:
+                raise EngineError(f"volume {source!r} is a clone; a clone cannot be a source")
+            if len(src.as_source) >= MAX_CLONES_PER_SOURCE:
+                raise EngineError(f"volume {source!r} already has {MAX_CLONES_PER_SOURCE} clones")
+            if src.store.size != cln.store.size:
+                raise EngineError(f"sizes differ: {source} has {src.store.size} bytes, "
+                                  f"{clone} has {cln.store.size}")
+            if extent_size < 4096 or extent_size & (extent_size - 1) or extent_size > 64 << 20:
+                raise EngineError("extent size must be a power of two from 4 KiB to 64 MiB")
+            if any(p.state is PairState.RESTORING for p in src.as_source):
+                raise EngineError(f"volume {source!r} is being restored; wait for the restore to end")
+            if throttle is not None:
+                throttle.validate()
+            pair = Pair(clone, source, clone, src.store.size, extent_size, PairState.FRACTURED)
+            if throttle is not None:
+                pair.throttle = throttle
+            async with src.gate.closed(), cln.gate.closed():
+                self._attach(pair)
+                pair.delta.set_all()
+                if sync:
+                    pair.state = PairState.SYNCING
+                    pair.job = Job(JobKind.SYNC, total=pair.nextents)
+                self.committer.put_pair(pair.id, pair.to_record())
+                try:
+                    await self.committer.commit()
+                except BaseException:
+                    self._detach(pair)
+                    raise
+                cln.generation += 1
+                if sync:
+                    pair.compute_todo()
+                    self._start_job(pair)
+                    self._start_cleaner(pair)
+            self._emit("pair-created", pair.id)
+            return pair
+
+    async def sync(self, pair_id: str, *, full: bool = False) -> Pair:
+        """Incremental (delta extents) or full copy source -> clone."""
+        async with self._lock:
+            pair = self.pair(pair_id)
+            if pair.state is PairState.RESTORING:
+                raise EngineError(f"pair {pair_id} is restoring; wait for the restore to end")
+            if pair.state is PairState.SYNCING:
+                raise EngineError(f"pair {pair_id} is already syncing")
+            src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+            if any(p.state is PairState.RESTORING for p in src.as_source):
+                raise EngineError(f"volume {pair.source} is being restored from another clone")
+            async with src.gate.closed(), cln.gate.closed():
+                if pair.state is PairState.SYNCHRONIZED:
+                    pair.delta.update_from(pair.marks)
+                    pair.marks.clear_all()
+                if full:
+                    pair.delta.set_all()
+                pair.done.clear_all()
+                pair.state = PairState.SYNCING
+                pair.job = Job(JobKind.SYNC, total=pair.delta.count())
+                self.committer.put_pair(pair.id, pair.to_record())
+                await self.committer.commit()
+                pair.compute_todo()
+                cln.generation += 1
+                self._start_job(pair)
+                self._start_cleaner(pair)
+            self._emit("sync-started", pair.id)
+            return pair
+
+    async def fracture(self, pair_id: str) -> Pair:
+        async with self._lock:
+            pair = self.pair(pair_id)
+            if pair.state is PairState.FRACTURED:
+                return pair
+            if pair.state is PairState.RESTORING:
+                raise EngineError(f"pair {pair_id} is restoring; a restore cannot be split off "
+                                  "half way (pause it, or wait for it to end)")
+            src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+            async with src.gate.closed(), cln.gate.closed():
+                await self._stop_background(pair)
+                differ = pair.may_differ()
+                pair.delta.assign(differ)
+                pair.done.clear_all()
+                pair.marks.clear_all()
+                pair.todo.clear_all()
+                pair.state = PairState.FRACTURED
+                pair.job = None
+                self.committer.put_pair(pair.id, pair.to_record())
+                await self.committer.commit()
+                cln.generation += 1
+            self._emit("fractured", pair.id)
+            return pair
+
+    async def restore(self, pair_id: str, *, protected: bool = True) -> Pair:
+        """Start copying clone -> source; returns at once, the source stays usable."""
+        async with self._lock:
+            pair = self.pair(pair_id)
+            if pair.state is not PairState.FRACTURED:
+                raise EngineError(f"pair {pair_id} is {pair.state.value}; only a fractured pair "
+                                  "can be restored")
+            src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+            for other in src.as_source:
+                if other is not pair and other.state is not PairState.FRACTURED:
+                    raise EngineError(f"pair {other.id} of the same source is {other.state.value}; "
+                                      "fracture it first")
+            async with src.gate.closed(), cln.gate.closed():
+                # Every sibling clone will differ wherever this restore copies.
+                for other in src.as_source:
+                    if other is not pair:
+                        other.delta.update_from(pair.delta)
+                pair.done.clear_all()
+                pair.marks.clear_all()
+                pair.state = PairState.RESTORING
+                pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.delta.count())
+                self.committer.put_pair(pair.id, pair.to_record())
+                await self.committer.commit()
+                pair.compute_todo()
+                src.generation += 1
+                cln.generation += 1
+                self._start_job(pair)
+                if pair.mirroring:
+                    self._start_cleaner(pair)
+            self._emit("restore-started", pair.id)
+            return pair
+
+    async def delete_pair(self, pair_id: str, *, force: bool = False) -> None:
+        async with self._lock:
+            pair = self.pair(pair_id)
+            if pair.state is PairState.RESTORING and not force:
+                raise EngineError(f"pair {pair_id} is restoring; the source would be left half "
+                                  "restored (use force to delete anyway)")
+            src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+            async with src.gate.closed(), cln.gate.closed():
+                await self._stop_background(pair)
+                self.committer.put_pair(pair.id, None)
+                self._detach(pair)
+                await self.committer.commit()
+                src.generation += 1
+                cln.generation += 1
+            self._emit("pair-deleted", pair_id)
+
+    def _detach(self, pair: Pair) -> None:
+        self.committer.unregister_prefix(pair.id + "/")
+        src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+        if pair in src.as_source:
+            src.as_source.remove(pair)
+        if cln.as_clone is pair:
+            cln.as_clone = None
+        self.pairs.pop(pair.id, None)
+
+    # -- job control ------------------------------------------------------------------------
+    async def pause(self, pair_id: str) -> None:
+        pair = self.pair(pair_id)
+        if pair.job is None:
+            raise EngineError(f"pair {pair_id} has no sync or restore running")
+        pair.job.paused = True
+        self.committer.put_pair(pair.id, pair.to_record())
+        await self.committer.commit()
+        self._emit("paused", pair_id)
+
+    async def resume(self, pair_id: str) -> None:
+        pair = self.pair(pair_id)
+        if pair.job is None:
+            raise EngineError(f"pair {pair_id} has no sync or restore to resume")
+        pair.job.paused = False
+        pair.job.error = None
+        self.committer.put_pair(pair.id, pair.to_record())
+        await self.committer.commit()
+        if pair.copier is None or not pair.copier.running:
+            self._start_job(pair)
+        else:
+            pair.copier.resume_event.set()
+        self._emit("resumed", pair_id)
+
+    async def set_throttle(self, pair_id: str, **knobs: int) -> Throttle:
+        pair = self.pair(pair_id)
+        t = Throttle(**{**pair.throttle.__dict__, **knobs})
+        t.validate()
+        pair.throttle = t
+        self.committer.put_pair(pair.id, pair.to_record())
+        await self.committer.commit()
+        return t
+
+    def progress(self, pair_id: str) -> Progress:
+        return self.pair(pair_id).progress()
+
+    async def wait_job(self, pair_id: str, timeout: float | None = None) -> Pair:
+        """Wait until the pair's job finished (or stopped with an error)."""
+        pair = self.pair(pair_id)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while pair.job is not None and not pair.job.error and not pair.job.paused:
+            if pair.copier is not None and pair.copier.running:
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    await asyncio.wait_for(pair.copier.wait_finished(), left)
+                except asyncio.TimeoutError:
+                    raise EngineError(f"pair {pair_id}: job still running after {timeout}s") from None
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                        raise
+            else:
+                await asyncio.sleep(0.01)
+            if deadline is not None and loop.time() > deadline:
+                raise EngineError(f"pair {pair_id}: job still running after {timeout}s")
+        return pair
+
+    # -- internals -------------------------------------------------------------------------
+    def _start_job(self, pair: Pair) -> None:
+        if pair.copier is None:
+            pair.copier = Copier(pair, self.committer)
+            pair.copier.on_finished = self._job_finished
+            pair.copier.on_error = self._job_failed
+        if pair.job is not None and not pair.job.paused:
+            pair.copier.start()
+
+    async def _stop_background(self, pair: Pair) -> None:
+        if pair.copier is not None:
+            await pair.copier.stop()
+        t = self._cleaners.pop(pair.id, None)
+        if t is not None:
+            t.cancel()
+            await asyncio.gather(t, return_exceptions=True)
+
+    async def _job_finished(self, pair: Pair) -> None:
+        """Called by the copier when todo is empty and durable."""
+        src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+        async with self._lock, src.gate.closed(), cln.gate.closed():
+            if pair.job is None:
+                return
+            kind = pair.job.kind
+            if kind is JobKind.RESTORE and pair.job.protected:
+                # The protected restore map is exactly the new delta map.
+                pair.delta.assign(pair.marks)
+                pair.marks.clear_all()
+                pair.state = PairState.FRACTURED
+            else:
+                # Everything copied; mirrored writes stay in the region log.
+                pair.delta.clear_all()
+                pair.state = PairState.SYNCHRONIZED
+            pair.done.clear_all()
+            pair.job = None
+            self.committer.put_pair(pair.id, pair.to_record())
+            await self.committer.commit()
+            if kind is JobKind.RESTORE:
+                src.generation += 1
+            cln.generation += 1
+            if pair.state is PairState.FRACTURED:
+                t = self._cleaners.pop(pair.id, None)
+                if t is not None:
+                    t.cancel()
+        log.info("pair %s: %s finished, now %s", pair.id, kind.value, pair.state.value)
+        self._emit(f"{kind.value}-finished", pair.id)
+
+    async def _job_failed(self, pair: Pair, message: str) -> None:
+        if pair.job is None:
+            return
+        pair.job.error = message
+        pair.job.paused = True
+        self.committer.put_pair(pair.id, pair.to_record())
+        try:
+            await self.committer.commit()
+        except Exception as e:  # noqa: BLE001
+            log.error("pair %s: could not record the failure: %s", pair.id, e)
+        self._emit("job-failed", pair.id)
+
+    def _start_cleaner(self, pair: Pair) -> None:
+        if pair.id in self._cleaners and not self._cleaners[pair.id].done():
+            return
+        self._cleaners[pair.id] = asyncio.get_running_loop().create_task(
+            self._clean_regions(pair), name=f"regions:{pair.id}")
+
+    async def _clean_regions(self, pair: Pair) -> None:
+        """Lazily clear dirty-region bits of mirrored writes that both legs hold."""
+        while pair.mirroring:
+            await asyncio.sleep(0.5)
+            if not pair.regionlog.candidates:
+                continue
+            gen = pair.regionlog.gen
+            assert pair.source_store is not None and pair.clone_store is not None
+            try:
+                await asyncio.gather(pair.source_store.flush(), pair.clone_store.flush())
+            except Exception as e:  # noqa: BLE001 - bits simply stay set
+                log.warning("pair %s: region clean flush failed: %s", pair.id, e)
+                continue
+            if pair.mirroring and pair.regionlog.clean(gen):
+                try:
+                    await self.committer.commit()
+                except Exception as e:  # noqa: BLE001
+                    log.error("pair %s: region clean commit failed: %s", pair.id, e)
+                    return
+
+    def _prune_pending(self, durable_id: int) -> None:
+        for pair in self.pairs.values():
+            pm = pair.pending_marks
+            if pm:
+                for e in [e for e, b in pm.items() if b <= durable_id]:
+                    del pm[e]
+
+    def _emit(self, event: str, pair_id: str) -> None:
+        for cb in list(self.listeners):
+            try:
+                cb(event, pair_id)
+            except Exception:  # noqa: BLE001
+                log.exception("listener failed on %s", event)

@@ -1,0 +1,46 @@
+"""A gate in front of a volume's host I/O, closed around pair state changes.
+
+A state change (restore starts or ends, fracture, sync starts) must not see
+a host write that decided its path under the old state and lands under the
+new one: that write would mark the wrong map. Closing the gate lets the
+in-flight I/O finish and holds new I/O until the change is made.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+
+class IOGate:
+    def __init__(self) -> None:
+        self.inflight = 0
+        self._closed = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._drained: asyncio.Event | None = None
+
+    async def enter(self) -> None:
+        while self._closed:
+            await self._open.wait()
+        self.inflight += 1
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self._drained is not None:
+            self._drained.set()
+
+    @contextlib.asynccontextmanager
+    async def closed(self) -> AsyncIterator[None]:
+        self._closed += 1
+        self._open.clear()
+        try:
+            while self.inflight:
+                self._drained = asyncio.Event()
+                await self._drained.wait()
+            yield
+        finally:
+            self._drained = None
+            self._closed -= 1
+            if not self._closed:
+                self._open.set()

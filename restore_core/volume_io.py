@@ -1,0 +1,282 @@
+"""The host I/O path of one volume: what every SCSI READ/WRITE goes through.
+
+Implements target.lunio.LunIO (duck-typed; restore_core imports no SCSI).
+For each pair the volume belongs to, a host write is prepared according to
+the pair's state, then the data is written, then the preparation finished:
+
+  fractured            mark the delta bit durable, then write
+  protected restore    copy-on-demand partially covered unrestored extents;
+                       whole ones are claimed and filled by the write itself;
+                       mark the protected restore map durable before writing
+                       to restored extents; fills: data durable -> map -> ack
+  mirroring (sync,     mark the dirty-region bit durable, write both legs;
+  synchronized,        the region log clears the bit lazily once both legs
+  unprotected restore) are durable; extents still to sync are claimed so the
+                       copier cannot copy them under the write
+
+Reads during a restore copy-on-demand the unrestored extents they touch.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable
+
+from .blockstore import BlockStore, BlockStoreError
+from .committer import Committer
+from .extentmap import ExtentMap, extents_of, whole_extents_of
+from .metadata import MetadataError
+from .pair import Pair, PairState, VolumeRuntime
+
+
+class HostIOError(Exception):
+    """Base for errors the LU layer maps to SCSI sense (see target.lunio)."""
+
+
+class HostMediumError(HostIOError):
+    def __init__(self, message: str, offset: int | None = None, write: bool = False) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.write = write
+
+
+class HostNotReady(HostIOError):
+    pass
+
+
+class HostWriteProtected(HostIOError):
+    pass
+
+
+IoFn = Callable[[BlockStore], Awaitable[None]]
+
+
+class VolumeIO:
+    def __init__(self, vol: VolumeRuntime, committer: Committer) -> None:
+        self.vol = vol
+        self.committer = committer
+
+    # -- LunIO properties ------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.vol.store.size
+
+    @property
+    def generation(self) -> int:
+        return self.vol.generation
+
+    def access(self) -> tuple[str, str]:
+        """("read-write" | "read-only" | "not-ready", reason)."""
+        pair = self.vol.as_clone
+        if pair is None:
+            return "read-write", ""
+        if pair.state is PairState.RESTORING:
+            if pair.protected_restore:
+                return "not-ready", f"clone of pair {pair.id} is the source of a protected restore"
+            return "read-only", f"clone of pair {pair.id} is the source of a restore"
+        if pair.state in (PairState.SYNCING, PairState.SYNCHRONIZED):
+            return "read-only", f"clone of pair {pair.id} is {pair.state.value}"
+        return "read-write", ""
+
+    def _check(self, writing: bool) -> None:
+        mode, why = self.access()
+        if mode == "not-ready":
+            raise HostNotReady(why)
+        if writing and mode == "read-only":
+            raise HostWriteProtected(why)
+
+    # -- reads -------------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytearray:
+        self._check(False)
+        vol = self.vol
+        await vol.gate.enter()
+        try:
+            for pair in vol.as_source:
+                if pair.state is PairState.RESTORING and pair.copier is not None:
+                    pair.last_host_io = time.monotonic()
+                    a, b = extents_of(offset, length, pair.extent_size)
+                    if pair.todo.any(a, b):
+                        await pair.copier.ensure_copied(a, b)
+            return await vol.store.read(offset, length)
+        except BlockStoreError as e:
+            raise HostMediumError(str(e), e.offset) from e
+        finally:
+            vol.gate.leave()
+
+    # -- writes ------------------------------------------------------------------
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        async def io(store: BlockStore) -> None:
+            await store.write(offset, data)
+        await self._modify(offset, len(data), io, fua)
+
+    async def unmap(self, offset: int, length: int) -> None:
+        async def io(store: BlockStore) -> None:
+            await store.discard(offset, length)
+        await self._modify(offset, length, io, False)
+
+    async def flush(self) -> None:
+        vol = self.vol
+        stores = [vol.store]
+        for pair in vol.as_source:
+            if pair.mirroring and pair.clone_store is not None:
+                stores.append(pair.clone_store)
+        try:
+            await asyncio.gather(*(s.flush() for s in stores))
+        except BlockStoreError as e:
+            raise HostMediumError(str(e), e.offset, write=True) from e
+
+    async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return await self.vol.store.allocation(offset, length)
+
+    # -- the write path ----------------------------------------------------------------
+    def _mark(self, pair: Pair, m: ExtentMap, a: int, b: int) -> int:
+        """Set bits [a, b) of a persisted map; the batch to wait for, or 0."""
+        c = self.committer
+        pending = pair.pending_marks
+        if m.all(a, b):
+            if not pending:
+                return 0
+            bid = 0
+            for e in range(a, b):
+                x = pending.get(e, 0)
+                if x > bid:
+                    bid = x
+            return bid if bid > c.durable_id else 0
+        m.set_range(a, b)
+        bid = c.next_id
+        for e in range(a, b):
+            pending[e] = bid
+        return bid
+
+    def _mark_list(self, pair: Pair, m: ExtentMap, extents: list[int]) -> int:
+        bid = 0
+        for e in extents:
+            bid = max(bid, self._mark(pair, m, e, e + 1))
+        return bid
+
+    async def _modify(self, offset: int, length: int, io: IoFn, fua: bool) -> None:
+        self._check(True)
+        if length == 0:
+            return
+        vol = self.vol
+        await vol.gate.enter()
+        try:
+            if vol.as_clone is not None:
+                await self._modify_clone(vol.as_clone, offset, length, io, fua)
+            else:
+                await self._modify_source(offset, length, io, fua)
+        except BlockStoreError as e:
+            raise HostMediumError(str(e), e.offset, write=True) from e
+        except MetadataError as e:
+            raise HostMediumError(f"metadata: {e}", offset, write=True) from e
+        finally:
+            vol.gate.leave()
+
+    async def _modify_clone(self, pair: Pair, offset: int, length: int, io: IoFn, fua: bool) -> None:
+        # Only a fractured clone is writable (checked by _check).
+        a, b = extents_of(offset, length, pair.extent_size)
+        bid = self._mark(pair, pair.delta, a, b)
+        if bid:
+            await self.committer.wait_durable(bid)
+        await io(self.vol.store)
+        if fua:
+            await self.vol.store.flush()
+
+    async def _modify_source(self, offset: int, length: int, io: IoFn, fua: bool) -> None:
+        vol = self.vol
+        wait_bid = 0
+        # (pair, claimed extents, fill?) -- fills complete the restore of
+        # whole extents; sync claims only keep the copier away.
+        claims: list[tuple[Pair, list[int], bool]] = []
+        mirrors: list[tuple[Pair, int, int]] = []
+        mirror_stores: list[BlockStore] = []
+        try:
+            for pair in vol.as_source:
+                a, b = extents_of(offset, length, pair.extent_size)
+                st = pair.state
+                if st is PairState.FRACTURED:
+                    wait_bid = max(wait_bid, self._mark(pair, pair.delta, a, b))
+                    continue
+                pair.last_host_io = time.monotonic()
+                if st is PairState.RESTORING:
+                    fa, fb = whole_extents_of(offset, length, pair.extent_size, pair.size)
+                    assert pair.copier is not None
+                    fills = await pair.copier.ensure_copied(a, b, (fa, fb))
+                    if fills:
+                        claims.append((pair, fills, True))
+                    rest = [e for e in range(a, b) if e not in fills] if fills else None
+                    if pair.protected_restore:
+                        wait_bid = max(wait_bid, self._mark(pair, pair.marks, a, b) if rest is None
+                                       else self._mark_list(pair, pair.marks, rest))
+                        continue
+                else:   # SYNCING / SYNCHRONIZED: keep the copier off todo extents
+                    own = await self._claim_todo(pair, a, b)
+                    if own:
+                        claims.append((pair, own, False))
+                    rest = [e for e in range(a, b) if e not in own] if own else None
+                # mirroring: region-log the extents not covered by a claim
+                if rest is None:
+                    wait_bid = max(wait_bid, self._mark(pair, pair.marks, a, b))
+                else:
+                    wait_bid = max(wait_bid, self._mark_list(pair, pair.marks, rest))
+                pair.regionlog.begin(a, b)
+                mirrors.append((pair, a, b))
+                assert pair.clone_store is not None
+                mirror_stores.append(pair.clone_store)
+            if wait_bid:
+                await self.committer.wait_durable(wait_bid)
+            if mirror_stores:
+                await asyncio.gather(io(vol.store), *(io(s) for s in mirror_stores))
+            else:
+                await io(vol.store)
+        except BaseException:
+            for pair, ext, _ in claims:
+                pair.inflight.release_all(ext)
+            for pair, a, b in mirrors:
+                pair.regionlog.abort(a, b)
+            raise
+        for pair, a, b in mirrors:
+            pair.regionlog.end(a, b)
+        need_commit = False
+        for pair, ext, fill in claims:
+            if fill:
+                # The write filled these extents whole: they are restored (or
+                # host-written) without a copy. Their map change waits for the
+                # data to be durable, done by the commit's flush.
+                bid = self.committer.next_id
+                for e in ext:
+                    pair.todo.clear(e)
+                    pair.done.set(e)
+                    if pair.protected_restore:
+                        pair.marks.set(e)
+                        # Later writers to e must wait for this batch too.
+                        pair.pending_marks[e] = bid
+                self.committer.note_unflushed(vol.store)
+                for s in mirror_stores:
+                    self.committer.note_unflushed(s)
+                need_commit = True
+            pair.inflight.release_all(ext)
+        if need_commit:
+            await self.committer.commit()
+        elif fua:
+            stores = [vol.store, *mirror_stores]
+            await asyncio.gather(*(s.flush() for s in stores))
+
+    async def _claim_todo(self, pair: Pair, a: int, b: int) -> list[int]:
+        """Claim the extents of [a, b) the sync still has to copy."""
+        own: list[int] = []
+        while True:
+            busy: list[int] = []
+            for e in pair.todo.set_in(a, b):
+                if e in own:
+                    continue
+                if pair.inflight.try_claim(e):
+                    own.append(e)
+                else:
+                    busy.append(e)
+            if not busy:
+                return own
+            pair.inflight.release_all(own)
+            own.clear()
+            for e in busy:
+                await pair.inflight.wait(e, e + 1)
