@@ -1,0 +1,298 @@
+"""One iSCSI TCP connection: PDU framing on an ``asyncio.BufferedProtocol``
+(the kernel writes straight into a preallocated receive buffer; PDUs are
+cut out of it as memoryviews), digests, write flow control, login phase and
+the NOP-In keepalive that drops dead peers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from . import pdu as P
+from .login import LoginMachine
+from .session import ProtocolViolation, Session
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import IscsiServer
+
+log = logging.getLogger(__name__)
+
+LOGIN_MAX_DATA = 8192        # RFC 7143: login PDUs carry at most 8192 bytes of data
+MIN_BUFFER = 64 * 1024
+
+
+class IscsiConnection(asyncio.BufferedProtocol):
+    def __init__(self, server: "IscsiServer") -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.local: tuple = ()
+        self.buf = bytearray(MIN_BUFFER)
+        self.mv = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.max_recv = LOGIN_MAX_DATA
+        self.header_digest = False
+        self.data_digest = False
+        self.statsn = 0
+        self.login: LoginMachine | None = None
+        self.session: Session | None = None
+        self.closing = False
+        self.closed_event = asyncio.Event()
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.t_start = loop.time()
+        self.last_rx = self.t_start
+        self.nop_ttt: int | None = None
+        self.nop_sent = 0.0
+        self._nop_counter = 0
+        self._keepalive: asyncio.Task | None = None
+        self.pdus_in = 0
+        self.pdus_out = 0
+
+    # -- asyncio protocol ----------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = transport.get_extra_info("peername")
+        self.local = transport.get_extra_info("sockname") or ()
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.login = LoginMachine(self.server, self.peer)
+        self.server._connection_made(self)
+        self._keepalive = self.loop.create_task(self._keepalive_loop())
+        log.debug("connection from %s", self.peer)
+
+    def get_buffer(self, sizehint: int):
+        if self.end >= len(self.buf):
+            self._compact()
+        return self.mv[self.end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.end += nbytes
+        self.last_rx = self.loop.time()
+        self.nop_ttt = None
+        try:
+            self._parse()
+        except ProtocolViolation as e:
+            self.protocol_error(str(e))
+        except Exception:
+            log.exception("connection %s: internal error while handling a PDU", self.peer)
+            self.abort("internal error")
+
+    def eof_received(self):
+        log.debug("connection %s: EOF", self.peer)
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        if exc is not None:
+            log.info("connection %s lost: %s", self.peer, exc)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        for f in self._drain_waiters:
+            if not f.done():
+                f.set_result(None)
+        self._drain_waiters.clear()
+        if self.session is not None:
+            self.session.close()
+        self.server._connection_lost(self)
+        self.closed_event.set()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for f in self._drain_waiters:
+            if not f.done():
+                f.set_result(None)
+        self._drain_waiters.clear()
+
+    async def drain(self) -> None:
+        if self._paused and not self.closing:
+            f = self.loop.create_future()
+            self._drain_waiters.append(f)
+            await f
+
+    # -- framing -------------------------------------------------------------------
+    def _compact(self) -> None:
+        avail = self.end - self.start
+        if self.start:
+            if avail:
+                tail = bytes(self.mv[self.start:self.end])
+                self.buf[:avail] = tail
+            self.start = 0
+            self.end = avail
+
+    def _ensure_capacity(self, total: int) -> None:
+        if total > len(self.buf):
+            size = max(total, len(self.buf) * 2)
+            nb = bytearray(size)
+            avail = self.end - self.start
+            nb[:avail] = self.mv[self.start:self.end]
+            self.buf = nb
+            self.mv = memoryview(nb)
+            self.start, self.end = 0, avail
+        elif self.start + total > len(self.buf):
+            self._compact()
+
+    def _parse(self) -> None:
+        buf = self.buf
+        while not self.closing:
+            s = self.start
+            avail = self.end - s
+            if avail < P.BHS_LEN:
+                break
+            ahs_len = buf[s + 4] * 4
+            dlen = (buf[s + 5] << 16) | (buf[s + 6] << 8) | buf[s + 7]
+            hlen = P.BHS_LEN + ahs_len + (P.DIGEST_LEN if self.header_digest else 0)
+            if dlen > self.max_recv:
+                self.protocol_error(f"data segment of {dlen} bytes > MaxRecvDataSegmentLength "
+                                    f"{self.max_recv}", bytes(self.mv[s:s + P.BHS_LEN]))
+                return
+            dtotal = dlen + ((-dlen) & 3) + (P.DIGEST_LEN if self.data_digest and dlen else 0)
+            total = hlen + dtotal
+            if avail < total:
+                self._ensure_capacity(total)
+                buf = self.buf
+                break
+            mv = self.mv
+            if self.header_digest:
+                hend = s + P.BHS_LEN + ahs_len
+                if P.digest_bytes(mv[s:hend]) != buf[hend:hend + P.DIGEST_LEN]:
+                    log.warning("connection %s: header digest error, dropping connection", self.peer)
+                    self.abort("header digest error")
+                    return
+            bhs = bytes(mv[s:s + P.BHS_LEN])
+            ahs = bytes(mv[s + P.BHS_LEN:s + P.BHS_LEN + ahs_len]) if ahs_len else b""
+            d0 = s + hlen
+            data = mv[d0:d0 + dlen]
+            if self.data_digest and dlen:
+                pend = d0 + dlen + ((-dlen) & 3)
+                if P.digest_bytes(mv[d0:pend]) != buf[pend:pend + P.DIGEST_LEN]:
+                    self.start = s + total
+                    log.warning("connection %s: data digest error", self.peer)
+                    if self.session is not None:
+                        self.session.reject(bhs, P.REJECT_DATA_DIGEST)
+                    # ERL 0 cannot recover the lost data: end the connection
+                    self.close("data digest error")
+                    return
+            self.start = s + total
+            self.pdus_in += 1
+            self._dispatch(P.Pdu(bhs, ahs, data))
+            buf = self.buf
+        if self.start == self.end:
+            self.start = self.end = 0
+
+    def _dispatch(self, pdu: P.Pdu) -> None:
+        if self.session is not None:
+            self.session.handle(pdu)
+            return
+        step = self.login.process(pdu)
+        self.send(step.bhs, step.data)
+        if step.outcome == "fail":
+            self.close("login failed")
+        elif step.outcome == "success":
+            result = self.login.result
+            self.login = None
+            self.statsn = result.statsn
+            try:
+                self.session = self.server._create_session(self, result)
+            except Exception:
+                log.exception("cannot start session")
+                self.abort("session setup failed")
+                return
+            prm = result.params
+            self.header_digest = prm.header_digest
+            self.data_digest = prm.data_digest
+            self.max_recv = prm.target_mrdsl
+            need = P.BHS_LEN + 255 * 4 + 8 + prm.target_mrdsl + 3
+            self._ensure_capacity(min(2 * need, need + 4 * 1024 * 1024))
+
+    # -- sending -------------------------------------------------------------------
+    def next_statsn(self) -> int:
+        s = self.statsn
+        self.statsn = (s + 1) & P.ALL_ONES
+        return s
+
+    def send(self, bhs: bytearray, data=b"") -> None:
+        if self.closing or self.transport is None:
+            return
+        self.pdus_out += 1
+        self.transport.writelines(P.encode(bhs, data, header_digest=self.header_digest,
+                                           data_digest=self.data_digest))
+
+    def write_buffers(self, buffers: list) -> None:
+        if self.closing or self.transport is None:
+            return
+        self.pdus_out += 1
+        self.transport.writelines(buffers)
+
+    # -- teardown --------------------------------------------------------------------
+    def protocol_error(self, why: str, bhs: bytes | None = None) -> None:
+        log.warning("connection %s: protocol error: %s", self.peer, why)
+        if bhs is not None and self.session is not None:
+            self.session.reject(bhs, P.REJECT_PROTOCOL_ERROR)
+        self.close(why)
+
+    def close(self, why: str = "") -> None:
+        """Flush what is queued, then close."""
+        if self.closing:
+            return
+        log.debug("connection %s: closing (%s)", self.peer, why)
+        self.closing = True
+        if self.session is not None:
+            self.session.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, why: str = "") -> None:
+        if self.transport is None:
+            return
+        log.info("connection %s: aborting (%s)", self.peer, why)
+        self.closing = True
+        if self.session is not None:
+            self.session.close()
+        self.transport.abort()
+
+    # -- keepalive -----------------------------------------------------------------
+    async def _keepalive_loop(self) -> None:
+        srv = self.server
+        tick = max(0.05, min(srv.nop_interval, srv.nop_timeout, srv.login_timeout) / 4)
+        try:
+            while not self.closing:
+                await asyncio.sleep(tick)
+                now = self.loop.time()
+                if self.session is None:
+                    if now - self.t_start > srv.login_timeout:
+                        log.info("connection %s: login timed out", self.peer)
+                        self.abort("login timeout")
+                        return
+                    continue
+                if self.nop_ttt is not None:
+                    if now - self.nop_sent > srv.nop_timeout:
+                        log.warning("connection %s: no answer to NOP-In for %.1fs, dropping",
+                                    self.peer, now - self.nop_sent)
+                        self.abort("NOP-In timeout")
+                        return
+                elif now - self.last_rx >= srv.nop_interval and srv.nop_interval > 0:
+                    self._nop_counter = (self._nop_counter + 1) & 0x7FFFFFFF or 1
+                    ttt = self._nop_counter | 0x40000000
+                    s = self.session
+                    bhs = P.build_bhs(P.OP_NOP_IN, P.FLAG_FINAL, lun=0, itt=P.ALL_ONES,
+                                      fields={20: ttt, 24: self.statsn, 28: s.window.exp_cmdsn,
+                                              32: s.window.max_cmdsn})
+                    self.send(bhs)
+                    self.nop_ttt = ttt
+                    self.nop_sent = now
+        except asyncio.CancelledError:
+            pass
