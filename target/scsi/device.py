@@ -1,0 +1,182 @@
+"""ScsiDevice: one logical unit, emulated over a LunIO.
+
+``execute`` runs the checks every command goes through, in SAM/SPC order,
+then the handler from the command table:
+
+1. unit attentions of this I_T nexus (after noticing LunIO generation or
+   capacity changes), unless the opcode is exempt;
+2. opcode / service action known, CDB long enough, NACA not set;
+3. reservation conflicts (SPC-2, then persistent reservations);
+4. LU access state: NOT READY, or DATA PROTECT for writes when read-only;
+5. the handler, which validates its own fields.
+
+Nothing raises out of execute(): CheckCondition becomes sense data in the
+format the control mode page asks for, LunIO errors are mapped, and any other
+exception becomes HARDWARE ERROR / INTERNAL TARGET FAILURE with a logged
+traceback. Commands run concurrently; the only ordering is the range lock
+between COMPARE AND WRITE and overlapping writes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from target.lunio import Access, LunIO
+
+from . import constants as c
+from .api import CHECK_CONDITION, GOOD, RESERVATION_CONFLICT, Nexus, ScsiCommand, ScsiResponse
+from .commands import UA_EXEMPT, CommandSpec, lookup
+from .identity import DeviceIdentity, DeviceOptions, Limits
+from .lunio_access import map_lunio_error, not_ready, write_protected
+from .modepages import ModePages
+from .ports import TargetPorts
+from .pr import MemoryReservationStore, ReservationStore, Reservations, nexus_key
+from .rangelock import RangeLock
+from .sense import CheckCondition, ReservationConflict, encode_sense, invalid_cdb, invalid_opcode
+from .ua import UnitAttentions
+
+log = logging.getLogger(__name__)
+
+
+class ScsiDevice:
+    """One SCSI direct-access block device (peripheral type 00h).
+
+    ``reservations`` persists PERSISTENT RESERVE state (JSON-serialisable
+    dicts); ``ports`` maps target port names to relative port numbers and is
+    normally shared by all LUs of a target (LunSet passes its own).
+    """
+
+    def __init__(self, lunio: LunIO, identity: DeviceIdentity, *, block_size: int = 512,
+                 reservations: ReservationStore | None = None,
+                 options: DeviceOptions | None = None,
+                 ports: TargetPorts | None = None) -> None:
+        self.lunio = lunio
+        self.identity = identity
+        self.options = options or DeviceOptions()
+        self.limits = Limits.resolve(block_size, self.options)
+        self.block_size = block_size
+        self.ports = ports or TargetPorts()
+        self.ua = UnitAttentions()
+        self.pr = Reservations(reservations if reservations is not None
+                               else MemoryReservationStore(), self.ua, self.ports)
+        self.mode = ModePages(self.options.write_cache)
+        self.range_lock = RangeLock()
+        self.lun_list: Callable[[], list[int]] = lambda: [0]   # LunSet replaces it
+        self._generation = lunio.generation
+        self._size = lunio.size
+        self._last_access: Access | None = None
+
+    # -- state the handlers read -------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.lunio.size // self.block_size
+
+    def read_only(self) -> bool:
+        return self.options.read_only or self.lunio.access_state().access is Access.READ_ONLY
+
+    # -- transport-facing ----------------------------------------------------------
+    async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
+        try:
+            data = await self._execute(cmd)
+            return ScsiResponse(GOOD, data_in=data if data is not None else b"")
+        except CheckCondition as e:
+            return self._check_condition(e, cmd)
+        except ReservationConflict:
+            return ScsiResponse(RESERVATION_CONFLICT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the transport must never see it
+            mapped = map_lunio_error(e, self.block_size)
+            if mapped is not None:
+                return self._check_condition(mapped, cmd)
+            log.exception("internal error executing CDB %s on %s", bytes(cmd.cdb).hex(),
+                          self.identity.serial)
+            return self._check_condition(
+                CheckCondition(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE), cmd)
+
+    def _check_condition(self, e: CheckCondition, cmd: ScsiCommand) -> ScsiResponse:
+        if e.key in (c.NOT_READY, c.MEDIUM_ERROR, c.DATA_PROTECT):
+            log.debug("CDB %s: %s", bytes(cmd.cdb[:1]).hex(), e)
+        return ScsiResponse(CHECK_CONDITION, sense=e.encode(self.mode.descriptor_sense))
+
+    async def _execute(self, cmd: ScsiCommand) -> object:
+        cdb = bytes(cmd.cdb)
+        if not cdb:
+            raise invalid_opcode()
+        key = nexus_key(cmd.nexus)
+        self.ua.register(key)
+        self._poll_lunio()
+        if cdb[0] not in UA_EXEMPT:
+            ua = self.ua.pop(key)
+            if ua is not None:
+                raise CheckCondition(c.UNIT_ATTENTION, ua)
+        spec = lookup(cdb)
+        if spec is None:
+            raise invalid_opcode()
+        if spec == -1:
+            raise invalid_cdb(1, 4)          # unsupported service action
+        assert isinstance(spec, CommandSpec)
+        if len(cdb) < spec.cdb_len:
+            raise CheckCondition(c.ILLEGAL_REQUEST, c.ASC_INVALID_FIELD_IN_CDB,
+                                 message="CDB shorter than its opcode requires")
+        if cdb[spec.cdb_len - 1] & 0x04:
+            raise invalid_cdb(spec.cdb_len - 1, 2)   # NACA: no ACA support
+        self.pr.check(key, spec.pr, spec.spc2_ok)
+        if spec.needs_ready or spec.writes:
+            st = self.lunio.access_state()
+            self._note_access(st.access, st.reason)
+            if spec.needs_ready and st.access is Access.NOT_READY:
+                raise not_ready(st.reason)
+            if spec.writes and (st.access is Access.READ_ONLY or self.options.read_only):
+                raise write_protected(st.reason)
+        return await spec.handler(self, cmd, cdb)
+
+    def _note_access(self, access: Access, reason: str) -> None:
+        if access is not self._last_access:
+            if self._last_access is not None or access is not Access.READ_WRITE:
+                log.info("LU %s is now %s%s", self.identity.serial, access.value,
+                         f" ({reason})" if reason else "")
+            self._last_access = access
+
+    def _poll_lunio(self) -> None:
+        """Turn LunIO generation / size changes into unit attentions."""
+        gen = self.lunio.generation
+        if gen != self._generation:
+            self._generation = gen
+            log.info("LU %s: data changed underneath (generation %s)", self.identity.serial, gen)
+            self.ua.establish(c.ASC_MEDIUM_MAY_HAVE_CHANGED)
+        size = self.lunio.size
+        if size != self._size:
+            self._size = size
+            log.info("LU %s: capacity now %d bytes", self.identity.serial, size)
+            self.ua.establish(c.ASC_CAPACITY_DATA_HAS_CHANGED)
+
+    # -- task management -------------------------------------------------------
+    async def lun_reset(self, nexus: Nexus | None = None) -> None:
+        """LOGICAL UNIT RESET: SPC-2 reservations and mode pages go back,
+        persistent reservations stay (SPC-4 5.13.1); other nexuses get 29/03."""
+        self.pr.reset()
+        self.mode.reset()
+        self.ua.reset(c.ASC_BUS_DEVICE_RESET,
+                      exclude=nexus_key(nexus) if nexus is not None else None)
+
+    async def target_reset(self, nexus: Nexus | None = None) -> None:
+        self.pr.reset()
+        self.mode.reset()
+        self.ua.reset(c.ASC_POWER_ON_RESET,
+                      exclude=nexus_key(nexus) if nexus is not None else None)
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """Drop per-nexus state; registrations survive (they are per I_T
+        nexus identity, not per connection)."""
+        key = nexus_key(nexus)
+        self.pr.nexus_lost(key)
+        self.ua.forget(key)
+
+    def lun_inventory_changed(self) -> None:
+        self.ua.establish(c.ASC_REPORTED_LUNS_DATA_HAS_CHANGED)
+
+
+def hardware_error_sense(descriptor: bool = False) -> bytes:
+    return encode_sense(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE, descriptor=descriptor)

@@ -1,0 +1,361 @@
+"""Block (SBC-3) command handlers: capacity, the data path, verify, cache
+sync, WRITE SAME, UNMAP, COMPARE AND WRITE and GET LBA STATUS.
+
+Data moves as memoryviews from Data-Out straight to LunIO.write and from
+LunIO.read straight to Data-In. Writes take the device's range lock shared
+(they never wait for each other); COMPARE AND WRITE takes it exclusive.
+"""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from target.lunio import MediumError
+
+from . import constants as c
+from .api import ScsiCommand
+from .cdb import Data, be, data_out_view, first_difference
+from .lunio_access import medium_error
+from .sense import CheckCondition, invalid_cdb, invalid_opcode, invalid_param, lba_out_of_range
+from .sense import param_list_length_error, short_data_out
+
+if TYPE_CHECKING:
+    from .device import ScsiDevice
+
+_CHUNK = 1 << 20    # bytes per backend call for WRITE SAME / VERIFY scans
+
+
+def _decode_rw(cdb: bytes) -> tuple[int, int, int]:
+    """(lba, blocks, offset of the transfer length field) for 6/10/12/16-byte CDBs."""
+    n = len(cdb)
+    group = cdb[0] >> 5
+    if group == 0:
+        blocks = cdb[4] or 256             # READ/WRITE(6): 0 means 256 blocks
+        return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], blocks, 4
+    if group in (1, 2):
+        return be(cdb, 2, 6), be(cdb, 7, 9), 7
+    if group == 5:
+        return be(cdb, 2, 6), be(cdb, 6, 10), 6
+    if group == 4 and n >= 14:
+        return be(cdb, 2, 10), be(cdb, 10, 14), 10
+    raise invalid_cdb(0)                   # not reached: the table fixes lengths
+
+
+def check_range(dev: "ScsiDevice", lba: int, blocks: int) -> None:
+    if lba > dev.num_blocks or lba + blocks > dev.num_blocks:
+        raise lba_out_of_range()
+
+
+def _check_transfer(dev: "ScsiDevice", blocks: int, field: int) -> None:
+    if blocks > dev.limits.max_transfer:
+        raise invalid_cdb(field)
+
+
+async def _read(dev: "ScsiDevice", offset: int, length: int, lba: int) -> Data:
+    try:
+        data = await dev.lunio.read(offset, length)
+    except MediumError as e:
+        raise medium_error(e, dev.block_size, lba) from e
+    if len(data) != length:
+        raise RuntimeError(f"LunIO.read returned {len(data)} bytes, wanted {length}")
+    return data
+
+
+async def _write(dev: "ScsiDevice", offset: int, data: Data, fua: bool, lba: int) -> None:
+    try:
+        await dev.lunio.write(offset, data, fua)
+    except MediumError as e:
+        e.write = True
+        raise medium_error(e, dev.block_size, lba) from e
+
+
+def _miscompare(offset: int) -> CheckCondition:
+    return CheckCondition(c.MISCOMPARE, c.ASC_MISCOMPARE_DURING_VERIFY, information=offset)
+
+
+# -- capacity -------------------------------------------------------------------
+
+async def read_capacity_10(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+    if not cdb[8] & 0x01 and be(cdb, 2, 6) != 0:
+        raise invalid_cdb(2)               # SBC-3: LBA must be 0 when PMI is 0
+    last = max(dev.num_blocks - 1, 0)
+    # More than 2^32 blocks: FFFFFFFFh tells the host to use READ CAPACITY(16).
+    return struct.pack(">II", min(last, 0xFFFFFFFF), dev.block_size)
+
+
+async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+    alloc = be(cdb, 10, 14)
+    last = max(dev.num_blocks - 1, 0)
+    lbp = 0xC000 if dev.options.thin_provisioning else 0      # LBPME | LBPRZ
+    data = struct.pack(">QIBBH", last, dev.block_size, 0,
+                       dev.limits.physical_exponent & 0x0F, lbp) + bytes(16)
+    return data[:alloc]
+
+
+# -- reads and writes -------------------------------------------------------------
+
+async def read(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> Data:
+    lba, blocks, lfield = _decode_rw(cdb)
+    if cdb[0] != c.READ_6 and cdb[1] & 0xE0:
+        raise invalid_cdb(1, 7)            # RDPROTECT: no protection information
+    check_range(dev, lba, blocks)
+    _check_transfer(dev, blocks, lfield)
+    if blocks == 0:
+        return b""
+    bs = dev.block_size
+    return await _read(dev, lba * bs, blocks * bs, lba)
+
+
+async def write(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+    lba, blocks, lfield = _decode_rw(cdb)
+    fua = False
+    if cdb[0] != c.WRITE_6:
+        if cdb[1] & 0xE0:
+            raise invalid_cdb(1, 7)        # WRPROTECT
+        fua = bool(cdb[1] & 0x08)
+    check_range(dev, lba, blocks)
+    _check_transfer(dev, blocks, lfield)
+    if blocks == 0:
+        return None
+    await _write_blocks(dev, cmd, lba, blocks, fua or not dev.mode.write_cache)
+
+
+async def _write_blocks(dev: "ScsiDevice", cmd: ScsiCommand, lba: int, blocks: int,
+                        fua: bool) -> None:
+    bs = dev.block_size
+    view = data_out_view(cmd.data_out, blocks * bs)
+    async with dev.range_lock.hold(lba * bs, blocks * bs):
+        await _write(dev, lba * bs, view, fua, lba)
+
+
+async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+    lba, blocks, lfield = _decode_rw(cdb)
+    if cdb[1] & 0xE0:
+        raise invalid_cdb(1, 7)
+    if (cdb[1] >> 1) & 0x03 > 1:
+        raise invalid_cdb(1, 2)            # BYTCHK 10b/11b are reserved here
+    check_range(dev, lba, blocks)
+    _check_transfer(dev, blocks, lfield)
+    if blocks == 0:
+        return None
+    # "Verified on the medium" is what FUA guarantees; the bytes read back
+    # would be the bytes just written, so no read-back compare is done.
+    await _write_blocks(dev, cmd, lba, blocks, True)
+
+
+async def verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+    lba, blocks, lfield = _decode_rw(cdb)
+    if cdb[1] & 0xE0:
+        raise invalid_cdb(1, 7)            # VRPROTECT
+    bytchk = (cdb[1] >> 1) & 0x03
+    if bytchk == 2:
+        raise invalid_cdb(1, 2)
+    check_range(dev, lba, blocks)
+    if blocks == 0:
+        return None
+    bs = dev.block_size
+    if bytchk == 1:
+        _check_transfer(dev, blocks, lfield)
+        expected = data_out_view(cmd.data_out, blocks * bs)
+        current = await _read(dev, lba * bs, blocks * bs, lba)
+        diff = first_difference(current, expected)
+        if diff >= 0:
+            raise _miscompare(diff)
+        return None
+    pattern = data_out_view(cmd.data_out, bs) if bytchk == 3 else None
+    # BYTCHK 0: read everything to surface medium errors; BYTCHK 3: compare
+    # each block with the single Data-Out block.
+    per = max(1, _CHUNK // bs)
+    done = 0
+    rep = bytes(pattern) * min(per, blocks) if pattern is not None else b""
+    while done < blocks:
+        n = min(per, blocks - done)
+        current = await _read(dev, (lba + done) * bs, n * bs, lba + done)
+        if pattern is not None:
+            diff = first_difference(current, memoryview(rep)[:n * bs])
+            if diff >= 0:
+                raise _miscompare(diff % bs)    # offset in the Data-Out buffer
+        done += n
+    return None
+
+
+async def synchronize_cache(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+    if cdb[0] == c.SYNCHRONIZE_CACHE_10:
+        lba, blocks = be(cdb, 2, 6), be(cdb, 7, 9)
+    else:
+        lba, blocks = be(cdb, 2, 10), be(cdb, 10, 14)
+    check_range(dev, lba, blocks)
+    # IMMED is honoured by simply finishing the flush before GOOD: the data
+    # is durable when the host hears back either way.
+    try:
+        await dev.lunio.flush()
+    except MediumError as e:
+        e.write = True
+        raise medium_error(e, dev.block_size, None) from e
+    return None
+
+
+# -- WRITE SAME, UNMAP ------------------------------------------------------------
+
+async def write_same(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+    sixteen = cdb[0] == c.WRITE_SAME_16
+    if sixteen:
+        lba, blocks, lfield = be(cdb, 2, 10), be(cdb, 10, 14), 10
+    else:
+        lba, blocks, lfield = be(cdb, 2, 6), be(cdb, 7, 9), 7
+    flags = cdb[1]
+    if flags & 0xE0:
+        raise invalid_cdb(1, 7)            # WRPROTECT
+    if flags & 0x10:
+        raise invalid_cdb(1, 4)            # ANCHOR: ANC_SUP=0
+    if flags & 0x04:
+        raise invalid_cdb(1, 2)            # PBDATA (obsolete)
+    if flags & 0x02:
+        raise invalid_cdb(1, 1)            # LBDATA (obsolete)
+    ndob = sixteen and bool(flags & 0x01)
+    unmap = bool(flags & 0x08)
+    if blocks == 0 or blocks > dev.limits.max_write_same:
+        raise invalid_cdb(lfield)          # WSNZ=1: 0 blocks is not "to the end"
+    check_range(dev, lba, blocks)
+    bs = dev.block_size
+    block = bytes(bs) if ndob else bytes(data_out_view(cmd.data_out, bs))
+    offset, length = lba * bs, blocks * bs
+    zeros = block == bytes(bs)
+    async with dev.range_lock.hold(offset, length):
+        if unmap and zeros and dev.options.thin_provisioning:
+            # LBPRZ=1: unmapped blocks read back as zeros, so unmapping is
+            # writing the zero block. A non-zero block is written instead.
+            await _unmap(dev, offset, length, lba)
+            return None
+        fua = not dev.mode.write_cache
+        per = max(1, _CHUNK // bs)
+        pattern = memoryview(block * min(per, blocks))
+        done = 0
+        while done < blocks:
+            n = min(per, blocks - done)
+            await _write(dev, offset + done * bs, pattern[:n * bs], fua, lba + done)
+            done += n
+    return None
+
+
+async def _unmap(dev: "ScsiDevice", offset: int, length: int, lba: int) -> None:
+    try:
+        await dev.lunio.unmap(offset, length)
+    except MediumError as e:
+        e.write = True
+        raise medium_error(e, dev.block_size, lba) from e
+
+
+async def unmap(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+    if not dev.options.thin_provisioning:
+        raise invalid_opcode()             # LBPU=0: UNMAP is not supported
+    if cdb[1] & 0x01:
+        raise invalid_cdb(1, 0)            # ANCHOR
+    plen = be(cdb, 7, 9)
+    if plen == 0:
+        return None
+    if plen < 8:
+        raise param_list_length_error()
+    params = bytes(data_out_view(cmd.data_out, plen))
+    data_len = be(params, 0, 2)
+    desc_len = be(params, 2, 4)
+    # SBC-3 5.28: lengths must agree with the parameter list length.
+    if data_len + 2 > plen or desc_len + 8 > plen or data_len < desc_len + 6:
+        raise param_list_length_error()
+    count = desc_len // 16
+    if count > dev.limits.max_unmap_descriptors:
+        raise invalid_param(2)
+    ranges: list[tuple[int, int]] = []
+    total = 0
+    for i in range(count):               # validate every descriptor before any unmap
+        at = 8 + 16 * i
+        lba, blocks = struct.unpack_from(">QI", params, at)
+        if blocks > dev.limits.max_unmap:
+            raise invalid_param(at + 8)
+        check_range(dev, lba, blocks)
+        total += blocks
+        if blocks:
+            ranges.append((lba, blocks))
+    if total > dev.limits.max_unmap:
+        raise invalid_param(2)
+    bs = dev.block_size
+    for lba, blocks in ranges:
+        async with dev.range_lock.hold(lba * bs, blocks * bs):
+            await _unmap(dev, lba * bs, blocks * bs, lba)
+    return None
+
+
+# -- COMPARE AND WRITE ------------------------------------------------------------
+
+async def compare_and_write(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+    if cdb[1] & 0xE0:
+        raise invalid_cdb(1, 7)
+    lba = be(cdb, 2, 10)
+    blocks = cdb[13]
+    if blocks > dev.limits.max_compare_and_write:
+        raise invalid_cdb(13)
+    check_range(dev, lba, blocks)
+    if blocks == 0:
+        return None
+    bs = dev.block_size
+    n = blocks * bs
+    data = data_out_view(cmd.data_out, 2 * n)
+    expected, new = data[:n], data[n:]
+    fua = bool(cdb[1] & 0x08) or not dev.mode.write_cache
+    # Exclusive: no overlapping write may land between the compare and the
+    # write, and no other COMPARE AND WRITE may compare against stale data.
+    async with dev.range_lock.hold(lba * bs, n, exclusive=True):
+        current = await _read(dev, lba * bs, n, lba)
+        diff = first_difference(current, expected)
+        if diff >= 0:
+            raise _miscompare(diff)
+        await _write(dev, lba * bs, new, fua, lba)
+    return None
+
+
+# -- GET LBA STATUS -----------------------------------------------------------------
+
+_LBA_STATUS_SPAN = 1 << 32     # bytes examined per command: enough, and bounded
+
+
+async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+    lba = be(cdb, 2, 10)
+    alloc = be(cdb, 10, 14)
+    if lba >= dev.num_blocks:
+        raise lba_out_of_range()
+    bs = dev.block_size
+    max_desc = max(1, (alloc - 8) // 16) if alloc >= 24 else 1
+    end_block = min(dev.num_blocks, lba + _LBA_STATUS_SPAN // bs)
+    runs = await dev.lunio.allocation(lba * bs, (end_block - lba) * bs)
+    # Byte runs to whole blocks: a block partly mapped counts as mapped.
+    descs: list[list[int]] = []       # [start, end, status]
+    pos = lba
+    for off, length, mapped in runs:
+        if mapped:
+            s, e = off // bs, -(-(off + length) // bs)
+        else:
+            s, e = -(-off // bs), (off + length) // bs
+        s, e = max(s, pos), min(e, end_block)
+        if e <= s:
+            continue
+        if s > pos:                   # gap left by a partial block: mapped
+            _append(descs, pos, s, 0)
+        _append(descs, s, e, 0 if mapped else 1)
+        pos = e
+    if pos < end_block:               # runs stopped short: report the rest mapped
+        _append(descs, pos, end_block, 0)
+    out = bytearray()
+    for s, e, status in descs[:max_desc]:
+        while e > s:                  # NUMBER OF LOGICAL BLOCKS is 32 bits
+            n = min(e - s, 0xFFFFFFFF)
+            out += struct.pack(">QIB3x", s, n, status)
+            s += n
+    data = struct.pack(">I", len(out) + 4) + bytes(4) + bytes(out)
+    return data[:alloc]
+
+
+def _append(descs: list[list[int]], s: int, e: int, status: int) -> None:
+    if descs and descs[-1][1] == s and descs[-1][2] == status:
+        descs[-1][1] = e
+    else:
+        descs.append([s, e, status])
