@@ -74,6 +74,7 @@ class Initiator:
         self.rejects: asyncio.Queue = asyncio.Queue()
         self.nopins: list[P.Pdu] = []
         self.answer_nops = True
+        self.route_rejects = True      # also hand a Reject to the waiter of the rejected ITT
         self._reader_task: asyncio.Task | None = None
         self._window = asyncio.Event()
         self.statsns: list[int] = []
@@ -145,7 +146,7 @@ class Initiator:
                 if pdu.opcode == P.OP_REJECT:
                     await self.rejects.put(pdu)
                     bad_itt = struct.unpack_from(">I", pdu.data, 16)[0] if len(pdu.data) >= 20 else None
-                    if bad_itt in self.queues:
+                    if self.route_rejects and bad_itt in self.queues:
                         await self.queues[bad_itt].put(pdu)
                     continue
                 q = self.queues.get(pdu.itt)
