@@ -316,6 +316,7 @@ async def compare_and_write(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> 
 # -- GET LBA STATUS -----------------------------------------------------------------
 
 _LBA_STATUS_SPAN = 1 << 32     # bytes examined per command: enough, and bounded
+_LBA_STATUS_MAX_DESCRIPTORS = 1024   # the host asks again from where we stopped
 
 
 async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
@@ -324,7 +325,6 @@ async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> byt
     if lba >= dev.num_blocks:
         raise lba_out_of_range()
     bs = dev.block_size
-    max_desc = max(1, (alloc - 8) // 16) if alloc >= 24 else 1
     end_block = min(dev.num_blocks, lba + _LBA_STATUS_SPAN // bs)
     runs = await dev.lunio.allocation(lba * bs, (end_block - lba) * bs)
     # Byte runs to whole blocks: a block partly mapped counts as mapped.
@@ -345,7 +345,7 @@ async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> byt
     if pos < end_block:               # runs stopped short: report the rest mapped
         _append(descs, pos, end_block, 0)
     out = bytearray()
-    for s, e, status in descs[:max_desc]:
+    for s, e, status in descs[:_LBA_STATUS_MAX_DESCRIPTORS]:
         while e > s:                  # NUMBER OF LOGICAL BLOCKS is 32 bits
             n = min(e - s, 0xFFFFFFFF)
             out += struct.pack(">QIB3x", s, n, status)
