@@ -34,15 +34,18 @@ HAVE_QEMU = shutil.which("qemu-io")
 
 
 def make_scsi_target(luns: dict[int, PlainLunIO]):
-    """The real SCSI layer if it exists yet, else the fake."""
+    """The real SCSI layer (target.scsi LunSet of ScsiDevices) if it is
+    there, else the tests' fake."""
     try:
-        from target.scsi import LunSet  # type: ignore[attr-defined]
-    except ImportError:
+        from target.scsi import DeviceIdentity, LunSet, ScsiDevice
+    except ImportError:                    # pragma: no cover - before target.scsi existed
         return FakeScsiTarget(luns)
-    try:
-        return LunSet.from_luns(luns)      # pragma: no cover - depends on target.scsi
-    except AttributeError:                 # pragma: no cover
-        return FakeScsiTarget(luns)
+    devices = {}
+    for n, lunio in luns.items():
+        ident = DeviceIdentity(product_id="liverestore", revision="0001", serial=f"SER{id(lunio):x}{n}",
+                               naa=f"5{id(lunio) & 0xFFFFFFFF:08x}{n:07x}", t10_vendor_id=f"lr-{n}")
+        devices[n] = ScsiDevice(lunio, ident)
+    return LunSet(devices)
 
 
 class ThreadServer:
@@ -88,6 +91,7 @@ def served(tmp_path_factory):
                         IscsiTargetConfig(IQN_CHAP, chap_scsi, chap=("alice", "alice-secret-1"),
                                           mutual_chap=("tgt", "target-secret-1"),
                                           acl={LIBISCSI_INQ_NAME, QEMU_NAME})], portals)
+    srv.files = [s.path for s in stores]
     yield srv
     srv.close()
     for s in stores + [chap_store]:
@@ -142,15 +146,10 @@ def test_qemu_io_write_read_pattern(served):
     assert rc == 0, out
     assert "Pattern verification failed" not in out and "error" not in out.lower(), out
     # the bytes really are in the backing file
-    with open(served_file(served, 0), "rb") as f:
+    with open(served.files[0], "rb") as f:
         assert f.read(1 << 20) == b"\x5a" * (1 << 20)
-
-
-def served_file(served, lun):
-    cfg = served.server.targets[IQN]
-    st = cfg.scsi_target
-    lu = st.luns_map[lun] if hasattr(st, "luns_map") else None
-    return lu.store.path if lu is not None else None
+        f.seek(3 << 20)
+        assert f.read(5 << 20) == b"\xa5" * (5 << 20)
 
 
 @pytest.mark.skipif(not HAVE_QEMU, reason="qemu-io (qemu-utils, qemu-block-extra) not installed")
