@@ -93,10 +93,15 @@ class Committer:
             try:
                 if stores:
                     await asyncio.gather(*(s.flush() for s in stores))
-                if not txn.empty():
+                if txn.empty():
+                    pass
+                elif self.meta.inline:
+                    await asyncio.sleep(0)
+                    self.meta.commit(txn)
+                else:
                     await asyncio.get_running_loop().run_in_executor(
                         self._db, self.meta.commit, txn)
-            except BaseException as e:  # noqa: BLE001 - poison, then report to all
+            except Exception as e:  # noqa: BLE001 - poison, then report to all
                 log.error("metadata batch %d failed: %s", batch_id, e)
                 self.failed = e
                 for fut in self._waiters.values():

@@ -166,6 +166,8 @@ class Engine:
     async def create_pair(self, source: str, clone: str, *, extent_size: int = DEFAULT_EXTENT_SIZE,
                           sync: bool = True, throttle: Throttle | None = None) -> Pair:
         async with self._lock:
+            if extent_size < 4096 or extent_size & (extent_size - 1) or extent_size > 64 << 20:
+                raise EngineError("extent size must be a power of two from 4 KiB to 64 MiB")
             src, cln = self._volume(source), self._volume(clone)
             if source == clone:
                 raise EngineError("a volume cannot be its own clone")
@@ -180,8 +182,6 @@ class Engine:
             if src.store.size != cln.store.size:
                 raise EngineError(f"sizes differ: {source} has {src.store.size} bytes, "
                                   f"{clone} has {cln.store.size}")
-            if extent_size < 4096 or extent_size & (extent_size - 1) or extent_size > 64 << 20:
-                raise EngineError("extent size must be a power of two from 4 KiB to 64 MiB")
             if any(p.state is PairState.RESTORING for p in src.as_source):
                 raise EngineError(f"volume {source!r} is being restored; wait for the restore to end")
             if throttle is not None:
@@ -262,8 +262,12 @@ class Engine:
             self._emit("fractured", pair.id)
             return pair
 
-    async def restore(self, pair_id: str, *, protected: bool = True) -> Pair:
-        """Start copying clone -> source; returns at once, the source stays usable."""
+    async def restore(self, pair_id: str, *, protected: bool = True, paused: bool = False) -> Pair:
+        """Start copying clone -> source; returns at once, the source stays usable.
+
+        ``paused`` starts with the background copier held: only host I/O
+        copies (on demand) until resume.
+        """
         async with self._lock:
             pair = self.pair(pair_id)
             if pair.state is not PairState.FRACTURED:
@@ -282,7 +286,8 @@ class Engine:
                 pair.done.clear_all()
                 pair.marks.clear_all()
                 pair.state = PairState.RESTORING
-                pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.delta.count())
+                pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.delta.count(),
+                               paused=paused)
                 self.committer.put_pair(pair.id, pair.to_record())
                 await self.committer.commit()
                 pair.compute_todo()

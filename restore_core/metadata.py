@@ -40,6 +40,10 @@ class Snapshot:
 
 
 class MetadataStore(ABC):
+    # True for stores whose commit never blocks (RAM): the committer calls
+    # them inline, which also makes test interleavings deterministic.
+    inline = False
+
     @abstractmethod
     def load(self) -> Snapshot:
         """Everything persisted (called once at start)."""
@@ -54,6 +58,8 @@ class MetadataStore(ABC):
 
 class MemoryMetadataStore(MetadataStore):
     """Atomic, 'durable' on commit; nothing else survives a simulated crash."""
+
+    inline = True
 
     def __init__(self) -> None:
         self._pairs: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,99 @@
+"""Configuration kept in the database: volumes, iSCSI targets, settings and
+SCSI persistent reservations. Small, rarely written; each call is one
+transaction."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .db import Database
+
+
+@dataclass
+class VolumeRecord:
+    name: str
+    path: str
+    size: int
+    extent_size: int
+    kind: str = "file"          # "file" or "blockdev"
+    created_at: float = 0.0
+
+
+class ConfigStore:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    @property
+    def _db(self):
+        return self.database.db
+
+    # -- volumes ------------------------------------------------------------------
+    def volumes(self) -> list[VolumeRecord]:
+        with self.database.lock:
+            return [VolumeRecord(**row) for row in self._db["volumes"].rows_where(order_by="name")]
+
+    def volume(self, name: str) -> VolumeRecord | None:
+        with self.database.lock:
+            rows = list(self._db["volumes"].rows_where("name = ?", [name]))
+        return VolumeRecord(**rows[0]) if rows else None
+
+    def put_volume(self, rec: VolumeRecord) -> None:
+        if not rec.created_at:
+            rec.created_at = time.time()
+        with self.database.lock, self.database.conn:
+            self._db["volumes"].upsert(asdict(rec), pk="name")
+
+    def delete_volume(self, name: str) -> None:
+        with self.database.lock, self.database.conn:
+            self._db["volumes"].delete_where("name = ?", [name])
+
+    # -- iSCSI targets ---------------------------------------------------------------
+    def targets(self) -> dict[str, dict[str, Any]]:
+        with self.database.lock:
+            return {r["iqn"]: json.loads(r["config"]) for r in self._db["targets"].rows}
+
+    def put_target(self, iqn: str, config: dict[str, Any]) -> None:
+        with self.database.lock, self.database.conn:
+            self._db["targets"].upsert({"iqn": iqn, "config": json.dumps(config, sort_keys=True)},
+                                       pk="iqn")
+
+    def delete_target(self, iqn: str) -> None:
+        with self.database.lock, self.database.conn:
+            self._db["targets"].delete_where("iqn = ?", [iqn])
+
+    # -- settings ------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        with self.database.lock:
+            rows = list(self._db["settings"].rows_where("key = ?", [key]))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set(self, key: str, value: Any) -> None:
+        with self.database.lock, self.database.conn:
+            self._db["settings"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
+
+    # -- persistent reservations ---------------------------------------------------------
+    def reservation_state(self, device: str) -> dict[str, Any]:
+        with self.database.lock:
+            rows = list(self._db["reservations"].rows_where("device = ?", [device]))
+        return json.loads(rows[0]["state"]) if rows else {}
+
+    def put_reservation_state(self, device: str, state: dict[str, Any]) -> None:
+        with self.database.lock, self.database.conn:
+            self._db["reservations"].upsert(
+                {"device": device, "state": json.dumps(state, sort_keys=True)}, pk="device")
+
+
+class SqliteReservationStore:
+    """The SCSI layer's ReservationStore (load/save) for one device."""
+
+    def __init__(self, config: ConfigStore, device: str) -> None:
+        self.config = config
+        self.device = device
+
+    def load(self) -> dict[str, Any]:
+        return self.config.reservation_state(self.device)
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.config.put_reservation_state(self.device, state)
