@@ -166,10 +166,39 @@ class IscsiServer:
         self.started = True
         log.info("iSCSI target listening on %s", ", ".join(_fmt_addr(h, p) for h, p in self.addresses))
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """Stop listening, let in-flight commands finish (bounded), close everything."""
+    async def add_portal(self, host: str, port: int) -> list[tuple[str, int]]:
+        """Start listening on one more portal; returns the bound addresses."""
+        srv = await asyncio.get_running_loop().create_server(
+            lambda: IscsiConnection(self), host or None, port, reuse_address=True, backlog=128)
+        self._servers.append(srv)
+        self.portals.append((host, port))
+        bound = [(s.getsockname()[0], s.getsockname()[1]) for s in srv.sockets]
+        self.addresses += bound
+        return bound
+
+    async def remove_portal(self, host: str, port: int) -> None:
+        """Stop listening on a bound address (existing connections stay)."""
+        for srv in list(self._servers):
+            names = [(s.getsockname()[0], s.getsockname()[1]) for s in srv.sockets]
+            if (host, port) in names:
+                srv.close()
+                self._servers.remove(srv)
+                self.addresses = [a for a in self.addresses if a not in names]
+
+    async def stop(self, timeout: float = 10.0, *, logout_grace: float = 0.0) -> None:
+        """Stop listening, let in-flight commands finish (bounded), close everything.
+
+        With ``logout_grace`` > 0 the initiators are first asked (Async
+        Message) to log out, and given that long to do so.
+        """
         for srv in self._servers:
             srv.close()
+        if logout_grace > 0 and self.sessions:
+            for s in list(self.sessions.values()):
+                s.request_logout(max(1, int(logout_grace)))
+            deadline = asyncio.get_running_loop().time() + logout_grace
+            while self.sessions and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
         sessions = list(self.sessions.values())
         if sessions:
             await asyncio.gather(*(s.drain(timeout) for s in sessions), return_exceptions=True)

@@ -52,6 +52,8 @@ def iscsi_transport_id(initiator_port: str) -> bytes:
     # "<name>,i,0x<isid>" NUL terminated, padded to a multiple of 4
     body = name + b"\0"
     body += b"\0" * ((-len(body)) & 3)
+    if len(body) < 20:
+        body += b"\0" * (20 - len(body))     # SPC-4: ADDITIONAL LENGTH at least 20
     return bytes((0x40 | 0x05, 0)) + len(body).to_bytes(2, "big") + body
 
 
@@ -654,6 +656,16 @@ class Session:
         if response == P.LOGOUT_RSP_OK:
             log.info("session %s (%s): logout", self.tsih, self.nexus.initiator)
             self.conn.close("logout")
+
+    def request_logout(self, seconds: int) -> None:
+        """Async Message, AsyncEvent 1: ask the initiator to log out within
+        ``seconds`` (RFC 7143 11.9.1), e.g. before the target stops."""
+        if self.closed:
+            return
+        bhs = P.build_bhs(P.OP_ASYNC_MSG, P.FLAG_FINAL, lun=0, itt=P.ALL_ONES,
+                          fields=self._sn_fields(self.conn.next_statsn()),
+                          raw={36: bytes((1, 0)) + (0).to_bytes(4, "big") + min(seconds, 3600).to_bytes(2, "big")})
+        self.conn.send(bhs)
 
     # -- teardown ----------------------------------------------------------------------------
     async def drain(self, timeout: float) -> None:

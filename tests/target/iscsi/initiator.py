@@ -72,6 +72,7 @@ class Initiator:
         self.max_outstanding_r2t = 1
         self.queues: dict[int, asyncio.Queue] = {}
         self.rejects: asyncio.Queue = asyncio.Queue()
+        self.async_msgs: asyncio.Queue = asyncio.Queue()
         self.nopins: list[P.Pdu] = []
         self.answer_nops = True
         self.route_rejects = True      # also hand a Reject to the waiter of the rejected ITT
@@ -111,7 +112,7 @@ class Initiator:
 
     def _track(self, pdu: P.Pdu) -> None:
         if pdu.opcode in (P.OP_SCSI_RSP, P.OP_NOP_IN, P.OP_TMF_RSP, P.OP_TEXT_RSP, P.OP_LOGOUT_RSP,
-                          P.OP_R2T, P.OP_DATA_IN, P.OP_REJECT, P.OP_LOGIN_RSP):
+                          P.OP_R2T, P.OP_DATA_IN, P.OP_REJECT, P.OP_LOGIN_RSP, P.OP_ASYNC_MSG):
             exp, mx = pdu.u32(28), pdu.u32(32)
             if pdu.opcode != P.OP_DATA_IN or pdu.flags & P.DATAIN_STATUS or True:
                 if sn_lt(self.max_cmdsn, mx):
@@ -120,7 +121,7 @@ class Initiator:
                 if sn_lt(self.exp_cmdsn, exp):
                     self.exp_cmdsn = exp
         status_bearing = pdu.opcode in (P.OP_SCSI_RSP, P.OP_TMF_RSP, P.OP_TEXT_RSP, P.OP_LOGOUT_RSP,
-                                        P.OP_REJECT, P.OP_LOGIN_RSP) or \
+                                        P.OP_REJECT, P.OP_LOGIN_RSP, P.OP_ASYNC_MSG) or \
             (pdu.opcode == P.OP_DATA_IN and pdu.flags & P.DATAIN_STATUS) or \
             (pdu.opcode == P.OP_NOP_IN and pdu.itt != P.ALL_ONES)
         if status_bearing:
@@ -142,6 +143,9 @@ class Initiator:
                                           itt=P.ALL_ONES, fields={20: pdu.ttt, 24: self.cmdsn,
                                                                   28: self.exp_statsn})
                         self.send(bhs)
+                    continue
+                if pdu.opcode == P.OP_ASYNC_MSG:
+                    await self.async_msgs.put(pdu)
                     continue
                 if pdu.opcode == P.OP_REJECT:
                     await self.rejects.put(pdu)

@@ -605,6 +605,43 @@ def test_graceful_stop_drains_in_flight():
     run(main())
 
 
+def test_stop_asks_initiators_to_log_out():
+    async def main():
+        fake = FakeScsiTarget()
+        srv = IscsiServer([IscsiTargetConfig(IQN, fake)], [("127.0.0.1", 0)])
+        await srv.start()
+        i = await logged_in(srv)
+
+        async def obey():
+            msg = await asyncio.wait_for(i.async_msgs.get(), 5)
+            assert msg.bhs[36] == 1 and int.from_bytes(msg.bhs[42:44], "big") == 5
+            assert msg.itt == P.ALL_ONES
+            return await i.logout()
+        obeyed = asyncio.ensure_future(obey())
+        await srv.stop(timeout=5, logout_grace=5)
+        assert await asyncio.wait_for(obeyed, 5) == 0
+        assert len(fake.lost) == 1 and srv.stats()["sessions"] == 0
+        await i.close()
+    run(main())
+
+
+def test_runtime_portals():
+    async def main():
+        async with serving() as (srv, fake):
+            bound = await srv.add_portal("127.0.0.1", 0)
+            assert len(bound) == 1 and bound[0] in srv.addresses
+            i = Initiator(*bound[0])
+            await i.login(discovery=True)
+            addrs = [v for k, v in await i.send_targets() if k == "TargetAddress"]
+            assert f"127.0.0.1:{bound[0][1]},1" in addrs and len(addrs) == 2
+            await i.close()
+            await srv.remove_portal(*bound[0])
+            assert bound[0] not in srv.addresses
+            with pytest.raises(OSError):
+                await asyncio.open_connection(*bound[0])
+    run(main())
+
+
 def test_runtime_target_changes_and_stats():
     async def main():
         async with serving() as (srv, fake):
