@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 LOGIN_MAX_DATA = 8192        # RFC 7143: login PDUs carry at most 8192 bytes of data
 MIN_BUFFER = 64 * 1024
+FLUSH_BYTES = 1 << 20        # corked output beyond this is flushed at once by drain()
 
 
 class IscsiConnection(asyncio.BufferedProtocol):
@@ -43,6 +44,9 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.closed_event = asyncio.Event()
         self._paused = False
         self._drain_waiters: list[asyncio.Future] = []
+        self._wbuf: list = []
+        self._wbytes = 0
+        self._flush_scheduled = False
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.t_start = loop.time()
@@ -118,6 +122,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self._drain_waiters.clear()
 
     async def drain(self) -> None:
+        if self._wbytes >= FLUSH_BYTES:
+            self.flush()          # let the transport see the backlog (pause_writing)
         if self._paused and not self.closing:
             f = self.loop.create_future()
             self._drain_waiters.append(f)
@@ -224,18 +230,38 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.statsn = (s + 1) & P.ALL_ONES
         return s
 
+    # Outgoing PDUs are corked: queued and written with one writelines (one
+    # send syscall) at the end of the current event-loop iteration, so the
+    # responses of commands that complete together share a system call.
     def send(self, bhs: bytearray, data=b"") -> None:
         if self.closing or self.transport is None:
             return
         self.pdus_out += 1
-        self.transport.writelines(P.encode(bhs, data, header_digest=self.header_digest,
-                                           data_digest=self.data_digest))
+        self._wbuf += P.encode(bhs, data, header_digest=self.header_digest,
+                               data_digest=self.data_digest)
+        self._wbytes += 48 + len(data)
+        self._schedule_flush()
 
-    def write_buffers(self, buffers: list) -> None:
+    def write_buffers(self, buffers: list, nbytes: int) -> None:
         if self.closing or self.transport is None:
             return
         self.pdus_out += 1
-        self.transport.writelines(buffers)
+        self._wbuf += buffers
+        self._wbytes += nbytes
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._wbuf:
+            buf, self._wbuf = self._wbuf, []
+            self._wbytes = 0
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.writelines(buf)
 
     # -- teardown --------------------------------------------------------------------
     def protocol_error(self, why: str, bhs: bytes | None = None) -> None:
@@ -249,6 +275,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if self.closing:
             return
         log.debug("connection %s: closing (%s)", self.peer, why)
+        self.flush()
         self.closing = True
         if self.session is not None:
             self.session.close()

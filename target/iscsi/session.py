@@ -473,7 +473,7 @@ class Session:
             offset += chunk
             datasn += 1
             seq_left = mbl if seq_end else seq_left - chunk
-        conn.write_buffers(buffers)
+        conn.write_buffers(buffers, n)
         self.bytes_out += n
         if not collapse:
             self._send_status(task, status, sense, flags=res_flags, residual=residual, exp_datasn=datasn)
