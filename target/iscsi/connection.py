@@ -294,19 +294,20 @@ class IscsiConnection(asyncio.BufferedProtocol):
     # -- keepalive -----------------------------------------------------------------
     async def _keepalive_loop(self) -> None:
         srv = self.server
-        tick = max(0.05, min(srv.nop_interval, srv.nop_timeout, srv.login_timeout) / 4)
+        periods = [t for t in (srv.nop_interval, srv.nop_timeout, srv.login_timeout) if t > 0]
+        tick = max(0.05, min(periods, default=1.0) / 4)
         try:
             while not self.closing:
                 await asyncio.sleep(tick)
                 now = self.loop.time()
                 if self.session is None:
-                    if now - self.t_start > srv.login_timeout:
+                    if srv.login_timeout > 0 and now - self.t_start > srv.login_timeout:
                         log.info("connection %s: login timed out", self.peer)
                         self.abort("login timeout")
                         return
                     continue
                 if self.nop_ttt is not None:
-                    if now - self.nop_sent > srv.nop_timeout:
+                    if srv.nop_timeout > 0 and now - self.nop_sent > srv.nop_timeout:
                         log.warning("connection %s: no answer to NOP-In for %.1fs, dropping",
                                     self.peer, now - self.nop_sent)
                         self.abort("NOP-In timeout")

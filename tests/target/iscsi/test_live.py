@@ -76,6 +76,23 @@ def test_discovery_lists_only_visible_targets():
     run(main())
 
 
+def test_discovery_chap():
+    async def main():
+        async with serving(discovery_chap=("disc", "discovery-secret"),
+                           discovery_mutual_chap=("tgt", "target-secret")) as (srv, _):
+            i = Initiator(*addr(srv))
+            with pytest.raises(LoginError) as ei:
+                await i.login(discovery=True)
+            assert ei.value.status == (2, 1)
+            await i.close()
+            j = Initiator(*addr(srv))
+            await j.login(discovery=True, chap=("disc", "discovery-secret"),
+                          mutual=("tgt", "target-secret"))
+            assert (await j.send_targets())[0] == ("TargetName", IQN)
+            await j.close()
+    run(main())
+
+
 def test_discovery_session_refuses_scsi_commands():
     async def main():
         async with serving() as (srv, _):

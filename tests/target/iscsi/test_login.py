@@ -175,3 +175,28 @@ def test_target_config_validation():
         IscsiTargetConfig(IQN, object(), chap=("a", "same-secret!"), mutual_chap=("b", "same-secret!"))
     with pytest.raises(ValueError):
         IscsiTargetConfig(IQN, object(), tpgt=0)
+
+
+def test_security_straight_to_full_feature():
+    m = machine()
+    s = m.process(req(0, 3, True, LEAD + [("AuthMethod", "None"), ("MaxRecvDataSegmentLength", "4096")]))
+    assert s.outcome == "success" and s.bhs[1] == 0x83
+    k = dict(parse_text(s.data))
+    assert k["AuthMethod"] == "None" and k["MaxRecvDataSegmentLength"] == "262144"
+    assert m.result.params.initiator_mrdsl == 4096
+
+
+def test_discovery_login_needs_no_target():
+    m = machine()
+    s = m.process(req(0, 1, True, [("InitiatorName", INIT), ("SessionType", "Discovery"),
+                                   ("AuthMethod", "None")]))
+    assert s.outcome == "continue" and "TargetPortalGroupTag" not in dict(parse_text(s.data))
+    s = m.process(req(1, 3, True, [("HeaderDigest", "None")]))
+    assert s.outcome == "success" and m.result.discovery and m.result.target is None
+
+
+def test_chap_keys_in_same_pdu_as_authmethod():
+    m = machine(chap=("alice", "sekrit-sekrit"))
+    s = m.process(req(0, 1, False, LEAD + [("AuthMethod", "CHAP"), ("CHAP_A", "5")]))
+    k = dict(parse_text(s.data))
+    assert k["AuthMethod"] == "CHAP" and k["CHAP_A"] == "5" and "CHAP_C" in k
