@@ -1,0 +1,241 @@
+"""One TCMU device (one uio node = one LU) served on an asyncio loop.
+
+The uio fd is the doorbell both ways: the kernel's "interrupt" makes a
+4-byte read return (we wire the fd into the loop with ``add_reader``: no
+thread per command, no polling), and a 4-byte write tells the kernel that
+``cmd_tail`` moved. Every CMD entry becomes a task that runs the command
+through the SCSI layer; completions are written through :class:`Ring`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+from typing import Any
+
+from target.scsi.api import CHECK_CONDITION, GOOD, Nexus, ScsiCommand, ScsiResponse
+
+from . import abi
+from .ring import Request, Ring, RingError
+
+log = logging.getLogger(__name__)
+
+TCMU_NEXUS = Nexus(initiator="tcmu", target_port="tcmu", initiator_name="tcmu")
+
+# Commands whose (only) data phase is Data-In: for them we skip gathering the
+# iovecs as Data-Out. Anything not listed gets its iovecs gathered, which is
+# always safe (the SCSI layer ignores Data-Out it does not need).
+DATA_IN_OPCODES = frozenset({
+    0x03,        # REQUEST SENSE
+    0x08,        # READ(6)
+    0x12,        # INQUIRY
+    0x1A,        # MODE SENSE(6)
+    0x1C,        # RECEIVE DIAGNOSTIC RESULTS
+    0x25,        # READ CAPACITY(10)
+    0x28,        # READ(10)
+    0x3C,        # READ BUFFER
+    0x4D,        # LOG SENSE
+    0x5A,        # MODE SENSE(10)
+    0x5E,        # PERSISTENT RESERVE IN
+    0x88,        # READ(16)
+    0x9E,        # SERVICE ACTION IN(16): READ CAPACITY(16), GET LBA STATUS
+    0xA0,        # REPORT LUNS
+    0xA3,        # MAINTENANCE IN (REPORT TARGET PORT GROUPS, ...)
+    0xA8,        # READ(12)
+})
+
+# HARDWARE ERROR / INTERNAL TARGET FAILURE, fixed format
+_INTERNAL_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
+
+
+def _notify_bytes() -> bytes:
+    return (0).to_bytes(4, "little")
+
+
+class TcmuDevice:
+    """Serves the ring of one uio device with ``target`` (a ScsiTarget).
+
+    ``fd`` and ``buf`` may be given directly (tests pass a socket and an
+    anonymous mmap); otherwise ``open()`` opens ``uio_dev`` and maps
+    ``map_size`` bytes of map 0. ``reset_ring``: a callable run after the
+    mapping is set up and before the first fetch, to make the kernel fail
+    (BUSY) whatever a previous handler left on the ring; the ring is then
+    empty (head = tail = 0) and the host retries those commands.
+    """
+
+    def __init__(self, name: str, target: Any, *, uio_dev: str | None = None,
+                 map_size: int = 0, fd: int | None = None, buf: Any = None,
+                 lun: int = 0, nexus: Nexus = TCMU_NEXUS,
+                 reset_ring: Any = None, ooo: bool | None = None) -> None:
+        self.name = name
+        self.target = target
+        self.uio_dev = uio_dev
+        self.map_size = map_size
+        self.fd = fd
+        self.buf = buf
+        self.lun = lun
+        self.nexus = nexus
+        self._reset_ring = reset_ring
+        self._ooo = ooo
+        self._own_fd = fd is None
+        self.ring: Ring | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._notify_pending = False
+        self._closed = False
+        self.stats = {"commands": 0, "completed": 0, "notifies": 0, "wakeups": 0, "errors": 0}
+
+    # -- lifecycle -----------------------------------------------------------------
+    def open(self) -> None:
+        """Map the ring and start serving on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        if self.fd is None:
+            self.fd = os.open(self.uio_dev, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        else:
+            os.set_blocking(self.fd, False)
+        if self.buf is None:
+            self.buf = mmap.mmap(self.fd, self.map_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        if self._reset_ring is not None:
+            self._reset_ring()
+        self.ring = Ring(self.buf, ooo=self._ooo)
+        self._mv = self.ring.mv
+        self._loop.add_reader(self.fd, self._on_doorbell)
+        # whatever is already on the ring (no interrupt may come for it)
+        self._process()
+
+    async def close(self) -> None:
+        """Stop serving. Commands still running are cancelled and left on the
+        ring uncompleted (the next opener resets the ring)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and self.fd is not None:
+            self._loop.remove_reader(self.fd)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._flush_notify()
+        self._mv = None
+        if self.ring is not None:
+            self.ring.mv.release()
+            self.ring = None
+        if self._own_fd:
+            if isinstance(self.buf, mmap.mmap):
+                try:
+                    self.buf.close()
+                except BufferError:
+                    log.warning("%s: ring still referenced; left to the GC", self.name)
+            if self.fd is not None:
+                os.close(self.fd)
+        self.fd = None
+
+    # -- kernel -> us --------------------------------------------------------------
+    def _on_doorbell(self) -> None:
+        try:
+            os.read(self.fd, 4)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.stats["wakeups"] += 1
+        self._process()
+
+    def _process(self) -> None:
+        if self._closed or self.ring is None:
+            return
+        try:
+            reqs = self.ring.fetch()
+        except RingError:
+            log.exception("%s: ring corrupt; device stops serving", self.name)
+            self.stats["errors"] += 1
+            self._loop.remove_reader(self.fd)
+            return
+        for tmr in self.ring.tmr:
+            log.info("%s: TMR %d for cmd ids %s", self.name, tmr.tmr_type, tmr.cmd_ids)
+        self.ring.tmr.clear()
+        self._notify()          # PAD/TMR entries may have moved the tail
+        for req in reqs:
+            self.stats["commands"] += 1
+            t = self._loop.create_task(self._run(req))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    # -- one command ---------------------------------------------------------------
+    async def _run(self, req: Request) -> None:
+        mv = self._mv
+        data_out = None
+        if req.iovs and (req.cdb[:1] and req.cdb[0] not in DATA_IN_OPCODES or req.bidi_iovs):
+            if len(req.iovs) == 1:
+                b, n = req.iovs[0]
+                data_out = bytes(mv[b:b + n])
+            else:
+                data_out = b"".join(mv[b:b + n] for b, n in req.iovs)
+        in_iovs = req.in_iovs
+        in_total = sum(n for _, n in in_iovs)
+        cmd = ScsiCommand(cdb=req.cdb, lun=self.lun, nexus=self.nexus, data_out=data_out,
+                          expected_in=in_total, task_tag=req.cmd_id)
+        try:
+            resp: ScsiResponse = await self.target.execute(cmd)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: cmd %d (cdb %s) failed in the SCSI layer", self.name,
+                          req.cmd_id, req.cdb.hex())
+            self.stats["errors"] += 1
+            resp = ScsiResponse(CHECK_CONDITION, _INTERNAL_FAILURE)
+        if self._closed or self.ring is None:
+            return
+        read_len = None
+        data = resp.data_in
+        if data is not None and len(data) and in_total:
+            src = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+            n = min(len(src), in_total)
+            pos = 0
+            for b, ln in in_iovs:
+                k = min(ln, n - pos)
+                if k <= 0:
+                    break
+                mv[b:b + k] = src[pos:pos + k]
+                pos += k
+            if n < in_total and resp.status == GOOD:
+                if self.ring.read_len:
+                    read_len = n
+                else:
+                    self._zero_in(in_iovs, n)
+        elif in_total and (req.cdb[:1] and req.cdb[0] in DATA_IN_OPCODES) and resp.status == GOOD:
+            if self.ring.read_len:
+                read_len = 0
+            else:
+                self._zero_in(in_iovs, 0)
+        self.ring.complete(req, resp.status, resp.sense or b"", read_len=read_len)
+        self.stats["completed"] += 1
+        self._notify()
+
+    def _zero_in(self, iovs: list[tuple[int, int]], start: int) -> None:
+        """Never hand the host stale bytes of an earlier command."""
+        pos = 0
+        for b, ln in iovs:
+            lo = max(start - pos, 0)
+            if lo < ln:
+                self._mv[b + lo:b + ln] = bytes(ln - lo)
+            pos += ln
+
+    # -- us -> kernel ---------------------------------------------------------------
+    def _notify(self) -> None:
+        """Ring the kernel once per loop iteration however many completed."""
+        if not self._notify_pending:
+            self._notify_pending = True
+            self._loop.call_soon(self._flush_notify)
+
+    def _flush_notify(self) -> None:
+        if not self._notify_pending:
+            return
+        self._notify_pending = False
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, _notify_bytes())
+            self.stats["notifies"] += 1
+        except OSError as e:
+            log.error("%s: notifying the kernel failed: %s", self.name, e)
