@@ -115,6 +115,7 @@ class TcmuHandler:
         self.reset_ring = reset_ring
         self.devices: dict[str, TcmuDevice] = {}      # by uio name
         self._objs: dict[str, tuple[str, Any]] = {}
+        self._uio: dict[str, str] = {}                # uio name -> "uioN" served
         self._nl = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rescan_task: asyncio.Task | None = None
@@ -170,8 +171,7 @@ class TcmuHandler:
             found = {u.name: u for u in scan_uio(self.sys_class_uio, self.subtype)}
             added, removed = [], []
             for name in list(self.devices):
-                dev = self.devices[name]
-                if name not in found or found[name].uio != os.path.basename(dev.uio_dev or ""):
+                if name not in found or found[name].uio != self._uio.get(name):
                     await self._remove(name)
                     removed.append(name)
             for name, info in found.items():
@@ -233,6 +233,7 @@ class TcmuHandler:
             return False
         self.devices[info.name] = dev
         self._objs[info.name] = (info.config, obj)
+        self._uio[info.name] = info.uio
         log.info("serving %s (%s, %d bytes, block %d)", info.name, info.uio, size, block_size)
         return True
 
@@ -240,6 +241,7 @@ class TcmuHandler:
         dev = self.devices.pop(name)
         await dev.close()
         cfg, obj = self._objs.pop(name)
+        self._uio.pop(name, None)
         await self._call_close(cfg, obj)
         log.info("stopped serving %s", name)
 
