@@ -1,0 +1,444 @@
+"""The `liverestore` command line.
+
+Every subcommand but `serve` and `demo` is a client of the daemon's control
+socket (the same API the shell and Ansible use). Errors are one line on
+stderr and a non-zero exit status; --json prints machine-readable output.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from .control import DEFAULT_SOCKET, Client, ControlError
+
+DEFAULT_STATE = "/var/lib/liverestore"
+DEMO_IQN = "iqn.2026-11.io.liverestore:demo"
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _eta(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# -- output --------------------------------------------------------------------------
+def _print_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    data = [[str(r.get(k, "")) if r.get(k) is not None else "-" for k, _ in cols] for r in rows]
+    widths = [max(len(h), *(len(d[i]) for d in data)) for i, (_, h) in enumerate(cols)]
+    print("  ".join(h.ljust(w) for (_, h), w in zip(cols, widths)))
+    for d in data:
+        print("  ".join(v.ljust(w) for v, w in zip(d, widths)))
+
+
+def _pair_row(p: dict[str, Any]) -> dict[str, Any]:
+    pr = p["progress"]
+    job = pr["job"] or ""
+    if job == "restore":
+        job += " (protected)" if pr["protected"] else " (unprotected)"
+    done = f"{pr['extents_done']}/{pr['extents_total']}" if pr["job"] else ""
+    if pr["paused"]:
+        job += " paused"
+    if pr["error"]:
+        job += f" ERROR: {pr['error']}"
+    return {"pair": p["id"], "source": p["source"], "clone": p["clone"], "state": p["state"],
+            "job": job, "progress": done, "rate": _human(pr["rate"]) + "/s" if pr["job"] else "",
+            "eta": _eta(pr["eta"]) if pr["job"] else "", "delta": pr["delta_extents"]}
+
+
+PAIR_COLS = [("pair", "PAIR"), ("source", "SOURCE"), ("clone", "CLONE"), ("state", "STATE"),
+             ("job", "JOB"), ("progress", "EXTENTS"), ("rate", "RATE"), ("eta", "ETA"),
+             ("delta", "DELTA")]
+VOL_COLS = [("name", "VOLUME"), ("size_h", "SIZE"), ("role", "ROLE"), ("access", "ACCESS"),
+            ("exported_by", "EXPORT"), ("path", "PATH")]
+
+
+def _vol_rows(vols: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**v, "size_h": _human(v["size"])} for v in vols]
+
+
+def _export_rows(exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"iqn": e["iqn"], "luns": ", ".join(f"{k}:{v}" for k, v in sorted(
+        e["luns"].items(), key=lambda kv: int(kv[0]))),
+        "acl": ", ".join(e["acl"]) if e["acl"] else "any",
+        "auth": "mutual CHAP" if e["mutual_chap"] else ("CHAP" if e["chap"] else "none")}
+        for e in exports]
+
+
+EXPORT_COLS = [("iqn", "TARGET"), ("luns", "LUNS"), ("acl", "ACL"), ("auth", "AUTH")]
+
+
+def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    if kind == "pairs":
+        _print_table([_pair_row(p) for p in result], PAIR_COLS)
+    elif kind == "pair":
+        _print_table([_pair_row(result)], PAIR_COLS)
+    elif kind == "volumes":
+        _print_table(_vol_rows(result), VOL_COLS)
+    elif kind == "volume":
+        _print_table(_vol_rows([result]), VOL_COLS)
+    elif kind == "exports":
+        _print_table(_export_rows(result), EXPORT_COLS)
+    elif kind == "export":
+        _print_table(_export_rows([result]), EXPORT_COLS)
+    elif kind == "status":
+        print(f"portals: {', '.join(result['portals'])}   sessions: "
+              f"{result['iscsi'].get('sessions', 0)}")
+        print("\nvolumes:")
+        _print_table(_vol_rows(result["volumes"]), VOL_COLS)
+        print("\npairs:")
+        _print_table([_pair_row(p) for p in result["pairs"]], PAIR_COLS)
+        print("\nexports:")
+        _print_table(_export_rows(result["exports"]), EXPORT_COLS)
+    else:
+        print(json.dumps(result, indent=2, default=str))
+
+
+def _wait(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
+    """Follow a pair's job to its end: a live bar on a terminal, lines otherwise."""
+    tty = sys.stdout.isatty() and not json_out
+    last_line = 0.0
+    progress = None
+    task = None
+    if tty:
+        from rich.progress import (BarColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total} extents"),
+                            TransferSpeedColumn(), TimeRemainingColumn())
+        progress.start()
+    try:
+        while True:
+            p = client.call("pair.show", pair=pair)
+            pr = p["progress"]
+            if pr["job"] is None or pr["paused"] or pr["error"]:
+                break
+            if progress is not None:
+                if task is None:
+                    task = progress.add_task(f"{p['id']} {pr['job']}", total=pr["extents_total"])
+                progress.update(task, completed=pr["extents_done"])
+            elif not json_out and time.monotonic() - last_line > 2:
+                print(f"{p['id']}: {pr['job']} {pr['extents_done']}/{pr['extents_total']} extents, "
+                      f"{_human(pr['rate'])}/s, eta {_eta(pr['eta'])}", flush=True)
+                last_line = time.monotonic()
+            time.sleep(0.25)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if pr["error"]:
+        raise ControlError(f"{p['id']}: {pr['job']} stopped: {pr['error']} "
+                           "(fix the cause, then 'liverestore pair resume')")
+    return p
+
+
+# -- commands -------------------------------------------------------------------------
+def cmd_client(args: argparse.Namespace) -> int:
+    with Client(args.socket) as c:
+        op, kw, kind = args.op(args)
+        result = c.call(op, **kw)
+        if getattr(args, "wait", False) and op.startswith("pair.") and isinstance(result, dict):
+            result = _wait(c, result["id"], args.json)
+        _show(args, result, kind)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import serve
+    from .service import ServiceError
+    _logging(args.verbose)
+    portals = [_portal(p) for p in args.portal] if args.portal else None
+    try:
+        asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
+                          group=args.group))
+    except ServiceError as e:
+        print(f"liverestore: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Set up a demo source + clone, export both, and serve in the foreground."""
+    from .daemon import serve
+    from .service import ServiceError
+    _logging(args.verbose)
+    state = args.state_dir
+    init = not os.path.exists(os.path.join(state, "liverestore.db"))
+    portal = _portal(args.portal) if args.portal else ("127.0.0.1", 3260)
+
+    def ready(service) -> None:
+        asyncio.get_running_loop().create_task(_demo_setup(service, args, portal))
+
+    try:
+        asyncio.run(serve(state, args.socket, init=init, portals=[portal], ready=ready))
+    except ServiceError as e:
+        print(f"liverestore: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+async def _demo_setup(service, args: argparse.Namespace, portal: tuple[str, int]) -> None:
+    import signal
+    try:
+        if service.config.volume("demo-src") is None:
+            await service.volume_create("demo-src", size=args.size)
+        if service.config.volume("demo-clone") is None:
+            await service.volume_create("demo-clone", size=args.size)
+        if "demo-clone" not in service.engine.pairs:
+            await service.pair_create("demo-src", "demo-clone")
+            await service.pair_wait("demo-clone", 600)
+            await service.pair_fracture("demo-clone")
+        if DEMO_IQN not in service.config.targets():
+            await service.export_create(DEMO_IQN, {"0": "demo-src", "1": "demo-clone"})
+    except Exception as e:  # noqa: BLE001 - tell the operator, then stop cleanly
+        print(f"liverestore demo: setup failed: {e}", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    h, p = service.portals()[0]
+    url_host = f"[{h}]" if ":" in h else h
+    sock = args.socket
+    print(f"""
+liverestore demo is serving (state in {service.state_dir}).
+  target {DEMO_IQN}
+    LUN 0  demo-src    (the source, {_human(service.volume_show('demo-src')['size'])})
+    LUN 1  demo-clone  (its fractured clone)
+  portal {h}:{p}
+
+Connect:
+  iscsi-ls -s iscsi://{url_host}:{p}
+  qemu-io -c 'write -P 0x5a 0 1M' iscsi://{url_host}:{p}/{DEMO_IQN}/0
+  iscsiadm -m discovery -t st -p {url_host}:{p} && iscsiadm -m node -T {DEMO_IQN} --login
+
+Restore the source from its clone while you keep using it (another terminal):
+  liverestore --socket {sock} pair restore demo-clone --wait
+  liverestore --socket {sock} status
+
+Ctrl-C stops the daemon (drains I/O, flushes, persists).
+""", flush=True)
+
+
+def _portal(text: str) -> tuple[str, int]:
+    import re
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not m:
+        raise SystemExit(f"liverestore: portal must be HOST:PORT or [IPv6]:PORT, not {text!r}")
+    return (m.group(1), int(m.group(2))) if m.group(1) else (m.group(3), int(m.group(4)))
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _throttle_kw(a: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(a, k) for k in ("rate", "batch_extents", "depth", "host_yield_ms")
+            if getattr(a, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="liverestore",
+                                 description="restore a LUN from its clone while hosts use it")
+    ap.add_argument("--socket", default=os.environ.get("LIVERESTORE_SOCKET", DEFAULT_SOCKET),
+                    help=f"control socket (default {DEFAULT_SOCKET})")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def client_cmd(parent, name, help_, op, kind="raw", build=None):
+        p = parent.add_parser(name, help=help_)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=cmd_client,
+                       op=lambda a, op=op, build=build, kind=kind: (op, build(a) if build else {}, kind))
+        return p
+
+    s = sub.add_parser("serve", help="run the daemon (iSCSI target + control socket)")
+    s.add_argument("--state-dir", default=DEFAULT_STATE)
+    s.add_argument("--init", action="store_true", help="create the state directory and database")
+    s.add_argument("--portal", action="append", help="HOST:PORT to listen on (repeatable)")
+    s.add_argument("--group", help="group allowed to use the control socket")
+    s.add_argument("-v", "--verbose", action="store_true")
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="serve a demo source + clone pair, exported over iSCSI")
+    d.add_argument("--state-dir", default=os.path.join(DEFAULT_STATE, "demo"))
+    d.add_argument("--portal", help="HOST:PORT (default 127.0.0.1:3260)")
+    d.add_argument("--size", default="1G", help="size of the demo volumes (default 1G)")
+    d.add_argument("-v", "--verbose", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    # volumes
+    v = sub.add_parser("volume", help="image files and block devices").add_subparsers(
+        dest="sub", metavar="ACTION", required=True)
+    p = client_cmd(v, "create", "create (or adopt) a volume", "volume.create", "volume",
+                   lambda a: {"name": a.name, "path": a.path, "size": a.size,
+                              "extent_size": a.extent_size})
+    p.add_argument("name")
+    p.add_argument("--path", help="image file or block device (default: in the state dir)")
+    p.add_argument("--size", help="size for a new image file, e.g. 10G")
+    p.add_argument("--extent-size", default="64K", help="default extent size of its pairs")
+    p = client_cmd(v, "delete", "forget a volume (the file stays)", "volume.delete", "raw",
+                   lambda a: {"name": a.name})
+    p.add_argument("name")
+    client_cmd(v, "list", "list volumes", "volume.list", "volumes")
+    p = client_cmd(v, "show", "one volume", "volume.show", "volume", lambda a: {"name": a.name})
+    p.add_argument("name")
+
+    # pairs
+    pr = sub.add_parser("pair", help="source/clone pairs").add_subparsers(
+        dest="sub", metavar="ACTION", required=True)
+
+    def with_wait(p):
+        p.add_argument("--wait", action="store_true", help="follow the job to its end")
+        return p
+
+    p = with_wait(client_cmd(pr, "create", "pair a clone with a source (full sync)", "pair.create",
+                             "pair", lambda a: {"source": a.source, "clone": a.clone,
+                                                "extent_size": a.extent_size,
+                                                "sync": not a.no_sync, **_throttle_kw(a)}))
+    p.add_argument("source")
+    p.add_argument("clone")
+    p.add_argument("--extent-size")
+    p.add_argument("--no-sync", action="store_true",
+                   help="start fractured with every extent marked different")
+    for name, op, h in (("fracture", "pair.fracture", "split the clone off"),
+                        ("pause", "pair.pause", "hold the background copy"),
+                        ("resume", "pair.resume", "continue the background copy")):
+        p = client_cmd(pr, name, h, op, "pair", lambda a: {"pair": a.pair})
+        p.add_argument("pair", help="the clone's name, or SOURCE/CLONE")
+    p = with_wait(client_cmd(pr, "sync", "copy source -> clone (delta extents)", "pair.sync", "pair",
+                             lambda a: {"pair": a.pair, "full": a.full}))
+    p.add_argument("pair")
+    p.add_argument("--full", action="store_true", help="copy every extent")
+    p = with_wait(client_cmd(pr, "restore", "copy clone -> source while hosts use it",
+                             "pair.restore", "pair",
+                             lambda a: {"pair": a.pair, "protected": not a.unprotected}))
+    p.add_argument("pair")
+    p.add_argument("--unprotected", action="store_true",
+                   help="mirror host writes to the clone; the pair ends synchronized")
+    p = client_cmd(pr, "throttle", "background copy knobs", "pair.throttle", "pair",
+                   lambda a: {"pair": a.pair, **_throttle_kw(a)})
+    p.add_argument("pair")
+    for sp in (p,):
+        sp.add_argument("--rate", help="bytes/s, e.g. 200M (0: unlimited)")
+        sp.add_argument("--batch-extents", type=int)
+        sp.add_argument("--depth", type=int)
+        sp.add_argument("--host-yield-ms", type=int)
+    p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "raw",
+                   lambda a: {"pair": a.pair, "force": a.force})
+    p.add_argument("pair")
+    p.add_argument("--force", action="store_true", help="even during a restore")
+    client_cmd(pr, "list", "list pairs", "pair.list", "pairs")
+    p = client_cmd(pr, "show", "one pair", "pair.show", "pair", lambda a: {"pair": a.pair})
+    p.add_argument("pair")
+
+    # exports
+    ex = sub.add_parser("export", help="iSCSI targets").add_subparsers(
+        dest="sub", metavar="ACTION", required=True)
+    p = client_cmd(ex, "create", "export volumes as LUNs of an iSCSI target", "export.create",
+                   "export", lambda a: {"iqn": a.iqn, "luns": dict(_lun(x) for x in a.lun),
+                                        "acl": a.acl, "chap_user": a.chap_user,
+                                        "chap_secret": _secret(a.chap_secret),
+                                        "mutual_user": a.mutual_user,
+                                        "mutual_secret": _secret(a.mutual_secret)})
+    p.add_argument("iqn")
+    p.add_argument("--lun", action="append", default=[], metavar="N=VOLUME")
+    p.add_argument("--acl", action="append", metavar="INITIATOR_IQN")
+    p.add_argument("--chap-user")
+    p.add_argument("--chap-secret", help="or @FILE to read it from a file")
+    p.add_argument("--mutual-user")
+    p.add_argument("--mutual-secret", help="or @FILE")
+    p = client_cmd(ex, "delete", "remove an iSCSI target", "export.delete", "raw",
+                   lambda a: {"iqn": a.iqn})
+    p.add_argument("iqn")
+    client_cmd(ex, "list", "list iSCSI targets", "export.list", "exports")
+    p = client_cmd(ex, "portal", "set the listening portals (applied at restart)", "portal.set",
+                   "raw", lambda a: {"portals": a.portals})
+    p.add_argument("portals", nargs="+", metavar="HOST:PORT")
+
+    client_cmd(sub, "status", "volumes, pairs, restores and exports", "status", "status")
+    p = sub.add_parser("saveconfig", help="write the configuration as JSON")
+    p.add_argument("file", nargs="?", default="-")
+    p.set_defaults(func=cmd_saveconfig, json=True)
+    p = sub.add_parser("restoreconfig", help="create what a saved configuration has")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_restoreconfig, json=True)
+    return ap
+
+
+def _lun(text: str) -> tuple[str, str]:
+    n, sep, vol = text.partition("=")
+    if not sep or not n.isdigit() or not vol:
+        raise ControlError(f"--lun wants N=VOLUME, not {text!r}")
+    return n, vol
+
+
+def _secret(text: str | None) -> str | None:
+    if text and text.startswith("@"):
+        try:
+            with open(text[1:]) as f:
+                return f.read().strip()
+        except OSError as e:
+            raise ControlError(f"cannot read secret file {text[1:]}: {e.strerror}") from None
+    return text
+
+
+def cmd_saveconfig(args: argparse.Namespace) -> int:
+    with Client(args.socket) as c:
+        cfg = c.call("saveconfig")
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    if args.file == "-":
+        sys.stdout.write(text)
+    else:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        print(f"saved to {args.file}")
+    return 0
+
+
+def cmd_restoreconfig(args: argparse.Namespace) -> int:
+    try:
+        with open(args.file) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ControlError(f"cannot read {args.file}: {e}") from None
+    with Client(args.socket) as c:
+        print(json.dumps(c.call("restoreconfig", config=cfg), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except ControlError as e:
+        print(f"liverestore: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

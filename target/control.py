@@ -1,0 +1,219 @@
+"""The daemon's local control API: JSON lines over a Unix socket.
+
+Request  {"op": "pair.restore", "args": {"pair": "db1-clone"}}
+Reply    {"ok": true, "result": ...} | {"ok": false, "error": "one line"}
+
+The socket is created with mode 0600 (0660 with a configured group) and
+every connection is checked with SO_PEERCRED: root, the daemon's own user,
+or a member of the configured group; anyone else is refused before a
+request is read.
+"""
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import logging
+import os
+import socket
+import struct
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOCKET = "/run/liverestore/control.sock"
+MAX_REQUEST = 1 << 20
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def _groups_of(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+class ControlServer:
+    def __init__(self, service: Any, path: str, *, group: str | None = None) -> None:
+        self.service = service
+        self.path = path
+        self.group = group
+        self._gid: int | None = None
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        d = os.path.dirname(self.path)
+        if d:
+            os.makedirs(d, mode=0o755, exist_ok=True)
+        if os.path.exists(self.path):
+            # A live daemon answers; a stale socket file from a crash does not.
+            if await _alive(self.path):
+                raise OSError(f"another liverestore daemon is listening on {self.path}")
+            os.unlink(self.path)
+        if self.group:
+            try:
+                self._gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise OSError(f"no group named {self.group}") from None
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=self.path,
+                                                           limit=MAX_REQUEST)
+        finally:
+            os.umask(old)
+        if self._gid is not None:
+            os.chown(self.path, -1, self._gid)
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _allowed(self, sock: socket.socket) -> bool:
+        pid, uid, gid = peer_credentials(sock)
+        if uid == 0 or uid == os.getuid():
+            return True
+        if self._gid is not None and (gid == self._gid or self._gid in _groups_of(pid)):
+            return True
+        log.warning("control: refused pid %d uid %d", pid, uid)
+        return False
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            if not self._allowed(sock):
+                writer.write(_reply(False, error="permission denied: not root, not the daemon's "
+                                    "user and not in its control group"))
+                await writer.drain()
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    writer.write(_reply(False, error="request too large"))
+                    await writer.drain()
+                    return
+                if not line:
+                    return
+                writer.write(await self._handle(line))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    async def _handle(self, line: bytes) -> bytes:
+        try:
+            req = json.loads(line)
+            op = req["op"]
+            args = req.get("args") or {}
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return _reply(False, error="malformed request: want {\"op\": str, \"args\": {}}")
+        from .service import ServiceError
+        try:
+            result = await self.service.call(op, args)
+            return _reply(True, result=result)
+        except ServiceError as e:
+            return _reply(False, error=str(e))
+        except Exception as e:  # noqa: BLE001 - the daemon keeps serving
+            log.exception("control: %s failed", op)
+            return _reply(False, error=f"internal error in {op}: {type(e).__name__}: {e}")
+
+
+def _reply(ok: bool, **kw: Any) -> bytes:
+    return (json.dumps({"ok": ok, **kw}, default=str) + "\n").encode()
+
+
+async def _alive(path: str) -> bool:
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_unix_connection(path), 2)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    w.close()
+    return True
+
+
+class ControlError(Exception):
+    """The daemon refused or could not be reached; the message is for the operator."""
+
+
+class Client:
+    """Blocking client of the control API (CLI, shell, Ansible)."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = 600) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.path)
+            except FileNotFoundError:
+                s.close()
+                raise ControlError(f"no liverestore daemon at {self.path} "
+                                   "(start it with 'liverestore serve')") from None
+            except PermissionError:
+                s.close()
+                raise ControlError(f"permission denied on {self.path}: run as root or as a "
+                                   "member of the daemon's control group") from None
+            except OSError as e:
+                s.close()
+                raise ControlError(f"cannot reach the daemon at {self.path}: {e.strerror or e}") from None
+            self._sock = s
+        return self._sock
+
+    def call(self, op: str, **args: Any) -> Any:
+        s = self._connect()
+        try:
+            s.sendall((json.dumps({"op": op, "args": args}) + "\n").encode())
+            while b"\n" not in self._buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ControlError("the daemon closed the connection")
+                self._buf += chunk
+        except socket.timeout:
+            self.close()
+            raise ControlError(f"the daemon did not answer {op} within {self.timeout}s") from None
+        except OSError as e:
+            self.close()
+            raise ControlError(f"lost the daemon: {e.strerror or e}") from None
+        line, self._buf = self._buf.split(b"\n", 1)
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise ControlError(reply.get("error", "unknown error"))
+        return reply.get("result")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buf = b""
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,45 @@
+"""`liverestore serve`: one process serving iSCSI, resuming restores and
+answering the control socket, until SIGTERM/SIGINT (graceful: drain, flush,
+persist)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Callable
+
+from .control import ControlServer
+from .service import Service
+
+log = logging.getLogger("liverestore")
+
+
+async def serve(state_dir: str, socket_path: str, *, init: bool = False,
+                portals: list[tuple[str, int]] | None = None, group: str | None = None,
+                ready: Callable[[Service], None] | None = None) -> None:
+    service = Service(state_dir, init=init, portals=portals)
+    await service.start()
+    control = ControlServer(service, socket_path, group=group)
+    try:
+        await control.start()
+    except OSError as e:
+        await service.stop()
+        from .service import ServiceError
+        raise ServiceError(str(e)) from e
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving: portals %s, control socket %s",
+             ", ".join(f"{h}:{p}" for h, p in service.portals()), socket_path)
+    if ready is not None:
+        ready(service)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: draining I/O, flushing, persisting")
+        await control.stop()
+        await service.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")

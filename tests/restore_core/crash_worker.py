@@ -1,0 +1,138 @@
+"""Subprocess for the kill -9 crash test: a real engine on SQLite and image
+files runs a restore while a writer issues random host writes.
+
+  setup DIR SEED PROTECTED   make source+clone, sync, fracture, change the
+                             source, save the clone's image, start a restore
+  run DIR SEED RATE [LAST]   resume the restore (at RATE bytes/s, 0 = no
+                             limit) under host writes; when it ends start
+                             the next one (the clone never changes, so its
+                             saved image stays the reference) -- with LAST,
+                             exit once the current restore has ended
+
+The writer logs "I seq off len" before each write and "A seq" after its
+acknowledgement (O_APPEND; the page cache survives SIGKILL), so the checker
+knows which writes were acknowledged and which were in flight, and "R t"
+when a new restore (job started at t) has begun.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import sys
+
+from persistence.db import Database
+from persistence.sqlite_store import SqliteMetadataStore
+from restore_core.blockstore import FileBlockStore
+from restore_core.engine import Engine
+
+SIZE = 16 << 20
+ES = 64 << 10
+PAIR = "clone"
+
+
+def write_data(seq: int, n: int) -> bytes:
+    return random.Random(seq).randbytes(n)
+
+
+def paths(d: str) -> dict[str, str]:
+    return {k: os.path.join(d, v) for k, v in dict(
+        db="lr.db", src="source.img", cln="clone.img", orig="clone.orig",
+        log="writes.log").items()}
+
+
+async def open_engine(d: str, create: bool = False) -> tuple[Engine, Database]:
+    p = paths(d)
+    db = Database(p["db"], create=create)
+    eng = Engine(SqliteMetadataStore(db))
+    eng.add_volume("source", FileBlockStore(p["src"], SIZE, create=create))
+    eng.add_volume(PAIR, FileBlockStore(p["cln"], SIZE, create=create))
+    await eng.start()
+    return eng, db
+
+
+async def setup(d: str, seed: int, protected: bool) -> None:
+    rnd = random.Random(seed)
+    p = paths(d)
+    with open(p["src"], "wb") as f:
+        f.write(rnd.randbytes(SIZE))
+    eng, db = await open_engine(d, create=True)
+    pair = await eng.create_pair("source", PAIR, extent_size=ES)
+    await eng.wait_job(pair.id, 120)
+    await eng.fracture(pair.id)
+    sio = eng.volume_io("source")
+    for _ in range(40):   # change about half the extents after the fracture
+        off = rnd.randrange(0, SIZE - 2 * ES)
+        await sio.write(off, rnd.randbytes(rnd.randrange(1, 2 * ES)))
+    await sio.flush()
+    await eng.volume_io(PAIR).flush()
+    shutil.copyfile(p["cln"], p["orig"])
+    await eng.restore(pair.id, protected=protected, paused=True)
+    await eng.close()
+    db.close()
+
+
+async def run(d: str, seed: int, rate: int, last: bool) -> None:
+    p = paths(d)
+    eng, db = await open_engine(d)
+    pair = eng.pair(PAIR)
+    sio = eng.volume_io("source")
+    log = os.open(p["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    # sequence numbers continue across restarts
+    seq_base = 0
+    with open(p["log"]) as f:
+        for line in f:
+            if line.startswith("I "):
+                seq_base = max(seq_base, int(line.split()[1]) + 1)
+    rnd = random.Random(seed * 7919 + seq_base)
+    inflight: list[tuple[int, int]] = []
+    counter = [seq_base]
+    print("running", flush=True)
+
+    async def writer() -> None:
+        while pair.job is not None:
+            while True:
+                n = rnd.choice([512, 4096, 4096 * 3, ES, ES + 4096, 2 * ES])
+                off = rnd.randrange(0, (SIZE - n) // 512) * 512
+                if rnd.random() < 0.3:
+                    off = off // ES * ES   # whole-extent writes (fills)
+                if not any(off < o + ln and o < off + n for o, ln in inflight):
+                    break
+            seq = counter[0]
+            counter[0] += 1
+            inflight.append((off, n))
+            os.write(log, f"I {seq} {off} {n}\n".encode())
+            await sio.write(off, write_data(seq, n), fua=rnd.random() < 0.2)
+            os.write(log, f"A {seq}\n".encode())
+            inflight.remove((off, n))
+            await asyncio.sleep(rnd.random() * 0.03)
+
+    while True:
+        if pair.job is None:
+            if last:
+                break
+            await eng.restore(PAIR, protected=True)
+            assert pair.job is not None
+            os.write(log, f"R {pair.job.started_at!r}\n".encode())
+        await eng.set_throttle(PAIR, rate=rate, batch_extents=1, depth=1)
+        if pair.job.paused:
+            await eng.resume(PAIR)
+        writers = [asyncio.ensure_future(writer()) for _ in range(2)]
+        await eng.wait_job(PAIR)
+        await asyncio.gather(*writers)
+    await eng.close()
+    db.close()
+    print("DONE", flush=True)
+
+
+def main() -> None:
+    cmd, d, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if cmd == "setup":
+        asyncio.run(setup(d, seed, sys.argv[4] == "1"))
+    else:
+        asyncio.run(run(d, seed, int(sys.argv[4]), len(sys.argv) > 5 and sys.argv[5] == "last"))
+
+
+if __name__ == "__main__":
+    main()
