@@ -194,7 +194,11 @@ class IscsiConnection(asyncio.BufferedProtocol):
                     return
             self.start = s + total
             self.pdus_in += 1
-            self._dispatch(P.Pdu(bhs, ahs, data))
+            try:
+                self._dispatch(P.Pdu(bhs, ahs, data))
+            except ProtocolViolation as e:
+                self.protocol_error(str(e), bhs)     # Reject with the offending header, then close
+                return
             buf = self.buf
         if self.start == self.end:
             self.start = self.end = 0

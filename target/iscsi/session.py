@@ -18,6 +18,7 @@ from target.scsi.api import CHECK_CONDITION, GOOD, TASK_ABORTED, Nexus, ScsiComm
 
 from . import pdu as P
 from .cmdsn import CmdWindow, sn_lt
+from .residual import block_size_of, data_out_length
 from .params import NOT_UNDERSTOOD, REJECT, TextError, encode_text, parse_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +45,13 @@ def fixed_sense(key: int, asc: int, ascq: int) -> bytes:
 SENSE_INTERNAL_FAILURE = fixed_sense(0x04, 0x44, 0x00)     # HARDWARE ERROR, internal target failure
 SENSE_INVALID_FIELD_CDB = fixed_sense(0x05, 0x24, 0x00)    # ILLEGAL REQUEST
 SENSE_LUN_NOT_SUPPORTED = fixed_sense(0x05, 0x25, 0x00)
+# RFC 7143 11.4.7.2 and SPC-4 for data transfer errors the target detects
+SENSE_UNEXPECTED_UNSOLICITED = fixed_sense(0x05, 0x0C, 0x0C)   # unexpected unsolicited data
+SENSE_NOT_ENOUGH_UNSOLICITED = fixed_sense(0x05, 0x0C, 0x0D)   # not enough unsolicited data
+SENSE_DATA_PHASE_ERROR = fixed_sense(0x0B, 0x4B, 0x00)          # ABORTED COMMAND, data phase error
+SENSE_INVALID_TTT = fixed_sense(0x0B, 0x4B, 0x01)               # invalid target port transfer tag
+SENSE_TOO_MUCH_WRITE_DATA = fixed_sense(0x0B, 0x4B, 0x02)
+SENSE_DATA_OFFSET_ERROR = fixed_sense(0x0B, 0x4B, 0x05)
 
 
 def iscsi_transport_id(initiator_port: str) -> bytes:
@@ -62,7 +70,7 @@ class ProtocolViolation(Exception):
 
 
 class R2TState:
-    __slots__ = ("ttt", "offset", "end", "next", "r2tsn")
+    __slots__ = ("ttt", "offset", "end", "next", "r2tsn", "datasn")
 
     def __init__(self, ttt: int, offset: int, length: int, r2tsn: int) -> None:
         self.ttt = ttt
@@ -70,13 +78,14 @@ class R2TState:
         self.end = offset + length
         self.next = offset
         self.r2tsn = r2tsn
+        self.datasn = 0           # next DataSN expected in this Data-Out sequence
 
 
 class Task:
     __slots__ = ("session", "itt", "lun", "raw_lun", "cdb", "edtl", "read", "write", "attr", "cmdsn",
                  "counted", "buf", "received", "unsol_end", "unsol_next", "r2t_next", "r2tsn",
                  "r2ts", "data_ready", "aio", "aborted", "notify_abort", "state", "window_released",
-                 "error_sense", "immediate")
+                 "error_sense", "immediate", "unsol_datasn")
 
     def __init__(self, session: "Session", pdu: P.Pdu, cdb: bytes) -> None:
         self.session = session
@@ -95,6 +104,7 @@ class Task:
         self.received = 0
         self.unsol_end = 0
         self.unsol_next = 0
+        self.unsol_datasn = 0
         self.r2t_next = 0
         self.r2tsn = 0
         self.r2ts: dict[int, R2TState] = {}
@@ -292,35 +302,20 @@ class Session:
 
     def _data_out(self, pdu: P.Pdu) -> None:
         task = self.tasks.get(pdu.itt)
-        if task is None or task.aborted:
-            log.debug("session %s: Data-Out for unknown/aborted ITT 0x%08x dropped", self.tsih, pdu.itt)
+        if task is None or task.aborted or task.error_sense is not None:
+            log.debug("session %s: Data-Out for unknown/aborted/failed ITT 0x%08x dropped",
+                      self.tsih, pdu.itt)
             return
-        if not task.write:
-            raise ProtocolViolation("Data-Out for a command that is not a write")
+        err = self._check_data_out(task, pdu)
+        if err is not None:
+            # ERL 0 cannot ask for the data again: the command fails (the
+            # connection and the other commands carry on)
+            why, sense = err
+            log.warning("session %s: ITT 0x%08x: %s", self.tsih, task.itt, why)
+            self._fail_task(task, sense)
+            return
         off = pdu.u32(40)
         n = len(pdu.data)
-        if off + n > task.edtl:
-            raise ProtocolViolation(f"Data-Out beyond EDTL ({off}+{n} > {task.edtl})")
-        ttt = pdu.ttt
-        if ttt == P.ALL_ONES:
-            if off != task.unsol_next or off + n > task.unsol_end:
-                raise ProtocolViolation(f"unsolicited Data-Out at {off}+{n}, expected {task.unsol_next}"
-                                        f" within {task.unsol_end}")
-            task.unsol_next += n
-            if pdu.final and task.unsol_next != task.unsol_end:
-                raise ProtocolViolation("unsolicited burst ended early")
-        else:
-            r = task.r2ts.get(ttt)
-            if r is None:
-                raise ProtocolViolation(f"Data-Out with unknown TTT 0x{ttt:08x}")
-            if off != r.next or off + n > r.end:
-                raise ProtocolViolation(f"solicited Data-Out at {off}+{n}, expected {r.next}..{r.end}")
-            r.next += n
-            if r.next == r.end:
-                del task.r2ts[ttt]
-                self.ttts.pop(ttt, None)
-            elif pdu.final:
-                raise ProtocolViolation("solicited burst ended early")
         if task.buf is not None and n:
             task.buf[off:off + n] = pdu.data
         task.received += n
@@ -329,8 +324,60 @@ class Session:
             if task.received >= task.edtl:
                 if task.data_ready is not None:
                     task.data_ready.set()
-            elif ttt != P.ALL_ONES:
+            elif pdu.ttt != P.ALL_ONES:
                 self._send_r2ts(task)
+
+    def _check_data_out(self, task: Task, pdu: P.Pdu) -> tuple[str, bytes] | None:
+        """Validate one Data-Out against the task's data sequences and
+        advance them; returns (reason, sense) if the PDU is wrong."""
+        if not task.write:
+            return "Data-Out for a command that is not a write", SENSE_UNEXPECTED_UNSOLICITED
+        off = pdu.u32(40)
+        n = len(pdu.data)
+        if off + n > task.edtl:
+            return f"Data-Out beyond EDTL ({off}+{n} > {task.edtl})", SENSE_TOO_MUCH_WRITE_DATA
+        ttt = pdu.ttt
+        datasn = pdu.u32(36)
+        if ttt == P.ALL_ONES:
+            if off + n > task.unsol_end:
+                return (f"unsolicited Data-Out at {off}+{n} beyond the first burst {task.unsol_end}",
+                        SENSE_UNEXPECTED_UNSOLICITED)
+            if off != task.unsol_next:
+                return f"unsolicited Data-Out at {off}, expected {task.unsol_next}", SENSE_DATA_OFFSET_ERROR
+            if datasn != task.unsol_datasn:
+                return f"Data-Out DataSN {datasn}, expected {task.unsol_datasn}", SENSE_DATA_PHASE_ERROR
+            task.unsol_datasn += 1
+            task.unsol_next += n
+            if pdu.final and task.unsol_next != task.unsol_end:
+                return "unsolicited burst ended early", SENSE_NOT_ENOUGH_UNSOLICITED
+            return None
+        r = task.r2ts.get(ttt)
+        if r is None:
+            return f"Data-Out with unknown TTT 0x{ttt:08x}", SENSE_INVALID_TTT
+        if off != r.next or off + n > r.end:
+            return f"solicited Data-Out at {off}+{n}, expected {r.next}..{r.end}", SENSE_DATA_OFFSET_ERROR
+        if datasn != r.datasn:
+            return f"Data-Out DataSN {datasn}, expected {r.datasn}", SENSE_DATA_PHASE_ERROR
+        r.datasn += 1
+        r.next += n
+        if r.next == r.end:
+            del task.r2ts[ttt]
+            self.ttts.pop(ttt, None)
+        elif pdu.final:
+            return "solicited burst ended early", SENSE_DATA_PHASE_ERROR
+        return None
+
+    def _fail_task(self, task: Task, sense: bytes) -> None:
+        """End a write whose data went wrong with CHECK CONDITION, without
+        executing it; its remaining Data-Out PDUs are dropped."""
+        task.error_sense = sense
+        task.buf = None
+        for ttt in list(task.r2ts):
+            self.ttts.pop(ttt, None)
+        task.r2ts.clear()
+        if task.data_ready is not None:
+            task.data_ready.set()      # _run wakes up and answers with the sense
+        # a task not yet delivered answers as soon as its CmdSN comes up
 
     def _send_r2ts(self, task: Task) -> None:
         prm = self.params
@@ -355,6 +402,7 @@ class Session:
                 task.data_ready = asyncio.Event()
                 self._send_r2ts(task)
                 await task.data_ready.wait()
+                task.data_ready = None
             task.state = "exec"
             if task.error_sense is not None:
                 self._release_window(task)
@@ -433,6 +481,9 @@ class Session:
             n = min(len(dv), edtl)
         elif "transfer_length" in rsp.extra:
             xfer = int(rsp.extra["transfer_length"])
+        elif task.write:
+            tl = data_out_length(task.cdb, block_size_of(self.scsi, task.lun))
+            xfer = edtl if tl is None else tl
         else:
             xfer = edtl
         if xfer > edtl:

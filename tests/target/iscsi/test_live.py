@@ -569,7 +569,25 @@ def test_oversized_segment_drops_connection_only():
     run(main())
 
 
-def test_data_out_protocol_violation_drops_connection():
+async def _write_cmd(i, nblocks, itt=None):
+    itt = itt or i.new_itt()
+    q = i.queues[itt] = asyncio.Queue()
+    cmd = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_FINAL | P.FLAG_WRITE | 1, lun=0, itt=itt,
+                      fields={20: nblocks * 512, 24: i.cmdsn, 28: i.exp_statsn},
+                      raw={32: struct.pack(">BBQIBB", 0x8A, 0, 0, nblocks, 0, 0)})
+    i.send(cmd)
+    i.cmdsn += 1
+    return itt, q
+
+
+async def _expect_check(q, key, asc, ascq):
+    rsp = await asyncio.wait_for(q.get(), 5)
+    assert rsp.opcode == P.OP_SCSI_RSP and rsp.bhs[3] == 2
+    sense = rsp.data[2:]
+    assert (sense[2] & 0x0F, sense[12], sense[13]) == (key, asc, ascq)
+
+
+def test_bad_data_out_fails_the_command_not_the_connection():
     async def main():
         async with serving() as (srv, fake):
             i = await logged_in(srv, immediate_data=False, initial_r2t=True)
@@ -577,22 +595,52 @@ def test_data_out_protocol_violation_drops_connection():
                               fields={20: P.ALL_ONES, 40: 0})
             i.send(bhs, b"x" * 512)              # unknown ITT: ignored
             assert (await i.nop(b"a")).data == b"a"
-            itt = i.new_itt()
-            q = i.queues[itt] = asyncio.Queue()
-            cmd = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_FINAL | P.FLAG_WRITE | 1, lun=0, itt=itt,
-                              fields={20: 1024, 24: i.cmdsn, 28: i.exp_statsn},
-                              raw={32: struct.pack(">BBQIBB", 0x8A, 0, 0, 2, 0, 0)})
-            i.send(cmd)
-            i.cmdsn += 1
+            # wrong buffer offset
+            itt, q = await _write_cmd(i, 2)
             r2t = await asyncio.wait_for(q.get(), 5)
-            bhs = P.build_bhs(P.OP_DATA_OUT, P.FLAG_FINAL, lun=0, itt=itt,
-                              fields={20: r2t.ttt, 40: 512})           # wrong offset
-            i.send(bhs, b"y" * 512)
-            for _ in range(100):
-                if i.closed:
-                    break
-                await asyncio.sleep(0.02)
-            assert i.closed
+            i.send(P.build_bhs(P.OP_DATA_OUT, P.FLAG_FINAL, lun=0, itt=itt,
+                               fields={20: r2t.ttt, 40: 512}), b"y" * 512)
+            await _expect_check(q, 0x0B, 0x4B, 0x05)
+            # unknown target transfer tag
+            itt, q = await _write_cmd(i, 1)
+            r2t = await asyncio.wait_for(q.get(), 5)
+            i.send(P.build_bhs(P.OP_DATA_OUT, P.FLAG_FINAL, lun=0, itt=itt,
+                               fields={20: r2t.ttt ^ 0x5555, 40: 0}), b"y" * 512)
+            await _expect_check(q, 0x0B, 0x4B, 0x01)
+            # unsolicited data although InitialR2T=Yes
+            itt, q = await _write_cmd(i, 1)
+            i.send(P.build_bhs(P.OP_DATA_OUT, P.FLAG_FINAL, lun=0, itt=itt,
+                               fields={20: P.ALL_ONES, 40: 0}), b"y" * 512)
+            rsp = await asyncio.wait_for(q.get(), 5)
+            if rsp.opcode == P.OP_R2T:          # the R2T may or may not have gone out first
+                rsp = await asyncio.wait_for(q.get(), 5)
+            assert rsp.opcode == P.OP_SCSI_RSP
+            assert rsp.bhs[3] == 2 and rsp.data[2 + 12:2 + 14] == b"\x0c\x0c"
+            assert fake.luns_map[0].data[:1024] == bytes(1024)     # nothing written
+            assert not fake.executed
+            # the session carries on
+            await i.write(0, 0, b"k" * 1024)
+            assert await i.read(0, 0, 2) == b"k" * 1024
+            assert srv.stats()["in_flight"] == 0
+            await i.close()
+    run(main())
+
+
+@pytest.mark.parametrize("datasns", [[0, 0], [1, 0], [0, 27], [0xFFFFFFFF, 0]])
+def test_data_out_datasn_checked(datasns):
+    async def main():
+        async with serving() as (srv, fake):
+            i = await logged_in(srv, immediate_data=False, initial_r2t=True)
+            itt, q = await _write_cmd(i, 2)
+            r2t = await asyncio.wait_for(q.get(), 5)
+            assert r2t.opcode == P.OP_R2T
+            for n, sn in enumerate(datasns):
+                bhs = P.build_bhs(P.OP_DATA_OUT, P.FLAG_FINAL if n == 1 else 0, lun=0, itt=itt,
+                                  fields={20: r2t.ttt, 36: sn, 40: 512 * n})
+                i.send(bhs, b"z" * 512)
+            await _expect_check(q, 0x0B, 0x4B, 0x00)
+            assert fake.luns_map[0].data[:1024] == bytes(1024)
+            assert (await i.nop(b"alive")).data == b"alive"
             await i.close()
     run(main())
 
