@@ -10,6 +10,11 @@ def be(buf: bytes, start: int, end: int) -> int:
     return int.from_bytes(buf[start:end], "big")
 
 
+def data_len(data: Data | None) -> int:
+    """Size in bytes of a Data-Out buffer (whatever its memoryview format)."""
+    return 0 if data is None else memoryview(data).nbytes
+
+
 def data_out_view(data_out: Data | None, nbytes: int) -> memoryview:
     """The first ``nbytes`` of Data-Out as a byte memoryview (no copy).
 

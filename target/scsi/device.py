@@ -77,6 +77,16 @@ class ScsiDevice:
 
     # -- transport-facing ----------------------------------------------------------
     async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
+        resp = await self._execute_safely(cmd)
+        out = self._data_out_length(cmd.cdb)
+        if out is not None:
+            # The SCSI transfer length of a Data-Out command, which only the
+            # CDB knows: the transport derives residuals from it (Data-In
+            # commands' transfer length is len(data_in)).
+            resp.extra["transfer_length"] = out
+        return resp
+
+    async def _execute_safely(self, cmd: ScsiCommand) -> ScsiResponse:
         try:
             data = await self._execute(cmd)
             return ScsiResponse(GOOD, data_in=data if data is not None else b"")
@@ -94,6 +104,14 @@ class ScsiDevice:
                           self.identity.serial)
             return self._check_condition(
                 CheckCondition(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE), cmd)
+
+    def _data_out_length(self, cdb: bytes) -> int | None:
+        if not cdb:
+            return None
+        spec = lookup(bytes(cdb[:2]) if len(cdb) < 2 else cdb)
+        if not isinstance(spec, CommandSpec) or spec.out_len is None or len(cdb) < spec.cdb_len:
+            return None
+        return spec.out_len(bytes(cdb), self.block_size)
 
     def _check_condition(self, e: CheckCondition, cmd: ScsiCommand) -> ScsiResponse:
         if e.key in (c.NOT_READY, c.MEDIUM_ERROR, c.DATA_PROTECT):
@@ -155,17 +173,21 @@ class ScsiDevice:
     # -- task management -------------------------------------------------------
     async def lun_reset(self, nexus: Nexus | None = None) -> None:
         """LOGICAL UNIT RESET: SPC-2 reservations and mode pages go back,
-        persistent reservations stay (SPC-4 5.13.1); other nexuses get 29/03."""
+        persistent reservations stay (SPC-4 5.13.1); every I_T nexus,
+        the issuer's included (SAM-5 7.7), gets BUS DEVICE RESET FUNCTION
+        OCCURRED. ``nexus`` (the issuer) is for logging only."""
+        if nexus is not None:
+            log.info("LU %s reset by %s", self.identity.serial, nexus.initiator)
         self.pr.reset()
         self.mode.reset()
-        self.ua.reset(c.ASC_BUS_DEVICE_RESET,
-                      exclude=nexus_key(nexus) if nexus is not None else None)
+        self.ua.reset(c.ASC_BUS_DEVICE_RESET)
 
     async def target_reset(self, nexus: Nexus | None = None) -> None:
+        """TARGET (warm/cold) RESET as seen by this LU: as a LU reset, with
+        POWER ON, RESET, OR BUS DEVICE RESET OCCURRED."""
         self.pr.reset()
         self.mode.reset()
-        self.ua.reset(c.ASC_POWER_ON_RESET,
-                      exclude=nexus_key(nexus) if nexus is not None else None)
+        self.ua.reset(c.ASC_POWER_ON_RESET)
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """Drop per-nexus state; registrations survive (they are per I_T

@@ -64,9 +64,9 @@ class DeviceOptions:
 
     write_cache: bool = True               # WCE at creation (MODE SELECT can change it)
     thin_provisioning: bool = True         # LBPME: UNMAP, WRITE SAME UNMAP, GET LBA STATUS
-    max_transfer_blocks: int | None = None  # default: 8 MiB
+    max_transfer_blocks: int | None = None  # default: 32 MiB
     optimal_granularity_blocks: int | None = None  # default: 4 KiB
-    max_unmap_blocks: int | None = None    # per descriptor/command; default: 1 GiB
+    max_unmap_blocks: int | None = None    # per command; default: 1 GiB, <= 2^20 blocks
     max_unmap_descriptors: int = 64
     max_write_same_blocks: int | None = None  # default: 1 GiB
     max_compare_and_write_blocks: int = 1   # VMware ATS uses one block (as LIO)
@@ -106,9 +106,11 @@ class Limits:
             raise ValueError("max_compare_and_write_blocks must fit a byte")
         return cls(
             block_size=block_size,
-            max_transfer=blocks(opts.max_transfer_blocks, 8 << 20),
+            max_transfer=blocks(opts.max_transfer_blocks, 32 << 20),
             optimal_granularity=blocks(opts.optimal_granularity_blocks, 4096),
-            max_unmap=blocks(opts.max_unmap_blocks, 1 << 30),
+            # 1 GiB, at most 2^20 blocks (what libiscsi's sanity check allows).
+            max_unmap=min(blocks(opts.max_unmap_blocks, 1 << 30), 1 << 20)
+            if opts.max_unmap_blocks is None else blocks(opts.max_unmap_blocks, 0),
             max_unmap_descriptors=opts.max_unmap_descriptors,
             max_write_same=blocks(opts.max_write_same_blocks, 1 << 30),
             max_compare_and_write=opts.max_compare_and_write_blocks,

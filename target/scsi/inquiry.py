@@ -92,7 +92,9 @@ def block_limits(limits: Limits, *, thin: bool) -> bytes:
     body[1] = limits.max_compare_and_write
     struct.pack_into(">H", body, 2, min(limits.optimal_granularity, 0xFFFF))
     struct.pack_into(">I", body, 4, limits.max_transfer)
-    struct.pack_into(">I", body, 8, limits.max_transfer)   # optimal transfer length
+    # OPTIMAL TRANSFER LENGTH: hosts turn it into io_opt (mkfs stripe
+    # width, readahead); 8 MiB keeps that sane while MAXIMUM allows more.
+    struct.pack_into(">I", body, 8, min(limits.max_transfer, max(1, (8 << 20) // limits.block_size)))
     if thin:
         struct.pack_into(">I", body, 16, limits.max_unmap)
         struct.pack_into(">I", body, 20, limits.max_unmap_descriptors)

@@ -14,7 +14,7 @@ from target.lunio import MediumError
 
 from . import constants as c
 from .api import ScsiCommand
-from .cdb import Data, be, data_out_view, first_difference
+from .cdb import Data, be, data_len, data_out_view, first_difference
 from .lunio_access import medium_error
 from .sense import CheckCondition, invalid_cdb, invalid_opcode, invalid_param, lba_out_of_range
 from .sense import param_list_length_error, short_data_out
@@ -179,6 +179,18 @@ async def verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
     return None
 
 
+async def pre_fetch(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+    """PRE-FETCH(10/16): there is no cache of ours to load (the backend's
+    page cache is not ours to steer), so after the range check: GOOD, which
+    SBC-3 allows ("not enough cache" is reported as GOOD, not CONDITION MET)."""
+    if cdb[0] == c.PRE_FETCH_10:
+        lba, blocks = be(cdb, 2, 6), be(cdb, 7, 9)
+    else:
+        lba, blocks = be(cdb, 2, 10), be(cdb, 10, 14)
+    check_range(dev, lba, blocks)
+    return None
+
+
 async def synchronize_cache(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
     if cdb[0] == c.SYNCHRONIZE_CACHE_10:
         lba, blocks = be(cdb, 2, 6), be(cdb, 7, 9)
@@ -218,7 +230,14 @@ async def write_same(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
         raise invalid_cdb(lfield)          # WSNZ=1: 0 blocks is not "to the end"
     check_range(dev, lba, blocks)
     bs = dev.block_size
-    block = bytes(bs) if ndob else bytes(data_out_view(cmd.data_out, bs))
+    if ndob:
+        block = bytes(bs)
+    else:
+        # Exactly one block of Data-Out: more is as wrong as less (the
+        # initiator and the CDB disagree about what is being written).
+        if data_len(cmd.data_out) > bs:
+            raise short_data_out()
+        block = bytes(data_out_view(cmd.data_out, bs))
     offset, length = lba * bs, blocks * bs
     zeros = block == bytes(bs)
     async with dev.range_lock.hold(offset, length):
@@ -294,11 +313,15 @@ async def compare_and_write(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> 
     blocks = cdb[13]
     if blocks > dev.limits.max_compare_and_write:
         raise invalid_cdb(13)
+    bs = dev.block_size
+    n = blocks * bs
+    # Data-Out must be exactly verify + write data: with any other amount
+    # the NUMBER OF LOGICAL BLOCKS field is what disagrees with the data.
+    if data_len(cmd.data_out) != 2 * n:
+        raise invalid_cdb(13)
     check_range(dev, lba, blocks)
     if blocks == 0:
         return None
-    bs = dev.block_size
-    n = blocks * bs
     data = data_out_view(cmd.data_out, 2 * n)
     expected, new = data[:n], data[n:]
     fua = bool(cdb[1] & 0x08) or not dev.mode.write_cache

@@ -52,12 +52,11 @@ class UnitAttentions:
                 q.popleft()
             q.append(asc_ascq)
 
-    def reset(self, asc_ascq: tuple[int, int], *, exclude: NexusKey | None = None) -> None:
+    def reset(self, asc_ascq: tuple[int, int]) -> None:
         """A reset supersedes whatever was pending: it is the one thing to report."""
-        for key, q in self._queues.items():
-            if key != exclude:
-                q.clear()
-                q.append(asc_ascq)
+        for q in self._queues.values():
+            q.clear()
+            q.append(asc_ascq)
 
     def pop(self, key: NexusKey) -> tuple[int, int] | None:
         q = self._queues.get(key)

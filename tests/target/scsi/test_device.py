@@ -57,16 +57,19 @@ async def test_ua_reported_before_invalid_opcode_and_in_descriptor_format():
 
 
 @asynctest
-async def test_resets_queue_ua_for_other_nexuses_only():
-    dev, _ = mem_device()
+async def test_resets_queue_ua_for_every_nexus_and_replace_pending_ones():
+    dev, lunio = fake_device()
     await ready(dev, NX_A, NX_B)
+    lunio.generation += 1
+    good(await send(dev, [0x12, 0, 0, 0, 36, 0]))   # notices the change, queues 28/00
     await dev.lun_reset(NX_A)
-    good(await send(dev, TUR, nexus=NX_A))
-    check(await send(dev, TUR, nexus=NX_B), 0x6, 0x29, 0x03)
-    good(await send(dev, TUR, nexus=NX_B))
+    for nx in (NX_A, NX_B):      # the issuer too (SAM-5; libiscsi MultipathIO.Reset)
+        check(await send(dev, TUR, nexus=nx), 0x6, 0x29, 0x03)
+        good(await send(dev, TUR, nexus=nx))
     await dev.target_reset(NX_B)
-    check(await send(dev, TUR, nexus=NX_A), 0x6, 0x29, 0x00)
-    good(await send(dev, TUR, nexus=NX_B))
+    for nx in (NX_A, NX_B):
+        check(await send(dev, TUR, nexus=nx), 0x6, 0x29, 0x00)
+        good(await send(dev, TUR, nexus=nx))
 
 
 @asynctest

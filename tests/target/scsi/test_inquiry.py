@@ -97,9 +97,9 @@ async def test_vpd_block_limits():
     assert page[4] == 0x01                                   # WSNZ
     assert page[5] == 1                                      # max COMPARE AND WRITE
     assert struct.unpack_from(">H", page, 6)[0] == 8         # 4 KiB granularity
-    assert struct.unpack_from(">I", page, 8)[0] == 16384     # 8 MiB max transfer
-    assert struct.unpack_from(">I", page, 12)[0] == 16384
-    assert struct.unpack_from(">I", page, 20)[0] == (1 << 30) // 512   # max unmap LBAs
+    assert struct.unpack_from(">I", page, 8)[0] == 65536     # 32 MiB max transfer
+    assert struct.unpack_from(">I", page, 12)[0] == 16384    # 8 MiB optimal
+    assert struct.unpack_from(">I", page, 20)[0] == 1 << 20  # max unmap LBAs (512 MiB)
     assert struct.unpack_from(">I", page, 24)[0] == 64       # max unmap descriptors
     assert struct.unpack_from(">I", page, 28)[0] == 1
     assert struct.unpack_from(">I", page, 32)[0] == 0x80000000

@@ -81,8 +81,9 @@ async def test_task_management_routes():
     await ls.lun_reset(9, NX_A)                 # absent LUN: nothing to do
     await ls.target_reset(NX_A)
     for lun in (0, 1):
-        check(await send(ls, TUR, nexus=NX_B, lun=lun), 0x6, 0x29, 0x00)
-        good(await send(ls, TUR, nexus=NX_A, lun=lun))
+        for nx in (NX_A, NX_B):
+            check(await send(ls, TUR, nexus=nx, lun=lun), 0x6, 0x29, 0x00)
+            good(await send(ls, TUR, nexus=nx, lun=lun))
     ls.nexus_lost(NX_A)
     check(await send(ls, TUR, nexus=NX_A, lun=1), 0x6, 0x29, 0x00)
 

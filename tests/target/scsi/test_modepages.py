@@ -171,4 +171,5 @@ async def test_lun_reset_restores_mode_defaults():
     caching[2] = 0
     good(await send(dev, select6(bytes(4) + bytes(caching)), bytes(4) + bytes(caching)))
     await dev.lun_reset(NX_A)
+    await ready(dev)
     assert good(await send(dev, ms6(0x08, dbd=True)))[6] == 0x04

@@ -345,7 +345,7 @@ async def test_spc2_reservation_cleared_by_reset_and_nexus_loss():
     dev, _ = await setup()
     good(await send(dev, [0x16, 0, 0, 0, 0, 0], nexus=NX_A))
     await dev.lun_reset(NX_A)
-    await ready(dev, NX_B)
+    await ready(dev, NX_A, NX_B)
     assert await can_read(dev, NX_B)
     good(await send(dev, [0x16, 0, 0, 0, 0, 0], nexus=NX_A))
     dev.nexus_lost(NX_A)

@@ -264,6 +264,8 @@ async def test_write_same_invalid():
     assert field_pointer(r.sense) == (True, 7, None)
     check(await send(dev, cdb10(0x41, 60, 5), bytes(BS)), 0x5, 0x21, 0x00)
     check(await send(dev, cdb10(0x41, 0, 5), bytes(10)), 0x5, 0x0E, 0x03)
+    check(await send(dev, cdb10(0x41, 0, 5), bytes(2 * BS)), 0x5, 0x0E, 0x03)   # too much
+    check(await send(dev, cdb16(0x93, 0, 5)), 0x5, 0x0E, 0x03)
     assert store.writes == 0
 
 
@@ -361,7 +363,14 @@ async def test_compare_and_write():
     check(r, 0x5, 0x24, 0x00)
     assert field_pointer(r.sense) == (True, 13, None)
     check(await send(dev, caw_cdb(64, 1), bytes(2 * BS)), 0x5, 0x21, 0x00)
-    check(await send(dev, caw_cdb(7, 1), new), 0x5, 0x0E, 0x03)
+    # Data-Out must be exactly 2 x NUMBER OF LOGICAL BLOCKS: the NLB field is
+    # what disagrees (libiscsi's CompareAndWrite.InvalidDataOutSize, and its
+    # 256-block case that wraps NLB to 0).
+    for nlb, size in ((1, BS), (1, 3 * BS), (1, 4 * BS), (0, 512 * BS)):
+        r = await send(dev, caw_cdb(7, nlb), bytes(size))
+        check(r, 0x5, 0x24, 0x00)
+        assert field_pointer(r.sense) == (True, 13, None)
+    assert store.current[7 * BS:8 * BS] == new
 
 
 def _counter_block(v: int) -> bytes:
@@ -489,3 +498,57 @@ def test_get_lba_status_on_sparse_file(tmp_path):
         assert any(d[2] == 1 for d in descs) or os.environ.get("LR_NO_SPARSE")
         store.close()
     asyncio.run(go())
+
+
+@asynctest
+async def test_transfer_length_hint_for_data_out_commands():
+    """extra["transfer_length"] is the CDB's Data-Out size, for residuals."""
+    dev, _ = mem_device(blocks=64)
+    await ready(dev)
+    cases = [
+        (cdb10(0x2A, 0, 2), bytes(3 * BS), 2 * BS, 0),
+        (cdb6(0x0A, 0, 0), bytes(256 * BS), 256 * BS, 2),      # out of range: still reported
+        (cdb12(0xAA, 0, 1), bytes(BS), BS, 0),
+        (cdb16(0x8A, 0, 1), bytes(BS // 2), BS, 2),             # short: still reported
+        (cdb16(0x93, 0, 4, flags=0x01), None, 0, 0),           # NDOB
+        (cdb10(0x41, 0, 4), bytes(BS), BS, 0),
+        (cdb10(0x2F, 0, 2, flags=0x02), bytes(2 * BS), 2 * BS, 0),
+        (cdb10(0x2F, 0, 2, flags=0x06), bytes(BS), BS, 0),
+        (cdb10(0x2F, 0, 2), None, 0, 0),
+        (caw_cdb(0, 1), bytes(2 * BS), 2 * BS, 0),
+        (bytes([0x15, 0x10, 0, 0, 0, 0]), None, 0, 0),
+    ]
+    for cdb, data, expected, status in cases:
+        r = await send(dev, cdb, data)
+        assert r.status == status, (cdb.hex(), bytes(r.sense).hex())
+        assert r.extra.get("transfer_length") == expected, cdb.hex()
+    r = await send(dev, cdb10(0x28, 0, 2))
+    assert "transfer_length" not in r.extra and len(r.data_in) == 2 * BS
+    r = await send(dev, [0x2A, 0])                              # short CDB: no hint
+    assert "transfer_length" not in r.extra
+
+
+@asynctest
+async def test_twelve_byte_verify_and_write_and_verify():
+    dev, store = mem_device(blocks=64)
+    await ready(dev)
+    data = pattern(3 * BS, 5)
+    good(await send(dev, cdb12(0xAE, 10, 3), data))
+    assert store.durable[10 * BS:13 * BS] == data
+    good(await send(dev, cdb12(0xAF, 10, 3, flags=0x02), data))
+    r = await send(dev, cdb12(0xAF, 10, 3, flags=0x02), bytes(3 * BS))
+    check(r, 0xE, 0x1D, 0x00)
+    assert info_of(r.sense) == 0
+    check(await send(dev, cdb12(0xAF, 62, 3)), 0x5, 0x21, 0x00)
+
+
+@asynctest
+async def test_pre_fetch_is_a_range_checked_no_op():
+    lunio = FakeLunIO()
+    dev, _ = fake_device(lunio)
+    await ready(dev)
+    good(await send(dev, bytes([0x34, 0x02, 0, 0, 0, 4, 0, 0, 8, 0])))
+    good(await send(dev, cdb16(0x90, 0, 256)))
+    check(await send(dev, cdb16(0x90, 250, 7)), 0x5, 0x21, 0x00)
+    check(await send(dev, bytes([0x34, 0, 0, 0, 1, 0, 0, 0, 1, 0])), 0x5, 0x21, 0x00)
+    assert lunio.writes == []
