@@ -275,10 +275,13 @@ class Session:
                 if dlen:
                     task.buf[:dlen] = pdu.data
             task.received = dlen
-            if prm.initial_r2t:
+            if prm.initial_r2t or pdu.final:
+                # F=1: no unsolicited Data-Out follows (RFC 7143 11.3.4); R2Ts
+                # solicit everything after the immediate data
                 task.unsol_end = dlen
             else:
-                task.unsol_end = min(prm.first_burst_length, task.edtl)
+                # unsolicited Data-Out follows: the whole first burst
+                task.unsol_end = max(dlen, min(prm.first_burst_length, task.edtl))
             task.unsol_next = dlen
             task.r2t_next = task.unsol_end
             self.bytes_in += dlen

@@ -306,7 +306,7 @@ class Initiator:
             write = bool(data_out)
             if edtl is None:
                 edtl = len(data_out) if write else read_len
-            flags = P.FLAG_FINAL | (P.FLAG_READ if read_len else 0) | (P.FLAG_WRITE if write else 0) | attr
+            flags = (P.FLAG_READ if read_len else 0) | (P.FLAG_WRITE if write else 0) | attr
             cdb16 = bytes(cdb[:16]).ljust(16, b"\0")
             ahs = b""
             if len(cdb) > 16:
@@ -317,6 +317,8 @@ class Initiator:
             unsol_end = len(imm)
             if write and not self.initial_r2t:
                 unsol_end = min(self.first_burst, len(data_out))
+            if unsol_end <= len(imm):
+                flags |= P.FLAG_FINAL          # F=0 announces unsolicited Data-Out
             bhs = P.build_bhs(P.OP_SCSI_CMD, flags, immediate=immediate, lun=lun, itt=itt,
                               fields={20: edtl, 24: self.cmdsn, 28: self.exp_statsn}, raw={32: cdb16})
             if ahs:

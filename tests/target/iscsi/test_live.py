@@ -626,6 +626,28 @@ def test_bad_data_out_fails_the_command_not_the_connection():
     run(main())
 
 
+def test_final_bit_on_command_means_no_unsolicited_data():
+    async def main():
+        async with serving() as (srv, fake):
+            i = await logged_in(srv, immediate_data=True, initial_r2t=False, first_burst=65536)
+            itt = i.new_itt()
+            q = i.queues[itt] = asyncio.Queue()
+            data = os.urandom(8192)
+            cmd = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_FINAL | P.FLAG_WRITE | 1, lun=0, itt=itt,
+                              fields={20: 8192, 24: i.cmdsn, 28: i.exp_statsn},
+                              raw={32: struct.pack(">BBQIBB", 0x8A, 0, 0, 16, 0, 0)})
+            i.send(cmd, data[:1024])        # F=1: only immediate data, the rest by R2T
+            i.cmdsn += 1
+            r2t = await asyncio.wait_for(q.get(), 5)
+            assert r2t.opcode == P.OP_R2T and (r2t.u32(40), r2t.u32(44)) == (1024, 7168)
+            i._send_data(itt, 0, r2t.ttt, 1024, 8192, data)
+            rsp = await asyncio.wait_for(q.get(), 5)
+            assert rsp.opcode == P.OP_SCSI_RSP and rsp.bhs[3] == 0
+            assert fake.luns_map[0].data[:8192] == data
+            await i.close()
+    run(main())
+
+
 @pytest.mark.parametrize("datasns", [[0, 0], [1, 0], [0, 27], [0xFFFFFFFF, 0]])
 def test_data_out_datasn_checked(datasns):
     async def main():
