@@ -474,6 +474,31 @@ def test_four_concurrent_sessions():
     run(main())
 
 
+def test_many_sessions_full_queue():
+    """32 sessions log in at once and each keeps 32 commands in flight."""
+    async def main():
+        async with serving(fake=FakeScsiTarget({0: MemLun(4 << 20)})) as (srv, fake):
+            inits = [Initiator(*addr(srv), name=f"iqn.2025-01.org.test:host{n}") for n in range(32)]
+            await asyncio.gather(*(i.login(IQN, mrdsl=8192) for i in inits))
+            assert srv.stats()["sessions"] == 32
+
+            async def worker(n, ini):
+                data = bytes([n]) * 4096
+                await ini.write(0, n * 8, data)
+                got = await asyncio.gather(*(ini.read(0, n * 8, 8) for _ in range(32)))
+                assert all(g == data for g in got)
+            await asyncio.gather(*(worker(n, ini) for n, ini in enumerate(inits)))
+            await asyncio.gather(*(i.logout() for i in inits))
+            for i in inits:
+                await i.close()
+            for _ in range(100):
+                if srv.stats()["sessions"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert srv.stats()["sessions"] == 0 and len(fake.lost) == 32
+    run(main())
+
+
 def test_queue_depth_and_ordering():
     async def main():
         async with serving(queue_depth=8) as (srv, fake):
