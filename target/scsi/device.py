@@ -33,7 +33,7 @@ from .modepages import ModePages
 from .ports import TargetPorts
 from .pr import MemoryReservationStore, ReservationStore, Reservations, nexus_key
 from .rangelock import RangeLock
-from .sense import CheckCondition, ReservationConflict, encode_sense, invalid_cdb, invalid_opcode
+from .sense import CheckCondition, ReservationConflict, invalid_cdb, invalid_opcode
 from .ua import UnitAttentions
 
 log = logging.getLogger(__name__)
@@ -106,16 +106,19 @@ class ScsiDevice:
                 CheckCondition(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE), cmd)
 
     def _data_out_length(self, cdb: bytes) -> int | None:
+        cdb = bytes(cdb)
         if not cdb:
             return None
-        spec = lookup(bytes(cdb[:2]) if len(cdb) < 2 else cdb)
+        spec = lookup(cdb)
         if not isinstance(spec, CommandSpec) or spec.out_len is None or len(cdb) < spec.cdb_len:
             return None
-        return spec.out_len(bytes(cdb), self.block_size)
+        return spec.out_len(cdb, self.block_size)
 
     def _check_condition(self, e: CheckCondition, cmd: ScsiCommand) -> ScsiResponse:
-        if e.key in (c.NOT_READY, c.MEDIUM_ERROR, c.DATA_PROTECT):
-            log.debug("CDB %s: %s", bytes(cmd.cdb[:1]).hex(), e)
+        if e.key == c.MEDIUM_ERROR:
+            log.warning("LU %s: CDB %s: %s", self.identity.serial, bytes(cmd.cdb[:1]).hex(), e)
+        elif e.key in (c.NOT_READY, c.DATA_PROTECT):
+            log.debug("LU %s: CDB %s: %s", self.identity.serial, bytes(cmd.cdb[:1]).hex(), e)
         return ScsiResponse(CHECK_CONDITION, sense=e.encode(self.mode.descriptor_sense))
 
     async def _execute(self, cmd: ScsiCommand) -> object:
@@ -198,7 +201,3 @@ class ScsiDevice:
 
     def lun_inventory_changed(self) -> None:
         self.ua.establish(c.ASC_REPORTED_LUNS_DATA_HAS_CHANGED)
-
-
-def hardware_error_sense(descriptor: bool = False) -> bytes:
-    return encode_sense(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE, descriptor=descriptor)

@@ -16,7 +16,7 @@ from .api import ScsiCommand
 from .cdb import be, encode_lun
 from .lunio_access import not_ready_sense
 from .pr import nexus_key
-from .sense import CheckCondition, encode_sense, invalid_cdb
+from .sense import encode_sense, invalid_cdb
 
 if TYPE_CHECKING:
     from .device import ScsiDevice
@@ -173,7 +173,3 @@ async def report_supported_opcodes(dev: "ScsiDevice", cmd: ScsiCommand, cdb: byt
         data = (bytes((0, (0x80 if rctd else 0) | 0x03)) + struct.pack(">H", len(spec.usage))
                 + spec.usage + timeouts)               # SUPPORT 011b: as the standard says
     return data[:alloc]
-
-
-def unexpected(message: str) -> CheckCondition:
-    return CheckCondition(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE, message=message)

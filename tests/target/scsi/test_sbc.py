@@ -8,7 +8,7 @@ from restore_core.blockstore import FileBlockStore
 from target.lunio import PlainLunIO
 from target.scsi import DeviceOptions, ScsiDevice
 
-from .util import (IDENT, NX_A, FakeLunIO, asynctest, cdb6, cdb10, cdb12, cdb16, check,
+from .util import (IDENT, FakeLunIO, asynctest, cdb6, cdb10, cdb12, cdb16, check,
                    fake_device, field_pointer, good, info_of, mem_device, ready, send)
 
 BS = 512
