@@ -24,8 +24,9 @@ from typing import Protocol
 from . import constants as c
 from .api import Nexus
 from .ports import TargetPorts
+from .cdb import data_out_view
 from .sense import (CheckCondition, ReservationConflict, invalid_cdb, invalid_param,
-                    param_list_length_error, short_data_out)
+                    param_list_length_error)
 from .ua import UnitAttentions
 
 log = logging.getLogger(__name__)
@@ -157,23 +158,26 @@ class Reservations:
         if not state.get("aptpl"):
             return   # no APTPL: a restart is a power loss, which clears PR state
         try:
-            regs = [Registration(r["initiator"], r["target_port"], int(r["key"], 16),
-                                 bool(r.get("all_tg_pt")), bytes.fromhex(r.get("transport_id", "")))
-                    for r in state.get("registrations", [])]
-            res = state.get("reservation")
-            holder = None
-            res_type = 0
-            if res is not None:
-                holder = regs[int(res["holder"])]
-                res_type = int(res["type"])
-                if res_type not in VALID_TYPES:
-                    raise ValueError(f"bad reservation type {res_type}")
-            generation = int(state.get("generation", 0)) & 0xFFFFFFFF
-        except (KeyError, ValueError, TypeError, IndexError):
+            self._apply(state)
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError):
             log.exception("persistent reservation state is malformed; starting without")
-            return
+
+    def _apply(self, state: dict) -> None:
+        """Replace the persistent state by a ``state()`` dict (all or nothing)."""
+        regs = [Registration(r["initiator"], r["target_port"], int(r["key"], 16),
+                             bool(r.get("all_tg_pt")), bytes.fromhex(r.get("transport_id", "")))
+                for r in state.get("registrations", [])]
+        res = state.get("reservation")
+        holder = None
+        res_type = 0
+        if res is not None:
+            holder = regs[int(res["holder"])]
+            res_type = int(res["type"])
+            if res_type not in VALID_TYPES:
+                raise ValueError(f"bad reservation type {res_type}")
+        generation = int(state.get("generation", 0)) & 0xFFFFFFFF
         self.registrations, self.holder, self.res_type = regs, holder, res_type
-        self.generation, self.aptpl = generation, True
+        self.generation, self.aptpl = generation, bool(state.get("aptpl"))
 
     # -- queries ------------------------------------------------------------
     def registration(self, key: NexusKey) -> Registration | None:
@@ -275,9 +279,18 @@ class Reservations:
             raise invalid_cdb(1, 4)
         if plen != 24:
             raise param_list_length_error()
-        if data_out is None or len(data_out) < plen:
-            raise short_data_out()
-        params = bytes(memoryview(data_out)[:24])
+        params = bytes(data_out_view(data_out, 24))
+        before = self.state()
+        try:
+            self._pr_out(sa, scope, rtype, params, nexus)
+        except Exception as e:
+            if not isinstance(e, (CheckCondition, ReservationConflict)):
+                # The store failed (e.g. SQLite): the command fails, and the
+                # state the host can observe must be the one still persisted.
+                self._apply(before)
+            raise
+
+    def _pr_out(self, sa: int, scope: int, rtype: int, params: bytes, nexus: Nexus) -> None:
         rkey, sakey = struct.unpack_from(">QQ", params, 0)
         flags = params[20]
         spec_i_pt, all_tg_pt, aptpl = bool(flags & 0x08), bool(flags & 0x04), bool(flags & 0x01)

@@ -369,3 +369,27 @@ async def test_pr_state_survives_lun_reset():
     await ready(dev, NX_A, NX_B)
     assert (await reservation(dev))[1:] == (K_A, 1)
     assert not await can_write(dev, NX_B)
+
+
+@asynctest
+async def test_store_failure_fails_the_command_and_keeps_state():
+    class Flaky(MemoryReservationStore):
+        fail = False
+
+        def save(self, state):
+            if self.fail:
+                raise OSError("database is locked")
+            super().save(state)
+
+    store = Flaky()
+    dev, _ = mem_device(blocks=64, reservations=store)
+    await ready(dev, NX_A, NX_B)
+    good(await out(dev, NX_A, 0, 0, K_A, aptpl=True))
+    store.fail = True
+    check(await out(dev, NX_B, 0, 0, K_B), 0x4, 0x44, 0x00)
+    check(await out(dev, NX_A, 1, K_A, 0, 1), 0x4, 0x44, 0x00)
+    assert await keys(dev) == (1, [K_A])
+    assert await reservation(dev) is None
+    store.fail = False
+    good(await out(dev, NX_A, 1, K_A, 0, 1))
+    assert await reservation(dev) == (1, K_A, 1)
