@@ -2,7 +2,18 @@
 
 Transports (iSCSI, TCMU) talk to a ``LunSet`` through the ``ScsiTarget``
 protocol in ``api``; the daemon builds one ``ScsiDevice`` per LU from a
-LunIO, a ``DeviceIdentity``, a ``ReservationStore`` and ``DeviceOptions``.
+LunIO, a ``DeviceIdentity``, a ``ReservationStore`` and ``DeviceOptions``::
+
+    dev = ScsiDevice(lunio, DeviceIdentity(product_id="liverestore", revision="0001",
+                                           serial=serial, naa="6001405" + hex25,
+                                           t10_vendor_id=serial),
+                     block_size=512, reservations=store, options=DeviceOptions())
+    target = LunSet({0: dev}, ports=TargetPorts({"iqn...:tgt,t,0x1": 1}))
+    resp = await target.execute(ScsiCommand(cdb, lun, nexus, data_out))
+
+``resp.extra["transfer_length"]`` is set for Data-Out commands (the CDB's
+Data-Out size, for residuals). ``LunSet.add/remove`` change the inventory
+at run time (hosts get REPORTED LUNS DATA HAS CHANGED).
 
 Exports are resolved lazily so that ``import target.scsi.api`` (all a
 transport needs) does not pull in the emulation and the storage modules.
