@@ -24,6 +24,20 @@ MIN_BUFFER = 64 * 1024
 FLUSH_BYTES = 1 << 20        # corked output beyond this is flushed at once by drain()
 
 
+DIRECT_MIN = 16 * 1024       # Data-Out payloads at least this big are received in place
+
+
+class _Direct:
+    __slots__ = ("dest", "have", "dlen", "bhs", "tail")
+
+    def __init__(self, dest: memoryview, have: int, dlen: int, bhs: bytes, tail: int) -> None:
+        self.dest = dest
+        self.have = have
+        self.dlen = dlen
+        self.bhs = bhs
+        self.tail = tail
+
+
 class IscsiConnection(asyncio.BufferedProtocol):
     def __init__(self, server: "IscsiServer") -> None:
         self.server = server
@@ -45,6 +59,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self._paused = False
         self._drain_waiters: list[asyncio.Future] = []
         self._wbuf: list = []
+        self._direct: _Direct | None = None
         self._wbytes = 0
         self._flush_scheduled = False
         loop = asyncio.get_running_loop()
@@ -57,6 +72,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self._keepalive: asyncio.Task | None = None
         self.pdus_in = 0
         self.pdus_out = 0
+        self.direct_pdus = 0         # Data-Out payloads received in place
 
     # -- asyncio protocol ----------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -76,14 +92,23 @@ class IscsiConnection(asyncio.BufferedProtocol):
         log.debug("connection from %s", self.peer)
 
     def get_buffer(self, sizehint: int):
+        d = self._direct
+        if d is not None and d.have < d.dlen:
+            return d.dest[d.have:]           # the kernel writes straight into the command buffer
         if self.end >= len(self.buf):
             self._compact()
         return self.mv[self.end:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.end += nbytes
         self.last_rx = self.loop.time()
         self.nop_ttt = None
+        d = self._direct
+        if d is not None and d.have < d.dlen:
+            d.have += nbytes
+            if d.have < d.dlen:
+                return
+        else:
+            self.end += nbytes
         try:
             self._parse()
         except ProtocolViolation as e:
@@ -154,6 +179,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def _parse(self) -> None:
         buf = self.buf
         while not self.closing:
+            if self._direct is not None:
+                if not self._finish_direct():
+                    break
+                continue
             s = self.start
             avail = self.end - s
             if avail < P.BHS_LEN:
@@ -167,11 +196,15 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 return
             dtotal = dlen + ((-dlen) & 3) + (P.DIGEST_LEN if self.data_digest and dlen else 0)
             total = hlen + dtotal
+            mv = self.mv
             if avail < total:
+                if (dlen >= DIRECT_MIN and avail >= hlen and avail - hlen < dlen
+                        and (buf[s] & 0x3F) == P.OP_DATA_OUT and self.session is not None
+                        and self._start_direct(s, hlen, ahs_len, dlen, avail)):
+                    continue
                 self._ensure_capacity(total)
                 buf = self.buf
                 break
-            mv = self.mv
             if self.header_digest:
                 hend = s + P.BHS_LEN + ahs_len
                 if P.digest_bytes(mv[s:hend]) != buf[hend:hend + P.DIGEST_LEN]:
@@ -202,6 +235,55 @@ class IscsiConnection(asyncio.BufferedProtocol):
             buf = self.buf
         if self.start == self.end:
             self.start = self.end = 0
+
+    # -- direct placement of large Data-Out payloads ------------------------------
+    # Once the header of a big Data-Out is in, the rest of its payload is read
+    # by the kernel straight into the write command's buffer (get_buffer hands
+    # out that slice), so the payload is never copied in user space. The PDU
+    # is validated as usual when complete; on any doubt the normal path runs.
+    def _start_direct(self, s: int, hlen: int, ahs_len: int, dlen: int, avail: int) -> bool:
+        mv = self.mv
+        if self.header_digest:
+            hend = s + P.BHS_LEN + ahs_len
+            if P.digest_bytes(mv[s:hend]) != self.buf[hend:hend + P.DIGEST_LEN]:
+                return False               # the normal path reports it once the PDU is in
+        bhs = bytes(mv[s:s + P.BHS_LEN])
+        dest = self.session.data_out_destination(bhs, dlen)
+        if dest is None:
+            return False
+        have = avail - hlen
+        d0 = s + hlen
+        if have:
+            dest[:have] = mv[d0:d0 + have]
+        tail = ((-dlen) & 3) + (P.DIGEST_LEN if self.data_digest else 0)
+        self._direct = _Direct(dest, have, dlen, bhs, tail)
+        self.start = self.end = 0
+        return True
+
+    def _finish_direct(self) -> bool:
+        d = self._direct
+        if d.have < d.dlen or self.end - self.start < d.tail:
+            return False
+        s = self.start
+        self.start = s + d.tail
+        self._direct = None
+        if self.data_digest:
+            pad = (-d.dlen) & 3
+            want = P.digest_bytes(d.dest, self.mv[s:s + pad])
+            if want != self.buf[s + pad:s + pad + P.DIGEST_LEN]:
+                log.warning("connection %s: data digest error", self.peer)
+                self.session.reject(d.bhs, P.REJECT_DATA_DIGEST)
+                self.close("data digest error")
+                return False
+        self.pdus_in += 1
+        self.direct_pdus += 1
+        pdu = P.Pdu(d.bhs, b"", d.dest)
+        try:
+            self.session.handle(pdu, placed=True)
+        except ProtocolViolation as e:
+            self.protocol_error(str(e), d.bhs)
+            return False
+        return True
 
     def _dispatch(self, pdu: P.Pdu) -> None:
         if self.session is not None:

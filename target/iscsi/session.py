@@ -190,10 +190,10 @@ class Session:
                                    fields=self._sn_fields(self.conn.next_statsn())), bytes(bhs[:P.BHS_LEN]))
 
     # -- dispatch ----------------------------------------------------------------
-    def handle(self, pdu: P.Pdu) -> None:
+    def handle(self, pdu: P.Pdu, placed: bool = False) -> None:
         op = pdu.opcode
         if op == P.OP_DATA_OUT:
-            self._data_out(pdu)
+            self._data_out(pdu, placed)
             return
         if op == P.OP_NOP_OUT and pdu.itt == P.ALL_ONES:
             return       # answer to our NOP-In, or a ping that wants no reply: liveness only
@@ -303,7 +303,25 @@ class Session:
             task.aio = asyncio.get_running_loop().create_task(self._run(task))
         return deliver
 
-    def _data_out(self, pdu: P.Pdu) -> None:
+    def data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
+        """Where the payload of this (not yet complete) Data-Out belongs, if it
+        plainly continues one of the task's data sequences; else None."""
+        if (bhs[0] & 0x3F) != P.OP_DATA_OUT:
+            return None
+        itt, ttt = int.from_bytes(bhs[16:20], "big"), int.from_bytes(bhs[20:24], "big")
+        off = int.from_bytes(bhs[40:44], "big")
+        task = self.tasks.get(itt)
+        if (task is None or task.aborted or task.error_sense is not None or task.buf is None
+                or not task.write or off + dlen > task.edtl):
+            return None
+        if ttt == P.ALL_ONES:
+            ok = off == task.unsol_next and off + dlen <= task.unsol_end
+        else:
+            r = task.r2ts.get(ttt)
+            ok = r is not None and off == r.next and off + dlen <= r.end
+        return memoryview(task.buf)[off:off + dlen] if ok else None
+
+    def _data_out(self, pdu: P.Pdu, placed: bool = False) -> None:
         task = self.tasks.get(pdu.itt)
         if task is None or task.aborted or task.error_sense is not None:
             log.debug("session %s: Data-Out for unknown/aborted/failed ITT 0x%08x dropped",
@@ -319,7 +337,7 @@ class Session:
             return
         off = pdu.u32(40)
         n = len(pdu.data)
-        if task.buf is not None and n:
+        if task.buf is not None and n and not placed:
             task.buf[off:off + n] = pdu.data
         task.received += n
         self.bytes_in += n

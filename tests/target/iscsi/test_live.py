@@ -236,6 +236,45 @@ def test_digests_on():
     run(main())
 
 
+@pytest.mark.parametrize("digests", [False, True])
+def test_large_data_out_received_in_place(digests):
+    async def main():
+        async with serving(fake=FakeScsiTarget({0: MemLun(16 << 20)})) as (srv, fake):
+            i = await logged_in(srv, header_digest="CRC32C" if digests else "None",
+                                data_digest="CRC32C" if digests else "None",
+                                immediate_data=False, initial_r2t=True, max_burst=1 << 20,
+                                max_outstanding_r2t=2)
+            for n in range(4):
+                data = os.urandom((4 << 20) - 512 * n)      # odd sizes: padding on the last PDU
+                await i.write(0, n * 8192, data)
+                assert fake.luns_map[0].data[n * 8192 * 512:n * 8192 * 512 + len(data)] == data
+            conn = next(iter(srv.connections))
+            assert conn.direct_pdus > 0
+            # a corrupted payload received in place is still caught by the data digest
+            if digests:
+                itt = i.new_itt()
+                q = i.queues[itt] = asyncio.Queue()
+                cmd = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_FINAL | P.FLAG_WRITE | 1, lun=0, itt=itt,
+                                  fields={20: 65536, 24: i.cmdsn, 28: i.exp_statsn},
+                                  raw={32: struct.pack(">BBQIBB", 0x8A, 0, 0, 128, 0, 0)})
+                i.send(cmd)
+                i.cmdsn += 1
+                r2t = await asyncio.wait_for(q.get(), 5)
+                bhs = P.build_bhs(P.OP_DATA_OUT, P.FLAG_FINAL, lun=0, itt=itt,
+                                  fields={20: r2t.ttt, 40: 0})
+                raw = bytearray(P.encode_bytes(bhs, b"q" * 65536, header_digest=True, data_digest=True))
+                raw[-10] ^= 1
+                before = conn.direct_pdus
+                i.send_raw(bytes(raw[:100]))
+                await asyncio.sleep(0.05)
+                i.send_raw(bytes(raw[100:]))
+                rej = await asyncio.wait_for(i.rejects.get(), 5)
+                assert rej.bhs[2] == P.REJECT_DATA_DIGEST
+                assert conn.direct_pdus == before
+            await i.close()
+    run(main())
+
+
 def test_bad_data_digest_gets_reject_and_drop():
     async def main():
         async with serving() as (srv, fake):
