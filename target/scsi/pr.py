@@ -164,14 +164,19 @@ class Reservations:
 
     def _apply(self, state: dict) -> None:
         """Replace the persistent state by a ``state()`` dict (all or nothing)."""
-        regs = [Registration(r["initiator"], r["target_port"], int(r["key"], 16),
+        regs = [Registration(str(r["initiator"]), str(r["target_port"]), int(r["key"], 16),
                              bool(r.get("all_tg_pt")), bytes.fromhex(r.get("transport_id", "")))
                 for r in state.get("registrations", [])]
+        if any(not 0 < r.key < 1 << 64 for r in regs):
+            raise ValueError("reservation key out of range")
         res = state.get("reservation")
         holder = None
         res_type = 0
         if res is not None:
-            holder = regs[int(res["holder"])]
+            index = int(res["holder"])
+            if not 0 <= index < len(regs):
+                raise IndexError(f"reservation holder {index} is not a registration")
+            holder = regs[index]
             res_type = int(res["type"])
             if res_type not in VALID_TYPES:
                 raise ValueError(f"bad reservation type {res_type}")

@@ -349,7 +349,10 @@ async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> byt
         raise lba_out_of_range()
     bs = dev.block_size
     end_block = min(dev.num_blocks, lba + _LBA_STATUS_SPAN // bs)
-    runs = await dev.lunio.allocation(lba * bs, (end_block - lba) * bs)
+    if dev.options.thin_provisioning:
+        runs = await dev.lunio.allocation(lba * bs, (end_block - lba) * bs)
+    else:
+        runs = [(lba * bs, (end_block - lba) * bs, True)]   # LBPME=0: all mapped
     # Byte runs to whole blocks: a block partly mapped counts as mapped.
     descs: list[list[int]] = []       # [start, end, status]
     pos = lba

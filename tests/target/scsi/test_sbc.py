@@ -472,6 +472,15 @@ async def test_get_lba_status_exact():
 
 
 @asynctest
+async def test_get_lba_status_thick_reports_everything_mapped():
+    lunio = FakeLunIO(64 * BS)
+    lunio.runs = [(0, 8 * BS, True), (8 * BS, 56 * BS, False)]
+    dev, _ = fake_device(lunio, options=DeviceOptions(thin_provisioning=False))
+    await ready(dev)
+    assert good(await send(dev, gls_cdb(2)))[8:] == struct.pack(">QIB3x", 2, 62, 0)
+
+
+@asynctest
 async def test_get_lba_status_partial_blocks_count_as_mapped():
     lunio = FakeLunIO(16 * 4096)
     lunio.runs = [(0, 4096 + 100, True), (4096 + 100, 4 * 4096 - 100, False),
