@@ -8,7 +8,7 @@ get no answer, unknown keys get ``NotUnderstood``, bad values ``Reject``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_KEY_LEN = 63
 MAX_VALUE_LEN = 8192

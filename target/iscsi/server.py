@@ -14,7 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .chap import ChallengeRegistry

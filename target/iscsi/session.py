@@ -14,12 +14,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from target.scsi.api import CHECK_CONDITION, GOOD, TASK_ABORTED, Nexus, ScsiCommand, ScsiResponse
+from target.scsi.api import CHECK_CONDITION, TASK_ABORTED, Nexus, ScsiCommand, ScsiResponse
 
 from . import pdu as P
 from .cmdsn import CmdWindow, sn_lt
-from .residual import block_size_of, data_out_length
 from .params import NOT_UNDERSTOOD, REJECT, TextError, encode_text, parse_text
+from .residual import block_size_of, data_out_length
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import IscsiConnection

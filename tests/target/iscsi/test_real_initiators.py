@@ -8,7 +8,6 @@ tests' fake SCSI target. Skipped when the binaries are missing
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import threading

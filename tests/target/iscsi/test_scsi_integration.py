@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("target.scsi.lunset")
 
-from restore_core.blockstore import FileBlockStore  # noqa: E402
 from target.iscsi import IscsiServer, IscsiTargetConfig  # noqa: E402
 from target.iscsi.__main__ import build_lunset  # noqa: E402
 
