@@ -312,4 +312,16 @@ class IscsiServer:
             "in_flight": sum(len(s.tasks) for s in self.sessions.values()),
             "targets": per_target,
             "portals": list(self.addresses),
+            "session_list": [{
+                "tsih": s.tsih,
+                "initiator": s.nexus.initiator,
+                "target": s.target.iqn if s.target else None,
+                "peer": s.conn.peer,
+                "commands": s.commands,
+                "in_flight": len(s.tasks),
+                "bytes_in": s.bytes_in,
+                "bytes_out": s.bytes_out,
+                "header_digest": s.params.header_digest,
+                "data_digest": s.params.data_digest,
+            } for s in self.sessions.values()],
         }

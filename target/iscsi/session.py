@@ -714,6 +714,11 @@ class Session:
             response = P.LOGOUT_RSP_CID_NOT_FOUND
         else:
             self.logging_out = True
+            # commands still waiting for their Data-Out will not get it: end
+            # them; let the ones the SCSI layer is executing finish
+            stuck = [t for t in self.tasks.values() if t.state in ("queued", "data")]
+            if stuck:
+                await self.abort_tasks(stuck, notify=False)
             pending = [t.aio for t in self.tasks.values() if t.aio is not None and not t.aio.done()]
             if pending:
                 await asyncio.wait(pending, timeout=LOGOUT_DRAIN)

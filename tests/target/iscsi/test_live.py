@@ -452,6 +452,19 @@ def test_lun_reset_and_other_tmfs():
 
 # -- logout, reinstatement, concurrency ----------------------------------------------------
 
+def test_logout_ends_writes_still_waiting_for_data():
+    async def main():
+        async with serving() as (srv, fake):
+            i = await logged_in(srv, immediate_data=False, initial_r2t=True)
+            itt, q = await _write_cmd(i, 8)
+            assert (await asyncio.wait_for(q.get(), 5)).opcode == P.OP_R2T
+            # no Data-Out: log out right away; the target must not wait for it
+            assert await asyncio.wait_for(i.logout(), 5) == P.LOGOUT_RSP_OK
+            assert not fake.executed
+            await i.close()
+    run(main())
+
+
 def test_logout_closes_and_reports_nexus_lost():
     async def main():
         async with serving() as (srv, fake):
@@ -805,6 +818,9 @@ def test_runtime_target_changes_and_stats():
             assert r.status == 0
             st = srv.stats()
             assert st["sessions"] == 1 and st["targets"][IQN2]["sessions"] == 1
+            (sd,) = st["session_list"]
+            assert sd["target"] == IQN2 and sd["initiator"].startswith(i.name + ",i,0x")
+            assert sd["commands"] == 1 and sd["in_flight"] == 0
             newer = FakeScsiTarget({3: MemLun(1 << 20)})
             srv.set_scsi_target(IQN2, newer)
             assert (await i.scsi(3, bytes(6))).status == 0 and len(newer.executed) == 1
