@@ -1,7 +1,15 @@
-"""The TCMU ring ABI: constants and packed layouts from the kernel's
-``include/uapi/linux/target_core_user.h`` (all structs ``__packed``, so the
-struct formats below use '=' / no padding; x86-64/aarch64 ``struct iovec``
-is two 64-bit words).
+"""The TCMU ring ABI: constants and layouts from the kernel's
+``include/uapi/linux/target_core_user.h``; x86-64/aarch64 ``struct iovec``
+is two 64-bit words.
+
+Careful: ``__packed`` is on the outer structs only. The anonymous ``req`` /
+``rsp`` structs inside ``struct tcmu_cmd_entry``'s union are NOT packed, so
+``req.cdb_off`` (a __u64 after three __u32) sits at union offset 16 after 4
+bytes of padding, and ``req.iov[]`` at union offset 40 (entry offset 48).
+Verified on the 6.1 guest kernel (see tests/vm): reading the iovecs at 44,
+as a fully packed layout would have it, yields garbage. The mailbox's
+``cmd_tail`` is ``__aligned__(64)`` inside a packed struct: offset 64,
+sizeof 128 (the kernel's cmdr_off).
 
 Shared memory (one uio map, mmap offset 0)::
 
@@ -49,9 +57,9 @@ ENT_HDR = struct.Struct("=IHBB")        # len_op, cmd_id, kflags, uflags
 ENT_HDR_SIZE = 8
 ENT_UFLAGS = 7
 # req
-REQ = struct.Struct("=IIIQQQ")          # iov_cnt, iov_bidi_cnt, iov_dif_cnt, cdb_off, pad1, pad2
+REQ = struct.Struct("=III4xQQQ")        # iov_cnt, iov_bidi_cnt, iov_dif_cnt, (pad), cdb_off, pad1, pad2
 REQ_OFF = 8
-REQ_IOV_OFF = 8 + REQ.size              # 44: struct iovec iov[]
+REQ_IOV_OFF = 8 + REQ.size              # 48: struct iovec iov[] (natural alignment)
 IOVEC = struct.Struct("=QQ")            # iov_base (offset into the map), iov_len
 # rsp
 RSP_STATUS_OFF = 8                      # __u8 scsi_status

@@ -4,9 +4,11 @@ The layout is written independently of target.tcmu.abi, from the uapi
 header's numbers: mailbox {u16 version; u16 flags; u32 cmdr_off; u32
 cmdr_size; u32 cmd_head; u32 cmd_tail aligned 64}, entry header {u32 len_op;
 u16 cmd_id; u8 kflags; u8 uflags}, req {u32 iov_cnt, iov_bidi_cnt,
-iov_dif_cnt; u64 cdb_off; u64 pad1, pad2; struct iovec iov[]} at 8, rsp {u8
-scsi_status; u8; u16; u32 read_len; char sense[96]} at 8. Entry sizes as
-the kernel computes them: max(offsetof(iov[n]), sizeof(entry)=112) +
+iov_dif_cnt; u64 cdb_off; u64 pad1, pad2; struct iovec iov[]} at 8 -- the
+inner struct is not packed, so cdb_off is at entry offset 24 and iov[] at
+48 --, rsp {u8 scsi_status; u8; u16; u32 read_len; char sense[96]} at 8.
+Entry sizes as the kernel computes them: max(offsetof(iov[n]) = 48 + 16n,
+sizeof(entry)=112) +
 round_up(cdb_len, 8); a PAD fills the ring's end when an entry does not fit.
 Completions are consumed as tcmu_handle_completions does: from the last
 cleaned offset up to cmd_tail, looking each CMD entry's cmd_id up.
@@ -114,16 +116,16 @@ class FakeKernel:
                 self.map[off:off + n] = bytes([fill]) * n
         bidi = self._alloc(bidi_in, 1) if bidi_in else []
         n = len(iovs) + len(bidi)
-        base = max(44 + 16 * n, 112)
+        base = max(48 + 16 * n, 112)
         length = base + round8(len(cdb))
         off = self._put_entry(length)
         p = CMDR_OFF + off
         self.map[p:p + length] = bytes(length)
         struct.pack_into("=IHBB", self.map, p, length | 1, cmd_id, 0, 0)
         cdb_off = p + base
-        struct.pack_into("=IIIQQQ", self.map, p + 8, len(iovs), len(bidi), 0, cdb_off, 0, 0)
+        struct.pack_into("=IIIIQQQ", self.map, p + 8, len(iovs), len(bidi), 0, 0, cdb_off, 0, 0)
         for i, (b, ln) in enumerate(iovs + bidi):
-            struct.pack_into("=QQ", self.map, p + 44 + 16 * i, b, ln)
+            struct.pack_into("=QQ", self.map, p + 48 + 16 * i, b, ln)
         self.map[cdb_off:cdb_off + len(cdb)] = cdb
         self.pending[cmd_id] = {"iovs": iovs, "bidi": bidi, "in": bool(data_in) or bool(bidi)}
         self.slots.append((off, "cmd"))

@@ -65,7 +65,8 @@ def test_abi_matches_uapi_header():
     assert (abi.MB_VERSION, abi.MB_FLAGS, abi.MB_CMDR_OFF, abi.MB_CMDR_SIZE, abi.MB_CMD_HEAD) == (0, 2, 4, 8, 12)
     assert abi.MB_CMD_TAIL == 64                      # __aligned__(ALIGN_SIZE=64)
     assert abi.ENT_HDR.size == 8 and abi.ENT_UFLAGS == 7
-    assert abi.REQ_IOV_OFF == 4 + 2 + 1 + 1 + 4 * 3 + 8 * 3 == 44
+    # req is an unpacked struct inside the packed entry: u64 cdb_off is 8-aligned
+    assert abi.REQ_OFF + abi.REQ.size == abi.REQ_IOV_OFF == 8 + (4 * 3 + 4) + 8 * 3 == 48
     assert abi.IOVEC.size == 16
     assert (abi.RSP_STATUS_OFF, abi.RSP_READ_LEN_OFF, abi.RSP_SENSE_OFF) == (8, 12, 16)
     assert abi.CMD_ENTRY_SIZE == 112 and abi.TCMU_SENSE_BUFFERSIZE == 96
