@@ -346,6 +346,19 @@ def build_bhs(opcode: int, flags: int = 0, *, immediate: bool = False, b2: int =
     return bhs
 
 
+_BHS48 = struct.Struct(">BBBBI8s8I")
+_ZERO_LUN = bytes(8)
+
+
+def pack_bhs(opcode: int, flags: int, b2: int, b3: int, lun: bytes, itt: int, f20: int = 0,
+             f24: int = 0, f28: int = 0, f32: int = 0, f36: int = 0, f40: int = 0,
+             f44: int = 0) -> bytearray:
+    """Fast path of build_bhs for the hot target PDUs (Data-In, SCSI Response,
+    R2T): one struct pack; lengths are filled in by encode()."""
+    return bytearray(_BHS48.pack(opcode, flags, b2, b3, 0, lun or _ZERO_LUN, itt, f20, f24, f28,
+                                 f32, f36, f40, f44))
+
+
 def encode(bhs: bytearray, data=b"", *, ahs: bytes = b"", header_digest: bool = False,
            data_digest: bool = False) -> list:
     """Buffers for ``writelines``: header(+AHS+digest), data, padding(+digest).

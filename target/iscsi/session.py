@@ -409,10 +409,8 @@ class Session:
             r = R2TState(ttt, task.r2t_next, length, task.r2tsn)
             task.r2ts[ttt] = r
             self.ttts[ttt] = task
-            bhs = P.build_bhs(P.OP_R2T, P.FLAG_FINAL, lun=task.raw_lun, itt=task.itt,
-                              fields={20: ttt, 24: conn.statsn, 28: self.window.exp_cmdsn,
-                                      32: self.window.max_cmdsn, 36: task.r2tsn, 40: r.offset,
-                                      44: length})
+            bhs = P.pack_bhs(P.OP_R2T, P.FLAG_FINAL, 0, 0, task.raw_lun, task.itt, ttt, conn.statsn,
+                             self.window.exp_cmdsn, self.window.max_cmdsn, task.r2tsn, r.offset, length)
             conn.send(bhs)
             task.r2tsn += 1
             task.r2t_next += length
@@ -478,9 +476,9 @@ class Session:
     def _send_status(self, task: Task, status: int, sense: bytes, *, flags: int = 0,
                      residual: int = 0, exp_datasn: int = 0) -> None:
         data = (len(sense).to_bytes(2, "big") + bytes(sense)) if sense else b""
-        bhs = P.build_bhs(P.OP_SCSI_RSP, P.FLAG_FINAL | flags, b2=0, b3=status, itt=task.itt,
-                          fields={20: 0, 24: self.conn.next_statsn(), 28: self.window.exp_cmdsn,
-                                  32: self.window.max_cmdsn, 36: exp_datasn, 40: 0, 44: residual})
+        bhs = P.pack_bhs(P.OP_SCSI_RSP, P.FLAG_FINAL | flags, 0, status, b"", task.itt, 0,
+                         self.conn.next_statsn(), self.window.exp_cmdsn, self.window.max_cmdsn,
+                         exp_datasn, 0, residual)
         self.conn.send(bhs, data)
 
     def _send_result(self, task: Task, rsp: ScsiResponse) -> None:
@@ -538,9 +536,8 @@ class Session:
                 b3 = status
                 statsn = conn.next_statsn()
                 res = residual
-            bhs = P.build_bhs(P.OP_DATA_IN, flags, b3=b3, lun=raw_lun, itt=task.itt,
-                              fields={20: P.ALL_ONES, 24: statsn, 28: exp_cmdsn, 32: max_cmdsn,
-                                      36: datasn, 40: offset, 44: res})
+            bhs = P.pack_bhs(P.OP_DATA_IN, flags, 0, b3, raw_lun, task.itt, P.ALL_ONES, statsn,
+                             exp_cmdsn, max_cmdsn, datasn, offset, res)
             buffers += P.encode(bhs, dv[offset:offset + chunk], header_digest=hd, data_digest=dd)
             offset += chunk
             datasn += 1

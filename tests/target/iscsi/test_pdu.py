@@ -137,3 +137,12 @@ def test_login_response_fields():
     assert bhs[36] == 2 and bhs[37] == 1
     pdu = P.Pdu(bytes(bhs))
     assert pdu.u32(24) == 100 and pdu.u16(14) == 9 and pdu.itt == 0xABCDEF01
+
+
+def test_pack_bhs_matches_build_bhs():
+    fast = P.pack_bhs(P.OP_DATA_IN, 0x81, 0, 2, P.encode_lun(3), 0x01020304, P.ALL_ONES, 5, 6, 7, 8,
+                      9, 10)
+    slow = P.build_bhs(P.OP_DATA_IN, 0x81, b3=2, lun=3, itt=0x01020304,
+                       fields={20: P.ALL_ONES, 24: 5, 28: 6, 32: 7, 36: 8, 40: 9, 44: 10})
+    assert fast == slow and len(fast) == 48
+    assert P.encode_bytes(fast, b"ab")[5:8] == b"\x00\x00\x02"
