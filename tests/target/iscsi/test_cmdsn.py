@@ -56,3 +56,33 @@ def test_max_cmdsn_never_decreases():
         seen.append(w.max_cmdsn)
     assert all(not sn_lt(b, a) for a, b in zip(seen, seen[1:]))
     assert w.max_cmdsn == 8
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.integers(0, (1 << 32) - 1), depth=st.integers(1, 64), data=st.data())
+def test_window_model(start, depth, data):
+    """Any arrival order (with duplicates and strays) delivers each in-window
+    CmdSN exactly once, in CmdSN order, never more than depth in flight."""
+    w = CmdWindow(start, queue_depth=depth)
+    n = data.draw(st.integers(1, depth))
+    sns = [(start + k) % (1 << 32) for k in range(n)]
+    order = data.draw(st.permutations(sns))
+    extra = data.draw(st.lists(st.sampled_from(sns + [(start + depth + 5) % (1 << 32)]), max_size=5))
+    delivered = []
+    for sn in list(order) + extra:
+        verdict, ready = w.submit(sn, sn)
+        if sn not in sns:
+            assert verdict == "outside"
+        delivered += ready
+        assert w.inflight <= depth
+    assert delivered == sns
+    assert w.exp_cmdsn == (start + n) % (1 << 32)
+    before = w.max_cmdsn
+    for _ in delivered:
+        w.complete()
+    assert w.max_cmdsn == (start + n + depth - 1) % (1 << 32)
+    assert not sn_lt(w.max_cmdsn, before)

@@ -188,6 +188,32 @@ def test_mutated_pdus(live, pdus, login, hd, dd):
     check_healthy(live, len(payload))
 
 
+KEYS = ["InitiatorName", "TargetName", "SessionType", "AuthMethod", "CHAP_A", "CHAP_N", "CHAP_R",
+        "CHAP_I", "CHAP_C", "HeaderDigest", "DataDigest", "MaxRecvDataSegmentLength",
+        "MaxBurstLength", "FirstBurstLength", "InitialR2T", "ImmediateData", "MaxConnections",
+        "ErrorRecoveryLevel", "SendTargets", "TargetAlias", "X-foo", "Bogus"]
+VALUES = st.one_of(st.sampled_from(["None", "CHAP", "CRC32C", "Yes", "No", "Normal", "Discovery",
+                                    IQN, "0", "512", "16777215", "99999999999", "0x10", "5",
+                                    "0xzz", "", "Reject"]),
+                   st.text(max_size=30).filter(lambda v: "\0" not in v))
+
+
+@FUZZ
+@given(steps=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.booleans(), st.booleans(),
+                                st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=8)),
+                      min_size=1, max_size=4))
+def test_login_negotiation_fuzz(live, steps):
+    """Well-framed Login Requests with random stages, flags and keys."""
+    payload = b""
+    for csg, nsg, transit, cont, pairs in steps:
+        flags = (0x80 if transit else 0) | (0x40 if cont else 0) | (csg << 2) | nsg
+        bhs = P.build_bhs(P.OP_LOGIN_REQ, flags, immediate=True, itt=7,
+                          raw={8: bytes.fromhex("400001370001")}, fields={24: 1})
+        payload += P.encode_bytes(bhs, encode_text(pairs))
+    live.call(blast(live.addr, payload, login=False))
+    check_healthy(live, len(payload))
+
+
 def test_valid_pdus_unmutated_are_handled(live):
     """The corpus itself is well-formed: sent after login, the server answers it."""
     live.call(blast(live.addr, b"".join(VALID[:5]), login=True))
