@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 LOGIN_MAX_DATA = 8192        # RFC 7143: login PDUs carry at most 8192 bytes of data
 MIN_BUFFER = 64 * 1024
 FLUSH_BYTES = 1 << 20        # corked output beyond this is flushed at once by drain()
+MAX_WRITE_BACKLOG = 1 << 30    # unsent bytes beyond this: the peer is not reading, drop it
 
 
 DIRECT_MIN = 16 * 1024       # Data-Out payloads at least this big are received in place
@@ -346,8 +347,15 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if self._wbuf:
             buf, self._wbuf = self._wbuf, []
             self._wbytes = 0
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.writelines(buf)
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.writelines(buf)
+                if t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
+                    # a peer that sends but never reads (commands wait in drain(),
+                    # but NOP/Reject answers would pile up without bound)
+                    log.warning("connection %s: peer is not reading (%d bytes queued), dropping",
+                                self.peer, t.get_write_buffer_size())
+                    self.abort("write backlog")
 
     # -- teardown --------------------------------------------------------------------
     def protocol_error(self, why: str, bhs: bytes | None = None) -> None:

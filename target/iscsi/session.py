@@ -440,6 +440,10 @@ class Session:
                 rsp = ScsiResponse(CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
             if task.aborted or self.closed:
                 return
+            if self.conn._paused:
+                await self.conn.drain()        # do not pile responses onto a slow reader
+                if task.aborted or self.closed:
+                    return
             task.state = "done"
             self._release_window(task)
             self._send_result(task, rsp)
