@@ -151,6 +151,9 @@ def _wait(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
     if pr["error"]:
         raise ControlError(f"{p['id']}: {pr['job']} stopped: {pr['error']} "
                            "(fix the cause, then 'liverestore pair resume')")
+    if not tty and not json_out:
+        print(f"{p['id']}: {'paused' if pr['paused'] else 'done'}, state {p['state']}, "
+              f"{pr['delta_extents']} extents differ", flush=True)
     return p
 
 
@@ -163,6 +166,23 @@ def cmd_client(args: argparse.Namespace) -> int:
             result = _wait(c, result["id"], args.json)
         _show(args, result, kind)
     return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the state directory and database once (systemd, Ansible)."""
+    from .service import ServiceError, init_state
+    try:
+        made = init_state(args.state_dir)
+    except ServiceError as e:
+        raise ControlError(str(e)) from None
+    where = os.path.abspath(args.state_dir)
+    print(f"initialised {where}" if made else f"{where} is already initialised")
+    return 0
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from .shell import run
+    return run(args.socket, args.line)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -280,6 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_serve)
 
+    i = sub.add_parser("init", help="create the state directory (0700) and database, once")
+    i.add_argument("--state-dir", default=DEFAULT_STATE)
+    i.set_defaults(func=cmd_init)
+
+    sh = sub.add_parser("shell", help="targetcli-style configuration shell",
+                        description="Interactive without arguments; otherwise runs one "
+                        "command line, e.g. 'liverestore shell /pairs/db1/db1-clone restore'.")
+    sh.add_argument("line", nargs=argparse.REMAINDER, help="[PATH] COMMAND [ARGS]")
+    sh.set_defaults(func=cmd_shell)
+
     d = sub.add_parser("demo", help="serve a demo source + clone pair, exported over iSCSI")
     d.add_argument("--state-dir", default=os.path.join(DEFAULT_STATE, "demo"))
     d.add_argument("--portal", help="HOST:PORT (default 127.0.0.1:3260)")
@@ -348,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                    lambda a: {"pair": a.pair, "force": a.force})
     p.add_argument("pair")
     p.add_argument("--force", action="store_true", help="even during a restore")
+    p = client_cmd(pr, "wait", "follow a pair's job to its end (live progress)", "pair.show",
+                   "pair", lambda a: {"pair": a.pair})
+    p.add_argument("pair")
+    p.set_defaults(wait=True)
     client_cmd(pr, "list", "list pairs", "pair.list", "pairs")
     p = client_cmd(pr, "show", "one pair", "pair.show", "pair", lambda a: {"pair": a.pair})
     p.add_argument("pair")
@@ -372,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                    lambda a: {"iqn": a.iqn})
     p.add_argument("iqn")
     client_cmd(ex, "list", "list iSCSI targets", "export.list", "exports")
+    p = client_cmd(ex, "show", "one iSCSI target", "export.show", "export",
+                   lambda a: {"iqn": a.iqn})
+    p.add_argument("iqn")
     p = client_cmd(ex, "portal", "set the listening portals (applied at restart)", "portal.set",
                    "raw", lambda a: {"portals": a.portals})
     p.add_argument("portals", nargs="+", metavar="HOST:PORT")
@@ -403,6 +440,25 @@ def _secret(text: str | None) -> str | None:
     return text
 
 
+def write_private(path: str, text: str) -> None:
+    """Write a file only its owner can read (a saved configuration has the
+    CHAP secrets), replacing it atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def cmd_saveconfig(args: argparse.Namespace) -> int:
     with Client(args.socket) as c:
         cfg = c.call("saveconfig")
@@ -410,9 +466,7 @@ def cmd_saveconfig(args: argparse.Namespace) -> int:
     if args.file == "-":
         sys.stdout.write(text)
     else:
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write_private(args.file, text)
         print(f"saved to {args.file}")
     return 0
 
@@ -438,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        print(f"liverestore: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -38,6 +38,42 @@ class ServiceError(Exception):
     """Refused; the message says why and, where it can, what to do."""
 
 
+DB_NAME = "liverestore.db"
+
+
+def _private(path: str) -> None:
+    """The database holds CHAP secrets: owner-only, with its WAL and shm files."""
+    for p in (path, path + "-wal", path + "-shm"):
+        try:
+            os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def init_state(state_dir: str) -> bool:
+    """Create the state directory (0700) and an empty database (0600).
+
+    Returns False, changing nothing but the modes, when it is already there.
+    Refuses a path that exists but is not a liverestore database."""
+    state_dir = os.path.abspath(state_dir)
+    path = os.path.join(state_dir, DB_NAME)
+    existed = os.path.exists(path)
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        old = os.umask(0o077)
+        try:
+            Database(path, create=True).close()
+        finally:
+            os.umask(old)
+        _private(path)
+    except DatabaseError as e:
+        raise ServiceError(str(e)) from e
+    except OSError as e:
+        raise ServiceError(f"cannot initialise {state_dir}: {e.strerror or e}") from e
+    return not existed
+
+
 def _size(text: Any) -> int:
     if isinstance(text, int):
         return text
@@ -97,11 +133,15 @@ class Service:
         elif not os.path.isdir(self.state_dir):
             raise ServiceError(f"state directory {self.state_dir} does not exist; "
                                "start with --init to create it")
-        path = os.path.join(self.state_dir, "liverestore.db")
+        path = os.path.join(self.state_dir, DB_NAME)
+        old = os.umask(0o077)
         try:
             self.db = Database(path, create=self._init)
         except DatabaseError as e:
             raise ServiceError(str(e)) from e
+        finally:
+            os.umask(old)
+        _private(path)
         self.config = ConfigStore(self.db)
         self.engine = Engine(SqliteMetadataStore(self.db))
         for rec in self.config.volumes():
@@ -418,6 +458,53 @@ class Service:
         self.iscsi.add_target(self._target_config(iqn, new))
         return self.export_show(iqn)
 
+    def _target(self, iqn: str) -> dict[str, Any]:
+        t = self.cfg.targets().get(iqn)
+        if t is None:
+            raise ServiceError(f"no target {iqn}")
+        return t
+
+    async def export_lun_add(self, iqn: str, volume: str, lun: Any = None) -> dict[str, Any]:
+        """Map one more volume; without a LUN number, the lowest free one."""
+        luns = dict(self._target(iqn)["luns"])
+        if volume in luns.values():
+            raise ServiceError(f"volume {volume} is already a LUN of {iqn}")
+        if lun is None or lun == "":
+            lun = next(n for n in range(16384) if str(n) not in luns)
+        try:
+            key = str(int(lun))
+        except (TypeError, ValueError):
+            raise ServiceError(f"LUN {lun!r} is not a number") from None
+        if key in luns:
+            raise ServiceError(f"LUN {key} of {iqn} is already {luns[key]}")
+        luns[key] = volume
+        return await self.export_update(iqn, luns=luns)
+
+    async def export_lun_delete(self, iqn: str, lun: Any) -> dict[str, Any]:
+        luns = dict(self._target(iqn)["luns"])
+        key = str(lun).removeprefix("lun")
+        if key not in luns:
+            raise ServiceError(f"target {iqn} has no LUN {key}")
+        del luns[key]
+        return await self.export_update(iqn, luns=luns)
+
+    async def export_acl_add(self, iqn: str, initiator: str) -> dict[str, Any]:
+        acl = list(self._target(iqn).get("acl") or [])
+        if initiator in acl:
+            raise ServiceError(f"{initiator} is already in the ACL of {iqn}")
+        return await self.export_update(iqn, acl=acl + [initiator])
+
+    async def export_acl_delete(self, iqn: str, initiator: str) -> dict[str, Any]:
+        acl = list(self._target(iqn).get("acl") or [])
+        if initiator not in acl:
+            raise ServiceError(f"{initiator} is not in the ACL of {iqn}")
+        acl.remove(initiator)
+        # An empty ACL means "any initiator": say so rather than surprise.
+        res = await self.export_update(iqn, acl=acl or None)
+        if not acl:
+            res = {**res, "note": "the ACL is now empty: any initiator may log in"}
+        return res
+
     async def export_delete(self, iqn: str) -> dict[str, Any]:
         if iqn not in self.cfg.targets():
             raise ServiceError(f"no target {iqn}")
@@ -517,6 +604,8 @@ class Service:
         "export.create": "export_create", "export.update": "export_update",
         "export.delete": "export_delete", "export.list": "export_list",
         "export.show": "export_show", "portal.set": "portal_set",
+        "export.lun.add": "export_lun_add", "export.lun.delete": "export_lun_delete",
+        "export.acl.add": "export_acl_add", "export.acl.delete": "export_acl_delete",
         "status": "status", "saveconfig": "saveconfig", "restoreconfig": "restoreconfig",
     }
 
