@@ -119,10 +119,10 @@ class LioConfigurator:
 
     @staticmethod
     def _gone(fn) -> None:
-        from rtslib_fb.utils import RTSLibError, RTSLibNotInCFS
+        from rtslib_fb.utils import RTSLibError     # the not-in-configfs error subclasses it
         try:
             fn()
-        except (RTSLibNotInCFS, RTSLibError, LookupError) as e:
+        except (RTSLibError, LookupError) as e:
             log.debug("already gone: %s", e)
 
     def _create_backstore(self, v) -> None:

@@ -98,6 +98,11 @@ class TcmuDevice:
             self.buf = mmap.mmap(self.fd, self.map_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         if self._reset_ring is not None:
+            head, tail = (abi.U32.unpack_from(self.buf, abi.MB_CMD_HEAD)[0],
+                          abi.U32.unpack_from(self.buf, abi.MB_CMD_TAIL)[0])
+            if head != tail:
+                log.warning("%s: ring holds uncompleted entries of an earlier handler "
+                            "(cmd_tail %d, cmd_head %d): resetting", self.name, tail, head)
             self._reset_ring()
         self.ring = Ring(self.buf, ooo=self._ooo)
         self._mv = self.ring.mv
