@@ -1,0 +1,77 @@
+import asyncio
+import os
+
+import pytest
+
+from restore_core.blockstore import BlockStoreError, FileBlockStore, MemoryBlockStore
+
+
+def run(c):
+    return asyncio.run(c)
+
+
+def test_sparse_multi_tib_file(tmp_path):
+    size = 8 << 40     # 8 TiB, sparse: allocates only what is written
+    s = FileBlockStore(str(tmp_path / "big.img"), size, create=True)
+
+    async def go():
+        await s.write(size - 4096, b"\xab" * 4096)
+        await s.write(3 << 40, b"\xcd" * 512)
+        await s.flush()
+        assert bytes(await s.read(size - 4096, 4096)) == b"\xab" * 4096
+        assert bytes(await s.read(3 << 40, 512)) == b"\xcd" * 512
+        assert bytes(await s.read(1 << 40, 4096)) == bytes(4096)
+        runs = await s.allocation(size - (1 << 20), 1 << 20)
+        assert runs[-1][2] is True and runs[0][2] is False
+    run(go())
+    assert os.stat(tmp_path / "big.img").st_blocks * 512 < 1 << 20
+    s.close()
+
+
+def test_out_of_range_and_size_mismatch(tmp_path):
+    p = str(tmp_path / "x.img")
+    s = FileBlockStore(p, 1 << 20, create=True)
+    with pytest.raises(BlockStoreError, match="outside"):
+        run(s.read((1 << 20) - 10, 20))
+    with pytest.raises(BlockStoreError, match="outside"):
+        run(s.write(-1, b"x"))
+    s.close()
+    with pytest.raises(BlockStoreError, match="expected"):
+        FileBlockStore(p, 2 << 20)
+    assert FileBlockStore(p).size == 1 << 20
+
+
+def test_discard_reads_back_zeros(tmp_path):
+    s = FileBlockStore(str(tmp_path / "d.img"), 1 << 20, create=True)
+
+    async def go():
+        await s.write(0, b"\xff" * (1 << 20))
+        await s.discard(4096, 65536)
+        assert bytes(await s.read(4096, 65536)) == bytes(65536)
+        assert bytes(await s.read(0, 4096)) == b"\xff" * 4096
+        assert bytes(await s.read(69632, 4096)) == b"\xff" * 4096
+    run(go())
+
+
+def test_memory_store_power_cut_keeps_only_flushed():
+    m = MemoryBlockStore(8192)
+
+    async def go():
+        await m.write(0, b"a" * 10)
+        await m.flush()
+        await m.write(0, b"b" * 10)
+        await m.write(100, b"c" * 10)
+    run(go())
+    m.power_cut()
+    assert bytes(m.current[:10]) == b"a" * 10 and bytes(m.current[100:110]) == bytes(10)
+    run(m.write(0, b"d"))
+    m.power_cut(keep=[0])
+    assert m.current[0:1] == b"d"
+
+
+def test_medium_error_injection_names_offset():
+    m = MemoryBlockStore(8192)
+    m.fail_at = {5000}
+    with pytest.raises(BlockStoreError) as ei:
+        run(m.read(4096, 4096))
+    assert ei.value.offset == 5000
