@@ -147,6 +147,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 f.set_result(None)
         self._drain_waiters.clear()
 
+    @property
+    def write_paused(self) -> bool:
+        return self._paused
+
     async def drain(self) -> None:
         if self._wbytes >= FLUSH_BYTES:
             self.flush()          # let the transport see the backlog (pause_writing)

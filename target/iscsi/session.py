@@ -440,7 +440,7 @@ class Session:
                 rsp = ScsiResponse(CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
             if task.aborted or self.closed:
                 return
-            if self.conn._paused:
+            if self.conn.write_paused:
                 await self.conn.drain()        # do not pile responses onto a slow reader
                 if task.aborted or self.closed:
                     return

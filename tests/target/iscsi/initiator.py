@@ -164,14 +164,17 @@ class Initiator:
                 q.put_nowait(None)
 
     async def close(self) -> None:
+        # close the socket first: the reader then ends on EOF even if a
+        # cancellation gets swallowed by wait_for (Python 3.11 race)
+        if self.writer is not None:
+            self.writer.close()
         if self._reader_task is not None:
             self._reader_task.cancel()
             try:
-                await self._reader_task
+                await asyncio.wait_for(asyncio.shield(self._reader_task), 5)
             except BaseException:
                 pass
         if self.writer is not None:
-            self.writer.close()
             try:
                 await asyncio.wait_for(self.writer.wait_closed(), 2)
             except (Exception, asyncio.TimeoutError):
