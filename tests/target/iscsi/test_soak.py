@@ -3,6 +3,7 @@ others abort tasks, reset LUNs, get reinstated or vanish mid-command."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 
@@ -29,7 +30,7 @@ class SlowLun(MemLun):
 
 
 @pytest.mark.slow
-def test_soak_mixed_sessions():
+def test_soak_mixed_sessions(caplog):
     seconds = float(os.environ.get("ISCSI_SOAK_SECONDS", "8"))
 
     async def main():
@@ -103,3 +104,6 @@ def test_soak_mixed_sessions():
         assert srv.stats()["connections"] == 0
 
     asyncio.run(asyncio.wait_for(main(), seconds + 120))
+    errors = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.ERROR and r.name.startswith("target.iscsi")]
+    assert not errors
