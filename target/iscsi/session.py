@@ -478,7 +478,9 @@ class Session:
             self.idle.set()
 
     def _send_status(self, task: Task, status: int, sense: bytes, *, flags: int = 0,
-                     residual: int = 0, exp_datasn: int = 0) -> None:
+                     residual: int = 0, exp_datasn: int | None = None) -> None:
+        if exp_datasn is None:
+            exp_datasn = task.r2tsn     # ExpDataSN: R2Ts (writes) or Data-In PDUs (reads) sent
         data = (len(sense).to_bytes(2, "big") + bytes(sense)) if sense else b""
         bhs = P.pack_bhs(P.OP_SCSI_RSP, P.FLAG_FINAL | flags, 0, status, b"", task.itt, 0,
                          self.conn.next_statsn(), self.window.exp_cmdsn, self.window.max_cmdsn,

@@ -185,6 +185,7 @@ def test_write_read_combos(imm, ir2t, fbl, mbl, mrdsl, mor2t, length):
             assert i.target_mrdsl == mrdsl
             data = os.urandom(length)
             r = await i.write(0, 8, data)
+            assert r.response.u32(36) == len(r.r2ts)          # ExpDataSN counts the R2Ts
             sent_unsolicited = 0
             if imm:
                 sent_unsolicited = min(fbl, mrdsl, length)
