@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+ATTR_SIMPLE, ATTR_ORDERED, ATTR_HEAD_OF_QUEUE, ATTR_ACA = 1, 2, 3, 4
 ABORT_WAIT = 30.0          # bound on waiting for aborted/cancelled commands
 LOGOUT_DRAIN = 30.0        # bound on waiting for in-flight commands at logout
 
@@ -85,7 +86,7 @@ class Task:
     __slots__ = ("session", "itt", "lun", "raw_lun", "cdb", "edtl", "read", "write", "attr", "cmdsn",
                  "counted", "buf", "received", "unsol_end", "unsol_next", "r2t_next", "r2tsn",
                  "r2ts", "data_ready", "aio", "aborted", "notify_abort", "state", "window_released",
-                 "error_sense", "immediate", "unsol_datasn")
+                 "error_sense", "immediate", "unsol_datasn", "wait_for")
 
     def __init__(self, session: "Session", pdu: P.Pdu, cdb: bytes) -> None:
         self.session = session
@@ -115,6 +116,7 @@ class Task:
         self.state = "queued"
         self.window_released = False
         self.error_sense: bytes | None = None
+        self.wait_for: list[Task] | None = None
 
     @property
     def data_complete(self) -> bool:
@@ -142,6 +144,7 @@ class Session:
                            transport_id=iscsi_transport_id(port))
         self.tasks: dict[int, Task] = {}
         self.ttts: dict[int, Task] = {}
+        self._ordered: dict[int, Task] = {}     # last ORDERED command per LUN
         self._next_ttt = 1
         self.closed = False
         self.logging_out = False
@@ -300,6 +303,7 @@ class Session:
                 self._finish(task)
                 return
             task.state = "data"
+            task.wait_for = self._ordering_deps(task)
             task.aio = asyncio.get_running_loop().create_task(self._run(task))
         return deliver
 
@@ -320,6 +324,24 @@ class Session:
             r = task.r2ts.get(ttt)
             ok = r is not None and off == r.next and off + dlen <= r.end
         return memoryview(task.buf)[off:off + dlen] if ok else None
+
+    def _ordering_deps(self, task: Task) -> list[Task] | None:
+        """Commands this one must wait for (per LUN, this session's task set)."""
+        attr = task.attr
+        if attr == ATTR_HEAD_OF_QUEUE:
+            return None
+        lun = task.lun
+        if attr == ATTR_ORDERED:
+            deps = [t for t in self.tasks.values()
+                    if t is not task and t.lun == lun and t.aio is not None and not t.aio.done()]
+            self._ordered[lun] = task
+            return deps or None
+        last = self._ordered.get(lun)
+        if last is not None:
+            if last.aio is not None and not last.aio.done() and not last.aborted:
+                return [last]
+            del self._ordered[lun]
+        return None
 
     def _data_out(self, pdu: P.Pdu, placed: bool = False) -> None:
         task = self.tasks.get(pdu.itt)
@@ -422,6 +444,13 @@ class Session:
                 self._send_r2ts(task)
                 await task.data_ready.wait()
                 task.data_ready = None
+            if task.wait_for:
+                # SAM task attributes: an ORDERED command runs after every
+                # command delivered before it, and later SIMPLE ones after it
+                deps = [t.aio for t in task.wait_for if t.aio is not None and not t.aio.done()]
+                task.wait_for = None
+                if deps:
+                    await asyncio.wait(deps)
             task.state = "exec"
             if task.error_sense is not None:
                 self._release_window(task)

@@ -574,6 +574,31 @@ def test_queue_depth_and_ordering():
     run(main())
 
 
+def test_ordered_and_head_of_queue_task_attributes():
+    async def main():
+        async with serving() as (srv, fake):
+            i = await logged_in(srv)
+            fake.gate = asyncio.Event()
+            a = asyncio.ensure_future(i.read(0, 0, 1))                       # SIMPLE, held by the gate
+            await asyncio.sleep(0.05)
+            tur = bytes(6)
+            b = asyncio.ensure_future(i.scsi(0, bytes((0x00, 0, 0, 0, 0, 0xB0))[:6], attr=2))   # ORDERED
+            c = asyncio.ensure_future(i.scsi(0, bytes((0x00, 0, 0, 0, 0, 0xC0))[:6], attr=1))   # SIMPLE
+            d = asyncio.ensure_future(i.scsi(0, bytes((0x00, 0, 0, 0, 0, 0xD0))[:6], attr=3))   # HEAD OF QUEUE
+            await asyncio.wait_for(d, 5)
+            await asyncio.sleep(0.1)
+            assert not b.done() and not c.done()
+            ctl = [cdb[5] for _, cdb in fake.executed if cdb[0] == 0]
+            assert ctl == [0xD0]
+            fake.gate.set()
+            await asyncio.gather(a, b, c)
+            ctl = [cdb[5] for _, cdb in fake.executed if cdb[0] == 0]
+            assert ctl == [0xD0, 0xB0, 0xC0]
+            assert (await i.scsi(0, tur, attr=1)).status == 0
+            await i.close()
+    run(main())
+
+
 def test_out_of_order_cmdsn_held_until_gap_filled_and_out_of_window_ignored():
     async def main():
         async with serving() as (srv, fake):
