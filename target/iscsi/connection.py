@@ -88,7 +88,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.local = transport.get_extra_info("sockname") or ()
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.login = LoginMachine(self.server, self.peer)
-        self.server._connection_made(self)
+        if not self.server._connection_made(self):
+            self.closing = True
+            transport.abort()
+            return
         self._keepalive = self.loop.create_task(self._keepalive_loop())
         log.debug("connection from %s", self.peer)
 

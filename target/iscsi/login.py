@@ -36,6 +36,10 @@ class LoginContext(Protocol):
 
     def allocate_tsih(self) -> int: ...
 
+    def tsih_exists(self, tsih: int) -> bool: ...
+
+    def session_capacity_left(self) -> bool: ...
+
 
 class LoginFailed(Exception):
     def __init__(self, status: tuple[int, int], message: str) -> None:
@@ -241,6 +245,8 @@ class LoginMachine:
             self.mutual_creds = target.mutual_chap
         else:
             raise LoginFailed(P.LOGIN_SESSION_TYPE_UNSUPPORTED, f"SessionType {stype!r}")
+        if not self.ctx.session_capacity_left():
+            raise LoginFailed(P.LOGIN_OUT_OF_RESOURCES, "too many sessions")
         if self.tsih != 0:
             # MaxConnections=1: no connection may join an existing session
             raise LoginFailed(P.LOGIN_TOO_MANY_CONNECTIONS if self.ctx.tsih_exists(self.tsih)

@@ -81,7 +81,9 @@ class IscsiServer:
                  nop_interval: float = 15.0,
                  nop_timeout: float = 15.0,
                  login_timeout: float = 30.0,
-                 max_cmd_data: int = 64 * 1024 * 1024) -> None:
+                 max_cmd_data: int = 64 * 1024 * 1024,
+                 max_sessions: int = 1024,
+                 max_connections: int = 2048) -> None:
         self.targets: dict[str, IscsiTargetConfig] = {}
         for t in targets:
             self.add_target(t)
@@ -94,6 +96,8 @@ class IscsiServer:
         self.nop_timeout = nop_timeout
         self.login_timeout = login_timeout
         self.max_cmd_data = max_cmd_data
+        self.max_sessions = max_sessions
+        self.max_connections = max_connections
         self.chap_registry = ChallengeRegistry()
         self._servers: list[asyncio.base_events.Server] = []
         self.addresses: list[tuple[str, int]] = []
@@ -145,6 +149,9 @@ class IscsiServer:
 
     def tsih_exists(self, tsih: int) -> bool:
         return tsih in self.sessions
+
+    def session_capacity_left(self) -> bool:
+        return len(self.sessions) < self.max_sessions
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -223,8 +230,13 @@ class IscsiServer:
         self.started = False
 
     # -- connection/session bookkeeping --------------------------------------------
-    def _connection_made(self, conn: IscsiConnection) -> None:
+    def _connection_made(self, conn: IscsiConnection) -> bool:
+        if len(self.connections) >= self.max_connections:
+            log.warning("refusing connection from %s: %d connections open", conn.peer,
+                        len(self.connections))
+            return False
         self.connections.add(conn)
+        return True
 
     def _connection_lost(self, conn: IscsiConnection) -> None:
         self.connections.discard(conn)

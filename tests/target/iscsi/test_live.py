@@ -865,6 +865,30 @@ def test_runtime_target_changes_and_stats():
     run(main())
 
 
+def test_session_and_connection_limits():
+    async def main():
+        async with serving(max_sessions=2, max_connections=3) as (srv, fake):
+            a = await logged_in(srv)
+            b = await logged_in(srv)
+            c = Initiator(*addr(srv))
+            with pytest.raises(LoginError) as ei:
+                await c.login(IQN)
+            assert ei.value.status == (3, 2)           # out of resources
+            await c.close()
+            for _ in range(100):
+                if srv.stats()["connections"] == 2:
+                    break
+                await asyncio.sleep(0.02)
+            idle = await asyncio.open_connection(*addr(srv))          # 3rd connection: accepted
+            r, w = await asyncio.open_connection(*addr(srv))          # 4th: refused at once
+            assert await asyncio.wait_for(r.read(1), 5) == b""
+            w.close()
+            idle[1].close()
+            await a.close()
+            await b.close()
+    run(main())
+
+
 def test_login_timeout_drops_silent_connection():
     async def main():
         async with serving(login_timeout=0.3) as (srv, fake):

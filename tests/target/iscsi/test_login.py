@@ -35,6 +35,11 @@ class Ctx:
     def tsih_exists(self, tsih):
         return tsih == 7
 
+    def session_capacity_left(self):
+        return self.capacity
+
+    capacity = True
+
 
 def req(csg, nsg, transit, pairs, *, itt=1, cmdsn=10, statsn=0, tsih=0, vmin=0, cont=False, raw=None):
     flags = (0x80 if transit else 0) | (0x40 if cont else 0) | (csg << 2) | nsg
@@ -200,3 +205,9 @@ def test_chap_keys_in_same_pdu_as_authmethod():
     s = m.process(req(0, 1, False, LEAD + [("AuthMethod", "CHAP"), ("CHAP_A", "5")]))
     k = dict(parse_text(s.data))
     assert k["AuthMethod"] == "CHAP" and k["CHAP_A"] == "5" and "CHAP_C" in k
+
+
+def test_out_of_sessions():
+    m = machine()
+    m.ctx.capacity = False
+    assert status(m.process(req(0, 1, True, LEAD + [("AuthMethod", "None")]))) == (3, 2)
