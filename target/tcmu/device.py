@@ -84,6 +84,7 @@ class TcmuDevice:
         self._tasks: set[asyncio.Task] = set()
         self._notify_pending = False
         self._closed = False
+        self.gone = False
         self.stats = {"commands": 0, "completed": 0, "notifies": 0, "wakeups": 0, "errors": 0}
 
     # -- lifecycle -----------------------------------------------------------------
@@ -143,6 +144,13 @@ class TcmuDevice:
             os.read(self.fd, 4)
         except (BlockingIOError, InterruptedError):
             pass
+        except OSError as e:
+            # the uio device was unregistered under us (backstore deleted):
+            # stop watching the fd, or the loop would spin on it
+            log.warning("%s: uio device gone (%s); no longer serving", self.name, e)
+            self._loop.remove_reader(self.fd)
+            self.gone = True
+            return
         self.stats["wakeups"] += 1
         self._process()
 

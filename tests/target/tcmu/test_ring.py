@@ -316,3 +316,33 @@ def test_close_with_command_in_flight_leaves_it_on_the_ring():
         assert k.tail == 0 and k.reap() == []
         k.close()
     run(main())
+
+
+def test_restart_resets_ring_left_by_a_dead_handler():
+    """Entries a dead handler never completed: the new one asks the kernel to
+    reset the ring (kernel answers them BUSY, head = tail = 0) before it
+    walks anything, then serves new commands from offset 0."""
+    async def main():
+        k = FakeKernel()
+        t = MemTarget()
+        old = [k.submit(rw10(0x2A, i, 1), data_out=b"o" * 512, notify=False) for i in range(3)]
+        assert k.head != k.tail
+        resets = []
+
+        def reset_ring():               # what the kernel does on action/reset_ring = 1
+            resets.append((k.tail, k.head))
+            for cid in old:
+                k.pending.pop(cid)
+            struct.pack_into("=I", k.map, 12, 0)
+            struct.pack_into("=I", k.map, 64, 0)
+            k.last_cleaned = 0
+        dev = await start(k, t, reset_ring=reset_ring)
+        assert resets == [(0, 3 * 128)]
+        assert t.seen == []                          # nothing old was re-executed
+        cid = k.submit(rw10(0x2A, 9, 1), data_out=b"n" * 512)
+        [c] = await k.wait_completions(1)
+        assert (c.cmd_id, c.status, c.slot) == (cid, GOOD, 0)
+        assert t.data[:512] == bytes(512) and t.data[9 * 512:10 * 512] == b"n" * 512
+        await dev.close()
+        k.close()
+    run(main())
