@@ -141,6 +141,11 @@ class FileBlockStore(BlockStore):
         self._nowait = _RWF_NOWAIT != 0
         self.inline_write_max = 0 if self._is_blockdev else 128 * 1024
         self._inline_off_until = 0.0
+        # Flush coalescing: writes completed / covered by a finished flush.
+        self._written = 0
+        self._flushed = 0
+        self._flushing: asyncio.Future[None] | None = None
+        self.fdatasyncs = 0
 
     @property
     def size(self) -> int:
@@ -204,18 +209,38 @@ class FileBlockStore(BlockStore):
                                           offset) from e
                 if time.monotonic() - now > INLINE_BLOCKED_S:
                     self._inline_off_until = now + INLINE_BACKOFF_S
+                self._written += 1
                 return
         try:
             await asyncio.get_running_loop().run_in_executor(
                 io_executor(), self.write_sync, offset, data)
         except OSError as e:
             raise BlockStoreError(f"{self.name}: write error at {offset}: {e}", offset) from e
+        self._written += 1
 
     async def flush(self) -> None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(io_executor(), self.flush_sync)
-        except OSError as e:
-            raise BlockStoreError(f"{self.name}: flush failed: {e}") from e
+        """Group flush: one fdatasync covers every write completed before it
+        starts, so concurrent durable writes share it instead of queueing
+        one each."""
+        want = self._written
+        while self._flushed < want:
+            if self._flushing is None:
+                fut = self._flushing = asyncio.get_running_loop().create_future()
+                covers = self._written
+                try:
+                    self.fdatasyncs += 1
+                    await asyncio.get_running_loop().run_in_executor(io_executor(), self.flush_sync)
+                except OSError as e:
+                    fut.set_exception(BlockStoreError(f"{self.name}: flush failed: {e}"))
+                    fut.exception()   # retrieved: waiters get their own copy below
+                    raise BlockStoreError(f"{self.name}: flush failed: {e}") from e
+                else:
+                    self._flushed = max(self._flushed, covers)
+                    fut.set_result(None)
+                finally:
+                    self._flushing = None
+            else:
+                await asyncio.shield(self._flushing)
 
     async def discard(self, offset: int, length: int) -> None:
         self.check_range(offset, length)
@@ -229,6 +254,8 @@ class FileBlockStore(BlockStore):
                 io_executor(), _punch_hole, self._fd, offset, length)
         except OSError:
             await super().discard(offset, length)
+        else:
+            self._written += 1      # the next flush must cover the punch
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         if self._is_blockdev:

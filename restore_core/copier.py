@@ -56,7 +56,11 @@ class Copier:
         p = self.pair
         p.todo.clear_range(a, b)
         p.done.set_range(a, b)
+        # Both sides must be durable before "copied" is: the source of the
+        # copy may hold acknowledged but unflushed host writes, and if a
+        # power cut took them the two sides would differ with no bit set.
         self.committer.note_unflushed(self.dst)
+        self.committer.note_unflushed(self.src)
         p.note_copied(length, b - a)
         return length
 

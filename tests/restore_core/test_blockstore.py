@@ -75,3 +75,20 @@ def test_medium_error_injection_names_offset():
     with pytest.raises(BlockStoreError) as ei:
         run(m.read(4096, 4096))
     assert ei.value.offset == 5000
+
+
+def test_concurrent_flushes_share_fdatasync(tmp_path):
+    s = FileBlockStore(str(tmp_path / "f.img"), 1 << 20, create=True)
+
+    async def go():
+        await s.flush()
+        assert s.fdatasyncs == 0          # nothing written: nothing to sync
+        for i in range(32):
+            await s.write(i * 4096, b"x" * 4096)
+        await asyncio.gather(*(s.flush() for _ in range(32)))
+        assert 1 <= s.fdatasyncs <= 2
+        n = s.fdatasyncs
+        await s.discard(0, 4096)
+        await s.flush()
+        assert s.fdatasyncs == n + 1      # a hole punch needs a sync too
+    run(go())
