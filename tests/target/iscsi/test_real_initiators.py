@@ -134,6 +134,12 @@ def test_iscsi_inq_with_chap(served):
     assert rc != 0
     rc, out = run(["iscsi-inq", f"iscsi://127.0.0.1:{port}/{IQN_CHAP}/0"])
     assert rc != 0
+    # mutual CHAP: libiscsi checks our answer to its challenge
+    base = f"iscsi://alice%alice-secret-1@127.0.0.1:{port}/{IQN_CHAP}/0?target_user=tgt"
+    rc, out = run(["iscsi-inq", base + "&target_password=target-secret-1"])
+    assert rc == 0, out
+    rc, out = run(["iscsi-inq", base + "&target_password=not-the-target-secret"])
+    assert rc != 0 and "CHAP_R" in out, out
 
 
 @pytest.mark.skipif(not HAVE_QEMU, reason="qemu-io (qemu-utils, qemu-block-extra) not installed")
