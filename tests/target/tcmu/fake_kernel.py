@@ -99,6 +99,16 @@ class FakeKernel:
             head = 0
         return head
 
+    def fits(self, cdb_len: int, n_iovs: int) -> bool:
+        """is_ring_space_avail(): room for the entry (and a PAD before it)
+        between cmd_head and the last entry the kernel cleaned."""
+        length = max(48 + 16 * n_iovs, 112) + round8(cdb_len)
+        head = self.head
+        used = (head - self.last_cleaned) % self.cmdr_size
+        free = self.cmdr_size - used - 1
+        needed = length + (self.cmdr_size - head if head + length > self.cmdr_size else 0)
+        return free >= needed
+
     def submit(self, cdb: bytes, *, data_out: bytes | None = None, data_in: int = 0,
                pieces: int = 1, bidi_in: int = 0, fill: int = 0xAA, notify: bool = True) -> int:
         cmd_id = self.next_id
