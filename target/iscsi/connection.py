@@ -425,3 +425,6 @@ class IscsiConnection(asyncio.BufferedProtocol):
                     self.nop_sent = now
         except asyncio.CancelledError:
             pass
+        except Exception:
+            log.exception("connection %s: keepalive failed", self.peer)
+            self.abort("keepalive failure")
