@@ -120,12 +120,17 @@ def valid_pdus(cmdsn: int = 2) -> list[bytes]:
     text = P.build_bhs(P.OP_TEXT_REQ, P.FLAG_FINAL, immediate=True, itt=0x14, fields={20: P.ALL_ONES})
     logout = P.build_bhs(P.OP_LOGOUT_REQ, P.FLAG_FINAL, itt=0x15, fields={24: cmdsn + 2})
     login = P.build_bhs(P.OP_LOGIN_REQ, 0x87, immediate=True, itt=0x16, raw={8: bytes(6)})
+    # a big write whose unsolicited Data-Out is large enough to be received in place
+    bigw = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_WRITE | 1, lun=0, itt=0x21,
+                       fields={20: 65536, 24: cmdsn + 3}, raw={32: struct.pack(">BBQIBB", 0x8A, 0, 64, 128, 0, 0)})
+    bigd = P.build_bhs(P.OP_DATA_OUT, 0, lun=0, itt=0x21, fields={20: P.ALL_ONES, 36: 0, 40: 0})
     return [
         P.encode_bytes(read), P.encode_bytes(write, b"w" * 1024), P.encode_bytes(dout, b"d" * 1024),
         P.encode_bytes(nop, b"ping"), P.encode_bytes(tmf),
         P.encode_bytes(text, encode_text([("SendTargets", "All")])), P.encode_bytes(logout),
         P.encode_bytes(login, encode_text([("InitiatorName", "iqn.2025-01.org.x:y"),
                                            ("TargetName", IQN)])),
+        P.encode_bytes(bigw), P.encode_bytes(bigd, b"B" * 32768),
     ]
 
 
