@@ -97,15 +97,21 @@ def decode_event(cmd: int, attrs: bytes) -> TcmuEvent | None:
 class TcmuNetlink:
     """A non-blocking socket subscribed to TCM-USER events."""
 
-    def __init__(self) -> None:
+    def __init__(self, family: str = abi.TCMU_GENL_FAMILY, group: str = abi.TCMU_GENL_MCGRP) -> None:
+        """Raises OSError (ENOENT) when the family is not registered, i.e.
+        target_core_user is not loaded."""
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_GENERIC)
-        self.sock.bind((0, 0))
-        self._seq = 1
-        self.family_id, groups = self._resolve(abi.TCMU_GENL_FAMILY)
-        if abi.TCMU_GENL_MCGRP not in groups:
-            raise OSError(f"TCM-USER has no '{abi.TCMU_GENL_MCGRP}' multicast group: {groups}")
-        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, groups[abi.TCMU_GENL_MCGRP])
-        self.sock.setblocking(False)
+        try:
+            self.sock.bind((0, 0))
+            self._seq = 1
+            self.family_id, groups = self._resolve(family)
+            if group not in groups:
+                raise OSError(f"{family} has no '{group}' multicast group: {groups}")
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, groups[group])
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -114,3 +114,27 @@ def test_netlink_event_decoding():
     ev = decode_event(cmd, a)
     assert (ev.device, ev.minor, ev.device_id) == ("tcm-user/0/lr_a/liverestore/a", 4, 77)
     assert decode_event(abi.TCMU_CMD_SET_FEATURES, a) is None
+
+
+def test_generic_netlink_resolution_and_subscription():
+    import errno
+    import pytest
+    from target.tcmu.netlink import TcmuNetlink
+    # the controller family is always there: resolve, join its group, read nothing
+    nl = TcmuNetlink("nlctrl", "notify")
+    assert nl.family_id == 0x10 and nl.read_events() == []
+    nl.close()
+    with pytest.raises(OSError) as e:
+        TcmuNetlink("nosuchfamily")
+    assert e.value.errno == errno.ENOENT
+
+
+def test_handler_without_tcmu_netlink_falls_back_to_scanning(tmp_path):
+    async def main():
+        (tmp_path / "sys").mkdir()
+        h = TcmuHandler(lambda *a: None, sys_class_uio=str(tmp_path / "sys"),
+                        configfs_core=str(tmp_path / "cfg"), use_netlink=True, rescan_interval=0)
+        await h.start()           # on a host without target_core_user: warning, no netlink
+        assert h.devices == {}
+        await h.stop()
+    run(main())
