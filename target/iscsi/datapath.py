@@ -1,0 +1,361 @@
+"""SCSI command data path of a session (mixed into Session): command
+receipt, immediate/unsolicited/R2T-solicited Data-Out, task attributes,
+execution by the SCSI layer and Data-In/SCSI Response with residuals."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from target.scsi.api import CHECK_CONDITION, TASK_ABORTED, ScsiCommand, ScsiResponse
+
+from . import pdu as P
+from .residual import block_size_of, data_out_length
+from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
+                   SENSE_INTERNAL_FAILURE, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_TTT,
+                   SENSE_NOT_ENOUGH_UNSOLICITED, SENSE_TOO_MUCH_WRITE_DATA,
+                   SENSE_UNEXPECTED_UNSOLICITED, ProtocolViolation, R2TState, Task)
+
+log = logging.getLogger("target.iscsi.session")
+
+
+class DataPathMixin:
+    # -- SCSI commands ---------------------------------------------------------
+    def _prepare_scsi(self, pdu: P.Pdu) -> Callable[[bool], None]:
+        itt = pdu.itt
+        cdb = bytes(pdu.bhs[32:48])
+        if pdu.ahs:
+            try:
+                for atype, spec in P.iter_ahs(pdu.ahs):
+                    if atype == P.AHS_EXTENDED_CDB and len(spec) > 1:
+                        cdb = cdb + spec[1:]
+            except P.PduError:
+                self.reject(pdu.bhs, P.REJECT_INVALID_PDU_FIELD)
+                return self._noop
+        if itt == P.ALL_ONES or itt in self.tasks:
+            self.reject(pdu.bhs, P.REJECT_TASK_IN_PROGRESS if itt in self.tasks
+                        else P.REJECT_INVALID_PDU_FIELD)
+            return self._noop
+        task = Task(self, pdu, cdb)
+        dlen = len(pdu.data)
+        prm = self.params
+        if dlen and not task.write:
+            self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
+            return self._noop
+        if dlen and not prm.immediate_data:
+            self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
+            return self._noop
+        if task.write:
+            if dlen > task.edtl or dlen > prm.first_burst_length:
+                self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
+                return self._noop
+            if task.edtl > self.server.max_cmd_data:
+                task.error_sense = SENSE_INVALID_FIELD_CDB
+            else:
+                task.buf = bytearray(task.edtl)
+                if dlen:
+                    task.buf[:dlen] = pdu.data
+            task.received = dlen
+            if prm.initial_r2t or pdu.final:
+                # F=1: no unsolicited Data-Out follows (RFC 7143 11.3.4); R2Ts
+                # solicit everything after the immediate data
+                task.unsol_end = dlen
+            else:
+                # unsolicited Data-Out follows: the whole first burst
+                task.unsol_end = max(dlen, min(prm.first_burst_length, task.edtl))
+            task.unsol_next = dlen
+            task.r2t_next = task.unsol_end
+            self.bytes_in += dlen
+        if task.read and task.write:
+            task.error_sense = SENSE_INVALID_FIELD_CDB      # bidirectional: not supported
+        self.tasks[itt] = task
+        self.idle.clear()
+        self.commands += 1
+
+        def deliver(counted: bool) -> None:
+            task.counted = counted
+            if task.aborted:
+                if task.notify_abort and not self.closed:
+                    self._release_window(task)
+                    self._send_status(task, TASK_ABORTED, b"")
+                self._finish(task)
+                return
+            task.state = "data"
+            task.wait_for = self._ordering_deps(task)
+            task.aio = asyncio.get_running_loop().create_task(self._run(task))
+        return deliver
+
+    def data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
+        """Where the payload of this (not yet complete) Data-Out belongs, if it
+        plainly continues one of the task's data sequences; else None."""
+        if (bhs[0] & 0x3F) != P.OP_DATA_OUT:
+            return None
+        itt, ttt = int.from_bytes(bhs[16:20], "big"), int.from_bytes(bhs[20:24], "big")
+        off = int.from_bytes(bhs[40:44], "big")
+        task = self.tasks.get(itt)
+        if (task is None or task.aborted or task.error_sense is not None or task.buf is None
+                or not task.write or off + dlen > task.edtl):
+            return None
+        if ttt == P.ALL_ONES:
+            ok = off == task.unsol_next and off + dlen <= task.unsol_end
+        else:
+            r = task.r2ts.get(ttt)
+            ok = r is not None and off == r.next and off + dlen <= r.end
+        return memoryview(task.buf)[off:off + dlen] if ok else None
+
+    def _ordering_deps(self, task: Task) -> list[Task] | None:
+        """Commands this one must wait for (per LUN, this session's task set)."""
+        attr = task.attr
+        if attr == ATTR_HEAD_OF_QUEUE:
+            return None
+        lun = task.lun
+        if attr == ATTR_ORDERED:
+            deps = [t for t in self.tasks.values()
+                    if t is not task and t.lun == lun and t.aio is not None and not t.aio.done()]
+            self._ordered[lun] = task
+            return deps or None
+        last = self._ordered.get(lun)
+        if last is not None:
+            if last.aio is not None and not last.aio.done() and not last.aborted:
+                return [last]
+            del self._ordered[lun]
+        return None
+
+    def _data_out(self, pdu: P.Pdu, placed: bool = False) -> None:
+        task = self.tasks.get(pdu.itt)
+        if task is None or task.aborted or task.error_sense is not None:
+            log.debug("session %s: Data-Out for unknown/aborted/failed ITT 0x%08x dropped",
+                      self.tsih, pdu.itt)
+            return
+        err = self._check_data_out(task, pdu)
+        if err is not None:
+            # ERL 0 cannot ask for the data again: the command fails (the
+            # connection and the other commands carry on)
+            why, sense = err
+            log.warning("session %s: ITT 0x%08x: %s", self.tsih, task.itt, why)
+            self._fail_task(task, sense)
+            return
+        off = pdu.u32(40)
+        n = len(pdu.data)
+        if task.buf is not None and n and not placed:
+            task.buf[off:off + n] = pdu.data
+        task.received += n
+        self.bytes_in += n
+        if task.state == "data":
+            if task.received >= task.edtl:
+                if task.data_ready is not None:
+                    task.data_ready.set()
+            elif pdu.ttt != P.ALL_ONES:
+                self._send_r2ts(task)
+
+    def _check_data_out(self, task: Task, pdu: P.Pdu) -> tuple[str, bytes] | None:
+        """Validate one Data-Out against the task's data sequences and
+        advance them; returns (reason, sense) if the PDU is wrong."""
+        if not task.write:
+            return "Data-Out for a command that is not a write", SENSE_UNEXPECTED_UNSOLICITED
+        off = pdu.u32(40)
+        n = len(pdu.data)
+        if off + n > task.edtl:
+            return f"Data-Out beyond EDTL ({off}+{n} > {task.edtl})", SENSE_TOO_MUCH_WRITE_DATA
+        ttt = pdu.ttt
+        datasn = pdu.u32(36)
+        if ttt == P.ALL_ONES:
+            if off + n > task.unsol_end:
+                return (f"unsolicited Data-Out at {off}+{n} beyond the first burst {task.unsol_end}",
+                        SENSE_UNEXPECTED_UNSOLICITED)
+            if off != task.unsol_next:
+                return f"unsolicited Data-Out at {off}, expected {task.unsol_next}", SENSE_DATA_OFFSET_ERROR
+            if datasn != task.unsol_datasn:
+                return f"Data-Out DataSN {datasn}, expected {task.unsol_datasn}", SENSE_DATA_PHASE_ERROR
+            task.unsol_datasn += 1
+            task.unsol_next += n
+            if pdu.final and task.unsol_next != task.unsol_end:
+                return "unsolicited burst ended early", SENSE_NOT_ENOUGH_UNSOLICITED
+            return None
+        r = task.r2ts.get(ttt)
+        if r is None:
+            return f"Data-Out with unknown TTT 0x{ttt:08x}", SENSE_INVALID_TTT
+        if off != r.next or off + n > r.end:
+            return f"solicited Data-Out at {off}+{n}, expected {r.next}..{r.end}", SENSE_DATA_OFFSET_ERROR
+        if datasn != r.datasn:
+            return f"Data-Out DataSN {datasn}, expected {r.datasn}", SENSE_DATA_PHASE_ERROR
+        r.datasn += 1
+        r.next += n
+        if r.next == r.end:
+            del task.r2ts[ttt]
+            self.ttts.pop(ttt, None)
+        elif pdu.final:
+            return "solicited burst ended early", SENSE_DATA_PHASE_ERROR
+        return None
+
+    def _fail_task(self, task: Task, sense: bytes) -> None:
+        """End a write whose data went wrong with CHECK CONDITION, without
+        executing it; its remaining Data-Out PDUs are dropped."""
+        task.error_sense = sense
+        task.buf = None
+        for ttt in list(task.r2ts):
+            self.ttts.pop(ttt, None)
+        task.r2ts.clear()
+        if task.data_ready is not None:
+            task.data_ready.set()      # _run wakes up and answers with the sense
+        # a task not yet delivered answers as soon as its CmdSN comes up
+
+    def _send_r2ts(self, task: Task) -> None:
+        prm = self.params
+        conn = self.conn
+        while len(task.r2ts) < prm.max_outstanding_r2t and task.r2t_next < task.edtl:
+            length = min(prm.max_burst_length, task.edtl - task.r2t_next)
+            ttt = self.new_ttt()
+            r = R2TState(ttt, task.r2t_next, length, task.r2tsn)
+            task.r2ts[ttt] = r
+            self.ttts[ttt] = task
+            bhs = P.pack_bhs(P.OP_R2T, P.FLAG_FINAL, 0, 0, task.raw_lun, task.itt, ttt, conn.statsn,
+                             self.window.exp_cmdsn, self.window.max_cmdsn, task.r2tsn, r.offset, length)
+            conn.send(bhs)
+            task.r2tsn += 1
+            task.r2t_next += length
+
+    async def _run(self, task: Task) -> None:
+        try:
+            if task.write and task.received < task.edtl and task.error_sense is None:
+                task.data_ready = asyncio.Event()
+                self._send_r2ts(task)
+                await task.data_ready.wait()
+                task.data_ready = None
+            if task.wait_for:
+                # SAM task attributes: an ORDERED command runs after every
+                # command delivered before it, and later SIMPLE ones after it
+                deps = [t.aio for t in task.wait_for if t.aio is not None and not t.aio.done()]
+                task.wait_for = None
+                if deps:
+                    await asyncio.wait(deps)
+            task.state = "exec"
+            if task.error_sense is not None:
+                self._release_window(task)
+                self._send_status(task, CHECK_CONDITION, task.error_sense)
+                return
+            data_out = memoryview(task.buf) if task.buf is not None else None
+            cmd = ScsiCommand(cdb=task.cdb, lun=task.lun, nexus=self.nexus, data_out=data_out,
+                              expected_in=task.edtl if task.read else 0, task_tag=task.itt,
+                              task_attr=task.attr)
+            try:
+                rsp = await self.scsi.execute(cmd)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("session %s: SCSI layer failed on CDB %s", self.tsih, task.cdb[:1].hex())
+                rsp = ScsiResponse(CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
+            if task.aborted or self.closed:
+                return
+            if self.conn.write_paused:
+                await self.conn.drain()        # do not pile responses onto a slow reader
+                if task.aborted or self.closed:
+                    return
+            task.state = "done"
+            self._release_window(task)
+            self._send_result(task, rsp)
+            await self.conn.drain()
+        except asyncio.CancelledError:
+            if task.notify_abort and not self.closed:
+                self._release_window(task)
+                self._send_status(task, TASK_ABORTED, b"")
+        except ProtocolViolation as e:
+            self.conn.protocol_error(str(e))
+        except Exception:
+            log.exception("session %s: task 0x%08x failed", self.tsih, task.itt)
+            self.conn.abort("internal error")
+        finally:
+            self._finish(task)
+
+    def _release_window(self, task: Task) -> None:
+        if not task.window_released:
+            task.window_released = True
+            if task.counted:
+                self.window.complete()
+
+    def _finish(self, task: Task) -> None:
+        self._release_window(task)
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+        for ttt in list(task.r2ts):
+            self.ttts.pop(ttt, None)
+        task.r2ts.clear()
+        task.buf = None
+        if not self.tasks:
+            self.idle.set()
+
+    def _send_status(self, task: Task, status: int, sense: bytes, *, flags: int = 0,
+                     residual: int = 0, exp_datasn: int | None = None) -> None:
+        if exp_datasn is None:
+            exp_datasn = task.r2tsn     # ExpDataSN: R2Ts (writes) or Data-In PDUs (reads) sent
+        data = (len(sense).to_bytes(2, "big") + bytes(sense)) if sense else b""
+        bhs = P.pack_bhs(P.OP_SCSI_RSP, P.FLAG_FINAL | flags, 0, status, b"", task.itt, 0,
+                         self.conn.next_statsn(), self.window.exp_cmdsn, self.window.max_cmdsn,
+                         exp_datasn, 0, residual)
+        self.conn.send(bhs, data)
+
+    def _send_result(self, task: Task, rsp: ScsiResponse) -> None:
+        prm = self.params
+        conn = self.conn
+        status = rsp.status
+        sense = bytes(rsp.sense) if rsp.sense else b""
+        edtl = task.edtl
+        res_flags = 0
+        residual = 0
+        n = 0
+        dv = None
+        if task.read:
+            raw = rsp.data_in
+            dv = raw if isinstance(raw, memoryview) else memoryview(raw)
+            if dv.format != "B" or dv.ndim != 1:
+                dv = dv.cast("B")
+            xfer = int(rsp.extra.get("transfer_length", len(dv)))
+            n = min(len(dv), edtl)
+        elif "transfer_length" in rsp.extra:
+            xfer = int(rsp.extra["transfer_length"])
+        elif task.write:
+            tl = data_out_length(task.cdb, block_size_of(self.scsi, task.lun))
+            xfer = edtl if tl is None else tl
+        else:
+            xfer = edtl
+        if xfer > edtl:
+            res_flags, residual = P.RSP_OVERFLOW, xfer - edtl
+        elif xfer < edtl:
+            res_flags, residual = P.RSP_UNDERFLOW, edtl - xfer
+        if n == 0:
+            self._send_status(task, status, sense, flags=res_flags, residual=residual)
+            return
+        collapse = not sense
+        mrdsl = prm.initiator_mrdsl
+        mbl = prm.max_burst_length
+        buffers: list = []
+        offset = 0
+        datasn = 0
+        seq_left = mbl
+        hd, dd = conn.header_digest, conn.data_digest
+        exp_cmdsn = self.window.exp_cmdsn
+        max_cmdsn = self.window.max_cmdsn
+        raw_lun = b"\0" * 8
+        while offset < n:
+            chunk = min(mrdsl, n - offset, seq_left)
+            last = offset + chunk == n
+            seq_end = last or chunk == seq_left
+            flags = P.FLAG_FINAL if seq_end else 0
+            b3 = 0
+            statsn = 0
+            res = 0
+            if last and collapse:
+                flags |= P.DATAIN_STATUS | res_flags     # O/U bits sit where SCSI Response has them
+                b3 = status
+                statsn = conn.next_statsn()
+                res = residual
+            bhs = P.pack_bhs(P.OP_DATA_IN, flags, 0, b3, raw_lun, task.itt, P.ALL_ONES, statsn,
+                             exp_cmdsn, max_cmdsn, datasn, offset, res)
+            buffers += P.encode(bhs, dv[offset:offset + chunk], header_digest=hd, data_digest=dd)
+            offset += chunk
+            datasn += 1
+            seq_left = mbl if seq_end else seq_left - chunk
+        conn.write_buffers(buffers, n)
+        self.bytes_out += n
+        if not collapse:
+            self._send_status(task, status, sense, flags=res_flags, residual=residual, exp_datasn=datasn)
