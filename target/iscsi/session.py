@@ -1,7 +1,7 @@
 """Full feature phase of one iSCSI session (ERL 0, one connection):
-CmdSN ordering, SCSI command/data transfer (immediate, unsolicited and
-R2T-solicited Data-Out; Data-In with phase collapse), NOP, task management,
-text (SendTargets) and logout.
+PDU dispatch and CmdSN ordering, NOP, text (SendTargets), logout and
+teardown. The SCSI data path lives in ``datapath`` and task management in
+``tmf`` (both mixed into Session).
 
 Handlers run synchronously from the connection's receive path; a PDU's data
 segment is a view into the receive buffer and is copied before returning.
