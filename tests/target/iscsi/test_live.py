@@ -324,6 +324,24 @@ def test_residuals_and_sense():
     run(main())
 
 
+def test_scsi_layer_exception_becomes_check_condition():
+    async def main():
+        class Exploding(FakeScsiTarget):
+            async def execute(self, cmd):
+                if cmd.cdb[0] == 0xEE:
+                    raise RuntimeError("boom")
+                return await super().execute(cmd)
+        async with serving(fake=Exploding()) as (srv, fake):
+            i = await logged_in(srv, extra=[("X-com.example.Frob", "1"), ("UnheardOf", "2")])
+            assert i.answers["X-com.example.Frob"] == "NotUnderstood"
+            assert i.answers["UnheardOf"] == "NotUnderstood"
+            r = await i.scsi(0, bytes((0xEE, 0, 0, 0, 0, 0)))
+            assert r.status == 2 and (r.sense[2] & 0x0F, r.sense[12]) == (0x04, 0x44)
+            assert (await i.scsi(0, bytes(6))).status == 0
+            await i.close()
+    run(main())
+
+
 def test_immediate_command_and_statsn_sequence():
     async def main():
         async with serving() as (srv, fake):
