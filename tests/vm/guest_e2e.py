@@ -62,14 +62,18 @@ def initiator_name() -> str:
     return name
 
 
-def description(ini: str):
-    from target.lio import Description
-    return Description.from_dict({
+def description_dict(ini: str) -> dict:
+    return {
         "volumes": [{"name": VOL, "size": SIZE}],
         "targets": [{"iqn": IQN, "tpgs": [{
             "tag": 1, "portals": ["127.0.0.1:3260"],
             "luns": [{"lun": 0, "volume": VOL}],
-            "acls": [{"initiator": ini, "chap": {"userid": CHAP_USER, "password": CHAP_PASS}}]}]}]})
+            "acls": [{"initiator": ini, "chap": {"userid": CHAP_USER, "password": CHAP_PASS}}]}]}]}
+
+
+def description(ini: str):
+    from target.lio import Description
+    return Description.from_dict(description_dict(ini))
 
 
 def start_handler(n: int) -> subprocess.Popen:
@@ -157,7 +161,12 @@ def main() -> int:
     for line in rep.lines():
         log(f"lio: {line}")
     rep2 = lio.apply(desc)
-    result("lio_apply_idempotent", rep.changed and not rep2.changed, f"first={len(rep.changes)} second={len(rep2.changes)}")
+    import json
+    with open(os.path.join(RUN, "desc.json"), "w") as f:
+        json.dump(description_dict(ini), f)
+    cli = sh(f"{PY} -m target.lio plan {RUN}/desc.json").stdout.strip()
+    result("lio_apply_idempotent", rep.changed and not rep2.changed and cli == "no changes",
+           f"first={len(rep.changes)} second={len(rep2.changes)} cli plan={cli!r}")
     so = glob.glob(f"/sys/kernel/config/target/core/user_*/{VOL}")[0]
     ctl = open(f"{so}/attrib/nl_reply_supported").read().strip()
     uio = [open(n).read().strip() for n in glob.glob("/sys/class/uio/uio*/name")]
