@@ -1,0 +1,138 @@
+# -*- coding: utf-8 -*-
+# Copyright: liverestore contributors
+# Apache License 2.0 (see the liverestore repository)
+"""Talk to the liverestore daemon's control socket from Ansible modules.
+
+Why the protocol is spoken here with the standard library (socket + json)
+rather than by importing ``target.control``: liverestore is installed in its
+own virtualenv (``/opt/liverestore/.venv`` by the ``liverestore`` role),
+while modules run under the managed host's ``ansible_python_interpreter``,
+which normally cannot import it. The protocol is one JSON object per line
+each way (``{"op", "args"}`` -> ``{"ok", "result"|"error"}``) and is the
+stable API of the daemon, so about forty lines here avoid requiring
+liverestore (and its compiled dependencies) in the system Python, and the
+modules work the same whichever Python Ansible picks. Authorisation is the
+daemon's: SO_PEERCRED on the socket (root, the daemon's user, or its
+control group), so ``become`` is usually needed.
+"""
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import json
+import re
+import socket
+import time
+
+DEFAULT_SOCKET = "/run/liverestore/control.sock"
+MAX_REPLY = 64 << 20
+
+
+class LiverestoreError(Exception):
+    """The daemon refused, or could not be reached; the message is one line."""
+
+
+def common_argument_spec():
+    return dict(
+        socket=dict(type="path", default=DEFAULT_SOCKET),
+        timeout=dict(type="int", default=3600),
+    )
+
+
+class Client(object):
+    def __init__(self, path=DEFAULT_SOCKET, timeout=600):
+        self.path = path
+        self.timeout = timeout
+        self._sock = None
+        self._buf = b""
+
+    def _connect(self):
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.path)
+            except (OSError, IOError) as e:
+                s.close()
+                why = getattr(e, "strerror", None) or str(e)
+                if getattr(e, "errno", None) in (2, 111):
+                    why = "no liverestore daemon listening (is the service running?)"
+                elif getattr(e, "errno", None) in (1, 13):
+                    why = "permission denied (use become, or the daemon's control group)"
+                raise LiverestoreError("cannot reach %s: %s" % (self.path, why))
+            self._sock = s
+        return self._sock
+
+    def call(self, op, **args):
+        s = self._connect()
+        try:
+            s.sendall((json.dumps({"op": op, "args": args}) + "\n").encode("utf-8"))
+            while b"\n" not in self._buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise LiverestoreError("the daemon closed the connection during %s" % op)
+                self._buf += chunk
+                if len(self._buf) > MAX_REPLY:
+                    raise LiverestoreError("reply to %s is too large" % op)
+        except socket.timeout:
+            self.close()
+            raise LiverestoreError("the daemon did not answer %s within %ss" % (op, self.timeout))
+        except (OSError, IOError) as e:
+            self.close()
+            raise LiverestoreError("lost the daemon during %s: %s" % (op, e))
+        line, self._buf = self._buf.split(b"\n", 1)
+        reply = json.loads(line.decode("utf-8"))
+        if not reply.get("ok"):
+            raise LiverestoreError(reply.get("error") or "unknown error")
+        return reply.get("result")
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buf = b""
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text):
+    """Bytes from 1048576, '512M', '10G', '2TiB' (the daemon's rules)."""
+    if isinstance(text, int):
+        return text
+    m = re.match(r"^\s*(\d+)\s*([KMGTPkmgtp]?)(i?[Bb])?\s*$", str(text))
+    if not m:
+        raise ValueError("bad size %r: use a number of bytes or e.g. 512M, 10G, 2T" % (text,))
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def find(items, key, value):
+    for item in items:
+        if item.get(key) == value:
+            return item
+    return None
+
+
+def wait_job(client, pair, timeout, poll=0.5):
+    """Follow a pair's job until it ends; bounded by timeout (seconds).
+
+    Returns the pair; raises LiverestoreError if the job fails, is paused
+    (it would never end) or outlives the timeout."""
+    deadline = time.time() + timeout
+    while True:
+        p = client.call("pair.show", pair=pair)
+        pr = p["progress"]
+        if pr["error"]:
+            raise LiverestoreError("%s: %s failed: %s (fix the cause, then resume the pair)"
+                                   % (pair, pr["job"], pr["error"]))
+        if pr["job"] is None:
+            return p
+        if pr["paused"]:
+            raise LiverestoreError("%s: the %s is paused; resume it (liverestore pair resume %s)"
+                                   % (pair, pr["job"], pair))
+        if time.time() > deadline:
+            raise LiverestoreError("%s: %s not finished after %ss (%d/%d extents); it keeps "
+                                   "running in the daemon" % (pair, pr["job"], timeout,
+                                                              pr["extents_done"],
+                                                              pr["extents_total"]))
+        time.sleep(poll)

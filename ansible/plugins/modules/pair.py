@@ -1,0 +1,322 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: liverestore contributors
+# Apache License 2.0 (see the liverestore repository)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: pair
+short_description: Manage liverestore source/clone pairs, syncs and restores
+version_added: "0.1.0"
+description:
+  - Pairs a clone volume with a source volume and drives the pair to a state through the
+    liverestore daemon's control socket.
+  - C(synchronized) creates the pair (a full copy source to clone) or re-syncs a fractured
+    pair (only the extents that differ).
+  - C(fractured) splits the clone off as a point-in-time copy, syncing it first if needed.
+  - C(restored) copies the clone back onto the source while hosts keep using the source,
+    to completion. It does nothing when source and clone do not differ (a fractured pair
+    with no extents in its delta, or a synchronized pair), so a second run reports no change.
+  - C(absent) removes the pairing; both volumes stay.
+options:
+  source:
+    description: The source volume (the one hosts use).
+    type: str
+    required: true
+  clone:
+    description: The clone volume; also the pair's id.
+    type: str
+    required: true
+  state:
+    description: The state the pair should be in.
+    type: str
+    choices: [synchronized, fractured, restored, absent]
+    default: synchronized
+  protected:
+    description:
+      - For I(state=restored). C(true) (protected restore) keeps host writes made during the
+        restore out of the clone; the pair ends fractured. C(false) mirrors them to the
+        clone; the pair ends synchronized.
+    type: bool
+    default: true
+  wait:
+    description:
+      - Wait for the sync or restore to finish (bounded by I(timeout)).
+      - C(fractured) from a new or syncing pair needs the copy to finish, so it always waits.
+    type: bool
+    default: true
+  extent_size:
+    description: Extent size of a new pair (default the source volume's).
+    type: str
+  throttle:
+    description: Background copy settings; only the given ones are managed.
+    type: dict
+    suboptions:
+      rate:
+        description: Bytes per second, e.g. C(200M); C(0) for unlimited.
+        type: str
+      batch_extents:
+        description: Adjacent extents merged into one copy I/O (1-4096).
+        type: int
+      depth:
+        description: Copy I/Os in flight at once (1-64).
+        type: int
+      host_yield_ms:
+        description: Keep a single copy I/O in flight while host I/O was seen within this many ms.
+        type: int
+  force:
+    description: With I(state=absent), remove the pair even while a restore runs.
+    type: bool
+    default: false
+  socket:
+    description: The daemon's control socket.
+    type: path
+    default: /run/liverestore/control.sock
+  timeout:
+    description: Seconds to wait for the daemon, and for a job when I(wait=true).
+    type: int
+    default: 3600
+notes:
+  - Supports check mode (nothing is started) and diff mode (state and throttle).
+  - A protected restore ends with the extents hosts wrote during it in the delta. Running
+    I(state=restored) again after hosts wrote to the source restores those extents from the
+    clone again, as declared; do not leave a C(restored) task in a playbook that runs
+    periodically.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+author:
+  - liverestore contributors
+"""
+
+EXAMPLES = r"""
+- name: Keep db1-clone as a synchronized mirror of db1
+  liverestore.storage.pair:
+    source: db1
+    clone: db1-clone
+    state: synchronized
+    throttle:
+      rate: 200M
+
+- name: Split the clone off before an upgrade
+  liverestore.storage.pair:
+    source: db1
+    clone: db1-clone
+    state: fractured
+
+- name: Roll db1 back to the clone while hosts keep running
+  liverestore.storage.pair:
+    source: db1
+    clone: db1-clone
+    state: restored
+    wait: true
+    timeout: 7200
+"""
+
+RETURN = r"""
+pair:
+  description: The pair as the daemon describes it, after the change (and the wait).
+  returned: when state is not absent
+  type: dict
+  sample:
+    id: db1-clone
+    source: db1
+    clone: db1-clone
+    state: fractured
+    size: 10737418240
+    extent_size: 65536
+    throttle: {rate: 0, batch_extents: 16, depth: 2, host_yield_ms: 20}
+    progress: {state: fractured, job: null, extents_total: 0, extents_done: 0,
+               delta_extents: 0, rate: 0.0, eta: null, error: null, paused: false,
+               protected: null, bytes_copied: 0}
+actions:
+  description: The daemon operations that were (or, in check mode, would be) run.
+  returned: always
+  type: list
+  elements: str
+  sample: [pair.restore]
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
+    Client, LiverestoreError, common_argument_spec, find, parse_size, wait_job)
+
+KNOBS = ("rate", "batch_extents", "depth", "host_yield_ms")
+
+
+class Runner(object):
+    def __init__(self, module, client):
+        self.m = module
+        self.c = client
+        self.p = module.params
+        self.actions = []
+        self.pair = None
+
+    def do(self, op, **args):
+        self.actions.append(op)
+        if self.m.check_mode:
+            return None
+        self.pair = self.c.call(op, **args) or self.pair
+        return self.pair
+
+    def wait(self, force=False):
+        if self.m.check_mode or not (self.p["wait"] or force):
+            return
+        self.pair = wait_job(self.c, self.p["clone"], self.p["timeout"])
+
+    def fail(self, msg):
+        self.m.fail_json(msg=msg, actions=self.actions, pair=self.pair)
+
+    def run(self):
+        p = self.p
+        cur = find(self.c.call("pair.list"), "id", p["clone"])
+        self.pair = cur
+        if cur is not None and cur["source"] != p["source"]:
+            self.fail("%s is the clone of %s, not of %s" % (p["clone"], cur["source"], p["source"]))
+        before = _view(cur)
+        if p["state"] == "absent":
+            if cur is not None:
+                self.do("pair.delete", pair=p["clone"], force=p["force"])
+            return dict(changed=bool(self.actions), actions=self.actions,
+                        diff=dict(before=before, after={}))
+        throttle = self.throttle_changes(cur)
+        wanted = dict(throttle)
+        if cur is None:
+            if p["state"] == "restored":
+                if self.m.check_mode:       # an earlier task may be about to create it
+                    self.m.warn("no pair %s/%s yet: a real run would fail here"
+                                % (p["source"], p["clone"]))
+                    return dict(changed=False, actions=self.actions)
+                self.fail("no pair %s/%s to restore from; create it first (state=synchronized)"
+                          % (p["source"], p["clone"]))
+            self.do("pair.create", source=p["source"], clone=p["clone"],
+                    extent_size=p["extent_size"], sync=True, **throttle)
+            throttle = {}
+        elif throttle:
+            self.do("pair.throttle", pair=p["clone"], **throttle)
+        getattr(self, "to_" + p["state"])(cur)
+        after = _view(self.pair) if not self.m.check_mode else self.predicted(before, wanted)
+        return dict(changed=bool(self.actions), actions=self.actions, pair=self.pair,
+                    diff=dict(before=before, after=after))
+
+    def predicted(self, before, throttle):
+        """What check mode expects the pair to look like afterwards."""
+        after = dict(before, source=self.p["source"], clone=self.p["clone"])
+        state = self.p["state"]
+        if state == "restored":
+            state = before.get("state")
+            if "pair.restore" in self.actions:
+                state = "fractured" if self.p["protected"] else "synchronized"
+        after["state"] = state
+        th = dict(before.get("throttle") or {})
+        th.update(throttle)
+        after["throttle"] = th
+        return after
+
+    def throttle_changes(self, cur):
+        want = self.p["throttle"] or {}
+        out = {}
+        for k in KNOBS:
+            v = want.get(k)
+            if v is None:
+                continue
+            if k == "rate":
+                try:
+                    v = parse_size(v)
+                except ValueError as e:
+                    self.fail("throttle.rate: %s" % e)
+            if cur is None or cur["throttle"][k] != v:
+                out[k] = v
+        return out
+
+    def job(self):
+        return self.pair["progress"] if self.pair else None
+
+    # -- states -------------------------------------------------------------------------
+    def to_synchronized(self, cur):
+        if cur is None:
+            return self.wait()
+        st = cur["state"]
+        if st == "fractured":
+            self.do("pair.sync", pair=self.p["clone"])
+        elif st == "restoring":
+            self.fail("%s is being restored onto %s; wait for the restore (state=restored) "
+                      "before syncing" % (self.p["clone"], self.p["source"]))
+        elif cur["progress"]["paused"]:
+            self.do("pair.resume", pair=self.p["clone"])
+        self.wait()
+
+    def to_fractured(self, cur):
+        st = cur["state"] if cur else "syncing"
+        if st == "restoring":
+            if not cur["progress"]["protected"]:
+                self.fail("%s is in an unprotected restore, which ends synchronized; "
+                          "wait for it first" % self.p["clone"])
+            self.wait(force=True)           # a protected restore ends fractured
+            return
+        if st == "fractured":
+            return
+        if st == "syncing":
+            if cur is not None and cur["progress"]["paused"]:
+                self.fail("the sync of %s is paused; resume it first" % self.p["clone"])
+            self.wait(force=True)           # a clone is a copy only once the sync is done
+        self.do("pair.fracture", pair=self.p["clone"])
+
+    def to_restored(self, cur):
+        st, pr = cur["state"], cur["progress"]
+        if st == "restoring":
+            if pr["paused"]:
+                self.fail("the restore of %s is paused; resume it (or pair resume) first"
+                          % self.p["clone"])
+            return self.wait()              # started earlier: follow it, no change
+        if st == "syncing":
+            self.fail("%s is syncing from %s; a restore now would copy a partial clone back"
+                      % (self.p["clone"], self.p["source"]))
+        if st == "synchronized" or pr["delta_extents"] == 0:
+            return                          # source and clone already hold the same data
+        self.do("pair.restore", pair=self.p["clone"], protected=self.p["protected"])
+        self.wait()
+
+
+def _view(p):
+    if not p:
+        return {}
+    return dict(source=p["source"], clone=p["clone"], state=p["state"],
+                delta_extents=p["progress"]["delta_extents"], throttle=p["throttle"])
+
+
+def main():
+    spec = common_argument_spec()
+    spec.update(
+        source=dict(type="str", required=True),
+        clone=dict(type="str", required=True),
+        state=dict(type="str", default="synchronized",
+                   choices=["synchronized", "fractured", "restored", "absent"]),
+        protected=dict(type="bool", default=True),
+        wait=dict(type="bool", default=True),
+        extent_size=dict(type="str"),
+        throttle=dict(type="dict", options=dict(
+            rate=dict(type="str"), batch_extents=dict(type="int"), depth=dict(type="int"),
+            host_yield_ms=dict(type="int"))),
+        force=dict(type="bool", default=False),
+    )
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    if module.params["source"] == module.params["clone"]:
+        module.fail_json(msg="source and clone must be different volumes")
+    client = Client(module.params["socket"], module.params["timeout"])
+    runner = Runner(module, client)
+    try:
+        module.exit_json(**runner.run())
+    except LiverestoreError as e:
+        module.fail_json(msg=str(e), actions=runner.actions, pair=runner.pair)
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    main()

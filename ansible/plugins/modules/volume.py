@@ -1,0 +1,159 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: liverestore contributors
+# Apache License 2.0 (see the liverestore repository)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+---
+module: volume
+short_description: Manage liverestore volumes (image files and block devices)
+version_added: "0.1.0"
+description:
+  - Creates or forgets a volume of the liverestore daemon through its control socket.
+  - A volume is a new image file of a given size, or an existing file or block device.
+  - liverestore never resizes or moves a volume; asking for a different size or path of an
+    existing volume fails instead of silently doing nothing.
+  - Forgetting a volume leaves its image file in place.
+options:
+  name:
+    description: "Volume name: 1-64 of letters, digits and C(_), C(.), C(:), C(-)."
+    type: str
+    required: true
+  state:
+    description: Whether the volume should exist.
+    type: str
+    choices: [present, absent]
+    default: present
+  size:
+    description:
+      - Size of a new image file, in bytes or with a unit, e.g. C(512M), C(10G).
+      - Required to create a volume whose I(path) does not exist yet.
+    type: str
+  path:
+    description: Image file or block device; by default a file in the daemon's state directory.
+    type: path
+  extent_size:
+    description: Default extent size of pairs made of this volume (power of two, 4K to 64M).
+    type: str
+    default: 64K
+  socket:
+    description: The daemon's control socket.
+    type: path
+    default: /run/liverestore/control.sock
+  timeout:
+    description: Seconds to wait for the daemon's answer.
+    type: int
+    default: 3600
+notes:
+  - Talks to the daemon only; liverestore need not be importable by the Python running the module.
+  - Supports check mode and diff mode.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+author:
+  - liverestore contributors
+"""
+
+EXAMPLES = r"""
+- name: A 10 GiB database volume in the state directory
+  liverestore.storage.volume:
+    name: db1
+    size: 10G
+
+- name: Adopt an existing block device
+  liverestore.storage.volume:
+    name: db1-clone
+    path: /dev/vg0/db1-clone
+
+- name: Forget a volume (the file stays)
+  liverestore.storage.volume:
+    name: old
+    state: absent
+"""
+
+RETURN = r"""
+volume:
+  description: The volume as the daemon describes it (absent after deletion).
+  returned: when state is present
+  type: dict
+  sample:
+    name: db1
+    path: /var/lib/liverestore/volumes/db1.img
+    size: 10737418240
+    extent_size: 65536
+    kind: file
+    role: source
+    access: read-write
+    exported_by: iqn.2026-11.com.example:db
+    pairs: [db1-clone]
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
+    Client, LiverestoreError, common_argument_spec, find, parse_size)
+
+
+def main():
+    spec = common_argument_spec()
+    spec.update(
+        name=dict(type="str", required=True),
+        state=dict(type="str", choices=["present", "absent"], default="present"),
+        size=dict(type="str"),
+        path=dict(type="path"),
+        extent_size=dict(type="str", default="64K"),
+    )
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    p = module.params
+    try:
+        want_size = parse_size(p["size"]) if p["size"] else None
+        want_es = parse_size(p["extent_size"])
+    except ValueError as e:
+        module.fail_json(msg=str(e))
+    client = Client(p["socket"], p["timeout"])
+    try:
+        cur = find(client.call("volume.list"), "name", p["name"])
+        before = _view(cur)
+        if p["state"] == "absent":
+            if cur is None:
+                module.exit_json(changed=False)
+            if not module.check_mode:
+                client.call("volume.delete", name=p["name"])
+            module.exit_json(changed=True, diff=dict(before=before, after={}))
+        if cur is not None:
+            problems = []
+            if want_size is not None and want_size != cur["size"]:
+                problems.append("is %d bytes, not %d (liverestore does not resize volumes)"
+                                % (cur["size"], want_size))
+            if p["path"] and p["path"] != cur["path"]:
+                problems.append("is at %s, not %s" % (cur["path"], p["path"]))
+            if want_es != cur["extent_size"]:
+                problems.append("has extent size %d, not %d" % (cur["extent_size"], want_es))
+            if problems:
+                module.fail_json(msg="volume %s %s; delete and recreate it to change that"
+                                 % (p["name"], "; ".join(problems)), volume=cur)
+            module.exit_json(changed=False, volume=cur)
+        after = dict(name=p["name"], size=want_size, path=p["path"], extent_size=want_es)
+        if module.check_mode:
+            module.exit_json(changed=True, diff=dict(before={}, after=after))
+        vol = client.call("volume.create", name=p["name"], size=p["size"], path=p["path"],
+                          extent_size=p["extent_size"])
+        module.exit_json(changed=True, volume=vol, diff=dict(before={}, after=_view(vol)))
+    except LiverestoreError as e:
+        module.fail_json(msg=str(e))
+    finally:
+        client.close()
+
+
+def _view(v):
+    if v is None:
+        return {}
+    return dict(name=v["name"], size=v["size"], path=v["path"], extent_size=v["extent_size"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The liverestore.storage Ansible collection against a real daemon:
+the example playbook twice (second run changed=0), check mode, the
+`restored` state, parameter validation, ansible-doc, secrets kept out of
+the output, and the install role into a temporary prefix."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from target.control import Client
+from tests.target.test_daemon import LR, ROOT, Daemon
+
+BIN = os.path.dirname(sys.executable)
+PLAYBOOK = shutil.which("ansible-playbook", path=BIN + os.pathsep + os.environ.get("PATH", ""))
+pytestmark = pytest.mark.skipif(
+    PLAYBOOK is None, reason="ansible-playbook not installed (ansible-core is in the test extras)")
+
+COLLECTION = os.path.join(ROOT, "ansible")
+SITE = os.path.join(COLLECTION, "examples", "site.yml")
+SECRET = "example-secret-123"      # the example playbook's
+IQN = "iqn.2026-11.io.liverestore.example:db"
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(PLAYBOOK), name)
+
+
+def interpreter() -> str:
+    """A Python that cannot import liverestore if there is one: the modules
+    must work with the standard library alone."""
+    for py in ("/usr/bin/python3", sys.executable):
+        if os.path.exists(py) and subprocess.run(
+                [py, "-c", "import target.control"], cwd="/", capture_output=True).returncode:
+            return py
+    return sys.executable
+
+
+@pytest.fixture
+def env(tmp_path):
+    coll = tmp_path / "collections" / "ansible_collections" / "liverestore"
+    coll.mkdir(parents=True)
+    os.symlink(COLLECTION, coll / "storage")
+    e = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(tmp_path / "collections"),
+             ANSIBLE_HOME=str(tmp_path / "ansible-home"),
+             ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
+             ANSIBLE_PYTHON_INTERPRETER=interpreter(), ANSIBLE_NOCOLOR="1",
+             ANSIBLE_FORCE_COLOR="0", ANSIBLE_RETRY_FILES_ENABLED="0",
+             ANSIBLE_STDOUT_CALLBACK="default")
+    e.pop("PYTHONPATH", None)
+    return e
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path).start()
+    yield d
+    if d.proc and d.proc.poll() is None:
+        d.stop(signal.SIGKILL)
+
+
+def playbook(env, path, *extra: str, ok: bool = True) -> tuple[subprocess.CompletedProcess, dict]:
+    r = subprocess.run([PLAYBOOK, "-i", "localhost,", path, *extra], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    if ok:
+        assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+"
+                  r"failed=(\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    recap = dict(zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups())))
+    return r, recap
+
+
+def adhoc(env, module: str, args: dict) -> tuple[int, dict]:
+    r = subprocess.run([tool("ansible"), "localhost", "-i", "localhost,", "-c", "local",
+                        "-m", f"liverestore.storage.{module}", "-a", json.dumps(args)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    m = re.search(r"=> (\{.*\})\s*$", r.stdout, re.S)
+    assert m, r.stdout + r.stderr
+    return r.returncode, json.loads(m.group(1))
+
+
+def test_example_site_twice_second_run_unchanged(env, daemon):
+    sock = ["-e", f"liverestore_socket={daemon.sock}"]
+    r, recap = playbook(env, SITE, *sock, "--diff", "-vvv")
+    assert recap["failed"] == 0 and recap["changed"] == 3, r.stdout
+    assert SECRET not in r.stdout + r.stderr
+    assert "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER" in r.stdout    # the invocation was masked
+    with Client(daemon.sock) as c:
+        assert sorted(v["name"] for v in c.call("volume.list")) == ["db1", "db1-clone"]
+        p = c.call("pair.show", pair="db1-clone")
+        assert p["state"] == "fractured" and p["throttle"]["depth"] == 4
+        e = c.call("export.show", iqn=IQN)
+        assert e["luns"] == {"0": "db1", "1": "db1-clone"} and e["chap"]["user"] == "dbhost"
+        assert e["acl"] == ["iqn.1994-05.com.example:db-host"]
+        saved = c.call("saveconfig")
+    assert saved["targets"][IQN]["chap"] == ["dbhost", SECRET]   # the secret did arrive
+    r, recap = playbook(env, SITE, *sock, "--diff")
+    assert recap == {"ok": 5, "changed": 0, "unreachable": 0, "failed": 0}, r.stdout
+    assert "db1: fractured, 0 extents differ" in r.stdout
+
+
+def test_check_mode_changes_nothing_and_predicts(env, daemon):
+    r, recap = playbook(env, SITE, "-e", f"liverestore_socket={daemon.sock}", "--check", "--diff")
+    assert recap["changed"] == 3 and recap["failed"] == 0, r.stdout
+    assert "a real run would fail here" in r.stdout + r.stderr
+    assert '+    "name": "db1"' in r.stdout               # the volume's diff
+    with Client(daemon.sock) as c:
+        assert c.call("volume.list") == [] and c.call("export.list") == []
+
+
+def test_restored_runs_a_restore_to_completion_then_is_a_no_op(env, daemon, tmp_path):
+    daemon.cli("volume", "create", "db1", "--size", "4M")
+    daemon.cli("volume", "create", "db1-clone", "--size", "4M")
+    daemon.cli("pair", "create", "db1", "db1-clone", "--no-sync")     # every extent differs
+    book = tmp_path / "restore.yml"
+    book.write_text(f"""
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - liverestore.storage.pair:
+        socket: {daemon.sock}
+        source: db1
+        clone: db1-clone
+        state: restored
+        protected: false
+      register: out
+    - ansible.builtin.debug:
+        msg: "RESULT {{{{ out.pair.state }}}} {{{{ out.pair.progress.delta_extents }}}} {{{{ out.actions }}}}"
+""")
+    r, recap = playbook(env, str(book), "--check")
+    assert recap["changed"] == 1 and "['pair.restore']" in r.stdout
+    assert Client(daemon.sock).call("pair.show", pair="db1-clone")["state"] == "fractured"
+    r, recap = playbook(env, str(book))
+    assert recap["changed"] == 1
+    # An unprotected restore ends synchronized: waited for, to the end.
+    assert "RESULT synchronized 0 ['pair.restore']" in r.stdout, r.stdout
+    r, recap = playbook(env, str(book))
+    assert recap["changed"] == 0 and "RESULT synchronized 0 []" in r.stdout
+
+
+def test_parameters_validated_with_clear_messages(env, daemon):
+    sock = {"socket": daemon.sock}
+    rc, out = adhoc(env, "volume", {**sock, "name": "v", "size": "lots"})
+    assert rc != 0 and out["msg"].startswith("bad size 'lots'")
+    rc, out = adhoc(env, "pair", {**sock, "source": "a"})
+    assert rc != 0 and "missing required arguments: clone" in out["msg"]
+    rc, out = adhoc(env, "pair", {**sock, "source": "a", "clone": "b", "state": "restord"})
+    assert rc != 0 and "value of state must be one of" in out["msg"]
+    rc, out = adhoc(env, "pair", {**sock, "source": "a", "clone": "b", "throttle": {"speed": 1}})
+    assert rc != 0 and "speed" in out["msg"]
+    rc, out = adhoc(env, "pair", {**sock, "source": "a", "clone": "b", "state": "restored"})
+    assert rc != 0 and out["msg"] == "no pair a/b to restore from; create it first (state=synchronized)"
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "luns": {"zero": "v"}})
+    assert rc != 0 and "luns: keys are LUN numbers" in out["msg"]
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "chap_secret": "x" * 12})
+    assert rc != 0 and "chap_user" in out["msg"]
+    rc, out = adhoc(env, "volume", {"socket": daemon.sock + ".none", "name": "v", "size": "1M"})
+    assert rc != 0 and "no liverestore daemon listening" in out["msg"]
+    # A size that differs from the existing volume's: refused, not ignored.
+    assert adhoc(env, "volume", {**sock, "name": "v", "size": "1M"})[0] == 0
+    rc, out = adhoc(env, "volume", {**sock, "name": "v", "size": "2M"})
+    assert rc != 0 and "does not resize" in out["msg"]
+    rc, out = adhoc(env, "volume", {**sock, "name": "v", "size": "1M"})
+    assert rc == 0 and out["changed"] is False
+    # The daemon's own refusals come through as the task's message.
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "chap_user": "u", "chap_secret": "short"})
+    assert rc != 0 and out["msg"].startswith("CHAP secrets must be 12")
+    assert "short" not in json.dumps(out) or out.get("invocation") is None
+
+
+def test_export_secret_never_in_output_and_updates(env, daemon):
+    sock = {"socket": daemon.sock}
+    adhoc(env, "volume", {**sock, "name": "v", "size": "1M"})
+    secret = "topsecret-abc-123"
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "luns": {"0": "v"},
+                                    "chap_user": "u", "chap_secret": secret})
+    assert rc == 0 and out["changed"] and out["export"]["chap"] == {"user": "u",
+                                                                     "secret": "********"}
+    assert secret not in json.dumps(out)
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "luns": {"0": "v"},
+                                    "chap_user": "u", "chap_secret": secret})
+    assert rc == 0 and out["changed"] is False
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "chap_user": "u", "chap_secret": secret,
+                                    "update_secret": "always"})
+    assert rc == 0 and out["changed"] is True and secret not in json.dumps(out)
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "acl": ["iqn.1994-05.com.example:h"],
+                                    "luns": {}})
+    assert rc == 0 and out["export"]["luns"] == {} and out["export"]["acl"] == [
+        "iqn.1994-05.com.example:h"]
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "chap_user": ""})
+    assert rc == 0 and out["changed"] and out["export"]["chap"] is None
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "state": "absent"})
+    assert rc == 0 and out["changed"] and Client(daemon.sock).call("export.list") == []
+
+
+@pytest.mark.parametrize("module", ["volume", "pair", "export"])
+def test_ansible_doc_renders(env, module):
+    for args in (["-M", os.path.join(COLLECTION, "plugins", "modules"), module],
+                 [f"liverestore.storage.{module}"]):
+        r = subprocess.run([tool("ansible-doc"), *args], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and "ERROR" not in r.stderr, r.stderr
+        for section in ("OPTIONS", "EXAMPLES", "RETURN VALUES", "socket"):
+            assert section in r.stdout, (module, section)
+
+
+def _have_wheel() -> bool:
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_wheel(), reason="building liverestore offline (--no-build-isolation) "
+                    "needs the 'wheel' package in the test venv (test extras)")
+def test_role_installs_into_a_prefix_and_initialises_once(env, tmp_path):
+    """The role against localhost in a temporary prefix: venv, pip install
+    of a copy of the source (no network: --no-deps, the test venv's packages
+    on PYTHONPATH for `liverestore init`), unit + drop-in, init once."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "tests", "*.egg-info", "build", "__pycache__", ".ci"))
+    site_packages = next(p for p in sys.path if p.endswith("site-packages")
+                         and p.startswith(sys.prefix))
+    prefix, state, units = tmp_path / "opt", tmp_path / "state", tmp_path / "systemd"
+    units.mkdir()
+    book = tmp_path / "role.yml"
+    book.write_text(f"""
+- hosts: localhost
+  connection: local
+  gather_facts: false
+  roles:
+    - role: liverestore.storage.liverestore
+      vars:
+        liverestore_source: {src}
+        liverestore_prefix: {prefix}
+        liverestore_python: {sys._base_executable}
+        liverestore_pip_extra_args: --no-deps --no-build-isolation --no-index
+        liverestore_environment: {{PYTHONPATH: "{ROOT}:{site_packages}"}}
+        liverestore_install_packages: false
+        liverestore_state_dir: {state}
+        liverestore_socket: {tmp_path}/control.sock
+        liverestore_portals: ["127.0.0.1:3261"]
+        liverestore_systemd_dir: {units}
+        liverestore_manage_service: false
+""")
+    r = subprocess.run([PLAYBOOK, "-i", "localhost,", str(book), "--syntax-check"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r, recap = playbook(env, str(book))
+    assert recap["changed"] >= 5 and recap["failed"] == 0, r.stdout
+    assert os.access(prefix / ".venv" / "bin" / "liverestore", os.X_OK)
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(state / "liverestore.db").st_mode) == 0o600
+    assert (units / "liverestore.service").read_text() == open(
+        os.path.join(ROOT, "target", "systemd", "liverestore.service")).read()
+    dropin = (units / "liverestore.service.d" / "ansible.conf").read_text()
+    assert (f"ExecStart={prefix}/.venv/bin/liverestore --socket {tmp_path}/control.sock serve "
+            f"--state-dir {state} --portal 127.0.0.1:3261") in dropin
+    r, recap = playbook(env, str(book))
+    assert recap["changed"] == 0, r.stdout
+    # What the role installed runs: init is idempotent through it too.
+    r = subprocess.run([str(prefix / ".venv" / "bin" / "liverestore"), "init", "--state-dir",
+                        str(state)], env={**env, "PYTHONPATH": f"{ROOT}:{site_packages}"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "already initialised" in r.stdout, r.stderr
