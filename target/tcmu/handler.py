@@ -120,6 +120,8 @@ class TcmuHandler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rescan_task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._event_tasks: set[asyncio.Task] = set()
+        self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -138,6 +140,10 @@ class TcmuHandler:
             self._rescan_task = self._loop.create_task(self._rescan_loop())
 
     async def stop(self) -> None:
+        self._stopping = True
+        for t in list(self._event_tasks):
+            t.cancel()
+        await asyncio.gather(*self._event_tasks, return_exceptions=True)
         if self._rescan_task is not None:
             self._rescan_task.cancel()
             await asyncio.gather(self._rescan_task, return_exceptions=True)
@@ -165,13 +171,14 @@ class TcmuHandler:
             except Exception:
                 log.exception("rescan failed")
 
-    async def rescan(self) -> dict[str, list[str]]:
-        """Serve new devices, drop vanished ones. Returns what changed."""
+    async def rescan(self, skip: list[str] = ()) -> dict[str, list[str]]:
+        """Serve new devices, drop vanished ones. Returns what changed.
+        ``skip``: names announced as removed whose sysfs entry may linger."""
         async with self._lock:
-            found = {u.name: u for u in scan_uio(self.sys_class_uio, self.subtype)}
+            found = {u.name: u for u in scan_uio(self.sys_class_uio, self.subtype) if u.name not in skip}
             added, removed = [], []
             for name in list(self.devices):
-                if name not in found or found[name].uio != self._uio.get(name):
+                if name not in found or found[name].uio != self._uio.get(name) or self.devices[name].gone:
                     await self._remove(name)
                     removed.append(name)
             for name, info in found.items():
@@ -182,16 +189,28 @@ class TcmuHandler:
 
     def _on_netlink(self) -> None:
         events = self._nl.read_events()
+        for ev in events:
+            log.info("netlink: cmd %d device %s minor %d", ev.cmd, ev.device, ev.minor)
         if events:
-            for ev in events:
-                log.info("netlink: cmd %d device %s minor %d", ev.cmd, ev.device, ev.minor)
-            self._loop.create_task(self._rescan_logged())
+            t = self._loop.create_task(self._handle_events(events))
+            self._event_tasks.add(t)
+            t.add_done_callback(self._event_tasks.discard)
 
-    async def _rescan_logged(self) -> None:
+    async def _handle_events(self, events) -> None:
+        """REMOVED is sent before the kernel unregisters the uio device, so
+        the device named in it is dropped directly (a rescan could still see
+        it); RECONFIG (size, config or write-cache change) reopens the device
+        so the daemon sees the new values; everything ends in a rescan."""
         try:
-            await self.rescan()
+            async with self._lock:
+                for ev in events:
+                    if ev.cmd in (abi.TCMU_CMD_REMOVED_DEVICE, abi.TCMU_CMD_RECONFIG_DEVICE) \
+                            and ev.device in self.devices and not self._stopping:
+                        await self._remove(ev.device)
+            if not self._stopping:
+                await self.rescan(skip=[ev.device for ev in events if ev.cmd == abi.TCMU_CMD_REMOVED_DEVICE])
         except Exception:
-            log.exception("rescan after netlink event failed")
+            log.exception("handling netlink events failed")
 
     # -- one device ------------------------------------------------------------------
     def _attrib(self, info: UioInfo, attr: str) -> str:

@@ -138,3 +138,41 @@ def test_handler_without_tcmu_netlink_falls_back_to_scanning(tmp_path):
         assert h.devices == {}
         await h.stop()
     run(main())
+
+
+def test_netlink_events_drive_add_remove_and_reconfig(tmp_path):
+    from target.tcmu.netlink import TcmuEvent
+
+    async def main():
+        kernels = {"uio0": FakeKernel(), "uio1": FakeKernel()}
+        make_uio(tmp_path, "uio0", "tcm-user/0/lr_a/liverestore/a", kernels["uio0"])
+        opened, closed = [], []
+
+        def open_device(config, size, block_size):
+            opened.append((config, size))
+            return PlainLunIO(MemoryBlockStore(size))
+
+        def factory(name, target, *, uio_dev, map_size, reset_ring):
+            k = kernels[os.path.basename(uio_dev)]
+            return TcmuDevice(name, target, fd=k.user_sock.fileno(), buf=k.map, reset_ring=reset_ring)
+
+        h = TcmuHandler(open_device, close_device=lambda c, o: closed.append(c),
+                        sys_class_uio=str(tmp_path / "sys"), configfs_core=str(tmp_path / "cfg"),
+                        use_netlink=False, rescan_interval=0, device_factory=factory)
+        await h.start()
+        a, b = "tcm-user/0/lr_a/liverestore/a", "tcm-user/0/lr_b/liverestore/b"
+        # ADDED: the new device is picked up
+        cfg_b = make_uio(tmp_path, "uio1", b, kernels["uio1"], size=2 << 20)
+        await h._handle_events([TcmuEvent(abi.TCMU_CMD_ADDED_DEVICE, b, 1)])
+        assert sorted(h.devices) == [a, b] and opened == [("a", 8 << 20), ("b", 2 << 20)]
+        # RECONFIG: reopened with the new size
+        (cfg_b / "attrib" / "dev_size").write_text(f"{4 << 20}\n")
+        await h._handle_events([TcmuEvent(abi.TCMU_CMD_RECONFIG_DEVICE, b, 1)])
+        assert opened[-1] == ("b", 4 << 20) and closed == ["b"] and b in h.devices
+        # REMOVED arrives while the uio entry still exists: dropped anyway
+        await h._handle_events([TcmuEvent(abi.TCMU_CMD_REMOVED_DEVICE, b, 1)])
+        assert sorted(h.devices) == [a] and closed == ["b", "b"]
+        await h.stop()
+        for k in kernels.values():
+            k.close()
+    run(main())
