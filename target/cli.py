@@ -117,7 +117,7 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         print(json.dumps(result, indent=2, default=str))
 
 
-def _wait(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
+def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
     """Follow a pair's job to its end: a live bar on a terminal, lines otherwise."""
     tty = sys.stdout.isatty() and not json_out
     last_line = 0.0
@@ -163,7 +163,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         op, kw, kind = args.op(args)
         result = c.call(op, **kw)
         if getattr(args, "wait", False) and op.startswith("pair.") and isinstance(result, dict):
-            result = _wait(c, result["id"], args.json)
+            result = wait_job(c, result["id"], args.json)
         _show(args, result, kind)
     return 0
 

@@ -27,8 +27,14 @@ def run(socket_path: str = DEFAULT_SOCKET, line: list[str] | None = None) -> int
         print(f"liverestore: {e}", file=sys.stderr)
         return 1
     prefs = None
-    if not line:
+    if not line:   # history and preferences, owner-only; without them if that fails
         prefs = os.environ.get("LIVERESTORE_SHELL_PREFS") or os.path.expanduser("~/.liverestore")
+        try:
+            os.makedirs(prefs, mode=0o700, exist_ok=True)
+            if not os.access(prefs, os.W_OK):
+                prefs = None
+        except OSError:
+            prefs = None
     shell = LiverestoreShell(client, prefs)
     try:
         if line:

@@ -413,6 +413,19 @@ class PairNode(Node):
     def ui_complete_sync(self, parameters, text, current_param):
         return [m for m in ("delta", "full") if m.startswith(text)]
 
+    def ui_command_wait(self):
+        '''
+        Follows the running sync or restore to its end: a live progress bar
+        on a terminal, a line every few seconds otherwise. Ctrl-C stops
+        following (the job goes on).
+        '''
+        from ..cli import wait_job
+        try:
+            p = wait_job(self.shell.client, self.data["id"], False)
+        except ControlError as e:
+            raise ExecutionError(str(e)) from None
+        self.say(f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
+
     def ui_command_fracture(self):
         '''
         Splits the clone off the source; both stay usable and their writes

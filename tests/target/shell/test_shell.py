@@ -169,6 +169,10 @@ def test_one_shot_mode(daemon, tmp_path):
     assert "(unprotected) paused]" in tree_line(out, "db1-clone")
     assert "exported by " + IQN in tree_line(shell_cmd(daemon, "ls", "/volumes").stdout, "db1")
     assert SECRET not in out
+    shell_cmd(daemon, "/pairs/db1/db1-clone", "set", "throttle", "rate=0", "batch_extents=16")
+    shell_cmd(daemon, "/pairs/db1/db1-clone", "resume")
+    r = shell_cmd(daemon, "/pairs/db1/db1-clone", "wait")
+    assert r.stdout.splitlines()[-1] == "db1/db1-clone: synchronized.", r.stdout
     r = shell_cmd(daemon, "/pairs/db1/nope", "restore", ok=False)
     assert r.returncode == 1 and r.stderr.strip() == "error: No such path /pairs/db1/nope"
     r = shell_cmd(daemon, "/volumes", "create", "x", "size=lots", ok=False)
