@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 LOGIN_MAX_DATA = 8192        # RFC 7143: login PDUs carry at most 8192 bytes of data
 MIN_BUFFER = 64 * 1024
 FLUSH_BYTES = 1 << 20        # corked output beyond this is flushed at once by drain()
+IOV_MAX = 1024
+WRITEV = hasattr(os, "writev") and os.environ.get("LIVERESTORE_ISCSI_NO_WRITEV") != "1"
 MAX_WRITE_BACKLOG = 1 << 30    # unsent bytes beyond this: the peer is not reading, drop it
 
 
@@ -60,6 +63,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self._paused = False
         self._drain_waiters: list[asyncio.Future] = []
         self._wbuf: list = []
+        self._fd = -1                # socket fd for gather writes (plain selector transports only)
         self._direct: _Direct | None = None
         self._wbytes = 0
         self._flush_scheduled = False
@@ -84,6 +88,9 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            if (WRITEV and isinstance(transport, asyncio.Transport)
+                    and type(transport).__name__ == "_SelectorSocketTransport"):
+                self._fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         self.local = transport.get_extra_info("sockname") or ()
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
@@ -315,8 +322,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
             self.header_digest = prm.header_digest
             self.data_digest = prm.data_digest
             self.max_recv = prm.target_mrdsl
-            need = P.BHS_LEN + 255 * 4 + 8 + prm.target_mrdsl + 3
-            self._ensure_capacity(min(2 * need, need + 4 * 1024 * 1024))
+            # the receive buffer stays small (idle sessions cost ~64 KiB) and
+            # grows only when a PDU needs it; bulk Data-Out bypasses it anyway
 
     # -- sending -------------------------------------------------------------------
     def next_statsn(self) -> int:
@@ -356,13 +363,36 @@ class IscsiConnection(asyncio.BufferedProtocol):
             self._wbytes = 0
             t = self.transport
             if t is not None and not t.is_closing():
-                t.writelines(buf)
+                if self._fd >= 0 and t.get_write_buffer_size() == 0:
+                    buf = self._writev(buf)
+                if buf:
+                    t.writelines(buf)
                 if t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
                     # a peer that sends but never reads (commands wait in drain(),
                     # but NOP/Reject answers would pile up without bound)
                     log.warning("connection %s: peer is not reading (%d bytes queued), dropping",
                                 self.peer, t.get_write_buffer_size())
                     self.abort("write backlog")
+
+    def _writev(self, buf: list) -> list:
+        """Gather-write straight from the PDU buffers (headers and memoryview
+        payloads) with one writev: no join copy. Only called while the
+        transport has nothing queued, so ordering is kept; what the socket
+        does not take is returned for the transport to queue."""
+        try:
+            sent = os.writev(self._fd, buf[:IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            return buf
+        except OSError:
+            return buf             # let the transport see (and report) the error
+        if sent == 0:
+            return buf
+        for i, b in enumerate(buf):
+            n = len(b) if not isinstance(b, memoryview) else b.nbytes
+            if sent < n:
+                return [memoryview(b)[sent:]] + buf[i + 1:]
+            sent -= n
+        return []
 
     # -- teardown --------------------------------------------------------------------
     def protocol_error(self, why: str, bhs: bytes | None = None) -> None:
