@@ -274,3 +274,19 @@ def test_role_installs_into_a_prefix_and_initialises_once(env, tmp_path):
                         str(state)], env={**env, "PYTHONPATH": f"{ROOT}:{site_packages}"},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "already initialised" in r.stdout, r.stderr
+
+
+LINT = shutil.which("ansible-lint", path=BIN + os.pathsep + os.environ.get("PATH", ""))
+
+
+@pytest.mark.skipif(LINT is None, reason="ansible-lint not installed (optional: pip install "
+                    "ansible-lint)")
+def test_ansible_lint_production_profile(env, tmp_path):
+    """The collection (modules' docs, role, example) passes ansible-lint's
+    strictest profile, checked in a copy laid out as an installed collection."""
+    dest = tmp_path / "lint" / "ansible_collections" / "liverestore" / "storage"
+    shutil.copytree(COLLECTION, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([LINT, "--offline", "--profile", "production", "--nocolor"],
+                       cwd=dest, env={**env, "ANSIBLE_COLLECTIONS_PATH": str(tmp_path / "lint")},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
