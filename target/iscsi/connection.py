@@ -1,7 +1,9 @@
 """One iSCSI TCP connection: PDU framing on an ``asyncio.BufferedProtocol``
-(the kernel writes straight into a preallocated receive buffer; PDUs are
-cut out of it as memoryviews), digests, write flow control, login phase and
-the NOP-In keepalive that drops dead peers.
+(the kernel writes straight into a preallocated receive buffer and PDUs are
+cut out of it as memoryviews; big Data-Out payloads land directly in the
+command's buffer), digests, corked gather-writes (one ``writev`` per event
+loop iteration, payloads never joined), write flow control, the login phase
+and the NOP-In keepalive that drops dead peers.
 """
 from __future__ import annotations
 
@@ -26,8 +28,6 @@ FLUSH_BYTES = 1 << 20        # corked output beyond this is flushed at once by d
 IOV_MAX = 1024
 WRITEV = hasattr(os, "writev") and os.environ.get("LIVERESTORE_ISCSI_NO_WRITEV") != "1"
 MAX_WRITE_BACKLOG = 1 << 30    # unsent bytes beyond this: the peer is not reading, drop it
-
-
 DIRECT_MIN = 16 * 1024       # Data-Out payloads at least this big are received in place
 
 
