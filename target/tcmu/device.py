@@ -126,6 +126,7 @@ class TcmuDevice:
         self._flush_notify()
         self._mv = None
         if self.ring is not None:
+            self.stats["out_of_order"] = self.ring.out_of_order
             self.ring.mv.release()
             self.ring = None
         if self._own_fd:

@@ -259,6 +259,7 @@ class TcmuHandler:
     async def _remove(self, name: str) -> None:
         dev = self.devices.pop(name)
         await dev.close()
+        log.info("%s: %s", name, " ".join(f"{k}={v}" for k, v in sorted(dev.stats.items())))
         cfg, obj = self._objs.pop(name)
         self._uio.pop(name, None)
         await self._call_close(cfg, obj)

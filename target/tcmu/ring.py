@@ -86,6 +86,7 @@ class Ring:
         self.parse = self.tail              # next entry we have not looked at
         self._slots: collections.deque[_Slot] = collections.deque()   # tail .. parse, ring order
         self.tmr: list[TmrNotice] = []
+        self.out_of_order = 0               # completions written into another command's slot
 
     # -- mailbox -------------------------------------------------------------------
     @property
@@ -169,6 +170,8 @@ class Ring:
             slot = next((s for s in self._slots if s.is_cmd and not s.done), None)
             if slot is None:
                 raise RingError(f"completion of cmd {req.cmd_id} with no pending ring slot")
+            if slot.off != req.slot:
+                self.out_of_order += 1
         else:
             slot = next((s for s in self._slots if s.is_cmd and s.off == req.slot and not s.done), None)
             if slot is None:

@@ -239,13 +239,27 @@ def main() -> int:
     h2log = open(os.path.join(RUN, "handler2.log")).read()
     result("reset_ring_on_restart", "ring reset" in h2log,
            "; ".join(l for l in h2log.splitlines() if "reset" in l)[:300])
+    # --- parallel direct I/O through the restarted handler ------------------------------
+    par = {}
+    procs = []
+    for i in range(4):
+        srcp = f"/tmp/par{i}.src"
+        with open(srcp, "wb") as f:
+            f.write(os.urandom(3 << 20))
+        par[f"{MNT}/par{i}"] = sha(srcp)
+        procs.append(subprocess.Popen(["dd", f"if={srcp}", f"of={MNT}/par{i}", "bs=64k", "oflag=direct",
+                                       "conv=fsync"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    rcs = [p.wait(timeout=300) for p in procs]
+    drop_caches()
+    bad = [p for p, s in par.items() if sha(p) != s]
+    result("parallel_direct_io", rcs == [0] * 4 and not bad, f"dd rcs={rcs} mismatches={bad}")
     sh("sync")
     sh(f"umount {MNT}")
     drop_caches()
     fsck = sh(f"fsck.ext4 -n -f {disk}", check=False, timeout=300)
     result("fsck_clean", fsck.returncode == 0, (fsck.stdout.strip().splitlines() or [""])[-1])
     sh(f"mount -o ro {disk} {MNT}")
-    bad = [p for p, s in sums.items() if sha(p) != s]
+    bad = [p for p, s in sums.items() if sha(p) != s] + [p for p, s in par.items() if sha(p) != s]
     big_ok = sha(big) == src_sum
     result("checksums_after_restart", not bad and big_ok, f"files mismatched={bad} stream_ok={big_ok}")
     sh(f"umount {MNT}")
@@ -261,6 +275,9 @@ def main() -> int:
     h2log = open(os.path.join(RUN, "handler2.log")).read()
     ev = [l.split(" INFO ", 1)[1] for l in h2log.splitlines() if "netlink: cmd" in l]
     result("netlink_removal", dropped and any("cmd 2 " in l for l in ev), "; ".join(ev))
+    for l in h2log.splitlines():
+        if "commands=" in l:
+            log("handler #2 ring stats: " + l.split(" INFO ", 1)[1])
     h2.send_signal(signal.SIGTERM)
     h2.wait(timeout=30)
     left = glob.glob(f"/sys/kernel/config/target/core/user_*/{VOL}") + glob.glob(

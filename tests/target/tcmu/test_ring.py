@@ -182,6 +182,7 @@ def test_out_of_order_completion_with_cap_oooc():
         [c] = await k.wait_completions(1)
         assert c.cmd_id == slow and c.slot == k.slots[1][0] and c.data_in == b"s" * 512
         assert k.tail == k.head
+        assert dev.ring.out_of_order == 2          # both answers went into each other's slot
         await dev.close()
         k.close()
     run(main())
