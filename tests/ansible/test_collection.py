@@ -171,6 +171,12 @@ def test_parameters_validated_with_clear_messages(env, daemon):
     assert rc != 0 and "does not resize" in out["msg"]
     rc, out = adhoc(env, "volume", {**sock, "name": "v", "size": "1M"})
     assert rc == 0 and out["changed"] is False
+    # Extent size: checked only when given.
+    daemon.cli("volume", "create", "big", "--size", "1M", "--extent-size", "128K")
+    rc, out = adhoc(env, "volume", {**sock, "name": "big"})
+    assert rc == 0 and out["changed"] is False and out["volume"]["extent_size"] == 128 << 10
+    rc, out = adhoc(env, "volume", {**sock, "name": "big", "extent_size": "64K"})
+    assert rc != 0 and "has extent size 131072, not 65536" in out["msg"]
     # The daemon's own refusals come through as the task's message.
     rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "chap_user": "u", "chap_secret": "short"})
     assert rc != 0 and out["msg"].startswith("CHAP secrets must be 12")

@@ -178,6 +178,14 @@ class Runner(object):
         self.pair = cur
         if cur is not None and cur["source"] != p["source"]:
             self.fail("%s is the clone of %s, not of %s" % (p["clone"], cur["source"], p["source"]))
+        if cur is not None and p["extent_size"]:
+            try:
+                es = parse_size(p["extent_size"])
+            except ValueError as e:
+                self.fail("extent_size: %s" % e)
+            if es != cur["extent_size"]:
+                self.fail("pair %s has extent size %d, not %d; delete and recreate it to change"
+                          " that" % (p["clone"], cur["extent_size"], es))
         before = _view(cur)
         if p["state"] == "absent":
             if cur is not None:

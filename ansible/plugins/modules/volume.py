@@ -36,9 +36,10 @@ options:
     description: Image file or block device; by default a file in the daemon's state directory.
     type: path
   extent_size:
-    description: Default extent size of pairs made of this volume (power of two, 4K to 64M).
+    description:
+      - Default extent size of pairs made of this volume (power of two, 4K to 64M).
+      - C(64K) when a volume is created without it; not checked on an existing volume unless given.
     type: str
-    default: 64K
   socket:
     description: The daemon's control socket.
     type: path
@@ -105,13 +106,13 @@ def main():
         state=dict(type="str", choices=["present", "absent"], default="present"),
         size=dict(type="str"),
         path=dict(type="path"),
-        extent_size=dict(type="str", default="64K"),
+        extent_size=dict(type="str"),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     p = module.params
     try:
         want_size = parse_size(p["size"]) if p["size"] else None
-        want_es = parse_size(p["extent_size"])
+        want_es = parse_size(p["extent_size"]) if p["extent_size"] else None
     except ValueError as e:
         module.fail_json(msg=str(e))
     client = Client(p["socket"], p["timeout"])
@@ -131,22 +132,26 @@ def main():
                                 % (cur["size"], want_size))
             if p["path"] and p["path"] != cur["path"]:
                 problems.append("is at %s, not %s" % (cur["path"], p["path"]))
-            if want_es != cur["extent_size"]:
+            if want_es is not None and want_es != cur["extent_size"]:
                 problems.append("has extent size %d, not %d" % (cur["extent_size"], want_es))
             if problems:
                 module.fail_json(msg="volume %s %s; delete and recreate it to change that"
                                  % (p["name"], "; ".join(problems)), volume=cur)
             module.exit_json(changed=False, volume=cur)
-        after = dict(name=p["name"], size=want_size, path=p["path"], extent_size=want_es)
+        after = dict(name=p["name"], size=want_size, path=p["path"],
+                     extent_size=want_es or parse_size(DEFAULT_EXTENT))
         if module.check_mode:
             module.exit_json(changed=True, diff=dict(before={}, after=after))
         vol = client.call("volume.create", name=p["name"], size=p["size"], path=p["path"],
-                          extent_size=p["extent_size"])
+                          extent_size=p["extent_size"] or DEFAULT_EXTENT)
         module.exit_json(changed=True, volume=vol, diff=dict(before={}, after=_view(vol)))
     except LiverestoreError as e:
         module.fail_json(msg=str(e))
     finally:
         client.close()
+
+
+DEFAULT_EXTENT = "64K"
 
 
 def _view(v):
