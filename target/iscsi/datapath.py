@@ -76,7 +76,7 @@ class DataPathMixin:
             task.counted = counted
             if task.aborted:
                 if task.notify_abort and not self.closed:
-                    self._release_window(task)
+                    self._retire(task)
                     self._send_status(task, TASK_ABORTED, b"")
                 self._finish(task)
                 return
@@ -231,7 +231,7 @@ class DataPathMixin:
                     await asyncio.wait(deps)
             task.state = "exec"
             if task.error_sense is not None:
-                self._release_window(task)
+                self._retire(task)
                 self._send_status(task, CHECK_CONDITION, task.error_sense)
                 return
             data_out = memoryview(task.buf) if task.buf is not None else None
@@ -252,12 +252,12 @@ class DataPathMixin:
                 if task.aborted or self.closed:
                     return
             task.state = "done"
-            self._release_window(task)
+            self._retire(task)
             self._send_result(task, rsp)
             await self.conn.drain()
         except asyncio.CancelledError:
             if task.notify_abort and not self.closed:
-                self._release_window(task)
+                self._retire(task)
                 self._send_status(task, TASK_ABORTED, b"")
         except ProtocolViolation as e:
             self.conn.protocol_error(str(e))
@@ -266,6 +266,16 @@ class DataPathMixin:
             self.conn.abort("internal error")
         finally:
             self._finish(task)
+
+    def _retire(self, task: Task) -> None:
+        """Just before a command's final status goes out: reopen its CmdSN
+        slot (the status carries the new MaxCmdSN) and free its ITT, which
+        the initiator may reuse as soon as it sees the status."""
+        self._release_window(task)
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+            if not self.tasks:
+                self.idle.set()
 
     def _release_window(self, task: Task) -> None:
         if not task.window_released:
