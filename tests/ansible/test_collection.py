@@ -296,3 +296,29 @@ def test_ansible_lint_production_profile(env, tmp_path):
                        cwd=dest, env={**env, "ANSIBLE_COLLECTIONS_PATH": str(tmp_path / "lint")},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pair_states_sync_fracture_absent(env, daemon):
+    sock = {"socket": daemon.sock}
+    for v in ("s", "c"):
+        daemon.cli("volume", "create", v, "--size", "2M")
+    pair = {**sock, "source": "s", "clone": "c"}
+    rc, out = adhoc(env, "pair", {**pair, "state": "synchronized", "throttle": {"rate": "0"}})
+    assert rc == 0 and out["changed"] and out["actions"] == ["pair.create"]
+    assert out["pair"]["state"] == "synchronized"                     # waited for the sync
+    rc, out = adhoc(env, "pair", {**pair, "state": "synchronized"})
+    assert rc == 0 and not out["changed"] and out["actions"] == []
+    rc, out = adhoc(env, "pair", {**pair, "state": "fractured"})
+    assert rc == 0 and out["actions"] == ["pair.fracture"] and out["pair"]["state"] == "fractured"
+    rc, out = adhoc(env, "pair", {**pair, "state": "fractured"})
+    assert rc == 0 and not out["changed"]
+    rc, out = adhoc(env, "pair", {**pair, "state": "synchronized", "throttle": {"depth": 8}})
+    assert rc == 0 and out["actions"] == ["pair.throttle", "pair.sync"]
+    assert out["pair"]["state"] == "synchronized" and out["pair"]["throttle"]["depth"] == 8
+    rc, out = adhoc(env, "pair", {**sock, "source": "x", "clone": "c"})
+    assert rc != 0 and out["msg"] == "c is the clone of s, not of x"
+    rc, out = adhoc(env, "pair", {**pair, "state": "absent"})
+    assert rc == 0 and out["changed"] and out["actions"] == ["pair.delete"]
+    rc, out = adhoc(env, "pair", {**pair, "state": "absent"})
+    assert rc == 0 and not out["changed"]
+    assert Client(daemon.sock).call("pair.list") == []
