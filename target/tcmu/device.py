@@ -141,18 +141,21 @@ class TcmuDevice:
 
     # -- kernel -> us --------------------------------------------------------------
     def _on_doorbell(self) -> None:
+        self.stats["wakeups"] += 1
         try:
-            os.read(self.fd, 4)
+            got = os.read(self.fd, 4)
+            err = None if got else "end of file"
         except (BlockingIOError, InterruptedError):
-            pass
+            err = None
         except OSError as e:
+            err = str(e)
+        if err is not None:
             # the uio device was unregistered under us (backstore deleted):
             # stop watching the fd, or the loop would spin on it
-            log.warning("%s: uio device gone (%s); no longer serving", self.name, e)
+            log.warning("%s: uio device gone (%s); no longer serving", self.name, err)
             self._loop.remove_reader(self.fd)
             self.gone = True
             return
-        self.stats["wakeups"] += 1
         self._process()
 
     def _process(self) -> None:

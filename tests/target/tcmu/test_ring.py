@@ -347,3 +347,24 @@ def test_restart_resets_ring_left_by_a_dead_handler():
         await dev.close()
         k.close()
     run(main())
+
+
+def test_vanished_doorbell_fd_stops_serving_instead_of_spinning():
+    async def main():
+        k = FakeKernel()
+        t = MemTarget()
+        dev = await start(k, t)
+        k.kern_sock.close()                 # the kernel side goes away: reads return EOF
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if dev.gone:
+                break
+        assert dev.gone
+        wakeups = dev.stats["wakeups"]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert dev.stats["wakeups"] == wakeups    # no longer polled
+        await dev.close()
+        k.user_sock.close()
+        k.map.close()
+    run(main())
