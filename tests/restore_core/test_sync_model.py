@@ -9,14 +9,17 @@ more sync they must be identical.
 from __future__ import annotations
 
 import asyncio
+import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from restore_core.pair import PairState
 
-from .test_model import SIZE, Crash, byte_range, freeze, power_cut, run_life
+from .test_model import SIZE, Crash, _graveyard, byte_range, freeze, power_cut, run_life
 from .util import ES, Rig
 
+# More examples in long runs: LIVERESTORE_MODEL_EXAMPLES=2000 pytest -m ...
+EXAMPLES = int(os.environ.get("LIVERESTORE_MODEL_EXAMPLES", "120"))
 NEXT = SIZE // ES
 
 step = st.one_of(
@@ -28,10 +31,11 @@ step = st.one_of(
 life = st.tuples(st.lists(step, min_size=1, max_size=10), st.booleans(), st.integers(0, 25))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lives=st.lists(life, min_size=1, max_size=5), full_first=st.booleans(),
        keep_seed=st.integers(0, 2**16))
 def test_sync_and_mirror_model(lives, full_first, keep_seed):
+    _graveyard.clear()
     rig = Rig(NEXT, seed=3)
     tag = iter(range(1, 10**6))
     loop = asyncio.new_event_loop()
