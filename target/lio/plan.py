@@ -26,6 +26,7 @@ class BackstoreState:
     plugin: str
     config: str | None = None
     size: int = 0
+    attributes: dict[str, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -68,7 +69,7 @@ class Change:
 
 _PHASES = ["delete_mapped_lun", "delete_acl", "delete_lun", "delete_portal", "disable_tpg",
            "delete_tpg", "delete_target", "delete_backstore",
-           "create_backstore", "create_target", "create_tpg", "set_tpg_attribute", "set_tpg_chap",
+           "create_backstore", "set_backstore_attribute", "create_target", "create_tpg", "set_tpg_attribute", "set_tpg_chap",
            "create_portal", "create_lun", "create_acl", "set_acl_chap", "create_mapped_lun",
            "enable_tpg"]
 
@@ -100,6 +101,9 @@ def plan(desc: Description, state: LioState, *, prune: bool = False) -> list[Cha
             cur = None
         if cur is None:
             changes.append(Change("create_backstore", ref, (v,)))
+        for k, val in v.attributes:
+            if cur is None or cur.attributes.get(k) != val:
+                changes.append(Change("set_backstore_attribute", f"{ref}/attrib/{k}={val}", (v.backstore, k, val)))
     wanted_refs = {f"user:{v.backstore}" for v in desc.volumes}
     if prune:
         for ref, bs in sorted(state.backstores.items()):

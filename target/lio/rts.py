@@ -21,6 +21,10 @@ def _chap(obj) -> Chap | None:
     return Chap(uid, pw, obj.chap_mutual_userid or "", obj.chap_mutual_password or "")
 
 
+_SO_ATTRS = ("cmd_time_out", "qfull_time_out", "hw_queue_depth", "max_data_area_mb", "emulate_write_cache",
+             "tmr_notification")
+
+
 def read_state(root=None, *, extra_attributes: tuple[str, ...] = ()) -> LioState:
     from rtslib_fb import RTSRoot
     root = root or RTSRoot()
@@ -30,6 +34,11 @@ def read_state(root=None, *, extra_attributes: tuple[str, ...] = ()) -> LioState
         if so.plugin == "user":
             bs.config = so.config
             bs.size = so.size
+            for a in _SO_ATTRS:
+                try:
+                    bs.attributes[a] = str(so.get_attribute(a))
+                except Exception:
+                    pass
         st.backstores[bs.ref] = bs
     for t in root.targets:
         if t.fabric_module.name != "iscsi":
@@ -129,6 +138,9 @@ class LioConfigurator:
         from rtslib_fb import UserBackedStorageObject
         UserBackedStorageObject(v.backstore, config=v.config, size=v.size, wwn=v.wwn,
                                 hw_max_sectors=v.hw_max_sectors, control=v.control_string() or None)
+
+    def _set_backstore_attribute(self, name: str, k: str, v: str) -> None:
+        self._so(f"user:{name}").set_attribute(k, v)
 
     def _delete_backstore(self, name: str) -> None:
         self._gone(lambda: self._so(f"user:{name}").delete())

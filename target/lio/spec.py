@@ -60,6 +60,8 @@ class Volume:
     wwn: str | None = None                     # unit serial; LIO generates one if None
     hw_max_sectors: int | None = None
     control: str = DEFAULT_CONTROL
+    # configfs attrib/ values to converge, e.g. (("cmd_time_out", "60"),)
+    attributes: tuple[tuple[str, str], ...] = ()
 
     @property
     def config(self) -> str:
@@ -79,7 +81,8 @@ class Volume:
     @classmethod
     def from_dict(cls, d: dict) -> "Volume":
         v = cls(str(d["name"]), int(d["size"]), int(d.get("block_size", 512)), d.get("wwn"),
-                d.get("hw_max_sectors"), d.get("control", DEFAULT_CONTROL))
+                d.get("hw_max_sectors"), d.get("control", DEFAULT_CONTROL),
+                tuple(sorted((str(k), str(x)) for k, x in d.get("attributes", {}).items())))
         if not _NAME.match(v.name):
             raise SpecError(f"volume name {v.name!r}: letters, digits, _ . - only")
         if v.block_size not in (512, 1024, 2048, 4096) or v.size <= 0 or v.size % v.block_size:

@@ -64,7 +64,7 @@ def initiator_name() -> str:
 
 def description_dict(ini: str) -> dict:
     return {
-        "volumes": [{"name": VOL, "size": SIZE}],
+        "volumes": [{"name": VOL, "size": SIZE, "attributes": {"cmd_time_out": "60"}}],
         "targets": [{"iqn": IQN, "tpgs": [{
             "tag": 1, "portals": ["127.0.0.1:3260"],
             "luns": [{"lun": 0, "volume": VOL}],

@@ -37,7 +37,10 @@ def simulate(state: LioState, changes) -> LioState:
             v = a[0]
             ref = f"user:{v.backstore}"
             assert ref not in s.backstores
-            s.backstores[ref] = BackstoreState(v.backstore, "user", v.config, v.size)
+            s.backstores[ref] = BackstoreState(v.backstore, "user", v.config, v.size,
+                                               {"cmd_time_out": "30", "hw_queue_depth": "128"})
+        elif c.action == "set_backstore_attribute":
+            s.backstores[f"user:{a[0]}"].attributes[a[1]] = a[2]
         elif c.action == "delete_backstore":
             ref = f"user:{a[0]}"
             del s.backstores[ref]
@@ -189,6 +192,16 @@ def test_extra_objects_inside_a_managed_target_go():
     assert got == sorted([f"delete tpg {IQN}/tpg2", f"delete portal {IQN}/tpg1/np/0.0.0.0:3260",
                           f"delete acl {IQN}/tpg1/acls/iqn.1994-05.com.redhat:stranger"])
     converge(desc(), s)
+
+
+def test_backstore_attributes_converge():
+    d = desc(volumes=[{"name": "vol1", "size": 64 << 20, "attributes": {"cmd_time_out": 90}},
+                      {"name": "vol2", "size": 32 << 20}])
+    s = converge(d, LioState())
+    assert s.backstores["user:vol1"].attributes["cmd_time_out"] == "90"
+    s.backstores["user:vol1"].attributes["cmd_time_out"] = "30"        # changed behind our back
+    assert [str(c) for c in plan(d, s)] == ["set backstore attribute user:vol1/attrib/cmd_time_out=90"]
+    converge(d, s)
 
 
 def test_demo_mode_tpg_with_chap():
