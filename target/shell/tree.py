@@ -69,6 +69,7 @@ class LiverestoreShell(ConfigShell):
         self.client = client
         self.failed = False
         Root(self)
+        self.refresh()             # so that the last session's path can be found again
 
     def call(self, op: str, **args: Any) -> Any:
         try:

@@ -75,6 +75,7 @@ def test_init_creates_private_state_once_and_serve_uses_it(tmp_path):
 
 
 def test_volume_pair_export_lifecycle_with_json(daemon):
+    assert mode(os.path.join(daemon.dir, "liverestore.db")) == 0o600      # serve --init
     v = js(daemon, "volume", "create", "db1", "--size", "8M", "--extent-size", "128K")
     assert (v["name"], v["size"], v["extent_size"], v["role"]) == ("db1", 8 << 20, 128 << 10,
                                                                      "standalone")

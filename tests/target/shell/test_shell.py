@@ -37,11 +37,11 @@ def shell_cmd(d: Daemon, *line: str, ok: bool = True) -> subprocess.CompletedPro
 class Screen:
     """The interactive shell on a pseudo-terminal; text without colours."""
 
-    def __init__(self, d: Daemon, tmp) -> None:
+    def __init__(self, d: Daemon, tmp, prompt: str = "/> ") -> None:
         env = dict(os.environ, HOME=str(tmp), LIVERESTORE_SHELL_PREFS=str(tmp / "prefs"))
         self.p = pexpect.spawn(sys.executable, [*LR[1:], "--socket", d.sock, "shell"], cwd=ROOT,
                                env=env, encoding="utf-8", dimensions=(60, 200), timeout=30)
-        self.p.expect("/> ")
+        self.p.expect(re.escape(prompt))
 
     def run(self, line: str, prompt: str = r"\n/\S*> ") -> str:
         """Send a command line; what it printed, up to the next prompt."""
@@ -91,6 +91,12 @@ def test_interactive_tree_cd_completion_and_a_restore_visible_in_ls(daemon, tmp_
         sh.p.sendcontrol("u")
         out = sh.run("pwd")
         assert out.strip().endswith("/pairs/db1/db1-clone")
+        out = sh.run("help restore")
+        assert "restore [mode]" in out and "mode=protected" in out and "unprotected" in out
+        out = sh.run("help")
+        for cmd in ("restore [mode]", "sync [mode]", "fracture", "pause", "resume", "wait",
+                    "get [group] [parameter...]", "set [group] [parameter=value...]"):
+            assert f"- {cmd}" in out, (cmd, out)
         # A slow restore: throttle, start, pause so the state stays put.
         out = sh.run("set throttle rate=256K batch_extents=1 depth=1")
         assert "Parameter rate is now '262144'." in out
@@ -116,6 +122,12 @@ def test_interactive_tree_cd_completion_and_a_restore_visible_in_ls(daemon, tmp_
         out = sh.run("/volumes delete db1")
         assert "error:" in out and len(out.strip().splitlines()) == 1
         assert "restoring" in tree_line(sh.run("ls /pairs"), "db1-clone")
+        assert sh.close() == 0
+    finally:
+        sh.p.close(force=True)
+    # A new session starts where the last one left off (if that still exists).
+    sh = Screen(daemon, tmp_path, prompt="/pairs> ")
+    try:
         assert sh.close() == 0
     finally:
         sh.p.close(force=True)
