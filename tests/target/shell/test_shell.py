@@ -148,8 +148,17 @@ def test_interactive_chap_secret_masked_and_kept_out_of_history(daemon, tmp_path
         assert "[CHAP user alice]" in tree_line(out, "tpg1")
         assert "[v (1.0 MiB)]" in tree_line(out, "lun0")
         assert "[1 initiators]" in tree_line(out, "acls")
+        assert "[may log in]" in tree_line(out, "iqn.1994-05.com.example:host1")
         out = sh.run(f"{tpg} get auth")
         assert "chap_user=alice" in out and "chap_secret=********" in out
+        out = sh.run(f"{tpg}/acls delete iqn.1994-05.com.example:host1")
+        assert ("Deleted ACL for iqn.1994-05.com.example:host1. Note: the ACL is now empty: "
+                "any initiator may log in.") in out
+        assert "[any initiator may log in]" in tree_line(sh.run(f"ls {tpg}"), "acls")
+        assert "Deleted LUN 0." in sh.run(f"{tpg}/luns delete lun0")
+        assert "Created LUN 5 -> v." in sh.run(f"{tpg}/luns create v 5")
+        out = sh.run(f"{tpg}/luns create v")
+        assert out.strip() == f"error: volume v is already a LUN of {IQN}"
         # Too short a secret: refused by the daemon, one line.
         out = sh.run(f"{tpg} set auth chap_user=bob chap_secret=short")
         assert out.strip().splitlines()[-1].startswith("error: CHAP secrets must be 12")
