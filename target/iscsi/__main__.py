@@ -92,14 +92,23 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     chap = tuple(args.chap.split(":", 1)) if args.chap else None
     mutual = tuple(args.mutual_chap.split(":", 1)) if args.mutual_chap else None
-    scsi = build_lunset(luns, args.iqn)
-    cfg = IscsiTargetConfig(args.iqn, scsi, tpgt=args.tpgt, acl=set(args.acl) if args.acl else None,
-                            chap=chap, mutual_chap=mutual, alias="liverestore")
+    try:
+        scsi = build_lunset(luns, args.iqn)
+        cfg = IscsiTargetConfig(args.iqn, scsi, tpgt=args.tpgt,
+                                acl=set(args.acl) if args.acl else None,
+                                chap=chap, mutual_chap=mutual, alias="liverestore")
+    except Exception as e:        # OSError, BlockStoreError (size mismatch), bad IQN/CHAP config
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     portals = args.portal or [("127.0.0.1", 3261)]
 
     async def serve() -> None:
         server = IscsiServer([cfg], portals)
-        await server.start()
+        try:
+            await server.start()
+        except OSError as e:
+            print(f"error: cannot listen on {portals}: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -94,3 +94,11 @@ def test_cli_serves_files(tmp_path):
     assert rc == 0
     err = proc.stderr.read().decode()
     assert "Traceback" not in err
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path):
+    for args in (["--lun0", f"{tmp_path}/missing-dir/x.img:1M"],
+                 ["--lun0", f"{tmp_path}/x.img:1M", "--iqn", "not-an-iqn"]):
+        p = subprocess.run([sys.executable, "-m", "target.iscsi", *args], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
