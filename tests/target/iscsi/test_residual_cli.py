@@ -58,6 +58,9 @@ def test_cli_parsers():
             parse_portal(bad)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -74,8 +77,7 @@ def test_cli_serves_files(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "target.iscsi", "--lun0", f"{tmp_path}/a.img:16M",
                              "--lun3", f"{tmp_path}/b.img:8M", "--portal", f"127.0.0.1:{port}",
                              "--iqn", iqn], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-                                os.path.abspath(__file__))))))
+                            cwd=REPO)
     try:
         line = proc.stdout.readline().decode()
         assert line.startswith(f"serving {iqn} LUNs [0, 3]"), line + proc.stderr.read(4096).decode()
@@ -100,5 +102,5 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
     for args in (["--lun0", f"{tmp_path}/missing-dir/x.img:1M"],
                  ["--lun0", f"{tmp_path}/x.img:1M", "--iqn", "not-an-iqn"]):
         p = subprocess.run([sys.executable, "-m", "target.iscsi", *args], capture_output=True,
-                           text=True, timeout=60)
+                           text=True, timeout=60, cwd=REPO)
         assert p.returncode == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
