@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from target.control import Client
-from tests.target.test_daemon import LR, ROOT, Daemon
+from tests.target.test_daemon import ROOT, Daemon
 
 BIN = os.path.dirname(sys.executable)
 PLAYBOOK = shutil.which("ansible-playbook", path=BIN + os.pathsep + os.environ.get("PATH", ""))
@@ -322,3 +322,51 @@ def test_pair_states_sync_fracture_absent(env, daemon):
     rc, out = adhoc(env, "pair", {**pair, "state": "absent"})
     assert rc == 0 and not out["changed"]
     assert Client(daemon.sock).call("pair.list") == []
+
+
+@pytest.mark.parametrize("module", ["volume", "pair", "export"])
+def test_documentation_matches_argument_spec(module, tmp_path, monkeypatch):
+    """What validate-modules checks (ansible-test sanity needs the network):
+    every option documented with the argument_spec's type, default,
+    choices, required and no_log, and nothing documented that is not there."""
+    import importlib
+    import yaml
+    from ansible.module_utils import basic
+
+    root = tmp_path / "c"
+    (root / "ansible_collections" / "liverestore").mkdir(parents=True)
+    os.symlink(COLLECTION, root / "ansible_collections" / "liverestore" / "storage")
+    monkeypatch.syspath_prepend(str(root))
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(self, argument_spec, **kw):
+        captured.update(argument_spec)
+        raise Stop
+
+    monkeypatch.setattr(basic.AnsibleModule, "__init__", fake)
+    mod = importlib.import_module(f"ansible_collections.liverestore.storage.plugins.modules.{module}")
+    with pytest.raises(Stop):
+        mod.main()
+    doc = yaml.safe_load(mod.DOCUMENTATION)
+    yaml.safe_load(mod.EXAMPLES)
+    yaml.safe_load(mod.RETURN)
+    assert doc["module"] == module
+
+    def check(spec, options, where):
+        assert set(spec) == set(options), where
+        for name, s in spec.items():
+            o = options[name]
+            at = f"{where}.{name}"
+            assert o.get("type", "str") == s.get("type", "str"), at
+            assert o.get("default") == s.get("default"), at
+            assert o.get("choices") == s.get("choices"), at
+            assert bool(o.get("required")) == bool(s.get("required")), at
+            assert o.get("elements") == s.get("elements"), at
+            assert bool(s.get("no_log")) == (name in ("chap_secret", "mutual_secret")), at
+            if "options" in s:
+                check(s["options"], o["suboptions"], at)
+
+    check(captured, doc["options"], module)

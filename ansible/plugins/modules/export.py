@@ -175,7 +175,8 @@ def main():
         chap_secret=dict(type="str", no_log=True),
         mutual_user=dict(type="str"),
         mutual_secret=dict(type="str", no_log=True),
-        update_secret=dict(type="str", choices=["on_create", "always"], default="on_create"),
+        update_secret=dict(type="str", choices=["on_create", "always"], default="on_create",
+                           no_log=False),
     )
     module = AnsibleModule(
         argument_spec=spec, supports_check_mode=True,
