@@ -45,9 +45,13 @@ def _private(path: str) -> None:
     """The database holds CHAP secrets: owner-only, with its WAL and shm files."""
     for p in (path, path + "-wal", path + "-shm"):
         try:
-            os.chmod(p, 0o600)
+            if stat.S_IMODE(os.stat(p).st_mode) != 0o600:
+                os.chmod(p, 0o600)
         except FileNotFoundError:
             pass
+        except PermissionError:
+            log.warning("%s is readable by others and not ours to chmod; it holds CHAP "
+                        "secrets: chmod 600 it", p)
 
 
 def init_state(state_dir: str) -> bool:
