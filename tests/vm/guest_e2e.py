@@ -26,6 +26,7 @@ IQN = "iqn.2026-11.org.liverestore:vmtest"
 VOL = "vmvol1"
 SIZE = 96 << 20
 IMG = "/tmp/vmvol1.img"
+VOL2, SIZE2, IMG2 = "vmvol2", 32 << 20, "/tmp/vmvol2.img"       # a second device, LUN 1
 MNT = "/tmp/lr-mnt"
 CHAP_USER, CHAP_PASS = "vmhost", "vm-chap-secret-1"
 failures: list[str] = []
@@ -64,10 +65,11 @@ def initiator_name() -> str:
 
 def description_dict(ini: str) -> dict:
     return {
-        "volumes": [{"name": VOL, "size": SIZE, "attributes": {"cmd_time_out": "60"}}],
+        "volumes": [{"name": VOL, "size": SIZE, "attributes": {"cmd_time_out": "60"}},
+                    {"name": VOL2, "size": SIZE2, "block_size": 4096}],
         "targets": [{"iqn": IQN, "tpgs": [{
             "tag": 1, "portals": ["127.0.0.1:3260"],
-            "luns": [{"lun": 0, "volume": VOL}],
+            "luns": [{"lun": 0, "volume": VOL}, {"lun": 1, "volume": VOL2}],
             "acls": [{"initiator": ini, "chap": {"userid": CHAP_USER, "password": CHAP_PASS}}]}]}]}
 
 
@@ -78,7 +80,8 @@ def description(ini: str):
 
 def start_handler(n: int) -> subprocess.Popen:
     logf = open(os.path.join(RUN, f"handler{n}.log"), "w")
-    p = subprocess.Popen([PY, "-m", "target.tcmu", "--backing", f"{VOL}={IMG}", "--rescan", "0"],
+    p = subprocess.Popen([PY, "-m", "target.tcmu", "--backing", f"{VOL}={IMG}", "--backing", f"{VOL2}={IMG2}",
+                          "--rescan", "0"],
                          cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
     for _ in range(300):
         time.sleep(0.1)
@@ -119,16 +122,21 @@ def mailbox() -> tuple[int, int]:
     raise RuntimeError("our uio device is gone")
 
 
-def find_disk() -> str:
-    for _ in range(100):
+def find_disks(count: int) -> dict[int, str]:
+    """LUN -> /dev/sdX of the session's disks (from the SCSI address h:c:t:l)."""
+    disks: dict[int, str] = {}
+    for _ in range(150):
         out = sh("iscsiadm -m session -P3", check=False).stdout
         for line in out.splitlines():
             if "Attached scsi disk" in line:
-                dev = "/dev/" + line.split("Attached scsi disk")[1].split()[0]
-                if os.path.exists(dev):
-                    return dev
+                name = line.split("Attached scsi disk")[1].split()[0]
+                if os.path.exists(f"/dev/{name}"):
+                    addr = os.path.basename(os.readlink(f"/sys/block/{name}/device"))
+                    disks[int(addr.split(":")[3])] = f"/dev/{name}"
+        if len(disks) >= count:
+            return disks
         time.sleep(0.2)
-    raise RuntimeError("no SCSI disk attached after login")
+    raise RuntimeError(f"expected {count} SCSI disks after login, got {disks}")
 
 
 def sha(path: str) -> str:
@@ -173,7 +181,8 @@ def main() -> int:
     result("user_backstore", ctl == "-1" and f"liverestore/{VOL}" in " ".join(uio),
            f"nl_reply_supported={ctl} uio={uio}")
 
-    served = wait_log(1, f"serving tcm-user/0/{VOL}/liverestore/{VOL}")
+    # (rtslib puts each user backstore on its own HBA: tcm-user/<hba>/<name>/...)
+    served = wait_log(1, f"/{VOL}/liverestore/{VOL} (uio") and wait_log(1, f"/{VOL2}/liverestore/{VOL2} (uio")
     h1log = open(os.path.join(RUN, "handler1.log")).read()
     ev = [l.split(" INFO ", 1)[1] for l in h1log.splitlines() if "netlink: cmd" in l]
     result("netlink_discovery", served and any("cmd 1 " in l for l in ev), "; ".join(ev))
@@ -185,10 +194,26 @@ def main() -> int:
     sh(f"{node} -o update -n node.session.auth.username -v {CHAP_USER}")
     sh(f"{node} -o update -n node.session.auth.password -v {CHAP_PASS}")
     sh(f"{node} --login")
-    disk = find_disk()
+    disks = find_disks(2)
+    disk, disk2 = disks[0], disks[1]
     size = int(open(f"/sys/block/{os.path.basename(disk)}/size").read()) * 512
     vendor = open(f"/sys/block/{os.path.basename(disk)}/device/vendor").read().strip()
-    result("iscsi_login_chap", size == SIZE, f"disk={disk} size={size} vendor={vendor}")
+    size2 = int(open(f"/sys/block/{os.path.basename(disk2)}/size").read()) * 512
+    lbs2 = int(open(f"/sys/block/{os.path.basename(disk2)}/queue/logical_block_size").read())
+    result("iscsi_login_chap", size == SIZE and size2 == SIZE2 and lbs2 == 4096,
+           f"lun0={disk} size={size} vendor={vendor}; lun1={disk2} size={size2} block={lbs2}")
+
+    # second device: raw direct I/O, and the bytes must land in its backing file
+    blob = os.urandom(3 << 20)
+    with open("/tmp/blob", "wb") as f:
+        f.write(blob)
+    sh(f"dd if=/tmp/blob of={disk2} bs=64k seek=80 oflag=direct conv=fsync status=none")
+    back = sh(f"dd if={disk2} bs=64k skip=80 count=48 iflag=direct status=none | sha256sum").stdout.split()[0]
+    with open(IMG2, "rb") as f:
+        f.seek(80 * 65536)
+        in_file = f.read(3 << 20)
+    result("second_device_raw_io", back == hashlib.sha256(blob).hexdigest() and in_file == blob,
+           f"read back ok={back == hashlib.sha256(blob).hexdigest()} backing file ok={in_file == blob}")
 
     t0 = time.time()
     sh(f"mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 {disk}", timeout=300)
@@ -271,7 +296,7 @@ def main() -> int:
     # --- teardown ---------------------------------------------------------------------
     sh(f"{node} --logout", check=False)
     rep3 = lio.teardown(desc)                 # handler #2 still running: it must let go by netlink
-    dropped = wait_log(2, f"stopped serving tcm-user/0/{VOL}")
+    dropped = all(wait_log(2, f"/{v}/liverestore/{v}: commands=") for v in (VOL, VOL2))   # logged on removal
     h2log = open(os.path.join(RUN, "handler2.log")).read()
     ev = [l.split(" INFO ", 1)[1] for l in h2log.splitlines() if "netlink: cmd" in l]
     result("netlink_removal", dropped and any("cmd 2 " in l for l in ev), "; ".join(ev))
@@ -280,7 +305,7 @@ def main() -> int:
             log("handler #2 ring stats: " + l.split(" INFO ", 1)[1])
     h2.send_signal(signal.SIGTERM)
     h2.wait(timeout=30)
-    left = glob.glob(f"/sys/kernel/config/target/core/user_*/{VOL}") + glob.glob(
+    left = glob.glob(f"/sys/kernel/config/target/core/user_*/vmvol*") + glob.glob(
         f"/sys/kernel/config/target/iscsi/{IQN}")
     result("lio_teardown", rep3.changed and not left and not lio.teardown(desc).changed,
            f"{len(rep3.changes)} changes, left={left}")

@@ -25,7 +25,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-EXPECTED = ["lio_apply_idempotent", "user_backstore", "netlink_discovery", "iscsi_login_chap",
+EXPECTED = ["lio_apply_idempotent", "user_backstore", "netlink_discovery", "iscsi_login_chap", "second_device_raw_io",
             "mkfs_write_readback", "commands_pending_at_kill", "stream_survives_handler_kill",
             "reset_ring_on_restart", "parallel_direct_io", "fsck_clean", "checksums_after_restart",
             "no_block_io_errors", "netlink_removal", "lio_teardown"]
