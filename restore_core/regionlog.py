@@ -22,24 +22,23 @@ class RegionLog:
         for e in range(first, end):
             self._inflight[e] = self._inflight.get(e, 0) + 1
 
+    def _leave(self, e: int) -> None:
+        n = self._inflight[e] - 1
+        if n:
+            self._inflight[e] = n
+        else:
+            del self._inflight[e]
+
     def end(self, first: int, end: int) -> None:
         self.gen += 1
         for e in range(first, end):
-            n = self._inflight[e] - 1
-            if n:
-                self._inflight[e] = n
-            else:
-                del self._inflight[e]
+            self._leave(e)
             self._last_done[e] = self.gen
 
     def abort(self, first: int, end: int) -> None:
         """A mirrored write failed: the legs may differ, keep the marks."""
         for e in range(first, end):
-            n = self._inflight[e] - 1
-            if n:
-                self._inflight[e] = n
-            else:
-                del self._inflight[e]
+            self._leave(e)
             self._last_done.pop(e, None)
 
     @property

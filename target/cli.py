@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from .fmt import eta as _eta, human as _human
 from .control import DEFAULT_SOCKET, Client, ControlError
 
 DEFAULT_STATE = "/var/lib/liverestore"
@@ -22,21 +23,6 @@ DEMO_IQN = "iqn.2026-11.io.liverestore:demo"
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _eta(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 # -- output --------------------------------------------------------------------------

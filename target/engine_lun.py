@@ -6,6 +6,9 @@ ignorant of pairs and restores.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 from restore_core.volume_io import (HostMediumError, HostNotReady, HostWriteProtected,
                                     VolumeIO)
 
@@ -13,6 +16,19 @@ from .lunio import Access, AccessState, MediumError, NotReadyError, WriteProtect
 
 _ACCESS = {"read-write": Access.READ_WRITE, "read-only": Access.READ_ONLY,
            "not-ready": Access.NOT_READY}
+
+
+@contextlib.contextmanager
+def _mapped(write: bool = False) -> Iterator[None]:
+    """Engine host-I/O errors as the LunIO errors the SCSI layer knows."""
+    try:
+        yield
+    except HostNotReady as e:
+        raise NotReadyError(str(e)) from e
+    except HostWriteProtected as e:
+        raise WriteProtectedError(str(e)) from e
+    except HostMediumError as e:
+        raise MediumError(str(e), e.offset, write=write or e.write) from e
 
 
 class EngineLunIO:
@@ -32,38 +48,20 @@ class EngineLunIO:
         return AccessState(_ACCESS[mode], why)
 
     async def read(self, offset: int, length: int):
-        try:
+        with _mapped():
             return await self.vio.read(offset, length)
-        except HostNotReady as e:
-            raise NotReadyError(str(e)) from e
-        except HostMediumError as e:
-            raise MediumError(str(e), e.offset) from e
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
-        try:
+        with _mapped(write=True):
             await self.vio.write(offset, data, fua)
-        except HostNotReady as e:
-            raise NotReadyError(str(e)) from e
-        except HostWriteProtected as e:
-            raise WriteProtectedError(str(e)) from e
-        except HostMediumError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
 
     async def flush(self) -> None:
-        try:
+        with _mapped(write=True):
             await self.vio.flush()
-        except HostMediumError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
 
     async def unmap(self, offset: int, length: int) -> None:
-        try:
+        with _mapped(write=True):
             await self.vio.unmap(offset, length)
-        except HostNotReady as e:
-            raise NotReadyError(str(e)) from e
-        except HostWriteProtected as e:
-            raise WriteProtectedError(str(e)) from e
-        except HostMediumError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return await self.vio.allocation(offset, length)

@@ -20,24 +20,10 @@ from configshell import ConfigNode, ConfigShell, ExecutionError
 from pyparsing import ParseException
 
 from ..control import ControlError
+from ..fmt import eta, human
 from ..service import SECRET
 
 THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms")
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def eta(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:

@@ -1,0 +1,19 @@
+"""Human-readable numbers shared by the CLI and the shell."""
+from __future__ import annotations
+
+
+def human(n: float) -> str:
+    """Bytes as '512 B', '1.5 MiB', ..."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def eta(s: float | None) -> str:
+    """Seconds as H:MM:SS, '-' when unknown."""
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
