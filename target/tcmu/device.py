@@ -182,7 +182,8 @@ class TcmuDevice:
     async def _run(self, req: Request) -> None:
         mv = self._mv
         data_out = None
-        if req.iovs and (req.cdb[:1] and req.cdb[0] not in DATA_IN_OPCODES or req.bidi_iovs):
+        data_in_cmd = bool(req.cdb) and req.cdb[0] in DATA_IN_OPCODES
+        if req.iovs and (not data_in_cmd or req.bidi_iovs):
             if len(req.iovs) == 1:
                 b, n = req.iovs[0]
                 data_out = bytes(mv[b:b + n])
@@ -190,8 +191,11 @@ class TcmuDevice:
                 data_out = b"".join(mv[b:b + n] for b, n in req.iovs)
         in_iovs = req.in_iovs
         in_total = sum(n for _, n in in_iovs)
+        # the ring does not say the direction: the buffer is Data-In for the
+        # known Data-In opcodes and for bidi commands, Data-Out otherwise
         cmd = ScsiCommand(cdb=req.cdb, lun=self.lun, nexus=self.nexus, data_out=data_out,
-                          expected_in=in_total, task_tag=req.cmd_id)
+                          expected_in=in_total if (data_in_cmd or req.bidi_iovs) else 0,
+                          task_tag=req.cmd_id)
         try:
             resp: ScsiResponse = await self.target.execute(cmd)
         except asyncio.CancelledError:
@@ -220,7 +224,7 @@ class TcmuDevice:
                     read_len = n
                 else:
                     self._zero_in(in_iovs, n)
-        elif in_total and (req.cdb[:1] and req.cdb[0] in DATA_IN_OPCODES) and resp.status == GOOD:
+        elif in_total and data_in_cmd and resp.status == GOOD:
             if self.ring.read_len:
                 read_len = 0
             else:

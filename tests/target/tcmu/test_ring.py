@@ -94,7 +94,7 @@ def test_write_then_read_scatter_gather():
         [c] = await k.wait_completions(1)
         assert (c.cmd_id, c.status, c.uflags) == (wid, GOOD, 0)
         assert t.data[3 * 512:11 * 512] == payload
-        assert bytes(t.seen[0].data_out) == payload and t.seen[0].lun == 0
+        assert bytes(t.seen[0].data_out) == payload and t.seen[0].lun == 0 and t.seen[0].expected_in == 0
         assert t.seen[0].nexus.initiator == "tcmu" and t.seen[0].nexus.target_port == "tcmu"
         rid = k.submit(rw10(0x28, 3, 8), data_in=4096, pieces=3)
         [c] = await k.wait_completions(1)
