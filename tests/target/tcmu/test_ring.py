@@ -42,6 +42,8 @@ class MemTarget:
             return ScsiResponse(GOOD, b"", b"\0\0\x06\x02\x1f" + b"X" * 31)
         if op == 0xEE:
             raise RuntimeError("boom")
+        if op == 0x53:                   # XDWRITEREAD(10): a bidirectional command
+            return ScsiResponse(GOOD, b"", bytes(reversed(bytes(cmd.data_out))))
         return ScsiResponse(CHECK_CONDITION, ILLEGAL_OPCODE)
 
 
@@ -367,4 +369,20 @@ def test_vanished_doorbell_fd_stops_serving_instead_of_spinning():
         await dev.close()
         k.user_sock.close()
         k.map.close()
+    run(main())
+
+
+def test_bidirectional_command_uses_bidi_iovecs_for_data_in():
+    async def main():
+        k = FakeKernel()
+        t = MemTarget()
+        dev = await start(k, t)
+        out = bytes(range(200)) * 5
+        cid = k.submit(bytes([0x53]) + bytes(9), data_out=out, pieces=2, bidi_in=len(out))
+        [c] = await k.wait_completions(1)
+        assert (c.cmd_id, c.status) == (cid, GOOD)
+        assert c.data_in == bytes(reversed(out))
+        assert bytes(t.seen[0].data_out) == out and t.seen[0].expected_in == len(out)
+        await dev.close()
+        k.close()
     run(main())
