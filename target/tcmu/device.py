@@ -111,14 +111,19 @@ class TcmuDevice:
         # whatever is already on the ring (no interrupt may come for it)
         self._process()
 
-    async def close(self) -> None:
-        """Stop serving. Commands still running are cancelled and left on the
-        ring uncompleted (the next opener resets the ring)."""
+    async def close(self, drain: float = 0.0) -> None:
+        """Stop serving. No new entries are fetched; commands already running
+        get up to ``drain`` seconds to finish and be completed (a graceful
+        stop); the rest are cancelled and left on the ring uncompleted (the
+        next opener resets the ring, the kernel answers them BUSY)."""
         if self._closed:
             return
-        self._closed = True
-        if self._loop is not None and self.fd is not None:
+        if self._loop is not None and self.fd is not None and not self.gone:
             self._loop.remove_reader(self.fd)
+        self.gone = True                       # no more fetching
+        if drain > 0 and self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=drain)
+        self._closed = True
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
@@ -159,7 +164,7 @@ class TcmuDevice:
         self._process()
 
     def _process(self) -> None:
-        if self._closed or self.ring is None:
+        if self._closed or self.gone or self.ring is None:
             return
         try:
             reqs = self.ring.fetch()

@@ -102,9 +102,11 @@ class TcmuHandler:
                  sys_class_uio: str = SYS_CLASS_UIO, dev_dir: str = "/dev",
                  configfs_core: str = CONFIGFS_CORE, use_netlink: bool = True,
                  rescan_interval: float = 10.0, reset_ring: bool = True,
-                 device_factory: Callable[..., TcmuDevice] = TcmuDevice) -> None:
+                 device_factory: Callable[..., TcmuDevice] = TcmuDevice,
+                 drain_timeout: float = 10.0) -> None:
         self.open_device = open_device
         self.device_factory = device_factory
+        self.drain_timeout = drain_timeout
         self.close_device = close_device
         self.subtype = subtype
         self.sys_class_uio = sys_class_uio
@@ -152,8 +154,8 @@ class TcmuHandler:
             self._nl.close()
             self._nl = None
         async with self._lock:
-            for name in list(self.devices):
-                await self._remove(name)
+            # graceful: commands already running are finished and completed
+            await asyncio.gather(*(self._remove(name, drain=self.drain_timeout) for name in list(self.devices)))
 
     async def __aenter__(self) -> "TcmuHandler":
         await self.start()
@@ -256,9 +258,9 @@ class TcmuHandler:
         log.info("serving %s (%s, %d bytes, block %d)", info.name, info.uio, size, block_size)
         return True
 
-    async def _remove(self, name: str) -> None:
+    async def _remove(self, name: str, drain: float = 0.0) -> None:
         dev = self.devices.pop(name)
-        await dev.close()
+        await dev.close(drain=drain)
         log.info("%s: %s", name, " ".join(f"{k}={v}" for k, v in sorted(dev.stats.items())))
         cfg, obj = self._objs.pop(name)
         self._uio.pop(name, None)

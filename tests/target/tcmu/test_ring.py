@@ -386,3 +386,27 @@ def test_bidirectional_command_uses_bidi_iovecs_for_data_in():
         await dev.close()
         k.close()
     run(main())
+
+
+def test_graceful_close_completes_running_commands():
+    async def main():
+        k = FakeKernel()
+        t = MemTarget()
+        t.gates[5] = asyncio.Event()
+        dev = await start(k, t)
+        cid = k.submit(rw10(0x28, 5, 1), data_in=512)
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if t.seen:
+                break
+        closing = asyncio.ensure_future(dev.close(drain=10))
+        await asyncio.sleep(0)
+        k.submit(rw10(0x28, 6, 1), data_in=512)       # arrives while closing: not fetched
+        await asyncio.sleep(0.01)
+        t.gates[5].set()
+        await closing
+        got = k.reap()
+        assert [c.cmd_id for c in got] == [cid] and got[0].status == GOOD
+        assert len(t.seen) == 1 and k.tail != k.head   # the late one stays for the next opener
+        k.close()
+    run(main())
