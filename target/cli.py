@@ -178,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     portals = [_portal(p) for p in args.portal] if args.portal else None
     try:
         asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
+                          backend=args.backend,
                           group=args.group))
     except ServiceError as e:
         print(f"liverestore: {e}", file=sys.stderr)
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", action="store_true", help="create the state directory and database")
     s.add_argument("--portal", action="append", help="HOST:PORT to listen on (repeatable)")
     s.add_argument("--group", help="group allowed to use the control socket")
+    s.add_argument("--backend", choices=("auto", "embedded", "lio"), default="auto",
+                   help="who speaks iSCSI: the embedded target, or the kernel's LIO with "
+                        "our TCMU handler (auto: LIO when configfs has a target)")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_serve)
 

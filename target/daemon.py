@@ -16,8 +16,9 @@ log = logging.getLogger("liverestore")
 
 async def serve(state_dir: str, socket_path: str, *, init: bool = False,
                 portals: list[tuple[str, int]] | None = None, group: str | None = None,
+                backend: str = "auto",
                 ready: Callable[[Service], None] | None = None) -> None:
-    service = Service(state_dir, init=init, portals=portals)
+    service = Service(state_dir, init=init, portals=portals, backend=backend)
     await service.start()
     control = ControlServer(service, socket_path, group=group)
     try:

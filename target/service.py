@@ -26,6 +26,7 @@ from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
 
 from .engine_lun import EngineLunIO
+from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,12 @@ def _identity(name: str, created_at: float):
 
 class Service:
     def __init__(self, state_dir: str, *, init: bool = False,
-                 portals: list[tuple[str, int]] | None = None) -> None:
+                 portals: list[tuple[str, int]] | None = None, backend: str = "auto") -> None:
         self.state_dir = os.path.abspath(state_dir)
+        try:
+            self.backend = choose_backend(backend)
+        except ValueError as e:
+            raise ServiceError(str(e)) from e
         self._init = init
         self._portals_override = portals
         self.db: Database | None = None
@@ -127,7 +132,7 @@ class Service:
         self.engine: Engine | None = None
         self.devices: dict[str, Any] = {}        # volume -> ScsiDevice
         self.lunsets: dict[str, Any] = {}        # target iqn -> LunSet
-        self.iscsi = None
+        self.frontend: Frontend | None = None
         self.started_at = time.time()
 
     # -- start / stop --------------------------------------------------------------
@@ -160,27 +165,21 @@ class Service:
             await self.engine.start()
         except (EngineError, DatabaseError) as e:
             raise ServiceError(str(e)) from e
-        await self._start_iscsi()
-
-    async def _start_iscsi(self) -> None:
-        from .iscsi.server import IscsiServer
         portals = self._portals_override or [tuple(p) for p in
                                              self.config.get("portals", [list(DEFAULT_PORTAL)])]
-        self.iscsi = IscsiServer([], portals=[(h, int(p)) for h, p in portals])
-        for iqn, tcfg in self.config.targets().items():
-            self.iscsi.add_target(self._target_config(iqn, tcfg))
-        try:
-            await self.iscsi.start()
-        except OSError as e:
-            raise ServiceError(f"cannot listen on {portals}: {e.strerror or e}") from e
+        portals = [(h, int(p)) for h, p in portals]
+        kind = LioFrontend if self.backend == "lio" else EmbeddedFrontend
+        self.frontend = kind(self, portals)
+        await self.frontend.start(self.config.targets())
+        log.info("front end: %s", self.backend)
 
     async def stop(self) -> None:
         """Graceful: stop accepting, drain commands, stop copiers, flush, persist."""
-        if self.iscsi is not None:
+        if self.frontend is not None:
             try:
-                await self.iscsi.stop()
+                await self.frontend.stop()
             except Exception:  # noqa: BLE001
-                log.exception("iSCSI server stop failed")
+                log.exception("%s front end stop failed", self.backend)
         if self.engine is not None:
             await self.engine.close()
         if self.db is not None:
@@ -393,9 +392,8 @@ class Service:
             raise ServiceError(f"target {iqn} already exists")
         t = self._validate_target(iqn, luns or {}, acl, chap_user, chap_secret,
                                   mutual_user, mutual_secret, tpgt)
-        cfg = self._target_config(iqn, t)
+        await self.frontend.set_target(iqn, t)
         self.cfg.put_target(iqn, t)
-        self.iscsi.add_target(cfg)
         return self.export_show(iqn)
 
     def _validate_target(self, iqn, luns, acl, chap_user, chap_secret, mutual_user,
@@ -455,11 +453,8 @@ class Service:
                                     cur["tpgt"])
         if new == t:
             return self.export_show(iqn)
-        # Detach the devices from the old LunSet before building the new one.
-        self.iscsi.remove_target(iqn)
-        self.lunsets.pop(iqn, None)
+        await self.frontend.set_target(iqn, new)
         self.cfg.put_target(iqn, new)
-        self.iscsi.add_target(self._target_config(iqn, new))
         return self.export_show(iqn)
 
     def _target(self, iqn: str) -> dict[str, Any]:
@@ -512,7 +507,7 @@ class Service:
     async def export_delete(self, iqn: str) -> dict[str, Any]:
         if iqn not in self.cfg.targets():
             raise ServiceError(f"no target {iqn}")
-        self.iscsi.remove_target(iqn)
+        await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
         self.lunsets.pop(iqn, None)
         self.cfg.delete_target(iqn)
         return {"deleted": iqn}
@@ -531,8 +526,8 @@ class Service:
         return [self.export_show(iqn) for iqn in sorted(self.cfg.targets())]
 
     def portals(self) -> list[tuple[str, int]]:
-        if self.iscsi is not None and self.iscsi.addresses:
-            return list(self.iscsi.addresses)
+        if self.frontend is not None and self.frontend.addresses():
+            return self.frontend.addresses()
         return [tuple(p) for p in self.cfg.get("portals", [list(DEFAULT_PORTAL)])]
 
     async def portal_set(self, portals: list[str]) -> dict[str, Any]:
@@ -551,7 +546,8 @@ class Service:
 
     # -- status / config -------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        stats = self.iscsi.stats() if self.iscsi is not None else {}
+        stats = {"backend": self.backend,
+                 **(self.frontend.stats() if self.frontend is not None else {})}
         return {"state_dir": self.state_dir, "uptime": time.time() - self.started_at,
                 "portals": [f"{h}:{p}" for h, p in self.portals()],
                 "volumes": self.volume_list(), "pairs": self.pair_list(),

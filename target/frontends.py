@@ -1,0 +1,179 @@
+"""How the service's LUs reach hosts: the embedded iSCSI target, or LIO.
+
+Both front ends serve the same ScsiDevice per volume (SCSI emulation over
+the engine's volume I/O path); they differ only in who speaks iSCSI:
+
+  EmbeddedFrontend  the pure-Python asyncio iSCSI target (any Linux host)
+  LioFrontend       the kernel's LIO target, configured with rtslib-fb;
+                    each exported volume is a ``user:liverestore`` TCMU
+                    backstore whose commands our TCMU handler serves
+
+``choose_backend("auto")`` takes LIO where configfs shows a kernel target.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+CONFIGFS_TARGET = "/sys/kernel/config/target"
+# Commands wait on the ring while the handler restarts; give it a minute.
+LIO_CMD_TIME_OUT = "60"
+
+
+def choose_backend(backend: str) -> str:
+    if backend not in ("auto", "embedded", "lio"):
+        raise ValueError(f"backend must be auto, embedded or lio, not {backend!r}")
+    if backend == "auto":
+        return "lio" if os.path.isdir(os.path.join(CONFIGFS_TARGET, "core")) else "embedded"
+    return backend
+
+
+class Frontend(Protocol):
+    name: str
+
+    async def start(self, targets: dict[str, dict[str, Any]]) -> None: ...
+
+    async def set_target(self, iqn: str, t: dict[str, Any]) -> None: ...
+
+    async def remove_target(self, iqn: str, t: dict[str, Any]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def addresses(self) -> list[tuple[str, int]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class EmbeddedFrontend:
+    name = "embedded"
+
+    def __init__(self, service: Any, portals: list[tuple[str, int]]) -> None:
+        self.service = service
+        self.portals = portals
+        self.server = None
+
+    async def start(self, targets: dict[str, dict[str, Any]]) -> None:
+        from .iscsi.server import IscsiServer
+        self.server = IscsiServer([], portals=self.portals)
+        for iqn, t in targets.items():
+            self.server.add_target(self.service._target_config(iqn, t))
+        try:
+            await self.server.start()
+        except OSError as e:
+            from .service import ServiceError
+            raise ServiceError(f"cannot listen on {self.portals}: {e.strerror or e}") from e
+
+    async def set_target(self, iqn: str, t: dict[str, Any]) -> None:
+        if iqn in self.server.targets:
+            # Detach the devices from the old LunSet before building the new one.
+            self.server.remove_target(iqn)
+        self.server.add_target(self.service._target_config(iqn, t))
+
+    async def remove_target(self, iqn: str, t: dict[str, Any]) -> None:
+        if iqn in self.server.targets:
+            self.server.remove_target(iqn)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return list(self.server.addresses) if self.server is not None else []
+
+    def stats(self) -> dict[str, Any]:
+        return self.server.stats() if self.server is not None else {}
+
+
+class LioFrontend:
+    name = "lio"
+
+    def __init__(self, service: Any, portals: list[tuple[str, int]]) -> None:
+        self.service = service
+        self.portals = portals
+        self.handler = None
+        self.lio = None
+        self._targets: dict[str, dict[str, Any]] = {}
+
+    def _description(self, targets: dict[str, dict[str, Any]]):
+        from .lio.spec import Description
+        volumes = []
+        tdesc = []
+        for iqn, t in sorted(targets.items()):
+            luns = [{"lun": int(n), "volume": v} for n, v in sorted(t.get("luns", {}).items(),
+                                                                    key=lambda kv: int(kv[0]))]
+            for lun in luns:
+                rec = self.service.cfg.volume(lun["volume"])
+                volumes.append({"name": rec.name, "size": rec.size,
+                                "attributes": {"cmd_time_out": LIO_CMD_TIME_OUT}})
+            chap = None
+            if t.get("chap"):
+                chap = {"userid": t["chap"][0], "password": t["chap"][1]}
+                if t.get("mutual_chap"):
+                    chap.update(mutual_userid=t["mutual_chap"][0],
+                                mutual_password=t["mutual_chap"][1])
+            tpg: dict[str, Any] = {"tag": int(t.get("tpgt", 1)),
+                                   "portals": [f"{h}:{p}" for h, p in self.portals],
+                                   "luns": luns}
+            if t.get("acl"):
+                tpg["acls"] = [{"initiator": i, **({"chap": chap} if chap else {})}
+                               for i in t["acl"]]
+            elif chap:
+                tpg["chap"] = chap
+            tdesc.append({"iqn": iqn, "tpgs": [tpg]})
+        return Description.from_dict({"volumes": volumes, "targets": tdesc})
+
+    async def _apply(self) -> None:
+        desc = self._description(self._targets)
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.lio.apply(desc, prune=True))
+        for line in report.lines():
+            log.info("lio: %s", line)
+
+    def _open(self, config: str, size: int, block_size: int):
+        dev = self.service.devices.get(config)
+        if dev is None:
+            raise LookupError(f"no volume named {config} for TCMU device")
+        if dev.lunio.size != size:
+            raise ValueError(f"TCMU device {config} has {size} bytes, the volume "
+                             f"{dev.lunio.size}")
+        return dev
+
+    async def start(self, targets: dict[str, dict[str, Any]]) -> None:
+        from .lio.rts import LioConfigurator
+        from .tcmu import TcmuHandler
+        from .service import ServiceError
+        self._targets = dict(targets)
+        try:
+            self.lio = LioConfigurator()
+        except Exception as e:  # noqa: BLE001 - rtslib raises its own kinds
+            raise ServiceError(f"LIO is not usable here ({e}); use --backend embedded") from e
+        self.handler = TcmuHandler(self._open)
+        await self.handler.start()
+        await self._apply()
+
+    async def set_target(self, iqn: str, t: dict[str, Any]) -> None:
+        self._targets[iqn] = t
+        await self._apply()
+
+    async def remove_target(self, iqn: str, t: dict[str, Any]) -> None:
+        self._targets.pop(iqn, None)
+        desc = self._description({iqn: t})
+        await asyncio.get_running_loop().run_in_executor(None, lambda: self.lio.teardown(desc))
+        await self._apply()
+
+    async def stop(self) -> None:
+        # LIO's configuration stays: initiators keep their sessions and the
+        # kernel holds commands on the ring until the handler is back.
+        if self.handler is not None:
+            await self.handler.stop()
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return list(self.portals)
+
+    def stats(self) -> dict[str, Any]:
+        devs = getattr(self.handler, "devices", {}) if self.handler is not None else {}
+        return {"backend": "lio", "tcmu_devices": len(devs)}
