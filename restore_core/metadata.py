@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # A chunk blob of exactly this value means "every bit set": a full sync of a
-# 64 TiB LU must not write 128 MiB of 0xff to start.
-ALL_ONES = b"\x01"
+# 64 TiB LU must not write 128 MiB of 0xff to start. Empty, because a real
+# chunk with any bit set is at least one byte long (an all-zero chunk is
+# not stored at all).
+ALL_ONES = b""
 
 
 class MetadataError(Exception):

@@ -68,3 +68,15 @@ def test_64tib_map_is_cheap():
     assert m.count() == 10**6
     assert m.next_set(0) == 12345
     assert m.next_clear(12345) == 12345 + 10**6
+
+
+def test_short_last_chunk_with_bit_zero_is_not_the_all_ones_marker():
+    # A map whose short last chunk holds only its first bit serialises to
+    # b"\x01"; it must reload as exactly that bit.
+    n = CHUNK_BITS + 5
+    m = ExtentMap(n)
+    m.set(CHUNK_BITS)
+    m.mark_all_dirty()
+    chunks = {c: b for c, b in m.take_dirty_chunks().items() if b is not None}
+    assert chunks == {1: b"\x01"}
+    assert load_map(n, chunks) == m
