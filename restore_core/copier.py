@@ -19,6 +19,11 @@ from .pair import JobKind, Pair
 
 log = logging.getLogger(__name__)
 
+# Background progress commits: after this many batches of copying, or this
+# long, whichever first (dm-clone commits about once a second).
+COMMIT_EVERY_BATCHES = 32
+COMMIT_INTERVAL_S = 0.5
+
 
 class Copier:
     def __init__(self, pair: Pair, committer: Committer) -> None:
@@ -149,6 +154,7 @@ class Copier:
         last_commit = time.monotonic()
         tokens_t = time.monotonic()
         sent = 0
+        commit: asyncio.Task[None] | None = None   # at most one in flight
         try:
             while not self._stopping:
                 if p.job is None:
@@ -161,7 +167,10 @@ class Copier:
                     continue
                 th = p.throttle
                 recent_host = (time.monotonic() - p.last_host_io) * 1000 < th.host_yield_ms
+                # Host I/O seen lately: one small copy at a time, so a host
+                # command never queues behind much copy work.
                 depth = 1 if recent_host else th.depth
+                span = 1 if recent_host else th.batch_extents
                 while len(tasks) >= depth:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
@@ -181,9 +190,9 @@ class Copier:
                     await p.inflight.wait(0, p.nextents)
                     pos = 0
                     continue
-                end = p.todo.next_clear(e, min(e + th.batch_extents, p.nextents))
+                end = p.todo.next_clear(e, min(e + span, p.nextents))
                 if end < 0:
-                    end = min(e + th.batch_extents, p.nextents)
+                    end = min(e + span, p.nextents)
                 b = e
                 while b < end and p.inflight.try_claim(b):
                     b += 1
@@ -201,17 +210,21 @@ class Copier:
                         await asyncio.sleep(min(ahead, 1.0))
                     if time.monotonic() - tokens_t > 10:
                         tokens_t, sent = time.monotonic(), 0
-                # Bound the work a crash can lose, and let maps reach disk.
-                if since_commit >= th.batch_extents * max(4, th.depth) or \
-                        time.monotonic() - last_commit > 0.5:
-                    await asyncio.gather(*tasks)
-                    for t in tasks:
-                        t.result()
-                    tasks.clear()
-                    await self.committer.commit()
+                if recent_host and th.host_pause_us:
+                    await asyncio.sleep(th.host_pause_us / 1e6)
+                # Bound the work a crash can lose and let progress reach
+                # disk -- in the background: the commit snapshots what has
+                # landed, flushes it and commits while copying goes on.
+                if since_commit >= th.batch_extents * COMMIT_EVERY_BATCHES or \
+                        time.monotonic() - last_commit > COMMIT_INTERVAL_S:
+                    if commit is not None:
+                        await commit
+                    commit = asyncio.get_running_loop().create_task(self.committer.commit())
                     since_commit = 0
                     last_commit = time.monotonic()
             await asyncio.gather(*tasks)
+            if commit is not None:
+                await commit
             for t in tasks:
                 t.result()
             tasks.clear()
@@ -221,6 +234,8 @@ class Copier:
             if self.on_finished is not None:
                 await self.on_finished(p)
         except asyncio.CancelledError:
+            if commit is not None:
+                commit.cancel()    # only our wait: the batch itself is shielded
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -45,13 +45,16 @@ class Throttle:
     into one copy I/O and copied between map commits (dm-clone's
     hydration_batch_size). depth: copy I/Os in flight at once (dm-clone's
     hydration_threshold). host_yield_ms: while host I/O was seen within this
-    window the copier keeps a single I/O in flight, so host latency wins.
+    window the copier copies one extent at a time with a single I/O in
+    flight and pauses host_pause_us between copies, so host latency wins
+    over restore speed (0 turns the pause off).
     """
 
     rate: int = 0
     batch_extents: int = 16
     depth: int = 2
     host_yield_ms: int = 20
+    host_pause_us: int = 200
 
     def validate(self) -> None:
         if self.rate < 0:
@@ -62,6 +65,8 @@ class Throttle:
             raise ValueError("depth must be 1..64")
         if not 0 <= self.host_yield_ms <= 10000:
             raise ValueError("host_yield_ms must be 0..10000")
+        if not 0 <= self.host_pause_us <= 1_000_000:
+            raise ValueError("host_pause_us must be 0..1000000")
 
 
 @dataclass

@@ -260,7 +260,8 @@ def _logging(verbose: bool) -> None:
 
 
 def _throttle_kw(a: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(a, k) for k in ("rate", "batch_extents", "depth", "host_yield_ms")
+    return {k: getattr(a, k) for k in ("rate", "batch_extents", "depth", "host_yield_ms",
+                                 "host_pause_us")
             if getattr(a, k, None) is not None}
 
 
@@ -364,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-extents", type=int)
         sp.add_argument("--depth", type=int)
         sp.add_argument("--host-yield-ms", type=int)
+        sp.add_argument("--host-pause-us", type=int,
+                        help="pause between copies while hosts are active (0: none)")
     p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "raw",
                    lambda a: {"pair": a.pair, "force": a.force})
     p.add_argument("pair")

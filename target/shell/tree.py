@@ -23,7 +23,7 @@ from ..control import ControlError
 from ..fmt import eta, human
 from ..service import SECRET
 
-THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms")
+THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
 
 
 def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
@@ -342,7 +342,8 @@ class PairNode(Node):
         descr = {"rate": "background copy bytes/s, e.g. 200M (0: unlimited)",
                  "batch_extents": "adjacent extents merged into one copy I/O",
                  "depth": "copy I/Os in flight at once",
-                 "host_yield_ms": "one copy I/O in flight while host I/O was seen this recently"}
+                 "host_yield_ms": "one copy I/O in flight while host I/O was seen this recently",
+                 "host_pause_us": "pause between copies while hosts are active (0: none)"}
         for k in THROTTLE:
             self.define_config_group_param("throttle", k, "string" if k == "rate" else "number",
                                            descr[k])

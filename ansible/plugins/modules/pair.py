@@ -67,6 +67,9 @@ options:
       host_yield_ms:
         description: Keep a single copy I/O in flight while host I/O was seen within this many ms.
         type: int
+      host_pause_us:
+        description: Microseconds to pause between copies while hosts are active (C(0) for none).
+        type: int
   force:
     description: With I(state=absent), remove the pair even while a restore runs.
     type: bool
@@ -130,7 +133,7 @@ pair:
     state: fractured
     size: 10737418240
     extent_size: 65536
-    throttle: {rate: 0, batch_extents: 16, depth: 2, host_yield_ms: 20}
+    throttle: {rate: 0, batch_extents: 16, depth: 2, host_yield_ms: 20, host_pause_us: 200}
     progress: {state: fractured, job: null, extents_total: 0, extents_done: 0,
                delta_extents: 0, rate: 0.0, eta: null, error: null, paused: false,
                protected: null, bytes_copied: 0}
@@ -146,7 +149,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
     Client, LiverestoreError, common_argument_spec, find, parse_size, wait_job)
 
-KNOBS = ("rate", "batch_extents", "depth", "host_yield_ms")
+KNOBS = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
 
 
 class Runner(object):
@@ -310,7 +313,7 @@ def main():
         extent_size=dict(type="str"),
         throttle=dict(type="dict", options=dict(
             rate=dict(type="str"), batch_extents=dict(type="int"), depth=dict(type="int"),
-            host_yield_ms=dict(type="int"))),
+            host_yield_ms=dict(type="int"), host_pause_us=dict(type="int"))),
         force=dict(type="bool", default=False),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
