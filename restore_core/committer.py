@@ -59,6 +59,9 @@ class Committer:
         """Data just written to store must be durable before the next commit."""
         self._unflushed.add(store)
 
+    def has_changes(self) -> bool:
+        return bool(self._pairs or self._unflushed or any(m._dirty for m in self._maps.values()))
+
     # -- committing -----------------------------------------------------------
     async def commit(self) -> None:
         """Make every change made so far durable."""

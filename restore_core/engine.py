@@ -20,12 +20,14 @@ from .committer import Committer, load_map
 from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
 from .metadata import MetadataStore
-from .pair import Job, JobKind, Pair, PairState, Progress, Throttle, VolumeRuntime
+from .pair import (PERSISTED_MAPS, Job, JobKind, Pair, PairState, Progress, Throttle,
+                   VolumeRuntime)
 from .volume_io import VolumeIO
 
 log = logging.getLogger(__name__)
 
 MAX_CLONES_PER_SOURCE = 8
+LAZY_COMMIT_S = 1.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
@@ -95,15 +97,28 @@ class Engine:
         snap = await asyncio.get_running_loop().run_in_executor(None, self.meta.load)
         for pid, rec in snap.pairs.items():
             pair = Pair.from_record(rec)
-            for name in ("delta", "done", "marks"):
+            for name in PERSISTED_MAPS:
                 m = load_map(pair.nextents, snap.maps.get(pair.map_key(name), {}))
                 getattr(pair, name).assign(m)
-            for name in ("delta", "done", "marks"):
+            for name in PERSISTED_MAPS:
                 getattr(pair, name).take_dirty_chunks()
             self._attach(pair)
         for pair in self.pairs.values():
             await self._recover(pair)
+        self._lazy = asyncio.get_running_loop().create_task(self._lazy_commits(), name="lazy-commits")
         self.started = True
+
+    async def _lazy_commits(self) -> None:
+        """Exact delta bits of tracked writes reach disk with whatever batch
+        comes next; this makes sure one comes at least every second."""
+        while True:
+            await asyncio.sleep(LAZY_COMMIT_S)
+            if self.committer.has_changes():
+                try:
+                    await self.committer.commit()
+                except Exception as e:  # noqa: BLE001 - writes will report it
+                    log.error("background metadata commit failed: %s", e)
+                    return
 
     def _attach(self, pair: Pair) -> None:
         src = self._volume(pair.source)
@@ -118,10 +133,14 @@ class Engine:
         src.as_source.append(pair)
         cln.as_clone = pair
         self.pairs[pair.id] = pair
-        for name in ("delta", "done", "marks"):
+        for name in PERSISTED_MAPS:
             self.committer.register_map(pair.map_key(name), getattr(pair, name))
 
     async def _recover(self, pair: Pair) -> None:
+        if pair.widen_delta_by_intent():
+            # Acknowledged writes whose exact bits had not reached disk.
+            self.committer.put_pair(pair.id, pair.to_record())
+            await self.committer.commit()
         if pair.mirroring and pair.marks.any(0, pair.nextents):
             # Mirrored writes may have been cut between the legs: copy those
             # extents again (one transaction, before the copier starts).
@@ -148,6 +167,10 @@ class Engine:
 
     async def close(self) -> None:
         """Stop copiers (their progress is durable), flush, commit."""
+        lazy = getattr(self, "_lazy", None)
+        if lazy is not None:
+            lazy.cancel()
+            await asyncio.gather(lazy, return_exceptions=True)
         for pair in self.pairs.values():
             if pair.copier is not None:
                 await pair.copier.stop()
@@ -227,6 +250,7 @@ class Engine:
                 if full:
                     pair.delta.set_all()
                 pair.done.clear_all()
+                pair.intent.clear_all()    # the exact delta commits with the job
                 pair.state = PairState.SYNCING
                 pair.job = Job(JobKind.SYNC, total=pair.delta.count())
                 self.committer.put_pair(pair.id, pair.to_record())
@@ -253,6 +277,7 @@ class Engine:
                 pair.delta.assign(differ)
                 pair.done.clear_all()
                 pair.marks.clear_all()
+                pair.intent.clear_all()
                 pair.todo.clear_all()
                 pair.state = PairState.FRACTURED
                 pair.job = None
@@ -283,6 +308,8 @@ class Engine:
                 for other in src.as_source:
                     if other is not pair:
                         other.delta.update_from(pair.delta)
+                    # Every pair's exact delta commits below: regions are done.
+                    other.intent.clear_all()
                 pair.done.clear_all()
                 pair.marks.clear_all()
                 pair.state = PairState.RESTORING
@@ -468,10 +495,10 @@ class Engine:
 
     def _prune_pending(self, durable_id: int) -> None:
         for pair in self.pairs.values():
-            pm = pair.pending_marks
-            if pm:
-                for e in [e for e, b in pm.items() if b <= durable_id]:
-                    del pm[e]
+            for pm in (pair.pending_marks, pair.pending_intent):
+                if pm:
+                    for e in [e for e, b in pm.items() if b <= durable_id]:
+                        del pm[e]
 
     def _emit(self, event: str, pair_id: str) -> None:
         for cb in list(self.listeners):

@@ -8,6 +8,13 @@ Maps (persisted, one bit per extent):
             extents, never overwritten by the copier, the new delta at the
             end). Mirroring states (sync, synchronized, unprotected restore):
             the dirty-region log of mirrored writes.
+  intent -- write-intent regions of a fractured pair (INTENT_EXTENTS
+            extents each, like md's write-intent bitmap): a host write makes
+            its region bit durable before it is acknowledged, while its exact
+            delta bits stay in memory and reach disk with a later batch. A
+            crash widens the delta by the dirty regions (never less than
+            what changed); every state change commits the exact delta and
+            clears the regions in the same transaction.
 The extents still to copy are ``delta - done`` (minus ``marks`` in a
 protected restore); "may differ" is always ``(delta - done) | marks``.
 """
@@ -23,6 +30,11 @@ from .extentmap import ExtentMap, extent_count
 from .gate import IOGate
 from .inflight import InFlightMap
 from .regionlog import RegionLog
+
+
+# 256 extents: 16 MiB regions at the default 64 KiB extent size.
+INTENT_EXTENTS = 256
+PERSISTED_MAPS = ("delta", "done", "marks", "intent")
 
 
 class PairState(str, enum.Enum):
@@ -119,6 +131,7 @@ class Pair:
         self.delta = ExtentMap(n)
         self.done = ExtentMap(n)
         self.marks = ExtentMap(n)
+        self.intent = ExtentMap((n + INTENT_EXTENTS - 1) // INTENT_EXTENTS)
         self.todo = ExtentMap(n)          # memory only: still to copy
         self.inflight = InFlightMap()     # the copy-on-demand map
         self.regionlog = RegionLog(self.marks)
@@ -134,6 +147,7 @@ class Pair:
         self._rate_window: list[tuple[float, int]] = []
         self.last_host_io = 0.0
         self.pending_marks: dict[int, int] = {}   # extent -> batch making its mark durable
+        self.pending_intent: dict[int, int] = {}  # region -> batch making its bit durable
 
     # -- record ------------------------------------------------------------------
     def to_record(self) -> dict[str, Any]:
@@ -154,6 +168,16 @@ class Pair:
         t = r.get("throttle") or {}
         p.throttle = Throttle(**{k: int(v) for k, v in t.items() if k in Throttle.__dataclass_fields__})
         return p
+
+    def widen_delta_by_intent(self) -> bool:
+        """After a crash: every extent of a dirty write-intent region may
+        differ. Returns whether there was anything to widen."""
+        if not self.intent.any(0, self.intent.nbits):
+            return False
+        for ra, rb in list(self.intent.runs()):
+            self.delta.set_range(ra * INTENT_EXTENTS, min(rb * INTENT_EXTENTS, self.nextents))
+        self.intent.clear_all()
+        return True
 
     def map_key(self, name: str) -> str:
         return f"{self.id}/{name}"

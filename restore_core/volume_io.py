@@ -26,7 +26,7 @@ from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
 from .extentmap import ExtentMap, extents_of, whole_extents_of
 from .metadata import MetadataError
-from .pair import Pair, PairState, VolumeRuntime
+from .pair import INTENT_EXTENTS, Pair, PairState, VolumeRuntime
 
 
 class HostIOError(Exception):
@@ -129,10 +129,12 @@ class VolumeIO:
         return await self.vol.store.allocation(offset, length)
 
     # -- the write path ----------------------------------------------------------------
-    def _mark(self, pair: Pair, m: ExtentMap, a: int, b: int) -> int:
+    def _mark(self, pair: Pair, m: ExtentMap, a: int, b: int,
+              pending: dict[int, int] | None = None) -> int:
         """Set bits [a, b) of a persisted map; the batch to wait for, or 0."""
         c = self.committer
-        pending = pair.pending_marks
+        if pending is None:
+            pending = pair.pending_marks
         if m.all(a, b):
             if not pending:
                 return 0
@@ -147,6 +149,16 @@ class VolumeIO:
         for e in range(a, b):
             pending[e] = bid
         return bid
+
+    def _mark_tracked(self, pair: Pair, a: int, b: int) -> int:
+        """A write to a fractured pair's side: its exact delta bits are set
+        in memory (they reach disk with a later batch); its write-intent
+        region must be durable before the write is acknowledged."""
+        d = pair.delta
+        if not d.all(a, b):
+            d.set_range(a, b)
+        return self._mark(pair, pair.intent, a // INTENT_EXTENTS,
+                          (b - 1) // INTENT_EXTENTS + 1, pair.pending_intent)
 
     def _mark_list(self, pair: Pair, m: ExtentMap, extents: list[int]) -> int:
         bid = 0
@@ -175,7 +187,7 @@ class VolumeIO:
     async def _modify_clone(self, pair: Pair, offset: int, length: int, io: IoFn, fua: bool) -> None:
         # Only a fractured clone is writable (checked by _check).
         a, b = extents_of(offset, length, pair.extent_size)
-        bid = self._mark(pair, pair.delta, a, b)
+        bid = self._mark_tracked(pair, a, b)
         if bid:
             await self.committer.wait_durable(bid)
         await io(self.vol.store)
@@ -195,7 +207,7 @@ class VolumeIO:
                 a, b = extents_of(offset, length, pair.extent_size)
                 st = pair.state
                 if st is PairState.FRACTURED:
-                    wait_bid = max(wait_bid, self._mark(pair, pair.delta, a, b))
+                    wait_bid = max(wait_bid, self._mark_tracked(pair, a, b))
                     continue
                 pair.last_host_io = time.monotonic()
                 if st is PairState.RESTORING:
