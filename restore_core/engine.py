@@ -98,8 +98,8 @@ class Engine:
         for pid, rec in snap.pairs.items():
             pair = Pair.from_record(rec)
             for name in PERSISTED_MAPS:
-                m = load_map(pair.nextents, snap.maps.get(pair.map_key(name), {}))
-                getattr(pair, name).assign(m)
+                cur = getattr(pair, name)       # intent has one bit per region, not per extent
+                cur.assign(load_map(cur.nbits, snap.maps.get(pair.map_key(name), {})))
             for name in PERSISTED_MAPS:
                 getattr(pair, name).take_dirty_chunks()
             self._attach(pair)

@@ -199,3 +199,20 @@ def test_metadata_failure_fails_writes_not_silently():
         assert r.src.current[:512] != b"x" * 512
         await eng.close()
     run(go())
+
+
+def test_restart_loads_write_intent_regions_at_their_own_size():
+    # The intent map has one bit per region, not per extent: a restart after
+    # host writes to a fractured pair (a region bit durable, not yet cleared)
+    # must load it at its size and widen the delta by the region.
+    async def go():
+        r = Rig(600)                         # 3 regions of 256 extents
+        eng = await r.boot()
+        p = await r.fractured_pair()
+        await r.sio.write(300 * ES, pattern(6, ES))
+        assert any(k.endswith("/intent") for k in r.meta.load().maps)
+        eng2 = await r.boot()                # a crash: the first engine never closed
+        p2 = eng2.pair(p.id)
+        assert p2.intent.nbits == 3 and p2.delta.test(300)
+        await eng2.close()
+    run(go())
