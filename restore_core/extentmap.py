@@ -152,6 +152,9 @@ class ExtentMap:
         self._touch_nonzero(other)
 
     def assign(self, other: "ExtentMap") -> None:
+        # A bitarray slice assignment would silently resize on a mismatch.
+        if len(other.bits) != len(self.bits):
+            raise ValueError(f"map of {len(other.bits)} extents assigned to one of {len(self.bits)}")
         self.bits[:] = other.bits
         self._touch(0, len(self.bits))
 

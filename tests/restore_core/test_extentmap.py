@@ -80,3 +80,9 @@ def test_short_last_chunk_with_bit_zero_is_not_the_all_ones_marker():
     chunks = {c: b for c, b in m.take_dirty_chunks().items() if b is not None}
     assert chunks == {1: b"\x01"}
     assert load_map(n, chunks) == m
+
+
+def test_assign_refuses_a_map_of_another_size():
+    import pytest
+    with pytest.raises(ValueError, match="assigned"):
+        ExtentMap(10).assign(ExtentMap(12))
