@@ -1,18 +1,30 @@
 """Real-kernel tier: LIO + TCMU + open-iscsi in a throw-away QEMU guest.
 
-One guest boot runs tests/vm/guest_e2e.py (see there): our target.lio code
-creates a user:liverestore backstore and an iSCSI target with CHAP, our
-TCMU handler serves it from a file through the SCSI layer, open-iscsi logs
-in, ext4 is made and checked, and the handler is SIGKILLed mid-write and
-restarted. Each guest check prints a "RESULT name: PASS|FAIL" line; this
-test fails on any FAIL or on a missing result.
+One guest boot runs two parts (guest_e2e.sh):
+
+* tests/vm/guest_e2e.py: our target.lio code creates a user:liverestore
+  backstore and an iSCSI target with CHAP, our TCMU handler serves it from
+  a file through the SCSI layer (PlainLunIO), open-iscsi logs in, ext4 is
+  made and checked, and the handler is SIGKILLed mid-write and restarted.
+* tests/vm/guest_restore.py: `liverestore serve --backend lio` exports a
+  pair; ext4 + files on the source, sync + fracture, the source changes; a
+  throttled protected restore runs while the host re-reads (clone-time
+  files) and writes; the daemon is SIGKILLed mid-restore and restarted, the
+  restore resumes and completes; fsck, files and the untouched clone are
+  checked. Then iscsi-test-cu (a subset) against a spare LU of ours and a
+  LIO fileio LU, and fio: ours vs tcmu-runner's qcow handler vs LIO fileio.
+
+Each guest check prints a "RESULT name: PASS|FAIL" line; this test fails on
+any FAIL or on a missing result, and needs the libiscsi pass counts and the
+benchmark JSON (printed as the last line; ratios are reported, not asserted).
 
 Skipped only when QEMU / a Debian kernel cannot be installed here. The guest
-run itself takes about 2-3 minutes (TCG, 2 cores); a first install adds
-the apt download.
+run takes about 10 minutes (TCG, 2 cores; the libiscsi subset on our LU is ~3.5 of them); a first install adds the apt
+download.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,9 +40,14 @@ REPO = HERE.parent.parent
 EXPECTED = ["lio_apply_idempotent", "user_backstore", "netlink_discovery", "iscsi_login_chap", "second_device_raw_io",
             "mkfs_write_readback", "commands_pending_at_kill", "stream_survives_handler_kill",
             "reset_ring_on_restart", "parallel_direct_io", "fsck_clean", "checksums_after_restart",
-            "no_block_io_errors", "netlink_removal", "lio_teardown"]
+            "no_block_io_errors", "netlink_removal", "lio_teardown",
+            # guest_restore.py
+            "daemon_lio_export", "iscsi_login_pair", "sync_fracture", "restore_reads_clone_state",
+            "restore_writes", "killed_mid_restore", "restore_resumes", "io_survives_daemon_kill",
+            "daemon_reset_ring", "restore_completes", "restored_fsck_clean", "restored_files",
+            "clone_unchanged", "restore_no_block_io_errors", "libiscsi_ran", "bench_numbers"]
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +63,10 @@ def test_lio_tcmu_iscsi_end_to_end(vm_ready):
     run = Path(os.path.expanduser("~/.cache/liverestore-vm")) / f"run-{os.getpid()}-{int(time.time())}"
     run.mkdir(parents=True)
     (run / "env").write_text(f"REPO={REPO}\nPY={sys.executable}\n")
-    p = subprocess.run(["bash", str(HERE / "run_in_vm.sh"), str(HERE / "guest_e2e.sh"), str(run)],
-                       capture_output=True, text=True, timeout=540,
-                       env={**os.environ, "LIO_VM_TIMEOUT": "500"})
+    t0 = time.time()
+    p = subprocess.run(["bash", str(HERE / "run_in_vm.sh"), str(HERE / "guest_e2e.sh"), str(run), "3G"],
+                       capture_output=True, text=True, timeout=1080,
+                       env={**os.environ, "LIO_VM_TIMEOUT": "1020"})
     out = p.stdout
     print(out)                                  # the guest log, for -s / failure reports
     results = dict(re.findall(r"^RESULT (\w+): (PASS|FAIL)", out, re.M))
@@ -56,4 +74,10 @@ def test_lio_tcmu_iscsi_end_to_end(vm_ready):
     missing = [k for k in EXPECTED if k not in results]
     assert not failed and not missing, f"failed={failed} missing={missing}; run dir {run}"
     assert p.returncode == 0, f"guest script exited non-zero; run dir {run}"
+    counts = re.findall(r"^LIBISCSI (ours|fileio): (\d+)/(\d+) passed", out, re.M)
+    assert {c[0] for c in counts} == {"ours", "fileio"} and all(int(c[2]) > 0 for c in counts), counts
+    bench = [json.loads(l) for l in out.splitlines() if l.startswith('{"vs_tcmu_runner_4k"')]
+    assert bench and bench[-1]["vs_tcmu_runner_4k"] > 0 and bench[-1]["vs_tcmu_runner_1m"] > 0, bench
+    print(f"vm tier guest run: {time.time() - t0:.0f}s")
+    print(json.dumps(bench[-1]))                # last line: the benchmark summary
     shutil.rmtree(run, ignore_errors=True)
