@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the VM tier needs on a Debian 12 host whose own kernel has no
 # LIO/TCMU/iSCSI: QEMU, a Debian kernel with those modules, virtme-ng (in a
-# venv), open-iscsi and e2fsprogs (the guest shares the host's root fs, so
+# venv), open-iscsi, e2fsprogs, fio, libiscsi-bin, tcmu-runner and
+# qemu-utils (the guest shares the host's root fs, so
 # its tools come from here). Idempotent; needs root for apt.
 # Usage: setup_host.sh [VENV]        (VENV defaults to ~/.cache/lio-vm/venv)
 # Adapted from shared/vm/setup-host.sh.
@@ -13,6 +14,10 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v busybox >/dev/null || need+=(busybox-static)
 command -v iscsiadm >/dev/null || need+=(open-iscsi)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v tcmu-runner >/dev/null || need+=(tcmu-runner)      # the benchmark's qcow handler
+command -v qemu-img >/dev/null || need+=(qemu-utils)          # its qcow2 image
+command -v fio >/dev/null || need+=(fio)
+command -v iscsi-test-cu >/dev/null || need+=(libiscsi-bin)   # the conformance subset
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
