@@ -152,8 +152,7 @@ class Copier:
         pos = 0
         since_commit = 0
         last_commit = time.monotonic()
-        tokens_t = time.monotonic()
-        sent = 0
+        due = time.monotonic()     # token bucket: when the next copy may start
         commit: asyncio.Task[None] | None = None   # at most one in flight
         try:
             while not self._stopping:
@@ -202,14 +201,19 @@ class Copier:
                 pos = b
                 tasks.add(asyncio.get_running_loop().create_task(self._copy_and_release(e, b)))
                 since_commit += b - e
-                # Rate limit: keep bytes sent within rate * elapsed.
+                # Rate limit (token bucket, at most 1 s of saved-up credit):
+                # each copy pushes the next one's start by its size / rate.
+                # A throttle change wakes the wait and starts a new bucket.
                 if th.rate > 0:
-                    sent += self._range(e, b)[1]
-                    ahead = sent / th.rate - (time.monotonic() - tokens_t)
-                    if ahead > 0:
-                        await asyncio.sleep(min(ahead, 1.0))
-                    if time.monotonic() - tokens_t > 10:
-                        tokens_t, sent = time.monotonic(), 0
+                    now = time.monotonic()
+                    due = max(due, now - 1.0) + self._range(e, b)[1] / th.rate
+                    if due > now:
+                        self.wake.clear()
+                        try:
+                            await asyncio.wait_for(self.wake.wait(), due - now)
+                            due = time.monotonic()
+                        except asyncio.TimeoutError:
+                            pass
                 if recent_host and th.host_pause_us:
                     await asyncio.sleep(th.host_pause_us / 1e6)
                 # Bound the work a crash can lose and let progress reach

@@ -380,6 +380,8 @@ class Engine:
         t = Throttle(**{**pair.throttle.__dict__, **knobs})
         t.validate()
         pair.throttle = t
+        if pair.copier is not None:
+            pair.copier.wake.set()     # a waiting copier picks up the new rate now
         self.committer.put_pair(pair.id, pair.to_record())
         await self.committer.commit()
         return t
