@@ -170,8 +170,7 @@ def test_restore_under_real_initiator_then_restart(daemon, tmp_path):
     assert "read 512/512" not in r.stdout
     qio("read -P 0x11 0 4M", "write -P 0x44 1M 64k", "read -P 0x44 1M 64k",
         "read -P 0x00 20M 1M")
-    daemon.cli("pair", "throttle", "db1-clone", "--rate", "0")
-    daemon.cli("pair", "resume", "db1-clone")
+    daemon.cli("pair", "throttle", "db1-clone", "--rate", "0")   # applies at once
     for _ in range(600):
         p = json.loads(daemon.cli("pair", "show", "db1-clone", "--json").stdout)
         if p["state"] == "fractured":
