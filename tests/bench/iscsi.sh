@@ -14,7 +14,8 @@
 #
 # Env: ROUNDS (2), SECS (iscsi-perf seconds per run, 6), SIZE_MB (1024),
 #      RAND_WRITES (4K writes per run, 60000), PYSPY_OUT (file: profile the
-#      daemon with py-spy for the whole run, speedscope format).
+#      daemon with py-spy for the whole run; PYSPY_FORMAT raw (collapsed
+#      stacks, default) or speedscope).
 # Needs root (tgtd), libiscsi-bin, tgt, qemu-utils + qemu-block-extra.
 set -euo pipefail
 
@@ -89,8 +90,9 @@ tgtadm -C "$CTL" --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 -b "$T/
 tgtadm -C "$CTL" --lld iscsi --mode target --op bind --tid 1 -I ALL
 TGT="iscsi://127.0.0.1:$TPORT/$TIQN/1"
 
-if [ -n "${PYSPY_OUT:-}" ] && command -v py-spy >/dev/null; then
-  py-spy record -p "$DPID" -r 200 -f speedscope -o "$PYSPY_OUT" >"$T/py-spy.log" 2>&1 &
+PYSPY=$(command -v py-spy || echo "$ROOT/.venv/bin/py-spy")
+if [ -n "${PYSPY_OUT:-}" ] && [ -x "$PYSPY" ]; then
+  "$PYSPY" record -p "$DPID" -r 200 -f "${PYSPY_FORMAT:-raw}" -o "$PYSPY_OUT" >"$T/py-spy.log" 2>&1 &
   SPID=$!
 fi
 
