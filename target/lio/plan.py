@@ -112,14 +112,7 @@ def plan(desc: Description, state: LioState, *, prune: bool = False) -> list[Cha
                 replaced.add(ref)
 
     # LUNs elsewhere (targets we do not manage) on a backstore we delete
-    managed = {t.iqn for t in desc.targets}
-    for iqn, tpgs in sorted(state.targets.items()):
-        if iqn in managed:
-            continue
-        for tag, tpg in sorted(tpgs.items()):
-            for lun, ref in sorted(tpg.luns.items()):
-                if ref in replaced:
-                    changes.extend(_delete_lun(iqn, tag, tpg, lun))
+    changes.extend(_foreign_luns_on(desc, state, replaced))
 
     # -- targets ---------------------------------------------------------------------
     for t in desc.targets:
@@ -201,6 +194,21 @@ def _plan_tpg(desc: Description, t: IscsiTarget, tpg: Tpg, cur: TpgState | None,
     return out
 
 
+def _foreign_luns_on(desc: Description, state: LioState, refs: set[str]) -> list[Change]:
+    """Deletions of LUNs in targets the description does not manage that
+    sit on backstores in ``refs`` (about to be deleted)."""
+    managed = {t.iqn for t in desc.targets}
+    out: list[Change] = []
+    for iqn, tpgs in sorted(state.targets.items()):
+        if iqn in managed:
+            continue
+        for tag, tpg in sorted(tpgs.items()):
+            for lun, ref in sorted(tpg.luns.items()):
+                if ref in refs:
+                    out.extend(_delete_lun(iqn, tag, tpg, lun))
+    return out
+
+
 def plan_teardown(desc: Description, state: LioState) -> list[Change]:
     """Remove the described targets and volumes' backstores (if present)."""
     changes: list[Change] = []
@@ -213,12 +221,5 @@ def plan_teardown(desc: Description, state: LioState) -> list[Change]:
         if ref in state.backstores:
             changes.append(Change("delete_backstore", ref, (v.backstore,)))
             deleting.add(ref)
-    managed = {t.iqn for t in desc.targets}
-    for iqn, tpgs in sorted(state.targets.items()):
-        if iqn in managed:
-            continue
-        for tag, tpg in sorted(tpgs.items()):
-            for lun, ref in sorted(tpg.luns.items()):
-                if ref in deleting:
-                    changes.extend(_delete_lun(iqn, tag, tpg, lun))
+    changes.extend(_foreign_luns_on(desc, state, deleting))
     return _order(changes)
