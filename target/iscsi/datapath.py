@@ -9,6 +9,7 @@ from typing import Callable
 
 from target.scsi.api import CHECK_CONDITION, TASK_ABORTED, ScsiCommand, ScsiResponse
 
+from .. import eager
 from . import pdu as P
 from .residual import block_size_of, data_out_length
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
@@ -82,7 +83,8 @@ class DataPathMixin:
                 return
             task.state = "data"
             task.wait_for = self._ordering_deps(task)
-            task.aio = asyncio.get_running_loop().create_task(self._run(task))
+            # runs now; a Task only if it has to wait (None once it is done)
+            task.aio = eager.start(self._run(task))
         return deliver
 
     def data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:

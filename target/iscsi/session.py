@@ -5,8 +5,9 @@ teardown. The SCSI data path lives in ``datapath`` and task management in
 
 Handlers run synchronously from the connection's receive path; a PDU's data
 segment is a view into the receive buffer and is copied before returning.
-Each delivered SCSI command runs as its own asyncio task, so commands are
-handed to the SCSI layer in CmdSN order but execute concurrently.
+Each delivered SCSI command starts at once (target.eager) and becomes its
+own asyncio task only if it has to wait, so commands are handed to the SCSI
+layer in CmdSN order but execute concurrently.
 """
 from __future__ import annotations
 

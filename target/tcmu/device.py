@@ -3,8 +3,9 @@
 The uio fd is the doorbell both ways: the kernel's "interrupt" makes a
 4-byte read return (we wire the fd into the loop with ``add_reader``: no
 thread per command, no polling), and a 4-byte write tells the kernel that
-``cmd_tail`` moved. Every CMD entry becomes a task that runs the command
-through the SCSI layer; completions are written through :class:`Ring`.
+``cmd_tail`` moved. Every CMD entry runs through the SCSI layer at once
+(target.eager: only a command that has to wait becomes an asyncio task);
+completions are written through :class:`Ring`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from target.scsi.api import CHECK_CONDITION, GOOD, Nexus, ScsiCommand, ScsiResponse
 
+from .. import eager
 from . import abi
 from .ring import Request, Ring, RingError
 
@@ -179,9 +181,10 @@ class TcmuDevice:
         self._notify()          # PAD/TMR entries may have moved the tail
         for req in reqs:
             self.stats["commands"] += 1
-            t = self._loop.create_task(self._run(req))
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
+            t = eager.start(self._run(req), self._loop)
+            if t is not None:                  # it waits (I/O in a thread, a lock...)
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
 
     # -- one command ---------------------------------------------------------------
     async def _run(self, req: Request) -> None:
