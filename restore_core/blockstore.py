@@ -7,9 +7,10 @@ share one asyncio loop. The file backend first tries the I/O inline with
 RWF_NOWAIT (served from the page cache without blocking) and only falls back
 to a worker thread when the kernel says it would block: a thread hop costs
 tens of microseconds, more than a cached 4 KiB read itself. Buffered writes
-cannot ask RWF_NOWAIT on most kernels, so small writes go inline while they
-stay fast; one that blocks (writeback throttling) sends writes to the
-threads for a while, so a congested disk never stalls the loop for long.
+cannot ask RWF_NOWAIT on most kernels (nor reads on tmpfs/overlayfs before
+6.6), so small ones go inline while they stay fast; calls that block
+(writeback throttling, a cold disk) send that kind of I/O to the threads
+for a while (InlineGuard), so a congested disk never stalls the loop long.
 """
 from __future__ import annotations
 
@@ -26,8 +27,14 @@ from typing import Iterable
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
-# An inline write slower than this blocked in the kernel: use threads for a while.
-INLINE_BLOCKED_S = 0.002
+# Inline (on-loop) syscalls: one slower than INLINE_SLOW_S counts a strike,
+# INLINE_STRIKES strikes in a row (or one call over INLINE_BLOCKED_S, which
+# only a really blocked call takes) send that kind of I/O to the threads for
+# INLINE_BACKOFF_S. Single slow calls are normal on a busy or virtualised
+# machine (the vCPU was preempted) and must not cost a second of thread hops.
+INLINE_SLOW_S = 0.002
+INLINE_BLOCKED_S = 0.02
+INLINE_STRIKES = 3
 INLINE_BACKOFF_S = 1.0
 
 
@@ -108,6 +115,29 @@ def io_executor() -> ThreadPoolExecutor:
         return _pool
 
 
+class InlineGuard:
+    """Whether a kind of blocking syscall may run inline on the event loop
+    right now: yes while it stays fast, no for a while after it blocked."""
+
+    __slots__ = ("off_until", "strikes", "backoffs")
+
+    def __init__(self) -> None:
+        self.off_until = 0.0
+        self.strikes = 0
+        self.backoffs = 0
+
+    def took(self, start: float, end: float) -> None:
+        t = end - start
+        if t <= INLINE_SLOW_S:
+            self.strikes = 0
+            return
+        self.strikes += 1
+        if t > INLINE_BLOCKED_S or self.strikes >= INLINE_STRIKES:
+            self.off_until = end + INLINE_BACKOFF_S
+            self.strikes = 0
+            self.backoffs += 1
+
+
 class FileBlockStore(BlockStore):
     """An image file (sparse is fine) or a block device."""
 
@@ -140,7 +170,12 @@ class FileBlockStore(BlockStore):
                 self._size = size
         self._nowait = _RWF_NOWAIT != 0
         self.inline_write_max = 0 if self._is_blockdev else 128 * 1024
-        self._inline_off_until = 0.0
+        # reads go inline with RWF_NOWAIT (the kernel says when they would
+        # block); where it is not supported (tmpfs and overlayfs before
+        # Linux 6.6...) small reads go inline while they stay fast, as writes
+        self.inline_read_max = 0 if self._is_blockdev else 128 * 1024
+        self.write_guard = InlineGuard()
+        self.read_guard = InlineGuard()
         # Flush coalescing: writes completed / covered by a finished flush.
         self._written = 0
         self._flushed = 0
@@ -191,6 +226,17 @@ class FileBlockStore(BlockStore):
                     self._nowait = False
                 else:
                     raise BlockStoreError(f"{self.name}: read error at {offset}: {e}", offset)
+        elif len(buf) <= self.inline_read_max:
+            g = self.read_guard
+            now = time.monotonic()
+            if now >= g.off_until:
+                try:
+                    self.readinto_sync(offset, buf)
+                except OSError as e:
+                    raise BlockStoreError(f"{self.name}: read error at {offset}: {e}",
+                                          offset) from e
+                g.took(now, time.monotonic())
+                return
         try:
             await asyncio.get_running_loop().run_in_executor(
                 io_executor(), self.readinto_sync, offset, buf)
@@ -200,15 +246,15 @@ class FileBlockStore(BlockStore):
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.check_range(offset, len(data))
         if len(data) <= self.inline_write_max:
+            g = self.write_guard
             now = time.monotonic()
-            if now >= self._inline_off_until:
+            if now >= g.off_until:
                 try:
                     self.write_sync(offset, data)
                 except OSError as e:
                     raise BlockStoreError(f"{self.name}: write error at {offset}: {e}",
                                           offset) from e
-                if time.monotonic() - now > INLINE_BLOCKED_S:
-                    self._inline_off_until = now + INLINE_BACKOFF_S
+                g.took(now, time.monotonic())
                 self._written += 1
                 return
         try:

@@ -92,3 +92,47 @@ def test_concurrent_flushes_share_fdatasync(tmp_path):
         await s.flush()
         assert s.fdatasyncs == n + 1      # a hole punch needs a sync too
     run(go())
+
+
+def test_inline_guard_tolerates_a_slow_call_and_backs_off_when_blocked():
+    from restore_core import blockstore as b
+    g = b.InlineGuard()
+    g.took(0.0, b.INLINE_SLOW_S * 2)                     # one preempted call: still inline
+    assert g.off_until == 0.0 and g.strikes == 1
+    g.took(1.0, 1.0001)                                   # a fast one clears the strikes
+    assert g.strikes == 0
+    for i in range(b.INLINE_STRIKES):                     # slow calls in a row: threads
+        g.took(2.0 + i, 2.0 + i + b.INLINE_SLOW_S * 2)
+    assert g.off_until > 2.0 + b.INLINE_STRIKES - 1 and g.backoffs == 1
+    g2 = b.InlineGuard()
+    g2.took(5.0, 5.0 + b.INLINE_BLOCKED_S * 2)           # one really blocked call: threads
+    assert g2.off_until == pytest.approx(5.0 + b.INLINE_BLOCKED_S * 2 + b.INLINE_BACKOFF_S)
+
+
+def test_reads_without_rwf_nowait_go_inline_then_to_threads_after_blocking(tmp_path, monkeypatch):
+    """tmpfs/overlayfs on older kernels refuse RWF_NOWAIT: small reads must
+    still be served inline (no thread hop per command) while they are fast."""
+    import concurrent.futures
+    from restore_core import blockstore as b
+    s = FileBlockStore(str(tmp_path / "f.img"), 1 << 20, create=True)
+    s._nowait = False
+    hops = []
+    real = b.io_executor()
+
+    class Counting(concurrent.futures.Executor):
+        def submit(self, fn, *a, **kw):
+            hops.append(fn.__name__)
+            return real.submit(fn, *a, **kw)
+    monkeypatch.setattr(b, "io_executor", lambda: Counting())
+
+    async def go():
+        await s.write(4096, b"y" * 4096)
+        assert bytes(await s.read(4096, 4096)) == b"y" * 4096
+        assert hops == []                                 # both inline
+        s.read_guard.off_until = float("inf")              # as after a blocked read
+        assert bytes(await s.read(4096, 4096)) == b"y" * 4096
+        assert hops == ["readinto_sync"]
+        assert bytes(await s.read(512 << 10, 256 << 10)) == bytes(256 << 10)   # big: a thread
+        assert hops == ["readinto_sync"] * 2
+    run(go())
+    s.close()
