@@ -20,6 +20,14 @@ class IOGate:
         self._open.set()
         self._drained: asyncio.Event | None = None
 
+    def try_enter(self) -> bool:
+        """Enter without waiting if the gate is open (the host I/O fast
+        path: no coroutine); False means ``await enter()``."""
+        if self._closed:
+            return False
+        self.inflight += 1
+        return True
+
     async def enter(self) -> None:
         while self._closed:
             await self._open.wait()

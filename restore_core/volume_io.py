@@ -89,7 +89,8 @@ class VolumeIO:
     async def read(self, offset: int, length: int) -> bytearray:
         self._check(False)
         vol = self.vol
-        await vol.gate.enter()
+        if not vol.gate.try_enter():
+            await vol.gate.enter()
         try:
             for pair in vol.as_source:
                 if pair.state is PairState.RESTORING and pair.copier is not None:
@@ -171,12 +172,17 @@ class VolumeIO:
         if length == 0:
             return
         vol = self.vol
-        await vol.gate.enter()
+        if not vol.gate.try_enter():
+            await vol.gate.enter()
         try:
             if vol.as_clone is not None:
                 await self._modify_clone(vol.as_clone, offset, length, io, fua)
-            else:
+            elif vol.as_source:
                 await self._modify_source(offset, length, io, fua)
+            else:                          # in no pair: nothing to track or copy first
+                await io(vol.store)
+                if fua:
+                    await vol.store.flush()
         except BlockStoreError as e:
             raise HostMediumError(str(e), e.offset, write=True) from e
         except MetadataError as e:

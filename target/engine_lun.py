@@ -6,29 +6,25 @@ ignorant of pairs and restores.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
-from restore_core.volume_io import (HostMediumError, HostNotReady, HostWriteProtected,
-                                    VolumeIO)
+from restore_core.volume_io import (HostIOError, HostMediumError, HostNotReady,
+                                    HostWriteProtected, VolumeIO)
 
 from .lunio import Access, AccessState, MediumError, NotReadyError, WriteProtectedError
 
 _ACCESS = {"read-write": Access.READ_WRITE, "read-only": Access.READ_ONLY,
            "not-ready": Access.NOT_READY}
+_READ_WRITE = AccessState(Access.READ_WRITE, "")
 
 
-@contextlib.contextmanager
-def _mapped(write: bool = False) -> Iterator[None]:
-    """Engine host-I/O errors as the LunIO errors the SCSI layer knows."""
-    try:
-        yield
-    except HostNotReady as e:
-        raise NotReadyError(str(e)) from e
-    except HostWriteProtected as e:
-        raise WriteProtectedError(str(e)) from e
-    except HostMediumError as e:
-        raise MediumError(str(e), e.offset, write=write or e.write) from e
+def _lunio_error(e: HostIOError, write: bool = False) -> Exception:
+    """An engine host-I/O error as the LunIO error the SCSI layer knows."""
+    if isinstance(e, HostNotReady):
+        return NotReadyError(str(e))
+    if isinstance(e, HostWriteProtected):
+        return WriteProtectedError(str(e))
+    if isinstance(e, HostMediumError):
+        return MediumError(str(e), e.offset, write=write or e.write)
+    return MediumError(str(e), None, write=write)
 
 
 class EngineLunIO:
@@ -45,23 +41,35 @@ class EngineLunIO:
 
     def access_state(self) -> AccessState:
         mode, why = self.vio.access()
+        if mode == "read-write" and not why:
+            return _READ_WRITE                 # every command asks: no object each time
         return AccessState(_ACCESS[mode], why)
 
+    # (plain try/except: a context manager per command costs more than
+    # the checks on the host I/O path)
     async def read(self, offset: int, length: int):
-        with _mapped():
+        try:
             return await self.vio.read(offset, length)
+        except HostIOError as e:
+            raise _lunio_error(e) from e
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
-        with _mapped(write=True):
+        try:
             await self.vio.write(offset, data, fua)
+        except HostIOError as e:
+            raise _lunio_error(e, write=True) from e
 
     async def flush(self) -> None:
-        with _mapped(write=True):
+        try:
             await self.vio.flush()
+        except HostIOError as e:
+            raise _lunio_error(e, write=True) from e
 
     async def unmap(self, offset: int, length: int) -> None:
-        with _mapped(write=True):
+        try:
             await self.vio.unmap(offset, length)
+        except HostIOError as e:
+            raise _lunio_error(e, write=True) from e
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return await self.vio.allocation(offset, length)

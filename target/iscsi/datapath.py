@@ -321,10 +321,10 @@ class DataPathMixin:
             dv = raw if isinstance(raw, memoryview) else memoryview(raw)
             if dv.format != "B" or dv.ndim != 1:
                 dv = dv.cast("B")
-            xfer = int(rsp.extra.get("transfer_length", len(dv)))
+            xfer = len(dv) if rsp.transfer_length is None else rsp.transfer_length
             n = min(len(dv), edtl)
-        elif "transfer_length" in rsp.extra:
-            xfer = int(rsp.extra["transfer_length"])
+        elif rsp.transfer_length is not None:
+            xfer = rsp.transfer_length
         elif task.write:
             tl = data_out_length(task.cdb, block_size_of(self.scsi, task.lun))
             xfer = edtl if tl is None else tl

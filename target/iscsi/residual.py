@@ -1,6 +1,6 @@
 """How many Data-Out bytes a CDB asks for, so the transport can report
 write residuals (RFC 7143 11.4.5) when the SCSI layer does not say
-(``ScsiResponse.extra["transfer_length"]`` wins when present).
+(``ScsiResponse.transfer_length`` wins when present).
 
 Block-counted commands need the LU's block size; parameter-list commands
 carry a byte count in the CDB. Unknown opcodes return None (no residual).

@@ -11,7 +11,7 @@ LunIO, a ``DeviceIdentity``, a ``ReservationStore`` and ``DeviceOptions``::
     target = LunSet({0: dev}, ports=TargetPorts({"iqn...:tgt,t,0x1": 1}))
     resp = await target.execute(ScsiCommand(cdb, lun, nexus, data_out))
 
-``resp.extra["transfer_length"]`` is set for Data-Out commands (the CDB's
+``resp.transfer_length`` is set for Data-Out commands (the CDB's
 Data-Out size, for residuals). ``LunSet.add/remove`` change the inventory
 at run time (hosts get REPORTED LUNS DATA HAS CHANGED).
 

@@ -7,7 +7,7 @@ ScsiResponse. Status codes and sense layout are the SCSI layer's business.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 GOOD = 0x00
@@ -35,7 +35,7 @@ class Nexus:
     transport_id: bytes = b""   # SPC TransportID of the initiator port, for PR
 
 
-@dataclass
+@dataclass(slots=True)
 class ScsiCommand:
     cdb: bytes
     lun: int
@@ -46,12 +46,14 @@ class ScsiCommand:
     task_attr: int = 0                            # SAM task attribute (0 simple)
 
 
-@dataclass
+@dataclass(slots=True)
 class ScsiResponse:
     status: int = GOOD
     sense: bytes = b""
     data_in: bytes | bytearray | memoryview = b""
-    extra: dict = field(default_factory=dict)     # transport hints, e.g. residuals
+    # Data-Out commands: the CDB's Data-Out size, which only the CDB knows
+    # (transports derive write residuals from it); None for the others
+    transfer_length: int | None = None
 
 
 class ScsiTarget(Protocol):

@@ -77,42 +77,34 @@ class ScsiDevice:
 
     # -- transport-facing ----------------------------------------------------------
     async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
-        resp = await self._execute_safely(cmd)
-        out = self._data_out_length(cmd.cdb)
-        if out is not None:
-            # The SCSI transfer length of a Data-Out command, which only the
-            # CDB knows: the transport derives residuals from it (Data-In
-            # commands' transfer length is len(data_in)).
-            resp.extra["transfer_length"] = out
-        return resp
-
-    async def _execute_safely(self, cmd: ScsiCommand) -> ScsiResponse:
+        cdb = cmd.cdb
+        if type(cdb) is not bytes:
+            cdb = bytes(cdb)
+        spec = lookup(cdb) if cdb else None
         try:
-            data = await self._execute(cmd)
-            return ScsiResponse(GOOD, data_in=data if data is not None else b"")
+            data = await self._execute(cmd, cdb, spec)
+            resp = ScsiResponse(GOOD, b"", b"" if data is None else data)
         except CheckCondition as e:
-            return self._check_condition(e, cmd)
+            resp = self._check_condition(e, cmd)
         except ReservationConflict:
-            return ScsiResponse(RESERVATION_CONFLICT)
+            resp = ScsiResponse(RESERVATION_CONFLICT)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the transport must never see it
             mapped = map_lunio_error(e, self.block_size)
             if mapped is not None:
-                return self._check_condition(mapped, cmd)
-            log.exception("internal error executing CDB %s on %s", bytes(cmd.cdb).hex(),
-                          self.identity.serial)
-            return self._check_condition(
-                CheckCondition(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE), cmd)
-
-    def _data_out_length(self, cdb: bytes) -> int | None:
-        cdb = bytes(cdb)
-        if not cdb:
-            return None
-        spec = lookup(cdb)
-        if not isinstance(spec, CommandSpec) or spec.out_len is None or len(cdb) < spec.cdb_len:
-            return None
-        return spec.out_len(cdb, self.block_size)
+                resp = self._check_condition(mapped, cmd)
+            else:
+                log.exception("internal error executing CDB %s on %s", cdb.hex(),
+                              self.identity.serial)
+                resp = self._check_condition(
+                    CheckCondition(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE), cmd)
+        if spec.__class__ is CommandSpec and spec.out_len is not None and len(cdb) >= spec.cdb_len:
+            # The SCSI transfer length of a Data-Out command, which only the
+            # CDB knows: the transport derives residuals from it (Data-In
+            # commands' transfer length is len(data_in)), failed or not.
+            resp.transfer_length = spec.out_len(cdb, self.block_size)
+        return resp
 
     def _check_condition(self, e: CheckCondition, cmd: ScsiCommand) -> ScsiResponse:
         if e.key == c.MEDIUM_ERROR:
@@ -121,8 +113,7 @@ class ScsiDevice:
             log.debug("LU %s: CDB %s: %s", self.identity.serial, bytes(cmd.cdb[:1]).hex(), e)
         return ScsiResponse(CHECK_CONDITION, sense=e.encode(self.mode.descriptor_sense))
 
-    async def _execute(self, cmd: ScsiCommand) -> object:
-        cdb = bytes(cmd.cdb)
+    async def _execute(self, cmd: ScsiCommand, cdb: bytes, spec: CommandSpec | int | None) -> object:
         if not cdb:
             raise invalid_opcode()
         key = nexus_key(cmd.nexus)
@@ -132,7 +123,6 @@ class ScsiDevice:
             ua = self.ua.pop(key)
             if ua is not None:
                 raise CheckCondition(c.UNIT_ATTENTION, ua)
-        spec = lookup(cdb)
         if spec is None:
             raise invalid_opcode()
         if spec == -1:

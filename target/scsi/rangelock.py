@@ -61,6 +61,15 @@ class RangeLock:
             raise
         return req
 
+    def try_shared(self, start: int, length: int) -> _Req | None:
+        """Take a range shared at once when no exclusive request exists (the
+        write fast path: no coroutine); None means ``await acquire()``."""
+        if self._exclusive_count:
+            return None
+        req = _Req(start, start + max(length, 1), False)
+        self._held.add(req)
+        return req
+
     def release(self, req: _Req) -> None:
         self._held.discard(req)
         if req.exclusive:

@@ -124,8 +124,14 @@ async def _write_blocks(dev: "ScsiDevice", cmd: ScsiCommand, lba: int, blocks: i
                         fua: bool) -> None:
     bs = dev.block_size
     view = data_out_view(cmd.data_out, blocks * bs)
-    async with dev.range_lock.hold(lba * bs, blocks * bs):
+    lock = dev.range_lock
+    req = lock.try_shared(lba * bs, blocks * bs)
+    if req is None:
+        req = await lock.acquire(lba * bs, blocks * bs)
+    try:
         await _write(dev, lba * bs, view, fua, lba)
+    finally:
+        lock.release(req)
 
 
 async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:

@@ -137,7 +137,7 @@ class FakeScsiTarget:
             if len(dout) < nbytes:
                 return ScsiResponse(CHECK_CONDITION, INVALID_FIELD)
             await lu.write(lba * BLOCK, memoryview(dout)[:nbytes])
-            return ScsiResponse(GOOD, extra={"transfer_length": nbytes})
+            return ScsiResponse(GOOD, transfer_length=nbytes)
         return ScsiResponse(CHECK_CONDITION, ILLEGAL_OPCODE)
 
     def _inquiry(self, cdb: bytes, lu, lun: int) -> ScsiResponse:

@@ -425,6 +425,12 @@ async def test_compare_and_write_without_the_lock_loses_updates():
         async def hold(self, *a, **k):
             yield
 
+        def try_shared(self, *a):
+            return object()
+
+        def release(self, req):
+            pass
+
     lunio = FakeLunIO(yields=3)
     dev, _ = fake_device(lunio)
     dev.range_lock = NoLock()
@@ -530,11 +536,11 @@ async def test_transfer_length_hint_for_data_out_commands():
     for cdb, data, expected, status in cases:
         r = await send(dev, cdb, data)
         assert r.status == status, (cdb.hex(), bytes(r.sense).hex())
-        assert r.extra.get("transfer_length") == expected, cdb.hex()
+        assert r.transfer_length == expected, cdb.hex()
     r = await send(dev, cdb10(0x28, 0, 2))
-    assert "transfer_length" not in r.extra and len(r.data_in) == 2 * BS
+    assert r.transfer_length is None and len(r.data_in) == 2 * BS
     r = await send(dev, [0x2A, 0])                              # short CDB: no hint
-    assert "transfer_length" not in r.extra
+    assert r.transfer_length is None
 
 
 @asynctest
