@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from restore_core.pair import PairState
 
-from .test_model import SIZE, Crash, _graveyard, byte_range, freeze, power_cut, run_life
+from .test_model import SIZE, Crash, bury, byte_range, freeze, power_cut, run_life
 from .util import ES, Rig
 
 # More examples in long runs: LIVERESTORE_MODEL_EXAMPLES=2000 pytest -m ...
@@ -44,7 +44,7 @@ life = st.tuples(st.lists(step, min_size=1, max_size=10), st.booleans(), st.inte
 @given(lives=st.lists(life, min_size=1, max_size=5), full_first=st.booleans(),
        keep_seed=st.integers(0, 2**16))
 def test_sync_and_mirror_model(lives, full_first, keep_seed):
-    _graveyard.clear()
+    bury()
     rig = Rig(NEXT, seed=3)
     tag = iter(range(1, 10**6))
     loop = asyncio.new_event_loop()
@@ -114,3 +114,4 @@ def test_sync_and_mirror_model(lives, full_first, keep_seed):
 
     loop.run_until_complete(finish())
     loop.close()
+    bury()
