@@ -6,7 +6,7 @@
 # serve --backend lio: restore under I/O, daemon kill, libiscsi, fio).
 set -u
 DIR=$1
-PARTS="e2e restore"
+PARTS=${PARTS:-"e2e restore"}
 . "$DIR/env"
 mkdir -p /etc/target            # rtslib-fb's dbroot must exist
 export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$REPO"

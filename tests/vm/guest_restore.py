@@ -99,9 +99,11 @@ def drop_caches(disk: str | None = None) -> None:
         f.write("3")
 
 
-def start_daemon(n: int, init: bool) -> subprocess.Popen:
+def start_daemon(n: int, init: bool, verbose: bool = True) -> subprocess.Popen:
     logf = open(os.path.join(RUN, f"daemon{n}.log"), "w")
-    cmd = [*LR, "--socket", SOCK, "serve", "--backend", "lio", "--state-dir", STATE, "--portal", PORTAL, "-v"]
+    cmd = [*LR, "--socket", SOCK, "serve", "--backend", "lio", "--state-dir", STATE, "--portal", PORTAL]
+    if verbose:
+        cmd.append("-v")
     if init:
         cmd.append("--init")
     p = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
@@ -376,16 +378,68 @@ def fio(dev: str, rw: str, bs: str, depth: int, secs: int) -> float:
     return float(j["read"]["bw_bytes"]) + float(j["write"]["bw_bytes"])
 
 
-def benchmarks_and_libiscsi() -> dict:
-    # -- 5. libiscsi against our spare LU and a LIO fileio LU ---------------------------------
+def fio_compare(daemon_pid: int | None = None) -> dict:
+    """fio 4K random read/write and 1M sequential through LIO: our spare LU
+    vs tcmu-runner's qcow handler vs LIO fileio (all logged in here). With
+    ``daemon_pid`` and LR_PYSPY=1, py-spy records our daemon during our 4K
+    run into RUN/pyspy-4k.txt (collapsed stacks)."""
+    for iqn in (IQN_SPARE, IQN_FILEIO, IQN_QCOW):
+        login(iqn)
+    devs = {tag: disks_of(iqn, 1)[0] for tag, iqn in (("ours", IQN_SPARE), ("fileio", IQN_FILEIO),
+                                                      ("qcow", IQN_QCOW))}
+    log(f"bench devices {devs}")
+    bench: dict[str, dict[str, float]] = {}
+    for tag, dev in devs.items():
+        sh(f"dd if=/dev/zero of={dev} bs=1M count={SPARE >> 20} oflag=direct status=none", timeout=300)   # allocate
+        spy = None
+        if tag == "ours" and daemon_pid and os.environ.get("LR_PYSPY") == "1":
+            spy = subprocess.Popen([os.path.join(os.path.dirname(PY), "py-spy"), "record", "-p", str(daemon_pid),
+                                    "-r", "100", "-f", "raw", "-d", "14", "-o", os.path.join(RUN, "pyspy-4k.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        bench[tag] = {"4k": fio(dev, "randrw", "4k", 16, 12)}
+        if spy is not None:
+            spy.wait(timeout=60)
+        bench[tag]["1m"] = fio(dev, "rw", "1M", 4, 12)
+        print(f"BENCH {tag} ({dev}): 4K randrw {bench[tag]['4k'] / 4096:.0f} IOPS, "
+              f"1M seq rw {bench[tag]['1m'] / 1e6:.1f} MB/s", flush=True)
+    summary = {"vs_tcmu_runner_4k": round(bench["ours"]["4k"] / bench["qcow"]["4k"], 3),
+               "vs_tcmu_runner_1m": round(bench["ours"]["1m"] / bench["qcow"]["1m"], 3),
+               "vs_fileio_4k": round(bench["ours"]["4k"] / bench["fileio"]["4k"], 3),
+               "vs_fileio_1m": round(bench["ours"]["1m"] / bench["fileio"]["1m"], 3),
+               "iops_4k": {k: round(v["4k"] / 4096) for k, v in bench.items()},
+               "mbps_1m": {k: round(v["1m"] / 1e6, 1) for k, v in bench.items()}}
+    print(f"BENCH ratios: ours/tcmu-runner(qcow) 4K {summary['vs_tcmu_runner_4k']} (goal >= 0.5), "
+          f"1M {summary['vs_tcmu_runner_1m']} (goal >= 0.8); ours/fileio 4K {summary['vs_fileio_4k']}, "
+          f"1M {summary['vs_fileio_1m']}", flush=True)
+    result("bench_numbers", all(v["4k"] > 0 and v["1m"] > 0 for v in bench.values()), json.dumps(summary["iops_4k"]))
+    return summary
+
+
+def start_peers() -> subprocess.Popen:
+    """tcmu-runner, and the peer LUs: LIO fileio and tcmu-runner qcow."""
     qcow_img = "/tmp/bench.qcow2"
     sh(f"qemu-img create -q -f qcow2 -o preallocation=metadata {qcow_img} {SPARE}")
     runner_log = open(os.path.join(RUN, "tcmu-runner.log"), "w")
-    runner = subprocess.Popen(["tcmu-runner", "--debug"] if False else ["tcmu-runner"],
-                              stdout=runner_log, stderr=subprocess.STDOUT)
+    runner = subprocess.Popen(["tcmu-runner"], stdout=runner_log, stderr=subprocess.STDOUT)
     time.sleep(3)
     log(f"tcmu-runner running={runner.poll() is None}")
     lio_plain_targets(qcow_img)
+    return runner
+
+
+def stop_peers(runner: subprocess.Popen) -> None:
+    for iqn in (IQN_SPARE, IQN_FILEIO, IQN_QCOW):
+        sh(f"iscsiadm -m node -T {iqn} -p {PORTAL} --logout", check=False)
+    runner.send_signal(signal.SIGTERM)
+    try:
+        runner.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        runner.kill()
+
+
+def benchmarks_and_libiscsi() -> dict:
+    # -- 5. libiscsi against our spare LU and a LIO fileio LU ---------------------------------
+    runner = start_peers()
     print(f"LIBISCSI subset (the full 750-test suite does not fit the tier's budget in TCG): {LIBISCSI_TESTS}",
           flush=True)
     ours = libiscsi(IQN_SPARE, "ours")
@@ -398,37 +452,10 @@ def benchmarks_and_libiscsi() -> dict:
            f"ours {ours['passed']}/{ours['ran']}, fileio {fileio['passed']}/{fileio['ran']}")
 
     # -- 6. fio: ours vs tcmu-runner qcow vs LIO fileio -------------------------------------------
-    for iqn in (IQN_SPARE, IQN_FILEIO, IQN_QCOW):
-        login(iqn)
-    devs = {tag: disks_of(iqn, 1)[0] for tag, iqn in (("ours", IQN_SPARE), ("fileio", IQN_FILEIO),
-                                                      ("qcow", IQN_QCOW))}
-    log(f"bench devices {devs}")
-    bench: dict[str, dict[str, float]] = {}
-    for tag, dev in devs.items():
-        sh(f"dd if=/dev/zero of={dev} bs=1M count={SPARE >> 20} oflag=direct status=none", timeout=300)   # allocate
-        bench[tag] = {"4k": fio(dev, "randrw", "4k", 16, 12), "1m": fio(dev, "rw", "1M", 4, 12)}
-        print(f"BENCH {tag} ({dev}): 4K randrw {bench[tag]['4k'] / 4096:.0f} IOPS, "
-              f"1M seq rw {bench[tag]['1m'] / 1e6:.1f} MB/s", flush=True)
-    summary = {"vs_tcmu_runner_4k": round(bench["ours"]["4k"] / bench["qcow"]["4k"], 3),
-               "vs_tcmu_runner_1m": round(bench["ours"]["1m"] / bench["qcow"]["1m"], 3),
-               "vs_fileio_4k": round(bench["ours"]["4k"] / bench["fileio"]["4k"], 3),
-               "vs_fileio_1m": round(bench["ours"]["1m"] / bench["fileio"]["1m"], 3),
-               "iops_4k": {k: round(v["4k"] / 4096) for k, v in bench.items()},
-               "mbps_1m": {k: round(v["1m"] / 1e6, 1) for k, v in bench.items()},
-               "libiscsi": {"ours_passed": ours["passed"], "ours_ran": ours["ran"],
-                            "fileio_passed": fileio["passed"], "fileio_ran": fileio["ran"],
-                            "subset": True}}
-    print(f"BENCH ratios: ours/tcmu-runner(qcow) 4K {summary['vs_tcmu_runner_4k']} (goal >= 0.5), "
-          f"1M {summary['vs_tcmu_runner_1m']} (goal >= 0.8); ours/fileio 4K {summary['vs_fileio_4k']}, "
-          f"1M {summary['vs_fileio_1m']}", flush=True)
-    result("bench_numbers", all(v["4k"] > 0 and v["1m"] > 0 for v in bench.values()), json.dumps(summary["iops_4k"]))
-    for iqn in (IQN_SPARE, IQN_FILEIO, IQN_QCOW):
-        sh(f"iscsiadm -m node -T {iqn} -p {PORTAL} --logout", check=False)
-    runner.send_signal(signal.SIGTERM)
-    try:
-        runner.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        runner.kill()
+    summary = fio_compare()
+    summary["libiscsi"] = {"ours_passed": ours["passed"], "ours_ran": ours["ran"],
+                           "fileio_passed": fileio["passed"], "fileio_ran": fileio["ran"], "subset": True}
+    stop_peers(runner)
     return summary
 
 

@@ -1,0 +1,36 @@
+"""Guest side of tests/bench/vm_fio.sh: only the fio comparison of the VM
+tier (our daemon's LU through LIO + TCMU vs tcmu-runner's qcow handler vs
+LIO fileio), on a fresh daemon; with LR_PYSPY=1 our daemon is profiled
+during its 4K run (RUN/pyspy-4k.txt). Last line: the summary JSON."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import guest_restore as g  # noqa: E402  (shares RUN = argv[1] and the helpers)
+
+
+def main() -> int:
+    g.log(f"kernel {os.uname().release}; repo {g.REPO}")
+    os.makedirs("/etc/target", exist_ok=True)
+    g.sh("iscsid || true", check=False)
+    d = g.start_daemon(1, init=True, verbose=False)
+    try:
+        g.lr("volume", "create", "spare", "--size", str(g.SPARE))
+        g.lr("export", "create", g.IQN_SPARE, "--lun", "0=spare")
+        runner = g.start_peers()
+        try:
+            summary = g.fio_compare(d.pid)
+        finally:
+            g.stop_peers(runner)
+    finally:
+        d.terminate()
+        d.wait(timeout=30)
+    print(json.dumps(summary), flush=True)
+    return 1 if g.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
