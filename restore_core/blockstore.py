@@ -73,6 +73,16 @@ class BlockStore(ABC):
     async def flush(self) -> None:
         """Make every write that completed before this call durable."""
 
+    # Synchronous attempts (the host I/O fast path): do the whole I/O now,
+    # without blocking the event loop, and return True; or return False
+    # having done nothing a reader could tell apart, and the caller uses
+    # the coroutine. Errors also return False: the coroutine reports them.
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        return False
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        return False
+
     async def discard(self, offset: int, length: int) -> None:
         """Deallocate a range; it must read back as zeros afterwards."""
         chunk = 1 << 20
@@ -209,34 +219,53 @@ class FileBlockStore(BlockStore):
     def flush_sync(self) -> None:
         os.fdatasync(self._fd)
 
-    async def readinto(self, offset: int, buf: memoryview) -> None:
-        self.check_range(offset, len(buf))
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        n = sum(map(len, bufs))
+        if offset < 0 or offset + n > self._size:
+            return False
         if self._nowait:
             try:
-                n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
-                if n == len(buf):
-                    return
-                if n > 0:
-                    buf = buf[n:]
-                    offset += n
+                return os.preadv(self._fd, bufs, offset, _RWF_NOWAIT) == n
             except BlockingIOError:
-                pass
+                return False
             except OSError as e:
                 if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    self._nowait = False
-                else:
-                    raise BlockStoreError(f"{self.name}: read error at {offset}: {e}", offset)
-        elif len(buf) <= self.inline_read_max:
-            g = self.read_guard
-            now = time.monotonic()
-            if now >= g.off_until:
-                try:
-                    self.readinto_sync(offset, buf)
-                except OSError as e:
-                    raise BlockStoreError(f"{self.name}: read error at {offset}: {e}",
-                                          offset) from e
-                g.took(now, time.monotonic())
-                return
+                    self._nowait = False         # from now on: the inline guard
+                return False
+        if n > self.inline_read_max:
+            return False
+        g = self.read_guard
+        now = time.monotonic()
+        if now < g.off_until:
+            return False
+        try:
+            got = os.preadv(self._fd, bufs, offset)
+        except OSError:
+            return False
+        g.took(now, time.monotonic())
+        return got == n
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        n = sum(map(len, bufs))
+        if n > self.inline_write_max or offset < 0 or offset + n > self._size:
+            return False
+        g = self.write_guard
+        now = time.monotonic()
+        if now < g.off_until:
+            return False
+        try:
+            if os.pwritev(self._fd, bufs, offset) != n:      # short (disk full?): once more whole
+                self.write_sync(offset, b"".join(bufs))
+        except OSError:
+            return False
+        g.took(now, time.monotonic())
+        self._written += 1
+        return True
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        self.check_range(offset, len(buf))
+        if self.try_readinto(offset, [buf]):
+            return
         try:
             await asyncio.get_running_loop().run_in_executor(
                 io_executor(), self.readinto_sync, offset, buf)
@@ -245,18 +274,8 @@ class FileBlockStore(BlockStore):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.check_range(offset, len(data))
-        if len(data) <= self.inline_write_max:
-            g = self.write_guard
-            now = time.monotonic()
-            if now >= g.off_until:
-                try:
-                    self.write_sync(offset, data)
-                except OSError as e:
-                    raise BlockStoreError(f"{self.name}: write error at {offset}: {e}",
-                                          offset) from e
-                g.took(now, time.monotonic())
-                self._written += 1
-                return
+        if self.try_write(offset, [data]):
+            return
         try:
             await asyncio.get_running_loop().run_in_executor(
                 io_executor(), self.write_sync, offset, data)
@@ -389,10 +408,29 @@ class MemoryBlockStore(BlockStore):
         self.check_range(offset, len(data))
         blob = bytes(data)
         await asyncio.sleep(0)
+        self._apply(offset, blob)
+
+    def _apply(self, offset: int, blob: bytes) -> None:
         self.current[offset:offset + len(blob)] = blob
         self._volatile.append((offset, blob))
         self.writes += 1
         self.bytes_written += len(blob)
+
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        n = sum(map(len, bufs))
+        if offset < 0 or offset + n > self._size or any(offset <= b < offset + n for b in self.fail_at):
+            return False
+        for buf in bufs:
+            buf[:] = self.current[offset:offset + len(buf)]
+            offset += len(buf)
+        return True
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        blob = b"".join(bytes(b) for b in bufs)
+        if offset < 0 or offset + len(blob) > self._size:
+            return False
+        self._apply(offset, blob)
+        return True
 
     async def flush(self) -> None:
         pending = self._volatile

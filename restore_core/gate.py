@@ -20,6 +20,10 @@ class IOGate:
         self._open.set()
         self._drained: asyncio.Event | None = None
 
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._closed)
+
     def try_enter(self) -> bool:
         """Enter without waiting if the gate is open (the host I/O fast
         path: no coroutine); False means ``await enter()``."""

@@ -104,6 +104,47 @@ class VolumeIO:
         finally:
             vol.gate.leave()
 
+    # -- the synchronous fast path -------------------------------------------------
+    # A host I/O that needs nothing but the data movement -- no extent to
+    # copy first, no map bit to wait for, no state change under way -- is
+    # done at once by the caller, without a coroutine per layer. Anything
+    # else returns False with nothing a host could observe done (at most
+    # delta / write-intent bits set early, which the slow path sets anyway)
+    # and the caller awaits read() / write(), which also report the errors.
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        vol = self.vol
+        if vol.gate.is_closed or (vol.as_clone is not None and self.access()[0] == "not-ready"):
+            return False
+        if vol.as_source:
+            length = sum(map(len, bufs))
+            for pair in vol.as_source:
+                if pair.state is PairState.RESTORING and pair.copier is not None:
+                    pair.last_host_io = time.monotonic()
+                    a, b = extents_of(offset, length, pair.extent_size)
+                    if pair.todo.any(a, b):
+                        return False             # copy-on-demand first
+        return vol.store.try_readinto(offset, bufs)
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        vol = self.vol
+        if vol.gate.is_closed:
+            return False
+        length = sum(map(len, bufs))
+        if length == 0:
+            return False
+        # only sides of fractured pairs (or no pair): their tracking is
+        # synchronous once the write-intent region is durable
+        tracked = [vol.as_clone] if vol.as_clone is not None else []
+        tracked += vol.as_source
+        for pair in tracked:
+            if pair.state is not PairState.FRACTURED:
+                return False
+        for pair in tracked:
+            a, b = extents_of(offset, length, pair.extent_size)
+            if self._mark_tracked(pair, a, b):
+                return False                     # its region must be durable first
+        return vol.store.try_write(offset, bufs)
+
     # -- writes ------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         async def io(store: BlockStore) -> None:

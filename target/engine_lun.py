@@ -45,6 +45,12 @@ class EngineLunIO:
             return _READ_WRITE                 # every command asks: no object each time
         return AccessState(_ACCESS[mode], why)
 
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        return self.vio.try_readinto(offset, bufs)
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        return self.vio.try_write(offset, bufs)
+
     # (plain try/except: a context manager per command costs more than
     # the checks on the host I/O path)
     async def read(self, offset: int, length: int):

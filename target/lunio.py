@@ -57,6 +57,12 @@ class LunIO(Protocol):
     changed behind its back (a restore started or ended, capacity changed):
     the SCSI layer raises a unit attention on each I_T nexus when it sees a
     new value.
+
+    Optional fast path (not part of the checked protocol): synchronous
+    ``try_readinto(offset, bufs) -> bool`` and ``try_write(offset, bufs) ->
+    bool`` do the whole transfer at once between the LU and the transport's
+    buffers and return True, or return False having changed nothing a host
+    could see, and the coroutines above run instead (and report errors).
     """
 
     @property
@@ -98,6 +104,12 @@ class PlainLunIO:
             return await self.store.read(offset, length)
         except BlockStoreError as e:
             raise MediumError(str(e), e.offset) from e
+
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        return self.store.try_readinto(offset, bufs)
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        return not self.read_only and self.store.try_write(offset, bufs)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         if self.read_only:

@@ -241,7 +241,10 @@ class DataPathMixin:
                               expected_in=task.edtl if task.read else 0, task_tag=task.itt,
                               task_attr=task.attr)
             try:
-                rsp = await self.scsi.execute(cmd)
+                fast = getattr(self.scsi, "try_execute", None)
+                rsp = fast(cmd) if fast is not None else None
+                if rsp is None:
+                    rsp = await self.scsi.execute(cmd)
             except asyncio.CancelledError:
                 raise
             except Exception:

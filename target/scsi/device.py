@@ -38,6 +38,11 @@ from .ua import UnitAttentions
 
 log = logging.getLogger(__name__)
 
+# READ/WRITE(10/16), the commands try_execute serves: opcode -> (writes,
+# LBA field [start, end), transfer length field [start, end), CDB length)
+_FAST_RW = {c.READ_10: (False, 2, 6, 7, 9, 10), c.WRITE_10: (True, 2, 6, 7, 9, 10),
+            c.READ_16: (False, 2, 10, 10, 14, 16), c.WRITE_16: (True, 2, 10, 10, 14, 16)}
+
 
 class ScsiDevice:
     """One SCSI direct-access block device (peripheral type 00h).
@@ -66,6 +71,11 @@ class ScsiDevice:
         self._generation = lunio.generation
         self._size = lunio.size
         self._last_access: Access | None = None
+        # the LunIO's optional synchronous fast path (try_execute)
+        self._try_read = getattr(lunio, "try_readinto", None)
+        self._try_write = getattr(lunio, "try_write", None)
+        if self._try_write is None:
+            self._try_read = None
 
     # -- state the handlers read -------------------------------------------------
     @property
@@ -105,6 +115,57 @@ class ScsiDevice:
             # commands' transfer length is len(data_in)), failed or not.
             resp.transfer_length = spec.out_len(cdb, self.block_size)
         return resp
+
+    def try_execute(self, cmd: ScsiCommand,
+                    into: list[memoryview] | None = None) -> ScsiResponse | None:
+        """The fast path: a READ/WRITE(10/16) that nothing stands in the way
+        of -- no unit attention due, no reservation, the LU read-write and
+        unchanged, no COMPARE AND WRITE, no FUA, lengths that match the
+        CDB -- done synchronously through LunIO.try_readinto/try_write, with
+        GOOD. None: nothing was done, ``await execute(cmd)`` (which also
+        makes every error's sense). ``into``: the transport's Data-In buffers
+        for a read (then the response carries no data), else a new buffer."""
+        cdb = cmd.cdb
+        fast = _FAST_RW.get(cdb[0]) if cdb else None
+        if fast is None or self._try_read is None:
+            return None
+        writing, lba_at, lba_end, len_at, len_end, cdb_len = fast
+        if (len(cdb) < cdb_len or cdb[1] & 0xE0 or cdb[cdb_len - 1] & 0x04
+                or self._last_access is not Access.READ_WRITE or self.options.read_only):
+            return None
+        if writing and (cdb[1] & 0x08 or not self.mode.write_cache or self.range_lock.exclusive_pending):
+            return None                          # FUA, write-through, or an ATS around
+        if not self.ua.quiet(nexus_key(cmd.nexus)):
+            return None
+        pr = self.pr
+        if pr.holder is not None or pr.spc2_holder is not None:
+            return None
+        lunio = self.lunio
+        if lunio.generation != self._generation or lunio.size != self._size:
+            return None
+        if lunio.access_state().access is not Access.READ_WRITE:
+            return None
+        lba = int.from_bytes(cdb[lba_at:lba_end], "big")
+        blocks = int.from_bytes(cdb[len_at:len_end], "big")
+        bs = self.block_size
+        if not 0 < blocks <= self.limits.max_transfer or lba + blocks > self._size // bs:
+            return None
+        n = blocks * bs
+        if writing:
+            data = cmd.data_out
+            if data is None or len(data) != n or not self._try_write(lba * bs, [data]):
+                return None
+            return ScsiResponse(GOOD, b"", b"", n)
+        if cmd.expected_in != n:
+            return None
+        if into is not None:
+            if sum(map(len, into)) != n or not self._try_read(lba * bs, into):
+                return None
+            return ScsiResponse(GOOD)
+        buf = bytearray(n)
+        if not self._try_read(lba * bs, [memoryview(buf)]):
+            return None
+        return ScsiResponse(GOOD, b"", buf)
 
     def _check_condition(self, e: CheckCondition, cmd: ScsiCommand) -> ScsiResponse:
         if e.key == c.MEDIUM_ERROR:

@@ -73,6 +73,11 @@ class LunSet:
     def luns(self) -> list[int]:
         return sorted(self._devices)
 
+    def try_execute(self, cmd: ScsiCommand,
+                    into: list[memoryview] | None = None) -> ScsiResponse | None:
+        dev = self._devices.get(cmd.lun)
+        return dev.try_execute(cmd, into) if dev is not None else None
+
     async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
         dev = self._devices.get(cmd.lun)
         if dev is not None:

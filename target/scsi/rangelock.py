@@ -61,6 +61,10 @@ class RangeLock:
             raise
         return req
 
+    @property
+    def exclusive_pending(self) -> bool:
+        return self._exclusive_count > 0
+
     def try_shared(self, start: int, length: int) -> _Req | None:
         """Take a range shared at once when no exclusive request exists (the
         write fast path: no coroutine); None means ``await acquire()``."""

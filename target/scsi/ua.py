@@ -34,6 +34,11 @@ class UnitAttentions:
         if key not in self._queues:
             self._queues[key] = deque([c.ASC_POWER_ON_RESET])
 
+    def quiet(self, key: NexusKey) -> bool:
+        """Known nexus with nothing to report (the fast path's test)."""
+        q = self._queues.get(key)
+        return q is not None and not q
+
     def forget(self, key: NexusKey) -> None:
         self._queues.pop(key, None)
 

@@ -235,7 +235,13 @@ def test_restore_model(pre, pre_clone, protected, start_paused, keep_seed, round
             model.apply(off, data)
 
     async def check_read(sio, rng, want):
-        got = bytes(await sio.read(*rng))
+        buf = bytearray(rng[1])
+        # half the reads try the synchronous fast path first (as the SCSI
+        # layer does): it must decline, not serve, extents still to restore
+        if (rng[0] // 512) % 2 == 0 and sio.try_readinto(rng[0], [memoryview(buf)]):
+            got = bytes(buf)
+        else:
+            got = bytes(await sio.read(*rng))
         if want is not None:
             assert got == want, f"read {rng} returned wrong data"
 
