@@ -34,6 +34,10 @@ from dataclasses import dataclass, field
 from . import abi
 
 
+_ZERO_RSP_HEAD = bytes(8)
+CHECK_CONDITION = 0x02
+
+
 class RingError(Exception):
     """The shared ring holds something impossible (corrupt or wrong ABI)."""
 
@@ -167,8 +171,10 @@ class Ring:
                  read_len: int | None = None, unknown_op: bool = False) -> None:
         """Write the response of ``req`` and move cmd_tail as far as allowed."""
         if self.ooo:
-            slot = next((s for s in self._slots if s.is_cmd and not s.done), None)
-            if slot is None:
+            # _advance leaves a pending CMD slot (or nothing) at the front:
+            # non-CMD slots are born done and done slots at the front go
+            slot = self._slots[0] if self._slots else None
+            if slot is None or slot.done:
                 raise RingError(f"completion of cmd {req.cmd_id} with no pending ring slot")
             if slot.off != req.slot:
                 self.out_of_order += 1
@@ -184,12 +190,15 @@ class Ring:
         if read_len is not None and self.read_len:
             uflags |= abi.TCMU_UFLAG_READ_LEN
         # response first, header (cmd_id) last, then the tail
-        self.mv[p + 8:p + abi.RSP_SENSE_OFF] = bytes(8)
-        self.mv[p + abi.RSP_STATUS_OFF] = status & 0xFF
+        mv = self.mv
+        mv[p + 8:p + abi.RSP_SENSE_OFF] = _ZERO_RSP_HEAD
+        mv[p + abi.RSP_STATUS_OFF] = status & 0xFF
         if read_len is not None and self.read_len:
-            abi.U32.pack_into(self.mv, p + abi.RSP_READ_LEN_OFF, read_len)
-        s = bytes(sense[:abi.TCMU_SENSE_BUFFERSIZE]).ljust(abi.TCMU_SENSE_BUFFERSIZE, b"\0")
-        self.mv[p + abi.RSP_SENSE_OFF:p + abi.RSP_SENSE_OFF + abi.TCMU_SENSE_BUFFERSIZE] = s
+            abi.U32.pack_into(mv, p + abi.RSP_READ_LEN_OFF, read_len)
+        if sense or status == CHECK_CONDITION:
+            # the kernel reads the sense buffer only with CHECK CONDITION
+            s = bytes(sense[:abi.TCMU_SENSE_BUFFERSIZE]).ljust(abi.TCMU_SENSE_BUFFERSIZE, b"\0")
+            mv[p + abi.RSP_SENSE_OFF:p + abi.RSP_SENSE_OFF + abi.TCMU_SENSE_BUFFERSIZE] = s
         abi.ENT_HDR.pack_into(self.mv, p, len_op, req.cmd_id, kflags, uflags)
         slot.done = True
         self._advance()
