@@ -136,6 +136,19 @@ class InlineGuard:
         self.strikes = 0
         self.backoffs = 0
 
+    def call(self, fn, *args):
+        """fn(*args) inline if allowed now, timed; None if not allowed or it
+        failed with OSError (the caller's thread path reports the error)."""
+        now = time.monotonic()
+        if now < self.off_until:
+            return None
+        try:
+            r = fn(*args)
+        except OSError:
+            return None
+        self.took(now, time.monotonic())
+        return r
+
     def took(self, start: float, end: float) -> None:
         t = end - start
         if t <= INLINE_SLOW_S:
@@ -232,35 +245,21 @@ class FileBlockStore(BlockStore):
                 if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                     self._nowait = False         # from now on: the inline guard
                 return False
-        if n > self.inline_read_max:
-            return False
-        g = self.read_guard
-        now = time.monotonic()
-        if now < g.off_until:
-            return False
-        try:
-            got = os.preadv(self._fd, bufs, offset)
-        except OSError:
-            return False
-        g.took(now, time.monotonic())
-        return got == n
+        return n <= self.inline_read_max and self.read_guard.call(os.preadv, self._fd, bufs, offset) == n
 
     def try_write(self, offset: int, bufs: list) -> bool:
         n = sum(map(len, bufs))
         if n > self.inline_write_max or offset < 0 or offset + n > self._size:
             return False
-        g = self.write_guard
-        now = time.monotonic()
-        if now < g.off_until:
+        if self.write_guard.call(self._pwritev_all, offset, bufs, n) is None:
             return False
-        try:
-            if os.pwritev(self._fd, bufs, offset) != n:      # short (disk full?): once more whole
-                self.write_sync(offset, b"".join(bufs))
-        except OSError:
-            return False
-        g.took(now, time.monotonic())
         self._written += 1
         return True
+
+    def _pwritev_all(self, offset: int, bufs: list, n: int) -> int:
+        if os.pwritev(self._fd, bufs, offset) != n:      # short (disk full?): once more whole
+            self.write_sync(offset, b"".join(bufs))
+        return n
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self.check_range(offset, len(buf))
