@@ -130,8 +130,7 @@ class ScsiDevice:
         if fast is None or self._try_read is None:
             return None
         writing, lba_at, lba_end, len_at, len_end, cdb_len = fast
-        if (len(cdb) < cdb_len or cdb[1] & 0xE0 or cdb[cdb_len - 1] & 0x04
-                or self._last_access is not Access.READ_WRITE or self.options.read_only):
+        if len(cdb) < cdb_len or cdb[1] & 0xE0 or cdb[cdb_len - 1] & 0x04:
             return None
         if writing and (cdb[1] & 0x08 or not self.mode.write_cache or self.range_lock.exclusive_pending):
             return None                          # FUA, write-through, or an ATS around
@@ -143,7 +142,10 @@ class ScsiDevice:
         lunio = self.lunio
         if lunio.generation != self._generation or lunio.size != self._size:
             return None
-        if lunio.access_state().access is not Access.READ_WRITE:
+        access = lunio.access_state().access
+        if access is not self._last_access or access is Access.NOT_READY:
+            return None                          # a change to note first, or an error
+        if writing and (access is not Access.READ_WRITE or self.options.read_only):
             return None
         lba = int.from_bytes(cdb[lba_at:lba_end], "big")
         blocks = int.from_bytes(cdb[len_at:len_end], "big")

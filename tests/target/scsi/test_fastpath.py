@@ -82,6 +82,7 @@ async def test_declines_writes_around_compare_and_write_and_on_read_only_or_writ
     ro, _ = mem_device(blocks=8, read_only=True)
     await ready(ro)
     assert ro.try_execute(wr(cdb10(0x2A, 0, 1), b"x" * BS)) is None
+    assert ro.try_execute(rd(cdb10(0x28, 0, 1), BS)) is not None      # reads are fine
     wt, _ = mem_device(blocks=8, options=DeviceOptions(write_cache=False))
     await ready(wt)
     assert wt.try_execute(wr(cdb10(0x2A, 0, 1), b"x" * BS)) is None   # write-through: durable first
