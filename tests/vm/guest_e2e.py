@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 
-RUN = sys.argv[1]
-REPO = os.environ.get("PYTHONPATH", os.getcwd())
-PY = sys.executable
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from guest_common import (PY, REPO, RUN, disks_of, drop_caches, failures, log, result,  # noqa: E402
+                          run_main, sh, sha)
+
 IQN = "iqn.2026-11.org.liverestore:vmtest"
 VOL = "vmvol1"
 SIZE = 96 << 20
@@ -29,24 +30,6 @@ IMG = "/tmp/vmvol1.img"
 VOL2, SIZE2, IMG2 = "vmvol2", 32 << 20, "/tmp/vmvol2.img"       # a second device, LUN 1
 MNT = "/tmp/lr-mnt"
 CHAP_USER, CHAP_PASS = "vmhost", "vm-chap-secret-1"
-failures: list[str] = []
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def result(name: str, ok: bool, detail: str = "") -> None:
-    print(f"RESULT {name}: {'PASS' if ok else 'FAIL'} {detail}".rstrip(), flush=True)
-    if not ok:
-        failures.append(name)
-
-
-def sh(cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{cmd!r} failed ({p.returncode}): {p.stdout[-2000:]} {p.stderr[-2000:]}")
-    return p
 
 
 def initiator_name() -> str:
@@ -122,37 +105,6 @@ def mailbox() -> tuple[int, int]:
     raise RuntimeError("our uio device is gone")
 
 
-def find_disks(count: int) -> dict[int, str]:
-    """LUN -> /dev/sdX of the session's disks (from the SCSI address h:c:t:l)."""
-    disks: dict[int, str] = {}
-    for _ in range(150):
-        out = sh("iscsiadm -m session -P3", check=False).stdout
-        for line in out.splitlines():
-            if "Attached scsi disk" in line:
-                name = line.split("Attached scsi disk")[1].split()[0]
-                if os.path.exists(f"/dev/{name}"):
-                    addr = os.path.basename(os.readlink(f"/sys/block/{name}/device"))
-                    disks[int(addr.split(":")[3])] = f"/dev/{name}"
-        if len(disks) >= count:
-            return disks
-        time.sleep(0.2)
-    raise RuntimeError(f"expected {count} SCSI disks after login, got {disks}")
-
-
-def sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def drop_caches() -> None:
-    sh("sync")
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
-
-
 def kernel_log(pattern: str) -> list[str]:
     out = sh("dmesg", check=False).stdout
     return [l for l in out.splitlines() if pattern in l]
@@ -194,7 +146,7 @@ def main() -> int:
     sh(f"{node} -o update -n node.session.auth.username -v {CHAP_USER}")
     sh(f"{node} -o update -n node.session.auth.password -v {CHAP_PASS}")
     sh(f"{node} --login")
-    disks = find_disks(2)
+    disks = disks_of(None, 2)
     disk, disk2 = disks[0], disks[1]
     size = int(open(f"/sys/block/{os.path.basename(disk)}/size").read()) * 512
     vendor = open(f"/sys/block/{os.path.basename(disk)}/device/vendor").read().strip()
@@ -314,15 +266,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as e:
-        import traceback
-        traceback.print_exc()
-        print(f"RESULT guest_script: FAIL {e}", flush=True)
-        for n in (1, 2):
-            p = os.path.join(RUN, f"handler{n}.log")
-            if os.path.exists(p):
-                print(f"--- handler{n}.log tail ---\n" + "".join(open(p).readlines()[-30:]), flush=True)
-        print(sh("dmesg | tail -40", check=False).stdout, flush=True)
-        sys.exit(1)
+    run_main(main, "guest_script", ["handler1.log", "handler2.log"], tail=30)

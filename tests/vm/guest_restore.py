@@ -26,9 +26,10 @@ import subprocess
 import sys
 import time
 
-RUN = sys.argv[1]
-REPO = os.environ.get("PYTHONPATH", os.getcwd())
-PY = sys.executable
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from guest_common import (PY, REPO, RUN, disks_of, drop_caches, failures, log, result,  # noqa: E402,F401
+                          run_main, sh, sha)
+
 LR = [PY, "-m", "target.cli"]
 STATE = "/tmp/lr-state"
 SOCK = "/tmp/lr-control.sock"
@@ -49,25 +50,6 @@ LIBISCSI_TESTS = os.environ.get("LR_LIBISCSI_TESTS", ",".join(
 # ~224 s measured for our handler under TCG; headroom for a loaded host while
 # the whole guest run stays inside the tier's 1020 s guest timeout.
 LIBISCSI_TIMEOUT = 450
-failures: list[str] = []
-T0 = time.time()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:.0f}s] {msg}", flush=True)
-
-
-def result(name: str, ok: bool, detail: str = "") -> None:
-    print(f"RESULT {name}: {'PASS' if ok else 'FAIL'} {detail}".rstrip(), flush=True)
-    if not ok:
-        failures.append(name)
-
-
-def sh(cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{cmd!r} failed ({p.returncode}): {p.stdout[-2000:]} {p.stderr[-2000:]}")
-    return p
 
 
 def lr(*args: str, timeout: float = 120) -> str:
@@ -81,22 +63,6 @@ def lr(*args: str, timeout: float = 120) -> str:
 
 def lrj(*args: str, timeout: float = 120):
     return json.loads(lr(*args, "--json", timeout=timeout))
-
-
-def sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def drop_caches(disk: str | None = None) -> None:
-    sh("sync")
-    if disk:
-        sh(f"blockdev --flushbufs {disk}", check=False)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
 
 
 def start_daemon(n: int, init: bool, verbose: bool = True) -> subprocess.Popen:
@@ -119,26 +85,6 @@ def start_daemon(n: int, init: bool, verbose: bool = True) -> subprocess.Popen:
                 log(f"daemon #{n} pid {p.pid} up")
                 return p
     raise RuntimeError(f"daemon #{n} did not come up: {open(logf.name).read()[-3000:]}")
-
-
-def disks_of(iqn: str, count: int) -> dict[int, str]:
-    """LUN -> /dev/sdX of the session to iqn."""
-    for _ in range(150):
-        disks: dict[int, str] = {}
-        out = sh("iscsiadm -m session -P3", check=False).stdout
-        cur = None
-        for line in out.splitlines():
-            if line.strip().startswith("Target:"):
-                cur = line.split("Target:")[1].split()[0]
-            if cur == iqn and "Attached scsi disk" in line:
-                name = line.split("Attached scsi disk")[1].split()[0]
-                if os.path.exists(f"/dev/{name}"):
-                    addr = os.path.basename(os.readlink(f"/sys/block/{name}/device"))
-                    disks[int(addr.split(":")[3])] = f"/dev/{name}"
-        if len(disks) >= count:
-            return disks
-        time.sleep(0.2)
-    raise RuntimeError(f"expected {count} SCSI disks of {iqn}, got {disks}")
 
 
 def login(iqn: str) -> None:
@@ -479,15 +425,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception as e:
-        import traceback
-        traceback.print_exc()
-        print(f"RESULT guest_restore_script: FAIL {e}", flush=True)
-        for n in (1, 2):
-            p = os.path.join(RUN, f"daemon{n}.log")
-            if os.path.exists(p):
-                print(f"--- daemon{n}.log tail ---\n" + "".join(open(p).readlines()[-40:]), flush=True)
-        print(sh("dmesg | tail -40", check=False).stdout, flush=True)
-        sys.exit(1)
+    run_main(main, "guest_restore_script", ["daemon1.log", "daemon2.log"])

@@ -1,0 +1,89 @@
+"""What the guest-side scripts of the VM tier share: the run directory,
+logging, RESULT lines, shell calls, checksums, and the __main__ wrapper that
+turns a crash of the script into a FAIL line with the logs that explain it."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from typing import Callable
+
+RUN = sys.argv[1]
+REPO = os.environ.get("PYTHONPATH", os.getcwd())
+PY = sys.executable
+failures: list[str] = []
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:.0f}s] {msg}", flush=True)
+
+
+def result(name: str, ok: bool, detail: str = "") -> None:
+    print(f"RESULT {name}: {'PASS' if ok else 'FAIL'} {detail}".rstrip(), flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def sh(cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{cmd!r} failed ({p.returncode}): {p.stdout[-2000:]} {p.stderr[-2000:]}")
+    return p
+
+
+def sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def drop_caches(disk: str | None = None) -> None:
+    sh("sync")
+    if disk:
+        sh(f"blockdev --flushbufs {disk}", check=False)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def disks_of(iqn: str | None, count: int) -> dict[int, str]:
+    """LUN -> /dev/sdX of the sessions (to ``iqn`` only, if given), from the
+    SCSI address h:c:t:l; waits up to 30 s for ``count`` disks."""
+    disks: dict[int, str] = {}
+    for _ in range(150):
+        disks = {}
+        out = sh("iscsiadm -m session -P3", check=False).stdout
+        cur = None
+        for line in out.splitlines():
+            if line.strip().startswith("Target:"):
+                cur = line.split("Target:")[1].split()[0]
+            if (iqn is None or cur == iqn) and "Attached scsi disk" in line:
+                name = line.split("Attached scsi disk")[1].split()[0]
+                if os.path.exists(f"/dev/{name}"):
+                    addr = os.path.basename(os.readlink(f"/sys/block/{name}/device"))
+                    disks[int(addr.split(":")[3])] = f"/dev/{name}"
+        if len(disks) >= count:
+            return disks
+        time.sleep(0.2)
+    raise RuntimeError(f"expected {count} SCSI disks{f' of {iqn}' if iqn else ''}, got {disks}")
+
+
+def run_main(main: Callable[[], int], name: str, logs: list[str], tail: int = 40) -> None:
+    """Exit with main()'s status; an exception becomes "RESULT <name>: FAIL"
+    followed by the tails of the given logs (in RUN) and of dmesg."""
+    try:
+        sys.exit(main())
+    except Exception as e:  # noqa: BLE001 - reported as a FAIL line, then exit 1
+        import traceback
+        traceback.print_exc()
+        print(f"RESULT {name}: FAIL {e}", flush=True)
+        for n in logs:
+            p = os.path.join(RUN, n)
+            if os.path.exists(p):
+                print(f"--- {n} tail ---\n" + "".join(open(p).readlines()[-tail:]), flush=True)
+        print(sh("dmesg | tail -40", check=False).stdout, flush=True)
+        sys.exit(1)
