@@ -351,6 +351,12 @@ def test_documentation_matches_argument_spec(module, tmp_path, monkeypatch):
     with pytest.raises(Stop):
         mod.main()
     doc = yaml.safe_load(mod.DOCUMENTATION)
+    for frag in doc.get("extends_documentation_fragment", []):
+        # as ansible-doc merges them: the module's own fields win
+        ns, coll, name = frag.split(".")
+        fmod = importlib.import_module(f"ansible_collections.{ns}.{coll}.plugins.doc_fragments.{name}")
+        for k, v in yaml.safe_load(fmod.ModuleDocFragment.DOCUMENTATION).get("options", {}).items():
+            doc["options"][k] = {**v, **doc["options"].get(k, {})}
     yaml.safe_load(mod.EXAMPLES)
     yaml.safe_load(mod.RETURN)
     assert doc["module"] == module

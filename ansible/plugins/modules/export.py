@@ -60,21 +60,10 @@ options:
     type: str
     choices: [on_create, always]
     default: on_create
-  socket:
-    description: The daemon's control socket.
-    type: path
-    default: /run/liverestore/control.sock
-  timeout:
-    description: Seconds to wait for the daemon's answer.
-    type: int
-    default: 3600
 notes:
   - Supports check mode and diff mode; secrets appear in neither output nor diff.
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
+extends_documentation_fragment:
+  - liverestore.storage.daemon
 author:
   - liverestore contributors
 """

@@ -74,10 +74,6 @@ options:
     description: With I(state=absent), remove the pair even while a restore runs.
     type: bool
     default: false
-  socket:
-    description: The daemon's control socket.
-    type: path
-    default: /run/liverestore/control.sock
   timeout:
     description: Seconds to wait for the daemon, and for a job when I(wait=true).
     type: int
@@ -88,11 +84,8 @@ notes:
     I(state=restored) again after hosts wrote to the source restores those extents from the
     clone again, as declared; do not leave a C(restored) task in a playbook that runs
     periodically.
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
+extends_documentation_fragment:
+  - liverestore.storage.daemon
 author:
   - liverestore contributors
 """

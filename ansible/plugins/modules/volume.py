@@ -40,22 +40,10 @@ options:
       - Default extent size of pairs made of this volume (power of two, 4K to 64M).
       - C(64K) when a volume is created without it; not checked on an existing volume unless given.
     type: str
-  socket:
-    description: The daemon's control socket.
-    type: path
-    default: /run/liverestore/control.sock
-  timeout:
-    description: Seconds to wait for the daemon's answer.
-    type: int
-    default: 3600
 notes:
-  - Talks to the daemon only; liverestore need not be importable by the Python running the module.
   - Supports check mode and diff mode.
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: full
+extends_documentation_fragment:
+  - liverestore.storage.daemon
 author:
   - liverestore contributors
 """
