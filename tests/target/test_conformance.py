@@ -114,7 +114,7 @@ def fill(url: str) -> None:
 
 
 @pytest.mark.timeout(4 * SUITE_TIMEOUT + 600)
-def test_iscsi_test_cu_vs_tgtd(tmp_path):
+def test_iscsi_test_cu_vs_tgtd(tmp_path, measured):
     names = cunit.listing(SUITE)
     assert len(names) > 500, "iscsi-test-cu -l listed too few tests"
 
@@ -179,6 +179,8 @@ def test_iscsi_test_cu_vs_tgtd(tmp_path):
     print(f"ours during restore:  {during.passed} passed, {during.failed_count} failed "
           f"({t_during:.0f} s; restore {after['progress']['extents_done']}/"
           f"{after['progress']['extents_total']} extents, state {after['state']})")
+    measured(f"iscsi-test-cu --dataloss ({len(names)} tests): tgtd {peer.passed} passed, "
+             f"ours {ours.passed}, ours during a protected restore {during.passed}")
     worse = report("ours", ours, peer, more)
     worse_during = report("ours during a protected restore", during, peer, more)
 

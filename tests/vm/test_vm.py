@@ -59,7 +59,7 @@ def vm_ready():
     return p.stdout.strip()
 
 
-def test_lio_tcmu_iscsi_end_to_end(vm_ready):
+def test_lio_tcmu_iscsi_end_to_end(vm_ready, measured):
     run = Path(os.path.expanduser("~/.cache/liverestore-vm")) / f"run-{os.getpid()}-{int(time.time())}"
     run.mkdir(parents=True)
     (run / "env").write_text(f"REPO={REPO}\nPY={sys.executable}\n")
@@ -80,4 +80,7 @@ def test_lio_tcmu_iscsi_end_to_end(vm_ready):
     assert bench and bench[-1]["vs_tcmu_runner_4k"] > 0 and bench[-1]["vs_tcmu_runner_1m"] > 0, bench
     print(f"vm tier guest run: {time.time() - t0:.0f}s")
     print(json.dumps(bench[-1]))                # last line: the benchmark summary
+    measured(f"vm tier: guest run {time.time() - t0:.0f} s, {len(results)} checks passed; libiscsi subset "
+             + ", ".join(f"{c[0]} {c[1]}/{c[2]}" for c in counts))
+    measured("vm tier fio: " + json.dumps(bench[-1]))
     shutil.rmtree(run, ignore_errors=True)
