@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import sys
 import pytest
 
 from target.control import Client
-from tests.target.test_daemon import ROOT, Daemon
+from tests.support import ROOT
 
 BIN = os.path.dirname(sys.executable)
 PLAYBOOK = shutil.which("ansible-playbook", path=BIN + os.pathsep + os.environ.get("PATH", ""))
@@ -56,14 +55,6 @@ def env(tmp_path):
              ANSIBLE_STDOUT_CALLBACK="default")
     e.pop("PYTHONPATH", None)
     return e
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path).start()
-    yield d
-    if d.proc and d.proc.poll() is None:
-        d.stop(signal.SIGKILL)
 
 
 def playbook(env, path, *extra: str, ok: bool = True) -> tuple[subprocess.CompletedProcess, dict]:

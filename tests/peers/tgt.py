@@ -17,6 +17,8 @@ import socket
 import subprocess
 import time
 
+from tests.support import free_port
+
 TGTD = shutil.which("tgtd") or "/usr/sbin/tgtd"
 TGTADM = shutil.which("tgtadm") or "/usr/sbin/tgtadm"
 RUN_DIR = "/var/run/tgtd"
@@ -24,14 +26,6 @@ RUN_DIR = "/var/run/tgtd"
 
 def available() -> bool:
     return os.access(TGTD, os.X_OK) and os.access(TGTADM, os.X_OK) and os.geteuid() == 0
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _free_control_port() -> int:

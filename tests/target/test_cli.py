@@ -13,17 +13,9 @@ import time
 
 import pytest
 
-from tests.target.test_daemon import IQN, LR, ROOT, Daemon
+from tests.support import IQN, LR, ROOT, Daemon
 
 SECRET = "supersecret123"
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path).start()
-    yield d
-    if d.proc and d.proc.poll() is None:
-        d.stop(signal.SIGKILL)
 
 
 def lr(*args: str, ok: bool = True) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.peers import cunit
 from tests.peers.tgt import Tgtd, available as tgt_available
-from tests.target.test_daemon import IQN, Daemon
+from tests.support import IQN, Daemon
 
 pytestmark = [
     pytest.mark.slow,

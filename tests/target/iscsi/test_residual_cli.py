@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from target.iscsi.__main__ import parse_portal, parse_size
 from target.iscsi.residual import block_size_of, data_out_length
+from tests.support import free_port
 
 
 @pytest.mark.parametrize("cdb,bs,want", [
@@ -59,14 +59,6 @@ def test_cli_parsers():
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.mark.skipif(not shutil.which("iscsi-ls"), reason="libiscsi-bin (iscsi-ls) not installed")

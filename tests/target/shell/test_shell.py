@@ -5,25 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
 import pexpect
 import pytest
 
-from tests.target.test_daemon import IQN, LR, ROOT, Daemon
+from tests.support import IQN, LR, ROOT, Daemon
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SECRET = "supersecret123"
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    d = Daemon(tmp_path).start()
-    yield d
-    if d.proc and d.proc.poll() is None:
-        d.stop(signal.SIGKILL)
 
 
 def shell_cmd(d: Daemon, *line: str, ok: bool = True) -> subprocess.CompletedProcess:

@@ -1,0 +1,70 @@
+"""What several test modules need to run `liverestore serve` as a real
+process: paths, a free port, and the Daemon wrapper (start, CLI, stop).
+The ``daemon`` fixture built on it lives in tests/conftest.py."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from target.control import Client, ControlError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR = [sys.executable, "-m", "target.cli"]
+IQN = "iqn.2026-11.io.liverestore.test:t1"
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Daemon:
+    def __init__(self, tmp, init: bool = True) -> None:
+        self.dir = str(tmp / "state")
+        self.sock = str(tmp / "control.sock")
+        self.port = free_port() if not hasattr(tmp, "port") else tmp.port
+        self.init = init
+        self.proc: subprocess.Popen | None = None
+        self.log = str(tmp / "daemon.log")
+
+    def start(self) -> "Daemon":
+        args = [*LR, "--socket", self.sock, "serve", "--state-dir", self.dir,
+                "--portal", f"127.0.0.1:{self.port}"]
+        if self.init:
+            args.append("--init")
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "a"),
+                                     stderr=subprocess.STDOUT)
+        for _ in range(200):
+            if os.path.exists(self.sock):
+                try:
+                    Client(self.sock).call("status")
+                    return self
+                except ControlError:
+                    pass
+            if self.proc.poll() is not None:
+                raise AssertionError(open(self.log).read())
+            time.sleep(0.05)
+        raise AssertionError("daemon did not come up:\n" + open(self.log).read())
+
+    def cli(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([*LR, "--socket", self.sock, *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        if ok:
+            assert r.returncode == 0, r.stderr
+        return r
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    @property
+    def url(self) -> str:
+        return f"iscsi://127.0.0.1:{self.port}/{IQN}"
