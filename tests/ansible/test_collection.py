@@ -197,6 +197,12 @@ def test_export_secret_never_in_output_and_updates(env, daemon):
     assert rc == 0 and out["changed"] and out["export"]["chap"] is None
     rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "state": "absent"})
     assert rc == 0 and out["changed"] and Client(daemon.sock).call("export.list") == []
+    rc, out = adhoc(env, "export", {**sock, "iqn": IQN, "state": "absent"})
+    assert rc == 0 and out["changed"] is False
+    rc, out = adhoc(env, "volume", {**sock, "name": "v", "state": "absent"})
+    assert rc == 0 and out["changed"] and Client(daemon.sock).call("volume.list") == []
+    rc, out = adhoc(env, "volume", {**sock, "name": "v", "state": "absent"})
+    assert rc == 0 and out["changed"] is False
 
 
 @pytest.mark.parametrize("module", ["volume", "pair", "export"])

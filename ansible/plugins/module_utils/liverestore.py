@@ -113,6 +113,16 @@ def find(items, key, value):
     return None
 
 
+def exit_absent(module, client, current, before, op, **key):
+    """state=absent: delete the object through ``op`` (not in check mode)
+    and exit; unchanged if it did not exist."""
+    if current is None:
+        module.exit_json(changed=False)
+    if not module.check_mode:
+        client.call(op, **key)
+    module.exit_json(changed=True, diff=dict(before=before, after={}))
+
+
 def wait_job(client, pair, timeout, poll=0.5):
     """Follow a pair's job until it ends; bounded by timeout (seconds).
 

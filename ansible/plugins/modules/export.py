@@ -103,7 +103,7 @@ export:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
-    Client, LiverestoreError, common_argument_spec, find)
+    Client, LiverestoreError, common_argument_spec, exit_absent, find)
 
 
 def _view(e):
@@ -181,11 +181,7 @@ def main():
         cur = find(client.call("export.list"), "iqn", p["iqn"])
         before = _view(cur)
         if p["state"] == "absent":
-            if cur is None:
-                module.exit_json(changed=False)
-            if not module.check_mode:
-                client.call("export.delete", iqn=p["iqn"])
-            module.exit_json(changed=True, diff=dict(before=before, after={}))
+            exit_absent(module, client, cur, before, "export.delete", iqn=p["iqn"])
         if cur is None:
             if p["chap_user"] and not p["chap_secret"]:
                 module.fail_json(msg="chap_user needs chap_secret to create the target")

@@ -84,7 +84,7 @@ volume:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
-    Client, LiverestoreError, common_argument_spec, find, parse_size)
+    Client, LiverestoreError, common_argument_spec, exit_absent, find, parse_size)
 
 
 def main():
@@ -108,11 +108,7 @@ def main():
         cur = find(client.call("volume.list"), "name", p["name"])
         before = _view(cur)
         if p["state"] == "absent":
-            if cur is None:
-                module.exit_json(changed=False)
-            if not module.check_mode:
-                client.call("volume.delete", name=p["name"])
-            module.exit_json(changed=True, diff=dict(before=before, after={}))
+            exit_absent(module, client, cur, before, "volume.delete", name=p["name"])
         if cur is not None:
             problems = []
             if want_size is not None and want_size != cur["size"]:
