@@ -92,17 +92,26 @@ class VolumeIO:
         if not vol.gate.try_enter():
             await vol.gate.enter()
         try:
-            for pair in vol.as_source:
-                if pair.state is PairState.RESTORING and pair.copier is not None:
-                    pair.last_host_io = time.monotonic()
-                    a, b = extents_of(offset, length, pair.extent_size)
-                    if pair.todo.any(a, b):
-                        await pair.copier.ensure_copied(a, b)
+            for pair, a, b in self._to_restore_first(offset, length):
+                await pair.copier.ensure_copied(a, b)
             return await vol.store.read(offset, length)
         except BlockStoreError as e:
             raise HostMediumError(str(e), e.offset) from e
         finally:
             vol.gate.leave()
+
+    def _to_restore_first(self, offset: int, length: int) -> list[tuple[Pair, int, int]]:
+        """(pair, a, b) for each pair restoring into this volume whose extents
+        [a, b) under a host read are not restored yet; notes the host I/O
+        for the copier's host priority."""
+        need = []
+        for pair in self.vol.as_source:
+            if pair.state is PairState.RESTORING and pair.copier is not None:
+                pair.last_host_io = time.monotonic()
+                a, b = extents_of(offset, length, pair.extent_size)
+                if pair.todo.any(a, b):
+                    need.append((pair, a, b))
+        return need
 
     # -- the synchronous fast path -------------------------------------------------
     # A host I/O that needs nothing but the data movement -- no extent to
@@ -115,14 +124,8 @@ class VolumeIO:
         vol = self.vol
         if vol.gate.is_closed or (vol.as_clone is not None and self.access()[0] == "not-ready"):
             return False
-        if vol.as_source:
-            length = sum(map(len, bufs))
-            for pair in vol.as_source:
-                if pair.state is PairState.RESTORING and pair.copier is not None:
-                    pair.last_host_io = time.monotonic()
-                    a, b = extents_of(offset, length, pair.extent_size)
-                    if pair.todo.any(a, b):
-                        return False             # copy-on-demand first
+        if vol.as_source and self._to_restore_first(offset, sum(map(len, bufs))):
+            return False                         # copy-on-demand first
         return vol.store.try_readinto(offset, bufs)
 
     def try_write(self, offset: int, bufs: list) -> bool:
