@@ -119,7 +119,7 @@ class ScsiDevice:
     def try_execute(self, cmd: ScsiCommand,
                     into: list[memoryview] | None = None) -> ScsiResponse | None:
         """The fast path: a READ/WRITE(10/16) that nothing stands in the way
-        of -- no unit attention due, no reservation, the LU read-write and
+        of -- no unit attention due, no reservation conflict, the LU ready and
         unchanged, no COMPARE AND WRITE, no FUA, lengths that match the
         CDB -- done synchronously through LunIO.try_readinto/try_write, with
         GOOD. None: nothing was done, ``await execute(cmd)`` (which also
@@ -134,10 +134,13 @@ class ScsiDevice:
             return None
         if writing and (cdb[1] & 0x08 or not self.mode.write_cache or self.range_lock.exclusive_pending):
             return None                          # FUA, write-through, or an ATS around
-        if not self.ua.quiet(nexus_key(cmd.nexus)):
+        key = nexus_key(cmd.nexus)
+        if not self.ua.quiet(key):
             return None
-        pr = self.pr
-        if pr.holder is not None or pr.spc2_holder is not None:
+        spec = lookup(cdb)
+        try:
+            self.pr.check(key, spec.pr, spec.spc2_ok)        # the full path's own check
+        except ReservationConflict:
             return None
         lunio = self.lunio
         if lunio.generation != self._generation or lunio.size != self._size:

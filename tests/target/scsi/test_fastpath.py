@@ -62,6 +62,7 @@ async def test_declines_what_the_full_path_must_handle():
     good(await send(dev, bytes([0x16, 0, 0, 0, 0, 0]), nexus=NX_B))   # SPC-2 RESERVE by B
     assert dev.try_execute(rd(cdb10(0x28, 0, 1), BS)) is None
     assert dev.try_execute(wr(cdb10(0x2A, 0, 1), b"r" * BS)) is None
+    assert dev.try_execute(rd(cdb10(0x28, 0, 1), BS, NX_B)) is not None   # the holder itself
     good(await send(dev, bytes([0x17, 0, 0, 0, 0, 0]), nexus=NX_B))   # RELEASE
     assert dev.try_execute(rd(cdb10(0x28, 0, 1), BS)) is not None
     dev.lunio.generation += 1                        # data changed under the hosts
