@@ -10,6 +10,7 @@ from typing import Callable
 from target.scsi.api import CHECK_CONDITION, TASK_ABORTED, ScsiCommand, ScsiResponse
 
 from .. import eager
+from ..logsafe import RateLimitedLog
 from . import pdu as P
 from .residual import block_size_of, data_out_length
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
@@ -18,6 +19,7 @@ from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SE
                    SENSE_UNEXPECTED_UNSOLICITED, ProtocolViolation, R2TState, Task)
 
 log = logging.getLogger("target.iscsi.session")
+ratelog = RateLimitedLog(log)     # for what a client can trigger once per command
 
 
 class DataPathMixin:
@@ -134,7 +136,7 @@ class DataPathMixin:
             # ERL 0 cannot ask for the data again: the command fails (the
             # connection and the other commands carry on)
             why, sense = err
-            log.warning("session %s: ITT 0x%08x: %s", self.tsih, task.itt, why)
+            ratelog.warning("data-out", "session %s: ITT 0x%08x: %s", self.tsih, task.itt, why)
             self._fail_task(task, sense)
             return
         off = pdu.u32(40)
