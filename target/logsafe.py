@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 CLIP_LIMIT = 64                 # characters of one client value kept in a log line
+NAME_CLIP = 256                 # a whole iSCSI name (at most 223 bytes) and its ISID suffix
+MESSAGE_CLIP = 512              # a whole message assembled from client values
 DEFAULT_INTERVAL = 10.0         # seconds one burst of a kind is summarised over
 
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ..logsafe import RateLimitedLog, clip
+from ..logsafe import MESSAGE_CLIP, RateLimitedLog, clip
 from . import pdu as P
 from .admission import THROTTLED_STATUSES, source_of_peer
 from .chap import ChapAuthenticator, ChapError, ChallengeRegistry
@@ -122,7 +122,7 @@ class LoginMachine:
         if status in THROTTLED_STATUSES:
             delay = self.ctx.login_failed(self.leading.get("InitiatorName"), source_of_peer(self.peer))
         ratelog.info("login-rejected", "login from %s rejected (%02x/%02x): %s", self.peer,
-                     status[0], status[1], clip(message, 256, quote=False))
+                     status[0], status[1], clip(message, MESSAGE_CLIP, quote=False))
         return LoginStep(self._rsp(0, status=status, itt=itt), b"", "fail", delay)
 
     # -- processing -------------------------------------------------------------

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..logsafe import RateLimitedLog, clip
+from ..logsafe import NAME_CLIP, RateLimitedLog, clip
 from .admission import LoginThrottle, SourceLimits, source_of
 from .chap import ChallengeRegistry
 from .connection import IscsiConnection
@@ -282,14 +282,14 @@ class IscsiServer:
         if not s.discovery:
             old = self._by_key.get(s.key)
             if old is not None:
-                log.info("session reinstatement for %s: closing TSIH %d", clip(s.nexus.initiator),
+                log.info("session reinstatement for %s: closing TSIH %d", clip(s.nexus.initiator, NAME_CLIP),
                          old.tsih)
                 old.conn.abort("session reinstatement")
                 old.close()
             self._by_key[s.key] = s
         self.sessions[s.tsih] = s
         self.total_logins += 1
-        log.info("session %d: %s logged in to %s (%s)", s.tsih, clip(s.nexus.initiator, 256),
+        log.info("session %d: %s logged in to %s (%s)", s.tsih, clip(s.nexus.initiator, NAME_CLIP),
                  s.target.iqn if s.target else "discovery", conn.peer)
         return s
 

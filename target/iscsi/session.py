@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from target.scsi.api import Nexus
 
-from ..logsafe import RateLimitedLog
+from ..logsafe import NAME_CLIP, RateLimitedLog, clip
 from . import pdu as P
 from .cmdsn import CmdWindow
 from .datapath import DataPathMixin
@@ -258,7 +258,7 @@ class Session(DataPathMixin, TaskManagementMixin):
         # Time2Wait / Time2Retain (bytes 40..43) stay 0: nothing to recover at ERL 0
         self.conn.send(bhs)
         if response == P.LOGOUT_RSP_OK:
-            log.info("session %s (%s): logout", self.tsih, self.nexus.initiator)
+            log.info("session %s (%s): logout", self.tsih, clip(self.nexus.initiator, NAME_CLIP))
             self.conn.close("logout")
 
     def request_logout(self, seconds: int) -> None:

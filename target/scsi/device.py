@@ -22,7 +22,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from target.logsafe import RateLimitedLog, clip
+from target.logsafe import NAME_CLIP, RateLimitedLog, clip
 from target.lunio import Access, LunIO
 
 from . import constants as c
@@ -239,7 +239,7 @@ class ScsiDevice:
         the issuer's included (SAM-5 7.7), gets BUS DEVICE RESET FUNCTION
         OCCURRED. ``nexus`` (the issuer) is for logging only."""
         if nexus is not None:
-            ratelog.info("lu-reset", "LU %s reset by %s", self.identity.serial, clip(nexus.initiator, 256))
+            ratelog.info("lu-reset", "LU %s reset by %s", self.identity.serial, clip(nexus.initiator, NAME_CLIP))
         self.pr.reset()
         self.mode.reset()
         self.ua.reset(c.ASC_BUS_DEVICE_RESET)

@@ -8,10 +8,10 @@ import os
 import re
 
 from restore_core.blockstore import FileBlockStore
+from target.logsafe import RateLimitedLog
 from target.lunio import PlainLunIO
 from target.scsi import ScsiDevice
 from target.scsi import device as device_mod
-from target.logsafe import RateLimitedLog
 
 from .util import IDENT, cdb10, check, good, info_of, ready, send
 
