@@ -53,8 +53,8 @@ class _Burst:
 class RateLimitedLog:
     """Per-kind rate limit in front of a ``logging.Logger``.
 
-    ``kind`` is a short constant chosen by the call site ("cmdsn-window",
-    "medium-error"), never client data, so the table stays small.
+    ``kind`` is chosen by the call site ("cmdsn-window", "medium-error LU7"),
+    never from client data, so the table stays small.
     """
 
     def __init__(self, logger: logging.Logger, interval: float = DEFAULT_INTERVAL,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..logsafe import RateLimitedLog
 from . import pdu as P
-from .login import LoginMachine
+from .login import LoginMachine, LoginStep
 from .session import ProtocolViolation, Session
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -337,7 +337,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
             # the receive buffer stays small (idle sessions cost ~64 KiB) and
             # grows only when a PDU needs it; bulk Data-Out bypasses it anyway
 
-    def _fail_login(self, step) -> None:
+    def _fail_login(self, step: LoginStep) -> None:
         if not self.closing:
             self.send(step.bhs, step.data)
             self.close("login failed")

@@ -282,8 +282,8 @@ class IscsiServer:
         if not s.discovery:
             old = self._by_key.get(s.key)
             if old is not None:
-                log.info("session reinstatement for %s: closing TSIH %d", clip(s.nexus.initiator, NAME_CLIP),
-                         old.tsih)
+                log.info("session reinstatement for %s: closing TSIH %d",
+                         clip(s.nexus.initiator, NAME_CLIP), old.tsih)
                 old.conn.abort("session reinstatement")
                 old.close()
             self._by_key[s.key] = s
@@ -353,6 +353,7 @@ class IscsiServer:
             d["commands"] += s.commands
         return {
             "connections": len(self.connections),
+            "connections_logging_in": len(self._logging_in),
             "sessions": len(self.sessions),
             "discovery_sessions": discovery,
             "logins": self.total_logins,

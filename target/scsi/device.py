@@ -176,7 +176,9 @@ class ScsiDevice:
 
     def _check_condition(self, e: CheckCondition, cmd: ScsiCommand) -> ScsiResponse:
         if e.key == c.MEDIUM_ERROR:
-            ratelog.warning("medium-error", "LU %s: CDB %s: %s", self.identity.serial,
+            # one burst per LU: a failing LU does not hide another's first error
+            serial = self.identity.serial
+            ratelog.warning(f"medium-error {serial}", "LU %s: CDB %s: %s", serial,
                             bytes(cmd.cdb[:1]).hex(), e)
         elif e.key in (c.NOT_READY, c.DATA_PROTECT):
             log.debug("LU %s: CDB %s: %s", self.identity.serial, bytes(cmd.cdb[:1]).hex(), e)
