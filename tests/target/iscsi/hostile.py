@@ -102,11 +102,6 @@ class SourcedInitiator(Initiator):
             self._window.clear()
             await asyncio.wait_for(self._window.wait(), left)
 
-    def hang_up(self) -> None:
-        hang_up(self.writer)
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-
 
 # -- the arena: where an attack runs and what it reports -----------------------------
 
@@ -294,7 +289,7 @@ def random_login_text(rnd: random.Random, iqn: str) -> bytes:
                           raw={8: bytes.fromhex("400001370001")}, fields={24: 1})
         try:
             payload += P.encode_bytes(bhs, encode_text(pairs))
-        except Exception:        # a pair the encoder itself refuses: send raw text instead
+        except ValueError:       # a pair the encoder itself refuses: send raw text instead
             payload += P.encode_bytes(bhs, "\0".join(f"{k}={v}" for k, v in pairs).encode() + b"\0")
     return payload
 
@@ -312,7 +307,7 @@ def _bad_pdus(rnd: random.Random, ini: Initiator, arena: Arena) -> bytes:
         raw = bytearray(P.encode_bytes(bhs))
         raw[4] = rnd.randrange(1, 256)       # TotalAHSLength with no AHS behind it
         return bytes(raw) + os.urandom(rnd.randrange(0, 64))
-    if kind == 2:                           # a header or data digest that does not match
+    if kind == 2:                           # a digest (without digests: the data) that does not match
         bhs = P.build_bhs(P.OP_NOP_OUT, P.FLAG_FINAL, immediate=True, itt=ini.new_itt(),
                           fields={20: P.ALL_ONES, 24: ini.cmdsn})
         raw = bytearray(b"".join(bytes(b) for b in P.encode(bhs, b"digest", header_digest=hd,
@@ -330,8 +325,9 @@ def _bad_pdus(rnd: random.Random, ini: Initiator, arena: Arena) -> bytes:
     if kind == 5:                           # CmdSNs far outside the window, many of them
         out = bytearray()
         for _ in range(rnd.randrange(50, 500)):
+            cmdsn = (ini.cmdsn + rnd.randrange(1000, 1 << 31)) & P.ALL_ONES
             bhs = P.build_bhs(P.OP_NOP_OUT, P.FLAG_FINAL, itt=ini.new_itt(),
-                              fields={20: P.ALL_ONES, 24: (ini.cmdsn + rnd.randrange(1000, 1 << 31)) & P.ALL_ONES})
+                              fields={20: P.ALL_ONES, 24: cmdsn})
             out += b"".join(bytes(b) for b in P.encode(bhs, b"", header_digest=hd, data_digest=dd))
         return bytes(out)
     if kind == 6:                           # random bytes
@@ -352,8 +348,8 @@ async def _listen_briefly(reader: asyncio.StreamReader, seconds: float) -> None:
 
 
 def fuzzer(workers: int = 8, rate: float = 40.0) -> Attack:
-    """``workers`` connections at a time (at most ``rate`` new ones a second), each sending malformed, random or
-    mutated PDUs before login (random bytes, login key=value fuzz) or after
+    """``workers`` connections at a time (at most ``rate`` new ones a second),
+    each sending malformed, random or mutated PDUs before login (random bytes, login key=value fuzz) or after
     one (bad opcodes, bad AHS, bad digests, huge DataSegmentLength, truncated
     headers, out-of-window CmdSN floods, mutated valid PDUs)."""
     async def attack(arena: Arena) -> None:
