@@ -65,6 +65,9 @@ ASSAULTS = [
 # "none" checks the harness itself: the good initiator alone must pass).
 CHOSEN = os.environ.get("LR_SOAK_ATTACKS")
 if CHOSEN:
+    _unknown = set(CHOSEN.split(",")) - {a.name for a in ASSAULTS} - {"none"}
+    # a misspelt name must not quietly run a soak with no attack at all
+    assert not _unknown, f"LR_SOAK_ATTACKS: unknown attack(s) {sorted(_unknown)}"
     ASSAULTS = [a for a in ASSAULTS if a.name in CHOSEN.split(",")]
 # Two attacker processes: the fuzzer and the flood in one, the memory attacks in the other.
 GROUPS = [g for g in ([a for a in ASSAULTS if a.name in ("fuzzer", "connection_flood")],
