@@ -182,23 +182,30 @@ class Pair:
         m: ExtentMap = getattr(self, name)
         a = chunk * CHUNK_BITS
         b = min(a + CHUNK_BITS, m.nbits)
+        where = "of it"
         if a >= m.nbits:
-            m.mark_chunk_dirty(chunk)          # the bogus row is deleted at the next commit
-            return "beyond the map; dropped"
+            # Its index is damaged too, so the chunk it belongs to is
+            # unknown: widen the whole map; the bogus row goes at the next
+            # commit.
+            m.mark_chunk_dirty(chunk)
+            a, b = 0, m.nbits
+            where = "of the whole map (the chunk index itself is damaged)"
         if name == "done":
             m.clear_range(a, b)
-            return "every extent of it counts as not yet copied"
+            return f"every extent {where} counts as not yet copied"
         if name == "marks" and self.protected_restore:
             # Here a mark means "restored, then written by the host: never
             # copy over it". A host write restores its extent first, so every
             # extent that is not still to restore may carry host data.
             need = self.delta.bits[a:b] & ~self.done.bits[a:b]
             m.bits[a:b] = ~need
-            m.mark_chunk_dirty(chunk)
-            return "every extent of it not still to restore counts as host-written"
+            for c in range(a // CHUNK_BITS, (b - 1) // CHUNK_BITS + 1):
+                m.mark_chunk_dirty(c)
+            return f"every extent {where} not still to restore counts as host-written"
         m.set_range(a, b)
-        what = "dirty region" if name == "intent" else "differing"
-        return f"every {'region' if name == 'intent' else 'extent'} of it counts as {what}"
+        if name == "intent":
+            return f"every region {where} counts as dirty"
+        return f"every extent {where} counts as differing"
 
     def widen_delta_by_intent(self) -> bool:
         """After a crash: every extent of a dirty write-intent region may
