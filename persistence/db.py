@@ -138,6 +138,7 @@ class Database:
         held = rb.affected_pairs(pair_ids)
         vanished = rb.vanished_volumes(list(self.volumes))
         gone_pairs = rb.vanished_pairs(pair_ids)
+        back = rb.resurrected_volumes(self.volumes)
         why = rb.describe()
         log.error("%s", why)
         for pid in held:
@@ -146,12 +147,16 @@ class Database:
         for name, path in vanished.items():
             log.error("volume %s (image %s) is missing from the rolled-back database: "
                       "re-create it with that --path to adopt the image", name, path)
+        for name, path in back.items():
+            log.error("volume %s (image %s) had been deleted but is back in the rolled-back "
+                      "database: delete it again if its image is in other use", name, path)
         for pid in gone_pairs:
             log.error("pair %s is missing from the rolled-back database: re-create it "
                       "(a full sync)", pid)
         report = {"message": why, "found_at": time.time(),
                   "db_generation": rb.db_generation, "file_generation": rb.file_generation,
-                  "held_pairs": held, "vanished_pairs": gone_pairs, "vanished_volumes": vanished}
+                  "held_pairs": held, "vanished_pairs": gone_pairs, "vanished_volumes": vanished,
+                  "resurrected_volumes": back}
         self.generation = rb.file_generation      # the next commit moves past the file
         self.pair_generations = {p: rb.file_pairs.get(p, rb.file_generation) for p in pair_ids}
         with self.transaction() as c:

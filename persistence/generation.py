@@ -89,6 +89,10 @@ class Rollback:
     def vanished_volumes(self, db_volumes: list[str]) -> dict[str, str]:
         return {n: p for n, p in sorted(self.file_volumes.items()) if n not in db_volumes}
 
+    def resurrected_volumes(self, db_volumes: dict[str, str]) -> dict[str, str]:
+        """Volumes deleted after the database's generation: it still has them."""
+        return {n: p for n, p in sorted(db_volumes.items()) if n not in self.file_volumes}
+
     def describe(self) -> str:
         return (f"the database was rolled back from generation {self.file_generation} to "
                 f"{self.db_generation} (its -wal file was lost, or an older copy was restored)")
@@ -98,6 +102,7 @@ class GenerationFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
+        self._len = 0
         self._warned = False
 
     def read(self) -> GenerationRecord | None:
@@ -126,8 +131,11 @@ class GenerationFile:
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._len = os.fstat(self._fd).st_size
             os.pwrite(self._fd, data, 0)
-            os.ftruncate(self._fd, len(data))
+            if len(data) < self._len:
+                os.ftruncate(self._fd, len(data))
+            self._len = len(data)
         except OSError as e:
             self._warn(f"cannot write generation file {self.path}: {e.strerror or e}; "
                        "a rolled-back database may go unnoticed")

@@ -26,7 +26,7 @@ from .blockstore import BlockStore
 from .committer import Committer, load_map
 from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
-from .metadata import MetadataStore, Snapshot
+from .metadata import HOLD_FIELD, MetadataStore, Snapshot
 from .pair import (PERSISTED_MAPS, Job, JobKind, Pair, PairState, Progress, Throttle,
                    VolumeRuntime)
 from .volume_io import VolumeIO
@@ -103,13 +103,21 @@ class Engine:
         """Load pairs from the metadata store and resume interrupted jobs."""
         snap = await asyncio.get_running_loop().run_in_executor(None, self.meta.load)
         for pid, rec in snap.pairs.items():
-            pair = Pair.from_record(rec)
-            for name in PERSISTED_MAPS:
-                cur = getattr(pair, name)       # intent has one bit per region, not per extent
-                cur.assign(load_map(cur.nbits, snap.maps.get(pair.map_key(name), {})))
-            for name in PERSISTED_MAPS:
-                getattr(pair, name).take_dirty_chunks()
-            self._attach(pair)
+            try:
+                pair = Pair.from_record(rec)
+                for name in PERSISTED_MAPS:
+                    cur = getattr(pair, name)   # intent has one bit per region, not per extent
+                    cur.assign(load_map(cur.nbits, snap.maps.get(pair.map_key(name), {})))
+                for name in PERSISTED_MAPS:
+                    getattr(pair, name).take_dirty_chunks()
+                self._attach(pair)
+            except (KeyError, ValueError, TypeError, EngineError) as e:
+                if not rec.get(HOLD_FIELD):
+                    raise
+                # A record that failed its checksum may name nothing usable.
+                log.error("pair %s: its damaged record cannot be used (%s); the pair is not "
+                          "loaded and its volumes serve unpaired: re-create the pair (a full "
+                          "sync)", pid, e)
         if self._widen_damaged(snap) or any(p.hold for p in self.pairs.values()):
             # Rewritten with fresh checksums before anything is served.
             for pair in self.pairs.values():

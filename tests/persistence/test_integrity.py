@@ -192,6 +192,28 @@ def test_damaged_pair_record_holds_the_pair(tmp_path):
     asyncio.run(check())
 
 
+def test_unusable_damaged_pair_record_does_not_stop_the_start(tmp_path, caplog):
+    path = str(tmp_path / "lr.db")
+    src, cln = stores()
+    asyncio.run(fractured_with_writes(path, src, cln, range(3, 5)))
+    c = sqlite3.connect(path)
+    (rec,) = c.execute("SELECT record FROM pairs WHERE id = 'c'").fetchone()
+    c.execute("UPDATE pairs SET record = ? WHERE id = 'c'",
+              (rec.replace(f'"size": {SIZE}', f'"size": {SIZE * 2}'),))
+    c.commit()
+    c.close()
+
+    async def check():
+        eng, d = await open_engine(path, src, cln)
+        assert eng.pairs == {}
+        await eng.close()
+        d.close()
+
+    caplog.set_level(logging.ERROR)
+    asyncio.run(check())
+    assert any("damaged record cannot be used" in r.getMessage() for r in caplog.records)
+
+
 def rolled_back_copy(state: str, into: str) -> str:
     """What deleting the -wal after a kill -9 leaves: the main file (as of
     the last checkpoint) and the generation file written since."""
@@ -212,6 +234,7 @@ def test_rolled_back_database_holds_changed_pairs_until_acknowledged(tmp_path):
         p = await eng.create_pair("s", "c", extent_size=ES)
         await eng.wait_job(p.id, 10)
         await eng.fracture(p.id)
+        ConfigStore(d).put_volume(VolumeRecord("old", "/images/old.img", SIZE, ES))
         d.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         # After the checkpoint: only in the WAL, lost with it.
         sio = eng.volume_io("s")
@@ -220,6 +243,7 @@ def test_rolled_back_database_holds_changed_pairs_until_acknowledged(tmp_path):
         await eng.committer.commit()
         await eng.fracture(p.id)                   # commits the exact delta
         ConfigStore(d).put_volume(VolumeRecord("late", "/images/late.img", SIZE, ES))
+        ConfigStore(d).delete_volume("old")
         return rolled_back_copy(state, str(tmp_path / "rolled"))
 
     copy = asyncio.run(first())
@@ -241,6 +265,7 @@ def test_rolled_back_database_holds_changed_pairs_until_acknowledged(tmp_path):
         rep = d.rollback_report()
         assert rep["vanished_volumes"] == {"late": "/images/late.img"}
         assert rep["held_pairs"] == ["c"]
+        assert rep["resurrected_volumes"] == {"old": "/images/old.img"}
         await eng.close()
         d.close()
 
