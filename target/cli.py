@@ -76,6 +76,11 @@ def _print_rollback(rb: dict[str, Any] | None) -> None:
         print(f"  volume {name} is missing: re-create it with --path {path}")
     for pid in rb["held_pairs"]:
         print(f"  pair {pid} is held: liverestore pair acknowledge {pid}")
+    for pid in rb.get("vanished_pairs", []):
+        print(f"  pair {pid} is missing: re-create it (a full sync)")
+    for name, path in rb.get("resurrected_volumes", {}).items():
+        print(f"  volume {name} ({path}) had been deleted and is back: delete it again "
+              "if its image is in other use")
 
 
 def _vol_rows(vols: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -581,7 +581,14 @@ class Service:
         rep["vanished_volumes"] = {n: path for n, path in rep["vanished_volumes"].items()
                                    if self.cfg.volume(n) is None}
         rep["held_pairs"] = sorted(pid for pid, p in self.eng.pairs.items() if p.hold)
-        if not rep["vanished_volumes"] and not rep["held_pairs"]:
+        rep["vanished_pairs"] = [pid for pid in rep.get("vanished_pairs", [])
+                                 if pid not in self.eng.pairs]
+        rep["resurrected_volumes"] = {n: path for n, path in
+                                      rep.get("resurrected_volumes", {}).items()
+                                      if self.cfg.volume(n) is not None}
+        # A resurrected volume the admin keeps needs no action: it alone
+        # does not keep the notice up.
+        if not (rep["vanished_volumes"] or rep["held_pairs"] or rep["vanished_pairs"]):
             return None         # everything it asked for was done
         return rep
 
