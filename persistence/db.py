@@ -208,8 +208,13 @@ class Database:
             self._touched_pairs: dict[str, bool] = {}
             self._touched_volumes: dict[str, str | None] = {}
             c.execute("BEGIN IMMEDIATE")
-            gen = self.generation + 1
             try:
+                # Read, not only remembered: another connection (a CLI tool,
+                # a test) may have committed since; after a rollback the
+                # remembered value is the file's, ahead of the database.
+                stored = int(c.execute(
+                    "SELECT value FROM state WHERE key = 'generation'").fetchone()[0])
+                gen = max(self.generation, stored) + 1
                 yield c
                 c.execute("UPDATE state SET value = ? WHERE key = 'generation'", (str(gen),))
                 c.execute("COMMIT")

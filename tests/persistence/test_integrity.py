@@ -289,6 +289,43 @@ def test_rolled_back_database_holds_changed_pairs_until_acknowledged(tmp_path):
     asyncio.run(third())
 
 
+def test_rollback_holds_only_the_pairs_that_changed_after_it(tmp_path):
+    state = str(tmp_path / "state")
+    os.makedirs(state)
+    path = os.path.join(state, "lr.db")
+    vols = {n: MemoryBlockStore(SIZE, n) for n in ("s", "c", "s2", "c2")}
+
+    async def engine(db_path: str, create: bool = False) -> tuple[Engine, Database]:
+        d = Database(db_path, create=create)
+        eng = Engine(SqliteMetadataStore(d))
+        for n, st in vols.items():
+            eng.add_volume(n, st)
+        await eng.start()
+        return eng, d
+
+    async def first():
+        eng, d = await engine(path, create=True)
+        for s_, c_ in (("s", "c"), ("s2", "c2")):
+            p = await eng.create_pair(s_, c_, extent_size=ES)
+            await eng.wait_job(p.id, 10)
+            await eng.fracture(p.id)
+        d.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await eng.volume_io("s").write(0, b"x" * ES)      # only pair c changes after it
+        await eng.committer.commit()
+        return rolled_back_copy(state, str(tmp_path / "rolled"))
+
+    copy = asyncio.run(first())
+
+    async def second():
+        eng, d = await engine(copy)
+        assert eng.pair("c").hold and eng.pair("c2").hold is None
+        assert eng.volume_io("c2").access()[0] == "read-write"
+        await eng.close()
+        d.close()
+
+    asyncio.run(second())
+
+
 def test_torn_or_missing_generation_file_is_not_a_rollback(tmp_path, caplog):
     path = str(tmp_path / "lr.db")
     gen = tmp_path / FILE_NAME
