@@ -7,6 +7,13 @@
 Every state change is made with the volumes' I/O gates closed (no host I/O
 in flight decided under the old state) and is durable before it returns.
 Jobs (sync, restore) resume on start from their persisted maps.
+
+Metadata the store reports damaged on load (map chunks that failed their
+checksum) is widened to the safe side and rewritten before anything is
+served; the pair is marked damaged until its next job completes. A pair on
+hold (a rolled-back database, a damaged pair record) serves no I/O and runs
+no job until the admin acknowledges it, which marks every extent as
+differing.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from .blockstore import BlockStore
 from .committer import Committer, load_map
 from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
-from .metadata import MetadataStore
+from .metadata import HOLD_FIELD, MetadataStore, Snapshot
 from .pair import (PERSISTED_MAPS, Job, JobKind, Pair, PairState, Progress, Throttle,
                    VolumeRuntime)
 from .volume_io import VolumeIO
@@ -96,13 +103,28 @@ class Engine:
         """Load pairs from the metadata store and resume interrupted jobs."""
         snap = await asyncio.get_running_loop().run_in_executor(None, self.meta.load)
         for pid, rec in snap.pairs.items():
-            pair = Pair.from_record(rec)
-            for name in PERSISTED_MAPS:
-                cur = getattr(pair, name)       # intent has one bit per region, not per extent
-                cur.assign(load_map(cur.nbits, snap.maps.get(pair.map_key(name), {})))
-            for name in PERSISTED_MAPS:
-                getattr(pair, name).take_dirty_chunks()
-            self._attach(pair)
+            try:
+                pair = Pair.from_record(rec)
+                for name in PERSISTED_MAPS:
+                    cur = getattr(pair, name)   # intent has one bit per region, not per extent
+                    cur.assign(load_map(cur.nbits, snap.maps.get(pair.map_key(name), {})))
+                for name in PERSISTED_MAPS:
+                    getattr(pair, name).take_dirty_chunks()
+                self._attach(pair)
+            except (KeyError, ValueError, TypeError, EngineError) as e:
+                if not rec.get(HOLD_FIELD):
+                    raise
+                # A record that failed its checksum may name nothing usable.
+                log.error("pair %s: its damaged record cannot be used (%s); the pair is not "
+                          "loaded and its volumes serve unpaired: re-create the pair (a full "
+                          "sync)", pid, e)
+        if self._widen_damaged(snap) or any(p.hold for p in self.pairs.values()):
+            # Rewritten with fresh checksums before anything is served.
+            for pair in self.pairs.values():
+                if pair.hold or pair.damaged:
+                    self.committer.put_pair(pair.id, pair.to_record())
+            await self.committer.commit()
+        self._refresh_holds()
         for pair in self.pairs.values():
             await self._recover(pair)
         self._lazy = asyncio.get_running_loop().create_task(self._lazy_commits(), name="lazy-commits")
@@ -136,18 +158,99 @@ class Engine:
         for name in PERSISTED_MAPS:
             self.committer.register_map(pair.map_key(name), getattr(pair, name))
 
+    def _widen_damaged(self, snap: Snapshot) -> bool:
+        """Give every chunk that failed its checksum its safe-side content
+        (see Pair.widen_damaged_chunk); progress maps after the maps they
+        are read against. Returns whether anything was damaged."""
+        order = {name: i for i, name in enumerate(PERSISTED_MAPS)}
+        found = False
+        for key in sorted(snap.damaged, key=lambda k: order.get(k.partition("/")[2], -1)):
+            chunks = snap.damaged[key]
+            pid, _, name = key.partition("/")
+            pair = self.pairs.get(pid)
+            if pair is None or name not in order:
+                log.error("map %s: chunk(s) %s failed their checksum and belong to no pair; "
+                          "ignored", key, ", ".join(map(str, chunks)))
+                continue
+            found = True
+            for chunk in chunks:
+                assumed = pair.widen_damaged_chunk(name, chunk)
+                log.error("pair %s: map %s chunk %d failed its checksum: %s; the pair is "
+                          "marked damaged", pid, name, chunk, assumed)
+            pair.damaged = (f"map {name} chunk(s) {', '.join(map(str, chunks))} failed their "
+                            "checksum; widened to the safe side, the next sync or restore "
+                            "copies the extents they cover")
+            self._emit("damaged", pid)
+        return found
+
+    def _refresh_holds(self) -> None:
+        """Each volume of a held pair answers NOT READY with the pair's reason."""
+        for vol in self.volumes.values():
+            vol.held = None
+        for pair in self.pairs.values():
+            if pair.hold is None:
+                continue
+            why = (f"pair {pair.id} is held: {pair.hold}; "
+                   f"run 'liverestore pair acknowledge {pair.id}'")
+            for name in (pair.source, pair.clone):
+                vol = self.volumes[name]
+                if vol.held is None:
+                    vol.held = why
+                    vol.generation += 1
+
+    def _refuse_held(self, pair: Pair) -> None:
+        if pair.hold is not None:
+            raise EngineError(f"pair {pair.id} is held: {pair.hold}; acknowledge it first "
+                              f"('liverestore pair acknowledge {pair.id}')")
+
+    async def acknowledge(self, pair_id: str) -> str:
+        """The admin accepts a held pair: every extent counts as differing,
+        the pair is fractured and serves again. Returns what was held."""
+        async with self._lock:
+            pair = self.pair(pair_id)
+            if pair.hold is None:
+                raise EngineError(f"pair {pair_id} is not held; nothing to acknowledge")
+            src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+            async with src.gate.closed(), cln.gate.closed():
+                await self._stop_background(pair)
+                reason = pair.hold
+                pair.delta.set_all()
+                pair.done.clear_all()
+                pair.marks.clear_all()
+                pair.intent.clear_all()
+                pair.todo.clear_all()
+                pair.state = PairState.FRACTURED
+                pair.job = None
+                pair.hold = None
+                pair.damaged = pair.damaged or f"acknowledged after: {reason}"
+                self.committer.put_pair(pair.id, pair.to_record())
+                await self.committer.commit()
+                src.generation += 1
+                cln.generation += 1
+                self._refresh_holds()
+            log.warning("pair %s: acknowledged (%s); every extent now counts as differing",
+                        pair.id, reason)
+            self._emit("acknowledged", pair.id)
+            return reason
+
     async def _recover(self, pair: Pair) -> None:
+        if pair.hold is not None:
+            log.error("pair %s is held: %s; its volumes answer NOT READY until "
+                      "'liverestore pair acknowledge %s'", pair.id, pair.hold, pair.id)
+            return
         if pair.widen_delta_by_intent():
             # Acknowledged writes whose exact bits had not reached disk.
             self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
-        if pair.mirroring and pair.marks.any(0, pair.nextents):
+        if pair.mirroring and (pair.marks.any(0, pair.nextents) or (
+                pair.state is PairState.SYNCHRONIZED and pair.delta.any(0, pair.nextents))):
             # Mirrored writes may have been cut between the legs: copy those
-            # extents again (one transaction, before the copier starts).
+            # extents again (one transaction, before the copier starts). A
+            # synchronized pair's delta is empty unless a damaged chunk was
+            # widened: copy those too.
             if pair.state is PairState.SYNCHRONIZED:
                 pair.state = PairState.SYNCING
                 pair.job = Job(JobKind.SYNC, total=0)
-                pair.delta.clear_all()
                 pair.done.clear_all()
             pair.delta.update_from(pair.marks)
             pair.done.subtract(pair.marks)
@@ -202,6 +305,9 @@ class Engine:
                 raise EngineError(f"volume {source!r} is a clone; a clone cannot be a source")
             if len(src.as_source) >= MAX_CLONES_PER_SOURCE:
                 raise EngineError(f"volume {source!r} already has {MAX_CLONES_PER_SOURCE} clones")
+            for vol in (src, cln):
+                if vol.held is not None:
+                    raise EngineError(f"volume {vol.name!r}: {vol.held}")
             if src.store.size != cln.store.size:
                 raise EngineError(f"sizes differ: {source} has {src.store.size} bytes, "
                                   f"{clone} has {cln.store.size}")
@@ -236,6 +342,7 @@ class Engine:
         """Incremental (delta extents) or full copy source -> clone."""
         async with self._lock:
             pair = self.pair(pair_id)
+            self._refuse_held(pair)
             if pair.state is PairState.RESTORING:
                 raise EngineError(f"pair {pair_id} is restoring; wait for the restore to end")
             if pair.state is PairState.SYNCING:
@@ -265,6 +372,7 @@ class Engine:
     async def fracture(self, pair_id: str) -> Pair:
         async with self._lock:
             pair = self.pair(pair_id)
+            self._refuse_held(pair)
             if pair.state is PairState.FRACTURED:
                 return pair
             if pair.state is PairState.RESTORING:
@@ -295,6 +403,7 @@ class Engine:
         """
         async with self._lock:
             pair = self.pair(pair_id)
+            self._refuse_held(pair)
             if pair.state is not PairState.FRACTURED:
                 raise EngineError(f"pair {pair_id} is {pair.state.value}; only a fractured pair "
                                   "can be restored")
@@ -340,6 +449,7 @@ class Engine:
                 await self.committer.commit()
                 src.generation += 1
                 cln.generation += 1
+                self._refresh_holds()
             self._emit("pair-deleted", pair_id)
 
     def _detach(self, pair: Pair) -> None:
@@ -363,6 +473,7 @@ class Engine:
 
     async def resume(self, pair_id: str) -> None:
         pair = self.pair(pair_id)
+        self._refuse_held(pair)
         if pair.job is None:
             raise EngineError(f"pair {pair_id} has no sync or restore to resume")
         pair.job.paused = False
@@ -445,6 +556,8 @@ class Engine:
                 pair.state = PairState.SYNCHRONIZED
             pair.done.clear_all()
             pair.job = None
+            # The job copied every extent a widened chunk covered.
+            pair.damaged = None
             self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
             if kind is JobKind.RESTORE:

@@ -67,6 +67,8 @@ class VolumeIO:
 
     def access(self) -> tuple[str, str]:
         """("read-write" | "read-only" | "not-ready", reason)."""
+        if self.vol.held is not None:
+            return "not-ready", self.vol.held
         pair = self.vol.as_clone
         if pair is None:
             return "read-write", ""
@@ -122,7 +124,8 @@ class VolumeIO:
     # and the caller awaits read() / write(), which also report the errors.
     def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
         vol = self.vol
-        if vol.gate.is_closed or (vol.as_clone is not None and self.access()[0] == "not-ready"):
+        if vol.gate.is_closed or vol.held is not None or (
+                vol.as_clone is not None and self.access()[0] == "not-ready"):
             return False
         if vol.as_source and self._to_restore_first(offset, sum(map(len, bufs))):
             return False                         # copy-on-demand first
@@ -130,7 +133,7 @@ class VolumeIO:
 
     def try_write(self, offset: int, bufs: list) -> bool:
         vol = self.vol
-        if vol.gate.is_closed:
+        if vol.gate.is_closed or vol.held is not None:
             return False
         length = sum(map(len, bufs))
         if length == 0:

@@ -59,6 +59,30 @@ VOL_COLS = [("name", "VOLUME"), ("size_h", "SIZE"), ("role", "ROLE"), ("access",
             ("exported_by", "EXPORT"), ("path", "PATH")]
 
 
+def _print_pair_notes(pairs: list[dict[str, Any]]) -> None:
+    """Why a pair is held or damaged: too long for a table column."""
+    for p in pairs:
+        if p.get("held"):
+            print(f"{p['id']}: HELD: {p['held']} (liverestore pair acknowledge {p['id']})")
+        if p.get("damaged"):
+            print(f"{p['id']}: DAMAGED: {p['damaged']}")
+
+
+def _print_rollback(rb: dict[str, Any] | None) -> None:
+    if not rb:
+        return
+    print(f"\nROLLBACK: {rb['message']}")
+    for name, path in rb["vanished_volumes"].items():
+        print(f"  volume {name} is missing: re-create it with --path {path}")
+    for pid in rb["held_pairs"]:
+        print(f"  pair {pid} is held: liverestore pair acknowledge {pid}")
+    for pid in rb.get("vanished_pairs", []):
+        print(f"  pair {pid} is missing: re-create it (a full sync)")
+    for name, path in rb.get("resurrected_volumes", {}).items():
+        print(f"  volume {name} ({path}) had been deleted and is back: delete it again "
+              "if its image is in other use")
+
+
 def _vol_rows(vols: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**v, "size_h": _human(v["size"])} for v in vols]
 
@@ -80,8 +104,12 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         return
     if kind == "pairs":
         _print_table([_pair_row(p) for p in result], PAIR_COLS)
+        _print_pair_notes(result)
     elif kind == "pair":
         _print_table([_pair_row(result)], PAIR_COLS)
+        _print_pair_notes([result])
+    elif kind == "acknowledged":
+        print(result["message"])
     elif kind == "volumes":
         _print_table(_vol_rows(result), VOL_COLS)
     elif kind == "volume":
@@ -97,6 +125,8 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         _print_table(_vol_rows(result["volumes"]), VOL_COLS)
         print("\npairs:")
         _print_table([_pair_row(p) for p in result["pairs"]], PAIR_COLS)
+        _print_pair_notes(result["pairs"])
+        _print_rollback(result.get("rollback"))
         print("\nexports:")
         _print_table(_export_rows(result["exports"]), EXPORT_COLS)
     else:
@@ -375,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "pair", lambda a: {"pair": a.pair})
     p.add_argument("pair")
     p.set_defaults(wait=True)
+    p = client_cmd(pr, "acknowledge", "serve a held pair again (every extent then differs)",
+                   "pair.acknowledge", "acknowledged", lambda a: {"pair": a.pair})
+    p.add_argument("pair")
     client_cmd(pr, "list", "list pairs", "pair.list", "pairs")
     p = client_cmd(pr, "show", "one pair", "pair.show", "pair", lambda a: {"pair": a.pair})
     p.add_argument("pair")

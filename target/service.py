@@ -26,6 +26,7 @@ from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
 
 from .engine_lun import EngineLunIO
+from .fmt import human
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 
 log = logging.getLogger(__name__)
@@ -374,7 +375,23 @@ class Service:
         pr = p.progress()
         return {"id": p.id, "source": p.source, "clone": p.clone, "size": p.size,
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
-                "progress": asdict(pr), **{"state": pr.state}}
+                "progress": asdict(pr), **{"state": pr.state},
+                "damaged": p.damaged, "held": p.hold}
+
+    async def pair_acknowledge(self, pair: str) -> dict[str, Any]:
+        """Accept a held pair (rolled-back database, damaged record): it
+        serves again, fractured, with every extent marked as differing."""
+        p = self._pair(pair)
+        try:
+            reason = await self.eng.acknowledge(p.id)
+        except EngineError as e:
+            raise self._wrap(e) from e
+        return {**self.pair_show(p.id), "message": (
+            f"pair {p.id} was held because {reason}. Its metadata could no longer say which "
+            f"extents differ, so now every extent does: the pair is fractured and both "
+            f"volumes serve again. The next sync (source -> clone) or restore (clone -> "
+            f"source) copies all {p.nextents} extents, {human(p.size)} "
+            f"({p.size} bytes).")}
 
     async def pair_wait(self, pair: str, timeout: float | None = None) -> dict[str, Any]:
         p = self._pair(pair)
@@ -551,7 +568,29 @@ class Service:
         return {"state_dir": self.state_dir, "uptime": time.time() - self.started_at,
                 "portals": [f"{h}:{p}" for h, p in self.portals()],
                 "volumes": self.volume_list(), "pairs": self.pair_list(),
-                "exports": self.export_list(), "iscsi": stats}
+                "exports": self.export_list(), "iscsi": stats,
+                "rollback": self._rollback_status()}
+
+    def _rollback_status(self) -> dict[str, Any] | None:
+        """The last database rollback found, with the volumes it forgot that
+        are still missing (re-create them with their old --path to adopt)."""
+        assert self.db is not None
+        rep = self.db.rollback_report()
+        if rep is None:
+            return None
+        rep["vanished_volumes"] = {n: path for n, path in rep["vanished_volumes"].items()
+                                   if self.cfg.volume(n) is None}
+        rep["held_pairs"] = sorted(pid for pid, p in self.eng.pairs.items() if p.hold)
+        rep["vanished_pairs"] = [pid for pid in rep.get("vanished_pairs", [])
+                                 if pid not in self.eng.pairs]
+        rep["resurrected_volumes"] = {n: path for n, path in
+                                      rep.get("resurrected_volumes", {}).items()
+                                      if self.cfg.volume(n) is not None}
+        # A resurrected volume the admin keeps needs no action: it alone
+        # does not keep the notice up.
+        if not (rep["vanished_volumes"] or rep["held_pairs"] or rep["vanished_pairs"]):
+            return None         # everything it asked for was done
+        return rep
 
     def saveconfig(self) -> dict[str, Any]:
         """Everything needed to rebuild this configuration (secrets included:
@@ -601,6 +640,7 @@ class Service:
         "pair.restore": "pair_restore", "pair.pause": "pair_pause", "pair.resume": "pair_resume",
         "pair.throttle": "pair_throttle", "pair.delete": "pair_delete", "pair.list": "pair_list",
         "pair.show": "pair_show", "pair.wait": "pair_wait",
+        "pair.acknowledge": "pair_acknowledge",
         "export.create": "export_create", "export.update": "export_update",
         "export.delete": "export_delete", "export.list": "export_list",
         "export.show": "export_show", "portal.set": "portal_set",
