@@ -25,7 +25,9 @@ from restore_core.engine import Engine, EngineError, NAME_RE
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
 
+from .arguments import ArgumentError, Signature
 from .engine_lun import EngineLunIO
+from .errors import ServiceError
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_PORTAL = ("127.0.0.1", 3260)
 IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 SECRET = "********"
-
-
-class ServiceError(Exception):
-    """Refused; the message says why and, where it can, what to do."""
 
 
 DB_NAME = "liverestore.db"
@@ -79,7 +77,13 @@ def init_state(state_dir: str) -> bool:
     return not existed
 
 
-def _size(text: Any) -> int:
+#: A size as the control API takes it: bytes, or text such as "512M" or "10G".
+Size = int | str
+
+
+def _size(text: Size) -> int:
+    if isinstance(text, bool):
+        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
@@ -227,8 +231,8 @@ class Service:
         return e if isinstance(e, ServiceError) else ServiceError(str(e))
 
     # -- volumes ----------------------------------------------------------------------------
-    async def volume_create(self, name: str, path: str | None = None, size: Any = None,
-                            extent_size: Any = DEFAULT_EXTENT_SIZE) -> dict[str, Any]:
+    async def volume_create(self, name: str, path: str | None = None, size: Size | None = None,
+                            extent_size: Size = DEFAULT_EXTENT_SIZE) -> dict[str, Any]:
         if not NAME_RE.match(name or ""):
             raise ServiceError(f"invalid volume name {name!r}: 1-64 of letters, digits, _ . : -")
         if self.cfg.volume(name) is not None:
@@ -303,7 +307,7 @@ class Service:
                 "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])}
 
     # -- pairs ------------------------------------------------------------------------------
-    async def pair_create(self, source: str, clone: str, extent_size: Any = None,
+    async def pair_create(self, source: str, clone: str, extent_size: Size | None = None,
                           sync: bool = True, **throttle: Any) -> dict[str, Any]:
         rec = self.cfg.volume(source)
         es = _size(extent_size) if extent_size else (rec.extent_size if rec else DEFAULT_EXTENT_SIZE)
@@ -609,15 +613,29 @@ class Service:
         "status": "status", "saveconfig": "saveconfig", "restoreconfig": "restoreconfig",
     }
 
-    async def call(self, op: str, args: dict[str, Any]) -> Any:
-        name = self.OPS.get(op)
-        if name is None:
-            raise ServiceError(f"unknown operation {op!r}")
-        fn = getattr(self, name)
+    _signatures: dict[str, Signature] = {}
+
+    @classmethod
+    def signature(cls, op: str) -> Signature:
+        """What ``op`` accepts, read once from its method's signature and hints."""
+        sig = cls._signatures.get(op)
+        if sig is None:
+            sig = cls._signatures[op] = Signature(op, getattr(cls, cls.OPS[op]))
+        return sig
+
+    async def call(self, op: str, args: dict[str, Any], peer: object | None = None) -> Any:
+        """Run one control operation. Arguments are checked against the
+        method's signature first, so the method only sees values of the
+        types it declares; ``peer`` is passed to methods that take it."""
+        if not isinstance(op, str) or op not in self.OPS:
+            raise ServiceError(f"unknown operation {str(op)[:60]!r}")
+        sig = self.signature(op)
         try:
-            res = fn(**args)
-        except TypeError as e:
-            raise ServiceError(f"{op}: bad arguments: {e}") from e
+            sig.check(args)
+        except ArgumentError as e:
+            raise ServiceError(str(e)) from None
+        kwargs = {**args, "peer": peer} if sig.wants_peer else args
+        res = getattr(self, self.OPS[op])(**kwargs)
         if asyncio.iscoroutine(res):
             res = await res
         return res
