@@ -17,23 +17,26 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from persistence.config import ConfigStore, SqliteReservationStore, VolumeRecord
+from persistence.config import (ConfigStore, SqliteReservationStore, StoredValueError,
+                                VolumeRecord)
 from persistence.db import Database, DatabaseError
 from persistence.sqlite_store import SqliteMetadataStore
 from restore_core.blockstore import BlockStoreError, FileBlockStore
-from restore_core.engine import Engine, EngineError, NAME_RE
+from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
 
 from .arguments import ArgumentError, Signature
+from .configdoc import (LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
+                        check_document, check_setting, check_target)
 from .engine_lun import EngineLunIO
 from .errors import ServiceError
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
+from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
+from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTAL = ("127.0.0.1", 3260)
-IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 SECRET = "********"
 
 
@@ -86,7 +89,7 @@ def _size(text: Size) -> int:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
+    m = re.fullmatch(r"\s*([0-9]+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
     if not m:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
@@ -119,6 +122,30 @@ def _identity(name: str, created_at: float):
     # LU like any LIO disk; the rest is stable per volume.
     return DeviceIdentity(product_id="liverestore", revision="0001", serial=h[:24],
                           naa="6001405" + h[:25], t10_vendor_id=h[:32])
+
+
+class _Undo:
+    """Steps that take back what a multi-step operation did, run newest first."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Any]] = []
+
+    def add(self, what: str, step: Any) -> None:
+        self._steps.append((what, step))
+
+    async def run(self) -> list[str]:
+        """Run every step; return the ones that failed, each as one line."""
+        failed = []
+        for what, step in reversed(self._steps):
+            try:
+                res = step()
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception as e:  # noqa: BLE001 - undo the rest, then report
+                log.error("undo %s failed: %s", what, e)
+                failed.append(f"{what}: {e}")
+        self._steps.clear()
+        return failed
 
 
 class Service:
@@ -169,12 +196,10 @@ class Service:
             await self.engine.start()
         except (EngineError, DatabaseError) as e:
             raise ServiceError(str(e)) from e
-        portals = self._portals_override or [tuple(p) for p in
-                                             self.config.get("portals", [list(DEFAULT_PORTAL)])]
-        portals = [(h, int(p)) for h, p in portals]
+        portals = self._portals_override or self._stored_portals()
         kind = LioFrontend if self.backend == "lio" else EmbeddedFrontend
         self.frontend = kind(self, portals)
-        await self.frontend.start(self.config.targets())
+        await self.frontend.start(self._servable_targets())
         log.info("front end: %s", self.backend)
 
     async def stop(self) -> None:
@@ -208,6 +233,29 @@ class Service:
         self.devices[rec.name] = dev
         return dev
 
+    def _servable_targets(self) -> dict[str, dict[str, Any]]:
+        """The stored targets that can be served, each checked as it is
+        loaded. A bad one (e.g. a name an older version accepted with a
+        trailing newline) is left out with one error line naming it, and
+        the others start: one bad entry must not stop every LUN."""
+        try:
+            targets = self.cfg.targets()
+        except StoredValueError as e:
+            raise ServiceError(f"{e}; the database was changed outside liverestore") from None
+        good: dict[str, dict[str, Any]] = {}
+        for iqn, t in targets.items():
+            try:
+                check_target(iqn, t)
+            except InvalidConfig as e:
+                log.error("not serving %s; remove it with 'liverestore export delete'", e)
+                continue
+            missing = [v for v in t["luns"].values() if v not in self.devices]
+            if missing:
+                log.error("not serving target %s: no volume %s", iqn, ", ".join(missing))
+                continue
+            good[iqn] = t
+        return good
+
     def _exported_in(self, volume: str) -> str | None:
         for iqn, t in self.cfg.targets().items():
             if volume in t.get("luns", {}).values():
@@ -233,8 +281,8 @@ class Service:
     # -- volumes ----------------------------------------------------------------------------
     async def volume_create(self, name: str, path: str | None = None, size: Size | None = None,
                             extent_size: Size = DEFAULT_EXTENT_SIZE) -> dict[str, Any]:
-        if not NAME_RE.match(name or ""):
-            raise ServiceError(f"invalid volume name {name!r}: 1-64 of letters, digits, _ . : -")
+        if not valid_volume_name(name):
+            raise ServiceError(f"invalid volume name {name!r}: {NAME_HELP}")
         if self.cfg.volume(name) is not None:
             raise ServiceError(f"volume {name} already exists")
         es = _size(extent_size)
@@ -390,8 +438,8 @@ class Service:
                             acl: list[str] | None = None, chap_user: str | None = None,
                             chap_secret: str | None = None, mutual_user: str | None = None,
                             mutual_secret: str | None = None, tpgt: int = 1) -> dict[str, Any]:
-        if not IQN_RE.match(iqn or ""):
-            raise ServiceError(f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.reverse.domain[:id])")
+        if not valid_iscsi_name(iqn):
+            raise ServiceError(f"{iqn!r} is not an iSCSI name ({ISCSI_NAME_HELP})")
         if iqn in self.cfg.targets():
             raise ServiceError(f"target {iqn} already exists")
         t = self._validate_target(iqn, luns or {}, acl, chap_user, chap_secret,
@@ -400,44 +448,64 @@ class Service:
         self.cfg.put_target(iqn, t)
         return self.export_show(iqn)
 
-    def _validate_target(self, iqn, luns, acl, chap_user, chap_secret, mutual_user,
-                         mutual_secret, tpgt) -> dict[str, Any]:
+    def _validate_target(self, iqn: str, luns: Any, acl: Any, chap_user: Any, chap_secret: Any,
+                         mutual_user: Any, mutual_secret: Any, tpgt: Any) -> dict[str, Any]:
+        """The one check of a target's settings (export create/update and
+        restoreconfig): types first, since export.update takes any keys,
+        then names, limits and the volumes they refer to."""
+        if not isinstance(luns, dict):
+            raise ServiceError("luns must be an object of LUN number -> volume name")
         out_luns: dict[str, str] = {}
         for lun, vol in luns.items():
             try:
                 n = int(lun)
             except (TypeError, ValueError):
-                raise ServiceError(f"LUN {lun!r} is not a number") from None
-            if not 0 <= n < 16384:
-                raise ServiceError(f"LUN {n} outside 0..16383")
-            if self.cfg.volume(vol) is None:
-                raise ServiceError(f"no volume named {vol}")
+                raise ServiceError(f"LUN {str(lun)[:40]!r} is not a number") from None
+            if not 0 <= n < LUN_LIMIT:
+                raise ServiceError(f"LUN {n} outside 0..{LUN_LIMIT - 1}")
+            if not isinstance(vol, str) or self.cfg.volume(vol) is None:
+                raise ServiceError(f"no volume named {str(vol)[:80]!r}")
             other = self._exported_in(vol)
             if other and other != iqn:
                 raise ServiceError(f"volume {vol} is already exported by {other}")
             if vol in out_luns.values():
                 raise ServiceError(f"volume {vol} given twice")
             out_luns[str(n)] = vol
+        if acl is not None and not isinstance(acl, list):
+            raise ServiceError("acl must be a list of initiator iSCSI names")
         for a in acl or []:
-            if not IQN_RE.match(a):
-                raise ServiceError(f"ACL entry {a!r} is not an initiator iSCSI name")
+            if not valid_iscsi_name(a):
+                raise ServiceError(f"ACL entry {str(a)[:80]!r} is not an initiator iSCSI name "
+                                   f"({ISCSI_NAME_HELP})")
+        if acl and len(set(acl)) != len(acl):
+            raise ServiceError("an ACL entry is given twice")
+        for what, v in (("CHAP user", chap_user), ("CHAP secret", chap_secret),
+                        ("mutual CHAP user", mutual_user), ("mutual CHAP secret", mutual_secret)):
+            if v is not None and not isinstance(v, str):
+                raise ServiceError(f"{what} must be text")
         if bool(chap_user) != bool(chap_secret):
             raise ServiceError("CHAP needs both a user and a secret")
         if bool(mutual_user) != bool(mutual_secret):
             raise ServiceError("mutual CHAP needs both a user and a secret")
         if mutual_user and not chap_user:
             raise ServiceError("mutual CHAP needs CHAP as well")
-        for s in (chap_secret, mutual_secret):
-            if s and not 12 <= len(s) <= 255:
-                raise ServiceError("CHAP secrets must be 12 to 255 characters (RFC 7143)")
+        for u in (chap_user, mutual_user):
+            if u and not valid_chap_name(u):
+                raise ServiceError(f"CHAP user {u[:80]!r} must be 1-255 bytes of printable text")
+        for sec in (chap_secret, mutual_secret):
+            if sec and not SECRET_MIN <= len(sec) <= SECRET_MAX:
+                raise ServiceError(f"CHAP secrets must be {SECRET_MIN} to {SECRET_MAX} "
+                                   "characters (RFC 7143)")
+            if sec and not sec.isprintable():
+                raise ServiceError("CHAP secrets must be printable text")
         if chap_secret and mutual_secret and chap_secret == mutual_secret:
             raise ServiceError("the mutual CHAP secret must differ from the initiator's")
-        if not 1 <= int(tpgt) <= 65535:
-            raise ServiceError("tpgt must be 1..65535")
+        if isinstance(tpgt, bool) or not isinstance(tpgt, int) or not TPGT_MIN <= tpgt <= TPGT_MAX:
+            raise ServiceError(f"tpgt must be {TPGT_MIN}..{TPGT_MAX}")
         return {"luns": out_luns, "acl": sorted(acl) if acl else None,
                 "chap": [chap_user, chap_secret] if chap_user else None,
                 "mutual_chap": [mutual_user, mutual_secret] if mutual_user else None,
-                "tpgt": int(tpgt)}
+                "tpgt": tpgt}
 
     async def export_update(self, iqn: str, **changes: Any) -> dict[str, Any]:
         t = self.cfg.targets().get(iqn)
@@ -532,20 +600,27 @@ class Service:
     def portals(self) -> list[tuple[str, int]]:
         if self.frontend is not None and self.frontend.addresses():
             return self.frontend.addresses()
-        return [tuple(p) for p in self.cfg.get("portals", [list(DEFAULT_PORTAL)])]
+        return self._stored_portals()
+
+    def _stored_portals(self) -> list[tuple[str, int]]:
+        """The portals setting, checked as it is read: a bad stored value
+        (an older version's restoreconfig stored anything) is a one-line
+        refusal naming the setting and the way out, never a traceback."""
+        try:
+            value = self.cfg.get("portals", [list(DEFAULT_PORTAL)])
+            check_setting("portals", value)
+            return parse_portals(value)
+        except (InvalidConfig, PortalError, ValueError) as e:
+            raise ServiceError(f"{e}; start once with 'serve --portal HOST:PORT', then run "
+                               "'liverestore portal set HOST:PORT'") from None
 
     async def portal_set(self, portals: list[str]) -> dict[str, Any]:
-        parsed = []
-        for text in portals:
-            m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
-            if not m:
-                raise ServiceError(f"portal must be HOST:PORT or [IPv6]:PORT, not {text!r}")
-            host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-            if not 1 <= int(port) <= 65535:
-                raise ServiceError(f"port {port} out of range")
-            parsed.append([host, int(port)])
-        self.cfg.set("portals", parsed)
-        return {"portals": [f"{h}:{p}" for h, p in parsed],
+        try:
+            parsed = parse_portals(portals)
+        except PortalError as e:
+            raise ServiceError(str(e)) from None
+        self.cfg.set("portals", [list(p) for p in parsed])
+        return {"portals": [format_portal(p) for p in parsed],
                 "note": "takes effect when the daemon restarts"}
 
     # -- status / config -------------------------------------------------------------------
@@ -561,41 +636,86 @@ class Service:
         """Everything needed to rebuild this configuration (secrets included:
         keep the file private, like targetcli's saveconfig.json)."""
         return {"version": 1,
-                "portals": self.cfg.get("portals", [list(DEFAULT_PORTAL)]),
+                "portals": [list(p) for p in self._stored_portals()],
                 "volumes": [asdict(v) for v in self.cfg.volumes()],
                 "pairs": [{"source": p.source, "clone": p.clone, "extent_size": p.extent_size,
                            "throttle": asdict(p.throttle)} for p in self.eng.pairs.values()],
                 "targets": self.cfg.targets()}
 
     async def restoreconfig(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Create what the saved configuration has and this one lacks.
+        """Create what the saved configuration has and this one lacks: all of
+        it or nothing.
 
-        Pairs come back fractured with every extent in the delta map: the
-        saved file does not know what changed since, so the next sync or
-        restore copies everything (never less than needed)."""
-        if not isinstance(config, dict) or config.get("version") != 1:
-            raise ServiceError("not a liverestore saveconfig (version 1) document")
+        The whole document is checked against its schema before anything
+        changes; if a step then fails, what this call created (targets,
+        pairs, volumes and the image files it made) is removed again and no
+        setting is changed, so a retry after fixing the document starts from
+        the same state. Pairs come back fractured with every extent in the
+        delta map: the saved file does not know what changed since, so the
+        next sync or restore copies everything (never less than needed)."""
+        try:
+            check_document(config)
+        except InvalidConfig as e:
+            raise ServiceError(f"restoreconfig: {e}; nothing was changed") from None
+        settings = {}
+        if "portals" in config:
+            settings["portals"] = [list(p) for p in parse_portals(config["portals"])]
+        undo = _Undo()
+        try:
+            made = await self._restore_objects(config, undo)
+            if settings:
+                self.cfg.set_many(settings)       # last: one transaction, after all else held
+        except Exception as e:
+            if not isinstance(e, ServiceError):
+                log.exception("restoreconfig failed")      # a bug, not the document
+            left = await undo.run()
+            why = str(e) if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
+            if left:
+                raise ServiceError(f"restoreconfig failed ({why}); could not undo: "
+                                   f"{'; '.join(left)}") from None
+            raise ServiceError(f"restoreconfig failed ({why}); nothing was changed") from None
+        return {"created": made}
+
+    async def _restore_objects(self, config: dict[str, Any], undo: "_Undo") -> dict[str, list[str]]:
         made: dict[str, list[str]] = {"volumes": [], "pairs": [], "targets": []}
         for v in config.get("volumes", []):
-            if self.cfg.volume(v["name"]) is None:
-                await self.volume_create(v["name"], v["path"], v["size"], v["extent_size"])
-                made["volumes"].append(v["name"])
+            if self.cfg.volume(v["name"]) is not None:
+                continue
+            path = v.get("path")
+            new_file = path is None or not os.path.exists(path)
+            await self.volume_create(v["name"], path, v["size"],
+                                     v.get("extent_size", DEFAULT_EXTENT_SIZE))
+            created = self.cfg.volume(v["name"])
+            undo.add(f"volume {v['name']}", self._undo_volume(v["name"],
+                                                              created.path if new_file else None))
+            made["volumes"].append(v["name"])
         have = {(p.source, p.clone) for p in self.eng.pairs.values()}
         for p in config.get("pairs", []):
-            if (p["source"], p["clone"]) not in have:
-                await self.pair_create(p["source"], p["clone"], p["extent_size"], sync=False,
-                                       **p.get("throttle", {}))
-                made["pairs"].append(p["clone"])
+            if (p["source"], p["clone"]) in have:
+                continue
+            await self.pair_create(p["source"], p["clone"], p.get("extent_size"), sync=False,
+                                   **p.get("throttle", {}))
+            undo.add(f"pair {p['clone']}", lambda c=p["clone"]: self.pair_delete(c, force=True))
+            made["pairs"].append(p["clone"])
         for iqn, t in config.get("targets", {}).items():
-            if iqn not in self.cfg.targets():
-                chap = t.get("chap") or [None, None]
-                mutual = t.get("mutual_chap") or [None, None]
-                await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
-                                         mutual[0], mutual[1], t.get("tpgt", 1))
-                made["targets"].append(iqn)
-        if "portals" in config:
-            self.cfg.set("portals", config["portals"])
-        return {"created": made}
+            if iqn in self.cfg.targets():
+                continue
+            chap = t.get("chap") or [None, None]
+            mutual = t.get("mutual_chap") or [None, None]
+            await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
+                                     mutual[0], mutual[1], t.get("tpgt", 1))
+            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i))
+            made["targets"].append(iqn)
+        return made
+
+    def _undo_volume(self, name: str, made_file: str | None):
+        async def run() -> None:
+            await self.volume_delete(name)
+            if made_file is not None:
+                # restoreconfig made this image: leave nothing that a retry
+                # would have to adopt or refuse.
+                os.unlink(made_file)
+        return run
 
     # -- dispatch table for the control socket ------------------------------------------------
     OPS = {
