@@ -146,3 +146,25 @@ def test_fuzz_every_op_answers_one_line(live, req) -> None:
     assert r["ok"] in (True, False)
     assert live.proc.poll() is None, "the daemon died"
     _clean_log(live)
+
+
+# -- names: refused where they enter ----------------------------------------------------------
+@pytest.mark.parametrize("op, args, expect", [
+    ("volume.create", {"name": "v\n", "size": "1M"}, "invalid volume name"),
+    ("volume.create", {"name": "v\u2028", "size": "1M"}, "invalid volume name"),
+    ("export.create", {"iqn": "iqn.2026-11.io.test:t\n"}, "not an iSCSI name"),
+    ("export.create", {"iqn": "iqn.2026-11.io.test:t\r"}, "not an iSCSI name"),
+    ("export.create", {"iqn": "iqn.2026-11.io.test:t", "acl": ["iqn.2026-11.io.h:x\n"]},
+     "not an initiator iSCSI name"),
+    ("export.create", {"iqn": "iqn.2026-11.io.test:t", "chap_user": "u\n",
+                       "chap_secret": "s3cret-s3cret"}, "CHAP user"),
+    ("export.create", {"iqn": "iqn.2026-11.io.test:t", "chap_user": "u",
+                       "chap_secret": "s3cret-s3cret\t"}, "printable"),
+    ("pair.create", {"source": "v\n", "clone": "w"}, "no volume"),
+])
+def test_names_with_control_characters_are_refused(live, op, args, expect) -> None:
+    r = ask(live, {"op": op, "args": args})
+    assert r["ok"] is False and expect in r["error"], r
+    listed = json.dumps(ask(live, {"op": "status"})["result"])
+    assert "\\n" not in listed and "\\r" not in listed and "\\u2028" not in listed
+    _clean_log(live)
