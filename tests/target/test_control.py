@@ -132,6 +132,12 @@ def requests(draw) -> tuple[str, dict[str, Any]]:
     keys = draw(st.lists(st.sampled_from(names) if names else st.nothing(), unique=True,
                          max_size=len(names)) if names else st.just([]))
     args = {k: draw(json_values) for k in keys}
+    if op == "restoreconfig" and draw(st.booleans()):
+        # Mostly well-formed documents, so the fuzz reaches past the version check.
+        sections = st.sampled_from(["portals", "volumes", "pairs", "targets", "extra"])
+        doc = {"version": 1}
+        doc.update(draw(st.dictionaries(sections, json_values, max_size=3)))
+        args = {"config": doc}
     if draw(st.booleans()):
         args.update(draw(st.dictionaries(st.text(max_size=8), json_values, max_size=2)))
     return op, args
@@ -156,9 +162,9 @@ def test_fuzz_every_op_answers_one_line(live, req) -> None:
     ("export.create", {"iqn": "iqn.2026-11.io.test:t\r"}, "not an iSCSI name"),
     ("export.create", {"iqn": "iqn.2026-11.io.test:t", "acl": ["iqn.2026-11.io.h:x\n"]},
      "not an initiator iSCSI name"),
-    ("export.create", {"iqn": "iqn.2026-11.io.test:t", "chap_user": "u\n",
+    ("export.create", {"iqn": "iqn.2026-11.io.test:t2", "chap_user": "u\n",
                        "chap_secret": "s3cret-s3cret"}, "CHAP user"),
-    ("export.create", {"iqn": "iqn.2026-11.io.test:t", "chap_user": "u",
+    ("export.create", {"iqn": "iqn.2026-11.io.test:t3", "chap_user": "u",
                        "chap_secret": "s3cret-s3cret\t"}, "printable"),
     ("pair.create", {"source": "v\n", "clone": "w"}, "no volume"),
 ])
