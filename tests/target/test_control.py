@@ -19,6 +19,13 @@ from target.service import Service
 from tests.support import Daemon
 
 
+@pytest.mark.parametrize("op", sorted(Service.OPS))
+def test_every_op_has_a_checkable_signature(op) -> None:
+    """A new op whose hints the checker cannot read fails here, not on a request."""
+    sig = Service.signature(op)
+    assert "peer" not in sig.params and "self" not in sig.params
+
+
 class Raw:
     """A control-socket client that sends bytes as they are."""
 
