@@ -163,6 +163,7 @@ class Service:
         self.engine: Engine | None = None
         self.devices: dict[str, Any] = {}        # volume -> ScsiDevice
         self.lunsets: dict[str, Any] = {}        # target iqn -> LunSet
+        self.unserved: dict[str, str] = {}       # stored target iqn -> why it is not served
         self.frontend: Frontend | None = None
         self.started_at = time.time()
 
@@ -246,12 +247,12 @@ class Service:
         for iqn, t in targets.items():
             try:
                 check_target(iqn, t)
+                missing = [v for v in t["luns"].values() if v not in self.devices]
+                if missing:
+                    raise InvalidConfig(f"target {iqn}: no volume {', '.join(missing)}")
             except InvalidConfig as e:
+                self.unserved[iqn] = str(e)
                 log.error("not serving %s; remove it with 'liverestore export delete'", e)
-                continue
-            missing = [v for v in t["luns"].values() if v not in self.devices]
-            if missing:
-                log.error("not serving target %s: no volume %s", iqn, ", ".join(missing))
                 continue
             good[iqn] = t
         return good
@@ -508,9 +509,7 @@ class Service:
                 "tpgt": tpgt}
 
     async def export_update(self, iqn: str, **changes: Any) -> dict[str, Any]:
-        t = self.cfg.targets().get(iqn)
-        if t is None:
-            raise ServiceError(f"no target {iqn}")
+        t = self._target(iqn)
         cur = {"luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                "chap_user": (t.get("chap") or [None, None])[0],
                "chap_secret": (t.get("chap") or [None, None])[1],
@@ -530,9 +529,13 @@ class Service:
         return self.export_show(iqn)
 
     def _target(self, iqn: str) -> dict[str, Any]:
+        """A target that may be changed: stored and served."""
         t = self.cfg.targets().get(iqn)
         if t is None:
             raise ServiceError(f"no target {iqn}")
+        if iqn in self.unserved:
+            raise ServiceError(f"not serving {self.unserved[iqn]}; only 'export delete' "
+                               "works on it")
         return t
 
     async def export_lun_add(self, iqn: str, volume: str, lun: Any = None) -> dict[str, Any]:
@@ -579,15 +582,22 @@ class Service:
     async def export_delete(self, iqn: str) -> dict[str, Any]:
         if iqn not in self.cfg.targets():
             raise ServiceError(f"no target {iqn}")
-        await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
+        if iqn not in self.unserved:       # an unserved one never reached the front end
+            await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
         self.lunsets.pop(iqn, None)
         self.cfg.delete_target(iqn)
+        self.unserved.pop(iqn, None)
         return {"deleted": iqn}
 
     def export_show(self, iqn: str) -> dict[str, Any]:
         t = self.cfg.targets().get(iqn)
         if t is None:
             raise ServiceError(f"no target {iqn}")
+        if iqn in self.unserved:
+            # Loaded but not served: say why, and show nothing of a value
+            # that failed its check.
+            return {"iqn": iqn, "luns": {}, "acl": None, "tpgt": 1, "chap": None,
+                    "mutual_chap": None, "portals": [], "problem": self.unserved[iqn]}
         return {"iqn": iqn, "luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                 "chap": {"user": t["chap"][0], "secret": SECRET} if t.get("chap") else None,
                 "mutual_chap": {"user": t["mutual_chap"][0], "secret": SECRET}

@@ -145,5 +145,10 @@ def test_a_bad_stored_target_is_left_out_and_the_rest_serve(daemon) -> None:
     assert call(daemon, "export.show", iqn=IQN)["luns"] == {"0": "a"}
     log = open(daemon.log).read()
     assert "Traceback" not in log and log.count("not serving target") == 1, log
+    shown = {e["iqn"]: e for e in call(daemon, "export.list")}
+    assert "not an iSCSI name" in shown[bad]["problem"] and "problem" not in shown[IQN]
+    with pytest.raises(ControlError, match="only 'export delete' works on it"):
+        call(daemon, "export.acl.add", iqn=bad, initiator="iqn.2026-11.io.h:x")
     assert call(daemon, "export.delete", iqn=bad) == {"deleted": bad}
+    assert [e["iqn"] for e in call(daemon, "export.list")] == [IQN]
     daemon.stop(signal.SIGTERM)
