@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any, Callable
 
+from .errors import clip
+
 #: Keyword parameters the daemon fills in itself (e.g. the requesting peer).
 INTERNAL = frozenset({"peer"})
 #: Longest string any argument may be (PATH_MAX); bounds echoed values too.
@@ -23,11 +25,6 @@ MAX_TEXT = 4096
 
 class ArgumentError(ValueError):
     """The request's arguments do not fit the operation; one line for the client."""
-
-
-def _clip(value: Any, n: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[:n] + "..."
 
 
 _NAMES = {str: "a string", int: "a whole number", float: "a number", bool: "true or false",
@@ -133,11 +130,11 @@ class Signature:
             hint = self.params.get(name, self.var_keyword)
             if hint is None or name in INTERNAL:
                 known = ", ".join(self.params) or "none"
-                raise ArgumentError(f"{self.op}: unknown argument {_clip(name, 40)} "
+                raise ArgumentError(f"{self.op}: unknown argument {clip(name, 40)} "
                                     f"(known: {known})")
             if not _fits(value, hint):
                 raise ArgumentError(f"{self.op}: {name} must be {describe(hint)}, "
-                                    f"not {_clip(value)}")
+                                    f"not {clip(value)}")
             why = _bad_text(value)
             if why:
                 raise ArgumentError(f"{self.op}: {name} {why}")

@@ -18,6 +18,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from restore_core.engine import valid_volume_name
 from restore_core.pair import Throttle
 
+from .errors import clip, one_line
 from .iscsi.names import valid_chap_name, valid_iscsi_name
 from .portals import PortalError, parse_portal
 
@@ -61,7 +62,7 @@ TARGET_SCHEMA: dict[str, Any] = {
         "luns": {"type": "object", "propertyNames": {"format": "lun-number"},
                  "additionalProperties": {"type": "string", "format": "volume-name"}},
         "acl": {"oneOf": [{"type": "null"},
-                          {"type": "array", "uniqueItems": True,
+                          {"type": "array",
                            "items": {"type": "string", "format": "iscsi-name"}}]},
         "chap": _CHAP,
         "mutual_chap": _CHAP,
@@ -126,10 +127,7 @@ def _message(err: ValidationError, root: str) -> str:
     what = err.message
     if err.cause is not None:              # a format check's own explanation
         what = str(err.cause)
-    what = " ".join(what.split())
-    if len(what) > 200:
-        what = what[:200] + "..."
-    return f"{where}: {what}"
+    return one_line(f"{where}: {what}", 300)
 
 
 def _check(validator: Draft202012Validator, value: Any, root: str) -> None:
@@ -148,12 +146,12 @@ def check_document(doc: Any) -> None:
 def check_target(iqn: str, stored: Any) -> None:
     """One target's stored settings, as loaded from the database."""
     if not valid_iscsi_name(iqn):
-        raise InvalidConfig(f"target {iqn[:80]!r} is not an iSCSI name")
+        raise InvalidConfig(f"target {clip(iqn, 80)} is not an iSCSI name")
     _check(_TARGET, stored, f"target {iqn}")
 
 
 def check_setting(key: str, value: Any) -> None:
     validator = _SETTINGS.get(key)
     if validator is None:
-        raise InvalidConfig(f"unknown setting {key[:40]!r}")
+        raise InvalidConfig(f"unknown setting {clip(key, 40)}")
     _check(validator, value, f"setting {key}")

@@ -19,13 +19,13 @@ import socket
 import struct
 from typing import Any
 
-from .errors import ServiceError
+from .errors import ServiceError, clip, one_line
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/liverestore/control.sock"
 MAX_REQUEST = 1 << 20
-#: Deepest nesting a request may have; real ones use 4 (restoreconfig).
+#: Deepest nesting a request may have; real ones nest at most 6 (restoreconfig).
 MAX_DEPTH = 32
 
 
@@ -132,10 +132,10 @@ class ControlServer:
             result = await self.service.call(op, args)
             return _reply(True, result=result)
         except ServiceError as e:
-            return _reply(False, error=_one_line(str(e)))
+            return _reply(False, error=one_line(str(e)))
         except Exception as e:  # noqa: BLE001 - a bug, not bad input: keep serving, keep the trace
             log.exception("control: %s failed", op)
-            return _reply(False, error=_one_line(f"internal error in {op}: {type(e).__name__}: {e}"))
+            return _reply(False, error=one_line(f"internal error in {op}: {type(e).__name__}: {e}"))
 
 
 class MalformedRequest(ValueError):
@@ -175,7 +175,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
         raise MalformedRequest(f"malformed request: nested deeper than {MAX_DEPTH} levels")
     unknown = set(req) - {"op", "args"}
     if unknown:
-        raise MalformedRequest(f"malformed request: unknown key(s) {_clip(sorted(unknown))}; {want}")
+        raise MalformedRequest(f"malformed request: unknown key(s) {clip(sorted(unknown))}; {want}")
     op = req.get("op")
     args = req.get("args", {})
     if not isinstance(op, str):
@@ -185,17 +185,6 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     if not isinstance(args, dict):
         raise MalformedRequest(f"malformed request: args must be an object; {want}")
     return op, args
-
-
-def _clip(value: Any, n: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= n else text[:n] + "..."
-
-
-def _one_line(text: str, n: int = 1000) -> str:
-    """Error replies are one bounded line whatever a message embeds."""
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n] + "..."
 
 
 def _reply(ok: bool, **kw: Any) -> bytes:

@@ -7,6 +7,7 @@ import ipaddress
 import re
 from typing import Any
 
+from .errors import clip
 from .iscsi.names import printable_token
 
 DEFAULT_PORTAL: tuple[str, int] = ("127.0.0.1", 3260)
@@ -24,7 +25,7 @@ class PortalError(ValueError):
 
 def _host(host: str) -> str:
     if not printable_token(host):
-        raise PortalError(f"portal host {host[:80]!r} has spaces or control characters")
+        raise PortalError(f"portal host {clip(host, 80)} has spaces or control characters")
     try:
         ipaddress.ip_address(host)     # IPv6 scope ids ("fe80::1%eth0") included
         return host
@@ -32,12 +33,12 @@ def _host(host: str) -> str:
         pass
     if len(host) <= 253 and _HOSTNAME.fullmatch(host):
         return host
-    raise PortalError(f"portal host {host[:80]!r} is neither an IP address nor a host name")
+    raise PortalError(f"portal host {clip(host, 80)} is neither an IP address nor a host name")
 
 
 def _port(port: Any) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise PortalError(f"portal port {str(port)[:20]} is not 1-65535")
+        raise PortalError(f"portal port {clip(port, 20)} is not 1-65535")
     return port
 
 
@@ -46,12 +47,12 @@ def parse_portal(value: Any) -> tuple[str, int]:
     if isinstance(value, str):
         m = _TEXT.fullmatch(value)
         if not m:
-            raise PortalError(f"portal {value[:80]!r} is not {PORTAL_HELP}")
+            raise PortalError(f"portal {clip(value, 80)} is not {PORTAL_HELP}")
         host, port = (m["v6"], m["p6"]) if m["v6"] else (m["host"], m["port"])
         return _host(host), _port(int(port))
     if (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)):
         return _host(value[0]), _port(value[1])
-    raise PortalError(f"portal {str(value)[:80]} is not {PORTAL_HELP}")
+    raise PortalError(f"portal {clip(value, 80)} is not {PORTAL_HELP}")
 
 
 def parse_portals(values: Any) -> list[tuple[str, int]]:

@@ -27,10 +27,10 @@ from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
 
 from .arguments import ArgumentError, Signature
-from .configdoc import (LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
+from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
                         check_document, check_setting, check_target)
 from .engine_lun import EngineLunIO
-from .errors import ServiceError
+from .errors import ServiceError, clip
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
 from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
@@ -461,11 +461,11 @@ class Service:
             try:
                 n = int(lun)
             except (TypeError, ValueError):
-                raise ServiceError(f"LUN {str(lun)[:40]!r} is not a number") from None
+                raise ServiceError(f"LUN {clip(lun, 40)} is not a number") from None
             if not 0 <= n < LUN_LIMIT:
                 raise ServiceError(f"LUN {n} outside 0..{LUN_LIMIT - 1}")
             if not isinstance(vol, str) or self.cfg.volume(vol) is None:
-                raise ServiceError(f"no volume named {str(vol)[:80]!r}")
+                raise ServiceError(f"no volume named {clip(vol, 80)}")
             other = self._exported_in(vol)
             if other and other != iqn:
                 raise ServiceError(f"volume {vol} is already exported by {other}")
@@ -476,10 +476,8 @@ class Service:
             raise ServiceError("acl must be a list of initiator iSCSI names")
         for a in acl or []:
             if not valid_iscsi_name(a):
-                raise ServiceError(f"ACL entry {str(a)[:80]!r} is not an initiator iSCSI name "
+                raise ServiceError(f"ACL entry {clip(a, 80)} is not an initiator iSCSI name "
                                    f"({ISCSI_NAME_HELP})")
-        if acl and len(set(acl)) != len(acl):
-            raise ServiceError("an ACL entry is given twice")
         for what, v in (("CHAP user", chap_user), ("CHAP secret", chap_secret),
                         ("mutual CHAP user", mutual_user), ("mutual CHAP secret", mutual_secret)):
             if v is not None and not isinstance(v, str):
@@ -492,7 +490,7 @@ class Service:
             raise ServiceError("mutual CHAP needs CHAP as well")
         for u in (chap_user, mutual_user):
             if u and not valid_chap_name(u):
-                raise ServiceError(f"CHAP user {u[:80]!r} must be 1-255 bytes of printable text")
+                raise ServiceError(f"CHAP user {clip(u, 80)} must be 1-255 bytes of printable text")
         for sec in (chap_secret, mutual_secret):
             if sec and not SECRET_MIN <= len(sec) <= SECRET_MAX:
                 raise ServiceError(f"CHAP secrets must be {SECRET_MIN} to {SECRET_MAX} "
@@ -503,7 +501,7 @@ class Service:
             raise ServiceError("the mutual CHAP secret must differ from the initiator's")
         if isinstance(tpgt, bool) or not isinstance(tpgt, int) or not TPGT_MIN <= tpgt <= TPGT_MAX:
             raise ServiceError(f"tpgt must be {TPGT_MIN}..{TPGT_MAX}")
-        return {"luns": out_luns, "acl": sorted(acl) if acl else None,
+        return {"luns": out_luns, "acl": sorted(set(acl)) if acl else None,
                 "chap": [chap_user, chap_secret] if chap_user else None,
                 "mutual_chap": [mutual_user, mutual_secret] if mutual_user else None,
                 "tpgt": tpgt}
@@ -620,7 +618,7 @@ class Service:
             value = self.cfg.get("portals", [list(DEFAULT_PORTAL)])
             check_setting("portals", value)
             return parse_portals(value)
-        except (InvalidConfig, PortalError, ValueError) as e:
+        except (InvalidConfig, PortalError, StoredValueError) as e:
             raise ServiceError(f"{e}; start once with 'serve --portal HOST:PORT', then run "
                                "'liverestore portal set HOST:PORT'") from None
 
@@ -645,7 +643,7 @@ class Service:
     def saveconfig(self) -> dict[str, Any]:
         """Everything needed to rebuild this configuration (secrets included:
         keep the file private, like targetcli's saveconfig.json)."""
-        return {"version": 1,
+        return {"version": CONFIG_VERSION,
                 "portals": [list(p) for p in self._stored_portals()],
                 "volumes": [asdict(v) for v in self.cfg.volumes()],
                 "pairs": [{"source": p.source, "clone": p.clone, "extent_size": p.extent_size,
@@ -675,7 +673,7 @@ class Service:
             made = await self._restore_objects(config, undo)
             if settings:
                 self.cfg.set_many(settings)       # last: one transaction, after all else held
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a refusal or a bug: either way, take it all back
             if not isinstance(e, ServiceError):
                 log.exception("restoreconfig failed")      # a bug, not the document
             left = await undo.run()
@@ -758,7 +756,7 @@ class Service:
         method's signature first, so the method only sees values of the
         types it declares; ``peer`` is passed to methods that take it."""
         if not isinstance(op, str) or op not in self.OPS:
-            raise ServiceError(f"unknown operation {str(op)[:60]!r}")
+            raise ServiceError(f"unknown operation {clip(op)}")
         sig = self.signature(op)
         try:
             sig.check(args)
