@@ -259,7 +259,8 @@ class Service:
 
     def _exported_in(self, volume: str) -> str | None:
         for iqn, t in self.cfg.targets().items():
-            if volume in t.get("luns", {}).values():
+            luns = t.get("luns") if isinstance(t, dict) else None   # unserved ones may be odd
+            if isinstance(luns, dict) and volume in luns.values():
                 return iqn
         return None
 

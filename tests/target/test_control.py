@@ -106,6 +106,7 @@ def test_wrong_argument_types_get_one_line(live, args, expect) -> None:
     (b'{"op": "status", "extra": 1}', "unknown key"),
     (b'{"op": "pair.wait", "args": {"pair": "p", "timeout": NaN}}', "not JSON"),
     (b'{"op": "no.such"}', "unknown operation"),
+    (b'{"op": "status", "args": {"x": 1' + b"0" * 5000 + b'}}', "not JSON"),   # int > 4300 digits
     (b'{"op": "status", "args": {"x": "' + b"a" * 10_000 + b'"}}', "unknown argument"),
 ])
 def test_malformed_requests_get_one_line(live, line, expect) -> None:
