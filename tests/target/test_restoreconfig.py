@@ -152,3 +152,14 @@ def test_a_bad_stored_target_is_left_out_and_the_rest_serve(daemon) -> None:
     assert call(daemon, "export.delete", iqn=bad) == {"deleted": bad}
     assert [e["iqn"] for e in call(daemon, "export.list")] == [IQN]
     daemon.stop(signal.SIGTERM)
+
+
+def test_an_undecodable_stored_target_is_one_line_not_a_traceback(daemon) -> None:
+    call(daemon, "portal.set", portals=[f"127.0.0.1:{daemon.port}"])
+    assert daemon.stop() == 0
+    with sqlite3.connect(os.path.join(daemon.dir, "liverestore.db")) as db:
+        db.execute("INSERT INTO targets (iqn, config) VALUES (?, ?)", (IQN, "{not json"))
+    r = serve_without_portal(daemon)
+    assert r is not None and r.returncode == 1 and "Traceback" not in r.stdout, r
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and f"target {IQN}" in lines[0] and "not valid JSON" in lines[0], lines
