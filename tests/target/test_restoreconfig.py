@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import time
 
 import pytest
 
@@ -37,7 +38,6 @@ def serve_without_portal(d: Daemon) -> subprocess.CompletedProcess | None:
             return None
         except ControlError:
             pass
-        import time
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("serve neither started nor refused")
