@@ -21,6 +21,18 @@ class VolumeRecord:
     created_at: float = 0.0
 
 
+class StoredValueError(ValueError):
+    """A stored value the daemon cannot read back; names the row and says so
+    in one line (the database was edited by hand or by a damaged writer)."""
+
+
+def _decode(what: str, text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise StoredValueError(f"{what}: the stored value is not valid JSON") from None
+
+
 class ConfigStore:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -56,7 +68,8 @@ class ConfigStore:
     # -- iSCSI targets ---------------------------------------------------------------
     def targets(self) -> dict[str, dict[str, Any]]:
         with self.database.lock:
-            return {r["iqn"]: json.loads(r["config"]) for r in self._db["targets"].rows}
+            rows = list(self._db["targets"].rows)
+        return {r["iqn"]: _decode(f"target {r['iqn']}", r["config"]) for r in rows}
 
     def put_target(self, iqn: str, config: dict[str, Any]) -> None:
         with self.database.transaction() as c:
@@ -71,12 +84,16 @@ class ConfigStore:
     def get(self, key: str, default: Any = None) -> Any:
         with self.database.lock:
             rows = list(self._db["settings"].rows_where("key = ?", [key]))
-        return json.loads(rows[0]["value"]) if rows else default
+        return _decode(f"setting {key}", rows[0]["value"]) if rows else default
 
     def set(self, key: str, value: Any) -> None:
+        self.set_many({key: value})
+
+    def set_many(self, values: dict[str, Any]) -> None:
+        """Several settings in one transaction: all of them or none."""
+        rows = [(key, json.dumps(value)) for key, value in values.items()]
         with self.database.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
-                      (key, json.dumps(value)))
+            c.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", rows)
 
     # -- persistent reservations ---------------------------------------------------------
     def reservation_state(self, device: str) -> dict[str, Any]:

@@ -35,7 +35,15 @@ log = logging.getLogger(__name__)
 
 MAX_CLONES_PER_SOURCE = 8
 LAZY_COMMIT_S = 1.0
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Volume names (and so pair ids, which are clone names) reach the shell tree,
+# LIO configfs and log lines: one printable token. Always used with fullmatch:
+# "$" with re.match would let a trailing newline through.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+NAME_HELP = "1-64 of letters, digits, _ . : - starting with a letter or digit"
+
+
+def valid_volume_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
 class EngineError(Exception):
@@ -57,8 +65,8 @@ class Engine:
 
     # -- volumes -----------------------------------------------------------------
     def add_volume(self, name: str, store: BlockStore) -> VolumeIO:
-        if not NAME_RE.match(name):
-            raise EngineError(f"invalid volume name {name!r}: use letters, digits, _ . : -")
+        if not valid_volume_name(name):
+            raise EngineError(f"invalid volume name {name!r}: {NAME_HELP}")
         if name in self.volumes:
             raise EngineError(f"volume {name!r} already exists")
         vol = VolumeRuntime(name, store)

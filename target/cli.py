@@ -277,11 +277,11 @@ Ctrl-C stops the daemon (drains I/O, flushes, persists).
 
 
 def _portal(text: str) -> tuple[str, int]:
-    import re
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
-    if not m:
-        raise SystemExit(f"liverestore: portal must be HOST:PORT or [IPv6]:PORT, not {text!r}")
-    return (m.group(1), int(m.group(2))) if m.group(1) else (m.group(3), int(m.group(4)))
+    from .portals import PortalError, parse_portal
+    try:
+        return parse_portal(text)
+    except PortalError as e:
+        raise SystemExit(f"liverestore: {e}") from None
 
 
 def _logging(verbose: bool) -> None:

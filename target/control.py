@@ -19,10 +19,14 @@ import socket
 import struct
 from typing import Any
 
+from .errors import ServiceError, clip, one_line
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/liverestore/control.sock"
 MAX_REQUEST = 1 << 20
+#: Deepest nesting a request may have; real ones nest at most 6 (restoreconfig).
+MAX_DEPTH = 32
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -121,22 +125,66 @@ class ControlServer:
 
     async def _handle(self, line: bytes) -> bytes:
         try:
-            req = json.loads(line)
-            op = req["op"]
-            args = req.get("args") or {}
-            if not isinstance(op, str) or not isinstance(args, dict):
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            return _reply(False, error="malformed request: want {\"op\": str, \"args\": {}}")
-        from .service import ServiceError
+            op, args = parse_request(line)
+        except MalformedRequest as e:
+            return _reply(False, error=str(e))
         try:
             result = await self.service.call(op, args)
             return _reply(True, result=result)
         except ServiceError as e:
-            return _reply(False, error=str(e))
-        except Exception as e:  # noqa: BLE001 - the daemon keeps serving
+            return _reply(False, error=one_line(str(e)))
+        except Exception as e:  # noqa: BLE001 - a bug, not bad input: keep serving, keep the trace
             log.exception("control: %s failed", op)
-            return _reply(False, error=f"internal error in {op}: {type(e).__name__}: {e}")
+            return _reply(False, error=one_line(f"internal error in {op}: {type(e).__name__}: {e}"))
+
+
+class MalformedRequest(ValueError):
+    """The line is not a request at all; the message is the whole reply."""
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; Python's parser accepts them by default.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Iterative, so a hostile document cannot exhaust the stack here."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return False
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """One request line -> (op, args), or MalformedRequest with a one-line reason."""
+    want = 'want {"op": "<operation>", "args": {...}}'
+    try:
+        req = json.loads(line, parse_constant=_no_constant)
+    except RecursionError:
+        raise MalformedRequest(f"malformed request: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:            # includes UnicodeDecodeError (not UTF-8)
+        kind = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not JSON"
+        raise MalformedRequest(f"malformed request: {kind}; {want}") from None
+    if not isinstance(req, dict):
+        raise MalformedRequest(f"malformed request: not a JSON object; {want}")
+    if not _depth_ok(req, MAX_DEPTH):
+        raise MalformedRequest(f"malformed request: nested deeper than {MAX_DEPTH} levels")
+    unknown = set(req) - {"op", "args"}
+    if unknown:
+        raise MalformedRequest(f"malformed request: unknown key(s) {clip(sorted(unknown))}; {want}")
+    op = req.get("op")
+    args = req.get("args", {})
+    if not isinstance(op, str):
+        raise MalformedRequest(f"malformed request: op must be a string; {want}")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise MalformedRequest(f"malformed request: args must be an object; {want}")
+    return op, args
 
 
 def _reply(ok: bool, **kw: Any) -> bytes:

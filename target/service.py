@@ -17,27 +17,28 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from persistence.config import ConfigStore, SqliteReservationStore, VolumeRecord
+from persistence.config import (ConfigStore, SqliteReservationStore, StoredValueError,
+                                VolumeRecord)
 from persistence.db import Database, DatabaseError
 from persistence.sqlite_store import SqliteMetadataStore
 from restore_core.blockstore import BlockStoreError, FileBlockStore
-from restore_core.engine import Engine, EngineError, NAME_RE
+from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
 
+from .arguments import ArgumentError, Signature
+from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
+                        check_document, check_setting, check_target)
 from .engine_lun import EngineLunIO
+from .errors import ServiceError, clip
 from .fmt import human
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
+from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
+from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTAL = ("127.0.0.1", 3260)
-IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 SECRET = "********"
-
-
-class ServiceError(Exception):
-    """Refused; the message says why and, where it can, what to do."""
 
 
 DB_NAME = "liverestore.db"
@@ -80,10 +81,16 @@ def init_state(state_dir: str) -> bool:
     return not existed
 
 
-def _size(text: Any) -> int:
+#: A size as the control API takes it: bytes, or text such as "512M" or "10G".
+Size = int | str
+
+
+def _size(text: Size) -> int:
+    if isinstance(text, bool):
+        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
+    m = re.fullmatch(r"\s*([0-9]+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
     if not m:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
@@ -118,6 +125,30 @@ def _identity(name: str, created_at: float):
                           naa="6001405" + h[:25], t10_vendor_id=h[:32])
 
 
+class _Undo:
+    """Steps that take back what a multi-step operation did, run newest first."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Any]] = []
+
+    def add(self, what: str, step: Any) -> None:
+        self._steps.append((what, step))
+
+    async def run(self) -> list[str]:
+        """Run every step; return the ones that failed, each as one line."""
+        failed = []
+        for what, step in reversed(self._steps):
+            try:
+                res = step()
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception as e:  # noqa: BLE001 - undo the rest, then report
+                log.error("undo %s failed: %s", what, e)
+                failed.append(f"{what}: {e}")
+        self._steps.clear()
+        return failed
+
+
 class Service:
     def __init__(self, state_dir: str, *, init: bool = False,
                  portals: list[tuple[str, int]] | None = None, backend: str = "auto") -> None:
@@ -133,6 +164,7 @@ class Service:
         self.engine: Engine | None = None
         self.devices: dict[str, Any] = {}        # volume -> ScsiDevice
         self.lunsets: dict[str, Any] = {}        # target iqn -> LunSet
+        self.unserved: dict[str, str] = {}       # stored target iqn -> why it is not served
         self.frontend: Frontend | None = None
         self.started_at = time.time()
 
@@ -166,12 +198,10 @@ class Service:
             await self.engine.start()
         except (EngineError, DatabaseError) as e:
             raise ServiceError(str(e)) from e
-        portals = self._portals_override or [tuple(p) for p in
-                                             self.config.get("portals", [list(DEFAULT_PORTAL)])]
-        portals = [(h, int(p)) for h, p in portals]
+        portals = self._portals_override or self._stored_portals()
         kind = LioFrontend if self.backend == "lio" else EmbeddedFrontend
         self.frontend = kind(self, portals)
-        await self.frontend.start(self.config.targets())
+        await self.frontend.start(self._servable_targets())
         log.info("front end: %s", self.backend)
 
     async def stop(self) -> None:
@@ -205,9 +235,33 @@ class Service:
         self.devices[rec.name] = dev
         return dev
 
+    def _servable_targets(self) -> dict[str, dict[str, Any]]:
+        """The stored targets that can be served, each checked as it is
+        loaded. A bad one (e.g. a name an older version accepted with a
+        trailing newline) is left out with one error line naming it, and
+        the others start: one bad entry must not stop every LUN."""
+        try:
+            targets = self.cfg.targets()
+        except StoredValueError as e:
+            raise ServiceError(f"{e}; the database was changed outside liverestore") from None
+        good: dict[str, dict[str, Any]] = {}
+        for iqn, t in targets.items():
+            try:
+                check_target(iqn, t)
+                missing = [v for v in t["luns"].values() if v not in self.devices]
+                if missing:
+                    raise InvalidConfig(f"target {iqn}: no volume {', '.join(missing)}")
+            except InvalidConfig as e:
+                self.unserved[iqn] = str(e)
+                log.error("not serving %s; remove it with 'liverestore export delete'", e)
+                continue
+            good[iqn] = t
+        return good
+
     def _exported_in(self, volume: str) -> str | None:
         for iqn, t in self.cfg.targets().items():
-            if volume in t.get("luns", {}).values():
+            luns = t.get("luns") if isinstance(t, dict) else None   # unserved ones may be odd
+            if isinstance(luns, dict) and volume in luns.values():
                 return iqn
         return None
 
@@ -228,10 +282,10 @@ class Service:
         return e if isinstance(e, ServiceError) else ServiceError(str(e))
 
     # -- volumes ----------------------------------------------------------------------------
-    async def volume_create(self, name: str, path: str | None = None, size: Any = None,
-                            extent_size: Any = DEFAULT_EXTENT_SIZE) -> dict[str, Any]:
-        if not NAME_RE.match(name or ""):
-            raise ServiceError(f"invalid volume name {name!r}: 1-64 of letters, digits, _ . : -")
+    async def volume_create(self, name: str, path: str | None = None, size: Size | None = None,
+                            extent_size: Size = DEFAULT_EXTENT_SIZE) -> dict[str, Any]:
+        if not valid_volume_name(name):
+            raise ServiceError(f"invalid volume name {name!r}: {NAME_HELP}")
         if self.cfg.volume(name) is not None:
             raise ServiceError(f"volume {name} already exists")
         es = _size(extent_size)
@@ -304,7 +358,7 @@ class Service:
                 "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])}
 
     # -- pairs ------------------------------------------------------------------------------
-    async def pair_create(self, source: str, clone: str, extent_size: Any = None,
+    async def pair_create(self, source: str, clone: str, extent_size: Size | None = None,
                           sync: bool = True, **throttle: Any) -> dict[str, Any]:
         rec = self.cfg.volume(source)
         es = _size(extent_size) if extent_size else (rec.extent_size if rec else DEFAULT_EXTENT_SIZE)
@@ -403,8 +457,8 @@ class Service:
                             acl: list[str] | None = None, chap_user: str | None = None,
                             chap_secret: str | None = None, mutual_user: str | None = None,
                             mutual_secret: str | None = None, tpgt: int = 1) -> dict[str, Any]:
-        if not IQN_RE.match(iqn or ""):
-            raise ServiceError(f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.reverse.domain[:id])")
+        if not valid_iscsi_name(iqn):
+            raise ServiceError(f"{iqn!r} is not an iSCSI name ({ISCSI_NAME_HELP})")
         if iqn in self.cfg.targets():
             raise ServiceError(f"target {iqn} already exists")
         t = self._validate_target(iqn, luns or {}, acl, chap_user, chap_secret,
@@ -413,49 +467,65 @@ class Service:
         self.cfg.put_target(iqn, t)
         return self.export_show(iqn)
 
-    def _validate_target(self, iqn, luns, acl, chap_user, chap_secret, mutual_user,
-                         mutual_secret, tpgt) -> dict[str, Any]:
+    def _validate_target(self, iqn: str, luns: Any, acl: Any, chap_user: Any, chap_secret: Any,
+                         mutual_user: Any, mutual_secret: Any, tpgt: Any) -> dict[str, Any]:
+        """The one check of a target's settings (export create/update and
+        restoreconfig): types first, since export.update takes any keys,
+        then names, limits and the volumes they refer to."""
+        if not isinstance(luns, dict):
+            raise ServiceError("luns must be an object of LUN number -> volume name")
         out_luns: dict[str, str] = {}
         for lun, vol in luns.items():
             try:
                 n = int(lun)
             except (TypeError, ValueError):
-                raise ServiceError(f"LUN {lun!r} is not a number") from None
-            if not 0 <= n < 16384:
-                raise ServiceError(f"LUN {n} outside 0..16383")
-            if self.cfg.volume(vol) is None:
-                raise ServiceError(f"no volume named {vol}")
+                raise ServiceError(f"LUN {clip(lun, 40)} is not a number") from None
+            if not 0 <= n < LUN_LIMIT:
+                raise ServiceError(f"LUN {n} outside 0..{LUN_LIMIT - 1}")
+            if not isinstance(vol, str) or self.cfg.volume(vol) is None:
+                raise ServiceError(f"no volume named {clip(vol, 80)}")
             other = self._exported_in(vol)
             if other and other != iqn:
                 raise ServiceError(f"volume {vol} is already exported by {other}")
             if vol in out_luns.values():
                 raise ServiceError(f"volume {vol} given twice")
             out_luns[str(n)] = vol
+        if acl is not None and not isinstance(acl, list):
+            raise ServiceError("acl must be a list of initiator iSCSI names")
         for a in acl or []:
-            if not IQN_RE.match(a):
-                raise ServiceError(f"ACL entry {a!r} is not an initiator iSCSI name")
+            if not valid_iscsi_name(a):
+                raise ServiceError(f"ACL entry {clip(a, 80)} is not an initiator iSCSI name "
+                                   f"({ISCSI_NAME_HELP})")
+        for what, v in (("CHAP user", chap_user), ("CHAP secret", chap_secret),
+                        ("mutual CHAP user", mutual_user), ("mutual CHAP secret", mutual_secret)):
+            if v is not None and not isinstance(v, str):
+                raise ServiceError(f"{what} must be text")
         if bool(chap_user) != bool(chap_secret):
             raise ServiceError("CHAP needs both a user and a secret")
         if bool(mutual_user) != bool(mutual_secret):
             raise ServiceError("mutual CHAP needs both a user and a secret")
         if mutual_user and not chap_user:
             raise ServiceError("mutual CHAP needs CHAP as well")
-        for s in (chap_secret, mutual_secret):
-            if s and not 12 <= len(s) <= 255:
-                raise ServiceError("CHAP secrets must be 12 to 255 characters (RFC 7143)")
+        for u in (chap_user, mutual_user):
+            if u and not valid_chap_name(u):
+                raise ServiceError(f"CHAP user {clip(u, 80)} must be 1-255 bytes of printable text")
+        for sec in (chap_secret, mutual_secret):
+            if sec and not SECRET_MIN <= len(sec) <= SECRET_MAX:
+                raise ServiceError(f"CHAP secrets must be {SECRET_MIN} to {SECRET_MAX} "
+                                   "characters (RFC 7143)")
+            if sec and not sec.isprintable():
+                raise ServiceError("CHAP secrets must be printable text")
         if chap_secret and mutual_secret and chap_secret == mutual_secret:
             raise ServiceError("the mutual CHAP secret must differ from the initiator's")
-        if not 1 <= int(tpgt) <= 65535:
-            raise ServiceError("tpgt must be 1..65535")
-        return {"luns": out_luns, "acl": sorted(acl) if acl else None,
+        if isinstance(tpgt, bool) or not isinstance(tpgt, int) or not TPGT_MIN <= tpgt <= TPGT_MAX:
+            raise ServiceError(f"tpgt must be {TPGT_MIN}..{TPGT_MAX}")
+        return {"luns": out_luns, "acl": sorted(set(acl)) if acl else None,
                 "chap": [chap_user, chap_secret] if chap_user else None,
                 "mutual_chap": [mutual_user, mutual_secret] if mutual_user else None,
-                "tpgt": int(tpgt)}
+                "tpgt": tpgt}
 
     async def export_update(self, iqn: str, **changes: Any) -> dict[str, Any]:
-        t = self.cfg.targets().get(iqn)
-        if t is None:
-            raise ServiceError(f"no target {iqn}")
+        t = self._target(iqn)
         cur = {"luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                "chap_user": (t.get("chap") or [None, None])[0],
                "chap_secret": (t.get("chap") or [None, None])[1],
@@ -475,9 +545,13 @@ class Service:
         return self.export_show(iqn)
 
     def _target(self, iqn: str) -> dict[str, Any]:
+        """A target that may be changed: stored and served."""
         t = self.cfg.targets().get(iqn)
         if t is None:
             raise ServiceError(f"no target {iqn}")
+        if iqn in self.unserved:
+            raise ServiceError(f"not serving {self.unserved[iqn]}; only 'export delete' "
+                               "works on it")
         return t
 
     async def export_lun_add(self, iqn: str, volume: str, lun: Any = None) -> dict[str, Any]:
@@ -524,15 +598,22 @@ class Service:
     async def export_delete(self, iqn: str) -> dict[str, Any]:
         if iqn not in self.cfg.targets():
             raise ServiceError(f"no target {iqn}")
-        await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
+        if iqn not in self.unserved:       # an unserved one never reached the front end
+            await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
         self.lunsets.pop(iqn, None)
         self.cfg.delete_target(iqn)
+        self.unserved.pop(iqn, None)
         return {"deleted": iqn}
 
     def export_show(self, iqn: str) -> dict[str, Any]:
         t = self.cfg.targets().get(iqn)
         if t is None:
             raise ServiceError(f"no target {iqn}")
+        if iqn in self.unserved:
+            # Loaded but not served: say why, and show nothing of a value
+            # that failed its check.
+            return {"iqn": iqn, "luns": {}, "acl": None, "tpgt": 1, "chap": None,
+                    "mutual_chap": None, "portals": [], "problem": self.unserved[iqn]}
         return {"iqn": iqn, "luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                 "chap": {"user": t["chap"][0], "secret": SECRET} if t.get("chap") else None,
                 "mutual_chap": {"user": t["mutual_chap"][0], "secret": SECRET}
@@ -545,20 +626,27 @@ class Service:
     def portals(self) -> list[tuple[str, int]]:
         if self.frontend is not None and self.frontend.addresses():
             return self.frontend.addresses()
-        return [tuple(p) for p in self.cfg.get("portals", [list(DEFAULT_PORTAL)])]
+        return self._stored_portals()
+
+    def _stored_portals(self) -> list[tuple[str, int]]:
+        """The portals setting, checked as it is read: a bad stored value
+        (an older version's restoreconfig stored anything) is a one-line
+        refusal naming the setting and the way out, never a traceback."""
+        try:
+            value = self.cfg.get("portals", [list(DEFAULT_PORTAL)])
+            check_setting("portals", value)
+            return parse_portals(value)
+        except (InvalidConfig, PortalError, StoredValueError) as e:
+            raise ServiceError(f"{e}; start once with 'serve --portal HOST:PORT', then run "
+                               "'liverestore portal set HOST:PORT'") from None
 
     async def portal_set(self, portals: list[str]) -> dict[str, Any]:
-        parsed = []
-        for text in portals:
-            m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
-            if not m:
-                raise ServiceError(f"portal must be HOST:PORT or [IPv6]:PORT, not {text!r}")
-            host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-            if not 1 <= int(port) <= 65535:
-                raise ServiceError(f"port {port} out of range")
-            parsed.append([host, int(port)])
-        self.cfg.set("portals", parsed)
-        return {"portals": [f"{h}:{p}" for h, p in parsed],
+        try:
+            parsed = parse_portals(portals)
+        except PortalError as e:
+            raise ServiceError(str(e)) from None
+        self.cfg.set("portals", [list(p) for p in parsed])
+        return {"portals": [format_portal(p) for p in parsed],
                 "note": "takes effect when the daemon restarts"}
 
     # -- status / config -------------------------------------------------------------------
@@ -595,42 +683,87 @@ class Service:
     def saveconfig(self) -> dict[str, Any]:
         """Everything needed to rebuild this configuration (secrets included:
         keep the file private, like targetcli's saveconfig.json)."""
-        return {"version": 1,
-                "portals": self.cfg.get("portals", [list(DEFAULT_PORTAL)]),
+        return {"version": CONFIG_VERSION,
+                "portals": [list(p) for p in self._stored_portals()],
                 "volumes": [asdict(v) for v in self.cfg.volumes()],
                 "pairs": [{"source": p.source, "clone": p.clone, "extent_size": p.extent_size,
                            "throttle": asdict(p.throttle)} for p in self.eng.pairs.values()],
                 "targets": self.cfg.targets()}
 
     async def restoreconfig(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Create what the saved configuration has and this one lacks.
+        """Create what the saved configuration has and this one lacks: all of
+        it or nothing.
 
-        Pairs come back fractured with every extent in the delta map: the
-        saved file does not know what changed since, so the next sync or
-        restore copies everything (never less than needed)."""
-        if not isinstance(config, dict) or config.get("version") != 1:
-            raise ServiceError("not a liverestore saveconfig (version 1) document")
+        The whole document is checked against its schema before anything
+        changes; if a step then fails, what this call created (targets,
+        pairs, volumes and the image files it made) is removed again and no
+        setting is changed, so a retry after fixing the document starts from
+        the same state. Pairs come back fractured with every extent in the
+        delta map: the saved file does not know what changed since, so the
+        next sync or restore copies everything (never less than needed)."""
+        try:
+            check_document(config)
+        except InvalidConfig as e:
+            raise ServiceError(f"restoreconfig: {e}; nothing was changed") from None
+        settings = {}
+        if "portals" in config:
+            settings["portals"] = [list(p) for p in parse_portals(config["portals"])]
+        undo = _Undo()
+        try:
+            made = await self._restore_objects(config, undo)
+            if settings:
+                self.cfg.set_many(settings)       # last: one transaction, after all else held
+        except Exception as e:  # noqa: BLE001 - a refusal or a bug: either way, take it all back
+            if not isinstance(e, ServiceError):
+                log.exception("restoreconfig failed")      # a bug, not the document
+            left = await undo.run()
+            why = str(e) if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
+            if left:
+                raise ServiceError(f"restoreconfig failed ({why}); could not undo: "
+                                   f"{'; '.join(left)}") from None
+            raise ServiceError(f"restoreconfig failed ({why}); nothing was changed") from None
+        return {"created": made}
+
+    async def _restore_objects(self, config: dict[str, Any], undo: "_Undo") -> dict[str, list[str]]:
         made: dict[str, list[str]] = {"volumes": [], "pairs": [], "targets": []}
         for v in config.get("volumes", []):
-            if self.cfg.volume(v["name"]) is None:
-                await self.volume_create(v["name"], v["path"], v["size"], v["extent_size"])
-                made["volumes"].append(v["name"])
+            if self.cfg.volume(v["name"]) is not None:
+                continue
+            path = v.get("path")
+            new_file = path is None or not os.path.exists(path)
+            await self.volume_create(v["name"], path, v["size"],
+                                     v.get("extent_size", DEFAULT_EXTENT_SIZE))
+            created = self.cfg.volume(v["name"])
+            undo.add(f"volume {v['name']}", self._undo_volume(v["name"],
+                                                              created.path if new_file else None))
+            made["volumes"].append(v["name"])
         have = {(p.source, p.clone) for p in self.eng.pairs.values()}
         for p in config.get("pairs", []):
-            if (p["source"], p["clone"]) not in have:
-                await self.pair_create(p["source"], p["clone"], p["extent_size"], sync=False,
-                                       **p.get("throttle", {}))
-                made["pairs"].append(p["clone"])
+            if (p["source"], p["clone"]) in have:
+                continue
+            await self.pair_create(p["source"], p["clone"], p.get("extent_size"), sync=False,
+                                   **p.get("throttle", {}))
+            undo.add(f"pair {p['clone']}", lambda c=p["clone"]: self.pair_delete(c, force=True))
+            made["pairs"].append(p["clone"])
         for iqn, t in config.get("targets", {}).items():
-            if iqn not in self.cfg.targets():
-                chap = t.get("chap") or [None, None]
-                mutual = t.get("mutual_chap") or [None, None]
-                await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
-                                         mutual[0], mutual[1], t.get("tpgt", 1))
-                made["targets"].append(iqn)
-        if "portals" in config:
-            self.cfg.set("portals", config["portals"])
-        return {"created": made}
+            if iqn in self.cfg.targets():
+                continue
+            chap = t.get("chap") or [None, None]
+            mutual = t.get("mutual_chap") or [None, None]
+            await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
+                                     mutual[0], mutual[1], t.get("tpgt", 1))
+            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i))
+            made["targets"].append(iqn)
+        return made
+
+    def _undo_volume(self, name: str, made_file: str | None):
+        async def run() -> None:
+            await self.volume_delete(name)
+            if made_file is not None:
+                # restoreconfig made this image: leave nothing that a retry
+                # would have to adopt or refuse.
+                os.unlink(made_file)
+        return run
 
     # -- dispatch table for the control socket ------------------------------------------------
     OPS = {
@@ -649,15 +782,29 @@ class Service:
         "status": "status", "saveconfig": "saveconfig", "restoreconfig": "restoreconfig",
     }
 
-    async def call(self, op: str, args: dict[str, Any]) -> Any:
-        name = self.OPS.get(op)
-        if name is None:
-            raise ServiceError(f"unknown operation {op!r}")
-        fn = getattr(self, name)
+    _signatures: dict[str, Signature] = {}
+
+    @classmethod
+    def signature(cls, op: str) -> Signature:
+        """What ``op`` accepts, read once from its method's signature and hints."""
+        sig = cls._signatures.get(op)
+        if sig is None:
+            sig = cls._signatures[op] = Signature(op, getattr(cls, cls.OPS[op]))
+        return sig
+
+    async def call(self, op: str, args: dict[str, Any], peer: object | None = None) -> Any:
+        """Run one control operation. Arguments are checked against the
+        method's signature first, so the method only sees values of the
+        types it declares; ``peer`` is passed to methods that take it."""
+        if not isinstance(op, str) or op not in self.OPS:
+            raise ServiceError(f"unknown operation {clip(op)}")
+        sig = self.signature(op)
         try:
-            res = fn(**args)
-        except TypeError as e:
-            raise ServiceError(f"{op}: bad arguments: {e}") from e
+            sig.check(args)
+        except ArgumentError as e:
+            raise ServiceError(str(e)) from None
+        kwargs = {**args, "peer": peer} if sig.wants_peer else args
+        res = getattr(self, self.OPS[op])(**kwargs)
         if asyncio.iscoroutine(res):
             res = await res
         return res
