@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 MAX_CLONES_PER_SOURCE = 8
 LAZY_COMMIT_S = 1.0
+# How often every image is checked for having been deleted or replaced under
+# the daemon (each flush checks too).
+IMAGE_CHECK_S = 1.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
@@ -49,16 +52,82 @@ class Engine:
         self.listeners: list[Any] = []  # callables(event: str, pair_id: str)
 
     # -- volumes -----------------------------------------------------------------
-    def add_volume(self, name: str, store: BlockStore) -> VolumeIO:
+    def add_volume(self, name: str, store: BlockStore, offline: str | None = None) -> VolumeIO:
+        """Add a volume; ``offline`` (the reason) adds one whose image is not
+        usable: it answers NOT READY and its pairs' jobs wait for relink()."""
         if not NAME_RE.match(name):
             raise EngineError(f"invalid volume name {name!r}: use letters, digits, _ . : -")
         if name in self.volumes:
             raise EngineError(f"volume {name!r} already exists")
         vol = VolumeRuntime(name, store)
+        vol.offline = offline
         self.volumes[name] = vol
-        io = VolumeIO(vol, self.committer)
+        io = VolumeIO(vol, self.committer, self.volumes, self.set_offline)
         self.ios[name] = io
         return io
+
+    def set_offline(self, name: str, reason: str) -> None:
+        """Take a volume offline (its image is gone): one ERROR line, host I/O
+        answers NOT READY from now on, its pairs' copiers stop (their jobs
+        stay, to resume after relink)."""
+        vol = self.volumes.get(name)
+        if vol is None or vol.offline is not None:
+            return
+        vol.offline = reason
+        log.error("volume %s is offline: %s", name, reason)
+        for pair in self._pairs_of(vol):
+            asyncio.get_running_loop().create_task(self._stop_background(pair),
+                                                   name=f"offline:{pair.id}")
+        self._emit("volume-offline", name)
+
+    async def relink(self, name: str, store: BlockStore) -> BlockStore:
+        """Bring an offline volume back on a new store of the same size;
+        returns the old store (for the caller to close). Jobs of its pairs
+        resume where they stopped."""
+        async with self._lock:
+            vol = self._volume(name)
+            if vol.offline is None:
+                raise EngineError(f"volume {name} is online; only an offline volume can be relinked")
+            if store.size != vol.store.size:
+                raise EngineError(f"volume {name} is {vol.store.size} bytes; the new image has "
+                                  f"{store.size}")
+            async with vol.gate.closed():
+                old, vol.store = vol.store, store
+                for pair in vol.as_source:
+                    pair.source_store = store
+                if vol.as_clone is not None:
+                    vol.as_clone.clone_store = store
+                vol.offline = None
+                vol.generation += 1
+            log.info("volume %s is online again at %s", name, getattr(store, "name", "?"))
+            for pair in self._pairs_of(vol):
+                if not self._offline_volumes(pair):
+                    await self._recover(pair)
+        self._emit("volume-online", name)
+        return old
+
+    def _pairs_of(self, vol: VolumeRuntime) -> list[Pair]:
+        return list(vol.as_source) + ([vol.as_clone] if vol.as_clone is not None else [])
+
+    def _offline_volumes(self, pair: Pair) -> list[str]:
+        return [f"volume {n} is offline: {self.volumes[n].offline}"
+                for n in (pair.source, pair.clone)
+                if n in self.volumes and self.volumes[n].offline is not None]
+
+    def _require_online(self, *names: str) -> None:
+        for n in names:
+            vol = self._volume(n)
+            if vol.offline is not None:
+                raise EngineError(f"volume {n} is offline ({vol.offline}); relink it first")
+
+    async def _watch_images(self) -> None:
+        while True:
+            await asyncio.sleep(IMAGE_CHECK_S)
+            for name, vol in list(self.volumes.items()):
+                if vol.offline is None:
+                    why = vol.store.lost()
+                    if why is not None:
+                        self.set_offline(name, why)
 
     def remove_volume(self, name: str) -> BlockStore:
         vol = self._volume(name)
@@ -106,6 +175,7 @@ class Engine:
         for pair in self.pairs.values():
             await self._recover(pair)
         self._lazy = asyncio.get_running_loop().create_task(self._lazy_commits(), name="lazy-commits")
+        self._watch = asyncio.get_running_loop().create_task(self._watch_images(), name="image-watch")
         self.started = True
 
     async def _lazy_commits(self) -> None:
@@ -167,10 +237,11 @@ class Engine:
 
     async def close(self) -> None:
         """Stop copiers (their progress is durable), flush, commit."""
-        lazy = getattr(self, "_lazy", None)
-        if lazy is not None:
-            lazy.cancel()
-            await asyncio.gather(lazy, return_exceptions=True)
+        for name in ("_lazy", "_watch"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for pair in self.pairs.values():
             if pair.copier is not None:
                 await pair.copier.stop()
@@ -192,6 +263,7 @@ class Engine:
             if extent_size < 4096 or extent_size & (extent_size - 1) or extent_size > 64 << 20:
                 raise EngineError("extent size must be a power of two from 4 KiB to 64 MiB")
             src, cln = self._volume(source), self._volume(clone)
+            self._require_online(source, clone)
             if source == clone:
                 raise EngineError("a volume cannot be its own clone")
             if cln.as_clone is not None:
@@ -240,6 +312,7 @@ class Engine:
                 raise EngineError(f"pair {pair_id} is restoring; wait for the restore to end")
             if pair.state is PairState.SYNCING:
                 raise EngineError(f"pair {pair_id} is already syncing")
+            self._require_online(pair.source, pair.clone)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             if any(p.state is PairState.RESTORING for p in src.as_source):
                 raise EngineError(f"volume {pair.source} is being restored from another clone")
@@ -298,6 +371,7 @@ class Engine:
             if pair.state is not PairState.FRACTURED:
                 raise EngineError(f"pair {pair_id} is {pair.state.value}; only a fractured pair "
                                   "can be restored")
+            self._require_online(pair.source, pair.clone)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             for other in src.as_source:
                 if other is not pair and other.state is not PairState.FRACTURED:
@@ -365,6 +439,7 @@ class Engine:
         pair = self.pair(pair_id)
         if pair.job is None:
             raise EngineError(f"pair {pair_id} has no sync or restore to resume")
+        self._require_online(pair.source, pair.clone)
         pair.job.paused = False
         pair.job.error = None
         self.committer.put_pair(pair.id, pair.to_record())
@@ -412,6 +487,12 @@ class Engine:
 
     # -- internals -------------------------------------------------------------------------
     def _start_job(self, pair: Pair) -> None:
+        offline = self._offline_volumes(pair)
+        if offline:
+            # the job stays recorded; relink() resumes it
+            log.warning("pair %s: %s waits: %s", pair.id,
+                        pair.job.kind.value if pair.job else "job", "; ".join(offline))
+            return
         if pair.copier is None:
             pair.copier = Copier(pair, self.committer)
             pair.copier.on_finished = self._job_finished
@@ -470,6 +551,8 @@ class Engine:
         self._emit("job-failed", pair.id)
 
     def _start_cleaner(self, pair: Pair) -> None:
+        if self._offline_volumes(pair):
+            return      # its flushes would reach an image that is not there
         if pair.id in self._cleaners and not self._cleaners[pair.id].done():
             return
         self._cleaners[pair.id] = asyncio.get_running_loop().create_task(
