@@ -189,6 +189,8 @@ class VolumeIO:
 
     async def flush(self) -> None:
         vol = self.vol
+        if vol.offline is not None:
+            raise HostNotReady(self.access()[1])
         stores = [vol.store]
         for pair in vol.as_source:
             if pair.mirroring and pair.clone_store is not None:

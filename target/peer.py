@@ -4,37 +4,22 @@ A member of the control group (``serve --group``) is not root, but the
 daemon usually is: without a check, such a peer could make the daemon open
 (and then export over iSCSI) a file the peer itself cannot read, e.g. a
 root-only 0600 file. Every path a peer hands the daemon is therefore opened
-read-write once *as the peer* first -- in a child process running with the
+read-write once *as the peer* first -- in a forked child that takes the
 peer's uid, gid and supplementary groups, so the kernel decides, ACLs and
 all -- and the daemon then uses only the very inode the peer could open.
+(A fork, not an exec: the daemon's interpreter need not be executable by
+the peer, and the child only makes a few system calls before _exit.)
 """
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import stat
 import struct
-import subprocess
-import sys
 from dataclasses import dataclass
 
-# The child opens the path read-write (never creating it) and reports the
-# inode it got; for a path that does not exist yet, whether the peer could
-# create it (write and search permission on its directory).
-_PROBE = r"""
-import os, sys
-p = sys.argv[1]
-try:
-    fd = os.open(p, os.O_RDWR | os.O_CLOEXEC)
-except FileNotFoundError:
-    d = os.path.dirname(p) or "/"
-    print("new" if os.access(d, os.W_OK | os.X_OK) else "denied:permission denied")
-except OSError as e:
-    print("denied:" + (e.strerror or str(e)))
-else:
-    st = os.fstat(fd)
-    print("inode:%d:%d" % (st.st_dev, st.st_ino))
-"""
 PROBE_TIMEOUT_S = 10
 
 
@@ -92,16 +77,57 @@ def probe_as(peer: Peer, path: str) -> Probe:
                      f"{rest or out}")
 
 
-def _run_probe(peer: Peer, path: str) -> str:
-    kw: dict = {}
-    if os.geteuid() == 0:
-        kw = dict(user=peer.uid, group=peer.gid, extra_groups=sorted(peer.groups))
+def _probe_here(path: str) -> str:
+    """Open ``path`` read-write with this process's credentials (never
+    creating it): "inode:DEV:INO", "new" if it does not exist but could be
+    created (write and search permission on its directory), or "denied:WHY"."""
     try:
-        r = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE, path], capture_output=True,
-                           text=True, timeout=PROBE_TIMEOUT_S, cwd="/", env={}, **kw)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"denied:cannot check the requesting user's access: {e}"
-    return r.stdout.strip() or "denied:cannot check the requesting user's access"
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        d = os.path.dirname(path) or "/"
+        return "new" if os.access(d, os.W_OK | os.X_OK) else "denied:permission denied"
+    except OSError as e:
+        return "denied:" + (e.strerror or str(e))
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return f"inode:{st.st_dev}:{st.st_ino}"
+
+
+def _run_probe(peer: Peer, path: str) -> str:
+    if os.geteuid() != 0:
+        return _probe_here(path)          # the peer is this very user
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:                          # child: become the peer, probe, report
+        code = 1
+        try:
+            os.close(rfd)
+            os.setgroups(sorted(peer.groups))
+            os.setgid(peer.gid)
+            os.setuid(peer.uid)
+            os.write(wfd, _probe_here(path).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    out = b""
+    try:
+        while True:
+            ready, _, _ = select.select([rfd], [], [], PROBE_TIMEOUT_S)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                out = b"denied:the access check timed out"
+                break
+            chunk = os.read(rfd, 4096)
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+    return out.decode(errors="replace") or "denied:cannot check the requesting user's access"
 
 
 def _mode_probe(peer: Peer, path: str) -> str:

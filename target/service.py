@@ -338,7 +338,7 @@ class Service:
             real, probe = self._vet_path(path, None), None
         else:
             real = self._vet_path(path, peer)
-            probe = self._probe(peer, real)
+            probe = await self._probe(peer, real)
         store = self._open_image(real, want, probe, create=True)
         rec = VolumeRecord(name, real, store.size, es,
                            "blockdev" if store.is_blockdev else "file", time.time())
@@ -394,13 +394,14 @@ class Service:
                                    f"({', '.join(self.volume_dirs)}); only root may use other paths")
         return real
 
-    def _probe(self, peer: Peer | None, real: str) -> Probe | None:
+    async def _probe(self, peer: Peer | None, real: str) -> Probe | None:
         """For a non-root peer: what it could open read-write itself (or
         create), else ServiceError; None when no check applies (root)."""
         if peer is None or peer.is_root:
             return None
         try:
-            return probe_as(peer, real)
+            # off the loop: the child's open may wait on a slow file system
+            return await asyncio.get_running_loop().run_in_executor(None, probe_as, peer, real)
         except PeerDenied as e:
             raise ServiceError(str(e)) from None
 
@@ -492,7 +493,7 @@ class Service:
         if self.eng.volumes[name].offline is None:
             raise ServiceError(f"volume {name} is online; only an offline volume can be relinked")
         real = self._vet_path(path, peer, volume=name)
-        probe = self._probe(peer, real)
+        probe = await self._probe(peer, real)
         store = self._open_image(real, rec.size, probe, create=False)
         try:
             old = await self.eng.relink(name, store)

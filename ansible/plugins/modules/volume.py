@@ -134,8 +134,9 @@ def main():
             problems = []
             grow = p["grow"] and want_size is not None and want_size > cur["size"]
             if want_size is not None and want_size != cur["size"] and not grow:
-                problems.append("is %d bytes, not %d (liverestore only grows volumes, and only "
-                                "with grow=true)" % (cur["size"], want_size))
+                problems.append("is %d bytes, not %d (liverestore does not resize volumes but "
+                                "grows them with grow=true; it never shrinks one)"
+                                % (cur["size"], want_size))
             if path and os.path.realpath(path) != cur["path"]:
                 problems.append("is at %s, not %s" % (cur["path"], path))
             if want_es is not None and want_es != cur["extent_size"]:
