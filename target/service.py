@@ -247,6 +247,8 @@ class Service:
             except Exception:  # noqa: BLE001
                 log.exception("%s front end stop failed", self.backend)
         if self.engine is not None:
+            if self.engine.started:
+                await self.engine.close()
             for vol in self.engine.volumes.values():
                 vol.store.close()
         if self.db is not None:
@@ -494,6 +496,10 @@ class Service:
             raise ServiceError(f"volume {name} is online; only an offline volume can be relinked")
         real = self._vet_path(path, peer, volume=name)
         probe = await self._probe(peer, real)
+        have = os.stat(real).st_size if os.path.isfile(real) else None
+        if have is not None and have != rec.size:
+            raise ServiceError(f"{real} has {have} bytes; volume {name} has {rec.size}: "
+                               "relink needs its image (the same size)")
         store = self._open_image(real, rec.size, probe, create=False)
         try:
             old = await self.eng.relink(name, store)

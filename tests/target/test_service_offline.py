@@ -45,7 +45,7 @@ def test_image_gone_under_the_daemon_goes_offline_within_seconds(tmp_path, caplo
                 with open(v["path"], "wb") as f:
                     f.truncate(MiB)
             for _ in range(40):               # the periodic check: within seconds
-                if s.volume_show("v")["offline"]:
+                if s.volume_show("v")["access"] == "not-ready":
                     break
                 await asyncio.sleep(0.1)
             show = s.volume_show("v")
