@@ -47,6 +47,7 @@ class Engine:
         self.ios: dict[str, VolumeIO] = {}
         self.pairs: dict[str, Pair] = {}
         self._cleaners: dict[str, asyncio.Task[None]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()   # copiers of volumes gone offline
         self._lock = asyncio.Lock()     # one lifecycle operation at a time
         self.started = False
         self.listeners: list[Any] = []  # callables(event: str, pair_id: str)
@@ -76,9 +77,10 @@ class Engine:
         vol.offline = reason
         log.error("volume %s is offline: %s", name, reason)
         for pair in self._pairs_of(vol):
-            asyncio.get_running_loop().create_task(self._stop_background(pair),
-                                                   name=f"offline:{pair.id}")
-        self._emit("volume-offline", name)
+            t = asyncio.get_running_loop().create_task(self._stop_background(pair),
+                                                       name=f"offline:{pair.id}")
+            self._stopping.add(t)           # a reference, until it is done
+            t.add_done_callback(self._stopping.discard)
 
     async def relink(self, name: str, store: BlockStore) -> BlockStore:
         """Bring an offline volume back on a new store of the same size;
@@ -101,15 +103,15 @@ class Engine:
                 vol.generation += 1
             log.info("volume %s is online again at %s", name, getattr(store, "name", "?"))
             for pair in self._pairs_of(vol):
-                if not self._offline_volumes(pair):
+                if not self.offline_reasons(pair):
                     await self._recover(pair)
-        self._emit("volume-online", name)
         return old
 
     def _pairs_of(self, vol: VolumeRuntime) -> list[Pair]:
         return list(vol.as_source) + ([vol.as_clone] if vol.as_clone is not None else [])
 
-    def _offline_volumes(self, pair: Pair) -> list[str]:
+    def offline_reasons(self, pair: Pair) -> list[str]:
+        """Why the pair's jobs cannot run now (its volumes that are offline)."""
         return [f"volume {n} is offline: {self.volumes[n].offline}"
                 for n in (pair.source, pair.clone)
                 if n in self.volumes and self.volumes[n].offline is not None]
@@ -487,7 +489,7 @@ class Engine:
 
     # -- internals -------------------------------------------------------------------------
     def _start_job(self, pair: Pair) -> None:
-        offline = self._offline_volumes(pair)
+        offline = self.offline_reasons(pair)
         if offline:
             # the job stays recorded; relink() resumes it
             log.warning("pair %s: %s waits: %s", pair.id,
@@ -551,7 +553,7 @@ class Engine:
         self._emit("job-failed", pair.id)
 
     def _start_cleaner(self, pair: Pair) -> None:
-        if self._offline_volumes(pair):
+        if self.offline_reasons(pair):
             return      # its flushes would reach an image that is not there
         if pair.id in self._cleaners and not self._cleaners[pair.id].done():
             return

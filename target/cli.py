@@ -47,6 +47,8 @@ def _pair_row(p: dict[str, Any]) -> dict[str, Any]:
         job += " paused"
     if pr["error"]:
         job += f" ERROR: {pr['error']}"
+    if p.get("offline") and pr["job"]:
+        job += f" WAITING: {p['offline']}"
     return {"pair": p["id"], "source": p["source"], "clone": p["clone"], "state": p["state"],
             "job": job, "progress": done, "rate": _human(pr["rate"]) + "/s" if pr["job"] else "",
             "eta": _eta(pr["eta"]) if pr["job"] else "", "delta": pr["delta_extents"]}
@@ -128,7 +130,7 @@ def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
         while True:
             p = client.call("pair.show", pair=pair)
             pr = p["progress"]
-            if pr["job"] is None or pr["paused"] or pr["error"]:
+            if pr["job"] is None or pr["paused"] or pr["error"] or p.get("offline"):
                 break
             if progress is not None:
                 if task is None:
@@ -145,6 +147,9 @@ def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
     if pr["error"]:
         raise ControlError(f"{p['id']}: {pr['job']} stopped: {pr['error']} "
                            "(fix the cause, then 'liverestore pair resume')")
+    if p.get("offline") and pr["job"]:
+        raise ControlError(f"{p['id']}: {pr['job']} waits: {p['offline']} (it resumes after "
+                           "'liverestore volume relink')")
     if not tty and not json_out:
         print(f"{p['id']}: {'paused' if pr['paused'] else 'done'}, state {p['state']}, "
               f"{pr['delta_extents']} extents differ", flush=True)

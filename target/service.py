@@ -600,7 +600,8 @@ class Service:
         pr = p.progress()
         return {"id": p.id, "source": p.source, "clone": p.clone, "size": p.size,
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
-                "progress": asdict(pr), **{"state": pr.state}}
+                "progress": asdict(pr), **{"state": pr.state},
+                "offline": "; ".join(self.eng.offline_reasons(p)) or None}
 
     async def pair_wait(self, pair: str, timeout: float | None = None) -> dict[str, Any]:
         p = self._pair(pair)

@@ -280,6 +280,8 @@ def test_restore_waits_for_an_offline_clone_and_resumes_after_relink(tmp_path):
         assert src["access"] == "not-ready" and "offline" in src["access_reason"]
         r = d.cli("pair", "resume", "cln", ok=False)
         assert "volume cln is offline" in r.stderr
+        r = d.cli("pair", "wait", "cln", ok=False)          # says why, does not hang
+        assert "resumes after 'liverestore volume relink'" in r.stderr, r.stderr
         d.cli("pair", "throttle", "cln", "--rate", "0")
         d.cli("volume", "relink", "cln", "--path", moved)
         p = json.loads(d.cli("pair", "wait", "cln", "--json").stdout)
