@@ -219,7 +219,8 @@ class FileBlockStore(BlockStore):
         try:
             fcntl.flock(self._fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BlockStoreError(f"{path} is in use (locked by another volume or daemon)") from None
+            raise BlockStoreError(f"{path} is in use (locked by another volume or daemon)") \
+                from None
         st = os.fstat(self._fd)
         self._is_blockdev = stat.S_ISBLK(st.st_mode)
         if not self._is_blockdev and not stat.S_ISREG(st.st_mode):

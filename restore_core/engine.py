@@ -89,7 +89,8 @@ class Engine:
         async with self._lock:
             vol = self._volume(name)
             if vol.offline is None:
-                raise EngineError(f"volume {name} is online; only an offline volume can be relinked")
+                raise EngineError(f"volume {name} is online; only an offline volume can be "
+                                  "relinked")
             if store.size != vol.store.size:
                 raise EngineError(f"volume {name} is {vol.store.size} bytes; the new image has "
                                   f"{store.size}")

@@ -393,7 +393,8 @@ class Service:
         if peer is not None and not peer.is_root:
             if not any(_inside(real, d) for d in self.volume_dirs):
                 raise ServiceError(f"{path} is outside the volume directories "
-                                   f"({', '.join(self.volume_dirs)}); only root may use other paths")
+                                   f"({', '.join(self.volume_dirs)}); only root may use "
+                                   "other paths")
         return real
 
     async def _probe(self, peer: Peer | None, real: str) -> Probe | None:

@@ -149,7 +149,8 @@ def main():
                 if module.check_mode:
                     module.exit_json(changed=True, diff=dict(before=before, after=after))
                 vol = client.call("volume.resize", name=p["name"], size=want_size)
-                module.exit_json(changed=True, volume=vol, diff=dict(before=before, after=_view(vol)))
+                module.exit_json(changed=True, volume=vol,
+                                 diff=dict(before=before, after=_view(vol)))
             module.exit_json(changed=False, volume=cur)
         after = dict(name=p["name"], size=want_size, path=path,
                      extent_size=want_es or parse_size(DEFAULT_EXTENT))
