@@ -44,6 +44,9 @@ NAME_HELP = "1-64 of letters, digits, _ . : - starting with a letter or digit"
 
 def valid_volume_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+# How often every image is checked for having been deleted or replaced under
+# the daemon (each flush checks too).
+IMAGE_CHECK_S = 1.0
 
 
 class EngineError(Exception):
@@ -59,21 +62,90 @@ class Engine:
         self.ios: dict[str, VolumeIO] = {}
         self.pairs: dict[str, Pair] = {}
         self._cleaners: dict[str, asyncio.Task[None]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()   # copiers of volumes gone offline
         self._lock = asyncio.Lock()     # one lifecycle operation at a time
         self.started = False
         self.listeners: list[Any] = []  # callables(event: str, pair_id: str)
 
     # -- volumes -----------------------------------------------------------------
-    def add_volume(self, name: str, store: BlockStore) -> VolumeIO:
+    def add_volume(self, name: str, store: BlockStore, offline: str | None = None) -> VolumeIO:
+        """Add a volume; ``offline`` (the reason) adds one whose image is not
+        usable: it answers NOT READY and its pairs' jobs wait for relink()."""
         if not valid_volume_name(name):
             raise EngineError(f"invalid volume name {name!r}: {NAME_HELP}")
         if name in self.volumes:
             raise EngineError(f"volume {name!r} already exists")
         vol = VolumeRuntime(name, store)
+        vol.offline = offline
         self.volumes[name] = vol
-        io = VolumeIO(vol, self.committer)
+        io = VolumeIO(vol, self.committer, self.volumes, self.set_offline)
         self.ios[name] = io
         return io
+
+    def set_offline(self, name: str, reason: str) -> None:
+        """Take a volume offline (its image is gone): one ERROR line, host I/O
+        answers NOT READY from now on, its pairs' copiers stop (their jobs
+        stay, to resume after relink)."""
+        vol = self.volumes.get(name)
+        if vol is None or vol.offline is not None:
+            return
+        vol.offline = reason
+        log.error("volume %s is offline: %s", name, reason)
+        for pair in self._pairs_of(vol):
+            t = asyncio.get_running_loop().create_task(self._stop_background(pair),
+                                                       name=f"offline:{pair.id}")
+            self._stopping.add(t)           # a reference, until it is done
+            t.add_done_callback(self._stopping.discard)
+
+    async def relink(self, name: str, store: BlockStore) -> BlockStore:
+        """Bring an offline volume back on a new store of the same size;
+        returns the old store (for the caller to close). Jobs of its pairs
+        resume where they stopped."""
+        async with self._lock:
+            vol = self._volume(name)
+            if vol.offline is None:
+                raise EngineError(f"volume {name} is online; only an offline volume can be "
+                                  "relinked")
+            if store.size != vol.store.size:
+                raise EngineError(f"volume {name} is {vol.store.size} bytes; the new image has "
+                                  f"{store.size}")
+            async with vol.gate.closed():
+                old, vol.store = vol.store, store
+                for pair in vol.as_source:
+                    pair.source_store = store
+                if vol.as_clone is not None:
+                    vol.as_clone.clone_store = store
+                vol.offline = None
+                vol.generation += 1
+            log.info("volume %s is online again at %s", name, getattr(store, "name", "?"))
+            for pair in self._pairs_of(vol):
+                if not self.offline_reasons(pair):
+                    await self._recover(pair)
+        return old
+
+    def _pairs_of(self, vol: VolumeRuntime) -> list[Pair]:
+        return list(vol.as_source) + ([vol.as_clone] if vol.as_clone is not None else [])
+
+    def offline_reasons(self, pair: Pair) -> list[str]:
+        """Why the pair's jobs cannot run now (its volumes that are offline)."""
+        return [f"volume {n} is offline: {self.volumes[n].offline}"
+                for n in (pair.source, pair.clone)
+                if n in self.volumes and self.volumes[n].offline is not None]
+
+    def _require_online(self, *names: str) -> None:
+        for n in names:
+            vol = self._volume(n)
+            if vol.offline is not None:
+                raise EngineError(f"volume {n} is offline ({vol.offline}); relink it first")
+
+    async def _watch_images(self) -> None:
+        while True:
+            await asyncio.sleep(IMAGE_CHECK_S)
+            for name, vol in list(self.volumes.items()):
+                if vol.offline is None:
+                    why = vol.store.lost()
+                    if why is not None:
+                        self.set_offline(name, why)
 
     def remove_volume(self, name: str) -> BlockStore:
         vol = self._volume(name)
@@ -136,6 +208,7 @@ class Engine:
         for pair in self.pairs.values():
             await self._recover(pair)
         self._lazy = asyncio.get_running_loop().create_task(self._lazy_commits(), name="lazy-commits")
+        self._watch = asyncio.get_running_loop().create_task(self._watch_images(), name="image-watch")
         self.started = True
 
     async def _lazy_commits(self) -> None:
@@ -278,10 +351,11 @@ class Engine:
 
     async def close(self) -> None:
         """Stop copiers (their progress is durable), flush, commit."""
-        lazy = getattr(self, "_lazy", None)
-        if lazy is not None:
-            lazy.cancel()
-            await asyncio.gather(lazy, return_exceptions=True)
+        for name in ("_lazy", "_watch"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for pair in self.pairs.values():
             if pair.copier is not None:
                 await pair.copier.stop()
@@ -303,6 +377,7 @@ class Engine:
             if extent_size < 4096 or extent_size & (extent_size - 1) or extent_size > 64 << 20:
                 raise EngineError("extent size must be a power of two from 4 KiB to 64 MiB")
             src, cln = self._volume(source), self._volume(clone)
+            self._require_online(source, clone)
             if source == clone:
                 raise EngineError("a volume cannot be its own clone")
             if cln.as_clone is not None:
@@ -355,6 +430,7 @@ class Engine:
                 raise EngineError(f"pair {pair_id} is restoring; wait for the restore to end")
             if pair.state is PairState.SYNCING:
                 raise EngineError(f"pair {pair_id} is already syncing")
+            self._require_online(pair.source, pair.clone)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             if any(p.state is PairState.RESTORING for p in src.as_source):
                 raise EngineError(f"volume {pair.source} is being restored from another clone")
@@ -415,6 +491,7 @@ class Engine:
             if pair.state is not PairState.FRACTURED:
                 raise EngineError(f"pair {pair_id} is {pair.state.value}; only a fractured pair "
                                   "can be restored")
+            self._require_online(pair.source, pair.clone)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             for other in src.as_source:
                 if other is not pair and other.state is not PairState.FRACTURED:
@@ -484,6 +561,7 @@ class Engine:
         self._refuse_held(pair)
         if pair.job is None:
             raise EngineError(f"pair {pair_id} has no sync or restore to resume")
+        self._require_online(pair.source, pair.clone)
         pair.job.paused = False
         pair.job.error = None
         self.committer.put_pair(pair.id, pair.to_record())
@@ -531,6 +609,12 @@ class Engine:
 
     # -- internals -------------------------------------------------------------------------
     def _start_job(self, pair: Pair) -> None:
+        offline = self.offline_reasons(pair)
+        if offline:
+            # the job stays recorded; relink() resumes it
+            log.warning("pair %s: %s waits: %s", pair.id,
+                        pair.job.kind.value if pair.job else "job", "; ".join(offline))
+            return
         if pair.copier is None:
             pair.copier = Copier(pair, self.committer)
             pair.copier.on_finished = self._job_finished
@@ -591,6 +675,8 @@ class Engine:
         self._emit("job-failed", pair.id)
 
     def _start_cleaner(self, pair: Pair) -> None:
+        if self.offline_reasons(pair):
+            return      # its flushes would reach an image that is not there
         if pair.id in self._cleaners and not self._cleaners[pair.id].done():
             return
         self._cleaners[pair.id] = asyncio.get_running_loop().create_task(

@@ -288,3 +288,6 @@ class VolumeRuntime:
         self.held: str | None = None      # NOT READY reason while a pair of it is held
         self.as_source: list[Pair] = []
         self.as_clone: Pair | None = None
+        # Why the volume is offline (image missing, wrong size, deleted or
+        # replaced under us), or None. An offline volume answers NOT READY.
+        self.offline: str | None = None

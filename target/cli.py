@@ -47,6 +47,8 @@ def _pair_row(p: dict[str, Any]) -> dict[str, Any]:
         job += " paused"
     if pr["error"]:
         job += f" ERROR: {pr['error']}"
+    if p.get("offline") and pr["job"]:
+        job += f" WAITING: {p['offline']}"
     return {"pair": p["id"], "source": p["source"], "clone": p["clone"], "state": p["state"],
             "job": job, "progress": done, "rate": _human(pr["rate"]) + "/s" if pr["job"] else "",
             "eta": _eta(pr["eta"]) if pr["job"] else "", "delta": pr["delta_extents"]}
@@ -84,7 +86,15 @@ def _print_rollback(rb: dict[str, Any] | None) -> None:
 
 
 def _vol_rows(vols: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**v, "size_h": _human(v["size"])} for v in vols]
+    return [{**v, "size_h": _human(v["size"]),
+             "access": f"OFFLINE: {v['offline']}" if v.get("offline") else v["access"]}
+            for v in vols]
+
+
+def client_path(path: str | None) -> str | None:
+    """A path the user typed, made absolute against OUR working directory:
+    the daemon runs elsewhere and refuses relative paths."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
 def _export_rows(exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -150,7 +160,7 @@ def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
         while True:
             p = client.call("pair.show", pair=pair)
             pr = p["progress"]
-            if pr["job"] is None or pr["paused"] or pr["error"]:
+            if pr["job"] is None or pr["paused"] or pr["error"] or p.get("offline"):
                 break
             if progress is not None:
                 if task is None:
@@ -167,6 +177,9 @@ def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
     if pr["error"]:
         raise ControlError(f"{p['id']}: {pr['job']} stopped: {pr['error']} "
                            "(fix the cause, then 'liverestore pair resume')")
+    if p.get("offline") and pr["job"]:
+        raise ControlError(f"{p['id']}: {pr['job']} waits: {p['offline']} (it resumes after "
+                           "'liverestore volume relink')")
     if not tty and not json_out:
         print(f"{p['id']}: {'paused' if pr['paused'] else 'done'}, state {p['state']}, "
               f"{pr['delta_extents']} extents differ", flush=True)
@@ -208,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     portals = [_portal(p) for p in args.portal] if args.portal else None
     try:
         asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
-                          backend=args.backend,
+                          backend=args.backend, volume_dirs=args.volume_dir,
                           group=args.group))
     except ServiceError as e:
         print(f"liverestore: {e}", file=sys.stderr)
@@ -315,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", action="store_true", help="create the state directory and database")
     s.add_argument("--portal", action="append", help="HOST:PORT to listen on (repeatable)")
     s.add_argument("--group", help="group allowed to use the control socket")
+    s.add_argument("--volume-dir", action="append", metavar="DIR",
+                   help="directory where users other than root may create or adopt images "
+                        "(repeatable; default: STATE_DIR/volumes)")
     s.add_argument("--backend", choices=("auto", "embedded", "lio"), default="auto",
                    help="who speaks iSCSI: the embedded target, or the kernel's LIO with "
                         "our TCMU handler (auto: LIO when configfs has a target)")
@@ -342,15 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("volume", help="image files and block devices").add_subparsers(
         dest="sub", metavar="ACTION", required=True)
     p = client_cmd(v, "create", "create (or adopt) a volume", "volume.create", "volume",
-                   lambda a: {"name": a.name, "path": a.path, "size": a.size,
+                   lambda a: {"name": a.name, "path": client_path(a.path), "size": a.size,
                               "extent_size": a.extent_size})
     p.add_argument("name")
-    p.add_argument("--path", help="image file or block device (default: in the state dir)")
-    p.add_argument("--size", help="size for a new image file, e.g. 10G")
+    p.add_argument("--path", help="image file or block device (default: in the state dir); "
+                   "an existing one is adopted as it is")
+    p.add_argument("--size", help="size for a new image file, e.g. 10G (for an existing one: "
+                   "leave out, or its exact size)")
     p.add_argument("--extent-size", default="64K", help="default extent size of its pairs")
     p = client_cmd(v, "delete", "forget a volume (the file stays)", "volume.delete", "raw",
                    lambda a: {"name": a.name})
     p.add_argument("name")
+    p = client_cmd(v, "resize", "grow a volume (never shrinks)", "volume.resize", "volume",
+                   lambda a: {"name": a.name, "size": a.size})
+    p.add_argument("name")
+    p.add_argument("size", help="the new size, e.g. 20G (a block device: grow it first)")
+    p = client_cmd(v, "relink", "point an offline volume at its image's new place",
+                   "volume.relink", "volume",
+                   lambda a: {"name": a.name, "path": client_path(a.path)})
+    p.add_argument("name")
+    p.add_argument("--path", required=True, help="the image (same size as the volume)")
     client_cmd(v, "list", "list volumes", "volume.list", "volumes")
     p = client_cmd(v, "show", "one volume", "volume.show", "volume", lambda a: {"name": a.name})
     p.add_argument("name")

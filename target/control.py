@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import socket
-import struct
 from typing import Any
 
 from .errors import ServiceError, clip, one_line
+from .peer import Peer
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +27,6 @@ DEFAULT_SOCKET = "/run/liverestore/control.sock"
 MAX_REQUEST = 1 << 20
 #: Deepest nesting a request may have; real ones nest at most 6 (restoreconfig).
 MAX_DEPTH = 32
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
-
-
-def _groups_of(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
 
 
 class ControlServer:
@@ -90,19 +73,19 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
-    def _allowed(self, sock: socket.socket) -> bool:
-        pid, uid, gid = peer_credentials(sock)
-        if uid == 0 or uid == os.getuid():
+    def _allowed(self, peer: Peer) -> bool:
+        if peer.uid == 0 or peer.uid == os.getuid():
             return True
-        if self._gid is not None and (gid == self._gid or self._gid in _groups_of(pid)):
+        if self._gid is not None and (peer.gid == self._gid or self._gid in peer.groups):
             return True
-        log.warning("control: refused pid %d uid %d", pid, uid)
+        log.warning("control: refused pid %d uid %d", peer.pid, peer.uid)
         return False
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
+        # Who asks decides which paths the daemon may open for them (target.peer).
+        peer = Peer.of_socket(writer.get_extra_info("socket"))
         try:
-            if not self._allowed(sock):
+            if not self._allowed(peer):
                 writer.write(_reply(False, error="permission denied: not root, not the daemon's "
                                     "user and not in its control group"))
                 await writer.drain()
@@ -116,20 +99,20 @@ class ControlServer:
                     return
                 if not line:
                     return
-                writer.write(await self._handle(line))
+                writer.write(await self._handle(line, peer))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
             writer.close()
 
-    async def _handle(self, line: bytes) -> bytes:
+    async def _handle(self, line: bytes, peer: Peer) -> bytes:
         try:
             op, args = parse_request(line)
         except MalformedRequest as e:
             return _reply(False, error=str(e))
         try:
-            result = await self.service.call(op, args)
+            result = await self.service.call(op, args, peer=peer)
             return _reply(True, result=result)
         except ServiceError as e:
             return _reply(False, error=one_line(str(e)))

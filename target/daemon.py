@@ -16,9 +16,11 @@ log = logging.getLogger("liverestore")
 
 async def serve(state_dir: str, socket_path: str, *, init: bool = False,
                 portals: list[tuple[str, int]] | None = None, group: str | None = None,
-                backend: str = "auto",
+                backend: str = "auto", volume_dirs: list[str] | None = None,
                 ready: Callable[[Service], None] | None = None) -> None:
-    service = Service(state_dir, init=init, portals=portals, backend=backend)
+    # start() locks the state directory before anything else it does
+    service = Service(state_dir, init=init, portals=portals, backend=backend,
+                      volume_dirs=volume_dirs)
     await service.start()
     control = ControlServer(service, socket_path, group=group)
     try:

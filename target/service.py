@@ -21,7 +21,7 @@ from persistence.config import (ConfigStore, SqliteReservationStore, StoredValue
                                 VolumeRecord)
 from persistence.db import Database, DatabaseError
 from persistence.sqlite_store import SqliteMetadataStore
-from restore_core.blockstore import BlockStoreError, FileBlockStore
+from restore_core.blockstore import BlockStore, BlockStoreError, FileBlockStore, MissingBlockStore
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
@@ -34,7 +34,9 @@ from .errors import ServiceError, clip
 from .fmt import human
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
+from .peer import Peer, PeerDenied, Probe, probe_as
 from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
+from .statelock import StateDirBusy, StateLock
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ SECRET = "********"
 
 
 DB_NAME = "liverestore.db"
+VOLUMES_DIR = "volumes"     # the daemon's own image directory inside the state dir
 
 
 def _private(path: str) -> None:
@@ -95,6 +98,25 @@ def _size(text: Size) -> int:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
                               "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
+
+
+def _why(path: str, e: Exception) -> str:
+    """One line for a failed open of an image (BlockStoreError names the path)."""
+    if isinstance(e, OSError):
+        return f"cannot open {path}: {e.strerror or e}"
+    return str(e)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _throttle_knobs(knobs: dict[str, Any]) -> dict[str, int]:
@@ -151,8 +173,13 @@ class _Undo:
 
 class Service:
     def __init__(self, state_dir: str, *, init: bool = False,
-                 portals: list[tuple[str, int]] | None = None, backend: str = "auto") -> None:
+                 portals: list[tuple[str, int]] | None = None, backend: str = "auto",
+                 volume_dirs: list[str] | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        # Where a non-root peer may put or adopt images (serve --volume-dir).
+        self._volume_dirs_given = list(volume_dirs or [])
+        self.volume_dirs: list[str] = []
+        self.lock = StateLock(self.state_dir)
         try:
             self.backend = choose_backend(backend)
         except ValueError as e:
@@ -170,11 +197,43 @@ class Service:
 
     # -- start / stop --------------------------------------------------------------
     async def start(self) -> None:
-        if self._init:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        elif not os.path.isdir(self.state_dir):
-            raise ServiceError(f"state directory {self.state_dir} does not exist; "
-                               "start with --init to create it")
+        self._lock_state_dir()
+        try:
+            await self._start()
+        except BaseException:
+            await self._abandon_start()
+            raise
+
+    def _lock_state_dir(self) -> None:
+        """Take the state directory's lock before any other side effect (only
+        --init on a missing directory creates it first: the lock lives in it)."""
+        if not os.path.isdir(self.state_dir):
+            if not self._init:
+                raise ServiceError(f"state directory {self.state_dir} does not exist; "
+                                   "start with --init to create it")
+            try:
+                os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise ServiceError(f"cannot create {self.state_dir}: {e.strerror or e}") from e
+        try:
+            self.lock.acquire()
+        except StateDirBusy as e:
+            raise ServiceError(str(e)) from None
+        except OSError as e:
+            raise ServiceError(f"cannot lock {self.lock.path}: {e.strerror or e}") from e
+
+    def _check_volume_dirs(self) -> None:
+        dirs = self._volume_dirs_given or [os.path.join(self.state_dir, VOLUMES_DIR)]
+        out = []
+        for d in dirs:
+            real = os.path.realpath(os.path.abspath(d))
+            if self._volume_dirs_given and not os.path.isdir(real):
+                raise ServiceError(f"volume directory {d} is not a directory")
+            out.append(real)
+        self.volume_dirs = out
+
+    async def _start(self) -> None:
+        self._check_volume_dirs()
         path = os.path.join(self.state_dir, DB_NAME)
         old = os.umask(0o077)
         try:
@@ -187,12 +246,8 @@ class Service:
         self.config = ConfigStore(self.db)
         self.engine = Engine(SqliteMetadataStore(self.db))
         for rec in self.config.volumes():
-            try:
-                store = FileBlockStore(rec.path, rec.size)
-            except (OSError, BlockStoreError) as e:
-                raise ServiceError(f"volume {rec.name}: cannot open {rec.path}: {e}; "
-                                   "fix the path or delete the volume") from e
-            self.engine.add_volume(rec.name, store)
+            store, offline = self._open_recorded(rec)
+            self.engine.add_volume(rec.name, store, offline)
             self._make_device(rec)
         try:
             await self.engine.start()
@@ -204,6 +259,33 @@ class Service:
         await self.frontend.start(self._servable_targets())
         log.info("front end: %s", self.backend)
 
+    def _open_recorded(self, rec: VolumeRecord) -> tuple[BlockStore, str | None]:
+        """A recorded volume's image, or a stand-in and the reason it is
+        offline: one bad image must not keep the others from being served."""
+        try:
+            return FileBlockStore(rec.path, rec.size, nofollow=True), None
+        except (OSError, BlockStoreError) as e:
+            why = _why(rec.path, e)
+        log.error("volume %s is offline: %s (relink it with 'volume relink %s --path P', "
+                  "or delete it)", rec.name, why, rec.name)
+        return MissingBlockStore(rec.path, rec.size, why), why
+
+    async def _abandon_start(self) -> None:
+        """Undo a half-done start: close what was opened, drop the lock."""
+        if self.frontend is not None:
+            try:
+                await self.frontend.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("%s front end stop failed", self.backend)
+        if self.engine is not None:
+            if self.engine.started:
+                await self.engine.close()
+            for vol in self.engine.volumes.values():
+                vol.store.close()
+        if self.db is not None:
+            self.db.close()
+        self.lock.release()
+
     async def stop(self) -> None:
         """Graceful: stop accepting, drain commands, stop copiers, flush, persist."""
         if self.frontend is not None:
@@ -213,8 +295,11 @@ class Service:
                 log.exception("%s front end stop failed", self.backend)
         if self.engine is not None:
             await self.engine.close()
+            for vol in self.engine.volumes.values():
+                vol.store.close()       # drops the image locks
         if self.db is not None:
             self.db.close()
+        self.lock.release()
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -283,7 +368,10 @@ class Service:
 
     # -- volumes ----------------------------------------------------------------------------
     async def volume_create(self, name: str, path: str | None = None, size: Size | None = None,
-                            extent_size: Size = DEFAULT_EXTENT_SIZE) -> dict[str, Any]:
+                            extent_size: Size = DEFAULT_EXTENT_SIZE, *,
+                            peer: Peer | None = None) -> dict[str, Any]:
+        """A new image file of ``size``, or an existing file / block device
+        adopted exactly as it is (its size is the volume's; never changed)."""
         if not valid_volume_name(name):
             raise ServiceError(f"invalid volume name {name!r}: {NAME_HELP}")
         if self.cfg.volume(name) is not None:
@@ -294,37 +382,118 @@ class Service:
         want = _size(size) if size not in (None, "") else None
         if want is not None and (want <= 0 or want % 512):
             raise ServiceError("size must be a positive multiple of 512 bytes")
-        if path is None:
-            path = os.path.join(self.state_dir, "volumes", f"{name}.img")
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        path = os.path.abspath(path)
-        kind = "file"
-        if os.path.exists(path):
-            st = os.stat(path)
-            if stat.S_ISBLK(st.st_mode):
-                kind = "blockdev"
-            elif not stat.S_ISREG(st.st_mode):
-                raise ServiceError(f"{path} is neither a regular file nor a block device")
-            elif want is None and st.st_size == 0:
-                raise ServiceError(f"{path} is empty: give a size")
-        elif want is None:
-            raise ServiceError(f"{path} does not exist: give a size to create it")
-        for other in self.cfg.volumes():
-            if other.path == path:
-                raise ServiceError(f"{path} is already volume {other.name}")
-        try:
-            store = FileBlockStore(path, want, create=True)
-        except (OSError, BlockStoreError) as e:
-            raise ServiceError(f"cannot use {path}: {e}") from e
-        rec = VolumeRecord(name, path, store.size, es, kind, time.time())
+        if path in (None, ""):
+            # The daemon's own choice of a new file: no peer path to check.
+            vdir = os.path.join(self.state_dir, VOLUMES_DIR)
+            os.makedirs(vdir, mode=0o700, exist_ok=True)
+            path = os.path.join(vdir, f"{name}.img")
+            if os.path.lexists(path):
+                raise ServiceError(f"{path} is still there (left by a deleted volume?): adopt it "
+                                   f"with 'volume create {name} --path {path}', or remove it")
+            if want is None:
+                raise ServiceError(f"{path} does not exist: give a size to create it")
+            real, probe = self._vet_path(path, None), None
+        else:
+            real = self._vet_path(path, peer)
+            probe = await self._probe(peer, real)
+        store = self._open_image(real, want, probe, create=True)
+        rec = VolumeRecord(name, real, store.size, es,
+                           "blockdev" if store.is_blockdev else "file", time.time())
         try:
             self.eng.add_volume(name, store)
         except EngineError as e:
-            store.close()
+            store.abandon()
             raise self._wrap(e) from e
-        self.cfg.put_volume(rec)
+        try:
+            self.cfg.put_volume(rec)
+        except BaseException:
+            self.eng.remove_volume(name)
+            store.abandon()
+            raise
         self._make_device(rec)
         return self.volume_show(name)
+
+    def _vet_path(self, path: Any, peer: Peer | None, volume: str | None = None) -> str:
+        """The real path of an image a client names, or ServiceError: never
+        the state directory or anything in it (the database!) but the
+        daemon's image directory, never another volume's image (by real
+        path or inode: symlinks and hard links count), for a non-root peer
+        only inside the volume directories."""
+        if not isinstance(path, str) or not path:
+            raise ServiceError("path must be a non-empty string")
+        if not os.path.isabs(path):
+            raise ServiceError(f"path {path!r} is relative; the daemon cannot know the client's "
+                               "working directory: give an absolute path")
+        real = os.path.realpath(path)
+        ino = _inode(real)
+        state = os.path.realpath(self.state_dir)
+        if _inside(real, state) and not _inside(real, os.path.join(state, VOLUMES_DIR)) or (
+                real == os.path.join(state, VOLUMES_DIR)):
+            raise ServiceError(f"{path} is the daemon's state directory or in it; "
+                               "images live elsewhere (or in its volumes/ directory)")
+        if ino is not None:
+            with os.scandir(state) as it:
+                for entry in it:
+                    if _inode(entry.path) == ino:
+                        raise ServiceError(f"{path} is {entry.path} of the daemon's state "
+                                           "directory (a link to it); refused")
+        for other in self.cfg.volumes():
+            if other.name == volume:
+                continue
+            vol = self.eng.volumes.get(other.name)
+            theirs = getattr(vol.store, "identity", None) if vol is not None else None
+            if os.path.realpath(other.path) == real or (
+                    ino is not None and ino in (theirs, _inode(other.path))):
+                raise ServiceError(f"{path} is the image of volume {other.name}")
+        if peer is not None and not peer.is_root:
+            if not any(_inside(real, d) for d in self.volume_dirs):
+                raise ServiceError(f"{path} is outside the volume directories "
+                                   f"({', '.join(self.volume_dirs)}); only root may use "
+                                   "other paths")
+        return real
+
+    async def _probe(self, peer: Peer | None, real: str) -> Probe | None:
+        """For a non-root peer: what it could open read-write itself (or
+        create), else ServiceError; None when no check applies (root)."""
+        if peer is None or peer.is_root:
+            return None
+        try:
+            # off the loop: the child's open may wait on a slow file system
+            return await asyncio.get_running_loop().run_in_executor(None, probe_as, peer, real)
+        except PeerDenied as e:
+            raise ServiceError(str(e)) from None
+
+    def _open_image(self, real: str, want: int | None, probe: Probe | None, *,
+                    create: bool) -> FileBlockStore:
+        """Open (or, with ``create``, make) an image: an existing one keeps
+        its size and contents (``want`` must match); the inode must be the
+        one the peer's check saw (or, if it saw none, one made here)."""
+        exists = os.path.lexists(real)
+        if exists:
+            try:
+                st = os.stat(real)
+            except OSError as e:
+                raise ServiceError(f"cannot use {real}: {e.strerror or e}") from e
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                raise ServiceError(f"{real} is empty: remove it and give a size to create a new "
+                                   "image, or grow it first (e.g. truncate -s)")
+            if stat.S_ISREG(st.st_mode) and want is not None and want != st.st_size:
+                raise ServiceError(f"{real} has {st.st_size} bytes, not {want}: an existing image "
+                                   "is adopted as it is (leave out the size); grow it with "
+                                   "'volume resize' once it is a volume")
+        elif not create:
+            raise ServiceError(f"{real} does not exist")
+        elif want is None:
+            raise ServiceError(f"{real} does not exist: give a size to create it")
+        try:
+            store = FileBlockStore(real, want, create=create and not exists, nofollow=True)
+        except (OSError, BlockStoreError) as e:
+            raise ServiceError(_why(real, e)) from e
+        if probe is not None and (store.identity != probe.inode if probe.inode is not None
+                                  else not store.created):
+            store.abandon()
+            raise ServiceError(f"{real} changed while it was being checked; try again")
+        return store
 
     async def volume_delete(self, name: str) -> dict[str, Any]:
         rec = self.cfg.volume(name)
@@ -342,6 +511,63 @@ class Service:
         self.cfg.delete_volume(name)
         return {"deleted": name, "path": rec.path, "note": "the image file was left in place"}
 
+    async def volume_resize(self, name: str, size: Any) -> dict[str, Any]:
+        """Grow a volume (never shrink): the image file is extended; a block
+        device must have been grown first. Hosts see CAPACITY DATA HAS CHANGED."""
+        rec = self.cfg.volume(name)
+        if rec is None:
+            raise ServiceError(f"no volume named {name}")
+        vol = self.eng.volumes[name]
+        if vol.offline is not None:
+            raise ServiceError(f"volume {name} is offline ({vol.offline}); relink it first")
+        if vol.as_source or vol.as_clone is not None:
+            raise ServiceError(f"volume {name} is in a pair, whose size is fixed; "
+                               "delete the pair first")
+        want = _size(size)
+        if want <= 0 or want % 512:
+            raise ServiceError("size must be a positive multiple of 512 bytes")
+        if want < rec.size:
+            raise ServiceError(f"volume {name} has {rec.size} bytes; resize only grows "
+                               "(shrinking would cut off its data)")
+        if want == rec.size:
+            return self.volume_show(name)
+        store = vol.store
+        assert isinstance(store, FileBlockStore)
+        try:
+            store.grow(want)
+        except (OSError, BlockStoreError) as e:
+            raise ServiceError(_why(rec.path, e)) from e
+        rec.size = want
+        self.cfg.put_volume(rec)
+        return self.volume_show(name)
+
+    async def volume_relink(self, name: str, path: str, *,
+                            peer: Peer | None = None) -> dict[str, Any]:
+        """Point an offline volume at its image's new place: same size, same
+        rules as adopting; the jobs of its pairs resume."""
+        rec = self.cfg.volume(name)
+        if rec is None:
+            raise ServiceError(f"no volume named {name}")
+        if self.eng.volumes[name].offline is None:
+            raise ServiceError(f"volume {name} is online; only an offline volume can be relinked")
+        real = self._vet_path(path, peer, volume=name)
+        probe = await self._probe(peer, real)
+        have = os.stat(real).st_size if os.path.isfile(real) else None
+        if have is not None and have != rec.size:
+            raise ServiceError(f"{real} has {have} bytes; volume {name} has {rec.size}: "
+                               "relink needs its image (the same size)")
+        store = self._open_image(real, rec.size, probe, create=False)
+        try:
+            old = await self.eng.relink(name, store)
+        except EngineError as e:
+            store.close()
+            raise self._wrap(e) from e
+        old.close()
+        rec.path = real
+        rec.kind = "blockdev" if store.is_blockdev else "file"
+        self.cfg.put_volume(rec)
+        return self.volume_show(name)
+
     def volume_list(self) -> list[dict[str, Any]]:
         return [self.volume_show(v.name) for v in self.cfg.volumes()]
 
@@ -354,6 +580,7 @@ class Service:
         vol = self.eng.volumes[name]
         role = "clone" if vol.as_clone else ("source" if vol.as_source else "standalone")
         return {**asdict(rec), "role": role, "access": mode, "access_reason": why,
+                "offline": vol.offline,
                 "exported_by": self._exported_in(name),
                 "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])}
 
@@ -430,7 +657,8 @@ class Service:
         return {"id": p.id, "source": p.source, "clone": p.clone, "size": p.size,
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
                 "progress": asdict(pr), **{"state": pr.state},
-                "damaged": p.damaged, "held": p.hold}
+                "damaged": p.damaged, "held": p.hold,
+                "offline": "; ".join(self.eng.offline_reasons(p)) or None}
 
     async def pair_acknowledge(self, pair: str) -> dict[str, Any]:
         """Accept a held pair (rolled-back database, damaged record): it
@@ -690,7 +918,8 @@ class Service:
                            "throttle": asdict(p.throttle)} for p in self.eng.pairs.values()],
                 "targets": self.cfg.targets()}
 
-    async def restoreconfig(self, config: dict[str, Any]) -> dict[str, Any]:
+    async def restoreconfig(self, config: dict[str, Any], *,
+                            peer: Peer | None = None) -> dict[str, Any]:
         """Create what the saved configuration has and this one lacks: all of
         it or nothing.
 
@@ -710,7 +939,7 @@ class Service:
             settings["portals"] = [list(p) for p in parse_portals(config["portals"])]
         undo = _Undo()
         try:
-            made = await self._restore_objects(config, undo)
+            made = await self._restore_objects(config, undo, peer)
             if settings:
                 self.cfg.set_many(settings)       # last: one transaction, after all else held
         except Exception as e:  # noqa: BLE001 - a refusal or a bug: either way, take it all back
@@ -724,7 +953,8 @@ class Service:
             raise ServiceError(f"restoreconfig failed ({why}); nothing was changed") from None
         return {"created": made}
 
-    async def _restore_objects(self, config: dict[str, Any], undo: "_Undo") -> dict[str, list[str]]:
+    async def _restore_objects(self, config: dict[str, Any], undo: "_Undo",
+                               peer: Peer | None) -> dict[str, list[str]]:
         made: dict[str, list[str]] = {"volumes": [], "pairs": [], "targets": []}
         for v in config.get("volumes", []):
             if self.cfg.volume(v["name"]) is not None:
@@ -732,7 +962,7 @@ class Service:
             path = v.get("path")
             new_file = path is None or not os.path.exists(path)
             await self.volume_create(v["name"], path, v["size"],
-                                     v.get("extent_size", DEFAULT_EXTENT_SIZE))
+                                     v.get("extent_size", DEFAULT_EXTENT_SIZE), peer=peer)
             created = self.cfg.volume(v["name"])
             undo.add(f"volume {v['name']}", self._undo_volume(v["name"],
                                                               created.path if new_file else None))
@@ -769,6 +999,7 @@ class Service:
     OPS = {
         "volume.create": "volume_create", "volume.delete": "volume_delete",
         "volume.list": "volume_list", "volume.show": "volume_show",
+        "volume.resize": "volume_resize", "volume.relink": "volume_relink",
         "pair.create": "pair_create", "pair.fracture": "pair_fracture", "pair.sync": "pair_sync",
         "pair.restore": "pair_restore", "pair.pause": "pair_pause", "pair.resume": "pair_resume",
         "pair.throttle": "pair_throttle", "pair.delete": "pair_delete", "pair.list": "pair_list",
