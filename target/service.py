@@ -246,6 +246,12 @@ class Service:
         self.config = ConfigStore(self.db)
         self.engine = Engine(SqliteMetadataStore(self.db))
         for rec in self.config.volumes():
+            if not valid_volume_name(rec.name):
+                # Stored by an older version that let it through: say which
+                # row, in one line, rather than fail deep in the engine.
+                raise ServiceError(f"stored volume {clip(rec.name)} has a name this version "
+                                   f"refuses ({NAME_HELP}); delete that row from the volumes "
+                                   f"table of {path} or rename it there")
             store, offline = self._open_recorded(rec)
             self.engine.add_volume(rec.name, store, offline)
             self._make_device(rec)
