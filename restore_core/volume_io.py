@@ -1,6 +1,7 @@
 """The host I/O path of one volume: what every SCSI READ/WRITE goes through.
 
-Implements target.lunio.LunIO (duck-typed; restore_core imports no SCSI).
+Implements the LunIO interface (restore_core.lunio) directly: it raises
+that interface's errors, which the SCSI layer maps to sense data.
 For each pair the volume belongs to, a host write is prepared according to
 the pair's state, then the data is written, then the preparation finished:
 
@@ -25,33 +26,16 @@ from typing import Awaitable, Callable, Mapping
 from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
 from .extentmap import ExtentMap, extents_of, whole_extents_of
+from .lunio import (READ_WRITE, Access, AccessState, LunIO, MediumError, NotReadyError,
+                    WriteProtectedError)
 from .metadata import MetadataError
 from .pair import INTENT_EXTENTS, Pair, PairState, VolumeRuntime
-
-
-class HostIOError(Exception):
-    """Base for errors the LU layer maps to SCSI sense (see target.lunio)."""
-
-
-class HostMediumError(HostIOError):
-    def __init__(self, message: str, offset: int | None = None, write: bool = False) -> None:
-        super().__init__(message)
-        self.offset = offset
-        self.write = write
-
-
-class HostNotReady(HostIOError):
-    pass
-
-
-class HostWriteProtected(HostIOError):
-    pass
 
 
 IoFn = Callable[[BlockStore], Awaitable[None]]
 
 
-class VolumeIO:
+class VolumeIO(LunIO):
     def __init__(self, vol: VolumeRuntime, committer: Committer,
                  volumes: Mapping[str, VolumeRuntime] | None = None,
                  on_lost: Callable[[str, str], None] | None = None) -> None:
@@ -71,27 +55,28 @@ class VolumeIO:
     def generation(self) -> int:
         return self.vol.generation
 
-    def access(self) -> tuple[str, str]:
-        """("read-write" | "read-only" | "not-ready", reason)."""
+    def access_state(self) -> AccessState:
         vol = self.vol
         if vol.held is not None:
-            return "not-ready", vol.held
+            return AccessState(Access.NOT_READY, vol.held)
         if vol.offline is not None:
-            return "not-ready", f"volume {vol.name} is offline: {vol.offline}"
+            return AccessState(Access.NOT_READY, f"volume {vol.name} is offline: {vol.offline}")
         for p in vol.as_source:
             if p.state is PairState.RESTORING and self._offline(p.clone):
-                return "not-ready", (f"restoring from clone {p.clone}, which is offline: "
-                                     f"{self.volumes[p.clone].offline}")
+                return AccessState(Access.NOT_READY,
+                                   f"restoring from clone {p.clone}, which is offline: "
+                                   f"{self.volumes[p.clone].offline}")
         pair = vol.as_clone
         if pair is None:
-            return "read-write", ""
+            return READ_WRITE
         if pair.state is PairState.RESTORING:
             if pair.protected_restore:
-                return "not-ready", f"clone of pair {pair.id} is the source of a protected restore"
-            return "read-only", f"clone of pair {pair.id} is the source of a restore"
+                return AccessState(Access.NOT_READY,
+                                   f"clone of pair {pair.id} is the source of a protected restore")
+            return AccessState(Access.READ_ONLY, f"clone of pair {pair.id} is the source of a restore")
         if pair.state in (PairState.SYNCING, PairState.SYNCHRONIZED):
-            return "read-only", f"clone of pair {pair.id} is {pair.state.value}"
-        return "read-write", ""
+            return AccessState(Access.READ_ONLY, f"clone of pair {pair.id} is {pair.state.value}")
+        return READ_WRITE
 
     def _offline(self, name: str) -> bool:
         other = self.volumes.get(name)
@@ -105,14 +90,14 @@ class VolumeIO:
             return
         if self.on_lost is not None:
             self.on_lost(self.vol.name, why)
-        raise HostMediumError(why, None, write=True)
+        raise MediumError(why, None, write=True)
 
     def _check(self, writing: bool) -> None:
-        mode, why = self.access()
-        if mode == "not-ready":
-            raise HostNotReady(why)
-        if writing and mode == "read-only":
-            raise HostWriteProtected(why)
+        st = self.access_state()
+        if st.access is Access.NOT_READY:
+            raise NotReadyError(st.reason)
+        if writing and st.access is Access.READ_ONLY:
+            raise WriteProtectedError(st.reason)
 
     # -- reads -------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytearray:
@@ -125,7 +110,7 @@ class VolumeIO:
                 await pair.copier.ensure_copied(a, b)
             return await vol.store.read(offset, length)
         except BlockStoreError as e:
-            raise HostMediumError(str(e), e.offset) from e
+            raise MediumError(str(e), e.offset) from e
         finally:
             vol.gate.leave()
 
@@ -152,7 +137,7 @@ class VolumeIO:
     def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
         vol = self.vol
         if vol.gate.is_closed or vol.held is not None or vol.offline is not None or (
-                vol.as_clone is not None and self.access()[0] == "not-ready"):
+                vol.as_clone is not None and self.access_state().access is Access.NOT_READY):
             return False
         if vol.as_source and self._to_restore_first(offset, sum(map(len, bufs))):
             return False                         # copy-on-demand first
@@ -192,7 +177,7 @@ class VolumeIO:
     async def flush(self) -> None:
         vol = self.vol
         if vol.offline is not None:
-            raise HostNotReady(self.access()[1])
+            raise NotReadyError(self.access_state().reason)
         stores = [vol.store]
         for pair in vol.as_source:
             if pair.mirroring and pair.clone_store is not None:
@@ -200,7 +185,7 @@ class VolumeIO:
         try:
             await asyncio.gather(*(s.flush() for s in stores))
         except BlockStoreError as e:
-            raise HostMediumError(str(e), e.offset, write=True) from e
+            raise MediumError(str(e), e.offset, write=True) from e
         self._verify_image()
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -261,9 +246,9 @@ class VolumeIO:
                 if fua:
                     await vol.store.flush()
         except BlockStoreError as e:
-            raise HostMediumError(str(e), e.offset, write=True) from e
+            raise MediumError(str(e), e.offset, write=True) from e
         except MetadataError as e:
-            raise HostMediumError(f"metadata: {e}", offset, write=True) from e
+            raise MediumError(f"metadata: {e}", offset, write=True) from e
         finally:
             vol.gate.leave()
         if fua:

@@ -29,13 +29,14 @@ from restore_core.pair import Pair, Throttle
 from .arguments import ArgumentError, Signature
 from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
                         check_document, check_setting, check_target)
-from .engine_lun import EngineLunIO
 from .errors import ServiceError, clip
 from .fmt import human
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
+from .iscsi.server import IscsiTargetConfig
 from .peer import Peer, PeerDenied, Probe, probe_as
 from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
+from .scsi import DeviceIdentity, LunSet, ScsiDevice
 from .statelock import StateDirBusy, StateLock
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,7 @@ def _throttle_knobs(knobs: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def _identity(name: str, created_at: float):
-    from .scsi import DeviceIdentity
+def _identity(name: str, created_at: float) -> DeviceIdentity:
     h = hashlib.sha256(f"{name}\0{created_at!r}".encode()).hexdigest()
     # NAA-6 with the Linux-IO OUI (001405) as LIO does, so hosts treat the
     # LU like any LIO disk; the rest is stable per volume.
@@ -318,9 +318,8 @@ class Service:
         assert self.config is not None
         return self.config
 
-    def _make_device(self, rec: VolumeRecord):
-        from .scsi import ScsiDevice
-        dev = ScsiDevice(EngineLunIO(self.eng.volume_io(rec.name)),
+    def _make_device(self, rec: VolumeRecord) -> ScsiDevice:
+        dev = ScsiDevice(self.eng.volume_io(rec.name),
                          _identity(rec.name, rec.created_at),
                          reservations=SqliteReservationStore(self.cfg, rec.name))
         self.devices[rec.name] = dev
@@ -356,9 +355,7 @@ class Service:
                 return iqn
         return None
 
-    def _target_config(self, iqn: str, t: dict[str, Any]):
-        from .iscsi.server import IscsiTargetConfig
-        from .scsi import LunSet
+    def _target_config(self, iqn: str, t: dict[str, Any]) -> IscsiTargetConfig:
         ls = LunSet()
         for lun, vol in sorted(t.get("luns", {}).items(), key=lambda kv: int(kv[0])):
             ls.add(int(lun), self.devices[vol])
@@ -581,11 +578,10 @@ class Service:
         rec = self.cfg.volume(name)
         if rec is None:
             raise ServiceError(f"no volume named {name}")
-        vio = self.eng.volume_io(name)
-        mode, why = vio.access()
+        access = self.eng.volume_io(name).access_state()
         vol = self.eng.volumes[name]
         role = "clone" if vol.as_clone else ("source" if vol.as_source else "standalone")
-        return {**asdict(rec), "role": role, "access": mode, "access_reason": why,
+        return {**asdict(rec), "role": role, "access": access.access.value, "access_reason": access.reason,
                 "offline": vol.offline,
                 "exported_by": self._exported_in(name),
                 "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])}

@@ -16,6 +16,10 @@ import re
 import signal
 import sys
 
+from restore_core.blockstore import FileBlockStore
+from restore_core.plain_lunio import PlainLunIO
+from target.scsi import DeviceIdentity, LunSet, ScsiDevice
+
 from .server import IscsiServer, IscsiTargetConfig
 
 log = logging.getLogger("target.iscsi")
@@ -41,10 +45,6 @@ def parse_portal(text: str) -> tuple[str, int]:
 
 def build_lunset(files: dict[int, tuple[str, int]], iqn: str):
     """A target.scsi LunSet with one ScsiDevice per image file."""
-    from restore_core.blockstore import FileBlockStore
-    from target.lunio import PlainLunIO
-    from target.scsi import DeviceIdentity, LunSet, ScsiDevice
-
     devices = {}
     for lun, (path, size) in files.items():
         h = hashlib.sha256(f"{iqn}/{lun}/{path}".encode()).hexdigest()

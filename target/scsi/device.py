@@ -22,8 +22,8 @@ import asyncio
 import logging
 from typing import Callable
 
+from restore_core.lunio import Access, LunIO
 from target.logsafe import NAME_CLIP, RateLimitedLog, clip
-from target.lunio import Access, LunIO
 
 from . import constants as c
 from .api import CHECK_CONDITION, GOOD, RESERVATION_CONFLICT, Nexus, ScsiCommand, ScsiResponse

@@ -1,10 +1,11 @@
-"""Mapping of the LunIO access state and exceptions to sense data."""
+"""The one place the LunIO access state and errors (restore_core.lunio)
+become sense data; the handlers and the device call these."""
 from __future__ import annotations
 
 import logging
 
-from target.lunio import (Access, LunIO, MediumError, NotReadyError,
-                          WriteProtectedError)
+from restore_core.lunio import (Access, LunIO, MediumError, NotReadyError,
+                                WriteProtectedError)
 
 from . import constants as c
 from .sense import CheckCondition

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from target.lunio import MediumError
+from restore_core.lunio import MediumError
 
 from . import constants as c
 from .api import ScsiCommand

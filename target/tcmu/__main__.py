@@ -17,7 +17,7 @@ import signal
 import sys
 
 from restore_core.blockstore import FileBlockStore
-from target.lunio import PlainLunIO
+from restore_core.plain_lunio import PlainLunIO
 
 from .handler import TcmuHandler
 

@@ -4,7 +4,7 @@
 
 A fake target_core_user (tests/target/tcmu/fake_kernel.py: the ring laid out
 as the kernel does) feeds 4 KiB random READ(10)/WRITE(10) at a fixed queue
-depth to the production stack -- TcmuDevice -> ScsiDevice -> EngineLunIO ->
+depth to the production stack -- TcmuDevice -> ScsiDevice ->
 VolumeIO -> FileBlockStore on a real file -- and, side by side in the same
 run, to a bare loop that moves the same bytes between the ring and the file
 with preadv/pwritev and completes the entries (the floor: what any Python
@@ -37,7 +37,6 @@ if __package__ in (None, ""):   # run as a script: make the repo importable
 from restore_core.blockstore import FileBlockStore  # noqa: E402
 from restore_core.engine import Engine  # noqa: E402
 from restore_core.metadata import MemoryMetadataStore  # noqa: E402
-from target.engine_lun import EngineLunIO  # noqa: E402
 from target.scsi import ScsiDevice  # noqa: E402
 from target.scsi.api import GOOD  # noqa: E402
 from target.tcmu.device import TcmuDevice  # noqa: E402
@@ -147,7 +146,7 @@ async def one(kind: str, write: bool, path: str, depth: int, secs: float,
         eng = Engine(MemoryMetadataStore())
         vio = eng.add_volume("bench", FileBlockStore(path))
         await eng.start()
-        sdev = ScsiDevice(EngineLunIO(vio), identity_for("bench"), block_size=512)
+        sdev = ScsiDevice(vio, identity_for("bench"), block_size=512)
         tdev = TcmuDevice("bench", sdev, fd=k.user_sock.fileno(), buf=k.map)
         tdev.open()
         try:

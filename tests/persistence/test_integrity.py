@@ -23,8 +23,8 @@ from persistence.sqlite_store import SqliteMetadataStore
 from restore_core.blockstore import MemoryBlockStore
 from restore_core.engine import Engine, EngineError
 from restore_core.extentmap import CHUNK_BITS
+from restore_core.lunio import Access, NotReadyError
 from restore_core.pair import PairState
-from restore_core.volume_io import HostNotReady
 
 ES = 4096
 N = 64
@@ -178,7 +178,7 @@ def test_damaged_pair_record_holds_the_pair(tmp_path):
         eng, d = await open_engine(path, src, cln)
         p = eng.pair("c")
         assert p.hold and "checksum" in p.hold
-        assert eng.volume_io("s").access()[0] == "not-ready"
+        assert eng.volume_io("s").access_state().access is Access.NOT_READY
         with pytest.raises(EngineError, match="acknowledge"):
             await eng.sync(p.id)
         await eng.acknowledge(p.id)
@@ -254,9 +254,9 @@ def test_rolled_back_database_holds_changed_pairs_until_acknowledged(tmp_path):
         p = eng.pair("c")
         assert p.hold and "rolled back" in p.hold
         for name in ("s", "c"):
-            mode, why = eng.volume_io(name).access()
-            assert mode == "not-ready" and "acknowledge" in why
-        with pytest.raises(HostNotReady):
+            st = eng.volume_io(name).access_state()
+            assert st.access is Access.NOT_READY and "acknowledge" in st.reason
+        with pytest.raises(NotReadyError):
             await eng.volume_io("s").write(0, b"x" * 512)
         assert not eng.volume_io("s").try_write(0, [memoryview(b"x" * 512)])
         for op in (eng.sync, eng.restore, eng.fracture):
@@ -277,7 +277,7 @@ def test_rolled_back_database_holds_changed_pairs_until_acknowledged(tmp_path):
         p = eng.pair("c")
         assert p.hold
         await eng.acknowledge(p.id)
-        assert eng.volume_io("s").access()[0] == "read-write"
+        assert eng.volume_io("s").access_state().access is Access.READ_WRITE
         assert p.delta.count() == N
         await eng.sync(p.id)
         await eng.wait_job(p.id, 10)
@@ -319,7 +319,7 @@ def test_rollback_holds_only_the_pairs_that_changed_after_it(tmp_path):
     async def second():
         eng, d = await engine(copy)
         assert eng.pair("c").hold and eng.pair("c2").hold is None
-        assert eng.volume_io("c2").access()[0] == "read-write"
+        assert eng.volume_io("c2").access_state().access is Access.READ_WRITE
         await eng.close()
         d.close()
 

@@ -4,8 +4,8 @@ import pytest
 
 from restore_core.blockstore import BlockStoreError
 from restore_core.engine import EngineError
+from restore_core.lunio import MediumError, NotReadyError, WriteProtectedError
 from restore_core.pair import PairState
-from restore_core.volume_io import HostMediumError, HostNotReady, HostWriteProtected
 
 from .util import ES, Rig, pattern
 
@@ -68,7 +68,7 @@ def test_protected_restore_reads_clone_data_and_keeps_host_writes():
         assert bytes(await r.sio.read(4 * ES, 3 * ES)) == clone_img[4 * ES:7 * ES]
         assert r.sio.try_readinto(4 * ES, [buf]) and bytes(buf) == clone_img[4 * ES:4 * ES + 512]
         # the clone is not available to hosts during a protected restore
-        with pytest.raises(HostNotReady):
+        with pytest.raises(NotReadyError):
             await r.cios[0].read(0, 512)
         # partial write into an unrestored extent: copy-on-demand, then write
         await r.sio.write(8 * ES + 100, b"w" * 10)
@@ -96,7 +96,7 @@ def test_unprotected_restore_mirrors_and_ends_synchronized():
         p = await r.fractured_pair()
         await r.sio.write(0, pattern(1, 8 * ES))
         await eng.restore(p.id, protected=False)
-        with pytest.raises(HostWriteProtected):
+        with pytest.raises(WriteProtectedError):
             await r.cios[0].write(0, b"x")
         await r.sio.write(2 * ES + 5, b"m" * 100)
         await eng.wait_job(p.id, 10)
@@ -184,7 +184,7 @@ def test_copy_error_pauses_job_with_message_and_host_gets_medium_error():
         await eng.restore(p.id)
         await eng.wait_job(p.id, 10)
         assert p.job is not None and p.job.error and "medium error" in p.job.error
-        with pytest.raises(HostMediumError):
+        with pytest.raises(MediumError):
             await r.sio.read(5 * ES, 512)
         r.cln.fail_at = set()
         await eng.resume(p.id)
@@ -200,7 +200,7 @@ def test_metadata_failure_fails_writes_not_silently():
         eng = await r.boot()
         await r.fractured_pair()
         r.meta.fail_next = 1
-        with pytest.raises(HostMediumError, match="metadata"):
+        with pytest.raises(MediumError, match="metadata"):
             await r.sio.write(0, b"x" * 512)
         # the data was not written: the bit never became durable
         assert r.src.current[:512] != b"x" * 512

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from target.lunio import MediumError, NotReadyError
+from restore_core.lunio import MediumError, NotReadyError
 from target.scsi import constants as c
 from target.scsi.lunio_access import not_ready_sense
 from target.service import Service

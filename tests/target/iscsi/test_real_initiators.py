@@ -16,7 +16,7 @@ import pytest
 
 from restore_core.blockstore import FileBlockStore
 from target.iscsi import IscsiServer, IscsiTargetConfig
-from target.lunio import PlainLunIO
+from restore_core.plain_lunio import PlainLunIO
 
 from .fake_scsi import FakeScsiTarget
 

@@ -3,7 +3,7 @@ mapping, internal failures, task management."""
 import asyncio
 import logging
 
-from target.lunio import Access, AccessState, MediumError, NotReadyError, WriteProtectedError
+from restore_core.lunio import Access, AccessState, MediumError, NotReadyError, WriteProtectedError
 
 from .util import (NX_A, NX_B, FakeLunIO, asynctest, cdb10, cdb16, check, fake_device, good,
                    info_of, mem_device, ready, send, sense_of)

@@ -166,7 +166,7 @@ def test_persistent_reservation_invariants(steps):
     """Random PR OUT sequences from three nexuses keep the state coherent:
     one registration per nexus, a reservation only with a registered holder,
     holders can always write, and the persisted state reloads identically."""
-    from target.lunio import PlainLunIO
+    from restore_core.plain_lunio import PlainLunIO
     from target.scsi import MemoryReservationStore, ScsiDevice
     from target.scsi.pr import nexus_key
 

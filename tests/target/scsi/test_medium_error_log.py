@@ -9,7 +9,7 @@ import re
 
 from restore_core.blockstore import FileBlockStore
 from target.logsafe import RateLimitedLog
-from target.lunio import PlainLunIO
+from restore_core.plain_lunio import PlainLunIO
 from target.scsi import ScsiDevice
 from target.scsi import device as device_mod
 

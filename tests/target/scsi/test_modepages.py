@@ -73,7 +73,7 @@ async def test_mode_sense_big_lun_and_write_protect():
     dev, lunio = fake_device(lunio)
     await ready(dev)
     assert good(await send(dev, ms6(0x08)))[4:8] == b"\xff\xff\xff\xff"
-    from target.lunio import Access, AccessState
+    from restore_core.lunio import Access, AccessState
     lunio.state = AccessState(Access.READ_ONLY, "clone while paired")
     assert good(await send(dev, ms6(0x08)))[2] == 0x90
     assert good(await send(dev, ms10(0x08)))[3] == 0x90

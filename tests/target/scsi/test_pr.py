@@ -3,7 +3,7 @@ RELEASE, conflict checks and persistence through the ReservationStore."""
 import json
 import struct
 
-from target.lunio import PlainLunIO
+from restore_core.plain_lunio import PlainLunIO
 from target.scsi import MemoryReservationStore, ScsiDevice
 
 from .util import (IDENT, NX_A, NX_B, NX_C, asynctest, cdb10, check, field_pointer, good,

@@ -5,7 +5,7 @@ import os
 import struct
 
 from restore_core.blockstore import FileBlockStore
-from target.lunio import PlainLunIO
+from restore_core.plain_lunio import PlainLunIO
 from target.scsi import DeviceOptions, ScsiDevice
 
 from .util import (IDENT, FakeLunIO, asynctest, cdb6, cdb10, cdb12, cdb16, check,
@@ -214,7 +214,7 @@ async def test_synchronize_cache_makes_data_durable():
 
 @asynctest
 async def test_synchronize_cache_flush_failure_is_write_error():
-    from target.lunio import MediumError
+    from restore_core.lunio import MediumError
     lunio = FakeLunIO()
     lunio.flush_error = MediumError("fsync failed")
     dev, _ = fake_device(lunio)

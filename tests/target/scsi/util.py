@@ -7,7 +7,8 @@ import struct
 from typing import Awaitable, Callable
 
 from restore_core.blockstore import MemoryBlockStore
-from target.lunio import Access, AccessState, MediumError, PlainLunIO
+from restore_core.lunio import Access, AccessState, MediumError
+from restore_core.plain_lunio import PlainLunIO
 from target.scsi import (DeviceIdentity, DeviceOptions, LunSet, MemoryReservationStore, Nexus,
                          ScsiCommand, ScsiDevice, ScsiResponse)
 

@@ -8,7 +8,7 @@ import os
 import struct
 
 from restore_core.blockstore import MemoryBlockStore
-from target.lunio import PlainLunIO
+from restore_core.plain_lunio import PlainLunIO
 from target.scsi.api import GOOD
 from target.tcmu import abi
 from target.tcmu.device import TcmuDevice

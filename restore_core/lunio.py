@@ -1,9 +1,11 @@
 """The one I/O interface between the SCSI layer and whatever stores a LU.
 
-The SCSI emulation (target/scsi) knows nothing of pairs or restores: it calls
-these methods and maps the exceptions below to sense data. The restore
-engine's volume I/O path (restore_core.volume_io.VolumeIO) implements it, and
-so does PlainLunIO, a thin adapter over a bare block store.
+It sits at the bottom of the import graph (it imports no project module):
+the restore engine's host I/O path (restore_core.volume_io.VolumeIO)
+implements it and raises its errors itself, and the SCSI emulation
+(target/scsi) calls it and maps those errors to sense data in one place
+(target/scsi/lunio_access.py). Nothing translates between the two.
+PlainLunIO (restore_core.plain_lunio) implements it over a bare block store.
 """
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from restore_core.blockstore import BlockStore, BlockStoreError
-
 
 class Access(enum.Enum):
+    # The values are also what `volume show` reports as "access".
     READ_WRITE = "read-write"
     READ_ONLY = "read-only"    # writes get DATA PROTECT / WRITE PROTECTED
     NOT_READY = "not-ready"    # everything but INQUIRY etc. gets NOT READY
@@ -24,6 +25,11 @@ class Access(enum.Enum):
 class AccessState:
     access: Access
     reason: str = ""           # for logs/status: e.g. "clone of a protected restore"
+
+
+# Every command asks for the access state: the usual answer is this one
+# object, not a new one each time.
+READ_WRITE = AccessState(Access.READ_WRITE)
 
 
 class LunIOError(Exception):
@@ -56,7 +62,7 @@ class LunIO(Protocol):
     the call returns. ``generation`` changes whenever the data under the host
     changed behind its back (a restore started or ended, capacity changed):
     the SCSI layer raises a unit attention on each I_T nexus when it sees a
-    new value.
+    new value. Failures are raised as the LunIOError subclasses above.
 
     Optional fast path (not part of the checked protocol): synchronous
     ``try_readinto(offset, bufs) -> bool`` and ``try_write(offset, bufs) ->
@@ -82,58 +88,3 @@ class LunIO(Protocol):
     async def unmap(self, offset: int, length: int) -> None: ...
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]: ...
-
-
-class PlainLunIO:
-    """LunIO over a bare BlockStore: no pair, no tracking (tests, peers)."""
-
-    def __init__(self, store: BlockStore, *, read_only: bool = False) -> None:
-        self.store = store
-        self.read_only = read_only
-        self.generation = 0
-
-    @property
-    def size(self) -> int:
-        return self.store.size
-
-    def access_state(self) -> AccessState:
-        return AccessState(Access.READ_ONLY if self.read_only else Access.READ_WRITE)
-
-    async def read(self, offset: int, length: int) -> bytearray:
-        try:
-            return await self.store.read(offset, length)
-        except BlockStoreError as e:
-            raise MediumError(str(e), e.offset) from e
-
-    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
-        return self.store.try_readinto(offset, bufs)
-
-    def try_write(self, offset: int, bufs: list) -> bool:
-        return not self.read_only and self.store.try_write(offset, bufs)
-
-    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        if self.read_only:
-            raise WriteProtectedError("read-only LU")
-        try:
-            await self.store.write(offset, data)
-            if fua:
-                await self.store.flush()
-        except BlockStoreError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
-
-    async def flush(self) -> None:
-        try:
-            await self.store.flush()
-        except BlockStoreError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
-
-    async def unmap(self, offset: int, length: int) -> None:
-        if self.read_only:
-            raise WriteProtectedError("read-only LU")
-        try:
-            await self.store.discard(offset, length)
-        except BlockStoreError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
-
-    async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        return await self.store.allocation(offset, length)
