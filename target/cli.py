@@ -11,12 +11,14 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
-import time
 from typing import Any
 
-from .fmt import eta as _eta, human as _human
+from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
+from .errors import ServiceError
+from .fmt import eta as _eta, human as _human
 
 DEFAULT_STATE = "/var/lib/liverestore"
 DEMO_IQN = "iqn.2026-11.io.liverestore:demo"
@@ -91,12 +93,6 @@ def _vol_rows(vols: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for v in vols]
 
 
-def client_path(path: str | None) -> str | None:
-    """A path the user typed, made absolute against OUR working directory:
-    the daemon runs elsewhere and refuses relative paths."""
-    return os.path.abspath(os.path.expanduser(path)) if path else path
-
-
 def _export_rows(exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"iqn": e["iqn"], "luns": ", ".join(f"{k}:{v}" for k, v in sorted(
         e["luns"].items(), key=lambda kv: int(kv[0]))),
@@ -143,49 +139,6 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         print(json.dumps(result, indent=2, default=str))
 
 
-def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
-    """Follow a pair's job to its end: a live bar on a terminal, lines otherwise."""
-    tty = sys.stdout.isatty() and not json_out
-    last_line = 0.0
-    progress = None
-    task = None
-    if tty:
-        from rich.progress import (BarColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
-        progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total} extents"),
-                            TransferSpeedColumn(), TimeRemainingColumn())
-        progress.start()
-    try:
-        while True:
-            p = client.call("pair.show", pair=pair)
-            pr = p["progress"]
-            if pr["job"] is None or pr["paused"] or pr["error"] or p.get("offline"):
-                break
-            if progress is not None:
-                if task is None:
-                    task = progress.add_task(f"{p['id']} {pr['job']}", total=pr["extents_total"])
-                progress.update(task, completed=pr["extents_done"])
-            elif not json_out and time.monotonic() - last_line > 2:
-                print(f"{p['id']}: {pr['job']} {pr['extents_done']}/{pr['extents_total']} extents, "
-                      f"{_human(pr['rate'])}/s, eta {_eta(pr['eta'])}", flush=True)
-                last_line = time.monotonic()
-            time.sleep(0.25)
-    finally:
-        if progress is not None:
-            progress.stop()
-    if pr["error"]:
-        raise ControlError(f"{p['id']}: {pr['job']} stopped: {pr['error']} "
-                           "(fix the cause, then 'liverestore pair resume')")
-    if p.get("offline") and pr["job"]:
-        raise ControlError(f"{p['id']}: {pr['job']} waits: {p['offline']} (it resumes after "
-                           "'liverestore volume relink')")
-    if not tty and not json_out:
-        print(f"{p['id']}: {'paused' if pr['paused'] else 'done'}, state {p['state']}, "
-              f"{pr['delta_extents']} extents differ", flush=True)
-    return p
-
-
 # -- commands -------------------------------------------------------------------------
 def cmd_client(args: argparse.Namespace) -> int:
     with Client(args.socket) as c:
@@ -197,9 +150,14 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+# The server side (target.daemon, target.service, target.portals) and the
+# shell (configshell) are imported by the subcommands that run them: every
+# client command would otherwise pay about half a second to load the engine,
+# SQLite and the iSCSI target it does not use (tests/test_imports.py lists
+# these lazy imports; none of them may close an import cycle).
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the state directory and database once (systemd, Ansible)."""
-    from .service import ServiceError, init_state
+    from .service import init_state
     try:
         made = init_state(args.state_dir)
     except ServiceError as e:
@@ -216,7 +174,6 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
-    from .service import ServiceError
     _logging(args.verbose)
     portals = [_portal(p) for p in args.portal] if args.portal else None
     try:
@@ -232,7 +189,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Set up a demo source + clone, export both, and serve in the foreground."""
     from .daemon import serve
-    from .service import ServiceError
     _logging(args.verbose)
     state = args.state_dir
     init = not os.path.exists(os.path.join(state, "liverestore.db"))
@@ -250,7 +206,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def _demo_setup(service, args: argparse.Namespace, portal: tuple[str, int]) -> None:
-    import signal
     try:
         if service.config.volume("demo-src") is None:
             await service.volume_create("demo-src", size=args.size)
@@ -290,6 +245,7 @@ Ctrl-C stops the daemon (drains I/O, flushes, persists).
 
 
 def _portal(text: str) -> tuple[str, int]:
+    # (lazy: it loads the iSCSI package, which only `serve` and `demo` need)
     from .portals import PortalError, parse_portal
     try:
         return parse_portal(text)
@@ -491,25 +447,6 @@ def _secret(text: str | None) -> str | None:
         except OSError as e:
             raise ControlError(f"cannot read secret file {text[1:]}: {e.strerror}") from None
     return text
-
-
-def write_private(path: str, text: str) -> None:
-    """Write a file only its owner can read (a saved configuration has the
-    CHAP secrets), replacing it atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def cmd_saveconfig(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import signal
 from typing import Callable
 
 from .control import ControlServer
+from .errors import ServiceError
 from .service import Service
 
 log = logging.getLogger("liverestore")
@@ -27,7 +28,6 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
         await control.start()
     except OSError as e:
         await service.stop()
-        from .service import ServiceError
         raise ServiceError(str(e)) from e
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

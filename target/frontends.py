@@ -9,13 +9,25 @@ the engine's volume I/O path); they differ only in who speaks iSCSI:
                     backstore whose commands our TCMU handler serves
 
 ``choose_backend("auto")`` takes LIO where configfs shows a kernel target.
+
+The service makes a front end and hands it itself; a front end sees it only
+as the ServedLUs below, so this module does not import the service.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
+
+from persistence.config import VolumeRecord
+
+from .errors import ServiceError
+from .iscsi.server import IscsiServer, IscsiTargetConfig
+from .lio.rts import LioConfigurator
+from .lio.spec import Description
+from .scsi.device import ScsiDevice
+from .tcmu import TcmuHandler
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +42,23 @@ def choose_backend(backend: str) -> str:
     if backend == "auto":
         return "lio" if os.path.isdir(os.path.join(CONFIGFS_TARGET, "core")) else "embedded"
     return backend
+
+
+class VolumeRecords(Protocol):
+    def volume(self, name: str) -> VolumeRecord | None: ...
+
+
+class ServedLUs(Protocol):
+    """What a front end needs from the service: the device of each volume,
+    the stored volumes, and a stored target as the embedded target's
+    configuration."""
+
+    devices: Mapping[str, ScsiDevice]
+
+    @property
+    def cfg(self) -> VolumeRecords: ...
+
+    def target_config(self, iqn: str, t: dict[str, Any]) -> IscsiTargetConfig: ...
 
 
 class Frontend(Protocol):
@@ -51,27 +80,25 @@ class Frontend(Protocol):
 class EmbeddedFrontend:
     name = "embedded"
 
-    def __init__(self, service: Any, portals: list[tuple[str, int]]) -> None:
+    def __init__(self, service: ServedLUs, portals: list[tuple[str, int]]) -> None:
         self.service = service
         self.portals = portals
-        self.server = None
+        self.server: IscsiServer | None = None
 
     async def start(self, targets: dict[str, dict[str, Any]]) -> None:
-        from .iscsi.server import IscsiServer
         self.server = IscsiServer([], portals=self.portals)
         for iqn, t in targets.items():
-            self.server.add_target(self.service._target_config(iqn, t))
+            self.server.add_target(self.service.target_config(iqn, t))
         try:
             await self.server.start()
         except OSError as e:
-            from .service import ServiceError
             raise ServiceError(f"cannot listen on {self.portals}: {e.strerror or e}") from e
 
     async def set_target(self, iqn: str, t: dict[str, Any]) -> None:
         if iqn in self.server.targets:
             # Detach the devices from the old LunSet before building the new one.
             self.server.remove_target(iqn)
-        self.server.add_target(self.service._target_config(iqn, t))
+        self.server.add_target(self.service.target_config(iqn, t))
 
     async def remove_target(self, iqn: str, t: dict[str, Any]) -> None:
         if iqn in self.server.targets:
@@ -91,15 +118,14 @@ class EmbeddedFrontend:
 class LioFrontend:
     name = "lio"
 
-    def __init__(self, service: Any, portals: list[tuple[str, int]]) -> None:
+    def __init__(self, service: ServedLUs, portals: list[tuple[str, int]]) -> None:
         self.service = service
         self.portals = portals
-        self.handler = None
-        self.lio = None
+        self.handler: TcmuHandler | None = None
+        self.lio: LioConfigurator | None = None
         self._targets: dict[str, dict[str, Any]] = {}
 
-    def _description(self, targets: dict[str, dict[str, Any]]):
-        from .lio.spec import Description
+    def _description(self, targets: dict[str, dict[str, Any]]) -> Description:
         volumes = []
         tdesc = []
         for iqn, t in sorted(targets.items()):
@@ -133,7 +159,7 @@ class LioFrontend:
         for line in report.lines():
             log.info("lio: %s", line)
 
-    def _open(self, config: str, size: int, block_size: int):
+    def _open(self, config: str, size: int, block_size: int) -> ScsiDevice:
         dev = self.service.devices.get(config)
         if dev is None:
             raise LookupError(f"no volume named {config} for TCMU device")
@@ -143,9 +169,6 @@ class LioFrontend:
         return dev
 
     async def start(self, targets: dict[str, dict[str, Any]]) -> None:
-        from .lio.rts import LioConfigurator
-        from .tcmu import TcmuHandler
-        from .service import ServiceError
         self._targets = dict(targets)
         try:
             self.lio = LioConfigurator()

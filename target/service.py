@@ -355,7 +355,7 @@ class Service:
                 return iqn
         return None
 
-    def _target_config(self, iqn: str, t: dict[str, Any]) -> IscsiTargetConfig:
+    def target_config(self, iqn: str, t: dict[str, Any]) -> IscsiTargetConfig:
         ls = LunSet()
         for lun, vol in sorted(t.get("luns", {}).items(), key=lambda kv: int(kv[0])):
             ls.add(int(lun), self.devices[vol])

@@ -1,13 +1,11 @@
-"""LIO configuration (rtslib-fb) from a declarative description."""
+"""LIO configuration (rtslib-fb) from a declarative description.
+
+rtslib itself is imported by target.lio.rts only when the kernel is
+touched, so importing this package costs nothing where LIO is not used.
+"""
 from .plan import Change, LioState, plan, plan_teardown
+from .rts import LioConfigurator, Report, read_state
 from .spec import Acl, Chap, Description, IscsiTarget, Lun, Portal, SpecError, Tpg, Volume
 
 __all__ = ["Acl", "Change", "Chap", "Description", "IscsiTarget", "LioState", "Lun", "Portal",
-           "SpecError", "Tpg", "Volume", "plan", "plan_teardown", "LioConfigurator", "read_state"]
-
-
-def __getattr__(name):            # rtslib only when the kernel side is wanted
-    if name in ("LioConfigurator", "read_state", "Report"):
-        from . import rts
-        return getattr(rts, name)
-    raise AttributeError(name)
+           "SpecError", "Tpg", "Volume", "plan", "plan_teardown", "LioConfigurator", "Report", "read_state"]

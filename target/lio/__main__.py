@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from .rts import LioConfigurator
 from .spec import Description
 
 
@@ -25,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     f = sys.stdin if args.description == "-" else open(args.description)
     desc = Description.from_dict(json.load(f))
-    from .rts import LioConfigurator
     lio = LioConfigurator()
     if args.action == "teardown":
         rep = lio.teardown(desc)

@@ -1,5 +1,10 @@
 """rtslib-fb side: read a :class:`LioState` snapshot from configfs and
-carry out plans. Only this module touches the kernel."""
+carry out plans. Only this module touches the kernel.
+
+rtslib-fb is imported by the functions that use it: only a daemon with the
+LIO back end needs it, and the embedded target, the CLI and the planner
+(target.lio.plan) load this module without paying for it.
+"""
 from __future__ import annotations
 
 import logging

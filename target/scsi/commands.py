@@ -13,11 +13,15 @@ properties the device checks before dispatch:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from . import constants as c
 from . import pr
 from . import sbc, spc
+from .api import ScsiCommand
+
+if TYPE_CHECKING:
+    from .device import ScsiDevice
 
 Handler = Callable[..., Awaitable[object]]
 OutLen = Callable[[bytes, int], int]
@@ -55,6 +59,12 @@ class CommandSpec:
     @property
     def cdb_len(self) -> int:
         return len(self.usage)
+
+
+async def _report_supported_opcodes(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+    # The table describes itself: it hands itself to the SPC encoder, which
+    # therefore need not import this module (which imports it).
+    return spc.report_supported_opcodes(COMMANDS, SA_OPCODES, cdb)
 
 
 def _u(*b: int) -> bytes:
@@ -150,7 +160,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(c.MAINTENANCE_IN, c.MI_REPORT_SUPPORTED_OPERATION_CODES,
                 "REPORT SUPPORTED OPERATION CODES",
                 _u(0xA3, c.MI_REPORT_SUPPORTED_OPERATION_CODES, 0x87, F, F, F, F, F, F, F, 0, CTL),
-                spc.report_supported_opcodes, spc2_ok=True, **_CONTROL_ONLY),
+                _report_supported_opcodes, spc2_ok=True, **_CONTROL_ONLY),
     CommandSpec(c.READ_12, None, "READ(12)", _u(0xA8, 0xF8, *[F] * 8, 0, CTL), sbc.read, pr=pr.READ),
     CommandSpec(c.WRITE_12, None, "WRITE(12)", _u(0xAA, 0xF8, *[F] * 8, 0, CTL),
                 sbc.write, writes=True, out_len=_OUT12),

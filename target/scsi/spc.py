@@ -8,7 +8,7 @@ CheckCondition / ReservationConflict.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from . import constants as c
 from . import inquiry as inq
@@ -19,6 +19,7 @@ from .pr import nexus_key
 from .sense import encode_sense, invalid_cdb
 
 if TYPE_CHECKING:
+    from .commands import CommandSpec
     from .device import ScsiDevice
 
 
@@ -137,8 +138,10 @@ async def persistent_reserve_out(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes
     dev.pr.pr_out(cdb, cmd.data_out, cmd.nexus)
 
 
-async def report_supported_opcodes(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
-    from .commands import COMMANDS, SA_OPCODES   # the table refers back to this module
+def report_supported_opcodes(commands: Sequence["CommandSpec"], sa_opcodes: frozenset[int],
+                             cdb: bytes) -> bytes:
+    """REPORT SUPPORTED OPERATION CODES over a command table: the table
+    (target.scsi.commands, which refers to these handlers) passes itself."""
     rctd = bool(cdb[2] & 0x80)
     options = cdb[2] & 0x07
     opcode = cdb[3]
@@ -148,25 +151,25 @@ async def report_supported_opcodes(dev: "ScsiDevice", cmd: ScsiCommand, cdb: byt
     timeouts = struct.pack(">HBBII", 0x0A, 0, 0, 0, 0) if rctd else b""
     if options == 0:
         out = bytearray()
-        for spec in sorted(COMMANDS, key=lambda s: (s.opcode, s.sa or 0)):
+        for spec in sorted(commands, key=lambda s: (s.opcode, s.sa or 0)):
             flags = (0x02 if rctd else 0) | (0x01 if spec.sa is not None else 0)
             out += struct.pack(">BBHBBH", spec.opcode, 0, spec.sa or 0, 0, flags, len(spec.usage))
             out += timeouts
         data = struct.pack(">I", len(out)) + bytes(out)
         return data[:alloc]
     if options == 1:
-        if opcode in SA_OPCODES:
+        if opcode in sa_opcodes:
             raise invalid_cdb(3)
         want_sa = None
     elif options == 2:
-        if opcode not in SA_OPCODES:
+        if opcode not in sa_opcodes:
             raise invalid_cdb(3)
         want_sa = sa
     elif options == 3:
-        want_sa = sa if opcode in SA_OPCODES else None
+        want_sa = sa if opcode in sa_opcodes else None
     else:
         raise invalid_cdb(2, 2)
-    spec = next((s for s in COMMANDS if s.opcode == opcode and s.sa == want_sa), None)
+    spec = next((s for s in commands if s.opcode == opcode and s.sa == want_sa), None)
     if spec is None:
         data = bytes((0, 0x01, 0, 0))                  # SUPPORT 001b: not supported
     else:

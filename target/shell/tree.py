@@ -19,7 +19,7 @@ from typing import Any
 from configshell import ConfigNode, ConfigShell, ExecutionError
 from pyparsing import ParseException
 
-from ..cli import client_path
+from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
 from ..fmt import eta, human
 from ..service import SECRET
@@ -198,7 +198,6 @@ class Root(Node):
         the daemon's state directory. The daemon's own database is always
         up to date: this is a copy for backups and `restoreconfig`.
         '''
-        from ..cli import write_private
         path = savefile or os.path.join(self.data.get("state_dir", "."), "saveconfig.json")
         try:
             write_private(path, json.dumps(self.call("saveconfig"), indent=2, sort_keys=True))
@@ -418,7 +417,6 @@ class PairNode(Node):
         on a terminal, a line every few seconds otherwise. Ctrl-C stops
         following (the job goes on).
         '''
-        from ..cli import wait_job
         try:
             p = wait_job(self.shell.client, self.data["id"], False)
         except ControlError as e:

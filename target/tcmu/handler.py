@@ -31,14 +31,20 @@ may have completed some of them already.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from target.scsi.device import ScsiDevice
+from target.scsi.identity import DeviceIdentity
+from target.scsi.lunset import LunSet
+
 from . import abi
 from .device import TcmuDevice
+from .netlink import TcmuNetlink
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +136,6 @@ class TcmuHandler:
         self._loop = asyncio.get_running_loop()
         if self.use_netlink:
             try:
-                from .netlink import TcmuNetlink
                 self._nl = TcmuNetlink()
                 self._loop.add_reader(self._nl.fileno(), self._on_netlink)
                 log.info("listening to TCM-USER netlink events (family %d)", self._nl.family_id)
@@ -282,17 +287,12 @@ def as_scsi_target(obj: Any, block_size: int, info: UioInfo | None = None) -> An
     """A ScsiTarget as is; a LunIO wrapped in ScsiDevice + LunSet (LUN 0)."""
     if hasattr(obj, "execute"):
         return obj
-    from target.scsi.device import ScsiDevice
-    from target.scsi.identity import DeviceIdentity
-    from target.scsi.lunset import LunSet
     ident = identity_for(info.config if info else "lu")
     return LunSet({0: ScsiDevice(obj, ident, block_size=block_size)}, identity=ident)
 
 
-def identity_for(config: str):
+def identity_for(config: str) -> DeviceIdentity:
     """A stable identity derived from the config string (volume name)."""
-    import hashlib
-    from target.scsi.identity import DeviceIdentity
     h = hashlib.sha256(config.encode()).hexdigest()
     return DeviceIdentity(product_id="liverestore", revision="0001", serial=h[:16],
                           naa="5" + "001405" + h[:9], t10_vendor_id=h[:32])
