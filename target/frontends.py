@@ -53,7 +53,8 @@ class ServedLUs(Protocol):
     the stored volumes, and a stored target as the embedded target's
     configuration."""
 
-    devices: Mapping[str, ScsiDevice]
+    @property
+    def devices(self) -> Mapping[str, ScsiDevice]: ...
 
     @property
     def cfg(self) -> VolumeRecords: ...

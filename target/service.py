@@ -578,10 +578,10 @@ class Service:
         rec = self.cfg.volume(name)
         if rec is None:
             raise ServiceError(f"no volume named {name}")
-        access = self.eng.volume_io(name).access_state()
+        st = self.eng.volume_io(name).access_state()
         vol = self.eng.volumes[name]
         role = "clone" if vol.as_clone else ("source" if vol.as_source else "standalone")
-        return {**asdict(rec), "role": role, "access": access.access.value, "access_reason": access.reason,
+        return {**asdict(rec), "role": role, "access": st.access.value, "access_reason": st.reason,
                 "offline": vol.offline,
                 "exported_by": self._exported_in(name),
                 "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])}
