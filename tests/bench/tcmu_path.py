@@ -144,7 +144,8 @@ async def one(kind: str, write: bool, path: str, depth: int, secs: float,
                 dev.close()
                 os.close(fd)
         eng = Engine(MemoryMetadataStore())
-        vio = eng.add_volume("bench", FileBlockStore(path))
+        store = FileBlockStore(path)
+        vio = eng.add_volume("bench", store)
         await eng.start()
         sdev = ScsiDevice(vio, identity_for("bench"), block_size=512)
         tdev = TcmuDevice("bench", sdev, fd=k.user_sock.fileno(), buf=k.map)
@@ -158,6 +159,7 @@ async def one(kind: str, write: bool, path: str, depth: int, secs: float,
                 prof.disable()
             await tdev.close(drain=5)
             await eng.close()
+            store.close()        # its lock, or the next round cannot open the file
     finally:
         k.close()
 
