@@ -11,7 +11,7 @@ from target.scsi.api import CHECK_CONDITION, TASK_ABORTED, ScsiCommand, ScsiResp
 
 from .. import eager
 from . import pdu as P
-from .residual import block_size_of, data_out_length
+from .residual import block_size_of, data_out_length, residual_count
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
                    SENSE_INTERNAL_FAILURE, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_TTT,
                    SENSE_NOT_ENOUGH_UNSOLICITED, SENSE_TOO_MUCH_WRITE_DATA,
@@ -315,8 +315,6 @@ class DataPathMixin:
         status = rsp.status
         sense = bytes(rsp.sense) if rsp.sense else b""
         edtl = task.edtl
-        res_flags = 0
-        residual = 0
         n = 0
         dv = None
         if task.read:
@@ -333,10 +331,7 @@ class DataPathMixin:
             xfer = edtl if tl is None else tl
         else:
             xfer = edtl
-        if xfer > edtl:
-            res_flags, residual = P.RSP_OVERFLOW, xfer - edtl
-        elif xfer < edtl:
-            res_flags, residual = P.RSP_UNDERFLOW, edtl - xfer
+        res_flags, residual = residual_count(xfer, edtl)
         if n == 0:
             self._send_status(task, status, sense, flags=res_flags, residual=residual)
             return
