@@ -58,7 +58,7 @@ class EmbeddedFrontend:
 
     async def start(self, targets: dict[str, dict[str, Any]]) -> None:
         from .iscsi.server import IscsiServer
-        self.server = IscsiServer([], portals=self.portals)
+        self.server = IscsiServer([], portals=self.portals, memory_limit=self.service.memory_limit)
         for iqn, t in targets.items():
             self.server.add_target(self.service._target_config(iqn, t))
         try:

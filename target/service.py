@@ -26,6 +26,7 @@ from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
 
 from .engine_lun import EngineLunIO
+from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,16 @@ def _size(text: Any) -> int:
                               "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
 
 
+def _memory_limit(text: str | int | None) -> int:
+    """serve --memory-limit: the RSS bound the embedded iSCSI target budgets for."""
+    if text is None:
+        return DEFAULT_MEMORY_LIMIT
+    n = _size(text)
+    if n < MIN_MEMORY_LIMIT:
+        raise ServiceError(f"memory limit {text} is too small: at least {MIN_MEMORY_LIMIT >> 20}M")
+    return n
+
+
 def _throttle_knobs(knobs: dict[str, Any]) -> dict[str, int]:
     unknown = set(knobs) - set(Throttle.__dataclass_fields__)
     if unknown:
@@ -119,8 +130,10 @@ def _identity(name: str, created_at: float):
 
 class Service:
     def __init__(self, state_dir: str, *, init: bool = False,
-                 portals: list[tuple[str, int]] | None = None, backend: str = "auto") -> None:
+                 portals: list[tuple[str, int]] | None = None, backend: str = "auto",
+                 memory_limit: str | int | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        self.memory_limit = _memory_limit(memory_limit)
         try:
             self.backend = choose_backend(backend)
         except ValueError as e:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 from typing import Callable
 
-from target.scsi.api import CHECK_CONDITION, TASK_ABORTED, ScsiCommand, ScsiResponse
+from target.scsi.api import BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse
 
 from .. import eager
 from . import pdu as P
+from .budget import COMMAND_COST, SMALL_WRITE
 from .residual import block_size_of, data_out_length, residual_count
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
                    SENSE_INTERNAL_FAILURE, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_TTT,
@@ -18,6 +20,20 @@ from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SE
                    SENSE_UNEXPECTED_UNSOLICITED, ProtocolViolation, R2TState, Task)
 
 log = logging.getLogger("target.iscsi.session")
+
+# Immediate commands bypass the CmdSN window (RFC 7143 3.2.2.1); beyond this
+# many in flight per session they are answered TASK SET FULL, which SCSI
+# initiators retry (Linux also lowers the device's queue depth).
+IMMEDIATE_LIMIT = 16
+
+
+def write_buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """A zeroed buffer for a write's data. Big ones are anonymous mappings
+    whose pages the kernel supplies as the data lands, so a write whose data
+    never comes costs address space, not memory."""
+    if nbytes <= SMALL_WRITE:
+        return bytearray(nbytes)
+    return mmap.mmap(-1, nbytes)
 
 
 class DataPathMixin:
@@ -46,16 +62,13 @@ class DataPathMixin:
         if dlen and not prm.immediate_data:
             self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
             return self._noop
+        charge = COMMAND_COST
         if task.write:
             if dlen > task.edtl or dlen > prm.first_burst_length:
                 self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
                 return self._noop
             if task.edtl > self.server.max_cmd_data:
                 task.error_sense = SENSE_INVALID_FIELD_CDB
-            else:
-                task.buf = bytearray(task.edtl)
-                if dlen:
-                    task.buf[:dlen] = pdu.data
             task.received = dlen
             if prm.initial_r2t or pdu.final:
                 # F=1: no unsolicited Data-Out follows (RFC 7143 11.3.4); R2Ts
@@ -67,8 +80,25 @@ class DataPathMixin:
             task.unsol_next = dlen
             task.r2t_next = task.unsol_end
             self.bytes_in += dlen
+            if task.error_sense is None:
+                # what is on its way anyway is charged now; the rest of a big
+                # write only before its R2Ts go out (_run)
+                task.paid_to = task.edtl if task.edtl <= SMALL_WRITE else task.unsol_end
+                charge += task.paid_to
         if task.read and task.write:
             task.error_sense = SENSE_INVALID_FIELD_CDB      # bidirectional: not supported
+        if pdu.immediate and self.immediate_inflight >= IMMEDIATE_LIMIT:
+            self._refuse(task, TASK_SET_FULL)
+        elif not self.budget.try_take(charge):
+            self._refuse(task, TASK_SET_FULL if self.budget.over_session_limit(charge) else BUSY)
+        else:
+            task.charged = charge
+            if task.write and task.error_sense is None:
+                task.buf = write_buffer(task.edtl)
+                if dlen:
+                    task.buf[:dlen] = pdu.data
+        if pdu.immediate:
+            self.immediate_inflight += 1
         self.tasks[itt] = task
         self.idle.clear()
         self.commands += 1
@@ -86,6 +116,30 @@ class DataPathMixin:
             # runs now; a Task only if it has to wait (None once it is done)
             task.aio = eager.start(self._run(task))
         return deliver
+
+    def _refuse(self, task: Task, status: int) -> None:
+        """Answer a command BUSY / TASK SET FULL without running it: its
+        data (immediate or unsolicited, already on the way) is dropped."""
+        if task.error_sense is None:        # a CHECK CONDITION already due says more
+            task.error_status = status
+            task.error_sense = b""
+        task.paid_to = 0
+        log.debug("session %s: ITT 0x%08x refused with status 0x%02x", self.tsih, task.itt, status)
+
+    async def _charge(self, task: Task, nbytes: int) -> None:
+        """Charge ``nbytes`` more to the task, waiting for the budget if needed."""
+        if self.budget.take_or_wait(nbytes, lambda: granted()):
+            task.charged += nbytes
+            return
+        fut = asyncio.get_running_loop().create_future()
+
+        def granted() -> None:
+            if task.finished or fut.done():
+                self.budget.give(nbytes)        # nobody waits for it any more
+                return
+            task.charged += nbytes
+            fut.set_result(None)
+        await fut
 
     def data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
         """Where the payload of this (not yet complete) Data-Out belongs, if it
@@ -220,10 +274,16 @@ class DataPathMixin:
     async def _run(self, task: Task) -> None:
         try:
             if task.write and task.received < task.edtl and task.error_sense is None:
-                task.data_ready = asyncio.Event()
-                self._send_r2ts(task)
-                await task.data_ready.wait()
-                task.data_ready = None
+                if task.paid_to < task.edtl:
+                    # all of it at once: a write holding part of its data can
+                    # never block another that holds the rest
+                    await self._charge(task, task.edtl - task.paid_to)
+                    task.paid_to = task.edtl
+                if task.received < task.edtl and task.error_sense is None:
+                    task.data_ready = asyncio.Event()
+                    self._send_r2ts(task)
+                    await task.data_ready.wait()
+                    task.data_ready = None
             if task.wait_for:
                 # SAM task attributes: an ORDERED command runs after every
                 # command delivered before it, and later SIMPLE ones after it
@@ -231,11 +291,17 @@ class DataPathMixin:
                 task.wait_for = None
                 if deps:
                     await asyncio.wait(deps)
-            task.state = "exec"
             if task.error_sense is not None:
+                task.state = "exec"
                 self._retire(task)
-                self._send_status(task, CHECK_CONDITION, task.error_sense)
+                self._send_status(task, task.error_status, task.error_sense)
                 return
+            if task.read:
+                # the data it will produce, held until the socket took it
+                await self._charge(task, min(task.edtl, self.server.max_cmd_data))
+                if task.aborted or self.closed:
+                    return
+            task.state = "exec"
             data_out = memoryview(task.buf) if task.buf is not None else None
             cmd = ScsiCommand(cdb=task.cdb, lun=task.lun, nexus=self.nexus, data_out=data_out,
                               expected_in=task.edtl if task.read else 0, task_tag=task.itt,
@@ -289,6 +355,12 @@ class DataPathMixin:
                 self.window.complete()
 
     def _finish(self, task: Task) -> None:
+        if not task.finished:
+            task.finished = True
+            self.budget.give(task.charged)
+            task.charged = 0
+            if task.immediate:
+                self.immediate_inflight -= 1
         self._release_window(task)
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from .budget import DEFAULT_MEMORY_LIMIT, MemoryBudget
 from .chap import ChallengeRegistry
 from .connection import IscsiConnection
 from .params import TargetPreferences, encode_text
@@ -83,7 +84,9 @@ class IscsiServer:
                  login_timeout: float = 30.0,
                  max_cmd_data: int = 64 * 1024 * 1024,
                  max_sessions: int = 1024,
-                 max_connections: int = 2048) -> None:
+                 max_connections: int = 2048,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT,
+                 output_timeout: float = 60.0) -> None:
         self.targets: dict[str, IscsiTargetConfig] = {}
         for t in targets:
             self.add_target(t)
@@ -95,7 +98,9 @@ class IscsiServer:
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
         self.login_timeout = login_timeout
-        self.max_cmd_data = max_cmd_data
+        self.memory = MemoryBudget(memory_limit)
+        self.max_cmd_data = min(max_cmd_data, self.memory.max_command_data)
+        self.output_timeout = output_timeout     # drop a peer that has not read our output for this long
         self.max_sessions = max_sessions
         self.max_connections = max_connections
         self.chap_registry = ChallengeRegistry()

@@ -81,6 +81,8 @@ class Session(DataPathMixin, TaskManagementMixin):
         self.bytes_in = 0
         self.bytes_out = 0
         self._aux: set[asyncio.Task] = set()
+        self.budget = server.memory.session(f"{self.tsih}")
+        self.immediate_inflight = 0
 
     # -- helpers ---------------------------------------------------------------
     @property
@@ -293,6 +295,7 @@ class Session(DataPathMixin, TaskManagementMixin):
         for a in list(self._aux):
             a.cancel()
         self.idle.set()
+        self.budget.close()
         self.server._session_closed(self)
         if self.target is not None:
             try:

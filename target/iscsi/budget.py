@@ -1,0 +1,149 @@
+"""Memory budgets of the iSCSI target: every byte a command can make the
+daemon hold (its write data, its read data until the socket took it, a
+fixed cost per command) is charged to its session's budget and to the
+server-wide budget before it is allocated.
+
+The global budget is sized from the RSS the operator allows the daemon
+(``serve --memory-limit``): command data gets a quarter of it, the rest is
+the interpreter, the database, caches, connection buffers and allocator
+slack. A session may hold at most ``session_limit``; beyond the global
+limit it may still hold its fair share (global limit / sessions), so a
+crowd of hostile sessions filling the budget cannot starve a well-behaved
+one, and the total stays below twice the global limit.
+
+Requests that may wait (the next R2T of a write, the data of a read) queue
+and are granted as memory comes back, the smallest holder first. Requests
+that cannot wait (a command's immediate and unsolicited data is already on
+its way) are refused, and the caller answers TASK SET FULL or BUSY.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+DEFAULT_MEMORY_LIMIT = 512 * MiB      # RSS bound of the daemon (serve --memory-limit)
+MIN_MEMORY_LIMIT = 64 * MiB
+DATA_SHARE = 4                        # command data may use 1/DATA_SHARE of the memory limit
+MAX_SESSION_LIMIT = 128 * MiB         # half of it is the largest command's data
+SMALL_WRITE = 256 * 1024              # write buffers up to this are allocated at once
+COMMAND_COST = 2048                   # Task, PDU copies, dict slots: charged per command
+
+
+class MemoryBudget:
+    """The server-wide budget and the queue of requests waiting for it."""
+
+    def __init__(self, memory_limit: int = DEFAULT_MEMORY_LIMIT) -> None:
+        if memory_limit < MIN_MEMORY_LIMIT:
+            raise ValueError(f"memory limit must be at least {MIN_MEMORY_LIMIT // MiB} MiB")
+        self.memory_limit = memory_limit
+        self.limit = memory_limit // DATA_SHARE
+        self.session_limit = min(MAX_SESSION_LIMIT, self.limit)
+        # one command's data fits twice in a session's budget, so a session
+        # whose other commands complete can always take it
+        self.max_command_data = self.session_limit // 2
+        self.used = 0
+        self.sessions: set[SessionBudget] = set()
+        self._waiters: list[tuple[SessionBudget, int, Callable[[], None]]] = []
+        self.refusals = 0
+
+    def session(self, name: str) -> "SessionBudget":
+        sb = SessionBudget(self, name)
+        self.sessions.add(sb)
+        return sb
+
+    def fair_share(self) -> int:
+        return self.limit // max(1, len(self.sessions))
+
+    def _fits(self, sb: "SessionBudget", n: int) -> bool:
+        held = sb.used + n
+        if held > self.session_limit:
+            return False
+        return self.used + n <= self.limit or held <= self.fair_share()
+
+    def _take(self, sb: "SessionBudget", n: int) -> None:
+        sb.used += n
+        self.used += n
+
+    def _give(self, sb: "SessionBudget", n: int) -> None:
+        sb.used -= n
+        self.used -= n
+        self._grant_waiters()
+
+    def _grant_waiters(self) -> None:
+        if not self._waiters:
+            return
+        # the smallest holder first: a session that holds little is not the
+        # one keeping memory from the others
+        self._waiters.sort(key=lambda w: w[0].used)
+        still = []
+        granted = []
+        for w in self._waiters:
+            sb, n, cb = w
+            if not sb.closed and self._fits(sb, n):
+                self._take(sb, n)
+                granted.append(cb)
+            elif not sb.closed:
+                still.append(w)
+        self._waiters = still
+        for cb in granted:
+            cb()
+
+    def stats(self) -> dict[str, int]:
+        return {"memory_limit": self.memory_limit, "budget": self.limit, "used": self.used,
+                "session_limit": self.session_limit, "waiting": len(self._waiters),
+                "refused": self.refusals}
+
+
+class SessionBudget:
+    """One session's share; every charge also counts against the server's."""
+
+    def __init__(self, server: MemoryBudget, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.used = 0
+        self.closed = False
+
+    def try_take(self, n: int) -> bool:
+        """Charge ``n`` bytes now if they fit (requests that cannot wait)."""
+        if self.closed:
+            return False
+        srv = self.server
+        if srv._fits(self, n):
+            srv._take(self, n)
+            return True
+        srv.refusals += 1
+        return False
+
+    def over_session_limit(self, n: int) -> bool:
+        """Would ``n`` more bytes break this session's own limit (rather
+        than the server's)? Tells TASK SET FULL from BUSY."""
+        return self.used + n > self.server.session_limit
+
+    def take_or_wait(self, n: int, granted: Callable[[], None]) -> bool:
+        """Charge ``n`` bytes now (True) or call ``granted`` once they are
+        charged (False). Nothing is called after ``close``."""
+        if self.try_take(n):
+            return True
+        self.server.refusals -= 1          # a wait, not a refusal
+        self.server._waiters.append((self, n, granted))
+        return False
+
+    def give(self, n: int) -> None:
+        if n and not self.closed:
+            self.server._give(self, n)
+
+    def close(self) -> None:
+        """The session is gone: all it held goes back, its waiters are dropped."""
+        if self.closed:
+            return
+        srv = self.server
+        srv._waiters = [w for w in srv._waiters if w[0] is not self]
+        srv.sessions.discard(self)
+        self.closed = True
+        if self.used:
+            srv.used -= self.used
+            self.used = 0
+        srv._grant_waiters()
