@@ -13,6 +13,8 @@ import hmac
 import os
 from collections import OrderedDict
 
+from ..logsafe import clip
+
 CHAP_MD5 = 5
 CHALLENGE_LEN = 16
 MIN_CHALLENGE_LEN = 1
@@ -42,7 +44,7 @@ def decode_binary(s: str) -> bytes:
             return base64.b64decode(s[2:], validate=True)
     except (ValueError, binascii.Error):
         pass
-    raise ChapError(f"bad binary value {s[:20]!r}")
+    raise ChapError(f"bad binary value {clip(s, 20)}")
 
 
 def _secret(s: str | bytes) -> bytes:
@@ -106,7 +108,7 @@ class ChapAuthenticator:
                 return []           # keep waiting (e.g. AuthMethod only)
             algs = keys["CHAP_A"].split(",")
             if str(CHAP_MD5) not in algs:
-                raise ChapError(f"no supported CHAP algorithm in {keys['CHAP_A']!r}")
+                raise ChapError(f"no supported CHAP algorithm in {clip(keys['CHAP_A'])}")
             self.ident = self.rng(1)[0]
             self.challenge = self.registry.new_challenge(self.rng)
             self.state = "wait_r"
@@ -118,11 +120,11 @@ class ChapAuthenticator:
             if name is None or resp is None:
                 raise ChapError("CHAP_N/CHAP_R missing")
             if name != self.user:
-                raise ChapError(f"unknown CHAP user {name!r}")
+                raise ChapError(f"unknown CHAP user {clip(name)}")
             got = decode_binary(resp)
             want = chap_md5(self.ident, self.secret, self.challenge)
             if not hmac.compare_digest(got, want):
-                raise ChapError(f"bad CHAP response for user {name!r}")
+                raise ChapError(f"bad CHAP response for user {clip(name)}")
             out: list[tuple[str, str]] = []
             if "CHAP_I" in keys or "CHAP_C" in keys:
                 if self.mutual is None:

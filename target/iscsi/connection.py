@@ -13,14 +13,16 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from ..logsafe import RateLimitedLog
 from . import pdu as P
-from .login import LoginMachine
+from .login import LoginMachine, LoginStep
 from .session import ProtocolViolation, Session
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import IscsiServer
 
 log = logging.getLogger(__name__)
+ratelog = RateLimitedLog(log)     # for what a peer can trigger once per connection
 
 LOGIN_MAX_DATA = 8192        # RFC 7143: login PDUs carry at most 8192 bytes of data
 MIN_BUFFER = 64 * 1024
@@ -141,7 +143,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         if exc is not None:
-            log.info("connection %s lost: %s", self.peer, exc)
+            ratelog.info("lost", "connection %s lost: %s", self.peer, exc)
         if self._keepalive is not None:
             self._keepalive.cancel()
         for f in self._drain_waiters:
@@ -254,7 +256,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
             if self.header_digest:
                 hend = s + P.BHS_LEN + ahs_len
                 if P.digest_bytes(mv[s:hend]) != buf[hend:hend + P.DIGEST_LEN]:
-                    log.warning("connection %s: header digest error, dropping connection", self.peer)
+                    ratelog.warning("digest", "connection %s: header digest error, dropping connection",
+                                    self.peer)
                     self.abort("header digest error")
                     return
             bhs = bytes(mv[s:s + P.BHS_LEN])
@@ -265,7 +268,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 pend = d0 + dlen + ((-dlen) & 3)
                 if P.digest_bytes(mv[d0:pend]) != buf[pend:pend + P.DIGEST_LEN]:
                     self.start = s + total
-                    log.warning("connection %s: data digest error", self.peer)
+                    ratelog.warning("digest", "connection %s: data digest error", self.peer)
                     if self.session is not None:
                         self.session.reject(bhs, P.REJECT_DATA_DIGEST)
                     # ERL 0 cannot recover the lost data: end the connection
@@ -317,7 +320,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
             pad = (-d.dlen) & 3
             want = P.digest_bytes(d.dest, self.mv[s:s + pad])
             if want != self.buf[s + pad:s + pad + P.DIGEST_LEN]:
-                log.warning("connection %s: data digest error", self.peer)
+                ratelog.warning("digest", "connection %s: data digest error", self.peer)
                 self.session.reject(d.bhs, P.REJECT_DATA_DIGEST)
                 self.close("data digest error")
                 return False
@@ -335,7 +338,16 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if self.session is not None:
             self.session.handle(pdu)
             return
+        if self.login is None:
+            return                     # a throttled login failure is being held back
         step = self.login.process(pdu)
+        if step.outcome == "fail" and step.delay > 0:
+            # answer the failed guess later, reading nothing meanwhile; the
+            # event loop and every other connection carry on
+            self.login = None
+            self.transport.pause_reading()
+            self.loop.call_later(step.delay, self._fail_login, step)
+            return
         self.send(step.bhs, step.data)
         if step.outcome == "fail":
             self.close("login failed")
@@ -355,6 +367,11 @@ class IscsiConnection(asyncio.BufferedProtocol):
             self.max_recv = prm.target_mrdsl
             # the receive buffer stays small (idle sessions cost ~64 KiB) and
             # grows only when a PDU needs it; bulk Data-Out bypasses it anyway
+
+    def _fail_login(self, step: LoginStep) -> None:
+        if not self.closing:
+            self.send(step.bhs, step.data)
+            self.close("login failed")
 
     # -- sending -------------------------------------------------------------------
     def next_statsn(self) -> int:
@@ -429,7 +446,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
 
     # -- teardown --------------------------------------------------------------------
     def protocol_error(self, why: str, bhs: bytes | None = None) -> None:
-        log.warning("connection %s: protocol error: %s", self.peer, why)
+        ratelog.warning("protocol-error", "connection %s: protocol error: %s", self.peer, why)
         if bhs is not None and self.session is not None:
             self.session.reject(bhs, P.REJECT_PROTOCOL_ERROR)
         self.close(why)
@@ -449,7 +466,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def abort(self, why: str = "") -> None:
         if self.transport is None:
             return
-        log.info("connection %s: aborting (%s)", self.peer, why)
+        ratelog.info("abort", "connection %s: aborting (%s)", self.peer, why)
         self.closing = True
         if self.session is not None:
             self.session.close()
@@ -469,7 +486,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
             return False
         if now - since < self.server.output_timeout:
             return False
-        log.warning("connection %s: peer has read none of %d bytes of output for %.0fs, dropping",
+        ratelog.warning("output-stuck",
+                        "connection %s: peer has read none of %d bytes of output for %.0fs, dropping",
                     self.peer, backlog, now - since)
         self.abort("output stuck")
         return True
@@ -487,7 +505,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
                     return
                 if self.session is None:
                     if srv.login_timeout > 0 and now - self.t_start > srv.login_timeout:
-                        log.info("connection %s: login timed out", self.peer)
+                        ratelog.info("login-timeout", "connection %s: login timed out", self.peer)
                         self.abort("login timeout")
                         return
                     continue

@@ -11,6 +11,7 @@ from typing import Callable
 from target.scsi.api import BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse
 
 from .. import eager
+from ..logsafe import RateLimitedLog
 from . import pdu as P
 from .budget import COMMAND_COST, SMALL_WRITE
 from .residual import block_size_of, data_out_length, residual_count
@@ -20,6 +21,7 @@ from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SE
                    SENSE_UNEXPECTED_UNSOLICITED, ProtocolViolation, R2TState, Task)
 
 log = logging.getLogger("target.iscsi.session")
+ratelog = RateLimitedLog(log)     # for what a client can trigger once per command
 
 # Immediate commands bypass the CmdSN window (RFC 7143 3.2.2.1); beyond this
 # many in flight per session they are answered TASK SET FULL, which SCSI
@@ -188,7 +190,7 @@ class DataPathMixin:
             # ERL 0 cannot ask for the data again: the command fails (the
             # connection and the other commands carry on)
             why, sense = err
-            log.warning("session %s: ITT 0x%08x: %s", self.tsih, task.itt, why)
+            ratelog.warning("data-out", "session %s: ITT 0x%08x: %s", self.tsih, task.itt, why)
             self._fail_task(task, sense)
             return
         off = pdu.u32(40)

@@ -11,7 +11,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ..logsafe import MESSAGE_CLIP, RateLimitedLog, clip
 from . import pdu as P
+from .admission import THROTTLED_STATUSES, source_of_peer
 from .chap import ChapAuthenticator, ChapError, ChallengeRegistry
 from .params import Negotiator, SessionParams, TargetPreferences, TextError, encode_text, parse_text
 
@@ -19,8 +21,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .server import IscsiTargetConfig
 
 log = logging.getLogger(__name__)
+ratelog = RateLimitedLog(log)
 
 MAX_LOGIN_TEXT = 64 * 1024     # across C-bit continuations
+# Declared once, in the first Login Request (RFC 7143 13.5, 13.6): a later
+# different value would make the session act as someone the ACL never saw.
+LEADING_KEYS = ("InitiatorName", "SessionType", "TargetName")
 
 
 class LoginContext(Protocol):
@@ -39,6 +45,10 @@ class LoginContext(Protocol):
     def tsih_exists(self, tsih: int) -> bool: ...
 
     def session_capacity_left(self) -> bool: ...
+
+    def login_failed(self, initiator: str | None, source: str) -> float:
+        """Record a failed guess; seconds to hold the answer back."""
+        ...
 
 
 class LoginFailed(Exception):
@@ -64,6 +74,7 @@ class LoginStep:
     bhs: bytearray
     data: bytes
     outcome: str          # "continue" | "success" | "fail"
+    delay: float = 0.0    # seconds to hold a "fail" back (brute-force throttle)
 
 
 class LoginMachine:
@@ -80,6 +91,7 @@ class LoginMachine:
         self.cmdsn = 0
         self.statsn = 0
         self.text = bytearray()
+        self.leading: dict[str, str | None] = {}
         self.target = None
         self.discovery = False
         self.chap_creds: tuple[str, str] | None = None
@@ -106,8 +118,12 @@ class LoginMachine:
         return bhs
 
     def fail(self, status: tuple[int, int], message: str, itt: int | None = None) -> LoginStep:
-        log.info("login from %s rejected (%02x/%02x): %s", self.peer, status[0], status[1], message)
-        return LoginStep(self._rsp(0, status=status, itt=itt), b"", "fail")
+        delay = 0.0
+        if status in THROTTLED_STATUSES:
+            delay = self.ctx.login_failed(self.leading.get("InitiatorName"), source_of_peer(self.peer))
+        ratelog.info("login-rejected", "login from %s rejected (%02x/%02x): %s", self.peer,
+                     status[0], status[1], clip(message, MESSAGE_CLIP, quote=False))
+        return LoginStep(self._rsp(0, status=status, itt=itt), b"", "fail", delay)
 
     # -- processing -------------------------------------------------------------
     def process(self, pdu: P.Pdu) -> LoginStep:
@@ -165,12 +181,17 @@ class LoginMachine:
         out: list[tuple[str, str]] = []
         if self.first:
             self.first = False
+            self.leading = {k: keys.get(k) for k in LEADING_KEYS}
             self._leading(keys)
             if self.target is not None:
                 out.append(("TargetPortalGroupTag", str(self.target.tpgt)))
                 self.sent_tpgt = True
                 if self.target.alias:
                     out.append(("TargetAlias", self.target.alias))
+        else:
+            for k in LEADING_KEYS:
+                if k in keys and keys[k] != self.leading[k]:
+                    raise LoginFailed(P.LOGIN_INITIATOR_ERROR, f"{k} changed during login")
 
         if csg == P.STAGE_SECURITY:
             out += self._security(keys)
@@ -237,14 +258,14 @@ class LoginMachine:
                 raise LoginFailed(P.LOGIN_MISSING_PARAMETER, "TargetName missing")
             target = self.ctx.lookup_target(name)
             if target is None:
-                raise LoginFailed(P.LOGIN_NOT_FOUND, f"no target {name!r}")
+                raise LoginFailed(P.LOGIN_NOT_FOUND, f"no target {clip(name)}")
             if not self.ctx.initiator_allowed(target, initiator):
-                raise LoginFailed(P.LOGIN_AUTHORIZATION_FAILED, f"{initiator} not in ACL of {name}")
+                raise LoginFailed(P.LOGIN_AUTHORIZATION_FAILED, f"{clip(initiator)} not in ACL of {name}")
             self.target = target
             self.chap_creds = target.chap
             self.mutual_creds = target.mutual_chap
         else:
-            raise LoginFailed(P.LOGIN_SESSION_TYPE_UNSUPPORTED, f"SessionType {stype!r}")
+            raise LoginFailed(P.LOGIN_SESSION_TYPE_UNSUPPORTED, f"SessionType {clip(stype)}")
         if not self.ctx.session_capacity_left():
             raise LoginFailed(P.LOGIN_OUT_OF_RESOURCES, "too many sessions")
         if self.tsih != 0:
@@ -259,14 +280,14 @@ class LoginMachine:
             offered = [m.strip() for m in keys["AuthMethod"].split(",")]
             if self.needs_auth:
                 if "CHAP" not in offered:
-                    raise LoginFailed(P.LOGIN_AUTH_FAILED, f"CHAP required, offered {offered}")
+                    raise LoginFailed(P.LOGIN_AUTH_FAILED, f"CHAP required, offered {clip(offered)}")
                 self.auth_method = "CHAP"
                 self.auth = ChapAuthenticator(self.chap_creds, self.mutual_creds, self.ctx.chap_registry)
             elif "None" in offered:
                 self.auth_method = "None"
                 self.authenticated = True
             else:
-                raise LoginFailed(P.LOGIN_AUTH_FAILED, f"no acceptable AuthMethod in {offered}")
+                raise LoginFailed(P.LOGIN_AUTH_FAILED, f"no acceptable AuthMethod in {clip(offered)}")
             out.append(("AuthMethod", self.auth_method))
         chap_keys = {k: v for k, v in keys.items() if k.startswith("CHAP_")}
         if chap_keys:

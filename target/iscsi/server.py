@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from ..logsafe import NAME_CLIP, RateLimitedLog, clip
+from .admission import LoginThrottle, SourceLimits, source_of
 from .budget import DEFAULT_MEMORY_LIMIT, MemoryBudget
 from .chap import ChallengeRegistry
 from .connection import IscsiConnection
@@ -24,6 +26,7 @@ from .params import TargetPreferences, encode_text
 from .session import Session
 
 log = logging.getLogger(__name__)
+ratelog = RateLimitedLog(log)
 
 _NAME_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?)$")
 
@@ -81,10 +84,13 @@ class IscsiServer:
                  discovery_mutual_chap: tuple[str, str] | None = None,
                  nop_interval: float = 15.0,
                  nop_timeout: float = 15.0,
-                 login_timeout: float = 30.0,
+                 login_timeout: float = 15.0,
                  max_cmd_data: int = 64 * 1024 * 1024,
                  max_sessions: int = 1024,
                  max_connections: int = 2048,
+                 max_connections_per_source: int = 256,
+                 max_logins_per_source: int = 64,
+                 login_throttle: LoginThrottle | None = None,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT,
                  output_timeout: float = 60.0) -> None:
         self.targets: dict[str, IscsiTargetConfig] = {}
@@ -103,6 +109,10 @@ class IscsiServer:
         self.output_timeout = output_timeout     # drop a peer that has not read our output for this long
         self.max_sessions = max_sessions
         self.max_connections = max_connections
+        self.source_limits = SourceLimits(max_connections_per_source, max_logins_per_source)
+        self.login_throttle = login_throttle or LoginThrottle()
+        self._sources: dict[IscsiConnection, str] = {}
+        self._logging_in: set[IscsiConnection] = set()
         self.chap_registry = ChallengeRegistry()
         self._servers: list[asyncio.base_events.Server] = []
         self.addresses: list[tuple[str, int]] = []
@@ -157,6 +167,9 @@ class IscsiServer:
 
     def session_capacity_left(self) -> bool:
         return len(self.sessions) < self.max_sessions
+
+    def login_failed(self, initiator: str | None, source: str) -> float:
+        return self.login_throttle.failed(initiator, source)
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -237,29 +250,51 @@ class IscsiServer:
     # -- connection/session bookkeeping --------------------------------------------
     def _connection_made(self, conn: IscsiConnection) -> bool:
         if len(self.connections) >= self.max_connections:
-            log.warning("refusing connection from %s: %d connections open", conn.peer,
-                        len(self.connections))
+            ratelog.warning("refused", "refusing connection from %s: %d connections open",
+                            conn.peer, len(self.connections))
             return False
+        peer = conn.transport.get_extra_info("peername") if conn.transport else None
+        source = source_of(peer[0]) if peer else conn.peer
+        why = self.source_limits.admit(source)
+        if why is not None:
+            ratelog.warning("refused", "refusing connection from %s: %s", conn.peer, why)
+            return False
+        self._sources[conn] = source
+        self._logging_in.add(conn)
         self.connections.add(conn)
         return True
 
+    def _logged_in(self, conn: IscsiConnection, initiator: str) -> None:
+        """``conn`` reached full feature phase: it no longer counts as logging in."""
+        source = self._sources.get(conn)
+        if conn in self._logging_in and source is not None:
+            self._logging_in.discard(conn)
+            self.source_limits.logged_in(source)
+            self.login_throttle.succeeded(initiator, source)
+
     def _connection_lost(self, conn: IscsiConnection) -> None:
         self.connections.discard(conn)
+        source = self._sources.pop(conn, None)
+        if source is not None:
+            self.source_limits.release(source, conn in self._logging_in)
+        self._logging_in.discard(conn)
 
     def _create_session(self, conn: IscsiConnection, result) -> Session:
         if result.target is not None and result.target.iqn not in self.targets:
             raise RuntimeError("target removed during login")
         s = Session(self, conn, result)
+        self._logged_in(conn, s.initiator_name)
         if not s.discovery:
             old = self._by_key.get(s.key)
             if old is not None:
-                log.info("session reinstatement for %s: closing TSIH %d", s.nexus.initiator, old.tsih)
+                log.info("session reinstatement for %s: closing TSIH %d",
+                         clip(s.nexus.initiator, NAME_CLIP), old.tsih)
                 old.conn.abort("session reinstatement")
                 old.close()
             self._by_key[s.key] = s
         self.sessions[s.tsih] = s
         self.total_logins += 1
-        log.info("session %d: %s logged in to %s (%s)", s.tsih, s.nexus.initiator,
+        log.info("session %d: %s logged in to %s (%s)", s.tsih, clip(s.nexus.initiator, NAME_CLIP),
                  s.target.iqn if s.target else "discovery", conn.peer)
         return s
 
@@ -323,6 +358,7 @@ class IscsiServer:
             d["commands"] += s.commands
         return {
             "connections": len(self.connections),
+            "connections_logging_in": len(self._logging_in),
             "sessions": len(self.sessions),
             "discovery_sessions": discovery,
             "logins": self.total_logins,

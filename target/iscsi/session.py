@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from target.scsi.api import Nexus
 
+from ..logsafe import NAME_CLIP, RateLimitedLog, clip
 from . import pdu as P
 from .cmdsn import CmdWindow
 from .datapath import DataPathMixin
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .server import IscsiServer, IscsiTargetConfig
 
 log = logging.getLogger(__name__)
+ratelog = RateLimitedLog(log)     # for what a client can trigger once per PDU
 
 LOGOUT_DRAIN = 30.0        # bound on waiting for in-flight commands at logout
 
@@ -113,8 +115,8 @@ class Session(DataPathMixin, TaskManagementMixin):
         return t
 
     def reject(self, bhs: bytes, reason: int) -> None:
-        log.info("session %s: reject 0x%02x for %s", self.tsih, reason,
-                 P.OPCODE_NAMES.get(bhs[0] & 0x3F, hex(bhs[0] & 0x3F)))
+        ratelog.info("reject", "session %s: reject 0x%02x for %s", self.tsih, reason,
+                     P.OPCODE_NAMES.get(bhs[0] & 0x3F, hex(bhs[0] & 0x3F)))
         self.conn.send(P.build_bhs(P.OP_REJECT, P.FLAG_FINAL, b2=reason, itt=P.ALL_ONES,
                                    fields=self._sn_fields(self.conn.next_statsn())), bytes(bhs[:P.BHS_LEN]))
 
@@ -141,9 +143,9 @@ class Session(DataPathMixin, TaskManagementMixin):
         if not pdu.immediate:
             verdict = self.window.classify(pdu.cmdsn)
             if verdict != CmdWindow.OK:
-                log.warning("session %s: %s CmdSN %d ignored (%s; window %d..%d)", self.tsih,
-                            P.OPCODE_NAMES[op], pdu.cmdsn, verdict, self.window.exp_cmdsn,
-                            self.window.max_cmdsn)
+                ratelog.warning("cmdsn-window", "session %s: %s CmdSN %d ignored (%s; window %d..%d)",
+                                self.tsih, P.OPCODE_NAMES[op], pdu.cmdsn, verdict,
+                                self.window.exp_cmdsn, self.window.max_cmdsn)
                 return
         if op == P.OP_SCSI_CMD:
             action = self._prepare_scsi(pdu)
@@ -258,7 +260,7 @@ class Session(DataPathMixin, TaskManagementMixin):
         # Time2Wait / Time2Retain (bytes 40..43) stay 0: nothing to recover at ERL 0
         self.conn.send(bhs)
         if response == P.LOGOUT_RSP_OK:
-            log.info("session %s (%s): logout", self.tsih, self.nexus.initiator)
+            log.info("session %s (%s): logout", self.tsih, clip(self.nexus.initiator, NAME_CLIP))
             self.conn.close("logout")
 
     def request_logout(self, seconds: int) -> None:

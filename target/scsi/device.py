@@ -22,6 +22,7 @@ import asyncio
 import logging
 from typing import Callable
 
+from target.logsafe import NAME_CLIP, RateLimitedLog, clip
 from target.lunio import Access, LunIO
 
 from . import constants as c
@@ -37,6 +38,7 @@ from .sense import CheckCondition, ReservationConflict, invalid_cdb, invalid_opc
 from .ua import UnitAttentions
 
 log = logging.getLogger(__name__)
+ratelog = RateLimitedLog(log)     # for what a client can trigger once per command
 
 # READ/WRITE(10/16), the commands try_execute serves: opcode -> (writes,
 # LBA field [start, end), transfer length field [start, end), CDB length)
@@ -174,7 +176,10 @@ class ScsiDevice:
 
     def _check_condition(self, e: CheckCondition, cmd: ScsiCommand) -> ScsiResponse:
         if e.key == c.MEDIUM_ERROR:
-            log.warning("LU %s: CDB %s: %s", self.identity.serial, bytes(cmd.cdb[:1]).hex(), e)
+            # one burst per LU: a failing LU does not hide another's first error
+            serial = self.identity.serial
+            ratelog.warning(f"medium-error {serial}", "LU %s: CDB %s: %s", serial,
+                            bytes(cmd.cdb[:1]).hex(), e)
         elif e.key in (c.NOT_READY, c.DATA_PROTECT):
             log.debug("LU %s: CDB %s: %s", self.identity.serial, bytes(cmd.cdb[:1]).hex(), e)
         return ScsiResponse(CHECK_CONDITION, sense=e.encode(self.mode.descriptor_sense))
@@ -236,7 +241,7 @@ class ScsiDevice:
         the issuer's included (SAM-5 7.7), gets BUS DEVICE RESET FUNCTION
         OCCURRED. ``nexus`` (the issuer) is for logging only."""
         if nexus is not None:
-            log.info("LU %s reset by %s", self.identity.serial, nexus.initiator)
+            ratelog.info("lu-reset", "LU %s reset by %s", self.identity.serial, clip(nexus.initiator, NAME_CLIP))
         self.pr.reset()
         self.mode.reset()
         self.ua.reset(c.ASC_BUS_DEVICE_RESET)

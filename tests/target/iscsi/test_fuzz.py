@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import struct
 import threading
 
 import pytest
@@ -19,6 +18,7 @@ from target.iscsi import pdu as P
 from target.iscsi.params import encode_text
 
 from .fake_scsi import FakeScsiTarget, MemLun
+from .hostile import LOGIN_KEYS, LOGIN_VALUES, mutate, valid_pdus
 from .initiator import Initiator
 
 IQN = "iqn.2025-01.org.test:fuzz"
@@ -109,32 +109,7 @@ async def blast(addr, payload: bytes, *, login: bool, hd: bool = False, dd: bool
         await ini.close()
 
 
-def valid_pdus(cmdsn: int = 2) -> list[bytes]:
-    read = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_FINAL | P.FLAG_READ | 1, lun=0, itt=0x10,
-                       fields={20: 4096, 24: cmdsn}, raw={32: struct.pack(">BBQIBB", 0x88, 0, 0, 8, 0, 0)})
-    write = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_FINAL | P.FLAG_WRITE | 1, lun=0, itt=0x11,
-                        fields={20: 2048, 24: cmdsn + 1}, raw={32: struct.pack(">BBQIBB", 0x8A, 0, 0, 4, 0, 0)})
-    dout = P.build_bhs(P.OP_DATA_OUT, P.FLAG_FINAL, lun=0, itt=0x11, fields={20: P.ALL_ONES, 40: 1024})
-    nop = P.build_bhs(P.OP_NOP_OUT, P.FLAG_FINAL, immediate=True, itt=0x12, fields={20: P.ALL_ONES})
-    tmf = P.build_bhs(P.OP_TMF_REQ, P.FLAG_FINAL | 1, immediate=True, itt=0x13, fields={20: 0x10})
-    text = P.build_bhs(P.OP_TEXT_REQ, P.FLAG_FINAL, immediate=True, itt=0x14, fields={20: P.ALL_ONES})
-    logout = P.build_bhs(P.OP_LOGOUT_REQ, P.FLAG_FINAL, itt=0x15, fields={24: cmdsn + 2})
-    login = P.build_bhs(P.OP_LOGIN_REQ, 0x87, immediate=True, itt=0x16, raw={8: bytes(6)})
-    # a big write whose unsolicited Data-Out is large enough to be received in place
-    bigw = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_WRITE | 1, lun=0, itt=0x21,
-                       fields={20: 65536, 24: cmdsn + 3}, raw={32: struct.pack(">BBQIBB", 0x8A, 0, 64, 128, 0, 0)})
-    bigd = P.build_bhs(P.OP_DATA_OUT, 0, lun=0, itt=0x21, fields={20: P.ALL_ONES, 36: 0, 40: 0})
-    return [
-        P.encode_bytes(read), P.encode_bytes(write, b"w" * 1024), P.encode_bytes(dout, b"d" * 1024),
-        P.encode_bytes(nop, b"ping"), P.encode_bytes(tmf),
-        P.encode_bytes(text, encode_text([("SendTargets", "All")])), P.encode_bytes(logout),
-        P.encode_bytes(login, encode_text([("InitiatorName", "iqn.2025-01.org.x:y"),
-                                           ("TargetName", IQN)])),
-        P.encode_bytes(bigw), P.encode_bytes(bigd, b"B" * 32768),
-    ]
-
-
-VALID = valid_pdus()
+VALID = valid_pdus(IQN)
 
 mutation = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, 2000), st.integers(1, 255)),
@@ -143,25 +118,6 @@ mutation = st.one_of(
     st.tuples(st.just("dlen"), st.integers(0, (1 << 24) - 1), st.just(0)),
     st.tuples(st.just("ahs"), st.integers(0, 255), st.just(0)),
 )
-
-
-def mutate(raw: bytes, muts) -> bytes:
-    b = bytearray(raw)
-    for kind, a, v in muts:
-        if not b:
-            break
-        if kind == "flip":
-            b[a % len(b)] ^= v
-        elif kind == "set":
-            if a < len(b):
-                b[a] = v
-        elif kind == "truncate":
-            del b[a % (len(b) + 1):]
-        elif kind == "dlen" and len(b) >= 8:
-            b[5:8] = a.to_bytes(3, "big")
-        elif kind == "ahs" and len(b) >= 5:
-            b[4] = a
-    return bytes(b)
 
 
 FUZZ = settings(max_examples=int(os.environ.get("ISCSI_FUZZ_EXAMPLES", "40")), deadline=None,
@@ -193,19 +149,13 @@ def test_mutated_pdus(live, pdus, login, hd, dd):
     check_healthy(live, len(payload))
 
 
-KEYS = ["InitiatorName", "TargetName", "SessionType", "AuthMethod", "CHAP_A", "CHAP_N", "CHAP_R",
-        "CHAP_I", "CHAP_C", "HeaderDigest", "DataDigest", "MaxRecvDataSegmentLength",
-        "MaxBurstLength", "FirstBurstLength", "InitialR2T", "ImmediateData", "MaxConnections",
-        "ErrorRecoveryLevel", "SendTargets", "TargetAlias", "X-foo", "Bogus"]
-VALUES = st.one_of(st.sampled_from(["None", "CHAP", "CRC32C", "Yes", "No", "Normal", "Discovery",
-                                    IQN, "0", "512", "16777215", "99999999999", "0x10", "5",
-                                    "0xzz", "", "Reject"]),
+VALUES = st.one_of(st.sampled_from(LOGIN_VALUES + [IQN]),
                    st.text(max_size=30).filter(lambda v: "\0" not in v))
 
 
 @FUZZ
 @given(steps=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.booleans(), st.booleans(),
-                                st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=8)),
+                                st.lists(st.tuples(st.sampled_from(LOGIN_KEYS), VALUES), max_size=8)),
                       min_size=1, max_size=4))
 def test_login_negotiation_fuzz(live, steps):
     """Well-framed Login Requests with random stages, flags and keys."""

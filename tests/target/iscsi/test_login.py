@@ -38,6 +38,9 @@ class Ctx:
     def session_capacity_left(self):
         return self.capacity
 
+    def login_failed(self, initiator, source):
+        return 0.0
+
     capacity = True
 
 
