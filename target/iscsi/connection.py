@@ -488,7 +488,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
             return False
         ratelog.warning("output-stuck",
                         "connection %s: peer has read none of %d bytes of output for %.0fs, dropping",
-                    self.peer, backlog, now - since)
+                        self.peer, backlog, now - since)
         self.abort("output stuck")
         return True
 
