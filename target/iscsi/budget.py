@@ -15,13 +15,22 @@ Requests that may wait (the next R2T of a write, the data of a read) queue
 and are granted as memory comes back, the smallest holder first. Requests
 that cannot wait (a command's immediate and unsolicited data is already on
 its way) are refused, and the caller answers TASK SET FULL or BUSY.
+
+While requests wait for the server-wide budget, a session that holds more
+than its fair share and has made no progress for STALL_SECONDS (no data
+received for its writes, no answer taken by its peer) is cut off, with one
+log line: its memory goes to the sessions that use it.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
+from ..logsafe import RateLimitedLog
+
 log = logging.getLogger(__name__)
+ratelog = RateLimitedLog(log)
 
 MiB = 1 << 20
 DEFAULT_MEMORY_LIMIT = 512 * MiB      # RSS bound of the daemon (serve --memory-limit)
@@ -30,12 +39,15 @@ DATA_SHARE = 4                        # command data may use 1/DATA_SHARE of the
 MAX_SESSION_LIMIT = 128 * MiB         # half of it is the largest command's data
 SMALL_WRITE = 256 * 1024              # write buffers up to this are allocated at once
 COMMAND_COST = 2048                   # Task, PDU copies, dict slots: charged per command
+STALL_SECONDS = 10.0                  # a holder idle this long is cut off when others wait
+RELIEVE_EVERY = 0.5                   # seconds between looks for a stalled holder
 
 
 class MemoryBudget:
     """The server-wide budget and the queue of requests waiting for it."""
 
-    def __init__(self, memory_limit: int = DEFAULT_MEMORY_LIMIT) -> None:
+    def __init__(self, memory_limit: int = DEFAULT_MEMORY_LIMIT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if memory_limit < MIN_MEMORY_LIMIT:
             raise ValueError(f"memory limit must be at least {MIN_MEMORY_LIMIT // MiB} MiB")
         self.memory_limit = memory_limit
@@ -47,10 +59,12 @@ class MemoryBudget:
         self.used = 0
         self.sessions: set[SessionBudget] = set()
         self._waiters: list[tuple[SessionBudget, int, Callable[[], None]]] = []
-        self.refusals = 0
+        self.evictions = 0
+        self.clock = clock
+        self._relieved_at = 0.0
 
-    def session(self, name: str) -> "SessionBudget":
-        sb = SessionBudget(self, name)
+    def session(self, name: str, evict: Callable[[], None] | None = None) -> "SessionBudget":
+        sb = SessionBudget(self, name, evict)
         self.sessions.add(sb)
         return sb
 
@@ -91,30 +105,61 @@ class MemoryBudget:
         for cb in granted:
             cb()
 
+    def relieve(self) -> None:
+        """If requests wait for the server-wide budget, cut off the biggest
+        holder above its fair share that has made no progress lately.
+        Called when a request starts waiting and from every connection's
+        keepalive tick (at most every RELIEVE_EVERY seconds does work)."""
+        if not self._waiters:
+            return
+        now = self.clock()
+        if now - self._relieved_at < RELIEVE_EVERY:
+            return
+        self._relieved_at = now
+        if not any(sb.used + n <= self.session_limit for sb, n, _ in self._waiters):
+            return           # they wait for their own sessions' commands, not for others
+        share = self.fair_share()
+        stalled = [sb for sb in self.sessions
+                   if sb.used > share and sb.evict is not None
+                   and now - sb.progress_at >= STALL_SECONDS]
+        if not stalled:
+            return
+        victim = max(stalled, key=lambda sb: sb.used)
+        self.evictions += 1
+        ratelog.warning("evict", "session %s: holds %d MiB of the iSCSI memory budget (fair share %d MiB) "
+                        "without progress for %.0fs while others wait: dropping it",
+                        victim.name, victim.used >> 20, share >> 20, now - victim.progress_at)
+        victim.evict()
+        victim.close()
+
     def stats(self) -> dict[str, int]:
         return {"memory_limit": self.memory_limit, "budget": self.limit, "used": self.used,
                 "session_limit": self.session_limit, "waiting": len(self._waiters),
-                "refused": self.refusals}
+                "evicted": self.evictions}
 
 
 class SessionBudget:
     """One session's share; every charge also counts against the server's."""
 
-    def __init__(self, server: MemoryBudget, name: str) -> None:
+    def __init__(self, server: MemoryBudget, name: str,
+                 evict: Callable[[], None] | None = None) -> None:
         self.server = server
         self.name = name
+        self.evict = evict          # cuts the session off
         self.used = 0
         self.closed = False
+        self.progress_at = server.clock()
+
+    def progress(self) -> None:
+        """The session moved: data arrived for a write, or a command ended."""
+        self.progress_at = self.server.clock()
 
     def try_take(self, n: int) -> bool:
         """Charge ``n`` bytes now if they fit (requests that cannot wait)."""
-        if self.closed:
-            return False
         srv = self.server
-        if srv._fits(self, n):
+        if not self.closed and srv._fits(self, n):
             srv._take(self, n)
             return True
-        srv.refusals += 1
         return False
 
     def over_session_limit(self, n: int) -> bool:
@@ -124,15 +169,19 @@ class SessionBudget:
 
     def take_or_wait(self, n: int, granted: Callable[[], None]) -> bool:
         """Charge ``n`` bytes now (True) or call ``granted`` once they are
-        charged (False). Nothing is called after ``close``."""
+        charged (False), possibly before this returns. Nothing is called
+        after ``close``."""
         if self.try_take(n):
             return True
-        self.server.refusals -= 1          # a wait, not a refusal
+        if self.closed:
+            return False                   # being cut off: its commands are cancelled
         self.server._waiters.append((self, n, granted))
+        self.server.relieve()
         return False
 
     def give(self, n: int) -> None:
         if n and not self.closed:
+            self.progress_at = self.server.clock()
             self.server._give(self, n)
 
     def close(self) -> None:

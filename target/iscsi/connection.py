@@ -503,6 +503,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 now = self.loop.time()
                 if self._output_stuck(now):
                     return
+                srv.memory.relieve()
                 if self.session is None:
                     if srv.login_timeout > 0 and now - self.t_start > srv.login_timeout:
                         ratelog.info("login-timeout", "connection %s: login timed out", self.peer)

@@ -130,7 +130,7 @@ class DataPathMixin:
 
     async def _charge(self, task: Task, nbytes: int) -> None:
         """Charge ``nbytes`` more to the task, waiting for the budget if needed."""
-        if self.budget.take_or_wait(nbytes, lambda: granted()):
+        if self.budget.try_take(nbytes):
             task.charged += nbytes
             return
         fut = asyncio.get_running_loop().create_future()
@@ -141,6 +141,9 @@ class DataPathMixin:
                 return
             task.charged += nbytes
             fut.set_result(None)
+        if self.budget.take_or_wait(nbytes, granted):
+            task.charged += nbytes
+            return
         await fut
 
     def data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
@@ -199,6 +202,7 @@ class DataPathMixin:
             task.buf[off:off + n] = pdu.data
         task.received += n
         self.bytes_in += n
+        self.budget.progress()
         if task.state == "data":
             if task.received >= task.edtl:
                 if task.data_ready is not None:

@@ -365,6 +365,7 @@ class IscsiServer:
             "in_flight": sum(len(s.tasks) for s in self.sessions.values()),
             "targets": per_target,
             "portals": list(self.addresses),
+            "memory": self.memory.stats(),
             "session_list": [{
                 "tsih": s.tsih,
                 "initiator": s.nexus.initiator,

@@ -83,7 +83,10 @@ class Session(DataPathMixin, TaskManagementMixin):
         self.bytes_in = 0
         self.bytes_out = 0
         self._aux: set[asyncio.Task] = set()
-        self.budget = server.memory.session(f"{self.tsih}")
+        self.budget = server.memory.session(
+            f"{self.tsih} ({clip(self.initiator_name, NAME_CLIP)})",
+            # not from inside another command's budget request: on the next turn
+            evict=lambda: conn.loop.call_soon(conn.abort, "over its memory budget"))
         self.immediate_inflight = 0
 
     # -- helpers ---------------------------------------------------------------

@@ -15,7 +15,7 @@ import subprocess
 import time
 
 from target.iscsi import pdu as P
-from target.iscsi.budget import DEFAULT_MEMORY_LIMIT, MemoryBudget
+from target.iscsi.budget import DEFAULT_MEMORY_LIMIT, STALL_SECONDS, MemoryBudget
 from target.iscsi.cmdsn import sn_add
 
 from tests.support import LR, ROOT, Daemon, free_port
@@ -157,7 +157,7 @@ def test_hostile_sessions_leave_rss_bounded_and_good_initiator_unharmed(tmp_path
         d.cli("export", "create", IQN_BAD, "--lun", "0=victim")
         d.cli("export", "create", IQN_GOOD, "--lun", "0=good")
         before = vm_rss(d.proc.pid)
-        stats = asyncio.run(scenario(d.port, d.proc.pid, hostile_seconds=14))
+        stats = asyncio.run(scenario(d.port, d.proc.pid, hostile_seconds=10))
         alive = d.proc.poll() is None
     finally:
         if d.proc.poll() is None:
@@ -197,3 +197,34 @@ def test_serve_refuses_a_memory_limit_too_small(tmp_path):
                         "--memory-limit", "1M"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "memory limit" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "st")
+
+
+def test_a_stalled_holder_is_cut_off_when_others_wait():
+    now = [100.0]
+    b = MemoryBudget(256 << 20, clock=lambda: now[0])
+    cut = []
+    hog = b.session("hog", evict=lambda: cut.append("hog"))
+    busy = b.session("busy", evict=lambda: cut.append("busy"))
+    assert hog.try_take(b.session_limit - 4096)
+    granted = []
+    assert not busy.take_or_wait(40 << 20, lambda: granted.append(1))
+    assert cut == []                          # the hog has not been idle long
+    now[0] += STALL_SECONDS + 1
+    b.relieve()
+    assert cut == ["hog"] and granted == [1] and b.used == busy.used == 40 << 20
+    assert b.stats()["evicted"] == 1
+
+
+def test_a_holder_that_makes_progress_is_not_cut_off():
+    now = [100.0]
+    b = MemoryBudget(256 << 20, clock=lambda: now[0])
+    cut = []
+    busy = b.session("busy", evict=lambda: cut.append("busy"))
+    other = b.session("other", evict=lambda: cut.append("other"))
+    assert busy.try_take(b.session_limit - 4096)
+    assert not other.take_or_wait(40 << 20, lambda: None)
+    for _ in range(5):
+        now[0] += STALL_SECONDS / 2
+        busy.progress()                       # data keeps arriving for its writes
+        b.relieve()
+    assert cut == []
