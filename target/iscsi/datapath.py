@@ -64,7 +64,6 @@ class DataPathMixin:
         if dlen and not prm.immediate_data:
             self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
             return self._noop
-        charge = COMMAND_COST
         if task.write:
             if dlen > task.edtl or dlen > prm.first_burst_length:
                 self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
@@ -82,23 +81,16 @@ class DataPathMixin:
             task.unsol_next = dlen
             task.r2t_next = task.unsol_end
             self.bytes_in += dlen
-            if task.error_sense is None:
-                # what is on its way anyway is charged now; the rest of a big
-                # write only before its R2Ts go out (_run)
-                task.paid_to = task.edtl if task.edtl <= SMALL_WRITE else task.unsol_end
-                charge += task.paid_to
         if task.read and task.write:
             task.error_sense = SENSE_INVALID_FIELD_CDB      # bidirectional: not supported
         if pdu.immediate and self.immediate_inflight >= IMMEDIATE_LIMIT:
             self._refuse(task, TASK_SET_FULL)
-        elif not self.budget.try_take(charge):
-            self._refuse(task, TASK_SET_FULL if self.budget.over_session_limit(charge) else BUSY)
+        elif task.write and task.error_sense is None:
+            self._admit_write(task, pdu.data)
+        elif self.budget.try_take(COMMAND_COST):
+            task.charged = COMMAND_COST
         else:
-            task.charged = charge
-            if task.write and task.error_sense is None:
-                task.buf = write_buffer(task.edtl)
-                if dlen:
-                    task.buf[:dlen] = pdu.data
+            self._refuse(task, TASK_SET_FULL if self.budget.over_session_limit(COMMAND_COST) else BUSY)
         if pdu.immediate:
             self.immediate_inflight += 1
         self.tasks[itt] = task
@@ -118,6 +110,29 @@ class DataPathMixin:
             # runs now; a Task only if it has to wait (None once it is done)
             task.aio = eager.start(self._run(task))
         return deliver
+
+    def _admit_write(self, task: Task, immediate: memoryview) -> None:
+        """Charge a write and give it its buffer. All of its data if that
+        fits (the buffer is allocated at once, as before budgets); else what
+        is on its way anyway (immediate and unsolicited data: a big buffer
+        is then a lazy mapping, and the rest is charged before its R2Ts go
+        out, see _run); else the command is refused."""
+        edtl = task.edtl
+        budget = self.budget
+        if budget.try_take(COMMAND_COST + edtl):
+            task.charged, task.paid_to = COMMAND_COST + edtl, edtl
+            task.buf = bytearray(edtl)
+        else:
+            part = edtl if edtl <= SMALL_WRITE else task.unsol_end
+            if not budget.try_take(COMMAND_COST + part):
+                self._refuse(task, TASK_SET_FULL if budget.over_session_limit(COMMAND_COST + part)
+                             else BUSY)
+                return
+            task.charged, task.paid_to = COMMAND_COST + part, part
+            if part:
+                task.buf = write_buffer(edtl)
+        if len(immediate):
+            task.buf[:len(immediate)] = immediate
 
     def _refuse(self, task: Task, status: int) -> None:
         """Answer a command BUSY / TASK SET FULL without running it: its
@@ -285,6 +300,8 @@ class DataPathMixin:
                     # never block another that holds the rest
                     await self._charge(task, task.edtl - task.paid_to)
                     task.paid_to = task.edtl
+                    if task.buf is None and task.error_sense is None:
+                        task.buf = bytearray(task.edtl)        # all of it is charged now
                 if task.received < task.edtl and task.error_sense is None:
                     task.data_ready = asyncio.Event()
                     self._send_r2ts(task)
