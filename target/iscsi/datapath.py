@@ -348,6 +348,9 @@ class DataPathMixin:
             task.state = "done"
             self._retire(task)
             self._send_result(task, rsp)
+            # the transport holds (a copy of) what is unsent; the charge now
+            # stands for that until drain() says the peer took it
+            rsp = cmd = None
             await self.conn.drain()
         except asyncio.CancelledError:
             if task.notify_abort and not self.closed:

@@ -17,6 +17,7 @@ import time
 from target.iscsi import pdu as P
 from target.iscsi.budget import DEFAULT_MEMORY_LIMIT, STALL_SECONDS, MemoryBudget
 from target.iscsi.cmdsn import sn_add
+from target.iscsi.datapath import IMMEDIATE_LIMIT
 
 from tests.support import LR, ROOT, Daemon, free_port
 from .initiator import Initiator
@@ -228,3 +229,75 @@ def test_a_holder_that_makes_progress_is_not_cut_off():
         busy.progress()                       # data keeps arriving for its writes
         b.relieve()
     assert cut == []
+
+
+# -- in-process server: immediate commands, backpressure, stuck output ----------------
+
+FAKE_IQN = "iqn.2025-01.org.test:budget"
+
+
+async def _serving(**kw):
+    from target.iscsi import IscsiServer, IscsiTargetConfig
+
+    from .fake_scsi import FakeScsiTarget, MemLun
+    srv = IscsiServer([IscsiTargetConfig(FAKE_IQN, FakeScsiTarget({0: MemLun(8 << 20)}))],
+                      [("127.0.0.1", 0)], **kw)
+    await srv.start()
+    return srv
+
+
+def test_immediate_commands_beyond_the_limit_get_task_set_full():
+    async def main():
+        srv = await _serving()
+        try:
+            i = Initiator(*srv.addresses[0])
+            await i.login(FAKE_IQN, immediate_data=False, initial_r2t=True)
+            for _ in range(3):
+                if (await i.scsi(0, bytes(6))).status == 0:
+                    break
+            n = IMMEDIATE_LIMIT + 24
+            data = bytes(range(256)) * 256          # 64 KiB each, sent only when solicited
+            # all at once, outside the CmdSN window: the target keeps at most
+            # IMMEDIATE_LIMIT in flight and answers the others TASK SET FULL
+            results = await asyncio.wait_for(asyncio.gather(*(
+                i.scsi(0, _rw16(0x8A, k * 128, len(data)), data_out=data, immediate=True)
+                for k in range(n))), 30)
+            statuses = [r.status for r in results]
+            assert statuses.count(0x00) >= IMMEDIATE_LIMIT
+            assert statuses.count(0x28) >= n - 2 * IMMEDIATE_LIMIT    # TASK SET FULL
+            assert set(statuses) <= {0x00, 0x28}
+            assert (await i.scsi(0, bytes(6))).status == 0          # the session carries on
+            await i.close()
+        finally:
+            await srv.stop(timeout=2)
+    asyncio.run(main())
+
+
+def test_a_peer_that_does_not_read_is_not_read_and_then_dropped():
+    async def main():
+        srv = await _serving(output_timeout=1.0)
+        try:
+            i = Initiator(*srv.addresses[0])
+            await i.login(FAKE_IQN, start_reader=False)
+            conn = next(iter(srv.connections))
+            ping = bytes(4096)
+            sent = 0
+            for _ in range(4000):       # 16 MiB of pings whose echoes it never reads
+                bhs = P.build_bhs(P.OP_NOP_OUT, P.FLAG_FINAL, immediate=True, lun=0,
+                                  itt=i.new_itt(), fields={20: P.ALL_ONES, 24: i.cmdsn})
+                i.send(bhs, ping)
+                sent += 1
+                if sent % 200 == 0:
+                    await asyncio.sleep(0.01)
+            handled = conn.pdus_in
+            # it stopped reading once its unsent answers passed the high-water mark
+            assert handled < sent // 2, (handled, sent)
+            for _ in range(100):
+                if not srv.connections:
+                    break
+                await asyncio.sleep(0.1)
+            assert not srv.connections, "a peer that reads nothing was not dropped"
+            i.writer.transport.abort()
+        finally:
+            await srv.stop(timeout=2)
+    asyncio.run(main())
