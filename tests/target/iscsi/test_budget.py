@@ -273,25 +273,42 @@ def test_immediate_commands_beyond_the_limit_get_task_set_full():
     asyncio.run(main())
 
 
-def test_a_peer_that_does_not_read_is_not_read_and_then_dropped():
+async def _flood_pings_unread(srv) -> tuple[int, int, Initiator]:
+    """Log in, then send 16 MiB of NOP-Out pings whose echoes are never read."""
+    i = Initiator(*srv.addresses[0])
+    await i.login(FAKE_IQN, start_reader=False)
+    conn = next(iter(srv.connections))
+    ping = bytes(4096)
+    sent = 0
+    for _ in range(4000):
+        bhs = P.build_bhs(P.OP_NOP_OUT, P.FLAG_FINAL, immediate=True, lun=0,
+                          itt=i.new_itt(), fields={20: P.ALL_ONES, 24: i.cmdsn})
+        i.send(bhs, ping)
+        sent += 1
+        if sent % 200 == 0:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    return conn.pdus_in, sent, i
+
+
+def test_a_peer_that_does_not_read_is_not_read():
+    async def main():
+        srv = await _serving()
+        try:
+            handled, sent, i = await _flood_pings_unread(srv)
+            # reading stopped once its unsent answers passed the high-water mark
+            assert handled < sent // 2, (handled, sent)
+            i.writer.transport.abort()
+        finally:
+            await srv.stop(timeout=2)
+    asyncio.run(main())
+
+
+def test_a_peer_whose_output_is_stuck_is_dropped():
     async def main():
         srv = await _serving(output_timeout=1.0)
         try:
-            i = Initiator(*srv.addresses[0])
-            await i.login(FAKE_IQN, start_reader=False)
-            conn = next(iter(srv.connections))
-            ping = bytes(4096)
-            sent = 0
-            for _ in range(4000):       # 16 MiB of pings whose echoes it never reads
-                bhs = P.build_bhs(P.OP_NOP_OUT, P.FLAG_FINAL, immediate=True, lun=0,
-                                  itt=i.new_itt(), fields={20: P.ALL_ONES, 24: i.cmdsn})
-                i.send(bhs, ping)
-                sent += 1
-                if sent % 200 == 0:
-                    await asyncio.sleep(0.01)
-            handled = conn.pdus_in
-            # it stopped reading once its unsent answers passed the high-water mark
-            assert handled < sent // 2, (handled, sent)
+            _, _, i = await _flood_pings_unread(srv)
             for _ in range(100):
                 if not srv.connections:
                     break
