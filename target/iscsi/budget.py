@@ -34,7 +34,7 @@ ratelog = RateLimitedLog(log)
 
 MiB = 1 << 20
 DEFAULT_MEMORY_LIMIT = 512 * MiB      # RSS bound of the daemon (serve --memory-limit)
-MIN_MEMORY_LIMIT = 64 * MiB
+MIN_MEMORY_LIMIT = 256 * MiB          # keeps max_command_data >= 32 MiB, the SCSI layer's max transfer
 DATA_SHARE = 4                        # command data may use 1/DATA_SHARE of the memory limit
 MAX_SESSION_LIMIT = 128 * MiB         # half of it is the largest command's data
 SMALL_WRITE = 256 * 1024              # write buffers up to this are allocated at once
