@@ -1,6 +1,6 @@
 """Configuration kept in the database: volumes, iSCSI targets, settings and
 SCSI persistent reservations. Small, rarely written; each call is one
-transaction."""
+transaction (``Database.transaction``: it advances the generation too)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,18 @@ class VolumeRecord:
     extent_size: int
     kind: str = "file"          # "file" or "blockdev"
     created_at: float = 0.0
+
+
+class StoredValueError(ValueError):
+    """A stored value the daemon cannot read back; names the row and says so
+    in one line (the database was edited by hand or by a damaged writer)."""
+
+
+def _decode(what: str, text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise StoredValueError(f"{what}: the stored value is not valid JSON") from None
 
 
 class ConfigStore:
@@ -42,36 +54,46 @@ class ConfigStore:
     def put_volume(self, rec: VolumeRecord) -> None:
         if not rec.created_at:
             rec.created_at = time.time()
-        with self.database.lock, self.database.conn:
-            self._db["volumes"].upsert(asdict(rec), pk="name")
+        row = asdict(rec)
+        with self.database.transaction() as c:
+            c.execute(f"INSERT OR REPLACE INTO volumes ({', '.join(row)}) "
+                      f"VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            self.database.note_volume(rec.name, rec.path)
 
     def delete_volume(self, name: str) -> None:
-        with self.database.lock, self.database.conn:
-            self._db["volumes"].delete_where("name = ?", [name])
+        with self.database.transaction() as c:
+            c.execute("DELETE FROM volumes WHERE name = ?", (name,))
+            self.database.note_volume(name, None)
 
     # -- iSCSI targets ---------------------------------------------------------------
     def targets(self) -> dict[str, dict[str, Any]]:
         with self.database.lock:
-            return {r["iqn"]: json.loads(r["config"]) for r in self._db["targets"].rows}
+            rows = list(self._db["targets"].rows)
+        return {r["iqn"]: _decode(f"target {r['iqn']}", r["config"]) for r in rows}
 
     def put_target(self, iqn: str, config: dict[str, Any]) -> None:
-        with self.database.lock, self.database.conn:
-            self._db["targets"].upsert({"iqn": iqn, "config": json.dumps(config, sort_keys=True)},
-                                       pk="iqn")
+        with self.database.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO targets (iqn, config) VALUES (?, ?)",
+                      (iqn, json.dumps(config, sort_keys=True)))
 
     def delete_target(self, iqn: str) -> None:
-        with self.database.lock, self.database.conn:
-            self._db["targets"].delete_where("iqn = ?", [iqn])
+        with self.database.transaction() as c:
+            c.execute("DELETE FROM targets WHERE iqn = ?", (iqn,))
 
     # -- settings ------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
         with self.database.lock:
             rows = list(self._db["settings"].rows_where("key = ?", [key]))
-        return json.loads(rows[0]["value"]) if rows else default
+        return _decode(f"setting {key}", rows[0]["value"]) if rows else default
 
     def set(self, key: str, value: Any) -> None:
-        with self.database.lock, self.database.conn:
-            self._db["settings"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
+        self.set_many({key: value})
+
+    def set_many(self, values: dict[str, Any]) -> None:
+        """Several settings in one transaction: all of them or none."""
+        rows = [(key, json.dumps(value)) for key, value in values.items()]
+        with self.database.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", rows)
 
     # -- persistent reservations ---------------------------------------------------------
     def reservation_state(self, device: str) -> dict[str, Any]:
@@ -80,9 +102,9 @@ class ConfigStore:
         return json.loads(rows[0]["state"]) if rows else {}
 
     def put_reservation_state(self, device: str, state: dict[str, Any]) -> None:
-        with self.database.lock, self.database.conn:
-            self._db["reservations"].upsert(
-                {"device": device, "state": json.dumps(state, sort_keys=True)}, pk="device")
+        with self.database.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO reservations (device, state) VALUES (?, ?)",
+                      (device, json.dumps(state, sort_keys=True)))
 
 
 class SqliteReservationStore:

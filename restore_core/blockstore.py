@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import stat
 import threading
@@ -103,6 +104,11 @@ class BlockStore(ABC):
     def close(self) -> None:  # pragma: no cover - trivial default
         pass
 
+    def lost(self) -> str | None:
+        """Why the store no longer reaches its image (a file store's file was
+        deleted or replaced), or None. Stores without a path never lose it."""
+        return None
+
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise BlockStoreError(
@@ -162,35 +168,38 @@ class InlineGuard:
 
 
 class FileBlockStore(BlockStore):
-    """An image file (sparse is fine) or a block device."""
+    """An image file (sparse is fine) or a block device.
+
+    Opening never changes an existing file: its size must be the one asked
+    for (or none asked). Only a file this store creates itself (``create``
+    and the path did not exist) is sized, and it is removed again if the
+    open fails half way. The open file is flock()ed for the store's life
+    (shared when read-only) so no two volumes and no two daemons share one
+    image; a failed open leaks no descriptor.
+    """
 
     def __init__(self, path: str, size: int | None = None, *, create: bool = False,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, nofollow: bool = False) -> None:
         self.path = path
         self.name = path
-        flags = os.O_RDONLY if readonly else os.O_RDWR
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        if nofollow:
+            flags |= os.O_NOFOLLOW
+        self.created = False
         if create:
-            flags |= os.O_CREAT
-        self._fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-        st = os.fstat(self._fd)
-        self._is_blockdev = stat.S_ISBLK(st.st_mode)
-        if self._is_blockdev:
-            actual = os.lseek(self._fd, 0, os.SEEK_END)
-            if size is not None and size != actual:
-                os.close(self._fd)
-                raise BlockStoreError(f"{path}: device has {actual} bytes, not {size}")
-            self._size = actual
+            try:
+                self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                self.created = True
+            except FileExistsError:
+                self._fd = os.open(path, flags)
         else:
-            if size is None:
-                self._size = st.st_size
-            else:
-                if st.st_size != size:
-                    if not create and st.st_size != 0:
-                        os.close(self._fd)
-                        raise BlockStoreError(
-                            f"{path}: file has {st.st_size} bytes, expected {size}")
-                    os.ftruncate(self._fd, size)  # sparse: no blocks allocated
-                self._size = size
+            self._fd = os.open(path, flags)
+        try:
+            self._size = self._open_checks(path, size, readonly)
+        except BaseException:
+            self.abandon()
+            raise
+        self.identity = self._stat_identity(os.fstat(self._fd))
         self._nowait = _RWF_NOWAIT != 0
         self.inline_write_max = 0 if self._is_blockdev else 128 * 1024
         # reads go inline with RWF_NOWAIT (the kernel says when they would
@@ -205,6 +214,80 @@ class FileBlockStore(BlockStore):
         self._flushing: asyncio.Future[None] | None = None
         self.fdatasyncs = 0
 
+    def _open_checks(self, path: str, size: int | None, readonly: bool) -> int:
+        """Lock the open image and return its size; raise if it is not usable."""
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlockStoreError(f"{path} is in use (locked by another volume or daemon)") \
+                from None
+        st = os.fstat(self._fd)
+        self._is_blockdev = stat.S_ISBLK(st.st_mode)
+        if not self._is_blockdev and not stat.S_ISREG(st.st_mode):
+            raise BlockStoreError(f"{path} is neither a regular file nor a block device")
+        if self._is_blockdev:
+            actual = os.lseek(self._fd, 0, os.SEEK_END)
+            if size is not None and size != actual:
+                raise BlockStoreError(f"{path}: device has {actual} bytes, not {size}")
+            return actual
+        if self.created:
+            if size is None:
+                raise BlockStoreError(f"{path}: a new image needs a size")
+            os.ftruncate(self._fd, size)  # sparse: no blocks allocated
+            return size
+        if size is not None and st.st_size != size:
+            raise BlockStoreError(f"{path}: file has {st.st_size} bytes, expected {size}")
+        return st.st_size
+
+    @staticmethod
+    def _stat_identity(st: os.stat_result) -> tuple[int, int]:
+        return (st.st_dev, st.st_ino)
+
+    def abandon(self) -> None:
+        """Close, and remove the file if this store created it (a failed
+        create leaves nothing behind)."""
+        self.close()
+        if self.created:
+            self.created = False
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def lost(self) -> str | None:
+        """Why the open image is no longer the one at its path (unlinked, or
+        the path now names another file), or None while it still is."""
+        try:
+            st = os.fstat(self._fd)
+        except OSError as e:
+            return f"image {self.path} cannot be checked: {e.strerror or e}"
+        if st.st_nlink == 0:
+            return f"image {self.path} was deleted"
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return f"image {self.path} was moved or deleted"
+        except OSError as e:
+            return f"image {self.path} cannot be checked: {e.strerror or e}"
+        if self._stat_identity(now) != self.identity:
+            return f"image {self.path} was replaced by another file"
+        return None
+
+    def grow(self, size: int) -> None:
+        """Make the store ``size`` bytes: a file is extended (sparse), a block
+        device must already be that big (grow the device first). Never shrinks."""
+        if size < self._size:
+            raise BlockStoreError(f"{self.path}: cannot shrink from {self._size} to {size} bytes")
+        if self._is_blockdev:
+            actual = os.lseek(self._fd, 0, os.SEEK_END)
+            if actual != size:
+                raise BlockStoreError(f"{self.path}: device has {actual} bytes, not {size}; "
+                                      "grow the device first")
+        else:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        self._size = size
+
     @property
     def size(self) -> int:
         return self._size
@@ -212,6 +295,10 @@ class FileBlockStore(BlockStore):
     @property
     def fd(self) -> int:
         return self._fd
+
+    @property
+    def is_blockdev(self) -> bool:
+        return self._is_blockdev
 
     # -- synchronous primitives (also used by the benchmarks' plain copy) --
     def readinto_sync(self, offset: int, buf: memoryview) -> None:
@@ -311,7 +398,6 @@ class FileBlockStore(BlockStore):
         if self._is_blockdev:
             await super().discard(offset, length)
             return
-        import fcntl  # noqa: F401  (fallocate is in os on Linux)
         try:
             # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: reads back zeros.
             await asyncio.get_running_loop().run_in_executor(
@@ -330,6 +416,34 @@ class FileBlockStore(BlockStore):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class MissingBlockStore(BlockStore):
+    """Stands in for a volume whose image could not be opened: it has the
+    recorded size (so its pairs load) and refuses every I/O with the reason.
+    Nothing is ever written, so a flush has nothing to make durable."""
+
+    def __init__(self, path: str, size: int, reason: str) -> None:
+        self.path = path
+        self.name = path
+        self._size = size
+        self.reason = reason
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        raise BlockStoreError(self.reason, offset)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise BlockStoreError(self.reason, offset)
+
+    async def discard(self, offset: int, length: int) -> None:
+        raise BlockStoreError(self.reason, offset)
+
+    async def flush(self) -> None:
+        return None
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:

@@ -7,6 +7,13 @@
 Every state change is made with the volumes' I/O gates closed (no host I/O
 in flight decided under the old state) and is durable before it returns.
 Jobs (sync, restore) resume on start from their persisted maps.
+
+Metadata the store reports damaged on load (map chunks that failed their
+checksum) is widened to the safe side and rewritten before anything is
+served; the pair is marked damaged until its next job completes. A pair on
+hold (a rolled-back database, a damaged pair record) serves no I/O and runs
+no job until the admin acknowledges it, which marks every extent as
+differing.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from .blockstore import BlockStore
 from .committer import Committer, load_map
 from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
-from .metadata import MetadataStore
+from .metadata import HOLD_FIELD, MetadataStore, Snapshot
 from .pair import (PERSISTED_MAPS, Job, JobKind, Pair, PairState, Progress, Throttle,
                    VolumeRuntime)
 from .volume_io import VolumeIO
@@ -28,7 +35,18 @@ log = logging.getLogger(__name__)
 
 MAX_CLONES_PER_SOURCE = 8
 LAZY_COMMIT_S = 1.0
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Volume names (and so pair ids, which are clone names) reach the shell tree,
+# LIO configfs and log lines: one printable token. Always used with fullmatch:
+# "$" with re.match would let a trailing newline through.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+NAME_HELP = "1-64 of letters, digits, _ . : - starting with a letter or digit"
+
+
+def valid_volume_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+# How often every image is checked for having been deleted or replaced under
+# the daemon (each flush checks too).
+IMAGE_CHECK_S = 1.0
 
 
 class EngineError(Exception):
@@ -44,21 +62,90 @@ class Engine:
         self.ios: dict[str, VolumeIO] = {}
         self.pairs: dict[str, Pair] = {}
         self._cleaners: dict[str, asyncio.Task[None]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()   # copiers of volumes gone offline
         self._lock = asyncio.Lock()     # one lifecycle operation at a time
         self.started = False
         self.listeners: list[Any] = []  # callables(event: str, pair_id: str)
 
     # -- volumes -----------------------------------------------------------------
-    def add_volume(self, name: str, store: BlockStore) -> VolumeIO:
-        if not NAME_RE.match(name):
-            raise EngineError(f"invalid volume name {name!r}: use letters, digits, _ . : -")
+    def add_volume(self, name: str, store: BlockStore, offline: str | None = None) -> VolumeIO:
+        """Add a volume; ``offline`` (the reason) adds one whose image is not
+        usable: it answers NOT READY and its pairs' jobs wait for relink()."""
+        if not valid_volume_name(name):
+            raise EngineError(f"invalid volume name {name!r}: {NAME_HELP}")
         if name in self.volumes:
             raise EngineError(f"volume {name!r} already exists")
         vol = VolumeRuntime(name, store)
+        vol.offline = offline
         self.volumes[name] = vol
-        io = VolumeIO(vol, self.committer)
+        io = VolumeIO(vol, self.committer, self.volumes, self.set_offline)
         self.ios[name] = io
         return io
+
+    def set_offline(self, name: str, reason: str) -> None:
+        """Take a volume offline (its image is gone): one ERROR line, host I/O
+        answers NOT READY from now on, its pairs' copiers stop (their jobs
+        stay, to resume after relink)."""
+        vol = self.volumes.get(name)
+        if vol is None or vol.offline is not None:
+            return
+        vol.offline = reason
+        log.error("volume %s is offline: %s", name, reason)
+        for pair in self._pairs_of(vol):
+            t = asyncio.get_running_loop().create_task(self._stop_background(pair),
+                                                       name=f"offline:{pair.id}")
+            self._stopping.add(t)           # a reference, until it is done
+            t.add_done_callback(self._stopping.discard)
+
+    async def relink(self, name: str, store: BlockStore) -> BlockStore:
+        """Bring an offline volume back on a new store of the same size;
+        returns the old store (for the caller to close). Jobs of its pairs
+        resume where they stopped."""
+        async with self._lock:
+            vol = self._volume(name)
+            if vol.offline is None:
+                raise EngineError(f"volume {name} is online; only an offline volume can be "
+                                  "relinked")
+            if store.size != vol.store.size:
+                raise EngineError(f"volume {name} is {vol.store.size} bytes; the new image has "
+                                  f"{store.size}")
+            async with vol.gate.closed():
+                old, vol.store = vol.store, store
+                for pair in vol.as_source:
+                    pair.source_store = store
+                if vol.as_clone is not None:
+                    vol.as_clone.clone_store = store
+                vol.offline = None
+                vol.generation += 1
+            log.info("volume %s is online again at %s", name, getattr(store, "name", "?"))
+            for pair in self._pairs_of(vol):
+                if not self.offline_reasons(pair):
+                    await self._recover(pair)
+        return old
+
+    def _pairs_of(self, vol: VolumeRuntime) -> list[Pair]:
+        return list(vol.as_source) + ([vol.as_clone] if vol.as_clone is not None else [])
+
+    def offline_reasons(self, pair: Pair) -> list[str]:
+        """Why the pair's jobs cannot run now (its volumes that are offline)."""
+        return [f"volume {n} is offline: {self.volumes[n].offline}"
+                for n in (pair.source, pair.clone)
+                if n in self.volumes and self.volumes[n].offline is not None]
+
+    def _require_online(self, *names: str) -> None:
+        for n in names:
+            vol = self._volume(n)
+            if vol.offline is not None:
+                raise EngineError(f"volume {n} is offline ({vol.offline}); relink it first")
+
+    async def _watch_images(self) -> None:
+        while True:
+            await asyncio.sleep(IMAGE_CHECK_S)
+            for name, vol in list(self.volumes.items()):
+                if vol.offline is None:
+                    why = vol.store.lost()
+                    if why is not None:
+                        self.set_offline(name, why)
 
     def remove_volume(self, name: str) -> BlockStore:
         vol = self._volume(name)
@@ -96,16 +183,32 @@ class Engine:
         """Load pairs from the metadata store and resume interrupted jobs."""
         snap = await asyncio.get_running_loop().run_in_executor(None, self.meta.load)
         for pid, rec in snap.pairs.items():
-            pair = Pair.from_record(rec)
-            for name in PERSISTED_MAPS:
-                cur = getattr(pair, name)       # intent has one bit per region, not per extent
-                cur.assign(load_map(cur.nbits, snap.maps.get(pair.map_key(name), {})))
-            for name in PERSISTED_MAPS:
-                getattr(pair, name).take_dirty_chunks()
-            self._attach(pair)
+            try:
+                pair = Pair.from_record(rec)
+                for name in PERSISTED_MAPS:
+                    cur = getattr(pair, name)   # intent has one bit per region, not per extent
+                    cur.assign(load_map(cur.nbits, snap.maps.get(pair.map_key(name), {})))
+                for name in PERSISTED_MAPS:
+                    getattr(pair, name).take_dirty_chunks()
+                self._attach(pair)
+            except (KeyError, ValueError, TypeError, EngineError) as e:
+                if not rec.get(HOLD_FIELD):
+                    raise
+                # A record that failed its checksum may name nothing usable.
+                log.error("pair %s: its damaged record cannot be used (%s); the pair is not "
+                          "loaded and its volumes serve unpaired: re-create the pair (a full "
+                          "sync)", pid, e)
+        if self._widen_damaged(snap) or any(p.hold for p in self.pairs.values()):
+            # Rewritten with fresh checksums before anything is served.
+            for pair in self.pairs.values():
+                if pair.hold or pair.damaged:
+                    self.committer.put_pair(pair.id, pair.to_record())
+            await self.committer.commit()
+        self._refresh_holds()
         for pair in self.pairs.values():
             await self._recover(pair)
         self._lazy = asyncio.get_running_loop().create_task(self._lazy_commits(), name="lazy-commits")
+        self._watch = asyncio.get_running_loop().create_task(self._watch_images(), name="image-watch")
         self.started = True
 
     async def _lazy_commits(self) -> None:
@@ -136,18 +239,99 @@ class Engine:
         for name in PERSISTED_MAPS:
             self.committer.register_map(pair.map_key(name), getattr(pair, name))
 
+    def _widen_damaged(self, snap: Snapshot) -> bool:
+        """Give every chunk that failed its checksum its safe-side content
+        (see Pair.widen_damaged_chunk); progress maps after the maps they
+        are read against. Returns whether anything was damaged."""
+        order = {name: i for i, name in enumerate(PERSISTED_MAPS)}
+        found = False
+        for key in sorted(snap.damaged, key=lambda k: order.get(k.partition("/")[2], -1)):
+            chunks = snap.damaged[key]
+            pid, _, name = key.partition("/")
+            pair = self.pairs.get(pid)
+            if pair is None or name not in order:
+                log.error("map %s: chunk(s) %s failed their checksum and belong to no pair; "
+                          "ignored", key, ", ".join(map(str, chunks)))
+                continue
+            found = True
+            for chunk in chunks:
+                assumed = pair.widen_damaged_chunk(name, chunk)
+                log.error("pair %s: map %s chunk %d failed its checksum: %s; the pair is "
+                          "marked damaged", pid, name, chunk, assumed)
+            pair.damaged = (f"map {name} chunk(s) {', '.join(map(str, chunks))} failed their "
+                            "checksum; widened to the safe side, the next sync or restore "
+                            "copies the extents they cover")
+            self._emit("damaged", pid)
+        return found
+
+    def _refresh_holds(self) -> None:
+        """Each volume of a held pair answers NOT READY with the pair's reason."""
+        for vol in self.volumes.values():
+            vol.held = None
+        for pair in self.pairs.values():
+            if pair.hold is None:
+                continue
+            why = (f"pair {pair.id} is held: {pair.hold}; "
+                   f"run 'liverestore pair acknowledge {pair.id}'")
+            for name in (pair.source, pair.clone):
+                vol = self.volumes[name]
+                if vol.held is None:
+                    vol.held = why
+                    vol.generation += 1
+
+    def _refuse_held(self, pair: Pair) -> None:
+        if pair.hold is not None:
+            raise EngineError(f"pair {pair.id} is held: {pair.hold}; acknowledge it first "
+                              f"('liverestore pair acknowledge {pair.id}')")
+
+    async def acknowledge(self, pair_id: str) -> str:
+        """The admin accepts a held pair: every extent counts as differing,
+        the pair is fractured and serves again. Returns what was held."""
+        async with self._lock:
+            pair = self.pair(pair_id)
+            if pair.hold is None:
+                raise EngineError(f"pair {pair_id} is not held; nothing to acknowledge")
+            src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+            async with src.gate.closed(), cln.gate.closed():
+                await self._stop_background(pair)
+                reason = pair.hold
+                pair.delta.set_all()
+                pair.done.clear_all()
+                pair.marks.clear_all()
+                pair.intent.clear_all()
+                pair.todo.clear_all()
+                pair.state = PairState.FRACTURED
+                pair.job = None
+                pair.hold = None
+                pair.damaged = pair.damaged or f"acknowledged after: {reason}"
+                self.committer.put_pair(pair.id, pair.to_record())
+                await self.committer.commit()
+                src.generation += 1
+                cln.generation += 1
+                self._refresh_holds()
+            log.warning("pair %s: acknowledged (%s); every extent now counts as differing",
+                        pair.id, reason)
+            self._emit("acknowledged", pair.id)
+            return reason
+
     async def _recover(self, pair: Pair) -> None:
+        if pair.hold is not None:
+            log.error("pair %s is held: %s; its volumes answer NOT READY until "
+                      "'liverestore pair acknowledge %s'", pair.id, pair.hold, pair.id)
+            return
         if pair.widen_delta_by_intent():
             # Acknowledged writes whose exact bits had not reached disk.
             self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
-        if pair.mirroring and pair.marks.any(0, pair.nextents):
+        if pair.mirroring and (pair.marks.any(0, pair.nextents) or (
+                pair.state is PairState.SYNCHRONIZED and pair.delta.any(0, pair.nextents))):
             # Mirrored writes may have been cut between the legs: copy those
-            # extents again (one transaction, before the copier starts).
+            # extents again (one transaction, before the copier starts). A
+            # synchronized pair's delta is empty unless a damaged chunk was
+            # widened: copy those too.
             if pair.state is PairState.SYNCHRONIZED:
                 pair.state = PairState.SYNCING
                 pair.job = Job(JobKind.SYNC, total=0)
-                pair.delta.clear_all()
                 pair.done.clear_all()
             pair.delta.update_from(pair.marks)
             pair.done.subtract(pair.marks)
@@ -167,10 +351,11 @@ class Engine:
 
     async def close(self) -> None:
         """Stop copiers (their progress is durable), flush, commit."""
-        lazy = getattr(self, "_lazy", None)
-        if lazy is not None:
-            lazy.cancel()
-            await asyncio.gather(lazy, return_exceptions=True)
+        for name in ("_lazy", "_watch"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for pair in self.pairs.values():
             if pair.copier is not None:
                 await pair.copier.stop()
@@ -192,6 +377,7 @@ class Engine:
             if extent_size < 4096 or extent_size & (extent_size - 1) or extent_size > 64 << 20:
                 raise EngineError("extent size must be a power of two from 4 KiB to 64 MiB")
             src, cln = self._volume(source), self._volume(clone)
+            self._require_online(source, clone)
             if source == clone:
                 raise EngineError("a volume cannot be its own clone")
             if cln.as_clone is not None:
@@ -202,6 +388,9 @@ class Engine:
                 raise EngineError(f"volume {source!r} is a clone; a clone cannot be a source")
             if len(src.as_source) >= MAX_CLONES_PER_SOURCE:
                 raise EngineError(f"volume {source!r} already has {MAX_CLONES_PER_SOURCE} clones")
+            for vol in (src, cln):
+                if vol.held is not None:
+                    raise EngineError(f"volume {vol.name!r}: {vol.held}")
             if src.store.size != cln.store.size:
                 raise EngineError(f"sizes differ: {source} has {src.store.size} bytes, "
                                   f"{clone} has {cln.store.size}")
@@ -236,10 +425,12 @@ class Engine:
         """Incremental (delta extents) or full copy source -> clone."""
         async with self._lock:
             pair = self.pair(pair_id)
+            self._refuse_held(pair)
             if pair.state is PairState.RESTORING:
                 raise EngineError(f"pair {pair_id} is restoring; wait for the restore to end")
             if pair.state is PairState.SYNCING:
                 raise EngineError(f"pair {pair_id} is already syncing")
+            self._require_online(pair.source, pair.clone)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             if any(p.state is PairState.RESTORING for p in src.as_source):
                 raise EngineError(f"volume {pair.source} is being restored from another clone")
@@ -265,6 +456,7 @@ class Engine:
     async def fracture(self, pair_id: str) -> Pair:
         async with self._lock:
             pair = self.pair(pair_id)
+            self._refuse_held(pair)
             if pair.state is PairState.FRACTURED:
                 return pair
             if pair.state is PairState.RESTORING:
@@ -295,9 +487,11 @@ class Engine:
         """
         async with self._lock:
             pair = self.pair(pair_id)
+            self._refuse_held(pair)
             if pair.state is not PairState.FRACTURED:
                 raise EngineError(f"pair {pair_id} is {pair.state.value}; only a fractured pair "
                                   "can be restored")
+            self._require_online(pair.source, pair.clone)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             for other in src.as_source:
                 if other is not pair and other.state is not PairState.FRACTURED:
@@ -340,6 +534,7 @@ class Engine:
                 await self.committer.commit()
                 src.generation += 1
                 cln.generation += 1
+                self._refresh_holds()
             self._emit("pair-deleted", pair_id)
 
     def _detach(self, pair: Pair) -> None:
@@ -363,8 +558,10 @@ class Engine:
 
     async def resume(self, pair_id: str) -> None:
         pair = self.pair(pair_id)
+        self._refuse_held(pair)
         if pair.job is None:
             raise EngineError(f"pair {pair_id} has no sync or restore to resume")
+        self._require_online(pair.source, pair.clone)
         pair.job.paused = False
         pair.job.error = None
         self.committer.put_pair(pair.id, pair.to_record())
@@ -412,6 +609,12 @@ class Engine:
 
     # -- internals -------------------------------------------------------------------------
     def _start_job(self, pair: Pair) -> None:
+        offline = self.offline_reasons(pair)
+        if offline:
+            # the job stays recorded; relink() resumes it
+            log.warning("pair %s: %s waits: %s", pair.id,
+                        pair.job.kind.value if pair.job else "job", "; ".join(offline))
+            return
         if pair.copier is None:
             pair.copier = Copier(pair, self.committer)
             pair.copier.on_finished = self._job_finished
@@ -445,6 +648,8 @@ class Engine:
                 pair.state = PairState.SYNCHRONIZED
             pair.done.clear_all()
             pair.job = None
+            # The job copied every extent a widened chunk covered.
+            pair.damaged = None
             self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
             if kind is JobKind.RESTORE:
@@ -470,6 +675,8 @@ class Engine:
         self._emit("job-failed", pair.id)
 
     def _start_cleaner(self, pair: Pair) -> None:
+        if self.offline_reasons(pair):
+            return      # its flushes would reach an image that is not there
         if pair.id in self._cleaners and not self._cleaners[pair.id].done():
             return
         self._cleaners[pair.id] = asyncio.get_running_loop().create_task(

@@ -195,6 +195,10 @@ class ExtentMap:
         self._dirty.clear()
         return out
 
+    def mark_chunk_dirty(self, chunk: int) -> None:
+        """Have ``chunk`` written (or deleted) by the next commit as it is."""
+        self._dirty.add(chunk)
+
     def mark_all_dirty(self) -> None:
         self._touch(0, len(self.bits))
 

@@ -19,6 +19,14 @@ from typing import Any
 # not stored at all).
 ALL_ONES = b""
 
+# Pair record field naming why the pair must not serve until the admin
+# acknowledges (a rolled-back database, a pair record that failed its
+# checksum). The store sets it; the engine clears it on acknowledge.
+HOLD_FIELD = "hold"
+# Pair record field naming metadata damage found on load; the extents it
+# could hide were widened to "differ". Cleared when the next job completes.
+DAMAGED_FIELD = "damaged"
+
 
 class MetadataError(Exception):
     """The metadata store is unusable (corrupt, missing, newer schema, I/O)."""
@@ -39,6 +47,9 @@ class Transaction:
 class Snapshot:
     pairs: dict[str, dict[str, Any]]
     maps: dict[str, dict[int, bytes]]
+    # map key -> chunks that failed their checksum (absent from ``maps``):
+    # the engine widens them to the safe side and rewrites them.
+    damaged: dict[str, list[int]] = field(default_factory=dict)
 
 
 class MetadataStore(ABC):

@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .blockstore import BlockStore
-from .extentmap import ExtentMap, extent_count
+from .extentmap import CHUNK_BITS, ExtentMap, extent_count
 from .gate import IOGate
 from .inflight import InFlightMap
+from .metadata import DAMAGED_FIELD, HOLD_FIELD
 from .regionlog import RegionLog
 
 
@@ -138,6 +139,8 @@ class Pair:
         self.job: Job | None = None
         self.throttle = Throttle()
         self.created_at = time.time()
+        self.hold: str | None = None       # refuses I/O and jobs until acknowledged
+        self.damaged: str | None = None    # metadata damage widened on load
         # runtime
         self.source_store: BlockStore | None = None
         self.clone_store: BlockStore | None = None
@@ -157,6 +160,7 @@ class Pair:
             "state": self.state.value, "created_at": self.created_at,
             "job": self.job.to_record() if self.job else None,
             "throttle": asdict(self.throttle),
+            HOLD_FIELD: self.hold, DAMAGED_FIELD: self.damaged,
         }
 
     @classmethod
@@ -167,7 +171,41 @@ class Pair:
         p.job = Job.from_record(r["job"]) if r.get("job") else None
         t = r.get("throttle") or {}
         p.throttle = Throttle(**{k: int(v) for k, v in t.items() if k in Throttle.__dataclass_fields__})
+        p.hold = r.get(HOLD_FIELD)
+        p.damaged = r.get(DAMAGED_FIELD)
         return p
+
+    def widen_damaged_chunk(self, name: str, chunk: int) -> str:
+        """A persisted chunk of map ``name`` failed its checksum: give it the
+        content that can only cost extra copying, never hide a difference.
+        Returns what was assumed, for the log."""
+        m: ExtentMap = getattr(self, name)
+        a = chunk * CHUNK_BITS
+        b = min(a + CHUNK_BITS, m.nbits)
+        where = "of it"
+        if a >= m.nbits:
+            # Its index is damaged too, so the chunk it belongs to is
+            # unknown: widen the whole map; the bogus row goes at the next
+            # commit.
+            m.mark_chunk_dirty(chunk)
+            a, b = 0, m.nbits
+            where = "of the whole map (the chunk index itself is damaged)"
+        if name == "done":
+            m.clear_range(a, b)
+            return f"every extent {where} counts as not yet copied"
+        if name == "marks" and self.protected_restore:
+            # Here a mark means "restored, then written by the host: never
+            # copy over it". A host write restores its extent first, so every
+            # extent that is not still to restore may carry host data.
+            need = self.delta.bits[a:b] & ~self.done.bits[a:b]
+            m.bits[a:b] = ~need
+            for c in range(a // CHUNK_BITS, (b - 1) // CHUNK_BITS + 1):
+                m.mark_chunk_dirty(c)
+            return f"every extent {where} not still to restore counts as host-written"
+        m.set_range(a, b)
+        if name == "intent":
+            return f"every region {where} counts as dirty"
+        return f"every extent {where} counts as differing"
 
     def widen_delta_by_intent(self) -> bool:
         """After a crash: every extent of a dirty write-intent region may
@@ -247,5 +285,9 @@ class VolumeRuntime:
         self.store = store
         self.gate = IOGate()
         self.generation = 0
+        self.held: str | None = None      # NOT READY reason while a pair of it is held
         self.as_source: list[Pair] = []
         self.as_clone: Pair | None = None
+        # Why the volume is offline (image missing, wrong size, deleted or
+        # replaced under us), or None. An offline volume answers NOT READY.
+        self.offline: str | None = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
@@ -52,9 +52,15 @@ IoFn = Callable[[BlockStore], Awaitable[None]]
 
 
 class VolumeIO:
-    def __init__(self, vol: VolumeRuntime, committer: Committer) -> None:
+    def __init__(self, vol: VolumeRuntime, committer: Committer,
+                 volumes: Mapping[str, VolumeRuntime] | None = None,
+                 on_lost: Callable[[str, str], None] | None = None) -> None:
         self.vol = vol
         self.committer = committer
+        # every volume by name (to see whether a pair's other side is
+        # offline), and whom to tell when this volume's image is gone
+        self.volumes: Mapping[str, VolumeRuntime] = volumes if volumes is not None else {}
+        self.on_lost = on_lost
 
     # -- LunIO properties ------------------------------------------------------
     @property
@@ -67,7 +73,16 @@ class VolumeIO:
 
     def access(self) -> tuple[str, str]:
         """("read-write" | "read-only" | "not-ready", reason)."""
-        pair = self.vol.as_clone
+        vol = self.vol
+        if vol.held is not None:
+            return "not-ready", vol.held
+        if vol.offline is not None:
+            return "not-ready", f"volume {vol.name} is offline: {vol.offline}"
+        for p in vol.as_source:
+            if p.state is PairState.RESTORING and self._offline(p.clone):
+                return "not-ready", (f"restoring from clone {p.clone}, which is offline: "
+                                     f"{self.volumes[p.clone].offline}")
+        pair = vol.as_clone
         if pair is None:
             return "read-write", ""
         if pair.state is PairState.RESTORING:
@@ -77,6 +92,20 @@ class VolumeIO:
         if pair.state in (PairState.SYNCING, PairState.SYNCHRONIZED):
             return "read-only", f"clone of pair {pair.id} is {pair.state.value}"
         return "read-write", ""
+
+    def _offline(self, name: str) -> bool:
+        other = self.volumes.get(name)
+        return other is not None and other.offline is not None
+
+    def _verify_image(self) -> None:
+        """After a flush: refuse to acknowledge data that went into an image
+        file deleted or replaced under us (the volume goes offline)."""
+        why = self.vol.store.lost()
+        if why is None:
+            return
+        if self.on_lost is not None:
+            self.on_lost(self.vol.name, why)
+        raise HostMediumError(why, None, write=True)
 
     def _check(self, writing: bool) -> None:
         mode, why = self.access()
@@ -122,7 +151,8 @@ class VolumeIO:
     # and the caller awaits read() / write(), which also report the errors.
     def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
         vol = self.vol
-        if vol.gate.is_closed or (vol.as_clone is not None and self.access()[0] == "not-ready"):
+        if vol.gate.is_closed or vol.held is not None or vol.offline is not None or (
+                vol.as_clone is not None and self.access()[0] == "not-ready"):
             return False
         if vol.as_source and self._to_restore_first(offset, sum(map(len, bufs))):
             return False                         # copy-on-demand first
@@ -130,7 +160,7 @@ class VolumeIO:
 
     def try_write(self, offset: int, bufs: list) -> bool:
         vol = self.vol
-        if vol.gate.is_closed:
+        if vol.gate.is_closed or vol.held is not None or vol.offline is not None:
             return False
         length = sum(map(len, bufs))
         if length == 0:
@@ -161,6 +191,8 @@ class VolumeIO:
 
     async def flush(self) -> None:
         vol = self.vol
+        if vol.offline is not None:
+            raise HostNotReady(self.access()[1])
         stores = [vol.store]
         for pair in vol.as_source:
             if pair.mirroring and pair.clone_store is not None:
@@ -169,6 +201,7 @@ class VolumeIO:
             await asyncio.gather(*(s.flush() for s in stores))
         except BlockStoreError as e:
             raise HostMediumError(str(e), e.offset, write=True) from e
+        self._verify_image()
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return await self.vol.store.allocation(offset, length)
@@ -233,6 +266,8 @@ class VolumeIO:
             raise HostMediumError(f"metadata: {e}", offset, write=True) from e
         finally:
             vol.gate.leave()
+        if fua:
+            self._verify_image()
 
     async def _modify_clone(self, pair: Pair, offset: int, length: int, io: IoFn, fua: bool) -> None:
         # Only a fractured clone is writable (checked by _check).
@@ -281,6 +316,11 @@ class VolumeIO:
                     wait_bid = max(wait_bid, self._mark(pair, pair.marks, a, b))
                 else:
                     wait_bid = max(wait_bid, self._mark_list(pair, pair.marks, rest))
+                if self._offline(pair.clone):
+                    # No second leg while the clone is offline: the durable
+                    # region marks stay set (no begin/end), so these extents
+                    # are copied again when it comes back.
+                    continue
                 pair.regionlog.begin(a, b)
                 mirrors.append((pair, a, b))
                 assert pair.clone_store is not None

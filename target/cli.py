@@ -47,6 +47,8 @@ def _pair_row(p: dict[str, Any]) -> dict[str, Any]:
         job += " paused"
     if pr["error"]:
         job += f" ERROR: {pr['error']}"
+    if p.get("offline") and pr["job"]:
+        job += f" WAITING: {p['offline']}"
     return {"pair": p["id"], "source": p["source"], "clone": p["clone"], "state": p["state"],
             "job": job, "progress": done, "rate": _human(pr["rate"]) + "/s" if pr["job"] else "",
             "eta": _eta(pr["eta"]) if pr["job"] else "", "delta": pr["delta_extents"]}
@@ -59,8 +61,40 @@ VOL_COLS = [("name", "VOLUME"), ("size_h", "SIZE"), ("role", "ROLE"), ("access",
             ("exported_by", "EXPORT"), ("path", "PATH")]
 
 
+def _print_pair_notes(pairs: list[dict[str, Any]]) -> None:
+    """Why a pair is held or damaged: too long for a table column."""
+    for p in pairs:
+        if p.get("held"):
+            print(f"{p['id']}: HELD: {p['held']} (liverestore pair acknowledge {p['id']})")
+        if p.get("damaged"):
+            print(f"{p['id']}: DAMAGED: {p['damaged']}")
+
+
+def _print_rollback(rb: dict[str, Any] | None) -> None:
+    if not rb:
+        return
+    print(f"\nROLLBACK: {rb['message']}")
+    for name, path in rb["vanished_volumes"].items():
+        print(f"  volume {name} is missing: re-create it with --path {path}")
+    for pid in rb["held_pairs"]:
+        print(f"  pair {pid} is held: liverestore pair acknowledge {pid}")
+    for pid in rb.get("vanished_pairs", []):
+        print(f"  pair {pid} is missing: re-create it (a full sync)")
+    for name, path in rb.get("resurrected_volumes", {}).items():
+        print(f"  volume {name} ({path}) had been deleted and is back: delete it again "
+              "if its image is in other use")
+
+
 def _vol_rows(vols: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**v, "size_h": _human(v["size"])} for v in vols]
+    return [{**v, "size_h": _human(v["size"]),
+             "access": f"OFFLINE: {v['offline']}" if v.get("offline") else v["access"]}
+            for v in vols]
+
+
+def client_path(path: str | None) -> str | None:
+    """A path the user typed, made absolute against OUR working directory:
+    the daemon runs elsewhere and refuses relative paths."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
 def _export_rows(exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,8 +114,12 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         return
     if kind == "pairs":
         _print_table([_pair_row(p) for p in result], PAIR_COLS)
+        _print_pair_notes(result)
     elif kind == "pair":
         _print_table([_pair_row(result)], PAIR_COLS)
+        _print_pair_notes([result])
+    elif kind == "acknowledged":
+        print(result["message"])
     elif kind == "volumes":
         _print_table(_vol_rows(result), VOL_COLS)
     elif kind == "volume":
@@ -97,6 +135,8 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         _print_table(_vol_rows(result["volumes"]), VOL_COLS)
         print("\npairs:")
         _print_table([_pair_row(p) for p in result["pairs"]], PAIR_COLS)
+        _print_pair_notes(result["pairs"])
+        _print_rollback(result.get("rollback"))
         print("\nexports:")
         _print_table(_export_rows(result["exports"]), EXPORT_COLS)
     else:
@@ -120,7 +160,7 @@ def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
         while True:
             p = client.call("pair.show", pair=pair)
             pr = p["progress"]
-            if pr["job"] is None or pr["paused"] or pr["error"]:
+            if pr["job"] is None or pr["paused"] or pr["error"] or p.get("offline"):
                 break
             if progress is not None:
                 if task is None:
@@ -137,6 +177,9 @@ def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
     if pr["error"]:
         raise ControlError(f"{p['id']}: {pr['job']} stopped: {pr['error']} "
                            "(fix the cause, then 'liverestore pair resume')")
+    if p.get("offline") and pr["job"]:
+        raise ControlError(f"{p['id']}: {pr['job']} waits: {p['offline']} (it resumes after "
+                           "'liverestore volume relink')")
     if not tty and not json_out:
         print(f"{p['id']}: {'paused' if pr['paused'] else 'done'}, state {p['state']}, "
               f"{pr['delta_extents']} extents differ", flush=True)
@@ -178,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     portals = [_portal(p) for p in args.portal] if args.portal else None
     try:
         asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
-                          backend=args.backend,
+                          backend=args.backend, volume_dirs=args.volume_dir,
                           group=args.group, memory_limit=args.memory_limit))
     except ServiceError as e:
         print(f"liverestore: {e}", file=sys.stderr)
@@ -247,11 +290,11 @@ Ctrl-C stops the daemon (drains I/O, flushes, persists).
 
 
 def _portal(text: str) -> tuple[str, int]:
-    import re
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
-    if not m:
-        raise SystemExit(f"liverestore: portal must be HOST:PORT or [IPv6]:PORT, not {text!r}")
-    return (m.group(1), int(m.group(2))) if m.group(1) else (m.group(3), int(m.group(4)))
+    from .portals import PortalError, parse_portal
+    try:
+        return parse_portal(text)
+    except PortalError as e:
+        raise SystemExit(f"liverestore: {e}") from None
 
 
 def _logging(verbose: bool) -> None:
@@ -285,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", action="store_true", help="create the state directory and database")
     s.add_argument("--portal", action="append", help="HOST:PORT to listen on (repeatable)")
     s.add_argument("--group", help="group allowed to use the control socket")
+    s.add_argument("--volume-dir", action="append", metavar="DIR",
+                   help="directory where users other than root may create or adopt images "
+                        "(repeatable; default: STATE_DIR/volumes)")
     s.add_argument("--backend", choices=("auto", "embedded", "lio"), default="auto",
                    help="who speaks iSCSI: the embedded target, or the kernel's LIO with "
                         "our TCMU handler (auto: LIO when configfs has a target)")
@@ -314,15 +360,26 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("volume", help="image files and block devices").add_subparsers(
         dest="sub", metavar="ACTION", required=True)
     p = client_cmd(v, "create", "create (or adopt) a volume", "volume.create", "volume",
-                   lambda a: {"name": a.name, "path": a.path, "size": a.size,
+                   lambda a: {"name": a.name, "path": client_path(a.path), "size": a.size,
                               "extent_size": a.extent_size})
     p.add_argument("name")
-    p.add_argument("--path", help="image file or block device (default: in the state dir)")
-    p.add_argument("--size", help="size for a new image file, e.g. 10G")
+    p.add_argument("--path", help="image file or block device (default: in the state dir); "
+                   "an existing one is adopted as it is")
+    p.add_argument("--size", help="size for a new image file, e.g. 10G (for an existing one: "
+                   "leave out, or its exact size)")
     p.add_argument("--extent-size", default="64K", help="default extent size of its pairs")
     p = client_cmd(v, "delete", "forget a volume (the file stays)", "volume.delete", "raw",
                    lambda a: {"name": a.name})
     p.add_argument("name")
+    p = client_cmd(v, "resize", "grow a volume (never shrinks)", "volume.resize", "volume",
+                   lambda a: {"name": a.name, "size": a.size})
+    p.add_argument("name")
+    p.add_argument("size", help="the new size, e.g. 20G (a block device: grow it first)")
+    p = client_cmd(v, "relink", "point an offline volume at its image's new place",
+                   "volume.relink", "volume",
+                   lambda a: {"name": a.name, "path": client_path(a.path)})
+    p.add_argument("name")
+    p.add_argument("--path", required=True, help="the image (same size as the volume)")
     client_cmd(v, "list", "list volumes", "volume.list", "volumes")
     p = client_cmd(v, "show", "one volume", "volume.show", "volume", lambda a: {"name": a.name})
     p.add_argument("name")
@@ -377,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "pair", lambda a: {"pair": a.pair})
     p.add_argument("pair")
     p.set_defaults(wait=True)
+    p = client_cmd(pr, "acknowledge", "serve a held pair again (every extent then differs)",
+                   "pair.acknowledge", "acknowledged", lambda a: {"pair": a.pair})
+    p.add_argument("pair")
     client_cmd(pr, "list", "list pairs", "pair.list", "pairs")
     p = client_cmd(pr, "show", "one pair", "pair.show", "pair", lambda a: {"pair": a.pair})
     p.add_argument("pair")

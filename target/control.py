@@ -16,30 +16,17 @@ import json
 import logging
 import os
 import socket
-import struct
 from typing import Any
+
+from .errors import ServiceError, clip, one_line
+from .peer import Peer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/liverestore/control.sock"
 MAX_REQUEST = 1 << 20
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
-
-
-def _groups_of(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
+#: Deepest nesting a request may have; real ones nest at most 6 (restoreconfig).
+MAX_DEPTH = 32
 
 
 class ControlServer:
@@ -86,19 +73,19 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
-    def _allowed(self, sock: socket.socket) -> bool:
-        pid, uid, gid = peer_credentials(sock)
-        if uid == 0 or uid == os.getuid():
+    def _allowed(self, peer: Peer) -> bool:
+        if peer.uid == 0 or peer.uid == os.getuid():
             return True
-        if self._gid is not None and (gid == self._gid or self._gid in _groups_of(pid)):
+        if self._gid is not None and (peer.gid == self._gid or self._gid in peer.groups):
             return True
-        log.warning("control: refused pid %d uid %d", pid, uid)
+        log.warning("control: refused pid %d uid %d", peer.pid, peer.uid)
         return False
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
+        # Who asks decides which paths the daemon may open for them (target.peer).
+        peer = Peer.of_socket(writer.get_extra_info("socket"))
         try:
-            if not self._allowed(sock):
+            if not self._allowed(peer):
                 writer.write(_reply(False, error="permission denied: not root, not the daemon's "
                                     "user and not in its control group"))
                 await writer.drain()
@@ -112,31 +99,75 @@ class ControlServer:
                     return
                 if not line:
                     return
-                writer.write(await self._handle(line))
+                writer.write(await self._handle(line, peer))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
             writer.close()
 
-    async def _handle(self, line: bytes) -> bytes:
+    async def _handle(self, line: bytes, peer: Peer) -> bytes:
         try:
-            req = json.loads(line)
-            op = req["op"]
-            args = req.get("args") or {}
-            if not isinstance(op, str) or not isinstance(args, dict):
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            return _reply(False, error="malformed request: want {\"op\": str, \"args\": {}}")
-        from .service import ServiceError
+            op, args = parse_request(line)
+        except MalformedRequest as e:
+            return _reply(False, error=str(e))
         try:
-            result = await self.service.call(op, args)
+            result = await self.service.call(op, args, peer=peer)
             return _reply(True, result=result)
         except ServiceError as e:
-            return _reply(False, error=str(e))
-        except Exception as e:  # noqa: BLE001 - the daemon keeps serving
+            return _reply(False, error=one_line(str(e)))
+        except Exception as e:  # noqa: BLE001 - a bug, not bad input: keep serving, keep the trace
             log.exception("control: %s failed", op)
-            return _reply(False, error=f"internal error in {op}: {type(e).__name__}: {e}")
+            return _reply(False, error=one_line(f"internal error in {op}: {type(e).__name__}: {e}"))
+
+
+class MalformedRequest(ValueError):
+    """The line is not a request at all; the message is the whole reply."""
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; Python's parser accepts them by default.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Iterative, so a hostile document cannot exhaust the stack here."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return False
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """One request line -> (op, args), or MalformedRequest with a one-line reason."""
+    want = 'want {"op": "<operation>", "args": {...}}'
+    try:
+        req = json.loads(line, parse_constant=_no_constant)
+    except RecursionError:
+        raise MalformedRequest(f"malformed request: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:            # includes UnicodeDecodeError (not UTF-8)
+        kind = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not JSON"
+        raise MalformedRequest(f"malformed request: {kind}; {want}") from None
+    if not isinstance(req, dict):
+        raise MalformedRequest(f"malformed request: not a JSON object; {want}")
+    if not _depth_ok(req, MAX_DEPTH):
+        raise MalformedRequest(f"malformed request: nested deeper than {MAX_DEPTH} levels")
+    unknown = set(req) - {"op", "args"}
+    if unknown:
+        raise MalformedRequest(f"malformed request: unknown key(s) {clip(sorted(unknown))}; {want}")
+    op = req.get("op")
+    args = req.get("args", {})
+    if not isinstance(op, str):
+        raise MalformedRequest(f"malformed request: op must be a string; {want}")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise MalformedRequest(f"malformed request: args must be an object; {want}")
+    return op, args
 
 
 def _reply(ok: bool, **kw: Any) -> bytes:

@@ -29,15 +29,20 @@ DEFAULT_INTERVAL = 10.0         # seconds one burst of a kind is summarised over
 
 
 def clip(value: object, limit: int = CLIP_LIMIT, *, quote: bool = True) -> str:
-    """``value`` escaped (quoted unless ``quote`` is false) and cut at ``limit``
-    characters, so one log line stays one short line whatever the client sent."""
-    text = value if isinstance(value, str) else str(value)
-    head = text[:limit]
-    shown = repr(head) if quote else repr(head)[1:-1]
-    if len(text) > limit:
-        # say how much was dropped so the reader knows the value was longer
-        return f"{shown}...(+{len(text) - limit} chars)"
-    return shown
+    """A client-supplied value as a short printable string for a log line or
+    an error message: a string escaped (quoted unless ``quote`` is false),
+    anything else as its repr; cut at ``limit`` characters with a note of
+    how much was dropped, so one line stays one short line whatever the
+    client sent."""
+    if isinstance(value, str):
+        head = value[:limit]
+        shown = repr(head) if quote else repr(head)[1:-1]
+        dropped = len(value) - len(head)
+    else:
+        text = repr(value)
+        shown, dropped = text[:limit], max(0, len(text) - limit)
+    # say how much was dropped so the reader knows the value was longer
+    return f"{shown}...(+{dropped} chars)" if dropped else shown
 
 
 @dataclass

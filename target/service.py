@@ -17,30 +17,35 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from persistence.config import ConfigStore, SqliteReservationStore, VolumeRecord
+from persistence.config import (ConfigStore, SqliteReservationStore, StoredValueError,
+                                VolumeRecord)
 from persistence.db import Database, DatabaseError
 from persistence.sqlite_store import SqliteMetadataStore
-from restore_core.blockstore import BlockStoreError, FileBlockStore
-from restore_core.engine import Engine, EngineError, NAME_RE
+from restore_core.blockstore import BlockStore, BlockStoreError, FileBlockStore, MissingBlockStore
+from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
 
+from .arguments import ArgumentError, Signature
+from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
+                        check_document, check_setting, check_target)
 from .engine_lun import EngineLunIO
+from .errors import ServiceError, clip
+from .fmt import human
 from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
+from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
+from .peer import Peer, PeerDenied, Probe, probe_as
+from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
+from .statelock import StateDirBusy, StateLock
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTAL = ("127.0.0.1", 3260)
-IQN_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[^\s]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 SECRET = "********"
 
 
-class ServiceError(Exception):
-    """Refused; the message says why and, where it can, what to do."""
-
-
 DB_NAME = "liverestore.db"
+VOLUMES_DIR = "volumes"     # the daemon's own image directory inside the state dir
 
 
 def _private(path: str) -> None:
@@ -80,10 +85,16 @@ def init_state(state_dir: str) -> bool:
     return not existed
 
 
-def _size(text: Any) -> int:
+#: A size as the control API takes it: bytes, or text such as "512M" or "10G".
+Size = int | str
+
+
+def _size(text: Size) -> int:
+    if isinstance(text, bool):
+        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
+    m = re.fullmatch(r"\s*([0-9]+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
     if not m:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
@@ -98,6 +109,25 @@ def _memory_limit(text: str | int | None) -> int:
     if n < MIN_MEMORY_LIMIT:
         raise ServiceError(f"memory limit {text} is too small: at least {MIN_MEMORY_LIMIT >> 20}M")
     return n
+
+
+def _why(path: str, e: Exception) -> str:
+    """One line for a failed open of an image (BlockStoreError names the path)."""
+    if isinstance(e, OSError):
+        return f"cannot open {path}: {e.strerror or e}"
+    return str(e)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _throttle_knobs(knobs: dict[str, Any]) -> dict[str, int]:
@@ -128,12 +158,41 @@ def _identity(name: str, created_at: float):
                           naa="6001405" + h[:25], t10_vendor_id=h[:32])
 
 
+class _Undo:
+    """Steps that take back what a multi-step operation did, run newest first."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Any]] = []
+
+    def add(self, what: str, step: Any) -> None:
+        self._steps.append((what, step))
+
+    async def run(self) -> list[str]:
+        """Run every step; return the ones that failed, each as one line."""
+        failed = []
+        for what, step in reversed(self._steps):
+            try:
+                res = step()
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception as e:  # noqa: BLE001 - undo the rest, then report
+                log.error("undo %s failed: %s", what, e)
+                failed.append(f"{what}: {e}")
+        self._steps.clear()
+        return failed
+
+
 class Service:
     def __init__(self, state_dir: str, *, init: bool = False,
                  portals: list[tuple[str, int]] | None = None, backend: str = "auto",
+                 volume_dirs: list[str] | None = None,
                  memory_limit: str | int | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.memory_limit = _memory_limit(memory_limit)
+        # Where a non-root peer may put or adopt images (serve --volume-dir).
+        self._volume_dirs_given = list(volume_dirs or [])
+        self.volume_dirs: list[str] = []
+        self.lock = StateLock(self.state_dir)
         try:
             self.backend = choose_backend(backend)
         except ValueError as e:
@@ -145,16 +204,49 @@ class Service:
         self.engine: Engine | None = None
         self.devices: dict[str, Any] = {}        # volume -> ScsiDevice
         self.lunsets: dict[str, Any] = {}        # target iqn -> LunSet
+        self.unserved: dict[str, str] = {}       # stored target iqn -> why it is not served
         self.frontend: Frontend | None = None
         self.started_at = time.time()
 
     # -- start / stop --------------------------------------------------------------
     async def start(self) -> None:
-        if self._init:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        elif not os.path.isdir(self.state_dir):
-            raise ServiceError(f"state directory {self.state_dir} does not exist; "
-                               "start with --init to create it")
+        self._lock_state_dir()
+        try:
+            await self._start()
+        except BaseException:
+            await self._abandon_start()
+            raise
+
+    def _lock_state_dir(self) -> None:
+        """Take the state directory's lock before any other side effect (only
+        --init on a missing directory creates it first: the lock lives in it)."""
+        if not os.path.isdir(self.state_dir):
+            if not self._init:
+                raise ServiceError(f"state directory {self.state_dir} does not exist; "
+                                   "start with --init to create it")
+            try:
+                os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise ServiceError(f"cannot create {self.state_dir}: {e.strerror or e}") from e
+        try:
+            self.lock.acquire()
+        except StateDirBusy as e:
+            raise ServiceError(str(e)) from None
+        except OSError as e:
+            raise ServiceError(f"cannot lock {self.lock.path}: {e.strerror or e}") from e
+
+    def _check_volume_dirs(self) -> None:
+        dirs = self._volume_dirs_given or [os.path.join(self.state_dir, VOLUMES_DIR)]
+        out = []
+        for d in dirs:
+            real = os.path.realpath(os.path.abspath(d))
+            if self._volume_dirs_given and not os.path.isdir(real):
+                raise ServiceError(f"volume directory {d} is not a directory")
+            out.append(real)
+        self.volume_dirs = out
+
+    async def _start(self) -> None:
+        self._check_volume_dirs()
         path = os.path.join(self.state_dir, DB_NAME)
         old = os.umask(0o077)
         try:
@@ -167,24 +259,51 @@ class Service:
         self.config = ConfigStore(self.db)
         self.engine = Engine(SqliteMetadataStore(self.db))
         for rec in self.config.volumes():
-            try:
-                store = FileBlockStore(rec.path, rec.size)
-            except (OSError, BlockStoreError) as e:
-                raise ServiceError(f"volume {rec.name}: cannot open {rec.path}: {e}; "
-                                   "fix the path or delete the volume") from e
-            self.engine.add_volume(rec.name, store)
+            if not valid_volume_name(rec.name):
+                # Stored by an older version that let it through: say which
+                # row, in one line, rather than fail deep in the engine.
+                raise ServiceError(f"stored volume {clip(rec.name)} has a name this version "
+                                   f"refuses ({NAME_HELP}); delete that row from the volumes "
+                                   f"table of {path} or rename it there")
+            store, offline = self._open_recorded(rec)
+            self.engine.add_volume(rec.name, store, offline)
             self._make_device(rec)
         try:
             await self.engine.start()
         except (EngineError, DatabaseError) as e:
             raise ServiceError(str(e)) from e
-        portals = self._portals_override or [tuple(p) for p in
-                                             self.config.get("portals", [list(DEFAULT_PORTAL)])]
-        portals = [(h, int(p)) for h, p in portals]
+        portals = self._portals_override or self._stored_portals()
         kind = LioFrontend if self.backend == "lio" else EmbeddedFrontend
         self.frontend = kind(self, portals)
-        await self.frontend.start(self.config.targets())
+        await self.frontend.start(self._servable_targets())
         log.info("front end: %s", self.backend)
+
+    def _open_recorded(self, rec: VolumeRecord) -> tuple[BlockStore, str | None]:
+        """A recorded volume's image, or a stand-in and the reason it is
+        offline: one bad image must not keep the others from being served."""
+        try:
+            return FileBlockStore(rec.path, rec.size, nofollow=True), None
+        except (OSError, BlockStoreError) as e:
+            why = _why(rec.path, e)
+        log.error("volume %s is offline: %s (relink it with 'volume relink %s --path P', "
+                  "or delete it)", rec.name, why, rec.name)
+        return MissingBlockStore(rec.path, rec.size, why), why
+
+    async def _abandon_start(self) -> None:
+        """Undo a half-done start: close what was opened, drop the lock."""
+        if self.frontend is not None:
+            try:
+                await self.frontend.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("%s front end stop failed", self.backend)
+        if self.engine is not None:
+            if self.engine.started:
+                await self.engine.close()
+            for vol in self.engine.volumes.values():
+                vol.store.close()
+        if self.db is not None:
+            self.db.close()
+        self.lock.release()
 
     async def stop(self) -> None:
         """Graceful: stop accepting, drain commands, stop copiers, flush, persist."""
@@ -195,8 +314,11 @@ class Service:
                 log.exception("%s front end stop failed", self.backend)
         if self.engine is not None:
             await self.engine.close()
+            for vol in self.engine.volumes.values():
+                vol.store.close()       # drops the image locks
         if self.db is not None:
             self.db.close()
+        self.lock.release()
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -217,9 +339,33 @@ class Service:
         self.devices[rec.name] = dev
         return dev
 
+    def _servable_targets(self) -> dict[str, dict[str, Any]]:
+        """The stored targets that can be served, each checked as it is
+        loaded. A bad one (e.g. a name an older version accepted with a
+        trailing newline) is left out with one error line naming it, and
+        the others start: one bad entry must not stop every LUN."""
+        try:
+            targets = self.cfg.targets()
+        except StoredValueError as e:
+            raise ServiceError(f"{e}; the database was changed outside liverestore") from None
+        good: dict[str, dict[str, Any]] = {}
+        for iqn, t in targets.items():
+            try:
+                check_target(iqn, t)
+                missing = [v for v in t["luns"].values() if v not in self.devices]
+                if missing:
+                    raise InvalidConfig(f"target {iqn}: no volume {', '.join(missing)}")
+            except InvalidConfig as e:
+                self.unserved[iqn] = str(e)
+                log.error("not serving %s; remove it with 'liverestore export delete'", e)
+                continue
+            good[iqn] = t
+        return good
+
     def _exported_in(self, volume: str) -> str | None:
         for iqn, t in self.cfg.targets().items():
-            if volume in t.get("luns", {}).values():
+            luns = t.get("luns") if isinstance(t, dict) else None   # unserved ones may be odd
+            if isinstance(luns, dict) and volume in luns.values():
                 return iqn
         return None
 
@@ -240,10 +386,13 @@ class Service:
         return e if isinstance(e, ServiceError) else ServiceError(str(e))
 
     # -- volumes ----------------------------------------------------------------------------
-    async def volume_create(self, name: str, path: str | None = None, size: Any = None,
-                            extent_size: Any = DEFAULT_EXTENT_SIZE) -> dict[str, Any]:
-        if not NAME_RE.match(name or ""):
-            raise ServiceError(f"invalid volume name {name!r}: 1-64 of letters, digits, _ . : -")
+    async def volume_create(self, name: str, path: str | None = None, size: Size | None = None,
+                            extent_size: Size = DEFAULT_EXTENT_SIZE, *,
+                            peer: Peer | None = None) -> dict[str, Any]:
+        """A new image file of ``size``, or an existing file / block device
+        adopted exactly as it is (its size is the volume's; never changed)."""
+        if not valid_volume_name(name):
+            raise ServiceError(f"invalid volume name {name!r}: {NAME_HELP}")
         if self.cfg.volume(name) is not None:
             raise ServiceError(f"volume {name} already exists")
         es = _size(extent_size)
@@ -252,37 +401,118 @@ class Service:
         want = _size(size) if size not in (None, "") else None
         if want is not None and (want <= 0 or want % 512):
             raise ServiceError("size must be a positive multiple of 512 bytes")
-        if path is None:
-            path = os.path.join(self.state_dir, "volumes", f"{name}.img")
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        path = os.path.abspath(path)
-        kind = "file"
-        if os.path.exists(path):
-            st = os.stat(path)
-            if stat.S_ISBLK(st.st_mode):
-                kind = "blockdev"
-            elif not stat.S_ISREG(st.st_mode):
-                raise ServiceError(f"{path} is neither a regular file nor a block device")
-            elif want is None and st.st_size == 0:
-                raise ServiceError(f"{path} is empty: give a size")
-        elif want is None:
-            raise ServiceError(f"{path} does not exist: give a size to create it")
-        for other in self.cfg.volumes():
-            if other.path == path:
-                raise ServiceError(f"{path} is already volume {other.name}")
-        try:
-            store = FileBlockStore(path, want, create=True)
-        except (OSError, BlockStoreError) as e:
-            raise ServiceError(f"cannot use {path}: {e}") from e
-        rec = VolumeRecord(name, path, store.size, es, kind, time.time())
+        if path in (None, ""):
+            # The daemon's own choice of a new file: no peer path to check.
+            vdir = os.path.join(self.state_dir, VOLUMES_DIR)
+            os.makedirs(vdir, mode=0o700, exist_ok=True)
+            path = os.path.join(vdir, f"{name}.img")
+            if os.path.lexists(path):
+                raise ServiceError(f"{path} is still there (left by a deleted volume?): adopt it "
+                                   f"with 'volume create {name} --path {path}', or remove it")
+            if want is None:
+                raise ServiceError(f"{path} does not exist: give a size to create it")
+            real, probe = self._vet_path(path, None), None
+        else:
+            real = self._vet_path(path, peer)
+            probe = await self._probe(peer, real)
+        store = self._open_image(real, want, probe, create=True)
+        rec = VolumeRecord(name, real, store.size, es,
+                           "blockdev" if store.is_blockdev else "file", time.time())
         try:
             self.eng.add_volume(name, store)
         except EngineError as e:
-            store.close()
+            store.abandon()
             raise self._wrap(e) from e
-        self.cfg.put_volume(rec)
+        try:
+            self.cfg.put_volume(rec)
+        except BaseException:
+            self.eng.remove_volume(name)
+            store.abandon()
+            raise
         self._make_device(rec)
         return self.volume_show(name)
+
+    def _vet_path(self, path: Any, peer: Peer | None, volume: str | None = None) -> str:
+        """The real path of an image a client names, or ServiceError: never
+        the state directory or anything in it (the database!) but the
+        daemon's image directory, never another volume's image (by real
+        path or inode: symlinks and hard links count), for a non-root peer
+        only inside the volume directories."""
+        if not isinstance(path, str) or not path:
+            raise ServiceError("path must be a non-empty string")
+        if not os.path.isabs(path):
+            raise ServiceError(f"path {path!r} is relative; the daemon cannot know the client's "
+                               "working directory: give an absolute path")
+        real = os.path.realpath(path)
+        ino = _inode(real)
+        state = os.path.realpath(self.state_dir)
+        if _inside(real, state) and not _inside(real, os.path.join(state, VOLUMES_DIR)) or (
+                real == os.path.join(state, VOLUMES_DIR)):
+            raise ServiceError(f"{path} is the daemon's state directory or in it; "
+                               "images live elsewhere (or in its volumes/ directory)")
+        if ino is not None:
+            with os.scandir(state) as it:
+                for entry in it:
+                    if _inode(entry.path) == ino:
+                        raise ServiceError(f"{path} is {entry.path} of the daemon's state "
+                                           "directory (a link to it); refused")
+        for other in self.cfg.volumes():
+            if other.name == volume:
+                continue
+            vol = self.eng.volumes.get(other.name)
+            theirs = getattr(vol.store, "identity", None) if vol is not None else None
+            if os.path.realpath(other.path) == real or (
+                    ino is not None and ino in (theirs, _inode(other.path))):
+                raise ServiceError(f"{path} is the image of volume {other.name}")
+        if peer is not None and not peer.is_root:
+            if not any(_inside(real, d) for d in self.volume_dirs):
+                raise ServiceError(f"{path} is outside the volume directories "
+                                   f"({', '.join(self.volume_dirs)}); only root may use "
+                                   "other paths")
+        return real
+
+    async def _probe(self, peer: Peer | None, real: str) -> Probe | None:
+        """For a non-root peer: what it could open read-write itself (or
+        create), else ServiceError; None when no check applies (root)."""
+        if peer is None or peer.is_root:
+            return None
+        try:
+            # off the loop: the child's open may wait on a slow file system
+            return await asyncio.get_running_loop().run_in_executor(None, probe_as, peer, real)
+        except PeerDenied as e:
+            raise ServiceError(str(e)) from None
+
+    def _open_image(self, real: str, want: int | None, probe: Probe | None, *,
+                    create: bool) -> FileBlockStore:
+        """Open (or, with ``create``, make) an image: an existing one keeps
+        its size and contents (``want`` must match); the inode must be the
+        one the peer's check saw (or, if it saw none, one made here)."""
+        exists = os.path.lexists(real)
+        if exists:
+            try:
+                st = os.stat(real)
+            except OSError as e:
+                raise ServiceError(f"cannot use {real}: {e.strerror or e}") from e
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                raise ServiceError(f"{real} is empty: remove it and give a size to create a new "
+                                   "image, or grow it first (e.g. truncate -s)")
+            if stat.S_ISREG(st.st_mode) and want is not None and want != st.st_size:
+                raise ServiceError(f"{real} has {st.st_size} bytes, not {want}: an existing image "
+                                   "is adopted as it is (leave out the size); grow it with "
+                                   "'volume resize' once it is a volume")
+        elif not create:
+            raise ServiceError(f"{real} does not exist")
+        elif want is None:
+            raise ServiceError(f"{real} does not exist: give a size to create it")
+        try:
+            store = FileBlockStore(real, want, create=create and not exists, nofollow=True)
+        except (OSError, BlockStoreError) as e:
+            raise ServiceError(_why(real, e)) from e
+        if probe is not None and (store.identity != probe.inode if probe.inode is not None
+                                  else not store.created):
+            store.abandon()
+            raise ServiceError(f"{real} changed while it was being checked; try again")
+        return store
 
     async def volume_delete(self, name: str) -> dict[str, Any]:
         rec = self.cfg.volume(name)
@@ -300,6 +530,63 @@ class Service:
         self.cfg.delete_volume(name)
         return {"deleted": name, "path": rec.path, "note": "the image file was left in place"}
 
+    async def volume_resize(self, name: str, size: Any) -> dict[str, Any]:
+        """Grow a volume (never shrink): the image file is extended; a block
+        device must have been grown first. Hosts see CAPACITY DATA HAS CHANGED."""
+        rec = self.cfg.volume(name)
+        if rec is None:
+            raise ServiceError(f"no volume named {name}")
+        vol = self.eng.volumes[name]
+        if vol.offline is not None:
+            raise ServiceError(f"volume {name} is offline ({vol.offline}); relink it first")
+        if vol.as_source or vol.as_clone is not None:
+            raise ServiceError(f"volume {name} is in a pair, whose size is fixed; "
+                               "delete the pair first")
+        want = _size(size)
+        if want <= 0 or want % 512:
+            raise ServiceError("size must be a positive multiple of 512 bytes")
+        if want < rec.size:
+            raise ServiceError(f"volume {name} has {rec.size} bytes; resize only grows "
+                               "(shrinking would cut off its data)")
+        if want == rec.size:
+            return self.volume_show(name)
+        store = vol.store
+        assert isinstance(store, FileBlockStore)
+        try:
+            store.grow(want)
+        except (OSError, BlockStoreError) as e:
+            raise ServiceError(_why(rec.path, e)) from e
+        rec.size = want
+        self.cfg.put_volume(rec)
+        return self.volume_show(name)
+
+    async def volume_relink(self, name: str, path: str, *,
+                            peer: Peer | None = None) -> dict[str, Any]:
+        """Point an offline volume at its image's new place: same size, same
+        rules as adopting; the jobs of its pairs resume."""
+        rec = self.cfg.volume(name)
+        if rec is None:
+            raise ServiceError(f"no volume named {name}")
+        if self.eng.volumes[name].offline is None:
+            raise ServiceError(f"volume {name} is online; only an offline volume can be relinked")
+        real = self._vet_path(path, peer, volume=name)
+        probe = await self._probe(peer, real)
+        have = os.stat(real).st_size if os.path.isfile(real) else None
+        if have is not None and have != rec.size:
+            raise ServiceError(f"{real} has {have} bytes; volume {name} has {rec.size}: "
+                               "relink needs its image (the same size)")
+        store = self._open_image(real, rec.size, probe, create=False)
+        try:
+            old = await self.eng.relink(name, store)
+        except EngineError as e:
+            store.close()
+            raise self._wrap(e) from e
+        old.close()
+        rec.path = real
+        rec.kind = "blockdev" if store.is_blockdev else "file"
+        self.cfg.put_volume(rec)
+        return self.volume_show(name)
+
     def volume_list(self) -> list[dict[str, Any]]:
         return [self.volume_show(v.name) for v in self.cfg.volumes()]
 
@@ -312,11 +599,12 @@ class Service:
         vol = self.eng.volumes[name]
         role = "clone" if vol.as_clone else ("source" if vol.as_source else "standalone")
         return {**asdict(rec), "role": role, "access": mode, "access_reason": why,
+                "offline": vol.offline,
                 "exported_by": self._exported_in(name),
                 "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])}
 
     # -- pairs ------------------------------------------------------------------------------
-    async def pair_create(self, source: str, clone: str, extent_size: Any = None,
+    async def pair_create(self, source: str, clone: str, extent_size: Size | None = None,
                           sync: bool = True, **throttle: Any) -> dict[str, Any]:
         rec = self.cfg.volume(source)
         es = _size(extent_size) if extent_size else (rec.extent_size if rec else DEFAULT_EXTENT_SIZE)
@@ -387,7 +675,24 @@ class Service:
         pr = p.progress()
         return {"id": p.id, "source": p.source, "clone": p.clone, "size": p.size,
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
-                "progress": asdict(pr), **{"state": pr.state}}
+                "progress": asdict(pr), **{"state": pr.state},
+                "damaged": p.damaged, "held": p.hold,
+                "offline": "; ".join(self.eng.offline_reasons(p)) or None}
+
+    async def pair_acknowledge(self, pair: str) -> dict[str, Any]:
+        """Accept a held pair (rolled-back database, damaged record): it
+        serves again, fractured, with every extent marked as differing."""
+        p = self._pair(pair)
+        try:
+            reason = await self.eng.acknowledge(p.id)
+        except EngineError as e:
+            raise self._wrap(e) from e
+        return {**self.pair_show(p.id), "message": (
+            f"pair {p.id} was held because {reason}. Its metadata could no longer say which "
+            f"extents differ, so now every extent does: the pair is fractured and both "
+            f"volumes serve again. The next sync (source -> clone) or restore (clone -> "
+            f"source) copies all {p.nextents} extents, {human(p.size)} "
+            f"({p.size} bytes).")}
 
     async def pair_wait(self, pair: str, timeout: float | None = None) -> dict[str, Any]:
         p = self._pair(pair)
@@ -399,8 +704,8 @@ class Service:
                             acl: list[str] | None = None, chap_user: str | None = None,
                             chap_secret: str | None = None, mutual_user: str | None = None,
                             mutual_secret: str | None = None, tpgt: int = 1) -> dict[str, Any]:
-        if not IQN_RE.match(iqn or ""):
-            raise ServiceError(f"{iqn!r} is not an iSCSI name (iqn.YYYY-MM.reverse.domain[:id])")
+        if not valid_iscsi_name(iqn):
+            raise ServiceError(f"{iqn!r} is not an iSCSI name ({ISCSI_NAME_HELP})")
         if iqn in self.cfg.targets():
             raise ServiceError(f"target {iqn} already exists")
         t = self._validate_target(iqn, luns or {}, acl, chap_user, chap_secret,
@@ -409,49 +714,65 @@ class Service:
         self.cfg.put_target(iqn, t)
         return self.export_show(iqn)
 
-    def _validate_target(self, iqn, luns, acl, chap_user, chap_secret, mutual_user,
-                         mutual_secret, tpgt) -> dict[str, Any]:
+    def _validate_target(self, iqn: str, luns: Any, acl: Any, chap_user: Any, chap_secret: Any,
+                         mutual_user: Any, mutual_secret: Any, tpgt: Any) -> dict[str, Any]:
+        """The one check of a target's settings (export create/update and
+        restoreconfig): types first, since export.update takes any keys,
+        then names, limits and the volumes they refer to."""
+        if not isinstance(luns, dict):
+            raise ServiceError("luns must be an object of LUN number -> volume name")
         out_luns: dict[str, str] = {}
         for lun, vol in luns.items():
             try:
                 n = int(lun)
             except (TypeError, ValueError):
-                raise ServiceError(f"LUN {lun!r} is not a number") from None
-            if not 0 <= n < 16384:
-                raise ServiceError(f"LUN {n} outside 0..16383")
-            if self.cfg.volume(vol) is None:
-                raise ServiceError(f"no volume named {vol}")
+                raise ServiceError(f"LUN {clip(lun, 40)} is not a number") from None
+            if not 0 <= n < LUN_LIMIT:
+                raise ServiceError(f"LUN {n} outside 0..{LUN_LIMIT - 1}")
+            if not isinstance(vol, str) or self.cfg.volume(vol) is None:
+                raise ServiceError(f"no volume named {clip(vol, 80)}")
             other = self._exported_in(vol)
             if other and other != iqn:
                 raise ServiceError(f"volume {vol} is already exported by {other}")
             if vol in out_luns.values():
                 raise ServiceError(f"volume {vol} given twice")
             out_luns[str(n)] = vol
+        if acl is not None and not isinstance(acl, list):
+            raise ServiceError("acl must be a list of initiator iSCSI names")
         for a in acl or []:
-            if not IQN_RE.match(a):
-                raise ServiceError(f"ACL entry {a!r} is not an initiator iSCSI name")
+            if not valid_iscsi_name(a):
+                raise ServiceError(f"ACL entry {clip(a, 80)} is not an initiator iSCSI name "
+                                   f"({ISCSI_NAME_HELP})")
+        for what, v in (("CHAP user", chap_user), ("CHAP secret", chap_secret),
+                        ("mutual CHAP user", mutual_user), ("mutual CHAP secret", mutual_secret)):
+            if v is not None and not isinstance(v, str):
+                raise ServiceError(f"{what} must be text")
         if bool(chap_user) != bool(chap_secret):
             raise ServiceError("CHAP needs both a user and a secret")
         if bool(mutual_user) != bool(mutual_secret):
             raise ServiceError("mutual CHAP needs both a user and a secret")
         if mutual_user and not chap_user:
             raise ServiceError("mutual CHAP needs CHAP as well")
-        for s in (chap_secret, mutual_secret):
-            if s and not 12 <= len(s) <= 255:
-                raise ServiceError("CHAP secrets must be 12 to 255 characters (RFC 7143)")
+        for u in (chap_user, mutual_user):
+            if u and not valid_chap_name(u):
+                raise ServiceError(f"CHAP user {clip(u, 80)} must be 1-255 bytes of printable text")
+        for sec in (chap_secret, mutual_secret):
+            if sec and not SECRET_MIN <= len(sec) <= SECRET_MAX:
+                raise ServiceError(f"CHAP secrets must be {SECRET_MIN} to {SECRET_MAX} "
+                                   "characters (RFC 7143)")
+            if sec and not sec.isprintable():
+                raise ServiceError("CHAP secrets must be printable text")
         if chap_secret and mutual_secret and chap_secret == mutual_secret:
             raise ServiceError("the mutual CHAP secret must differ from the initiator's")
-        if not 1 <= int(tpgt) <= 65535:
-            raise ServiceError("tpgt must be 1..65535")
-        return {"luns": out_luns, "acl": sorted(acl) if acl else None,
+        if isinstance(tpgt, bool) or not isinstance(tpgt, int) or not TPGT_MIN <= tpgt <= TPGT_MAX:
+            raise ServiceError(f"tpgt must be {TPGT_MIN}..{TPGT_MAX}")
+        return {"luns": out_luns, "acl": sorted(set(acl)) if acl else None,
                 "chap": [chap_user, chap_secret] if chap_user else None,
                 "mutual_chap": [mutual_user, mutual_secret] if mutual_user else None,
-                "tpgt": int(tpgt)}
+                "tpgt": tpgt}
 
     async def export_update(self, iqn: str, **changes: Any) -> dict[str, Any]:
-        t = self.cfg.targets().get(iqn)
-        if t is None:
-            raise ServiceError(f"no target {iqn}")
+        t = self._target(iqn)
         cur = {"luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                "chap_user": (t.get("chap") or [None, None])[0],
                "chap_secret": (t.get("chap") or [None, None])[1],
@@ -471,9 +792,13 @@ class Service:
         return self.export_show(iqn)
 
     def _target(self, iqn: str) -> dict[str, Any]:
+        """A target that may be changed: stored and served."""
         t = self.cfg.targets().get(iqn)
         if t is None:
             raise ServiceError(f"no target {iqn}")
+        if iqn in self.unserved:
+            raise ServiceError(f"not serving {self.unserved[iqn]}; only 'export delete' "
+                               "works on it")
         return t
 
     async def export_lun_add(self, iqn: str, volume: str, lun: Any = None) -> dict[str, Any]:
@@ -520,15 +845,22 @@ class Service:
     async def export_delete(self, iqn: str) -> dict[str, Any]:
         if iqn not in self.cfg.targets():
             raise ServiceError(f"no target {iqn}")
-        await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
+        if iqn not in self.unserved:       # an unserved one never reached the front end
+            await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
         self.lunsets.pop(iqn, None)
         self.cfg.delete_target(iqn)
+        self.unserved.pop(iqn, None)
         return {"deleted": iqn}
 
     def export_show(self, iqn: str) -> dict[str, Any]:
         t = self.cfg.targets().get(iqn)
         if t is None:
             raise ServiceError(f"no target {iqn}")
+        if iqn in self.unserved:
+            # Loaded but not served: say why, and show nothing of a value
+            # that failed its check.
+            return {"iqn": iqn, "luns": {}, "acl": None, "tpgt": 1, "chap": None,
+                    "mutual_chap": None, "portals": [], "problem": self.unserved[iqn]}
         return {"iqn": iqn, "luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                 "chap": {"user": t["chap"][0], "secret": SECRET} if t.get("chap") else None,
                 "mutual_chap": {"user": t["mutual_chap"][0], "secret": SECRET}
@@ -541,20 +873,27 @@ class Service:
     def portals(self) -> list[tuple[str, int]]:
         if self.frontend is not None and self.frontend.addresses():
             return self.frontend.addresses()
-        return [tuple(p) for p in self.cfg.get("portals", [list(DEFAULT_PORTAL)])]
+        return self._stored_portals()
+
+    def _stored_portals(self) -> list[tuple[str, int]]:
+        """The portals setting, checked as it is read: a bad stored value
+        (an older version's restoreconfig stored anything) is a one-line
+        refusal naming the setting and the way out, never a traceback."""
+        try:
+            value = self.cfg.get("portals", [list(DEFAULT_PORTAL)])
+            check_setting("portals", value)
+            return parse_portals(value)
+        except (InvalidConfig, PortalError, StoredValueError) as e:
+            raise ServiceError(f"{e}; start once with 'serve --portal HOST:PORT', then run "
+                               "'liverestore portal set HOST:PORT'") from None
 
     async def portal_set(self, portals: list[str]) -> dict[str, Any]:
-        parsed = []
-        for text in portals:
-            m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
-            if not m:
-                raise ServiceError(f"portal must be HOST:PORT or [IPv6]:PORT, not {text!r}")
-            host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-            if not 1 <= int(port) <= 65535:
-                raise ServiceError(f"port {port} out of range")
-            parsed.append([host, int(port)])
-        self.cfg.set("portals", parsed)
-        return {"portals": [f"{h}:{p}" for h, p in parsed],
+        try:
+            parsed = parse_portals(portals)
+        except PortalError as e:
+            raise ServiceError(str(e)) from None
+        self.cfg.set("portals", [list(p) for p in parsed])
+        return {"portals": [format_portal(p) for p in parsed],
                 "note": "takes effect when the daemon restarts"}
 
     # -- status / config -------------------------------------------------------------------
@@ -564,56 +903,127 @@ class Service:
         return {"state_dir": self.state_dir, "uptime": time.time() - self.started_at,
                 "portals": [f"{h}:{p}" for h, p in self.portals()],
                 "volumes": self.volume_list(), "pairs": self.pair_list(),
-                "exports": self.export_list(), "iscsi": stats}
+                "exports": self.export_list(), "iscsi": stats,
+                "rollback": self._rollback_status()}
+
+    def _rollback_status(self) -> dict[str, Any] | None:
+        """The last database rollback found, with the volumes it forgot that
+        are still missing (re-create them with their old --path to adopt)."""
+        assert self.db is not None
+        rep = self.db.rollback_report()
+        if rep is None:
+            return None
+        rep["vanished_volumes"] = {n: path for n, path in rep["vanished_volumes"].items()
+                                   if self.cfg.volume(n) is None}
+        rep["held_pairs"] = sorted(pid for pid, p in self.eng.pairs.items() if p.hold)
+        rep["vanished_pairs"] = [pid for pid in rep.get("vanished_pairs", [])
+                                 if pid not in self.eng.pairs]
+        rep["resurrected_volumes"] = {n: path for n, path in
+                                      rep.get("resurrected_volumes", {}).items()
+                                      if self.cfg.volume(n) is not None}
+        # A resurrected volume the admin keeps needs no action: it alone
+        # does not keep the notice up.
+        if not (rep["vanished_volumes"] or rep["held_pairs"] or rep["vanished_pairs"]):
+            return None         # everything it asked for was done
+        return rep
 
     def saveconfig(self) -> dict[str, Any]:
         """Everything needed to rebuild this configuration (secrets included:
         keep the file private, like targetcli's saveconfig.json)."""
-        return {"version": 1,
-                "portals": self.cfg.get("portals", [list(DEFAULT_PORTAL)]),
+        return {"version": CONFIG_VERSION,
+                "portals": [list(p) for p in self._stored_portals()],
                 "volumes": [asdict(v) for v in self.cfg.volumes()],
                 "pairs": [{"source": p.source, "clone": p.clone, "extent_size": p.extent_size,
                            "throttle": asdict(p.throttle)} for p in self.eng.pairs.values()],
                 "targets": self.cfg.targets()}
 
-    async def restoreconfig(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Create what the saved configuration has and this one lacks.
+    async def restoreconfig(self, config: dict[str, Any], *,
+                            peer: Peer | None = None) -> dict[str, Any]:
+        """Create what the saved configuration has and this one lacks: all of
+        it or nothing.
 
-        Pairs come back fractured with every extent in the delta map: the
-        saved file does not know what changed since, so the next sync or
-        restore copies everything (never less than needed)."""
-        if not isinstance(config, dict) or config.get("version") != 1:
-            raise ServiceError("not a liverestore saveconfig (version 1) document")
+        The whole document is checked against its schema before anything
+        changes; if a step then fails, what this call created (targets,
+        pairs, volumes and the image files it made) is removed again and no
+        setting is changed, so a retry after fixing the document starts from
+        the same state. Pairs come back fractured with every extent in the
+        delta map: the saved file does not know what changed since, so the
+        next sync or restore copies everything (never less than needed)."""
+        try:
+            check_document(config)
+        except InvalidConfig as e:
+            raise ServiceError(f"restoreconfig: {e}; nothing was changed") from None
+        settings = {}
+        if "portals" in config:
+            settings["portals"] = [list(p) for p in parse_portals(config["portals"])]
+        undo = _Undo()
+        try:
+            made = await self._restore_objects(config, undo, peer)
+            if settings:
+                self.cfg.set_many(settings)       # last: one transaction, after all else held
+        except Exception as e:  # noqa: BLE001 - a refusal or a bug: either way, take it all back
+            if not isinstance(e, ServiceError):
+                log.exception("restoreconfig failed")      # a bug, not the document
+            left = await undo.run()
+            why = str(e) if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
+            if left:
+                raise ServiceError(f"restoreconfig failed ({why}); could not undo: "
+                                   f"{'; '.join(left)}") from None
+            raise ServiceError(f"restoreconfig failed ({why}); nothing was changed") from None
+        return {"created": made}
+
+    async def _restore_objects(self, config: dict[str, Any], undo: "_Undo",
+                               peer: Peer | None) -> dict[str, list[str]]:
         made: dict[str, list[str]] = {"volumes": [], "pairs": [], "targets": []}
         for v in config.get("volumes", []):
-            if self.cfg.volume(v["name"]) is None:
-                await self.volume_create(v["name"], v["path"], v["size"], v["extent_size"])
-                made["volumes"].append(v["name"])
+            if self.cfg.volume(v["name"]) is not None:
+                continue
+            path = v.get("path")
+            new_file = path is None or not os.path.exists(path)
+            await self.volume_create(v["name"], path, v["size"],
+                                     v.get("extent_size", DEFAULT_EXTENT_SIZE), peer=peer)
+            created = self.cfg.volume(v["name"])
+            undo.add(f"volume {v['name']}", self._undo_volume(v["name"],
+                                                              created.path if new_file else None))
+            made["volumes"].append(v["name"])
         have = {(p.source, p.clone) for p in self.eng.pairs.values()}
         for p in config.get("pairs", []):
-            if (p["source"], p["clone"]) not in have:
-                await self.pair_create(p["source"], p["clone"], p["extent_size"], sync=False,
-                                       **p.get("throttle", {}))
-                made["pairs"].append(p["clone"])
+            if (p["source"], p["clone"]) in have:
+                continue
+            await self.pair_create(p["source"], p["clone"], p.get("extent_size"), sync=False,
+                                   **p.get("throttle", {}))
+            undo.add(f"pair {p['clone']}", lambda c=p["clone"]: self.pair_delete(c, force=True))
+            made["pairs"].append(p["clone"])
         for iqn, t in config.get("targets", {}).items():
-            if iqn not in self.cfg.targets():
-                chap = t.get("chap") or [None, None]
-                mutual = t.get("mutual_chap") or [None, None]
-                await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
-                                         mutual[0], mutual[1], t.get("tpgt", 1))
-                made["targets"].append(iqn)
-        if "portals" in config:
-            self.cfg.set("portals", config["portals"])
-        return {"created": made}
+            if iqn in self.cfg.targets():
+                continue
+            chap = t.get("chap") or [None, None]
+            mutual = t.get("mutual_chap") or [None, None]
+            await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
+                                     mutual[0], mutual[1], t.get("tpgt", 1))
+            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i))
+            made["targets"].append(iqn)
+        return made
+
+    def _undo_volume(self, name: str, made_file: str | None):
+        async def run() -> None:
+            await self.volume_delete(name)
+            if made_file is not None:
+                # restoreconfig made this image: leave nothing that a retry
+                # would have to adopt or refuse.
+                os.unlink(made_file)
+        return run
 
     # -- dispatch table for the control socket ------------------------------------------------
     OPS = {
         "volume.create": "volume_create", "volume.delete": "volume_delete",
         "volume.list": "volume_list", "volume.show": "volume_show",
+        "volume.resize": "volume_resize", "volume.relink": "volume_relink",
         "pair.create": "pair_create", "pair.fracture": "pair_fracture", "pair.sync": "pair_sync",
         "pair.restore": "pair_restore", "pair.pause": "pair_pause", "pair.resume": "pair_resume",
         "pair.throttle": "pair_throttle", "pair.delete": "pair_delete", "pair.list": "pair_list",
         "pair.show": "pair_show", "pair.wait": "pair_wait",
+        "pair.acknowledge": "pair_acknowledge",
         "export.create": "export_create", "export.update": "export_update",
         "export.delete": "export_delete", "export.list": "export_list",
         "export.show": "export_show", "portal.set": "portal_set",
@@ -622,15 +1032,29 @@ class Service:
         "status": "status", "saveconfig": "saveconfig", "restoreconfig": "restoreconfig",
     }
 
-    async def call(self, op: str, args: dict[str, Any]) -> Any:
-        name = self.OPS.get(op)
-        if name is None:
-            raise ServiceError(f"unknown operation {op!r}")
-        fn = getattr(self, name)
+    _signatures: dict[str, Signature] = {}
+
+    @classmethod
+    def signature(cls, op: str) -> Signature:
+        """What ``op`` accepts, read once from its method's signature and hints."""
+        sig = cls._signatures.get(op)
+        if sig is None:
+            sig = cls._signatures[op] = Signature(op, getattr(cls, cls.OPS[op]))
+        return sig
+
+    async def call(self, op: str, args: dict[str, Any], peer: object | None = None) -> Any:
+        """Run one control operation. Arguments are checked against the
+        method's signature first, so the method only sees values of the
+        types it declares; ``peer`` is passed to methods that take it."""
+        if not isinstance(op, str) or op not in self.OPS:
+            raise ServiceError(f"unknown operation {clip(op)}")
+        sig = self.signature(op)
         try:
-            res = fn(**args)
-        except TypeError as e:
-            raise ServiceError(f"{op}: bad arguments: {e}") from e
+            sig.check(args)
+        except ArgumentError as e:
+            raise ServiceError(str(e)) from None
+        kwargs = {**args, "peer": peer} if sig.wants_peer else args
+        res = getattr(self, self.OPS[op])(**kwargs)
         if asyncio.iscoroutine(res):
             res = await res
         return res

@@ -26,11 +26,15 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, tmp, init: bool = True) -> None:
-        self.dir = str(tmp / "state")
-        self.sock = str(tmp / "control.sock")
+    def __init__(self, tmp, init: bool = True, extra: tuple[str, ...] = (),
+                 state_dir: str | None = None, sock: str | None = None,
+                 cwd: str = ROOT) -> None:
+        self.dir = state_dir or str(tmp / "state")
+        self.sock = sock or str(tmp / "control.sock")
+        self.extra = list(extra)          # more `serve` options
         self.port = free_port() if not hasattr(tmp, "port") else tmp.port
         self.init = init
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self.log = str(tmp / "daemon.log")
 
@@ -39,7 +43,8 @@ class Daemon:
                 "--portal", f"127.0.0.1:{self.port}"]
         if self.init:
             args.append("--init")
-        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=open(self.log, "a"),
+        args += self.extra
+        self.proc = subprocess.Popen(args, cwd=self.cwd, stdout=open(self.log, "a"),
                                      stderr=subprocess.STDOUT)
         for _ in range(200):
             if os.path.exists(self.sock):

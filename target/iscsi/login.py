@@ -15,6 +15,7 @@ from ..logsafe import MESSAGE_CLIP, RateLimitedLog, clip
 from . import pdu as P
 from .admission import THROTTLED_STATUSES, source_of_peer
 from .chap import ChapAuthenticator, ChapError, ChallengeRegistry
+from .names import printable_token
 from .params import Negotiator, SessionParams, TargetPreferences, TextError, encode_text, parse_text
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,6 +248,10 @@ class LoginMachine:
         initiator = keys.get("InitiatorName")
         if not initiator:
             raise LoginFailed(P.LOGIN_MISSING_PARAMETER, "InitiatorName missing")
+        if not printable_token(initiator):
+            # It is logged, matched against ACLs and shown in status: one token.
+            raise LoginFailed(P.LOGIN_INITIATOR_ERROR,
+                              "InitiatorName has spaces or control characters")
         stype = keys.get("SessionType", "Normal")
         if stype == "Discovery":
             self.discovery = True

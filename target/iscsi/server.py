@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -22,18 +21,12 @@ from .admission import LoginThrottle, SourceLimits, source_of
 from .budget import DEFAULT_MEMORY_LIMIT, MemoryBudget
 from .chap import ChallengeRegistry
 from .connection import IscsiConnection
+from .names import valid_iscsi_name
 from .params import TargetPreferences, encode_text
 from .session import Session
 
 log = logging.getLogger(__name__)
 ratelog = RateLimitedLog(log)
-
-_NAME_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^\s,]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?)$")
-
-
-def valid_iscsi_name(name: str) -> bool:
-    return bool(_NAME_RE.match(name)) and len(name.encode()) <= 223
-
 
 @dataclass
 class IscsiTargetConfig:

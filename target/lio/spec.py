@@ -22,10 +22,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..iscsi.names import valid_iscsi_name
+
 SUBTYPE = "liverestore"
 DEFAULT_CONTROL = "nl_reply_supported=-1"
-_IQN = re.compile(r"^(iqn\.\d{4}-\d{2}\.[^ ]+|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# LIO's own limit on backstore names; matched with fullmatch ("$" lets "\n" through).
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 class SpecError(ValueError):
@@ -83,7 +85,7 @@ class Volume:
         v = cls(str(d["name"]), int(d["size"]), int(d.get("block_size", 512)), d.get("wwn"),
                 d.get("hw_max_sectors"), d.get("control", DEFAULT_CONTROL),
                 tuple(sorted((str(k), str(x)) for k, x in d.get("attributes", {}).items())))
-        if not _NAME.match(v.name):
+        if not _NAME.fullmatch(v.name):
             raise SpecError(f"volume name {v.name!r}: letters, digits, _ . - only")
         if v.block_size not in (512, 1024, 2048, 4096) or v.size <= 0 or v.size % v.block_size:
             raise SpecError(f"volume {v.name}: size {v.size} must be a positive multiple of {v.block_size}")
@@ -126,7 +128,7 @@ class Acl:
         ml = d.get("mapped_luns")
         mapped = None if ml is None else tuple(sorted((int(k), int(v)) for k, v in dict(ml).items()))
         a = cls(str(d["initiator"]), Chap.from_dict(d.get("chap")), mapped)
-        if not _IQN.match(a.initiator):
+        if not valid_iscsi_name(a.initiator):
             raise SpecError(f"initiator name {a.initiator!r} is not an iSCSI name")
         return a
 
@@ -178,7 +180,7 @@ class IscsiTarget:
     @classmethod
     def from_dict(cls, d: dict) -> "IscsiTarget":
         t = cls(str(d["iqn"]), tuple(Tpg.from_dict(x) for x in d.get("tpgs", [{}])))
-        if not _IQN.match(t.iqn):
+        if not valid_iscsi_name(t.iqn):
             raise SpecError(f"target name {t.iqn!r} is not an iSCSI name")
         if len({x.tag for x in t.tpgs}) != len(t.tpgs):
             raise SpecError(f"{t.iqn}: duplicate TPG tags")

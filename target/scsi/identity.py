@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 VENDOR = "LIVERST"
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_HEX = re.compile(r"[0-9a-fA-F]+")      # fullmatch: "$" would let a trailing newline in
 
 
 def _ascii(name: str, value: str, limit: int) -> str:
@@ -51,7 +51,7 @@ class DeviceIdentity:
         for prefix in ("naa.", "0x"):
             if text.startswith(prefix):
                 text = text[len(prefix):]
-        if not _HEX.match(text or "x"):
+        if not _HEX.fullmatch(text or "x"):
             raise ValueError(f"naa must be hex digits: {self.naa!r}")
         if not ((len(text) == 16 and text[0] == "5") or (len(text) == 32 and text[0] == "6")):
             raise ValueError(f"naa must be 16 hex digits (NAA-5) or 32 (NAA-6): {self.naa!r}")

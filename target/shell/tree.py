@@ -19,6 +19,7 @@ from typing import Any
 from configshell import ConfigNode, ConfigShell, ExecutionError
 from pyparsing import ParseException
 
+from ..cli import client_path
 from ..control import ControlError
 from ..fmt import eta, human
 from ..service import SECRET
@@ -232,11 +233,13 @@ class Volumes(Node):
     def ui_command_create(self, name, size=None, path=None, extent_size="64K"):
         '''
         Creates a volume: a new image file of the given size (e.g. 10G), or
-        an existing file or block device given by path.
+        an existing file or block device given by path, adopted as it is
+        (its size is the volume's; give no size, or exactly that one).
 
         Example: create db1 size=10G
         '''
-        v = self.call("volume.create", name=name, size=size, path=path, extent_size=extent_size)
+        v = self.call("volume.create", name=name, size=size, path=client_path(path),
+                      extent_size=extent_size)
         self.say(f"Created volume {v['name']}: {human(v['size'])} at {v['path']}.")
 
     def ui_complete_create(self, parameters, text, current_param):
@@ -273,6 +276,14 @@ class Volume(Node):
         if v.get("access_reason"):
             text += f" ({v['access_reason']})"
         return text, True if v.get("access") == "read-write" else None
+
+    def ui_command_resize(self, size):
+        '''
+        Grows the volume to size (e.g. 20G); it never shrinks. A block
+        device must be grown first. Not while the volume is in a pair.
+        '''
+        v = self.call("volume.resize", name=self.name, size=size)
+        self.say(f"Volume {v['name']} is now {human(v['size'])}.")
 
     def ui_getgroup_attribute(self, name):
         value = self.data.get(name)

@@ -174,6 +174,24 @@ def test_parameters_validated_with_clear_messages(env, daemon):
     assert "short" not in json.dumps(out) or out.get("invocation") is None
 
 
+def test_volume_module_adopts_as_is_and_grows_only_when_asked(env, daemon, tmp_path):
+    sock = {"socket": daemon.sock}
+    img = tmp_path / "existing.img"
+    img.write_bytes(b"\x42" * (2 << 20))
+    rc, out = adhoc(env, "volume", {**sock, "name": "a", "path": str(img), "size": "1M"})
+    assert rc != 0 and "adopted as it is" in out["msg"]
+    assert img.read_bytes() == b"\x42" * (2 << 20)          # never truncated
+    rc, out = adhoc(env, "volume", {**sock, "name": "a", "path": str(img)})
+    assert rc == 0 and out["volume"]["size"] == 2 << 20
+    rc, out = adhoc(env, "volume", {**sock, "name": "a", "size": "4M"})
+    assert rc != 0 and "grow=true" in out["msg"] and img.stat().st_size == 2 << 20
+    rc, out = adhoc(env, "volume", {**sock, "name": "a", "size": "4M", "grow": True})
+    assert rc == 0 and out["changed"] and out["volume"]["size"] == 4 << 20
+    assert img.stat().st_size == 4 << 20 and img.read_bytes()[:2 << 20] == b"\x42" * (2 << 20)
+    rc, out = adhoc(env, "volume", {**sock, "name": "a", "size": "1M", "grow": True})
+    assert rc != 0 and img.stat().st_size == 4 << 20          # never shrinks
+
+
 def test_export_secret_never_in_output_and_updates(env, daemon):
     sock = {"socket": daemon.sock}
     adhoc(env, "volume", {**sock, "name": "v", "size": "1M"})

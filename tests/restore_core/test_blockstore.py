@@ -136,3 +136,57 @@ def test_reads_without_rwf_nowait_go_inline_then_to_threads_after_blocking(tmp_p
         assert hops == ["readinto_sync"] * 2
     run(go())
     s.close()
+
+
+# -- issue 10: opening never changes an image; locks; nothing left behind -------------------
+def test_opening_an_existing_file_never_resizes_it(tmp_path):
+    p = tmp_path / "e.img"
+    p.write_bytes(b"\x11" * 8192)
+    for size in (4096, 16384):
+        with pytest.raises(BlockStoreError, match="expected"):
+            FileBlockStore(str(p), size, create=True)
+        assert p.read_bytes() == b"\x11" * 8192
+
+
+def test_one_image_one_store(tmp_path):
+    p = str(tmp_path / "l.img")
+    s = FileBlockStore(p, 1 << 20, create=True)
+    with pytest.raises(BlockStoreError, match="in use"):
+        FileBlockStore(p)
+    with pytest.raises(BlockStoreError, match="in use"):
+        FileBlockStore(p, readonly=True)
+    s.close()
+    FileBlockStore(p).close()       # free again once closed
+
+
+def test_failed_create_closes_and_removes_what_it_made(tmp_path):
+    p = tmp_path / "huge.img"
+    with open(tmp_path / "probe", "wb") as f:
+        try:
+            f.truncate(64 << 40)
+            pytest.skip("this file system takes 64 TiB files")
+        except OSError:
+            pass
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(OSError):
+            FileBlockStore(str(p), 64 << 40, create=True)
+    assert not p.exists()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_lost_and_grow(tmp_path):
+    p = tmp_path / "g.img"
+    s = FileBlockStore(str(p), 1 << 20, create=True)
+    assert s.lost() is None
+    with pytest.raises(BlockStoreError, match="shrink"):
+        s.grow(4096)
+    s.grow(2 << 20)
+    assert s.size == p.stat().st_size == 2 << 20
+    os.rename(p, tmp_path / "other.img")
+    assert "moved or deleted" in s.lost()
+    p.write_bytes(b"")
+    assert "replaced" in s.lost()
+    os.unlink(tmp_path / "other.img")
+    assert "deleted" in s.lost()
+    s.close()

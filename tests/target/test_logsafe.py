@@ -23,7 +23,7 @@ def test_clip_bounds_and_escapes():
     assert len(long) < 100 and long.endswith("...(+7936 chars)")
     assert clip("a\nb\x1b[31m") == "'a\\nb\\x1b[31m'"          # one line, no terminal escapes
     assert clip("a\nb", quote=False) == "a\\nb"
-    assert clip(["CHAP", "None"]) == "\"['CHAP', 'None']\""
+    assert clip(["CHAP", "None"]) == "['CHAP', 'None']"                  # not a string: its repr
 
 
 def test_one_line_per_burst_with_the_count(caplog):

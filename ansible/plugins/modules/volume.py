@@ -14,8 +14,10 @@ version_added: "0.1.0"
 description:
   - Creates or forgets a volume of the liverestore daemon through its control socket.
   - A volume is a new image file of a given size, or an existing file or block device.
-  - liverestore never resizes or moves a volume; asking for a different size or path of an
-    existing volume fails instead of silently doing nothing.
+  - An existing file or block device is adopted exactly as it is; its size is the volume's
+    and is never changed (I(size), if given, must be that size).
+  - liverestore never shrinks or moves a volume; asking for a different size or path of an
+    existing volume fails instead of silently doing nothing, unless I(grow) asks to grow it.
   - Forgetting a volume leaves its image file in place.
 options:
   name:
@@ -33,8 +35,16 @@ options:
       - Required to create a volume whose I(path) does not exist yet.
     type: str
   path:
-    description: Image file or block device; by default a file in the daemon's state directory.
+    description:
+      - Image file or block device; by default a file in the daemon's state directory.
+      - A relative path is taken relative to the module's working directory on the managed host.
     type: path
+  grow:
+    description:
+      - Grow an existing volume to a larger I(size) (C(liverestore volume resize)). Never shrinks;
+        a block device must have been grown first; not while the volume is in a pair.
+    type: bool
+    default: false
   extent_size:
     description:
       - Default extent size of pairs made of this volume (power of two, 4K to 64M).
@@ -59,6 +69,12 @@ EXAMPLES = r"""
     name: db1-clone
     path: /dev/vg0/db1-clone
 
+- name: Grow db1 to 20 GiB
+  liverestore.storage.volume:
+    name: db1
+    size: 20G
+    grow: true
+
 - name: Forget a volume (the file stays)
   liverestore.storage.volume:
     name: old
@@ -82,6 +98,8 @@ volume:
     pairs: [db1-clone]
 """
 
+import os
+
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
     Client, LiverestoreError, common_argument_spec, exit_absent, find, parse_size)
@@ -95,6 +113,7 @@ def main():
         size=dict(type="str"),
         path=dict(type="path"),
         extent_size=dict(type="str"),
+        grow=dict(type="bool", default=False),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     p = module.params
@@ -103,6 +122,8 @@ def main():
         want_es = parse_size(p["extent_size"]) if p["extent_size"] else None
     except ValueError as e:
         module.fail_json(msg=str(e))
+    # the daemon refuses relative paths: resolve them here, where they were meant
+    path = os.path.abspath(p["path"]) if p["path"] else None
     client = Client(p["socket"], p["timeout"])
     try:
         cur = find(client.call("volume.list"), "name", p["name"])
@@ -111,22 +132,31 @@ def main():
             exit_absent(module, client, cur, before, "volume.delete", name=p["name"])
         if cur is not None:
             problems = []
-            if want_size is not None and want_size != cur["size"]:
-                problems.append("is %d bytes, not %d (liverestore does not resize volumes)"
+            grow = p["grow"] and want_size is not None and want_size > cur["size"]
+            if want_size is not None and want_size != cur["size"] and not grow:
+                problems.append("is %d bytes, not %d (liverestore does not resize volumes but "
+                                "grows them with grow=true; it never shrinks one)"
                                 % (cur["size"], want_size))
-            if p["path"] and p["path"] != cur["path"]:
-                problems.append("is at %s, not %s" % (cur["path"], p["path"]))
+            if path and os.path.realpath(path) != cur["path"]:
+                problems.append("is at %s, not %s" % (cur["path"], path))
             if want_es is not None and want_es != cur["extent_size"]:
                 problems.append("has extent size %d, not %d" % (cur["extent_size"], want_es))
             if problems:
                 module.fail_json(msg="volume %s %s; delete and recreate it to change that"
                                  % (p["name"], "; ".join(problems)), volume=cur)
+            if grow:
+                after = dict(before, size=want_size)
+                if module.check_mode:
+                    module.exit_json(changed=True, diff=dict(before=before, after=after))
+                vol = client.call("volume.resize", name=p["name"], size=want_size)
+                module.exit_json(changed=True, volume=vol,
+                                 diff=dict(before=before, after=_view(vol)))
             module.exit_json(changed=False, volume=cur)
-        after = dict(name=p["name"], size=want_size, path=p["path"],
+        after = dict(name=p["name"], size=want_size, path=path,
                      extent_size=want_es or parse_size(DEFAULT_EXTENT))
         if module.check_mode:
             module.exit_json(changed=True, diff=dict(before={}, after=after))
-        vol = client.call("volume.create", name=p["name"], size=p["size"], path=p["path"],
+        vol = client.call("volume.create", name=p["name"], size=p["size"], path=path,
                           extent_size=p["extent_size"] or DEFAULT_EXTENT)
         module.exit_json(changed=True, volume=vol, diff=dict(before={}, after=_view(vol)))
     except LiverestoreError as e:

@@ -202,3 +202,16 @@ def test_one_shot_mode(daemon, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no liverestore daemon" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_volume_resize_grows_only_and_relative_paths_are_the_shells(daemon, tmp_path):
+    r = subprocess.run([*LR, "--socket", daemon.sock, "shell", "/volumes", "create", "v",
+                        "path=rel.img", "size=1M"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rel.img").stat().st_size == 1 << 20
+    r = shell_cmd(daemon, "/volumes/v", "resize", "512K", ok=False)
+    assert r.returncode == 1 and "only grows" in r.stderr
+    r = shell_cmd(daemon, "/volumes/v", "resize", "2M")
+    assert r.stdout.strip() == "Volume v is now 2.0 MiB."
+    assert (tmp_path / "rel.img").stat().st_size == 2 << 20
