@@ -101,7 +101,7 @@ def _size(text: Size) -> int:
                               "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
 
 
-def _memory_limit(text: str | int | None) -> int:
+def _memory_limit(text: Size | None) -> int:
     """serve --memory-limit: the RSS bound the embedded iSCSI target budgets for."""
     if text is None:
         return DEFAULT_MEMORY_LIMIT
@@ -186,7 +186,7 @@ class Service:
     def __init__(self, state_dir: str, *, init: bool = False,
                  portals: list[tuple[str, int]] | None = None, backend: str = "auto",
                  volume_dirs: list[str] | None = None,
-                 memory_limit: str | int | None = None) -> None:
+                 memory_limit: Size | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.memory_limit = _memory_limit(memory_limit)
         # Where a non-root peer may put or adopt images (serve --volume-dir).
