@@ -27,6 +27,10 @@ ratelog = RateLimitedLog(log)     # for what a client can trigger once per comma
 # many in flight per session they are answered TASK SET FULL, which SCSI
 # initiators retry (Linux also lowers the device's queue depth).
 IMMEDIATE_LIMIT = 16
+# Writes up to this size get a plain buffer at receipt when all their data
+# fits the budget (the fast path); bigger ones get a lazy mapping, so one
+# whose data never comes holds budget but not memory.
+EAGER_WRITE = 8 << 20
 
 
 def write_buffer(nbytes: int) -> bytearray | mmap.mmap:
@@ -113,13 +117,13 @@ class DataPathMixin:
 
     def _admit_write(self, task: Task, immediate: memoryview) -> None:
         """Charge a write and give it its buffer. All of its data if that
-        fits (the buffer is allocated at once, as before budgets); else what
+        fits and it is not huge (the buffer is allocated at once); else what
         is on its way anyway (immediate and unsolicited data: a big buffer
         is then a lazy mapping, and the rest is charged before its R2Ts go
         out, see _run); else the command is refused."""
         edtl = task.edtl
         budget = self.budget
-        if budget.try_take(COMMAND_COST + edtl):
+        if edtl <= EAGER_WRITE and budget.try_take(COMMAND_COST + edtl):
             task.charged, task.paid_to = COMMAND_COST + edtl, edtl
             task.buf = bytearray(edtl)
         else:
@@ -301,7 +305,7 @@ class DataPathMixin:
                     await self._charge(task, task.edtl - task.paid_to)
                     task.paid_to = task.edtl
                     if task.buf is None and task.error_sense is None:
-                        task.buf = bytearray(task.edtl)        # all of it is charged now
+                        task.buf = write_buffer(task.edtl)
                 if task.received < task.edtl and task.error_sense is None:
                     task.data_ready = asyncio.Event()
                     self._send_r2ts(task)
