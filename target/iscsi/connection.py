@@ -462,6 +462,14 @@ class IscsiConnection(asyncio.BufferedProtocol):
             self.session.close()
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size() and self.server.output_timeout > 0:
+                # a closing transport waits for its output to be read: bound
+                # that wait for a peer that reads nothing
+                self.loop.call_later(self.server.output_timeout, self._abort_unless_gone)
+
+    def _abort_unless_gone(self) -> None:
+        if not self.closed_event.is_set() and self.transport is not None:
+            self.transport.abort()
 
     def abort(self, why: str = "") -> None:
         if self.transport is None:
