@@ -214,7 +214,7 @@ class Service:
         try:
             await self._start()
         except BaseException:
-            await self._abandon_start()
+            await self.stop()
             raise
 
     def _lock_state_dir(self) -> None:
@@ -289,8 +289,10 @@ class Service:
                   "or delete it)", rec.name, why, rec.name)
         return MissingBlockStore(rec.path, rec.size, why), why
 
-    async def _abandon_start(self) -> None:
-        """Undo a half-done start: close what was opened, drop the lock."""
+    async def stop(self) -> None:
+        """Graceful: stop accepting, drain commands, stop copiers, flush,
+        persist, drop the locks. Also undoes a start that failed half way:
+        it closes only what was opened."""
         if self.frontend is not None:
             try:
                 await self.frontend.stop()
@@ -299,21 +301,6 @@ class Service:
         if self.engine is not None:
             if self.engine.started:
                 await self.engine.close()
-            for vol in self.engine.volumes.values():
-                vol.store.close()
-        if self.db is not None:
-            self.db.close()
-        self.lock.release()
-
-    async def stop(self) -> None:
-        """Graceful: stop accepting, drain commands, stop copiers, flush, persist."""
-        if self.frontend is not None:
-            try:
-                await self.frontend.stop()
-            except Exception:  # noqa: BLE001
-                log.exception("%s front end stop failed", self.backend)
-        if self.engine is not None:
-            await self.engine.close()
             for vol in self.engine.volumes.values():
                 vol.store.close()       # drops the image locks
         if self.db is not None:

@@ -128,6 +128,11 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 return
         else:
             self.end += nbytes
+        self._parse_guarded()
+
+    def _parse_guarded(self) -> None:
+        """Parse what is buffered; a protocol violation or a bug ends this
+        connection only, never the server."""
         try:
             self._parse()
         except ProtocolViolation as e:
@@ -182,13 +187,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         """Handle what arrived before reading was paused."""
         if self.closing or self._reading_paused or self.end == self.start:
             return
-        try:
-            self._parse()
-        except ProtocolViolation as e:
-            self.protocol_error(str(e))
-        except Exception:
-            log.exception("connection %s: internal error while handling a PDU", self.peer)
-            self.abort("internal error")
+        self._parse_guarded()
 
     @property
     def write_paused(self) -> bool:
