@@ -293,19 +293,11 @@ class Engine:
                 raise EngineError(f"pair {pair_id} is not held; nothing to acknowledge")
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             async with src.gate.closed(), cln.gate.closed():
-                await self._stop_background(pair)
                 reason = pair.hold
-                pair.delta.set_all()
-                pair.done.clear_all()
-                pair.marks.clear_all()
-                pair.intent.clear_all()
-                pair.todo.clear_all()
-                pair.state = PairState.FRACTURED
-                pair.job = None
                 pair.hold = None
                 pair.damaged = pair.damaged or f"acknowledged after: {reason}"
-                self.committer.put_pair(pair.id, pair.to_record())
-                await self.committer.commit()
+                # its maps can no longer say what differs: everything does
+                await self._become_fractured(pair, None)
                 src.generation += 1
                 cln.generation += 1
                 self._refresh_holds()
@@ -453,6 +445,24 @@ class Engine:
             self._emit("sync-started", pair.id)
             return pair
 
+    async def _become_fractured(self, pair: Pair, differ) -> None:
+        """Stop the pair's job and leave it fractured with ``differ`` as its
+        delta map (None: every extent), committed. The caller holds both
+        volumes' gates closed."""
+        await self._stop_background(pair)
+        if differ is None:
+            pair.delta.set_all()
+        else:
+            pair.delta.assign(differ)
+        pair.done.clear_all()
+        pair.marks.clear_all()
+        pair.intent.clear_all()
+        pair.todo.clear_all()
+        pair.state = PairState.FRACTURED
+        pair.job = None
+        self.committer.put_pair(pair.id, pair.to_record())
+        await self.committer.commit()
+
     async def fracture(self, pair_id: str) -> Pair:
         async with self._lock:
             pair = self.pair(pair_id)
@@ -464,17 +474,7 @@ class Engine:
                                   "half way (pause it, or wait for it to end)")
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             async with src.gate.closed(), cln.gate.closed():
-                await self._stop_background(pair)
-                differ = pair.may_differ()
-                pair.delta.assign(differ)
-                pair.done.clear_all()
-                pair.marks.clear_all()
-                pair.intent.clear_all()
-                pair.todo.clear_all()
-                pair.state = PairState.FRACTURED
-                pair.job = None
-                self.committer.put_pair(pair.id, pair.to_record())
-                await self.committer.commit()
+                await self._become_fractured(pair, pair.may_differ())
                 cln.generation += 1
             self._emit("fractured", pair.id)
             return pair

@@ -179,7 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
                           backend=args.backend, volume_dirs=args.volume_dir,
-                          group=args.group))
+                          group=args.group, memory_limit=args.memory_limit))
     except ServiceError as e:
         print(f"liverestore: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=("auto", "embedded", "lio"), default="auto",
                    help="who speaks iSCSI: the embedded target, or the kernel's LIO with "
                         "our TCMU handler (auto: LIO when configfs has a target)")
+    s.add_argument("--memory-limit", metavar="SIZE",
+                   help="RSS the iSCSI target keeps the daemon under, e.g. 512M (default 512M)")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_serve)
 

@@ -18,10 +18,11 @@ log = logging.getLogger("liverestore")
 async def serve(state_dir: str, socket_path: str, *, init: bool = False,
                 portals: list[tuple[str, int]] | None = None, group: str | None = None,
                 backend: str = "auto", volume_dirs: list[str] | None = None,
+                memory_limit: str | None = None,
                 ready: Callable[[Service], None] | None = None) -> None:
     # start() locks the state directory before anything else it does
     service = Service(state_dir, init=init, portals=portals, backend=backend,
-                      volume_dirs=volume_dirs)
+                      volume_dirs=volume_dirs, memory_limit=memory_limit)
     await service.start()
     control = ControlServer(service, socket_path, group=group)
     try:

@@ -50,8 +50,11 @@ class VolumeRecords(Protocol):
 
 class ServedLUs(Protocol):
     """What a front end needs from the service: the device of each volume,
-    the stored volumes, and a stored target as the embedded target's
-    configuration."""
+    the stored volumes, a stored target as the embedded target's
+    configuration, and the memory the embedded target may use (bytes)."""
+
+    @property
+    def memory_limit(self) -> int: ...
 
     @property
     def devices(self) -> Mapping[str, ScsiDevice]: ...
@@ -87,7 +90,7 @@ class EmbeddedFrontend:
         self.server: IscsiServer | None = None
 
     async def start(self, targets: dict[str, dict[str, Any]]) -> None:
-        self.server = IscsiServer([], portals=self.portals)
+        self.server = IscsiServer([], portals=self.portals, memory_limit=self.service.memory_limit)
         for iqn, t in targets.items():
             self.server.add_target(self.service.target_config(iqn, t))
         try:

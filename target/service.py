@@ -31,6 +31,7 @@ from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_
                         check_document, check_setting, check_target)
 from .errors import ServiceError, clip
 from .fmt import human
+from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
 from .iscsi.server import IscsiTargetConfig
@@ -99,6 +100,16 @@ def _size(text: Size) -> int:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
                               "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
+
+
+def _memory_limit(text: Size | None) -> int:
+    """serve --memory-limit: the RSS bound the embedded iSCSI target budgets for."""
+    if text is None:
+        return DEFAULT_MEMORY_LIMIT
+    n = _size(text)
+    if n < MIN_MEMORY_LIMIT:
+        raise ServiceError(f"memory limit {text} is too small: at least {MIN_MEMORY_LIMIT >> 20}M")
+    return n
 
 
 def _why(path: str, e: Exception) -> str:
@@ -174,8 +185,10 @@ class _Undo:
 class Service:
     def __init__(self, state_dir: str, *, init: bool = False,
                  portals: list[tuple[str, int]] | None = None, backend: str = "auto",
-                 volume_dirs: list[str] | None = None) -> None:
+                 volume_dirs: list[str] | None = None,
+                 memory_limit: Size | None = None) -> None:
         self.state_dir = os.path.abspath(state_dir)
+        self.memory_limit = _memory_limit(memory_limit)
         # Where a non-root peer may put or adopt images (serve --volume-dir).
         self._volume_dirs_given = list(volume_dirs or [])
         self.volume_dirs: list[str] = []
@@ -201,7 +214,7 @@ class Service:
         try:
             await self._start()
         except BaseException:
-            await self._abandon_start()
+            await self.stop()
             raise
 
     def _lock_state_dir(self) -> None:
@@ -276,8 +289,10 @@ class Service:
                   "or delete it)", rec.name, why, rec.name)
         return MissingBlockStore(rec.path, rec.size, why), why
 
-    async def _abandon_start(self) -> None:
-        """Undo a half-done start: close what was opened, drop the lock."""
+    async def stop(self) -> None:
+        """Graceful: stop accepting, drain commands, stop copiers, flush,
+        persist, drop the locks. Also undoes a start that failed half way:
+        it closes only what was opened."""
         if self.frontend is not None:
             try:
                 await self.frontend.stop()
@@ -286,21 +301,6 @@ class Service:
         if self.engine is not None:
             if self.engine.started:
                 await self.engine.close()
-            for vol in self.engine.volumes.values():
-                vol.store.close()
-        if self.db is not None:
-            self.db.close()
-        self.lock.release()
-
-    async def stop(self) -> None:
-        """Graceful: stop accepting, drain commands, stop copiers, flush, persist."""
-        if self.frontend is not None:
-            try:
-                await self.frontend.stop()
-            except Exception:  # noqa: BLE001
-                log.exception("%s front end stop failed", self.backend)
-        if self.engine is not None:
-            await self.engine.close()
             for vol in self.engine.volumes.values():
                 vol.store.close()       # drops the image locks
         if self.db is not None:

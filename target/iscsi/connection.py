@@ -30,6 +30,9 @@ FLUSH_BYTES = 1 << 20        # corked output beyond this is flushed at once by d
 IOV_MAX = 1024
 WRITEV = hasattr(os, "writev") and os.environ.get("LIVERESTORE_ISCSI_NO_WRITEV") != "1"
 MAX_WRITE_BACKLOG = 1 << 30    # unsent bytes beyond this: the peer is not reading, drop it
+# Unsent output beyond this: stop reading the peer's requests until it has
+# read its answers, so a client that never reads cannot make us produce more.
+INPUT_PAUSE_BYTES = 256 * 1024
 DIRECT_MIN = 16 * 1024       # Data-Out payloads at least this big are received in place
 
 
@@ -63,6 +66,9 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.closed_event = asyncio.Event()
         self._paused = False
+        self._reading_paused = False
+        self._out_stuck_since: float | None = None   # output backlog that has not shrunk since
+        self._out_backlog = 0
         self._drain_waiters: list[asyncio.Future] = []
         self._wbuf: list = []
         self._fd = -1                # socket fd for gather writes (plain selector transports only)
@@ -122,6 +128,11 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 return
         else:
             self.end += nbytes
+        self._parse_guarded()
+
+    def _parse_guarded(self) -> None:
+        """Parse what is buffered; a protocol violation or a bug ends this
+        connection only, never the server."""
         try:
             self._parse()
         except ProtocolViolation as e:
@@ -151,13 +162,32 @@ class IscsiConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        if self._out_stuck_since is None:
+            self._out_stuck_since = self.loop.time()
+            self._out_backlog = self.transport.get_write_buffer_size() if self.transport else 0
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._out_stuck_since = None
         for f in self._drain_waiters:
             if not f.done():
                 f.set_result(None)
         self._drain_waiters.clear()
+        if self._reading_paused and not self.closing:
+            self._reading_paused = False
+            self.transport.resume_reading()
+            self.loop.call_soon(self._resume_parse)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and not self.closing:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_parse(self) -> None:
+        """Handle what arrived before reading was paused."""
+        if self.closing or self._reading_paused or self.end == self.start:
+            return
+        self._parse_guarded()
 
     @property
     def write_paused(self) -> bool:
@@ -195,7 +225,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
 
     def _parse(self) -> None:
         buf = self.buf
-        while not self.closing:
+        while not self.closing and not self._reading_paused:
             if self._direct is not None:
                 if not self._finish_direct():
                     break
@@ -384,6 +414,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
                     buf = self._writev(buf)
                 if buf:
                     t.writelines(buf)
+                if t.get_write_buffer_size() > INPUT_PAUSE_BYTES:
+                    self._pause_reading()
                 if t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
                     # a peer that sends but never reads (commands wait in drain(),
                     # but NOP/Reject answers would pile up without bound)
@@ -429,6 +461,14 @@ class IscsiConnection(asyncio.BufferedProtocol):
             self.session.close()
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size() and self.server.output_timeout > 0:
+                # a closing transport waits for its output to be read: bound
+                # that wait for a peer that reads nothing
+                self.loop.call_later(self.server.output_timeout, self._abort_unless_gone)
+
+    def _abort_unless_gone(self) -> None:
+        if not self.closed_event.is_set() and self.transport is not None:
+            self.transport.abort()
 
     def abort(self, why: str = "") -> None:
         if self.transport is None:
@@ -440,14 +480,37 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.transport.abort()
 
     # -- keepalive -----------------------------------------------------------------
+    def _output_stuck(self, now: float) -> bool:
+        """Drop a peer that has not taken any of our output for
+        ``output_timeout`` seconds (it holds its answers' memory meanwhile)."""
+        since = self._out_stuck_since
+        if since is None or self.transport is None or self.server.output_timeout <= 0:
+            return False
+        backlog = self.transport.get_write_buffer_size()
+        if backlog < self._out_backlog:          # it reads, slowly: still alive
+            self._out_backlog = backlog
+            self._out_stuck_since = now
+            return False
+        if now - since < self.server.output_timeout:
+            return False
+        ratelog.warning("output-stuck",
+                        "connection %s: peer has read none of %d bytes of output for %.0fs, dropping",
+                        self.peer, backlog, now - since)
+        self.abort("output stuck")
+        return True
+
     async def _keepalive_loop(self) -> None:
         srv = self.server
-        periods = [t for t in (srv.nop_interval, srv.nop_timeout, srv.login_timeout) if t > 0]
+        periods = [t for t in (srv.nop_interval, srv.nop_timeout, srv.login_timeout,
+                               srv.output_timeout) if t > 0]
         tick = max(0.05, min(periods, default=1.0) / 4)
         try:
             while not self.closing:
                 await asyncio.sleep(tick)
                 now = self.loop.time()
+                if self._output_stuck(now):
+                    return
+                srv.memory.relieve()
                 if self.session is None:
                     if srv.login_timeout > 0 and now - self.t_start > srv.login_timeout:
                         ratelog.info("login-timeout", "connection %s: login timed out", self.peer)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 from typing import Callable
 
-from target.scsi.api import CHECK_CONDITION, TASK_ABORTED, ScsiCommand, ScsiResponse
+from target.scsi.api import BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse
 
 from .. import eager
 from ..logsafe import RateLimitedLog
 from . import pdu as P
-from .residual import block_size_of, data_out_length
+from .budget import COMMAND_COST, SMALL_WRITE
+from .residual import block_size_of, data_out_length, residual_count
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
                    SENSE_INTERNAL_FAILURE, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_TTT,
                    SENSE_NOT_ENOUGH_UNSOLICITED, SENSE_TOO_MUCH_WRITE_DATA,
@@ -20,6 +22,24 @@ from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SE
 
 log = logging.getLogger("target.iscsi.session")
 ratelog = RateLimitedLog(log)     # for what a client can trigger once per command
+
+# Immediate commands bypass the CmdSN window (RFC 7143 3.2.2.1); beyond this
+# many in flight per session they are answered TASK SET FULL, which SCSI
+# initiators retry (Linux also lowers the device's queue depth).
+IMMEDIATE_LIMIT = 16
+# Writes up to this size get a plain buffer at receipt when all their data
+# fits the budget (the fast path); bigger ones get a lazy mapping, so one
+# whose data never comes holds budget but not memory.
+EAGER_WRITE = 8 << 20
+
+
+def write_buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """A zeroed buffer for a write's data. Big ones are anonymous mappings
+    whose pages the kernel supplies as the data lands, so a write whose data
+    never comes costs address space, not memory."""
+    if nbytes <= SMALL_WRITE:
+        return bytearray(nbytes)
+    return mmap.mmap(-1, nbytes)
 
 
 class DataPathMixin:
@@ -54,10 +74,6 @@ class DataPathMixin:
                 return self._noop
             if task.edtl > self.server.max_cmd_data:
                 task.error_sense = SENSE_INVALID_FIELD_CDB
-            else:
-                task.buf = bytearray(task.edtl)
-                if dlen:
-                    task.buf[:dlen] = pdu.data
             task.received = dlen
             if prm.initial_r2t or pdu.final:
                 # F=1: no unsolicited Data-Out follows (RFC 7143 11.3.4); R2Ts
@@ -71,6 +87,16 @@ class DataPathMixin:
             self.bytes_in += dlen
         if task.read and task.write:
             task.error_sense = SENSE_INVALID_FIELD_CDB      # bidirectional: not supported
+        if pdu.immediate and self.immediate_inflight >= IMMEDIATE_LIMIT:
+            self._refuse(task, TASK_SET_FULL)
+        elif task.write and task.error_sense is None:
+            self._admit_write(task, pdu.data)
+        elif self.budget.try_take(COMMAND_COST):
+            task.charged = COMMAND_COST
+        else:
+            self._refuse(task, TASK_SET_FULL if self.budget.over_session_limit(COMMAND_COST) else BUSY)
+        if pdu.immediate:
+            self.immediate_inflight += 1
         self.tasks[itt] = task
         self.idle.clear()
         self.commands += 1
@@ -88,6 +114,56 @@ class DataPathMixin:
             # runs now; a Task only if it has to wait (None once it is done)
             task.aio = eager.start(self._run(task))
         return deliver
+
+    def _admit_write(self, task: Task, immediate: memoryview) -> None:
+        """Charge a write and give it its buffer. All of its data if that
+        fits and it is not huge (the buffer is allocated at once); else what
+        is on its way anyway (immediate and unsolicited data: a big buffer
+        is then a lazy mapping, and the rest is charged before its R2Ts go
+        out, see _run); else the command is refused."""
+        edtl = task.edtl
+        budget = self.budget
+        if edtl <= EAGER_WRITE and budget.try_take(COMMAND_COST + edtl):
+            task.charged, task.paid_to = COMMAND_COST + edtl, edtl
+            task.buf = bytearray(edtl)
+        else:
+            part = edtl if edtl <= SMALL_WRITE else task.unsol_end
+            if not budget.try_take(COMMAND_COST + part):
+                self._refuse(task, TASK_SET_FULL if budget.over_session_limit(COMMAND_COST + part)
+                             else BUSY)
+                return
+            task.charged, task.paid_to = COMMAND_COST + part, part
+            if part:
+                task.buf = write_buffer(edtl)
+        if len(immediate):
+            task.buf[:len(immediate)] = immediate
+
+    def _refuse(self, task: Task, status: int) -> None:
+        """Answer a command BUSY / TASK SET FULL without running it: its
+        data (immediate or unsolicited, already on the way) is dropped."""
+        if task.error_sense is None:        # a CHECK CONDITION already due says more
+            task.error_status = status
+            task.error_sense = b""
+        task.paid_to = 0
+        log.debug("session %s: ITT 0x%08x refused with status 0x%02x", self.tsih, task.itt, status)
+
+    async def _charge(self, task: Task, nbytes: int) -> None:
+        """Charge ``nbytes`` more to the task, waiting for the budget if needed."""
+        if self.budget.try_take(nbytes):
+            task.charged += nbytes
+            return
+        fut = asyncio.get_running_loop().create_future()
+
+        def granted() -> None:
+            if task.finished or fut.done():
+                self.budget.give(nbytes)        # nobody waits for it any more
+                return
+            task.charged += nbytes
+            fut.set_result(None)
+        if self.budget.take_or_wait(nbytes, granted):
+            task.charged += nbytes
+            return
+        await fut
 
     def data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
         """Where the payload of this (not yet complete) Data-Out belongs, if it
@@ -145,6 +221,7 @@ class DataPathMixin:
             task.buf[off:off + n] = pdu.data
         task.received += n
         self.bytes_in += n
+        self.budget.progress()
         if task.state == "data":
             if task.received >= task.edtl:
                 if task.data_ready is not None:
@@ -222,10 +299,18 @@ class DataPathMixin:
     async def _run(self, task: Task) -> None:
         try:
             if task.write and task.received < task.edtl and task.error_sense is None:
-                task.data_ready = asyncio.Event()
-                self._send_r2ts(task)
-                await task.data_ready.wait()
-                task.data_ready = None
+                if task.paid_to < task.edtl:
+                    # all of it at once: a write holding part of its data can
+                    # never block another that holds the rest
+                    await self._charge(task, task.edtl - task.paid_to)
+                    task.paid_to = task.edtl
+                    if task.buf is None and task.error_sense is None:
+                        task.buf = write_buffer(task.edtl)
+                if task.received < task.edtl and task.error_sense is None:
+                    task.data_ready = asyncio.Event()
+                    self._send_r2ts(task)
+                    await task.data_ready.wait()
+                    task.data_ready = None
             if task.wait_for:
                 # SAM task attributes: an ORDERED command runs after every
                 # command delivered before it, and later SIMPLE ones after it
@@ -233,11 +318,17 @@ class DataPathMixin:
                 task.wait_for = None
                 if deps:
                     await asyncio.wait(deps)
-            task.state = "exec"
             if task.error_sense is not None:
+                task.state = "exec"
                 self._retire(task)
-                self._send_status(task, CHECK_CONDITION, task.error_sense)
+                self._send_status(task, task.error_status, task.error_sense)
                 return
+            if task.read:
+                # the data it will produce, held until the socket took it
+                await self._charge(task, min(task.edtl, self.server.max_cmd_data))
+                if task.aborted or self.closed:
+                    return
+            task.state = "exec"
             data_out = memoryview(task.buf) if task.buf is not None else None
             cmd = ScsiCommand(cdb=task.cdb, lun=task.lun, nexus=self.nexus, data_out=data_out,
                               expected_in=task.edtl if task.read else 0, task_tag=task.itt,
@@ -261,6 +352,9 @@ class DataPathMixin:
             task.state = "done"
             self._retire(task)
             self._send_result(task, rsp)
+            # the transport holds (a copy of) what is unsent; the charge now
+            # stands for that until drain() says the peer took it
+            rsp = cmd = None
             await self.conn.drain()
         except asyncio.CancelledError:
             if task.notify_abort and not self.closed:
@@ -291,6 +385,12 @@ class DataPathMixin:
                 self.window.complete()
 
     def _finish(self, task: Task) -> None:
+        if not task.finished:
+            task.finished = True
+            self.budget.give(task.charged)
+            task.charged = 0
+            if task.immediate:
+                self.immediate_inflight -= 1
         self._release_window(task)
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]
@@ -317,8 +417,6 @@ class DataPathMixin:
         status = rsp.status
         sense = bytes(rsp.sense) if rsp.sense else b""
         edtl = task.edtl
-        res_flags = 0
-        residual = 0
         n = 0
         dv = None
         if task.read:
@@ -335,10 +433,7 @@ class DataPathMixin:
             xfer = edtl if tl is None else tl
         else:
             xfer = edtl
-        if xfer > edtl:
-            res_flags, residual = P.RSP_OVERFLOW, xfer - edtl
-        elif xfer < edtl:
-            res_flags, residual = P.RSP_UNDERFLOW, edtl - xfer
+        res_flags, residual = residual_count(xfer, edtl)
         if n == 0:
             self._send_status(task, status, sense, flags=res_flags, residual=residual)
             return

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from ..logsafe import NAME_CLIP, RateLimitedLog, clip
 from .admission import LoginThrottle, SourceLimits, source_of
+from .budget import DEFAULT_MEMORY_LIMIT, MemoryBudget
 from .chap import ChallengeRegistry
 from .connection import IscsiConnection
 from .names import valid_iscsi_name
@@ -82,7 +83,9 @@ class IscsiServer:
                  max_connections: int = 2048,
                  max_connections_per_source: int = 256,
                  max_logins_per_source: int = 64,
-                 login_throttle: LoginThrottle | None = None) -> None:
+                 login_throttle: LoginThrottle | None = None,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT,
+                 output_timeout: float = 60.0) -> None:
         self.targets: dict[str, IscsiTargetConfig] = {}
         for t in targets:
             self.add_target(t)
@@ -94,7 +97,9 @@ class IscsiServer:
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
         self.login_timeout = login_timeout
-        self.max_cmd_data = max_cmd_data
+        self.memory = MemoryBudget(memory_limit)
+        self.max_cmd_data = min(max_cmd_data, self.memory.max_command_data)
+        self.output_timeout = output_timeout     # drop a peer that has not read our output for this long
         self.max_sessions = max_sessions
         self.max_connections = max_connections
         self.source_limits = SourceLimits(max_connections_per_source, max_logins_per_source)
@@ -353,6 +358,7 @@ class IscsiServer:
             "in_flight": sum(len(s.tasks) for s in self.sessions.values()),
             "targets": per_target,
             "portals": list(self.addresses),
+            "memory": self.memory.stats(),
             "session_list": [{
                 "tsih": s.tsih,
                 "initiator": s.nexus.initiator,

@@ -83,6 +83,11 @@ class Session(DataPathMixin, TaskManagementMixin):
         self.bytes_in = 0
         self.bytes_out = 0
         self._aux: set[asyncio.Task] = set()
+        self.budget = server.memory.session(
+            f"{self.tsih} ({clip(self.initiator_name, NAME_CLIP)})",
+            # not from inside another command's budget request: on the next turn
+            evict=lambda: conn.loop.call_soon(conn.abort, "over its memory budget"))
+        self.immediate_inflight = 0
 
     # -- helpers ---------------------------------------------------------------
     @property
@@ -295,6 +300,7 @@ class Session(DataPathMixin, TaskManagementMixin):
         for a in list(self._aux):
             a.cancel()
         self.idle.set()
+        self.budget.close()
         self.server._session_closed(self)
         if self.target is not None:
             try:

@@ -55,7 +55,8 @@ class Task:
     __slots__ = ("session", "itt", "lun", "raw_lun", "cdb", "edtl", "read", "write", "attr", "cmdsn",
                  "counted", "buf", "received", "unsol_end", "unsol_next", "r2t_next", "r2tsn",
                  "r2ts", "data_ready", "aio", "aborted", "notify_abort", "state", "window_released",
-                 "error_sense", "immediate", "unsol_datasn", "wait_for")
+                 "error_sense", "error_status", "immediate", "unsol_datasn", "wait_for",
+                 "charged", "paid_to", "finished")
 
     def __init__(self, session: "Session", pdu: P.Pdu, cdb: bytes) -> None:
         self.session = session
@@ -85,6 +86,10 @@ class Task:
         self.state = "queued"
         self.window_released = False
         self.error_sense: bytes | None = None
+        self.error_status = 0x02          # CHECK CONDITION, or BUSY/TASK SET FULL (no sense)
+        self.charged = 0                  # bytes charged to the session's memory budget
+        self.paid_to = 0                  # write data up to this offset is charged
+        self.finished = False
         self.wait_for: list[Task] | None = None
 
     @property
