@@ -1,5 +1,8 @@
-"""Human-readable numbers shared by the CLI and the shell."""
+"""Human-readable output shared by the service, the CLI and the shell."""
 from __future__ import annotations
+
+# What stands for a CHAP secret in every listing: secrets are never shown.
+SECRET = "********"
 
 
 def human(n: float) -> str:

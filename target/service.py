@@ -30,7 +30,7 @@ from .arguments import ArgumentError, Signature
 from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
                         check_document, check_setting, check_target)
 from .errors import ServiceError, clip
-from .fmt import human
+from .fmt import SECRET, human
 from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
@@ -42,7 +42,6 @@ from .statelock import StateDirBusy, StateLock
 
 log = logging.getLogger(__name__)
 
-SECRET = "********"
 
 
 DB_NAME = "liverestore.db"

@@ -21,8 +21,7 @@ from pyparsing import ParseException
 
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
-from ..fmt import eta, human
-from ..service import SECRET
+from ..fmt import SECRET, eta, human
 
 THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
 
