@@ -1,0 +1,444 @@
+"""Host latency and IOPS during a restore, end to end through the embedded
+iSCSI target, with real initiators.
+
+    .venv/bin/python -m tests.bench.restore_latency              (2 GiB LU, < 5 min)
+    .venv/bin/python -m tests.bench.restore_latency --size 256   (MiB: a quick run)
+
+A real `liverestore serve` (tests.support.Daemon) exports a source LU of
+random data (non-sparse) paired with a clone of other random data: every
+4 KiB block of the two differs, so every extent is in the delta and a read of
+an unrestored extent is a copy on demand. The pair is made with ``--no-sync``
+(fractured, every extent marked different) from images written here.
+
+Host load, through QEMU's libiscsi initiator on 127.0.0.1, one session
+per window:
+  QD1   qemu-io, N ``read OFF 4k`` commands at random 4 KiB-aligned offsets;
+        each command's time is qemu-io's own (1 / its ops/sec)
+  QD32  qemu-img bench -d 32, 4 KiB reads a prime number of blocks apart
+        from a random start, for about S seconds -> IOPS
+
+Phases (one daemon, one run):
+  idle       QD1 and QD32 windows, alternating, with no restore
+  busy       an unthrottled protected restore (the pair's default throttle,
+             rate 0) is started and the same windows alternate while it
+             runs; a window counts only if the restore was still running
+             when it ended (progress read before and after each window)
+  idle       the same idle windows again (the LU is now restored), so idle
+             numbers come from both sides of the busy phase
+  copy/idle restore
+             C R R C: plain copies of the clone image (the engine bench's
+             plain_copy, at the copier's I/O size) around restores with no
+             host load (the pair re-made with --no-sync before each)
+
+Prints raw numbers and, as its last line, one JSON object:
+  p50_ratio                  QD1 p50 busy / idle (goal <= 1.2)
+  p99_ratio                  QD1 p99 busy / idle (goal <= 1.5)
+  qd32_iops_ratio            QD32 IOPS busy / idle (goal >= 0.8)
+  restore_rate_busy_vs_idle  restore throughput during the QD32 windows /
+                             throughput of a restore with no host load
+                             (goal: >= the configured minimum progress rate)
+  restore_vs_copy            throughput of a restore with no host load / the
+                             plain copy (goal >= 0.9; tests/bench/restore.py)
+and the raw numbers behind them. Ratios whose busy side has no valid window
+are null (the restore ended too early: use a bigger --size).
+
+The benchmark reports; it never asserts a goal. It exits non-zero only on a
+real error (wrong data after the restore, an initiator failing, a restore
+ending in error). The daemon is stopped and the temporary directory under
+/tmp removed at the end, also on errors and Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):   # run as a script: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from target.control import Client  # noqa: E402
+from tests.bench.restore import CHUNK, BenchError, fmt, med, pct, plain_copy  # noqa: E402
+from tests.support import IQN, Daemon  # noqa: E402
+
+KiB, MiB = 1 << 10, 1 << 20
+BLK = 4 * KiB                  # the host I/O size, and the grain "every extent differs" is proved at
+GEN_CHUNK = 1 * MiB
+SRC, CLN = "src", "cln"        # volume names; the pair's id is the clone's name
+TOOLS = ("qemu-io", "qemu-img")
+OPS_RE = re.compile(rb"and ([0-9.]+) ops/sec")
+RUN_RE = re.compile(rb"Run completed in ([0-9.]+) seconds")
+STRIDE = 104729 * BLK           # a prime number of blocks: coprime with any LU's block count
+
+
+# -- images -------------------------------------------------------------------------------
+def make_images(src_path: str, cln_path: str, size: int) -> None:
+    """Two images of independent random data, durable before any timing
+    (no writeback of them during a measurement), every 4 KiB block of one
+    different from the same block of the other (checked, not assumed)."""
+    fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+           for p in (src_path, cln_path)]
+    try:
+        for off in range(0, size, GEN_CHUNK):
+            n = min(GEN_CHUNK, size - off)
+            a, b = os.urandom(n), os.urandom(n)
+            va, vb = memoryview(a), memoryview(b)
+            for i in range(0, n, BLK):
+                if va[i:i + BLK] == vb[i:i + BLK]:
+                    raise BenchError(f"random data repeated at offset {off + i}")
+            os.pwrite(fds[0], a, off)
+            os.pwrite(fds[1], b, off)
+        for fd in fds:
+            os.fdatasync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def images_equal(a_path: str, b_path: str, size: int) -> int | None:
+    """The first offset where the two images differ, or None."""
+    with open(a_path, "rb", buffering=0) as a, open(b_path, "rb", buffering=0) as b:
+        for off in range(0, size, GEN_CHUNK):
+            x, y = a.read(GEN_CHUNK), b.read(GEN_CHUNK)
+            if x != y:
+                return off
+    return None
+
+
+# -- initiators ---------------------------------------------------------------------------
+def qd1_reads(url: str, offsets: list[int]) -> list[float]:
+    """Seconds of each 4 KiB read, QD1, in one qemu-io session (login not timed)."""
+    args = ["qemu-io", "-r", "-f", "raw"]
+    for off in offsets:
+        args += ["-c", f"read {off} {BLK}"]
+    r = subprocess.run([*args, url], capture_output=True, timeout=120)
+    rates = [float(x) for x in OPS_RE.findall(r.stdout)]
+    if r.returncode or len(rates) != len(offsets) or b"failed" in r.stdout + r.stderr:
+        raise BenchError(f"qemu-io: exit {r.returncode}, {len(rates)}/{len(offsets)} reads: "
+                         f"{(r.stdout + r.stderr)[-300:]!r}")
+    return [1.0 / x for x in rates]
+
+
+def qd32_reads(url: str, count: int, offset: int, step: int) -> float:
+    """IOPS of ``count`` 4 KiB reads, 32 in flight, by qemu-img bench: from
+    ``offset`` on, ``step`` bytes apart (modulo the LU), so successive reads
+    land far apart and a prime step of blocks walks the whole LU. (iscsi-perf
+    -r would be random, but libiscsi 1.19's iscsi-perf miscounts the
+    commands it retries after a UNIT ATTENTION and then waits forever; a
+    restore starting or ending raises one.)"""
+    r = subprocess.run(["qemu-img", "bench", "-f", "raw", "-t", "none", "-d", "32", "-s", str(BLK),
+                        "-c", str(count), "-o", str(offset), "-S", str(step), url],
+                       capture_output=True, timeout=300)
+    found = RUN_RE.findall(r.stdout)
+    if r.returncode or not found or b"failed" in r.stdout + r.stderr:
+        raise BenchError(f"qemu-img bench: exit {r.returncode}: {(r.stdout + r.stderr)[-300:]!r}")
+    return count / max(float(found[-1]), 1e-3)
+
+
+# -- the daemon and its pair ----------------------------------------------------------------
+class Rig:
+    """A `liverestore serve` exporting SRC as LUN 0, SRC paired with CLN."""
+
+    def __init__(self, root: str, size: int) -> None:
+        self.root = root
+        self.size = size
+        self.src_path = os.path.join(root, "src.img")
+        self.cln_path = os.path.join(root, "cln.img")
+        self.daemon: Daemon | None = None
+        self.ctl: Client | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        self.daemon = Daemon(Path(self.root)).start()
+        self.ctl = Client(self.daemon.sock)
+        self.ctl.call("volume.create", name=SRC, path=self.src_path)
+        self.ctl.call("volume.create", name=CLN, path=self.cln_path)
+        self.pair_fresh()
+        self.ctl.call("export.create", iqn=IQN, luns={"0": SRC})
+        self.url = self.daemon.url + "/0"
+
+    def pair_fresh(self) -> dict[str, Any]:
+        """(Re)make the pair fractured with every extent marked different."""
+        assert self.ctl
+        if self.ctl.call("pair.list"):
+            self.ctl.call("pair.delete", pair=CLN)
+        show = self.ctl.call("pair.create", source=SRC, clone=CLN, sync=False)
+        if show["throttle"].get("rate"):     # unthrottled, whatever the default
+            show = self.ctl.call("pair.throttle", pair=CLN, rate=0)
+        return show
+
+    def show(self) -> dict[str, Any]:
+        assert self.ctl
+        return self.ctl.call("pair.show", pair=CLN)
+
+    def progress(self) -> dict[str, Any]:
+        return self.show()["progress"]
+
+    def restore(self) -> None:
+        assert self.ctl
+        self.ctl.call("pair.restore", pair=CLN)
+
+    def wait(self, timeout: float) -> dict[str, Any]:
+        assert self.ctl
+        show = self.ctl.call("pair.wait", pair=CLN, timeout=timeout)
+        pr = show["progress"]
+        if pr["job"] is not None or pr["error"] or show["state"] != "fractured":
+            raise BenchError(f"restore did not end fractured: state {show['state']}, "
+                             f"job {pr['job']}, error {pr['error']}")
+        return show
+
+    def close(self) -> None:
+        if self.ctl:
+            self.ctl.close()
+        d = self.daemon
+        if d and d.proc and d.proc.poll() is None:
+            try:
+                d.stop(signal.SIGTERM)
+            except subprocess.TimeoutExpired:
+                d.stop(signal.SIGKILL)
+
+    def log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.root, "daemon.log"), "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return ""
+
+
+# -- measurement windows --------------------------------------------------------------------
+@dataclass
+class Window:
+    kind: str                    # "qd1" or "qd32"
+    secs: float = 0.0            # wall time, progress read to progress read
+    lat: list[float] = field(default_factory=list)   # qd1: seconds per read
+    iops: float = 0.0            # qd32
+    restored: int = 0            # bytes the restore finished during the window
+    valid: bool = True           # busy: the restore still ran when the window ended
+
+
+class Load:
+    """The host: QD1 windows of a fixed number of reads, QD32 windows of
+    about ``qd32_secs`` (the count follows the last window's IOPS)."""
+
+    def __init__(self, url: str, size: int, qd1_reads: int, qd32_secs: float, seed: int) -> None:
+        self.url = url
+        self.nblk = size // BLK
+        self.qd1_count = qd1_reads
+        self.qd32_secs = qd32_secs
+        self.rnd = random.Random(seed)
+        self.qd32_rate = 10000.0      # IOPS guess until the first window
+
+    def run(self, kind: str) -> Window:
+        w = Window(kind)
+        if kind == "qd1":
+            w.lat = qd1_reads(self.url, [self.rnd.randrange(self.nblk) * BLK
+                                         for _ in range(self.qd1_count)])
+        else:
+            count = max(1000, int(self.qd32_rate * self.qd32_secs))
+            w.iops = self.qd32_rate = qd32_reads(self.url, count,
+                                                 self.rnd.randrange(self.nblk) * BLK, STRIDE)
+        return w
+
+
+def running(pr: dict[str, Any]) -> bool:
+    return pr["job"] == "restore"
+
+
+def idle_windows(load: Load, n: int) -> list[Window]:
+    out = []
+    for _ in range(n):
+        for kind in ("qd1", "qd32"):
+            t0 = time.perf_counter()
+            w = load.run(kind)
+            w.secs = time.perf_counter() - t0
+            out.append(w)
+    return out
+
+
+def busy_windows(rig: Rig, load: Load, max_secs: float) -> tuple[list[Window], float]:
+    """Start the restore and alternate windows until it ends; returns the
+    windows and the restore's wall time."""
+    es = rig.show()["extent_size"]
+    out: list[Window] = []
+    load.qd32_rate /= 2           # the first busy window need not last twice as long
+    t_start = time.perf_counter()
+    rig.restore()
+    kinds = ("qd1", "qd32")
+    i = 0
+    while time.perf_counter() - t_start < max_secs:
+        t0, before = time.perf_counter(), rig.progress()
+        if not running(before):
+            break
+        w = load.run(kinds[i % 2])
+        after = rig.progress()
+        w.secs = time.perf_counter() - t0
+        w.valid = running(after)
+        w.restored = (after["extents_done"] - before["extents_done"]) * es if w.valid else 0
+        out.append(w)
+        i += 1
+    rig.wait(max_secs + 600)
+    return out, time.perf_counter() - t_start
+
+
+def idle_restore(rig: Rig) -> float:
+    """Seconds of a full restore with no host load (the pair re-made first)."""
+    rig.pair_fresh()
+    t0 = time.perf_counter()
+    rig.restore()
+    rig.wait(600)
+    return time.perf_counter() - t0
+
+
+# -- driver ------------------------------------------------------------------------------------
+def run(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size * MiB
+    rig = Rig(root, size)
+    try:
+        t0 = time.perf_counter()
+        make_images(rig.src_path, rig.cln_path, size)
+        gen_s = time.perf_counter() - t0
+        rig.start()
+        show = rig.show()
+        io_size = show["throttle"].get("batch_extents", CHUNK // show["extent_size"]) * show["extent_size"]
+        load = Load(rig.url, size, args.qd1_reads, args.qd32_secs, args.seed)
+
+        idle_windows(load, 1)     # untimed warm-up: first sessions and reads are slower
+        idle = idle_windows(load, args.idle_windows)
+        busy, busy_restore_s = busy_windows(rig, load, args.max_busy_secs)
+        bad = images_equal(rig.src_path, rig.cln_path, size)
+        if bad is not None:
+            raise BenchError(f"after the restore the source differs from the clone at offset {bad}")
+        idle += idle_windows(load, args.idle_windows)
+
+        # C R R C (as tests/bench/restore.py), an untimed warm-up copy first:
+        # the copy's target is then an allocated file, as the restore's is.
+        dst = os.path.join(root, "copy.img")
+        plain_copy(rig.cln_path, dst, size, io_size)
+        copy_s = [plain_copy(rig.cln_path, dst, size, io_size)]
+        rest_s = [idle_restore(rig) for _ in range(args.idle_restores)]
+        copy_s.append(plain_copy(rig.cln_path, dst, size, io_size))
+        os.unlink(dst)
+        throttle = rig.show()["throttle"]
+    except BenchError:
+        tail = rig.log_tail()
+        if tail:
+            print(f"daemon log (tail):\n{tail}", file=sys.stderr)
+        raise
+    finally:
+        rig.close()
+
+    return summarise(size, idle, busy, busy_restore_s, rest_s, copy_s, io_size, gen_s, throttle)
+
+
+def summarise(size: int, idle: list[Window], busy: list[Window], busy_restore_s: float,
+              rest_s: list[float], copy_s: list[float], io_size: int, gen_s: float,
+              throttle: dict[str, Any]) -> dict[str, Any]:
+    def lat(ws: list[Window]) -> list[float]:
+        return [x for w in ws if w.kind == "qd1" for x in w.lat]
+
+    def iops(ws: list[Window]) -> list[float]:
+        return [w.iops for w in ws if w.kind == "qd32"]
+
+    valid = [w for w in busy if w.valid]
+    qd32_busy = [w for w in valid if w.kind == "qd32"]
+    idle_lat, busy_lat = lat(idle), lat(valid)
+    idle_rate = size / med(rest_s)
+    busy_rate = (sum(w.restored for w in qd32_busy) / sum(w.secs for w in qd32_busy)
+                 if qd32_busy else float("nan"))
+    copy_rate = size / med(copy_s)
+    return {
+        "size_MiB": size // MiB,
+        "idle_p50_ms": pct(idle_lat, 50) * 1e3, "idle_p99_ms": pct(idle_lat, 99) * 1e3,
+        "busy_p50_ms": pct(busy_lat, 50) * 1e3, "busy_p99_ms": pct(busy_lat, 99) * 1e3,
+        "idle_qd32_iops": med(iops(idle)), "busy_qd32_iops": med(iops(valid)),
+        "idle_qd1_reads": len(idle_lat), "busy_qd1_reads": len(busy_lat),
+        "busy_windows_valid": len(valid), "busy_windows_invalid": len(busy) - len(valid),
+        "busy_qd1_windows": sum(1 for w in valid if w.kind == "qd1"),
+        "busy_qd32_windows": len(qd32_busy),
+        "busy_restore_s": busy_restore_s, "busy_restore_MBps": size / busy_restore_s / 1e6,
+        "restore_busy_MBps": busy_rate / 1e6, "restore_idle_MBps": idle_rate / 1e6,
+        "copy_MBps": copy_rate / 1e6, "copy_io_KiB": io_size // KiB,
+        "restore_idle_s": rest_s, "copy_s": copy_s, "generate_s": gen_s,
+        "throttle": throttle,
+    }
+
+
+def ratio(a: float, b: float) -> float | None:
+    r = a / b if b else float("nan")
+    return None if r != r else round(r, 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=2048, metavar="MIB", help="LU size in MiB (2048)")
+    ap.add_argument("--qd1-reads", type=int, default=2000, metavar="N",
+                    help="QD1 reads per window (2000)")
+    ap.add_argument("--qd32-secs", type=float, default=1.0, metavar="S",
+                    help="about how long a QD32 window lasts (1.0)")
+    ap.add_argument("--idle-windows", type=int, default=3, metavar="N",
+                    help="QD1+QD32 window pairs before and again after the busy phase (3)")
+    ap.add_argument("--idle-restores", type=int, default=2, metavar="N",
+                    help="restores with no host load (2)")
+    ap.add_argument("--max-busy-secs", type=float, default=240, metavar="S",
+                    help="stop starting busy windows after this long (240)")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.size < 1 or args.qd1_reads < 1 or args.qd32_secs <= 0 or args.idle_windows < 1 \
+            or args.idle_restores < 1:
+        ap.error("sizes and counts must be >= 1")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        print(f"restore_latency: {', '.join(missing)} not found (bash .ci/install --test)",
+              file=sys.stderr)
+        return 2
+
+    root = tempfile.mkdtemp(prefix="lr-latbench-", dir="/tmp")
+    t0 = time.perf_counter()
+    try:
+        res = run(root, args)
+    except BenchError as e:
+        print(f"BENCHMARK ERROR: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    elapsed = time.perf_counter() - t0
+
+    print(f"{'measure':<26} value")
+    print("-" * 72)
+    for k, v in res.items():
+        print(f"{k:<26} {fmt(v)}")
+    print("-" * 72)
+    print(f"total run time {elapsed:.1f} s")
+    if not res["busy_windows_valid"]:
+        print("no busy window ended before the restore did: the busy numbers are invalid "
+              "(use a bigger --size)", file=sys.stderr)
+
+    out = {
+        "p50_ratio": ratio(res["busy_p50_ms"], res["idle_p50_ms"]),
+        "p99_ratio": ratio(res["busy_p99_ms"], res["idle_p99_ms"]),
+        "qd32_iops_ratio": ratio(res["busy_qd32_iops"], res["idle_qd32_iops"]),
+        "restore_rate_busy_vs_idle": ratio(res["restore_busy_MBps"], res["restore_idle_MBps"]),
+        "restore_vs_copy": ratio(res["restore_idle_MBps"], res["copy_MBps"]),
+        **{k: (round(v, 4) if isinstance(v, float) and v == v else None if isinstance(v, float) else v)
+           for k, v in res.items() if not isinstance(v, list)},
+        "restore_idle_s": [round(x, 3) for x in res["restore_idle_s"]],
+        "copy_s": [round(x, 3) for x in res["copy_s"]],
+        "run_s": round(elapsed, 1),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
