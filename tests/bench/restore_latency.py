@@ -5,10 +5,15 @@ iSCSI target, with real initiators.
     .venv/bin/python -m tests.bench.restore_latency --size 256   (MiB: a quick run)
 
 A real `liverestore serve` (tests.support.Daemon) exports a source LU of
-random data (non-sparse) paired with a clone of other random data: every
-4 KiB block of the two differs, so every extent is in the delta and a read of
-an unrestored extent is a copy on demand. The pair is made with ``--no-sync``
+random data (non-sparse), paired with two clones c1 and c2 of other random
+data: every 4 KiB block of each of the three images differs from the same
+block of the others, so every extent is in each delta and a read of an
+unrestored extent is a copy on demand. The pairs are made with ``--no-sync``
 (fractured, every extent marked different) from images written here.
+Restores alternate c1, c2, c1, ...: each one changes every block of the
+source again, and a restore from one clone marks the other's delta for all
+it changes (checked before each restore). After each busy restore the
+source must equal its clone byte for byte.
 
 Host load, through QEMU's libiscsi initiator on 127.0.0.1, one session
 per window:
@@ -23,12 +28,12 @@ Phases (one daemon, one run):
              rate 0) is started and the same windows alternate while it
              runs; a window counts only if the restore was still running
              when it ended (progress read before and after each window)
-  idle       the same idle windows again (the LU is now restored), so idle
-             numbers come from both sides of the busy phase
+  ...        idle, busy, idle, ... (--cycles busy phases), so both sides
+             see the same spells of other processes' load
   copy/idle restore
-             C R R C: plain copies of the clone image (the engine bench's
+             C R R C: plain copies of a clone image (the engine bench's
              plain_copy, at the copier's I/O size) around restores with no
-             host load (the pair re-made with --no-sync before each)
+             host load
 
 Prints raw numbers and, as its last line, one JSON object:
   p50_ratio                  QD1 p50 busy / idle (goal <= 1.2)
@@ -80,9 +85,8 @@ KiB, MiB = 1 << 10, 1 << 20
 BLK = 4 * KiB                  # the host I/O size, and the grain "every extent differs" is proved at
 GEN_CHUNK = 1 * MiB
 POOL = 16 * MiB                # random bytes the images' blocks are cut from
-HDR = struct.Struct("<QQ")     # (image tag, block number) heading every image block
-TAG_SRC, TAG_CLN = 0x5352, 0xC10E
-SRC, CLN = "src", "cln"        # volume names; the pair's id is the clone's name
+HDR = struct.Struct("<QQ")     # (image number, block number) heading every image block
+SRC, CLONES = "src", ("c1", "c2")   # volume names; a pair's id is its clone's name
 TOOLS = ("qemu-io", "qemu-img")
 OPS_RE = re.compile(rb"and ([0-9.]+) ops/sec")
 RUN_RE = re.compile(rb"Run completed in ([0-9.]+) seconds")
@@ -104,23 +108,22 @@ def image_chunk(tag: int, off: int, n: int, pool: bytes) -> bytes:
     return b"".join(parts)
 
 
-def make_images(src_path: str, cln_path: str, size: int) -> None:
-    """Two images of random data, durable before any timing (no writeback
-    of them during a measurement), every 4 KiB block of one different from
-    the same block of the other (checked, not assumed)."""
+def make_images(paths: list[str], size: int) -> None:
+    """Images of random data, durable before any timing (no writeback of
+    them during a measurement), every 4 KiB block of each different from
+    the same block of every other (checked, not assumed)."""
     pool = os.urandom(POOL)
-    fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-           for p in (src_path, cln_path)]
+    fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600) for p in paths]
     try:
         for off in range(0, size, GEN_CHUNK):
             n = min(GEN_CHUNK, size - off)
-            a, b = image_chunk(TAG_SRC, off, n, pool), image_chunk(TAG_CLN, off, n, pool)
-            va, vb = memoryview(a), memoryview(b)
+            data = [memoryview(image_chunk(tag, off, n, pool)) for tag in range(1, len(paths) + 1)]
             for i in range(0, n, BLK):
-                if va[i:i + BLK] == vb[i:i + BLK]:
-                    raise BenchError(f"source and clone share the block at offset {off + i}")
-            os.pwrite(fds[0], a, off)
-            os.pwrite(fds[1], b, off)
+                blocks = {bytes(d[i:i + BLK]) for d in data}
+                if len(blocks) != len(data):
+                    raise BenchError(f"two images share the block at offset {off + i}")
+            for fd, d in zip(fds, data):
+                os.pwrite(fd, d, off)
         for fd in fds:
             os.fdatasync(fd)
     finally:
@@ -170,55 +173,68 @@ def qd32_reads(url: str, count: int, offset: int, step: int) -> float:
 
 # -- the daemon and its pair ----------------------------------------------------------------
 class Rig:
-    """A `liverestore serve` exporting SRC as LUN 0, SRC paired with CLN."""
+    """A `liverestore serve` exporting SRC as LUN 0, SRC paired with each of
+    CLONES. Restores alternate between the clones, so each one changes every
+    block of the source: the source starts as image 1, c1 is image 2, c2
+    image 3, and a restore from one clone marks the other's delta for all it
+    changes."""
 
     def __init__(self, root: str, size: int) -> None:
         self.root = root
         self.size = size
-        self.src_path = os.path.join(root, "src.img")
-        self.cln_path = os.path.join(root, "cln.img")
+        self.path = {v: os.path.join(root, f"{v}.img") for v in (SRC, *CLONES)}
         self.daemon: Daemon | None = None
         self.ctl: Client | None = None
         self.url = ""
+        self.restores = 0
 
     def start(self) -> None:
         self.daemon = Daemon(Path(self.root)).start()
         self.ctl = Client(self.daemon.sock)
-        self.ctl.call("volume.create", name=SRC, path=self.src_path)
-        self.ctl.call("volume.create", name=CLN, path=self.cln_path)
-        self.pair_fresh()
+        for vol, path in self.path.items():
+            self.ctl.call("volume.create", name=vol, path=path)
+        for clone in CLONES:      # fractured, every extent marked different
+            show = self.ctl.call("pair.create", source=SRC, clone=clone, sync=False)
+            if show["throttle"].get("rate"):     # unthrottled, whatever the default
+                self.ctl.call("pair.throttle", pair=clone, rate=0)
         self.ctl.call("export.create", iqn=IQN, luns={"0": SRC})
         self.url = self.daemon.url + "/0"
 
-    def pair_fresh(self) -> dict[str, Any]:
-        """(Re)make the pair fractured with every extent marked different."""
-        assert self.ctl
-        if self.ctl.call("pair.list"):
-            self.ctl.call("pair.delete", pair=CLN)
-        show = self.ctl.call("pair.create", source=SRC, clone=CLN, sync=False)
-        if show["throttle"].get("rate"):     # unthrottled, whatever the default
-            show = self.ctl.call("pair.throttle", pair=CLN, rate=0)
-        return show
+    @property
+    def clone(self) -> str:
+        """The clone the current (or next) restore copies from."""
+        return CLONES[self.restores % len(CLONES)]
 
     def show(self) -> dict[str, Any]:
         assert self.ctl
-        return self.ctl.call("pair.show", pair=CLN)
+        return self.ctl.call("pair.show", pair=self.clone)
 
     def progress(self) -> dict[str, Any]:
         return self.show()["progress"]
 
     def restore(self) -> None:
         assert self.ctl
-        self.ctl.call("pair.restore", pair=CLN)
+        pr = self.progress()
+        if pr["delta_extents"] * self.show()["extent_size"] < self.size:
+            raise BenchError(f"pair {self.clone}: only {pr['delta_extents']} extents differ")
+        self.ctl.call("pair.restore", pair=self.clone)
 
-    def wait(self, timeout: float) -> dict[str, Any]:
+    def wait(self, timeout: float) -> None:
+        """Wait for the restore to end; the next restore uses the other clone."""
         assert self.ctl
-        show = self.ctl.call("pair.wait", pair=CLN, timeout=timeout)
+        show = self.ctl.call("pair.wait", pair=self.clone, timeout=timeout)
         pr = show["progress"]
         if pr["job"] is not None or pr["error"] or show["state"] != "fractured":
             raise BenchError(f"restore did not end fractured: state {show['state']}, "
                              f"job {pr['job']}, error {pr['error']}")
-        return show
+        self.restores += 1
+
+    def check_restored(self) -> None:
+        """The source now holds the last restore's clone, byte for byte."""
+        clone = CLONES[(self.restores - 1) % len(CLONES)]
+        bad = images_equal(self.path[SRC], self.path[clone], self.size)
+        if bad is not None:
+            raise BenchError(f"after the restore from {clone} the source differs at offset {bad}")
 
     def close(self) -> None:
         if self.ctl:
@@ -316,8 +332,7 @@ def busy_windows(rig: Rig, load: Load, max_secs: float) -> tuple[list[Window], f
 
 
 def idle_restore(rig: Rig) -> float:
-    """Seconds of a full restore with no host load (the pair re-made first)."""
-    rig.pair_fresh()
+    """Seconds of a full restore with no host load."""
     t0 = time.perf_counter()
     rig.restore()
     rig.wait(600)
@@ -330,29 +345,36 @@ def run(root: str, args: argparse.Namespace) -> dict[str, Any]:
     rig = Rig(root, size)
     try:
         t0 = time.perf_counter()
-        make_images(rig.src_path, rig.cln_path, size)
+        make_images(list(rig.path.values()), size)
         gen_s = time.perf_counter() - t0
         rig.start()
         show = rig.show()
         io_size = show["throttle"].get("batch_extents", CHUNK // show["extent_size"]) * show["extent_size"]
         load = Load(rig.url, size, args.qd1_reads, args.qd32_secs, args.seed)
 
+        # idle, busy, idle, busy, ..., idle: both sides see the same spells
+        # of other processes' load on this shared machine
         idle_windows(load, 1)     # untimed warm-up: first sessions and reads are slower
         idle = idle_windows(load, args.idle_windows)
-        busy, busy_restore_s = busy_windows(rig, load, args.max_busy_secs)
-        bad = images_equal(rig.src_path, rig.cln_path, size)
-        if bad is not None:
-            raise BenchError(f"after the restore the source differs from the clone at offset {bad}")
-        idle += idle_windows(load, args.idle_windows)
+        busy: list[Window] = []
+        busy_restore_s: list[float] = []
+        for _ in range(args.cycles):
+            ws, secs = busy_windows(rig, load, args.max_busy_secs)
+            rig.check_restored()
+            busy += ws
+            busy_restore_s.append(secs)
+            idle += idle_windows(load, args.idle_windows)
 
         # C R R C (as tests/bench/restore.py), an untimed warm-up copy first:
         # the copy's target is then an allocated file, as the restore's is.
         dst = os.path.join(root, "copy.img")
-        plain_copy(rig.cln_path, dst, size, io_size)
-        copy_s = [plain_copy(rig.cln_path, dst, size, io_size)]
+        clone_path = rig.path[CLONES[0]]
+        plain_copy(clone_path, dst, size, io_size)
+        copy_s = [plain_copy(clone_path, dst, size, io_size)]
         rest_s = [idle_restore(rig) for _ in range(args.idle_restores)]
-        copy_s.append(plain_copy(rig.cln_path, dst, size, io_size))
+        copy_s.append(plain_copy(clone_path, dst, size, io_size))
         os.unlink(dst)
+        rig.check_restored()
         throttle = rig.show()["throttle"]
     except BenchError:
         tail = rig.log_tail()
@@ -378,7 +400,7 @@ def print_windows(ws: list[Window]) -> None:
               f"{w.restored / 1e6:>13.1f}")
 
 
-def summarise(size: int, idle: list[Window], busy: list[Window], busy_restore_s: float,
+def summarise(size: int, idle: list[Window], busy: list[Window], busy_restore_s: list[float],
               rest_s: list[float], copy_s: list[float], io_size: int, gen_s: float,
               throttle: dict[str, Any]) -> dict[str, Any]:
     def lat(ws: list[Window]) -> list[float]:
@@ -410,7 +432,7 @@ def summarise(size: int, idle: list[Window], busy: list[Window], busy_restore_s:
         "busy_windows_valid": len(valid), "busy_windows_invalid": len(busy) - len(valid),
         "busy_qd1_windows": sum(1 for w in valid if w.kind == "qd1"),
         "busy_qd32_windows": len(qd32_busy),
-        "busy_restore_s": busy_restore_s, "busy_restore_MBps": size / busy_restore_s / 1e6,
+        "busy_restore_s": busy_restore_s, "busy_restore_MBps": size / med(busy_restore_s) / 1e6,
         "restore_busy_MBps": busy_rate / 1e6, "restore_idle_MBps": idle_rate / 1e6,
         "copy_MBps": copy_rate / 1e6, "copy_io_KiB": io_size // KiB,
         "restore_idle_s": rest_s, "copy_s": copy_s, "generate_s": gen_s,
@@ -430,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="QD1 reads per window (2000)")
     ap.add_argument("--qd32-secs", type=float, default=1.0, metavar="S",
                     help="about how long a QD32 window lasts (1.0)")
-    ap.add_argument("--idle-windows", type=int, default=3, metavar="N",
-                    help="QD1+QD32 window pairs before and again after the busy phase (3)")
+    ap.add_argument("--cycles", type=int, default=2, metavar="N",
+                    help="busy restores, each between two idle phases (2)")
+    ap.add_argument("--idle-windows", type=int, default=2, metavar="N",
+                    help="QD1+QD32 window pairs per idle phase (2)")
     ap.add_argument("--idle-restores", type=int, default=2, metavar="N",
                     help="restores with no host load (2)")
     ap.add_argument("--max-busy-secs", type=float, default=240, metavar="S",
@@ -440,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp", default="/tmp", metavar="DIR",
                     help="where the run's scratch directory (images, state) goes (/tmp)")
     args = ap.parse_args(argv)
-    if args.size < 1 or args.qd1_reads < 1 or args.qd32_secs <= 0 or args.idle_windows < 1 \
+    if args.size < 1 or args.qd1_reads < 1 or args.qd32_secs <= 0 or args.idle_windows < 1 or args.cycles < 1 \
             or args.idle_restores < 1:
         ap.error("sizes and counts must be >= 1")
     missing = [t for t in TOOLS if shutil.which(t) is None]
@@ -479,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: (round(v, 4) if isinstance(v, float) and v == v else None if isinstance(v, float) else v)
            for k, v in res.items() if not isinstance(v, list)},
         "restore_idle_s": [round(x, 3) for x in res["restore_idle_s"]],
+        "busy_restore_s": [round(x, 3) for x in res["busy_restore_s"]],
         "copy_s": [round(x, 3) for x in res["copy_s"]],
         "run_s": round(elapsed, 1),
     }
