@@ -59,6 +59,7 @@ ending in error). The daemon is stopped and the scratch directory (under
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -90,16 +91,16 @@ SRC, CLONES = "src", ("c1", "c2")   # volume names; a pair's id is its clone's n
 TOOLS = ("qemu-io", "qemu-img")
 OPS_RE = re.compile(rb"and ([0-9.]+) ops/sec")
 RUN_RE = re.compile(rb"Run completed in ([0-9.]+) seconds")
-STRIDE = 104729 * BLK           # a prime number of blocks: coprime with any LU's block count
+STRIDE = 104729 * BLK          # QD32 reads this far apart: a prime number of blocks
 
 
 # -- images -------------------------------------------------------------------------------
 def image_chunk(tag: int, off: int, n: int, pool: bytes) -> bytes:
     """``n`` bytes at ``off`` of image ``tag``: each 4 KiB block is a header
     (tag, block number) and 4080 bytes of the random pool from a place that
-    moves with the block number. Every block is unique, no two images share
-    a block at the same offset, and no generator runs at disk speed the way
-    os.urandom (~150 MB/s here) does not."""
+    moves with the block number: every block is unique and no two images
+    share a block at the same offset. Cutting from a pool runs at memory
+    speed; os.urandom for every byte (~150 MB/s here) was half the run."""
     room = len(pool) - (BLK - HDR.size)
     parts = []
     for i in range(off // BLK, (off + n) // BLK):
@@ -119,9 +120,9 @@ def make_images(paths: list[str], size: int) -> None:
             n = min(GEN_CHUNK, size - off)
             data = [memoryview(image_chunk(tag, off, n, pool)) for tag in range(1, len(paths) + 1)]
             for i in range(0, n, BLK):
-                blocks = {bytes(d[i:i + BLK]) for d in data}
-                if len(blocks) != len(data):
-                    raise BenchError(f"two images share the block at offset {off + i}")
+                for a, b in itertools.combinations(data, 2):
+                    if a[i:i + BLK] == b[i:i + BLK]:
+                        raise BenchError(f"two images share the block at offset {off + i}")
             for fd, d in zip(fds, data):
                 os.pwrite(fd, d, off)
         for fd in fds:
@@ -131,7 +132,7 @@ def make_images(paths: list[str], size: int) -> None:
             os.close(fd)
 
 
-def images_equal(a_path: str, b_path: str, size: int) -> int | None:
+def first_difference(a_path: str, b_path: str, size: int) -> int | None:
     """The first offset where the two images differ, or None."""
     with open(a_path, "rb", buffering=0) as a, open(b_path, "rb", buffering=0) as b:
         for off in range(0, size, GEN_CHUNK):
@@ -142,12 +143,19 @@ def images_equal(a_path: str, b_path: str, size: int) -> int | None:
 
 
 # -- initiators ---------------------------------------------------------------------------
+def tool(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(args, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{args[0]} did not finish within {timeout:.0f} s") from None
+
+
 def qd1_reads(url: str, offsets: list[int]) -> list[float]:
     """Seconds of each 4 KiB read, QD1, in one qemu-io session (login not timed)."""
     args = ["qemu-io", "-r", "-f", "raw"]
     for off in offsets:
         args += ["-c", f"read {off} {BLK}"]
-    r = subprocess.run([*args, url], capture_output=True, timeout=120)
+    r = tool([*args, url])
     rates = [float(x) for x in OPS_RE.findall(r.stdout)]
     if r.returncode or len(rates) != len(offsets) or b"failed" in r.stdout + r.stderr:
         raise BenchError(f"qemu-io: exit {r.returncode}, {len(rates)}/{len(offsets)} reads: "
@@ -158,13 +166,12 @@ def qd1_reads(url: str, offsets: list[int]) -> list[float]:
 def qd32_reads(url: str, count: int, offset: int, step: int) -> float:
     """IOPS of ``count`` 4 KiB reads, 32 in flight, by qemu-img bench: from
     ``offset`` on, ``step`` bytes apart (modulo the LU), so successive reads
-    land far apart and a prime step of blocks walks the whole LU. (iscsi-perf
-    -r would be random, but libiscsi 1.19's iscsi-perf miscounts the
-    commands it retries after a UNIT ATTENTION and then waits forever; a
-    restore starting or ending raises one.)"""
-    r = subprocess.run(["qemu-img", "bench", "-f", "raw", "-t", "none", "-d", "32", "-s", str(BLK),
-                        "-c", str(count), "-o", str(offset), "-S", str(step), url],
-                       capture_output=True, timeout=300)
+    land far apart, as random ones would. Not iscsi-perf -r: libiscsi 1.19's
+    iscsi-perf retries a READ that got a UNIT ATTENTION with broken
+    in-flight bookkeeping, and here it never finished once one arrived
+    mid-run (a restore starting or ending raises one); QEMU retries right."""
+    r = tool(["qemu-img", "bench", "-f", "raw", "-t", "none", "-d", "32", "-s", str(BLK),
+              "-c", str(count), "-o", str(offset), "-S", str(step), url])
     found = RUN_RE.findall(r.stdout)
     if r.returncode or not found or b"failed" in r.stdout + r.stderr:
         raise BenchError(f"qemu-img bench: exit {r.returncode}: {(r.stdout + r.stderr)[-300:]!r}")
@@ -232,7 +239,7 @@ class Rig:
     def check_restored(self) -> None:
         """The source now holds the last restore's clone, byte for byte."""
         clone = CLONES[(self.restores - 1) % len(CLONES)]
-        bad = images_equal(self.path[SRC], self.path[clone], self.size)
+        bad = first_difference(self.path[SRC], self.path[clone], self.size)
         if bad is not None:
             raise BenchError(f"after the restore from {clone} the source differs at offset {bad}")
 
