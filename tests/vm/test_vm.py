@@ -47,7 +47,11 @@ EXPECTED = ["lio_apply_idempotent", "user_backstore", "netlink_discovery", "iscs
             "daemon_reset_ring", "restore_completes", "restored_fsck_clean", "restored_files",
             "clone_unchanged", "restore_no_block_io_errors", "libiscsi_ran", "bench_numbers"]
 
-pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
+# The guest run took 546-553 s on this machine kind in November and 974 s on
+# a slower day (tcmu-runner's own 4K IOPS in the same guest halved too: TCG
+# speed follows the host), so the caps leave room for a slow host rather
+# than fail CI on it; a hang still ends within the 90-minute CI budget.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +69,8 @@ def test_lio_tcmu_iscsi_end_to_end(vm_ready, measured):
     (run / "env").write_text(f"REPO={REPO}\nPY={sys.executable}\n")
     t0 = time.time()
     p = subprocess.run(["bash", str(HERE / "run_in_vm.sh"), str(HERE / "guest_e2e.sh"), str(run), "3G"],
-                       capture_output=True, text=True, timeout=1080,
-                       env={**os.environ, "LIO_VM_TIMEOUT": "1020"})
+                       capture_output=True, text=True, timeout=1620,
+                       env={**os.environ, "LIO_VM_TIMEOUT": "1560"})
     out = p.stdout
     print(out)                                  # the guest log, for -s / failure reports
     results = dict(re.findall(r"^RESULT (\w+): (PASS|FAIL)", out, re.M))
