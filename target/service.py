@@ -101,6 +101,14 @@ def _size(text: Size) -> int:
                               "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
 
 
+def _volume_size(text: Size) -> int:
+    """A volume's size: whole 512-byte blocks, more than none."""
+    n = _size(text)
+    if n <= 0 or n % 512:
+        raise ServiceError("size must be a positive multiple of 512 bytes")
+    return n
+
+
 def _memory_limit(text: Size | None) -> int:
     """serve --memory-limit: the RSS bound the embedded iSCSI target budgets for."""
     if text is None:
@@ -381,9 +389,7 @@ class Service:
         es = _size(extent_size)
         if es < 4096 or es & (es - 1) or es > 64 << 20:
             raise ServiceError("extent size must be a power of two from 4K to 64M")
-        want = _size(size) if size not in (None, "") else None
-        if want is not None and (want <= 0 or want % 512):
-            raise ServiceError("size must be a positive multiple of 512 bytes")
+        want = _volume_size(size) if size not in (None, "") else None
         if path in (None, ""):
             # The daemon's own choice of a new file: no peer path to check.
             vdir = os.path.join(self.state_dir, VOLUMES_DIR)
@@ -513,7 +519,7 @@ class Service:
         self.cfg.delete_volume(name)
         return {"deleted": name, "path": rec.path, "note": "the image file was left in place"}
 
-    async def volume_resize(self, name: str, size: Any) -> dict[str, Any]:
+    async def volume_resize(self, name: str, size: Size) -> dict[str, Any]:
         """Grow a volume (never shrink): the image file is extended; a block
         device must have been grown first. Hosts see CAPACITY DATA HAS CHANGED."""
         rec = self.cfg.volume(name)
@@ -525,9 +531,7 @@ class Service:
         if vol.as_source or vol.as_clone is not None:
             raise ServiceError(f"volume {name} is in a pair, whose size is fixed; "
                                "delete the pair first")
-        want = _size(size)
-        if want <= 0 or want % 512:
-            raise ServiceError("size must be a positive multiple of 512 bytes")
+        want = _volume_size(size)
         if want < rec.size:
             raise ServiceError(f"volume {name} has {rec.size} bytes; resize only grows "
                                "(shrinking would cut off its data)")
