@@ -2,10 +2,10 @@
 
 Both paths claim extents in the pair's copy-on-demand map (InFlightMap)
 before copying, so an extent is never copied twice at once and host I/O that
-overlaps a copy waits for it to land. Copied extents leave ``todo`` and
-enter ``done`` in memory the moment their data is written; the committer
-makes ``done`` durable only after flushing that data (data durable -> map
-durable), so a crash re-copies at most the extents of the last batch.
+overlaps a copy waits for it to land. Copied extents leave ``todo`` the
+moment their data is written and are *landed*; they enter ``done`` only when
+the committer has flushed that data (data durable -> map durable), so a
+crash re-copies at most the extents copied since the last settle.
 """
 from __future__ import annotations
 
@@ -60,12 +60,17 @@ class Copier:
         await self.dst.write(off, buf)
         p = self.pair
         p.todo.clear_range(a, b)
-        p.done.set_range(a, b)
+        p.landed.set_range(a, b)
+        job = p.job
+
+        def settle() -> None:
+            if p.job is job:            # not a job stopped since
+                p.landed.clear_range(a, b)
+                p.done.set_range(a, b)
         # Both sides must be durable before "copied" is: the source of the
         # copy may hold acknowledged but unflushed host writes, and if a
         # power cut took them the two sides would differ with no bit set.
-        self.committer.note_unflushed(self.dst)
-        self.committer.note_unflushed(self.src)
+        self.committer.note_landed((self.dst, self.src), settle)
         p.note_copied(length, b - a)
         return length
 

@@ -134,6 +134,7 @@ class Pair:
         self.marks = ExtentMap(n)
         self.intent = ExtentMap((n + INTENT_EXTENTS - 1) // INTENT_EXTENTS)
         self.todo = ExtentMap(n)          # memory only: still to copy
+        self.landed = ExtentMap(n)        # memory only: copied, data not yet durable
         self.inflight = InFlightMap()     # the copy-on-demand map
         self.regionlog = RegionLog(self.marks)
         self.job: Job | None = None
@@ -238,6 +239,7 @@ class Pair:
         if self.protected_restore:
             bits &= ~self.marks.bits
         self.todo = ExtentMap(self.nextents, bits)
+        self.landed.clear_all()
 
     def may_differ(self) -> ExtentMap:
         bits = (self.delta.bits & ~self.done.bits) | self.marks.bits

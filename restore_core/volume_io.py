@@ -288,6 +288,10 @@ class VolumeIO(LunIO):
                         claims.append((pair, fills, True))
                     rest = [e for e in range(a, b) if e not in fills] if fills else None
                     if pair.protected_restore:
+                        if pair.landed.any(a, b):
+                            # A mark keeps the copier off for good: the copy
+                            # it keeps must be durable first.
+                            await self.committer.settle_landed()
                         wait_bid = max(wait_bid, self._mark(pair, pair.marks, a, b) if rest is None
                                        else self._mark_list(pair, pair.marks, rest))
                         continue
@@ -329,25 +333,42 @@ class VolumeIO(LunIO):
             if fill:
                 # The write filled these extents whole: they are restored (or
                 # host-written) without a copy. Their map change waits for the
-                # data to be durable, done by the commit's flush.
-                bid = self.committer.next_id
+                # data to be durable: settled by the commit below, under the
+                # claim, so later writers find the bits set.
                 for e in ext:
                     pair.todo.clear(e)
-                    pair.done.set(e)
-                    if pair.protected_restore:
-                        pair.marks.set(e)
-                        # Later writers to e must wait for this batch too.
-                        pair.pending_marks[e] = bid
-                self.committer.note_unflushed(vol.store)
-                for s in mirror_stores:
-                    self.committer.note_unflushed(s)
+                    pair.landed.set(e)
+                self.committer.note_landed((vol.store, *mirror_stores),
+                                           self._filled(pair, pair.job, ext))
                 need_commit = True
+                continue
             pair.inflight.release_all(ext)
         if need_commit:
+            try:
+                await self.committer.settle_landed()
+            finally:
+                for pair, ext, fill in claims:
+                    if fill:
+                        pair.inflight.release_all(ext)
             await self.committer.commit()
         elif fua:
             stores = [vol.store, *mirror_stores]
             await asyncio.gather(*(s.flush() for s in stores))
+
+    def _filled(self, pair: Pair, job: object, ext: list[int]) -> Callable[[], None]:
+        """The map change of a whole-extent fill, once its data is durable."""
+        def settle() -> None:
+            if pair.job is not job:
+                return                    # that job was stopped since
+            bid = self.committer.next_id
+            for e in ext:
+                pair.landed.clear(e)
+                pair.done.set(e)
+                if pair.protected_restore:
+                    pair.marks.set(e)
+                    # Later writers to e must wait for this batch too.
+                    pair.pending_marks[e] = bid
+        return settle
 
     async def _claim_todo(self, pair: Pair, a: int, b: int) -> list[int]:
         """Claim the extents of [a, b) the sync still has to copy."""
