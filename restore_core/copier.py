@@ -59,14 +59,8 @@ class Copier:
         buf = await self.src.read(off, length)
         await self.dst.write(off, buf)
         p = self.pair
-        p.todo.clear_range(a, b)
-        p.landed.set_range(a, b)
         job = p.job
-
-        def settle() -> None:
-            if p.job is job:            # not a job stopped since
-                p.landed.clear_range(a, b)
-                p.done.set_range(a, b)
+        settle = p.maps.mark_copied(a, b, lambda: p.job is job)   # not a job stopped since
         # Both sides must be durable before "copied" is: the source of the
         # copy may hold acknowledged but unflushed host writes, and if a
         # power cut took them the two sides would differ with no bit set.
@@ -98,7 +92,7 @@ class Copier:
         fills: list[int] = []
         try:
             while True:
-                need = [e for e in p.todo.set_in(first, end) if e not in fills]
+                need = [e for e in p.maps.todo_in(first, end) if e not in fills]
                 if not need:
                     return fills
                 busy: list[int] = []
@@ -180,23 +174,21 @@ class Copier:
                     for t in done:
                         tasks.discard(t)
                         t.result()  # re-raise copy errors
-                e = p.todo.next_set(pos)
-                if e < 0:
+                run = p.maps.next_todo_run(pos, span)
+                if run is None:
                     if tasks:
                         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                         for t in done:
                             tasks.discard(t)
                             t.result()
                         continue
-                    if not p.todo.any(0, p.nextents):
+                    if not p.maps.any_todo():
                         break
                     # What is left is claimed by copy-on-demand: wait for it.
                     await p.inflight.wait(0, p.nextents)
                     pos = 0
                     continue
-                end = p.todo.next_clear(e, min(e + span, p.nextents))
-                if end < 0:
-                    end = min(e + span, p.nextents)
+                e, end = run
                 b = e
                 while b < end and p.inflight.try_claim(b):
                     b += 1

@@ -39,7 +39,7 @@ def test_host_mark_commits_while_the_copiers_flush_hangs():
         stuck.stuck.clear()
         await eng.restore(p.id)                    # protected; the copier copies 0..7
         await asyncio.wait_for(stuck.waiting.wait(), 5)
-        assert p.todo.count() == 0                 # copied, but the data is not durable
+        assert p.maps.todo.count() == 0                 # copied, but the data is not durable
         # extent 12 is restored already: its write only needs its mark durable
         await asyncio.wait_for(r.sio.write(12 * ES, pattern(0x55, 512)), 2)
         snap = r.meta.load()
@@ -47,7 +47,7 @@ def test_host_mark_commits_while_the_copiers_flush_hangs():
         assert not snap.maps.get(f"{p.id}/done"), "done bits were committed before their data"
         stuck.stuck.set()
         await eng.wait_job(p.id, 10)
-        assert p.delta.set_in(0, 16) == [12]
+        assert p.maps.delta.set_in(0, 16) == [12]
         assert r.src.current[:8 * ES] == r.cln.current[:8 * ES]
         await eng.close()
     asyncio.run(go())
@@ -74,6 +74,6 @@ def test_mark_on_a_copied_extent_waits_for_the_copy_to_be_durable():
         stuck.stuck.set()
         await asyncio.wait_for(w, 5)
         await eng.wait_job(p.id, 10)
-        assert p.delta.set_in(0, 16) == [3]
+        assert p.maps.delta.set_in(0, 16) == [3]
         await eng.close()
     asyncio.run(go())
