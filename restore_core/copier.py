@@ -15,6 +15,7 @@ import time
 
 from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
+from .hostyield import HostYield
 from .pair import JobKind, Pair
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Copier:
         self.wake = asyncio.Event()     # new work (or a throttle change)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.hosts = HostYield()
 
     # -- direction -----------------------------------------------------------
     @property
@@ -164,11 +166,11 @@ class Copier:
                     await self.resume_event.wait()
                     continue
                 th = p.throttle
-                recent_host = (time.monotonic() - p.last_host_io) * 1000 < th.host_yield_ms
-                # Host I/O seen lately: one small copy at a time, so a host
-                # command never queues behind much copy work.
-                depth = 1 if recent_host else th.depth
-                span = 1 if recent_host else th.batch_extents
+                busy = self.hosts.busy(time.monotonic(), p.last_host_io, th.host_window)
+                # Hosts busy: one small copy at a time, so a host command
+                # never queues behind much copy work.
+                depth = 1 if busy else th.depth
+                span = 1 if busy else th.batch_extents
                 while len(tasks) >= depth:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
@@ -196,7 +198,7 @@ class Copier:
                     pos = e + 1
                     continue
                 pos = b
-                tasks.add(asyncio.get_running_loop().create_task(self._copy_and_release(e, b)))
+                tasks.add(asyncio.get_running_loop().create_task(self._copy_and_release(e, b, busy)))
                 since_commit += b - e
                 # Rate limit (token bucket, at most 1 s of saved-up credit):
                 # each copy pushes the next one's start by its size / rate.
@@ -211,8 +213,12 @@ class Copier:
                             due = time.monotonic()
                         except asyncio.TimeoutError:
                             pass
-                if recent_host and th.host_pause_us:
-                    await asyncio.sleep(th.host_pause_us / 1e6)
+                if busy:
+                    # paced to the minimum progress rate; copying goes on
+                    pause = self.hosts.busy_delay(time.monotonic(), self._range(e, b)[1],
+                                                  th.min_progress_pct)
+                    if pause > 0:
+                        await asyncio.sleep(pause)
                 # Bound the work a crash can lose and let progress reach
                 # disk -- in the background: the commit snapshots what has
                 # landed, flushes it and commits while copying goes on.
@@ -252,8 +258,11 @@ class Copier:
             if self.on_error is not None:
                 await self.on_error(p, f"{type(e).__name__}: {e}")
 
-    async def _copy_and_release(self, a: int, b: int) -> int:
+    async def _copy_and_release(self, a: int, b: int, busy: bool) -> int:
         try:
-            return await self.copy_run(a, b)
+            t0 = time.monotonic()
+            n = await self.copy_run(a, b)
+            self.hosts.note_copy(n, time.monotonic() - t0, busy)
+            return n
         finally:
             self.pair.inflight.release_all(range(a, b))

@@ -35,17 +35,17 @@ class Throttle:
     rate: bytes/s, 0 for unlimited. batch_extents: adjacent extents merged
     into one copy I/O and copied between map commits (dm-clone's
     hydration_batch_size). depth: copy I/Os in flight at once (dm-clone's
-    hydration_threshold). host_yield_ms: while host I/O was seen within this
-    window the copier copies one extent at a time with a single I/O in
-    flight and pauses host_pause_us between copies, so host latency wins
-    over restore speed (0 turns the pause off).
+    hydration_threshold). While a host command was seen within the last
+    host_window copy round trips the LU is busy: the copier copies one
+    extent at a time, paced to min_progress_pct percent of its idle rate
+    (see restore_core.hostyield); host_window 0 turns yielding off.
     """
 
     rate: int = 0
     batch_extents: int = 16
     depth: int = 2
-    host_yield_ms: int = 20
-    host_pause_us: int = 200
+    host_window: int = 8
+    min_progress_pct: int = 10
 
     def validate(self) -> None:
         if self.rate < 0:
@@ -54,10 +54,10 @@ class Throttle:
             raise ValueError("batch_extents must be 1..4096")
         if not 1 <= self.depth <= 64:
             raise ValueError("depth must be 1..64")
-        if not 0 <= self.host_yield_ms <= 10000:
-            raise ValueError("host_yield_ms must be 0..10000")
-        if not 0 <= self.host_pause_us <= 1_000_000:
-            raise ValueError("host_pause_us must be 0..1000000")
+        if not 0 <= self.host_window <= 10000:
+            raise ValueError("host_window must be 0..10000 copy round trips")
+        if not 1 <= self.min_progress_pct <= 100:
+            raise ValueError("min_progress_pct must be 1..100")
 
 
 @dataclass
