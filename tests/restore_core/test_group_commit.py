@@ -27,18 +27,25 @@ class StuckFlushStore(MemoryBlockStore):
         await super().flush()
 
 
+async def restore_with_stuck_flush():
+    """A protected restore of extents 0..7 of 16 whose copier copied them
+    all and now hangs in the flush that would make them durable."""
+    r = Rig(16)
+    stuck = StuckFlushStore(r.size, "cln0")
+    r.clones[0] = stuck
+    eng = await r.boot()
+    p = await r.fractured_pair()
+    for e in range(8):                          # extents 0..7 differ from the clone
+        await r.sio.write(e * ES, pattern(0xA0 + e, ES))
+    stuck.stuck.clear()
+    await eng.restore(p.id)
+    await asyncio.wait_for(stuck.waiting.wait(), 5)
+    return r, stuck, eng, p
+
+
 def test_host_mark_commits_while_the_copiers_flush_hangs():
     async def go():
-        r = Rig(16)
-        stuck = StuckFlushStore(r.size, "cln0")
-        r.clones[0] = stuck
-        eng = await r.boot()
-        p = await r.fractured_pair()
-        for e in range(8):                          # extents 0..7 differ from the clone
-            await r.sio.write(e * ES, pattern(0xA0 + e, ES))
-        stuck.stuck.clear()
-        await eng.restore(p.id)                    # protected; the copier copies 0..7
-        await asyncio.wait_for(stuck.waiting.wait(), 5)
+        r, stuck, eng, p = await restore_with_stuck_flush()
         assert p.maps.todo.count() == 0                 # copied, but the data is not durable
         # extent 12 is restored already: its write only needs its mark durable
         await asyncio.wait_for(r.sio.write(12 * ES, pattern(0x55, 512)), 2)
@@ -58,16 +65,7 @@ def test_mark_on_a_copied_extent_waits_for_the_copy_to_be_durable():
     must be durable before it is, or a power cut leaves an extent that is
     neither restored nor host-written."""
     async def go():
-        r = Rig(16)
-        stuck = StuckFlushStore(r.size, "cln0")
-        r.clones[0] = stuck
-        eng = await r.boot()
-        p = await r.fractured_pair()
-        for e in range(8):
-            await r.sio.write(e * ES, pattern(0xA0 + e, ES))
-        stuck.stuck.clear()
-        await eng.restore(p.id)
-        await asyncio.wait_for(stuck.waiting.wait(), 5)
+        r, stuck, eng, p = await restore_with_stuck_flush()
         w = asyncio.ensure_future(r.sio.write(3 * ES, pattern(0x55, 512)))
         await asyncio.sleep(0.2)
         assert not w.done(), "marked extent 3 before its copy was durable"

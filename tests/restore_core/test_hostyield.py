@@ -57,23 +57,25 @@ class CountingStore(MemoryBlockStore):
         await super().write(offset, data)
 
 
-def counting_rig(n: int) -> tuple[Rig, CountingStore]:
+async def differing_pair(n: int):
+    """A fractured pair whose every extent differs, its source counting
+    the sizes of the writes it gets."""
     r = Rig(n)
     c = CountingStore(r.size, "src")
     c.current[:] = r.src.current
     c.durable[:] = r.src.durable
     r.src = c
-    return r, c
+    eng = await r.boot()
+    p = await r.fractured_pair()
+    for e in range(n):
+        await r.sio.write(e * ES, pattern(e, ES))
+    return r, c, eng, p
 
 
 def test_a_restore_under_a_host_that_never_pauses_still_finishes_one_extent_at_a_time():
     async def go():
         n = 256
-        r, counting = counting_rig(n)
-        eng = await r.boot()
-        p = await r.fractured_pair()
-        for e in range(n):
-            await r.sio.write(e * ES, pattern(e, ES))
+        r, counting, eng, p = await differing_pair(n)
         await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
         stop = asyncio.Event()
 
@@ -101,11 +103,7 @@ def test_a_restore_under_a_host_that_never_pauses_still_finishes_one_extent_at_a
 def test_with_no_host_io_the_copier_copies_in_batches():
     async def go():
         n = 256
-        r, counting = counting_rig(n)
-        eng = await r.boot()
-        p = await r.fractured_pair()
-        for e in range(n):
-            await r.sio.write(e * ES, pattern(e, ES))
+        r, counting, eng, p = await differing_pair(n)
         await eng.set_throttle(p.id, batch_extents=16, depth=2)
         await asyncio.sleep(0.2)                        # the writes above are history
         counting.sizes.clear()
