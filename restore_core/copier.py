@@ -47,7 +47,7 @@ class BufferPool:
 
 
 class Copier:
-    def __init__(self, pair: Pair, committer: Committer) -> None:
+    def __init__(self, pair: Pair, committer: Committer, hosts: HostYield | None = None) -> None:
         self.pair = pair
         self.committer = committer
         self.resume_event = asyncio.Event()
@@ -55,7 +55,8 @@ class Copier:
         self.wake = asyncio.Event()     # new work (or a throttle change)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.hosts = HostYield()
+        # what the copier learnt about the LU's hosts and its idle rate
+        self.hosts = hosts if hosts is not None else HostYield()
         self.buffers = BufferPool()
 
     # -- direction -----------------------------------------------------------

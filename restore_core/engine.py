@@ -596,7 +596,10 @@ class Engine:
                         pair.job.kind.value if pair.job else "job", "; ".join(offline))
             return
         if pair.copier is None:
-            pair.copier = Copier(pair, self.committer)
+            # Host activity is the source LU's (host I/O during a restore or
+            # sync goes there), and so is the idle copy rate it learns: it
+            # outlives the job and serves the pair's other clones too.
+            pair.copier = Copier(pair, self.committer, self.volumes[pair.source].hosts)
             pair.copier.on_finished = self._job_finished
             pair.copier.on_error = self._job_failed
         if pair.job is not None and not pair.job.paused:

@@ -10,6 +10,7 @@ from typing import Any
 from .blockstore import BlockStore
 from .extentmap import extent_count
 from .gate import IOGate
+from .hostyield import HostYield
 from .inflight import InFlightMap
 from .metadata import DAMAGED_FIELD, HOLD_FIELD
 from .regionlog import RegionLog
@@ -213,3 +214,4 @@ class VolumeRuntime:
         # Why the volume is offline (image missing, wrong size, deleted or
         # replaced under us), or None. An offline volume answers NOT READY.
         self.offline: str | None = None
+        self.hosts = HostYield()          # the copier's view of this LU's host activity
