@@ -61,6 +61,11 @@ class Throttle:
             raise ValueError("min_progress_pct must be 1..100")
 
 
+# Knobs of earlier versions, replaced by host_window and min_progress_pct:
+# a saved configuration may still carry them; they are accepted and ignored.
+RETIRED_THROTTLE_KNOBS = ("host_yield_ms", "host_pause_us")
+
+
 @dataclass
 class Job:
     kind: JobKind

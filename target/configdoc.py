@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import ValidationError, best_match
 
 from restore_core.engine import valid_volume_name
-from restore_core.pair import Throttle
+from restore_core.pair import RETIRED_THROTTLE_KNOBS, Throttle
 
 from .errors import clip, one_line
 from .iscsi.names import valid_chap_name, valid_iscsi_name
@@ -100,7 +100,8 @@ DOCUMENT_SCHEMA: dict[str, Any] = {
                            "extent_size": _SIZE,
                            "throttle": {"type": "object", "additionalProperties": False,
                                         "properties": {k: {"type": "integer", "minimum": 0}
-                                                       for k in Throttle.__dataclass_fields__}}}}},
+                                                       for k in (*Throttle.__dataclass_fields__,
+                                                                 *RETIRED_THROTTLE_KNOBS)}}}}},
         "targets": {"type": "object", "propertyNames": {"format": "iscsi-name"},
                     "additionalProperties": TARGET_SCHEMA},
     },
