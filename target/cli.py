@@ -19,6 +19,7 @@ from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
 from .errors import ServiceError
 from .fmt import eta as _eta, human as _human
+from .follow import EXIT_HELP, Followed, Outcome
 
 DEFAULT_STATE = "/var/lib/liverestore"
 DEMO_IQN = "iqn.2026-11.io.liverestore:demo"
@@ -145,9 +146,21 @@ def cmd_client(args: argparse.Namespace) -> int:
         op, kw, kind = args.op(args)
         result = c.call(op, **kw)
         if getattr(args, "wait", False) and op.startswith("pair.") and isinstance(result, dict):
-            result = wait_job(c, result["id"], args.json)
+            return _followed(args, wait_job(c, result, args.json), kind)
         _show(args, result, kind)
     return 0
+
+
+def _followed(args: argparse.Namespace, f: Followed, kind: str) -> int:
+    """The end of --wait / pair wait: how the job ended (a line; on stderr
+    unless it finished), the pair, and the exit status of that outcome."""
+    if f.outcome is Outcome.FINISHED:
+        if not args.json:
+            print(f.message)
+    else:
+        print(f"liverestore: {f.message}", file=sys.stderr)
+    _show(args, f.pair, kind)
+    return f.exit_status
 
 
 # The server side (target.daemon, target.service, target.portals) and the
@@ -345,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", metavar="ACTION", required=True)
 
     def with_wait(p):
-        p.add_argument("--wait", action="store_true", help="follow the job to its end")
+        p.add_argument("--wait", action="store_true",
+                       help="follow the job to its end (a live bar on a terminal; "
+                       "exit status below)")
+        p.epilog = EXIT_HELP[0].upper() + EXIT_HELP[1:] + "."
         return p
 
     p = with_wait(client_cmd(pr, "create", "pair a clone with a source (full sync)", "pair.create",
@@ -388,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even during a restore")
     p = client_cmd(pr, "wait", "follow a pair's job to its end (live progress)", "pair.show",
                    "pair", lambda a: {"pair": a.pair})
+    p.epilog = EXIT_HELP[0].upper() + EXIT_HELP[1:] + "."
     p.add_argument("pair")
     p.set_defaults(wait=True)
     p = client_cmd(pr, "acknowledge", "serve a held pair again (every extent then differs)",

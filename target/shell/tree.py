@@ -22,6 +22,7 @@ from pyparsing import ParseException
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
 from ..fmt import SECRET, eta, human
+from ..follow import Outcome
 
 THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
 
@@ -417,10 +418,15 @@ class PairNode(Node):
         following (the job goes on).
         '''
         try:
-            p = wait_job(self.shell.client, self.data["id"], False)
+            first = self.shell.client.call("pair.show", pair=self.data["id"])
+            f = wait_job(self.shell.client, first, False)
         except ControlError as e:
             raise ExecutionError(str(e)) from None
-        self.say(f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
+        if f.outcome is not Outcome.FINISHED:
+            raise ExecutionError(f.message)
+        p = f.pair
+        ran = first["progress"]["job"] is not None
+        self.say(f"{f.message}." if ran else f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
 
     def ui_command_fracture(self):
         '''

@@ -11,6 +11,8 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -391,3 +393,31 @@ def test_documentation_matches_argument_spec(module, tmp_path, monkeypatch):
                 check(s["options"], o["suboptions"], at)
 
     check(captured, doc["options"], module)
+
+
+def test_restored_paused_from_elsewhere_fails_with_the_clis_outcome(env, daemon):
+    """The module and `pair restore --wait` agree: a paused restore is no
+    success (the CLI exits 3, the module fails with outcome=paused)."""
+    daemon.cli("volume", "create", "db1", "--size", "4M")
+    daemon.cli("volume", "create", "db1-clone", "--size", "4M")
+    daemon.cli("pair", "create", "db1", "db1-clone", "--no-sync")
+    daemon.cli("pair", "throttle", "db1-clone", "--rate", "256K", "--batch-extents", "1",
+               "--depth", "1")
+
+    def pause_once_running() -> None:
+        with Client(daemon.sock) as c:
+            for _ in range(400):
+                if c.call("pair.show", pair="db1-clone")["progress"]["job"] == "restore":
+                    c.call("pair.pause", pair="db1-clone")
+                    return
+                time.sleep(0.05)
+
+    pauser = threading.Thread(target=pause_once_running)
+    pauser.start()
+    rc, out = adhoc(env, "pair", {"socket": daemon.sock, "source": "db1", "clone": "db1-clone",
+                                  "state": "restored"})
+    pauser.join()
+    assert rc != 0 and out.get("outcome") == "paused", out
+    assert "paused" in out["msg"]
+    r = daemon.cli("pair", "wait", "db1-clone", ok=False)
+    assert r.returncode == 3

@@ -1,6 +1,6 @@
 """The `liverestore` CLI against a real daemon process: init, lifecycles
 with --json, saveconfig -> restoreconfig into a fresh daemon, --wait
-progress on a pipe, one-line errors, socket group."""
+progress (tests/target/test_cli_wait.py), one-line errors, socket group."""
 from __future__ import annotations
 
 import grp
@@ -140,24 +140,6 @@ def test_saveconfig_restoreconfig_into_a_fresh_daemon(daemon, tmp_path):
         assert out["created"] == {"volumes": [], "pairs": [], "targets": []}
     finally:
         d2.stop()
-
-
-def test_wait_prints_plain_progress_lines_on_a_pipe(daemon):
-    daemon.cli("volume", "create", "db1", "--size", "4M")
-    daemon.cli("volume", "create", "db1-clone", "--size", "4M")
-    daemon.cli("pair", "create", "db1", "db1-clone", "--no-sync")
-    daemon.cli("pair", "throttle", "db1-clone", "--rate", "1M", "--batch-extents", "1",
-               "--depth", "1")
-    r = daemon.cli("pair", "restore", "db1-clone", "--wait")
-    lines = r.stdout.splitlines()
-    assert "\x1b" not in r.stdout and "\r" not in r.stdout      # no terminal codes
-    assert lines[0].startswith("db1-clone: restore ") and " extents, " in lines[0], lines
-    assert lines[-3] == "db1-clone: done, state fractured, 0 extents differ"
-    assert lines[-2].split()[:2] == ["PAIR", "SOURCE"]             # then the table
-    assert lines[-1].split()[:4] == ["db1-clone", "db1", "db1-clone", "fractured"]
-    # `pair wait` on a pair with nothing running returns at once.
-    r = daemon.cli("pair", "wait", "db1-clone")
-    assert r.stdout.splitlines()[0] == "db1-clone: done, state fractured, 0 extents differ"
 
 
 def test_errors_are_one_line_with_nonzero_exit(daemon, tmp_path):

@@ -29,7 +29,15 @@ MAX_REPLY = 64 << 20
 
 
 class LiverestoreError(Exception):
-    """The daemon refused, or could not be reached; the message is one line."""
+    """The daemon refused, or could not be reached; the message is one line.
+
+    ``outcome`` is set when a followed job did not finish: paused, failed,
+    aborted or waiting (a volume offline), the words and the order in which
+    `liverestore ... --wait` decides them (its exit status 3, 4, 5, 6)."""
+
+    def __init__(self, msg, outcome=None):
+        super(LiverestoreError, self).__init__(msg)
+        self.outcome = outcome
 
 
 def common_argument_spec():
@@ -132,14 +140,19 @@ def wait_job(client, pair, timeout, poll=0.5):
     while True:
         p = client.call("pair.show", pair=pair)
         pr = p["progress"]
-        if pr["error"]:
-            raise LiverestoreError("%s: %s failed: %s (fix the cause, then resume the pair)"
-                                   % (pair, pr["job"], pr["error"]))
+        if pr.get("aborted"):
+            raise LiverestoreError("%s: the job was aborted" % pair, "aborted")
         if pr["job"] is None:
             return p
+        if pr["error"]:
+            raise LiverestoreError("%s: %s failed: %s (fix the cause, then resume the pair)"
+                                   % (pair, pr["job"], pr["error"]), "failed")
         if pr["paused"]:
             raise LiverestoreError("%s: the %s is paused; resume it (liverestore pair resume %s)"
-                                   % (pair, pr["job"], pair))
+                                   % (pair, pr["job"], pair), "paused")
+        if p.get("offline"):
+            raise LiverestoreError("%s: the %s waits: %s (it resumes after liverestore volume "
+                                   "relink)" % (pair, pr["job"], p["offline"]), "waiting")
         if time.time() > deadline:
             raise LiverestoreError("%s: %s not finished after %ss (%d/%d extents); it keeps "
                                    "running in the daemon" % (pair, pr["job"], timeout,

@@ -130,6 +130,13 @@ pair:
     progress: {state: fractured, job: null, extents_total: 0, extents_done: 0,
                delta_extents: 0, rate: 0.0, eta: null, error: null, paused: false,
                protected: null, bytes_copied: 0}
+outcome:
+  description:
+    - When a followed sync or restore did not finish, how it stopped; the same words as the
+      CLI's C(--wait), whose exit status stands for them (3, 4, 5, 6).
+  returned: on failure of a followed job
+  type: str
+  choices: [paused, failed, aborted, waiting]
 actions:
   description: The daemon operations that were (or, in check mode, would be) run.
   returned: always
@@ -317,7 +324,8 @@ def main():
     try:
         module.exit_json(**runner.run())
     except LiverestoreError as e:
-        module.fail_json(msg=str(e), actions=runner.actions, pair=runner.pair)
+        module.fail_json(msg=str(e), actions=runner.actions, pair=runner.pair,
+                         outcome=e.outcome)
     finally:
         client.close()
 
