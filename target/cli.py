@@ -18,7 +18,8 @@ from typing import Any
 from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
 from .errors import ServiceError
-from .fmt import eta as _eta, human as _human
+from . import views
+from .fmt import eta as _eta, human as _human, plural
 from .follow import EXIT_HELP, Followed, Outcome
 
 DEFAULT_STATE = "/var/lib/liverestore"
@@ -98,11 +99,13 @@ def _export_rows(exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"iqn": e["iqn"], "luns": ", ".join(f"{k}:{v}" for k, v in sorted(
         e["luns"].items(), key=lambda kv: int(kv[0]))),
         "acl": ", ".join(e["acl"]) if e["acl"] else "any",
-        "auth": "mutual CHAP" if e["mutual_chap"] else ("CHAP" if e["chap"] else "none")}
+        "auth": "mutual CHAP" if e["mutual_chap"] else ("CHAP" if e["chap"] else "none"),
+        "sessions": ", ".join(sorted({s["initiator"] for s in e.get("sessions") or []})) or "-"}
         for e in exports]
 
 
-EXPORT_COLS = [("iqn", "TARGET"), ("luns", "LUNS"), ("acl", "ACL"), ("auth", "AUTH")]
+EXPORT_COLS = [("iqn", "TARGET"), ("luns", "LUNS"), ("acl", "ACL"), ("auth", "AUTH"),
+               ("sessions", "LOGGED IN")]
 
 
 def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
@@ -115,6 +118,8 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
     elif kind == "pair":
         _print_table([_pair_row(result)], PAIR_COLS)
         _print_pair_notes([result])
+    elif kind == "deleted":
+        print(_deleted_text(result))
     elif kind == "acknowledged":
         print(result["message"])
     elif kind == "volumes":
@@ -124,7 +129,7 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
     elif kind == "exports":
         _print_table(_export_rows(result), EXPORT_COLS)
     elif kind == "export":
-        _print_table(_export_rows([result]), EXPORT_COLS)
+        print(views.render(views.export_fields(result)))
     elif kind == "status":
         print(f"portals: {', '.join(result['portals'])}   sessions: "
               f"{result['iscsi'].get('sessions', 0)}")
@@ -138,6 +143,17 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         _print_table(_export_rows(result["exports"]), EXPORT_COLS)
     else:
         print(json.dumps(result, indent=2, default=str))
+
+
+def _deleted_text(r: dict[str, Any]) -> str:
+    """'deleted target X (cut off 1 session: iqn...)' and the like."""
+    text = f"deleted {r['deleted']}"
+    if r.get("cut_off"):
+        names = ", ".join(sorted({s["initiator"] for s in r["cut_off"]}))
+        text += f" (cut off {plural(len(r['cut_off']), 'session')}: {names})"
+    if r.get("note"):
+        text += f"; {r['note']}"
+    return text
 
 
 # -- commands -------------------------------------------------------------------------
@@ -430,9 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chap-secret", help="or @FILE to read it from a file")
     p.add_argument("--mutual-user")
     p.add_argument("--mutual-secret", help="or @FILE")
-    p = client_cmd(ex, "delete", "remove an iSCSI target", "export.delete", "raw",
-                   lambda a: {"iqn": a.iqn})
+    p = client_cmd(ex, "delete", "remove an iSCSI target", "export.delete", "deleted",
+                   lambda a: {"iqn": a.iqn, "force": a.force})
     p.add_argument("iqn")
+    p.add_argument("--force", action="store_true",
+                   help="even while initiators are logged in (they lose their disks)")
     client_cmd(ex, "list", "list iSCSI targets", "export.list", "exports")
     p = client_cmd(ex, "show", "one iSCSI target", "export.show", "export",
                    lambda a: {"iqn": a.iqn})

@@ -30,7 +30,7 @@ from .arguments import ArgumentError, Signature
 from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
                         check_document, check_setting, check_target)
 from .errors import ServiceError, clip
-from .fmt import SECRET, human
+from .fmt import SECRET, human, plural
 from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
@@ -828,15 +828,27 @@ class Service:
             res = {**res, "note": "the ACL is now empty: any initiator may log in"}
         return res
 
-    async def export_delete(self, iqn: str) -> dict[str, Any]:
+    def _logged_in(self, iqn: str) -> list[dict[str, Any]]:
+        return list(self.frontend.sessions().get(iqn, [])) if self.frontend is not None else []
+
+    async def export_delete(self, iqn: str, force: bool = False) -> dict[str, Any]:
+        """Remove a target. Refused while initiators are logged in (they
+        would lose their disks mid-I/O, maybe during a restore) unless
+        ``force``."""
         if iqn not in self.cfg.targets():
             raise ServiceError(f"no target {iqn}")
+        logged = self._logged_in(iqn)
+        if logged and not force:
+            names = ", ".join(sorted({s["initiator"] for s in logged}))
+            raise ServiceError(f"target {iqn} has {plural(len(logged), 'logged-in session')} "
+                               f"({names}); deleting it cuts them off: log them out first, "
+                               "or delete with force")
         if iqn not in self.unserved:       # an unserved one never reached the front end
             await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
         self.lunsets.pop(iqn, None)
         self.cfg.delete_target(iqn)
         self.unserved.pop(iqn, None)
-        return {"deleted": iqn}
+        return {"deleted": iqn, "cut_off": logged}
 
     def export_show(self, iqn: str) -> dict[str, Any]:
         t = self.cfg.targets().get(iqn)
@@ -846,12 +858,13 @@ class Service:
             # Loaded but not served: say why, and show nothing of a value
             # that failed its check.
             return {"iqn": iqn, "luns": {}, "acl": None, "tpgt": 1, "chap": None,
-                    "mutual_chap": None, "portals": [], "problem": self.unserved[iqn]}
+                    "mutual_chap": None, "portals": [], "sessions": [], "problem": self.unserved[iqn]}
         return {"iqn": iqn, "luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                 "chap": {"user": t["chap"][0], "secret": SECRET} if t.get("chap") else None,
                 "mutual_chap": {"user": t["mutual_chap"][0], "secret": SECRET}
                 if t.get("mutual_chap") else None,
-                "portals": [f"{h}:{p}" for h, p in self.portals()]}
+                "portals": [f"{h}:{p}" for h, p in self.portals()],
+                "sessions": self._logged_in(iqn)}
 
     def export_list(self) -> list[dict[str, Any]]:
         return [self.export_show(iqn) for iqn in sorted(self.cfg.targets())]
@@ -987,7 +1000,7 @@ class Service:
             mutual = t.get("mutual_chap") or [None, None]
             await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
                                      mutual[0], mutual[1], t.get("tpgt", 1))
-            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i))
+            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i, force=True))
             made["targets"].append(iqn)
         return made
 

@@ -21,7 +21,7 @@ from pyparsing import ParseException
 
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
-from ..fmt import SECRET, eta, human
+from ..fmt import SECRET, eta, human, plural
 from ..follow import Outcome
 
 THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
@@ -464,12 +464,16 @@ class Iscsi(Node):
         e = self.call("export.create", iqn=iqn)
         self.say(f"Created target {e['iqn']}.")
 
-    def ui_command_delete(self, iqn):
+    def ui_command_delete(self, iqn, force="false"):
         '''
-        Removes an iSCSI target; its volumes stay.
+        Removes an iSCSI target; its volumes stay. Refused while initiators
+        are logged in (see its tpg1/sessions) unless force=true.
         '''
-        self.call("export.delete", iqn=iqn)
-        self.say(f"Deleted target {iqn}.")
+        if force not in ("true", "false"):
+            raise ExecutionError("force takes true or false")
+        r = self.call("export.delete", iqn=iqn, force=force == "true")
+        cut = len(r.get("cut_off") or [])
+        self.say(f"Deleted target {iqn}." + (f" Cut off {plural(cut, 'session')}." if cut else ""))
 
     def ui_complete_delete(self, parameters, text, current_param):
         return [c.name for c in self.children if c.name.startswith(text)]
@@ -497,7 +501,8 @@ class Tpg(Node):
                  "mutual_secret": "mutual CHAP secret (shown masked)"}[k])
 
     def refresh(self, e):
-        self.sync({"luns": (Luns, e), "acls": (Acls, e), "portals": (Portals, e)})
+        self.sync({"luns": (Luns, e), "acls": (Acls, e), "portals": (Portals, e),
+                   "sessions": (Sessions, e)})
 
     def ui_setgroup_auth(self, name, value):
         self.set_group("auth", {name: value})
@@ -614,3 +619,22 @@ class Portals(Node):
 class Portal(Node):
     def summary(self):
         return "listening", True
+
+
+class Sessions(Node):
+    """The initiators logged in to this target now (read-only)."""
+
+    def refresh(self, e):
+        by_name: dict[str, list[str]] = {}
+        for sess in e.get("sessions") or []:
+            by_name.setdefault(sess["initiator"], []).append(sess.get("peer") or "?")
+        self.sync({ini: (LoggedIn, peers) for ini, peers in by_name.items()})
+
+    def summary(self):
+        n = len(self.data.get("sessions") or [])
+        return (plural(n, "session") + " logged in") if n else "none logged in", None
+
+
+class LoggedIn(Node):
+    def summary(self):
+        return "logged in from " + ", ".join(self.data), True

@@ -96,7 +96,7 @@ def test_volume_pair_export_lifecycle_with_json(daemon):
     assert "synchronized" in table
     r = daemon.cli("volume", "delete", "db1", ok=False)
     assert r.returncode == 1 and "remove the export first" in r.stderr
-    assert js(daemon, "export", "delete", IQN) == {"deleted": IQN}
+    assert js(daemon, "export", "delete", IQN) == {"deleted": IQN, "cut_off": []}
     assert js(daemon, "pair", "delete", "db1-clone") == {"deleted": "db1-clone"}
     for name in ("db1", "db1-clone"):
         assert js(daemon, "volume", "delete", name)["deleted"] == name
