@@ -131,8 +131,10 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
     elif kind == "export":
         print(views.render(views.export_fields(result)))
     elif kind == "status":
-        print(f"portals: {', '.join(result['portals'])}   sessions: "
-              f"{result['iscsi'].get('sessions', 0)}")
+        pending = result.get("portals_pending")
+        print(f"portals: {', '.join(result['portals'])}"
+              + (f" (after a restart: {', '.join(pending)})" if pending else "")
+              + f"   sessions: {result['iscsi'].get('sessions', 0)}")
         print("\nvolumes:")
         _print_table(_vol_rows(result["volumes"]), VOL_COLS)
         print("\npairs:")

@@ -206,6 +206,7 @@ class Service:
             raise ServiceError(str(e)) from e
         self._init = init
         self._portals_override = portals
+        self._started_portals: list[tuple[str, int]] = []     # what the front end was given
         self.db: Database | None = None
         self.config: ConfigStore | None = None
         self.engine: Engine | None = None
@@ -283,6 +284,12 @@ class Service:
         kind = LioFrontend if self.backend == "lio" else EmbeddedFrontend
         self.frontend = kind(self, portals)
         await self.frontend.start(self._servable_targets())
+        self._started_portals = portals
+        if self._portals_override:
+            # One source of truth: the stored setting is what the daemon
+            # serves, so saveconfig, status and the next start without
+            # --portal agree with it (stored once the portals are bound).
+            self.cfg.set("portals", [list(p) for p in self._portals_override])
         log.info("front end: %s", self.backend)
 
     def _open_recorded(self, rec: VolumeRecord) -> tuple[BlockStore, str | None]:
@@ -870,9 +877,10 @@ class Service:
         return [self.export_show(iqn) for iqn in sorted(self.cfg.targets())]
 
     def portals(self) -> list[tuple[str, int]]:
+        """What the front end serves (the addresses it bound)."""
         if self.frontend is not None and self.frontend.addresses():
             return self.frontend.addresses()
-        return self._stored_portals()
+        return self._portals_override or self._stored_portals()
 
     def _stored_portals(self) -> list[tuple[str, int]]:
         """The portals setting, checked as it is read: a bad stored value
@@ -899,8 +907,12 @@ class Service:
     def status(self) -> dict[str, Any]:
         stats = {"backend": self.backend,
                  **(self.frontend.stats() if self.frontend is not None else {})}
+        stored = self._stored_portals()
         return {"state_dir": self.state_dir, "uptime": time.time() - self.started_at,
                 "portals": [f"{h}:{p}" for h, p in self.portals()],
+                # set with `portal set`, served after the next restart
+                "portals_pending": [format_portal(p) for p in stored]
+                if stored != self._started_portals else None,
                 "volumes": self.volume_list(), "pairs": self.pair_list(),
                 "exports": self.export_list(), "iscsi": stats,
                 "rollback": self._rollback_status()}
