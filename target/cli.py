@@ -27,6 +27,7 @@ DEMO_IQN = "iqn.2026-11.io.liverestore:demo"
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_PIPE = 141           # as if killed by SIGPIPE, what shells expect of `cmd | head`
 
 
 # -- output --------------------------------------------------------------------------
@@ -118,6 +119,16 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
     elif kind == "pair":
         _print_table([_pair_row(result)], PAIR_COLS)
         _print_pair_notes([result])
+    elif kind == "pair_detail":
+        print(views.render(views.pair_fields(result)))
+    elif kind == "throttle":
+        print(f"throttle of {result['id']}: {views.throttle_text(result['throttle'])}")
+    elif kind == "volume_detail":
+        print(views.render(views.volume_fields(result)))
+    elif kind == "portals":
+        print(f"portals set to {', '.join(result['portals'])}; {result['note']}")
+    elif kind == "created":
+        print(_created_text(result["created"]))
     elif kind == "deleted":
         print(_deleted_text(result))
     elif kind == "acknowledged":
@@ -147,14 +158,22 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         print(json.dumps(result, indent=2, default=str))
 
 
+def _created_text(made: dict[str, list[str]]) -> str:
+    """restoreconfig: 'created 2 volumes (db1, db1-clone), 1 pair (db1-clone)'."""
+    parts = [f"{plural(len(names), kind.rstrip('s'))} ({', '.join(names)})"
+             for kind, names in made.items() if names]
+    return ("created " + ", ".join(parts)) if parts else \
+        "nothing to create: everything in it is already there"
+
+
 def _deleted_text(r: dict[str, Any]) -> str:
     """'deleted target X (cut off 1 session: iqn...)' and the like."""
     text = f"deleted {r['deleted']}"
+    if r.get("path"):
+        text += f"; its image {r['path']} was left in place"
     if r.get("cut_off"):
         names = ", ".join(sorted({s["initiator"] for s in r["cut_off"]}))
         text += f" (cut off {plural(len(r['cut_off']), 'session')}: {names})"
-    if r.get("note"):
-        text += f"; {r['note']}"
     return text
 
 
@@ -355,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="size for a new image file, e.g. 10G (for an existing one: "
                    "leave out, or its exact size)")
     p.add_argument("--extent-size", default="64K", help="default extent size of its pairs")
-    p = client_cmd(v, "delete", "forget a volume (the file stays)", "volume.delete", "raw",
+    p = client_cmd(v, "delete", "forget a volume (the file stays)", "volume.delete", "deleted",
                    lambda a: {"name": a.name})
     p.add_argument("name")
     p = client_cmd(v, "resize", "grow a volume (never shrinks)", "volume.resize", "volume",
@@ -368,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--path", required=True, help="the image (same size as the volume)")
     client_cmd(v, "list", "list volumes", "volume.list", "volumes")
-    p = client_cmd(v, "show", "one volume", "volume.show", "volume", lambda a: {"name": a.name})
+    p = client_cmd(v, "show", "one volume in detail", "volume.show", "volume_detail",
+                   lambda a: {"name": a.name})
     p.add_argument("name")
 
     # pairs
@@ -406,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pair")
     p.add_argument("--unprotected", action="store_true",
                    help="mirror host writes to the clone; the pair ends synchronized")
-    p = client_cmd(pr, "throttle", "background copy knobs", "pair.throttle", "pair",
+    p = client_cmd(pr, "throttle", "background copy knobs", "pair.throttle", "throttle",
                    lambda a: {"pair": a.pair, **_throttle_kw(a)})
     p.add_argument("pair")
     for sp in (p,):
@@ -416,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--host-yield-ms", type=int)
         sp.add_argument("--host-pause-us", type=int,
                         help="pause between copies while hosts are active (0: none)")
-    p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "raw",
+    p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "deleted",
                    lambda a: {"pair": a.pair, "force": a.force})
     p.add_argument("pair")
     p.add_argument("--force", action="store_true", help="even during a restore")
@@ -429,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "pair.acknowledge", "acknowledged", lambda a: {"pair": a.pair})
     p.add_argument("pair")
     client_cmd(pr, "list", "list pairs", "pair.list", "pairs")
-    p = client_cmd(pr, "show", "one pair", "pair.show", "pair", lambda a: {"pair": a.pair})
+    p = client_cmd(pr, "show", "one pair in detail", "pair.show", "pair_detail",
+                   lambda a: {"pair": a.pair})
     p.add_argument("pair")
 
     # exports
@@ -458,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    lambda a: {"iqn": a.iqn})
     p.add_argument("iqn")
     p = client_cmd(ex, "portal", "set the listening portals (applied at restart)", "portal.set",
-                   "raw", lambda a: {"portals": a.portals})
+                   "portals", lambda a: {"portals": a.portals})
     p.add_argument("portals", nargs="+", metavar="HOST:PORT")
 
     client_cmd(sub, "status", "volumes, pairs, restores and exports", "status", "status")
@@ -466,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", default="-")
     p.set_defaults(func=cmd_saveconfig, json=True)
     p = sub.add_parser("restoreconfig", help="create what a saved configuration has")
-    p.add_argument("file")
-    p.set_defaults(func=cmd_restoreconfig, json=True)
+    p.add_argument("file", help="a file written by saveconfig")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_restoreconfig)
     return ap
 
 
@@ -507,7 +529,7 @@ def cmd_restoreconfig(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise ControlError(f"cannot read {args.file}: {e}") from None
     with Client(args.socket) as c:
-        print(json.dumps(c.call("restoreconfig", config=cfg), indent=2))
+        _show(args, c.call("restoreconfig", config=cfg), "created")
     return 0
 
 
@@ -515,7 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()        # inside the try: a closed pipe is noticed here
+        return status
+    except BrokenPipeError:
+        # `liverestore status | head`: the reader has what it wanted. Say
+        # nothing, and keep the interpreter's last flush from complaining.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except ControlError as e:
         print(f"liverestore: {e}", file=sys.stderr)
         return EXIT_ERROR

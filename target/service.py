@@ -684,7 +684,7 @@ class Service:
             f"pair {p.id} was held because {reason}. Its metadata could no longer say which "
             f"extents differ, so now every extent does: the pair is fractured and both "
             f"volumes serve again. The next sync (source -> clone) or restore (clone -> "
-            f"source) copies all {p.nextents} extents, {human(p.size)} "
+            f"source) copies all {plural(p.nextents, 'extent')}, {human(p.size)} "
             f"({p.size} bytes).")}
 
     async def pair_wait(self, pair: str, timeout: float | None = None) -> dict[str, Any]:

@@ -4,9 +4,11 @@ each, sizes in bytes and in human units. The listings' tables are in
 target.cli; the values come from the daemon's replies."""
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
-from .fmt import human, plural
+from .fmt import eta, human, plural
+from .follow import job_bytes
 
 Field = tuple[str, str]
 
@@ -57,4 +59,68 @@ def export_fields(e: dict[str, Any]) -> list[Field]:
                            ("sessions", sessions_text(e.get("sessions") or []))]
     if e.get("problem"):
         fields.append(("PROBLEM", e["problem"]))
+    return fields
+
+
+def when(ts: float | None) -> str:
+    """A daemon timestamp in local time, to the second."""
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+def throttle_text(t: dict[str, Any]) -> str:
+    """'rate unlimited, 16 extents per copy, depth 4, ...' (pair throttle, pair show)."""
+    rate = "unlimited" if not t.get("rate") else f"{human(t['rate'])}/s"
+    return (f"rate {rate}, {plural(t['batch_extents'], 'extent')} per copy, "
+            f"depth {t['depth']}, host yield {t['host_yield_ms']} ms, "
+            f"host pause {t['host_pause_us']} us")
+
+
+def job_text(p: dict[str, Any]) -> str:
+    pr = p["progress"]
+    if pr["job"] is None:
+        return "none"
+    text = pr["job"]
+    if pr["job"] == "restore":
+        text += " (protected)" if pr["protected"] else " (unprotected)"
+    if pr["error"]:
+        text += f", FAILED: {pr['error']}"
+    elif pr["paused"]:
+        text += ", paused"
+    if p.get("offline"):
+        text += f", WAITING: {p['offline']}"
+    done, total = job_bytes(p)
+    pct = 100 * done // total if total else 100
+    return (f"{text}\n{pct}% {human(done)} of {human(total)} "
+            f"({pr['extents_done']} of {plural(pr['extents_total'], 'extent')}), "
+            f"{human(pr['rate'])}/s, ETA {eta(pr['eta'])}")
+
+
+def pair_fields(p: dict[str, Any]) -> list[Field]:
+    pr = p["progress"]
+    nextents = -(-p["size"] // p["extent_size"])
+    delta = min(pr["delta_extents"] * p["extent_size"], p["size"])
+    fields: list[Field] = [
+        ("pair", p["id"]), ("source", p["source"]), ("clone", p["clone"]),
+        ("size", size(p["size"])),
+        ("extent size", f"{size(p['extent_size'])}, {plural(nextents, 'extent')}"),
+        ("state", p["state"]), ("job", job_text(p)),
+        ("delta", f"{size(delta)} in {plural(pr['delta_extents'], 'extent')}"),
+        ("throttle", throttle_text(p["throttle"]))]
+    for key, label in (("held", "HELD"), ("damaged", "DAMAGED")):
+        if p.get(key):
+            fields.append((label, p[key]))
+    return fields
+
+
+def volume_fields(v: dict[str, Any]) -> list[Field]:
+    access = v["access"] + (f" ({v['access_reason']})" if v.get("access_reason") else "")
+    fields: list[Field] = [
+        ("volume", v["name"]), ("path", f"{v['path']} ({v['kind']})"), ("size", size(v["size"])),
+        ("extent size", size(v["extent_size"])), ("role", v["role"]), ("access", access),
+        ("exported by", v.get("exported_by") or "-"),
+        ("pairs", ", ".join(v.get("pairs") or []) or "-"), ("created", when(v.get("created_at")))]
+    if v.get("offline"):
+        fields.append(("OFFLINE", v["offline"]))
     return fields

@@ -32,11 +32,11 @@ def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
     pr = p["progress"]
     if pr["job"] is None:
         if p["state"] == "fractured":
-            return f"fractured, {pr['delta_extents']} extents differ", True
+            return f"fractured, {plural(pr['delta_extents'], 'extent')} differ", True
         return p["state"], True
     total = pr["extents_total"] or 0
     pct = 100 * pr["extents_done"] // total if total else 100
-    text = f"{p['state']} {pct}% {pr['extents_done']}/{total} extents"
+    text = f"{p['state']} {pct}% {pr['extents_done']}/{plural(total, 'extent')}"
     if pr["job"] == "restore":
         text += " (protected)" if pr["protected"] else " (unprotected)"
     if pr["error"]:
@@ -227,7 +227,7 @@ class Volumes(Node):
         self.sync({v["name"]: (Volume, v) for v in self.data})
 
     def summary(self):
-        return f"{len(self.data or [])} volumes", None
+        return plural(len(self.data or []), "volume"), None
 
     def ui_command_create(self, name, size=None, path=None, extent_size="64K"):
         '''
@@ -302,7 +302,7 @@ class Pairs(Node):
 
     def summary(self):
         busy = sum(1 for p in self.data or [] if p["progress"]["job"])
-        return f"{len(self.data or [])} pairs, {busy} busy", None
+        return f"{plural(len(self.data or []), 'pair')}, {busy} busy", None
 
     def ui_command_create(self, source, clone, sync="true", extent_size=None):
         '''
@@ -455,7 +455,7 @@ class Iscsi(Node):
         self.sync({e["iqn"]: (Target, {**e, "volumes": status["volumes"]}) for e in self.data})
 
     def summary(self):
-        return f"{len(self.data or [])} targets", None
+        return plural(len(self.data or []), "target"), None
 
     def ui_command_create(self, iqn):
         '''
@@ -539,7 +539,7 @@ class Luns(Node):
                    for n, v in e["luns"].items()})
 
     def summary(self):
-        return f"{len(self.data['luns'])} LUNs", None
+        return plural(len(self.data['luns']), "LUN"), None
 
     def ui_command_create(self, volume, lun=None):
         '''
@@ -582,7 +582,7 @@ class Acls(Node):
 
     def summary(self):
         acl = self.data.get("acl") or []
-        return (f"{len(acl)} initiators" if acl else "any initiator may log in"), None
+        return (plural(len(acl), "initiator") if acl else "any initiator may log in"), None
 
     def ui_command_create(self, wwn):
         '''
@@ -613,7 +613,7 @@ class Portals(Node):
         self.sync({p: (Portal, p) for p in e.get("portals", [])})
 
     def summary(self):
-        return f"{len(self.data.get('portals', []))} portals", None
+        return plural(len(self.data.get('portals', [])), "portal"), None
 
 
 class Portal(Node):

@@ -122,7 +122,7 @@ def test_saveconfig_restoreconfig_into_a_fresh_daemon(daemon, tmp_path):
     d2 = Daemon(fresh).start()
     try:
         assert js(d2, "volume", "list") == []
-        out = json.loads(d2.cli("restoreconfig", str(saved)).stdout)
+        out = json.loads(d2.cli("restoreconfig", str(saved), "--json").stdout)
         assert out["created"] == {"volumes": ["db1", "db1-clone", "logs"],
                                   "pairs": ["db1-clone"], "targets": [IQN]}
         vols = {v["name"]: v for v in js(d2, "volume", "list")}
@@ -136,7 +136,7 @@ def test_saveconfig_restoreconfig_into_a_fresh_daemon(daemon, tmp_path):
         assert e["luns"] == {"0": "db1", "3": "logs"} and e["chap"]["user"] == "u"
         assert SECRET not in d2.cli("status", "--json").stdout
         # Running it again creates nothing.
-        out = json.loads(d2.cli("restoreconfig", str(saved)).stdout)
+        out = json.loads(d2.cli("restoreconfig", str(saved), "--json").stdout)
         assert out["created"] == {"volumes": [], "pairs": [], "targets": []}
     finally:
         d2.stop()
