@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import time
+from fractions import Fraction
 from dataclasses import asdict
 from typing import Any
 
@@ -94,11 +95,15 @@ def _size(text: Size) -> int:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9]+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
+    # Also what the CLI prints ("1.5 GiB"): a decimal number of binary units.
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
     if not m:
-        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-                              "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
+        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 1.5G, 2T")
+    n = Fraction(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
+                                "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
+    if n.denominator != 1:
+        raise ServiceError(f"size {text!r} is not a whole number of bytes")
+    return int(n)
 
 
 def _volume_size(text: Size) -> int:
@@ -614,6 +619,12 @@ class Service:
             if "/" in pair:
                 s, c = pair.split("/", 1)
                 return self.eng.find_pair(s, c)
+            if pair not in self.eng.pairs:
+                ofsrc = sorted(p.id for p in self.eng.pairs.values() if p.source == pair)
+                if ofsrc:
+                    # The common slip: naming the source; pairs go by their clone.
+                    raise ServiceError(f"no pair {pair!r} (a pair is named by its clone); "
+                                       f"pairs of {pair}: {', '.join(ofsrc)}")
             return self.eng.pair(pair)
         except EngineError as e:
             raise self._wrap(e) from e

@@ -23,6 +23,7 @@ import json
 import re
 import socket
 import time
+from fractions import Fraction
 
 DEFAULT_SOCKET = "/run/liverestore/control.sock"
 MAX_REPLY = 64 << 20
@@ -105,13 +106,16 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 
 
 
 def parse_size(text):
-    """Bytes from 1048576, '512M', '10G', '2TiB' (the daemon's rules)."""
+    """Bytes from 1048576, '512M', '1.5G', '2TiB' (the daemon's rules)."""
     if isinstance(text, int):
         return text
-    m = re.match(r"^\s*(\d+)\s*([KMGTPkmgtp]?)(i?[Bb])?\s*$", str(text))
+    m = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPkmgtp]?)(i?[Bb])?\s*$", str(text))
     if not m:
-        raise ValueError("bad size %r: use a number of bytes or e.g. 512M, 10G, 2T" % (text,))
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+        raise ValueError("bad size %r: use a number of bytes or e.g. 512M, 1.5G, 2T" % (text,))
+    n = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
+    if n.denominator != 1:
+        raise ValueError("size %r is not a whole number of bytes" % (text,))
+    return int(n)
 
 
 def find(items, key, value):
