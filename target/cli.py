@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import argcomplete
 
+from .cli_exports import add_export_commands
 from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
 from .errors import ServiceError
@@ -116,6 +117,9 @@ EXPORT_COLS = [("iqn", "TARGET"), ("luns", "LUNS"), ("acl", "ACL"), ("auth", "AU
 
 
 def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
+    if isinstance(result, dict) and result.get("warning"):
+        # on stderr: seen even with --json or a pipe
+        print(f"liverestore: WARNING: {result['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -147,6 +151,8 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         _print_table(_export_rows(result), EXPORT_COLS)
     elif kind == "export":
         print(views.render(views.export_fields(result)))
+        if result.get("note"):
+            print(f"note: {result['note']}")
     elif kind == "status":
         pending = result.get("portals_pending")
         print(f"portals: {', '.join(result['portals'])}"
@@ -489,37 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                    lambda a: {"pair": a.pair})
     p.add_argument("pair", help=PAIR_HELP)
 
-    # exports
-    ex = sub.add_parser("export", help="iSCSI targets").add_subparsers(
-        dest="sub", metavar="ACTION", required=True)
-    p = client_cmd(ex, "create", "export volumes as LUNs of an iSCSI target", "export.create",
-                   "export", lambda a: {"iqn": a.iqn, "luns": dict(_lun(x) for x in a.lun),
-                                        "acl": a.acl, "chap_user": a.chap_user,
-                                        "chap_secret": _secret(a.chap_secret),
-                                        "mutual_user": a.mutual_user,
-                                        "mutual_secret": _secret(a.mutual_secret)})
-    p.add_argument("iqn", help="the target's iSCSI name (iqn.YYYY-MM.reversed.domain:name)")
-    p.add_argument("--lun", action="append", default=[], metavar="N=VOLUME",
-                   help="export VOLUME as LUN N (repeatable)")
-    p.add_argument("--acl", action="append", metavar="INITIATOR_IQN",
-                   help="an initiator allowed to log in (repeatable; none: any initiator)")
-    p.add_argument("--chap-user", help="CHAP user initiators log in as")
-    p.add_argument("--chap-secret", help="or @FILE to read it from a file")
-    p.add_argument("--mutual-user", help="user the target answers mutual CHAP as")
-    p.add_argument("--mutual-secret", help="or @FILE")
-    p = client_cmd(ex, "delete", "remove an iSCSI target", "export.delete", "deleted",
-                   lambda a: {"iqn": a.iqn, "force": a.force})
-    p.add_argument("iqn", help="the target's iSCSI name (iqn.YYYY-MM.reversed.domain:name)")
-    p.add_argument("--force", action="store_true",
-                   help="even while initiators are logged in (they lose their disks)")
-    client_cmd(ex, "list", "list iSCSI targets", "export.list", "exports")
-    p = client_cmd(ex, "show", "one iSCSI target", "export.show", "export",
-                   lambda a: {"iqn": a.iqn})
-    p.add_argument("iqn", help="the target's iSCSI name (iqn.YYYY-MM.reversed.domain:name)")
-    p = client_cmd(ex, "portal", "set the listening portals (applied at restart)", "portal.set",
-                   "portals", lambda a: {"portals": a.portals})
-    p.add_argument("portals", nargs="+", metavar="HOST:PORT",
-                   help="address to listen on ([IPv6]:PORT for IPv6)")
+    add_export_commands(sub, client_cmd)
 
     client_cmd(sub, "status", "volumes, pairs, restores and exports", "status", "status")
     p = sub.add_parser("saveconfig", help="write the configuration as JSON")
@@ -536,23 +512,6 @@ def build_parser() -> argparse.ArgumentParser:
         leaf.add_argument("--socket", default=argparse.SUPPRESS,
                           help=f"control socket (default ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
     return ap
-
-
-def _lun(text: str) -> tuple[str, str]:
-    n, sep, vol = text.partition("=")
-    if not sep or not n.isdigit() or not vol:
-        raise ControlError(f"--lun wants N=VOLUME, not {text!r}")
-    return n, vol
-
-
-def _secret(text: str | None) -> str | None:
-    if text and text.startswith("@"):
-        try:
-            with open(text[1:]) as f:
-                return f.read().strip()
-        except OSError as e:
-            raise ControlError(f"cannot read secret file {text[1:]}: {e.strerror}") from None
-    return text
 
 
 def cmd_saveconfig(args: argparse.Namespace) -> int:

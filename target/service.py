@@ -37,7 +37,7 @@ from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
 from .iscsi.server import IscsiTargetConfig
 from .peer import Peer, PeerDenied, Probe, probe_as
-from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
+from .portals import DEFAULT_PORTAL, PortalError, format_portal, loopback_only, parse_portals
 from .scsi import DeviceIdentity, LunSet, ScsiDevice
 from .statelock import StateDirBusy, StateLock
 
@@ -716,7 +716,17 @@ class Service:
                                   mutual_user, mutual_secret, tpgt)
         await self.frontend.set_target(iqn, t)
         self.cfg.put_target(iqn, t)
-        return self.export_show(iqn)
+        return self._with_exposure(self.export_show(iqn))
+
+    def _with_exposure(self, e: dict[str, Any]) -> dict[str, Any]:
+        """An export any initiator on the network may use, with no ACL and no
+        CHAP, gets a warning every client shows loudly."""
+        if e.get("acl") or e.get("chap") or loopback_only(self.portals()):
+            return e
+        portals = ", ".join(format_portal(p) for p in self.portals())
+        return {**e, "warning": f"target {e['iqn']} is open to ANY initiator that can reach "
+                f"{portals}: it has no ACL and no CHAP; add one with 'export acl add' or "
+                "'export auth'"}
 
     def _validate_target(self, iqn: str, luns: Any, acl: Any, chap_user: Any, chap_secret: Any,
                          mutual_user: Any, mutual_secret: Any, tpgt: Any) -> dict[str, Any]:
@@ -790,10 +800,10 @@ class Service:
                                     cur["chap_secret"], cur["mutual_user"], cur["mutual_secret"],
                                     cur["tpgt"])
         if new == t:
-            return self.export_show(iqn)
+            return self._with_exposure(self.export_show(iqn))
         await self.frontend.set_target(iqn, new)
         self.cfg.put_target(iqn, new)
-        return self.export_show(iqn)
+        return self._with_exposure(self.export_show(iqn))
 
     def _target(self, iqn: str) -> dict[str, Any]:
         """A target that may be changed: stored and served."""

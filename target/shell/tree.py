@@ -462,7 +462,8 @@ class Iscsi(Node):
         Creates an iSCSI target (with its tpg1) that exports no LUN yet.
         '''
         e = self.call("export.create", iqn=iqn)
-        self.say(f"Created target {e['iqn']}.")
+        self.say(f"Created target {e['iqn']}." + (f" WARNING: {e['warning']}."
+                                                  if e.get("warning") else ""))
 
     def ui_command_delete(self, iqn, force="false"):
         '''

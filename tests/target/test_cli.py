@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.support import IQN, LR, ROOT, Daemon
+from tests.support import IQN, LR, ROOT, Daemon, secret_file
 
 SECRET = "supersecret123"
 
@@ -44,7 +44,7 @@ def test_init_creates_private_state_once_and_serve_uses_it(tmp_path):
     try:
         d.cli("volume", "create", "v", "--size", "1M")
         d.cli("export", "create", IQN, "--lun", "0=v", "--chap-user", "u",
-              "--chap-secret", SECRET)
+              "--chap-secret-file", secret_file(d, SECRET))
         for f in os.listdir(state):
             if f.startswith("liverestore.db"):
                 assert mode(state / f) == 0o600, f
@@ -85,7 +85,8 @@ def test_volume_pair_export_lifecycle_with_json(daemon):
     assert p["state"] == "synchronized"
     assert js(daemon, "pair", "wait", "db1-clone")["state"] == "synchronized"
     e = js(daemon, "export", "create", IQN, "--lun", "0=db1", "--acl",
-           "iqn.1994-05.com.example:h1", "--chap-user", "u", "--chap-secret", SECRET)
+           "iqn.1994-05.com.example:h1", "--chap-user", "u", "--chap-secret-file",
+           secret_file(daemon, SECRET))
     assert e["luns"] == {"0": "db1"} and e["chap"] == {"user": "u", "secret": "********"}
     assert [x["iqn"] for x in js(daemon, "export", "list")] == [IQN]
     assert js(daemon, "export", "show", IQN)["acl"] == ["iqn.1994-05.com.example:h1"]
@@ -111,7 +112,7 @@ def test_saveconfig_restoreconfig_into_a_fresh_daemon(daemon, tmp_path):
     daemon.cli("pair", "create", "db1", "db1-clone", "--wait")
     daemon.cli("pair", "throttle", "db1-clone", "--rate", "50M")
     daemon.cli("export", "create", IQN, "--lun", "0=db1", "--lun", "3=logs", "--chap-user", "u",
-               "--chap-secret", SECRET)
+               "--chap-secret-file", secret_file(daemon, SECRET))
     saved = tmp_path / "saved.json"
     assert daemon.cli("saveconfig", str(saved)).stdout.strip() == f"saved to {saved}"
     assert mode(saved) == 0o600                   # it has the CHAP secret

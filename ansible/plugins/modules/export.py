@@ -204,6 +204,8 @@ def main():
             if module.check_mode:
                 module.exit_json(changed=True, diff=dict(before={}, after=after))
             e = client.call("export.create", **args)
+            if e.get("warning"):
+                module.warn(e["warning"])
             module.exit_json(changed=True, export=e, diff=dict(before={}, after=_view(e)))
         changes = wanted_changes(p, cur)
         if not changes:

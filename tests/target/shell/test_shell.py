@@ -11,7 +11,7 @@ import sys
 import pexpect
 import pytest
 
-from tests.support import IQN, LR, ROOT, Daemon
+from tests.support import IQN, LR, ROOT, Daemon, secret_file
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SECRET = "supersecret123"
@@ -171,7 +171,7 @@ def test_one_shot_mode(daemon, tmp_path):
     daemon.cli("volume", "create", "db1-clone", "--size", "8M")
     daemon.cli("pair", "create", "db1", "db1-clone", "--no-sync")
     daemon.cli("export", "create", IQN, "--lun", "0=db1", "--chap-user", "u",
-               "--chap-secret", SECRET)
+               "--chap-secret-file", secret_file(daemon, SECRET))
     daemon.cli("pair", "throttle", "db1-clone", "--rate", "256K", "--batch-extents", "1",
                "--depth", "1")
     r = shell_cmd(daemon, "/pairs/db1/db1-clone", "restore", "unprotected")
