@@ -36,6 +36,7 @@ from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
 from .iscsi.server import IscsiTargetConfig
+from .pairjournal import PairJournal
 from .peer import Peer, PeerDenied, Probe, probe_as
 from .portals import DEFAULT_PORTAL, PortalError, format_portal, loopback_only, parse_portals
 from .scsi import DeviceIdentity, LunSet, ScsiDevice
@@ -219,6 +220,7 @@ class Service:
         self.lunsets: dict[str, Any] = {}        # target iqn -> LunSet
         self.unserved: dict[str, str] = {}       # stored target iqn -> why it is not served
         self.frontend: Frontend | None = None
+        self.journal: PairJournal | None = None
         self.started_at = time.time()
 
     # -- start / stop --------------------------------------------------------------
@@ -285,6 +287,7 @@ class Service:
             await self.engine.start()
         except (EngineError, DatabaseError) as e:
             raise ServiceError(str(e)) from e
+        self.journal = PairJournal(self.engine, self.config)
         portals = self._portals_override or self._stored_portals()
         kind = LioFrontend if self.backend == "lio" else EmbeddedFrontend
         self.frontend = kind(self, portals)
@@ -681,7 +684,8 @@ class Service:
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
                 "progress": asdict(pr), **{"state": pr.state},
                 "damaged": p.damaged, "held": p.hold,
-                "offline": "; ".join(self.eng.offline_reasons(p)) or None}
+                "offline": "; ".join(self.eng.offline_reasons(p)) or None,
+                "history": self.journal.note(p.id) if self.journal is not None else None}
 
     async def pair_acknowledge(self, pair: str) -> dict[str, Any]:
         """Accept a held pair (rolled-back database, damaged record): it

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from .fmt import eta, human, plural
+from .fmt import duration, eta, human, plural
 from .follow import job_bytes
 
 Field = tuple[str, str]
@@ -108,6 +108,15 @@ def pair_fields(p: dict[str, Any]) -> list[Field]:
         ("state", p["state"]), ("job", job_text(p)),
         ("delta", f"{size(delta)} in {plural(pr['delta_extents'], 'extent')}"),
         ("throttle", throttle_text(p["throttle"]))]
+    h = p.get("history") or {}
+    fields.insert(6, ("fractured", when(h.get("fractured_at")) if h.get("fractured_at") else
+                      "- (the clone follows the source)" if p["state"] != "fractured" else
+                      "- (not known)"))
+    fields.insert(8, ("last job", last_job_text(h.get("last_job"))))
+    if h.get("restored_from"):
+        fields.insert(9, ("restored from", f"the clone as of {when(h['restored_from'])}"
+                          + (" (its current point in time)" if h.get("current_point_restored")
+                             else "")))
     for key, label in (("held", "HELD"), ("damaged", "DAMAGED")):
         if p.get(key):
             fields.append((label, p[key]))
@@ -124,3 +133,17 @@ def volume_fields(v: dict[str, Any]) -> list[Field]:
     if v.get("offline"):
         fields.append(("OFFLINE", v["offline"]))
     return fields
+
+
+def last_job_text(job: dict[str, Any] | None) -> str:
+    """'restore (protected) finished 2026-12-01 20:12:27 UTC after 12s'."""
+    if not job:
+        return "none"
+    kind = job["kind"] + ({True: " (protected)", False: " (unprotected)"}.get(job.get("protected"))
+                          or "")
+    text = f"{kind} started {when(job.get('started_at'))}, {job['result']}"
+    if job.get("ended_at"):
+        text += f" {when(job['ended_at'])} after {duration(job['ended_at'] - job['started_at'])}"
+    if job.get("error"):
+        text += f": {job['error']}"
+    return text

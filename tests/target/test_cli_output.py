@@ -61,3 +61,22 @@ def test_a_closed_pipe_is_no_error(daemon):
     finally:
         os.close(w_end)
     assert r.stderr == "" and r.returncode == 141, r.stderr
+
+
+def test_pair_show_has_the_fracture_time_and_the_last_job(daemon):
+    d = daemon
+    d.cli("volume", "create", "db1", "--size", "1M")
+    d.cli("volume", "create", "db1-clone", "--size", "1M")
+    d.cli("pair", "create", "db1", "db1-clone", "--wait")
+    show = d.cli("pair", "show", "db1-clone").stdout
+    assert re.search(r"^fractured\s+- \(the clone follows the source\)$", show, re.M), show
+    assert re.search(r"^last job\s+sync started .+, finished .+ after \d+s$", show, re.M), show
+    d.cli("pair", "fracture", "db1-clone")
+    d.cli("pair", "restore", "db1-clone", "--wait")
+    show = d.cli("pair", "show", "db1-clone").stdout
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+"
+    assert re.search(rf"^fractured\s+{stamp}$", show, re.M), show
+    assert re.search(rf"^last job\s+restore \(protected\) started {stamp}, finished {stamp} "
+                     r"after \d+s$", show, re.M), show
+    assert re.search(rf"^restored from\s+the clone as of {stamp} \(its current point in time\)$",
+                     show, re.M), show
