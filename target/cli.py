@@ -15,6 +15,7 @@ import signal
 import sys
 from typing import Any
 
+from .cli_events import add_parser as add_events_parser
 from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
 from .errors import ServiceError
@@ -179,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
                           backend=args.backend, volume_dirs=args.volume_dir,
-                          group=args.group, memory_limit=args.memory_limit))
+                          group=args.group, memory_limit=args.memory_limit,
+                          on_event=args.on_event))
     except ServiceError as e:
         print(f"liverestore: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -292,8 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "our TCMU handler (auto: LIO when configfs has a target)")
     s.add_argument("--memory-limit", metavar="SIZE",
                    help="RSS the iSCSI target keeps the daemon under, e.g. 512M (default 512M)")
+    s.add_argument("--on-event", metavar="CMD",
+                   help="run CMD (with /bin/sh) for every event, the event as JSON on its "
+                        "stdin; at most 4 at once, each killed after 10 s")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_serve)
+    add_events_parser(sub)
 
     i = sub.add_parser("init", help="create the state directory (0700) and database, once")
     i.add_argument("--state-dir", default=DEFAULT_STATE)
