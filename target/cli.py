@@ -177,11 +177,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
     _logging(args.verbose)
     portals = [_portal(p) for p in args.portal] if args.portal else None
+    metrics = _metrics_address(args.metrics) if args.metrics else None
     try:
         asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
                           backend=args.backend, volume_dirs=args.volume_dir,
                           group=args.group, memory_limit=args.memory_limit,
-                          on_event=args.on_event))
+                          on_event=args.on_event, metrics=metrics))
     except ServiceError as e:
         print(f"liverestore: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -255,6 +256,12 @@ def _portal(text: str) -> tuple[str, int]:
         raise SystemExit(f"liverestore: {e}") from None
 
 
+def _metrics_address(text: str) -> tuple[str, int]:
+    """serve --metrics: HOST:PORT, or a bare PORT on loopback (metrics name
+    volumes and initiators: off the network unless the admin says so)."""
+    return _portal(f"127.0.0.1:{text}" if text.isdigit() else text)
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -294,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "our TCMU handler (auto: LIO when configfs has a target)")
     s.add_argument("--memory-limit", metavar="SIZE",
                    help="RSS the iSCSI target keeps the daemon under, e.g. 512M (default 512M)")
+    s.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; "
+                        "a bare PORT listens on 127.0.0.1 only)")
     s.add_argument("--on-event", metavar="CMD",
                    help="run CMD (with /bin/sh) for every event, the event as JSON on its "
                         "stdin; at most 4 at once, each killed after 10 s")

@@ -13,6 +13,8 @@ from .errors import ServiceError
 from .eventhook import EventHook
 from .events import EventBus, pair_event
 from .frontends import EmbeddedFrontend
+from .metrics import MetricsServer, registry_for
+from .portals import format_portal
 from .service import Service
 
 log = logging.getLogger("liverestore")
@@ -22,6 +24,7 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
                 portals: list[tuple[str, int]] | None = None, group: str | None = None,
                 backend: str = "auto", volume_dirs: list[str] | None = None,
                 memory_limit: str | None = None, on_event: str | None = None,
+                metrics: tuple[str, int] | None = None,
                 ready: Callable[[Service], None] | None = None) -> None:
     # start() locks the state directory before anything else it does
     service = Service(state_dir, init=init, portals=portals, backend=backend,
@@ -34,11 +37,16 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
         events.sinks.append(hook)
     _connect_events(service, events)
     control = ControlServer(service, socket_path, group=group, events=events)
+    exporter = MetricsServer(registry_for(service), *metrics) if metrics else None
     try:
         await control.start()
+        if exporter is not None:
+            await exporter.start()
+            log.info("metrics at http://%s/metrics", format_portal(exporter.address))
     except OSError as e:
+        await control.stop()
         await service.stop()
-        raise ServiceError(str(e)) from e
+        raise ServiceError(f"cannot serve: {e.strerror or e}") from e
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,6 +59,8 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
         await stop.wait()
     finally:
         log.info("stopping: draining I/O, flushing, persisting")
+        if exporter is not None:
+            await exporter.stop()
         await control.stop()
         await service.stop()
         if hook is not None:
