@@ -190,7 +190,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Set up a demo source + clone, export both, and serve in the foreground."""
+    """Set up a demo source + clone, export both, and serve in the foreground;
+    with --tour, run the whole story unattended instead."""
+    if args.tour:
+        from .tour import run_tour
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return run_tour(args.size, args.tour_state_dir)
     from .daemon import serve
     _logging(args.verbose)
     state = args.state_dir
@@ -211,9 +217,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 async def _demo_setup(service, args: argparse.Namespace, portal: tuple[str, int]) -> None:
     try:
         if service.config.volume("demo-src") is None:
-            await service.volume_create("demo-src", size=args.size)
+            await service.volume_create("demo-src", size=args.size or "1G")
         if service.config.volume("demo-clone") is None:
-            await service.volume_create("demo-clone", size=args.size)
+            await service.volume_create("demo-clone", size=args.size or "1G")
         if "demo-clone" not in service.engine.pairs:
             await service.pair_create("demo-src", "demo-clone")
             await service.pair_wait("demo-clone", 600)
@@ -324,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="serve a demo source + clone pair, exported over iSCSI")
     d.add_argument("--state-dir", default=os.path.join(DEFAULT_STATE, "demo"))
     d.add_argument("--portal", help="HOST:PORT (default 127.0.0.1:3260)")
-    d.add_argument("--size", default="1G", help="size of the demo volumes (default 1G)")
+    d.add_argument("--size", help="size of the demo volumes (default 1G; with --tour 64M)")
+    d.add_argument("--tour", action="store_true",
+                   help="run the whole story unattended and narrate it: write, fracture, "
+                        "damage, restore while reading, verify (needs no client tools)")
+    d.add_argument("--tour-state-dir", metavar="DIR",
+                   help="keep the tour's state here (default: a temporary directory)")
     d.add_argument("-v", "--verbose", action="store_true")
     d.set_defaults(func=cmd_demo)
 
