@@ -66,6 +66,7 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
     loop.add_signal_handler(signal.SIGHUP, _start_reload, service, events, notifier, reloads)
     log.info("serving: portals %s, control socket %s",
              ", ".join(f"{h}:{p}" for h, p in service.portals()), socket_path)
+    events.publish("daemon.started", portals=[format_portal(p) for p in service.portals()])
     notifier.ready(status_text(service))
     status = loop.create_task(_report_status(service, notifier), name="sd-status")
     if ready is not None:
@@ -74,6 +75,7 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
         await stop.wait()
     finally:
         notifier.stopping()
+        events.publish("daemon.stopping")
         log.info("stopping: draining I/O, flushing, persisting")
         loop.remove_signal_handler(signal.SIGHUP)
         for t in (status, *reloads):

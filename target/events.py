@@ -13,6 +13,8 @@ An event is a flat JSON object: ``seq`` (1, 2, ... per daemon run), ``time``
   iscsi.login-failed a rejected iSCSI login: target, initiator, peer, reason
                      (rate-limited: a flood becomes one event per interval
                      with a count)
+  daemon.started, daemon.stopping, daemon.reloaded (changes),
+  daemon.reload-failed (error)
 
 Every event is also one INFO line on the ``liverestore.events`` logger
 ("event {json}"), so the journal carries the audit trail without a client.
