@@ -21,6 +21,7 @@ from .admission import LoginThrottle, SourceLimits, source_of
 from .budget import DEFAULT_MEMORY_LIMIT, MemoryBudget
 from .chap import ChallengeRegistry
 from .connection import IscsiConnection
+from .login import LoginMachine
 from .names import valid_iscsi_name
 from .params import TargetPreferences, encode_text
 from .session import Session
@@ -302,7 +303,7 @@ class IscsiServer:
                  s.target.iqn if s.target else "discovery", conn.peer)
         return s
 
-    def login_rejected(self, login: Any, reason: str) -> None:
+    def login_rejected(self, login: LoginMachine, reason: str) -> None:
         """A login failed: count it and tell the listener (target.events)."""
         leading = login.leading
         name = leading.get("TargetName")
