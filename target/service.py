@@ -882,6 +882,27 @@ class Service:
         return {"portals": [format_portal(p) for p in parsed],
                 "note": "takes effect when the daemon restarts"}
 
+    async def reload(self) -> list[str]:
+        """SIGHUP (`systemctl reload`): re-read what may change while serving,
+        without dropping a session. That is the stored portals setting
+        (`export portal`; unless `serve --portal` fixed them) and the images
+        of offline volumes, tried again at their recorded paths. Returns
+        one line per change."""
+        done: list[str] = []
+        if self._portals_override is None:
+            want = self._stored_portals()
+            if want != self.frontend.portals:
+                await self.frontend.set_portals(want)
+                done.append("portals: " + ", ".join(format_portal(p) for p in want))
+        for rec in self.cfg.volumes():
+            if self.eng.volumes[rec.name].offline is None:
+                continue
+            store, why = self._open_recorded(rec)
+            if why is None:
+                (await self.eng.relink(rec.name, store)).close()
+                done.append(f"volume {rec.name} is online again")
+        return done
+
     # -- status / config -------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         stats = {"backend": self.backend,
