@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import argcomplete
 
+from .cli_events import add_parser as add_events_parser
 from .cli_exports import add_export_commands
 from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
@@ -156,7 +157,7 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
     elif kind == "status":
         pending = result.get("portals_pending")
         print(f"portals: {', '.join(result['portals'])}"
-              + (f" (after a restart: {', '.join(pending)})" if pending else "")
+              + (f" (after a reload or restart: {', '.join(pending)})" if pending else "")
               + f"   sessions: {result['iscsi'].get('sessions', 0)}")
         print("\nvolumes:")
         _print_table(_vol_rows(result["volumes"]), VOL_COLS)
@@ -238,10 +239,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
     _logging(args.verbose)
     portals = [_portal(p) for p in args.portal] if args.portal else None
+    metrics = _metrics_address(args.metrics) if args.metrics else None
     try:
         asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
                           backend=args.backend, volume_dirs=args.volume_dir,
-                          group=args.group, memory_limit=args.memory_limit))
+                          group=args.group, memory_limit=args.memory_limit,
+                          on_event=args.on_event, metrics=metrics))
     except ServiceError as e:
         print(f"liverestore: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -249,7 +252,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Set up a demo source + clone, export both, and serve in the foreground."""
+    """Set up a demo source + clone, export both, and serve in the foreground;
+    with --tour, run the whole story unattended instead."""
+    if args.tour:
+        from .tour import run_tour
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return run_tour(args.size, args.tour_state_dir)
     from .daemon import serve
     _logging(args.verbose)
     state = args.state_dir
@@ -270,9 +279,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 async def _demo_setup(service, args: argparse.Namespace, portal: tuple[str, int]) -> None:
     try:
         if service.config.volume("demo-src") is None:
-            await service.volume_create("demo-src", size=args.size)
+            await service.volume_create("demo-src", size=args.size or "1G")
         if service.config.volume("demo-clone") is None:
-            await service.volume_create("demo-clone", size=args.size)
+            await service.volume_create("demo-clone", size=args.size or "1G")
         if "demo-clone" not in service.engine.pairs:
             await service.pair_create("demo-src", "demo-clone")
             await service.pair_wait("demo-clone", 600)
@@ -313,6 +322,12 @@ def _portal(text: str) -> tuple[str, int]:
         return parse_portal(text)
     except PortalError as e:
         raise SystemExit(f"liverestore: {e}") from None
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    """serve --metrics: HOST:PORT, or a bare PORT on loopback (metrics name
+    volumes and initiators: off the network unless the admin says so)."""
+    return _portal(f"127.0.0.1:{text}" if text.isdigit() else text)
 
 
 def _logging(verbose: bool) -> None:
@@ -378,8 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "our TCMU handler (auto: LIO when configfs has a target)")
     s.add_argument("--memory-limit", metavar="SIZE",
                    help="RSS the iSCSI target keeps the daemon under, e.g. 512M (default 512M)")
+    s.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; "
+                        "a bare PORT listens on 127.0.0.1 only)")
+    s.add_argument("--on-event", metavar="CMD",
+                   help="run CMD (with /bin/sh) for every event, the event as JSON on its "
+                        "stdin; at most 4 at once, each killed after 10 s")
     s.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     s.set_defaults(func=cmd_serve)
+    add_events_parser(sub)
 
     i = sub.add_parser("init", help="create the state directory (0700) and database, once")
     i.add_argument("--state-dir", default=DEFAULT_STATE,
@@ -397,7 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the demo keeps its database and images "
                    f"(default {DEFAULT_STATE}/demo)")
     d.add_argument("--portal", help="HOST:PORT (default 127.0.0.1:3260)")
-    d.add_argument("--size", default="1G", help="size of the demo volumes (default 1G)")
+    d.add_argument("--size", help="size of the demo volumes (default 1G; with --tour 64M)")
+    d.add_argument("--tour", action="store_true",
+                   help="run the whole story unattended and narrate it: write, fracture, "
+                        "damage, restore while reading, verify (needs no client tools)")
+    d.add_argument("--tour-state-dir", metavar="DIR",
+                   help="keep the tour's state here (default: a temporary directory)")
     d.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     d.set_defaults(func=cmd_demo)
 

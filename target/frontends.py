@@ -77,6 +77,9 @@ class Frontend(Protocol):
 
     async def stop(self) -> None: ...
 
+    async def set_portals(self, portals: list[tuple[str, int]]) -> None:
+        """Listen on these portals from now on; sessions stay connected."""
+
     def addresses(self) -> list[tuple[str, int]]: ...
 
     def stats(self) -> dict[str, Any]: ...
@@ -120,6 +123,15 @@ class EmbeddedFrontend:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()
+
+    async def set_portals(self, portals: list[tuple[str, int]]) -> None:
+        for p in portals:
+            if p not in self.portals:
+                await self.server.add_portal(*p)
+        for p in self.portals:
+            if p not in portals:
+                await self.server.remove_portal(*p)     # its connections stay
+        self.portals = self.server.portals = list(portals)
 
     def addresses(self) -> list[tuple[str, int]]:
         return list(self.server.addresses) if self.server is not None else []
@@ -214,6 +226,10 @@ class LioFrontend:
         # kernel holds commands on the ring until the handler is back.
         if self.handler is not None:
             await self.handler.stop()
+
+    async def set_portals(self, portals: list[tuple[str, int]]) -> None:
+        self.portals = list(portals)
+        await self._apply()
 
     def addresses(self) -> list[tuple[str, int]]:
         return list(self.portals)

@@ -926,7 +926,30 @@ class Service:
             raise ServiceError(str(e)) from None
         self.cfg.set("portals", [list(p) for p in parsed])
         return {"portals": [format_portal(p) for p in parsed],
-                "note": "takes effect when the daemon restarts"}
+                "note": "takes effect at the next reload (systemctl reload liverestore) or "
+                        "restart"}
+
+    async def reload(self) -> list[str]:
+        """SIGHUP (`systemctl reload`): re-read what may change while serving,
+        without dropping a session. That is the stored portals setting
+        (`export portal`; `serve --portal` stored what it serves, so the
+        setting is the one source either way) and the images of offline
+        volumes, tried again at their recorded paths. Returns one line per
+        change."""
+        done: list[str] = []
+        want = self._stored_portals()
+        if want != self.frontend.portals:
+            await self.frontend.set_portals(want)
+            self._started_portals = want
+            done.append("portals: " + ", ".join(format_portal(p) for p in want))
+        for rec in self.cfg.volumes():
+            if self.eng.volumes[rec.name].offline is None:
+                continue
+            store, why = self._open_recorded(rec)
+            if why is None:
+                (await self.eng.relink(rec.name, store)).close()
+                done.append(f"volume {rec.name} is online again")
+        return done
 
     # -- status / config -------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

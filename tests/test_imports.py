@@ -25,6 +25,7 @@ LAZY = {
     ("target.cli", "target.daemon"): "start-up cost of client commands",
     ("target.cli", "target.service"): "start-up cost of client commands",
     ("target.cli", "target.portals"): "start-up cost of client commands (the iSCSI package)",
+    ("target.cli", "target.tour"): "start-up cost of client commands (the server stack)",
     # configshell decides at import time whether it talks to a terminal,
     # and only `liverestore shell` needs it (and pyparsing, readline).
     ("target.cli", "target.shell"): "configshell only for `liverestore shell`",

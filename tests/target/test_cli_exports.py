@@ -46,7 +46,7 @@ def test_saveconfig_saves_the_portals_the_daemon_serves(daemon, tmp_path):
     assert json.loads(daemon.cli("saveconfig").stdout)["portals"] == [served]
     daemon.cli("export", "portal", "127.0.0.1:3999")
     status = daemon.cli("status").stdout.splitlines()[0]
-    assert status.startswith(f"portals: 127.0.0.1:{daemon.port} (after a restart: "
+    assert status.startswith(f"portals: 127.0.0.1:{daemon.port} (after a reload or restart: "
                              "127.0.0.1:3999)"), status
     assert json.loads(daemon.cli("saveconfig").stdout)["portals"] == [["127.0.0.1", 3999]]
     # A restart without --portal serves the stored setting: the one it served.

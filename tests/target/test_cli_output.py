@@ -30,7 +30,8 @@ def test_every_command_prints_human_text_without_json(daemon, tmp_path):
     assert re.search(r"^size\s+1\.5 MiB \(1572864 bytes\)$", vshow, re.M), vshow
     assert re.search(r"^role\s+source$", vshow, re.M) and "db1-clone" in vshow, vshow
     assert d.cli("export", "portal", "127.0.0.1:3999").stdout.strip() == (
-        "portals set to 127.0.0.1:3999; takes effect when the daemon restarts")
+        "portals set to 127.0.0.1:3999; takes effect at the next reload (systemctl reload "
+        "liverestore) or restart")
     saved = tmp_path / "saved.json"
     d.cli("saveconfig", str(saved))
     assert d.cli("pair", "delete", "db1-clone").stdout.strip() == "deleted db1-clone"
