@@ -72,9 +72,13 @@ def test_plain_lines_on_a_pipe_end_with_what_was_done(daemon):
     assert re.fullmatch(r"db1-clone: restored 4\.0 MiB in \ds; state fractured, 0 B differ",
                         lines[-3]), lines
     assert lines[-1].split()[:4] == ["db1-clone", "db1", "db1-clone", "fractured"]
+    # Likewise for a sync.
+    r = daemon.cli("pair", "sync", "db1-clone", "--full", "--wait")
+    assert re.fullmatch(r"db1-clone: synced 4\.0 MiB in \ds; state synchronized, 0 B differ",
+                        r.stdout.splitlines()[-3]), r.stdout
     # Nothing running: it says so and succeeds at once.
     r = daemon.cli("pair", "wait", "db1-clone")
-    assert r.stdout.splitlines()[0] == "db1-clone: no job running; state fractured"
+    assert r.stdout.splitlines()[0] == "db1-clone: no job running; state synchronized"
 
 
 def test_exit_status_paused_and_waiting_for_an_offline_volume(daemon, tmp_path):
