@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from .control import Client, ControlError
+from .control import Client
 from .follow import Followed, follow, to_stderr
 
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 
 from target.cli import build_parser
-from tests.support import LR, ROOT, Daemon
+from tests.support import LR, ROOT
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

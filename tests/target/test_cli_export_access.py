@@ -4,7 +4,6 @@ warning for an export open to the network."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 

@@ -7,7 +7,7 @@ import os
 import re
 import subprocess
 
-from tests.support import IQN, LR, ROOT, Daemon
+from tests.support import IQN, LR, ROOT
 
 
 def test_every_command_prints_human_text_without_json(daemon, tmp_path):
