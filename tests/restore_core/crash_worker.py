@@ -24,7 +24,7 @@ import sys
 
 from persistence.db import Database
 from persistence.sqlite_store import SqliteMetadataStore
-from restore_core.blockstore import FileBlockStore
+from restore_core.stores.file import FileBlockStore
 from restore_core.engine import Engine
 
 SIZE = 16 << 20
