@@ -25,6 +25,7 @@ from restore_core.blockstore import BlockStore, BlockStoreError
 from restore_core.stores import open_store
 from restore_core.stores.file import FileBlockStore
 from restore_core.stores.missing import MissingBlockStore
+from restore_core.stores.owners import read_owner, write_owner
 from restore_core.stores.rbd import RbdStore, remove_image
 from restore_core.stores.spec import RBD_KIND, FileSpec, RbdSpec, SpecError, StoreSpec, spec_of_record
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "liverestore.db"
 VOLUMES_DIR = "volumes"     # the daemon's own image directory inside the state dir
+RBD_OWNERS_DIR = "rbd-owners"   # per RBD volume: the lock owner id of this daemon's client
 
 
 def _private(path: str) -> None:
@@ -295,7 +297,8 @@ class Service:
         spec), or a stand-in and the reason it is offline: one bad image
         must not keep the others from being served."""
         try:
-            store = open_store(spec_of_record(rec.kind, rec.path), rec.size)
+            store = open_store(spec_of_record(rec.kind, rec.path), rec.size,
+                               stale_owner=self._last_owner(rec.name))
         except (OSError, BlockStoreError, SpecError) as e:
             why = _why(rec.path, e)
         else:
@@ -308,9 +311,20 @@ class Service:
 
     def _watch_fencing(self, name: str, store: BlockStore) -> None:
         """A store another client can fence (RBD) takes its volume offline
-        the moment it is fenced, not at the next image check."""
+        the moment it is fenced, not at the next image check; its lock
+        owner id is recorded so that the next run, after a crash, can
+        break the lock it left (only that one: the state directory lock
+        says no other run of this daemon is alive)."""
         if isinstance(store, RbdStore):
             store.on_fenced = lambda why: self.eng.set_offline(name, why)
+            if store.owner is not None:
+                write_owner(self._owner_file(name), store.owner)
+
+    def _owner_file(self, volume: str) -> str:
+        return os.path.join(self.state_dir, RBD_OWNERS_DIR, volume)
+
+    def _last_owner(self, volume: str) -> str | None:
+        return read_owner(self._owner_file(volume))
 
     async def stop(self) -> None:
         """Graceful: stop accepting, drain commands, stop copiers, flush,
@@ -414,8 +428,8 @@ class Service:
             if path not in (None, ""):
                 raise ServiceError("give either a path or an RBD image, not both")
             spec = self._rbd_spec(rbd, ceph_conf, ceph_id, peer, name)
-            return await self._add_volume(name, spec, await self._open_rbd(spec, want, create=True),
-                                          es)
+            store = await self._open_rbd(name, spec, want, create=True)
+            return await self._add_volume(name, spec, store, es)
         if ceph_conf not in (None, "") or ceph_id not in (None, ""):
             raise ServiceError("--ceph-conf and --ceph-id go with an RBD image (--rbd POOL/IMAGE)")
         if path in (None, ""):
@@ -479,12 +493,14 @@ class Service:
                                        f"{other.name}")
         return spec
 
-    async def _open_rbd(self, spec: RbdSpec, want: int | None, *, create: bool) -> BlockStore:
+    async def _open_rbd(self, volume: str, spec: RbdSpec, want: int | None, *,
+                        create: bool) -> BlockStore:
         """Open (or make) an RBD image off the loop: connecting waits on the
         cluster, up to its timeouts."""
         try:
+            stale = self._last_owner(volume)
             return await asyncio.get_running_loop().run_in_executor(
-                None, lambda: open_store(spec, want, create=create))
+                None, lambda: open_store(spec, want, create=create, stale_owner=stale))
         except (OSError, BlockStoreError) as e:
             raise ServiceError(str(e)) from e
 
@@ -635,7 +651,8 @@ class Service:
             if path not in (None, ""):
                 raise ServiceError("give either a path or an RBD image, not both")
             spec = self._rbd_spec(rbd, ceph_conf, ceph_id, peer, name)
-            return await self._relink(rec, spec, await self._open_rbd(spec, rec.size, create=False))
+            store = await self._open_rbd(name, spec, rec.size, create=False)
+            return await self._relink(rec, spec, store)
         if path in (None, ""):
             raise ServiceError("give the image's new place: --path P (or --rbd POOL/IMAGE)")
         real = self._vet_path(path, peer, volume=name)

@@ -10,10 +10,12 @@ from .rbd import RbdStore
 from .spec import FileSpec, RbdSpec, StoreSpec
 
 
-def open_store(spec: StoreSpec, size: int | None = None, *, create: bool = False) -> BlockStore:
+def open_store(spec: StoreSpec, size: int | None = None, *, create: bool = False,
+               stale_owner: str | None = None) -> BlockStore:
     """Open the store ``spec`` names. ``size``, when given, must be the
     existing store's size; with ``create`` a missing one is made that big.
-    Never resizes an existing store. Raises BlockStoreError or OSError."""
+    Never resizes an existing store. ``stale_owner``: see RbdStore.
+    Raises BlockStoreError or OSError."""
     if isinstance(spec, RbdSpec):
-        return RbdStore(spec, size, create=create)
+        return RbdStore(spec, size, create=create, stale_owner=stale_owner)
     return FileBlockStore(spec.path, size, create=create, nofollow=True)
