@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -35,6 +37,26 @@ class Cluster:
         """A fresh image name (unless given) in the test pool."""
         return RbdSpec(self.pool, image or f"t-{uuid.uuid4().hex[:12]}", self.conf)
 
+    def kill_osd(self) -> list[str]:
+        """SIGKILL the OSD; returns its command line (to restart it)."""
+        pid = int(open(os.path.join(self.dir, "pids", "osd")).read())
+        cmd = open(f"/proc/{pid}/cmdline").read().rstrip("\0").split("\0")
+        assert f"{self.dir}/ceph.conf" in cmd, cmd      # ours, not a reused PID
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):
+            if not os.path.exists(f"/proc/{pid}") or " Z " in open(f"/proc/{pid}/stat").read():
+                break
+            time.sleep(0.05)
+        return cmd
+
+    def start_osd(self, cmd: list[str]) -> None:
+        """Run the OSD again (recorded, so the script's stop kills it)."""
+        log = open(os.path.join(self.dir, "log", "osd.out"), "a")
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             start_new_session=True)
+        with open(os.path.join(self.dir, "pids", "osd"), "w") as f:
+            f.write(str(p.pid))
+
 
 def pytest_collection_modifyitems(items) -> None:
     here = os.path.dirname(__file__)
@@ -43,15 +65,15 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.ceph)
 
 
-@pytest.fixture(scope="session")
-def ceph() -> Iterator[Cluster]:
+def _start(store: str) -> Iterator[Cluster]:
     if shutil.which("ceph-mon") is None:
         pytest.fail("the ceph tier needs ceph-mon/ceph-osd/ceph-mgr: bash .ci/install --test")
     base = tempfile.mkdtemp(prefix="lr-ceph-")
     d = os.path.join(base, "c")
-    lo = 20000 + (os.getpid() % 200) * 100      # osd/mgr ports: first free in the range
+    lo = 20000 + (os.getpid() % 200) * 100 + (50 if store != "memstore" else 0)
     env = {**os.environ, "CEPH_SN_MON_PORT": str(free_port()), "CEPH_SN_MON_PORT2": str(free_port()),
-           "CEPH_SN_PORT_MIN": str(lo), "CEPH_SN_PORT_MAX": str(lo + 99)}
+           "CEPH_SN_PORT_MIN": str(lo), "CEPH_SN_PORT_MAX": str(lo + 49), "CEPH_SN_STORE": store,
+           "CEPH_SN_STORE_BYTES": str(1 << 30)}
     try:
         out = subprocess.run([SCRIPT, "start", d], env=env, capture_output=True, text=True,
                              timeout=180)
@@ -68,3 +90,16 @@ def ceph() -> Iterator[Cluster]:
     finally:
         subprocess.run([SCRIPT, "stop", d], capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[Cluster]:
+    """The shared cluster: memstore (data in RAM, lost if the OSD dies)."""
+    yield from _start("memstore")
+
+
+@pytest.fixture(scope="module")
+def ceph_bluestore() -> Iterator[Cluster]:
+    """A cluster of its own whose OSD keeps its data across kill -9 (BlueStore
+    on a sparse file), for killing and restarting the OSD."""
+    yield from _start("bluestore")
