@@ -84,11 +84,13 @@ def test_create_adopt_list_and_reopen_after_restart(ceph, tmp_path):
             v = s.volume_show("r")
             assert v["kind"] == "rbd" and v["offline"] is None
             assert bytes(await s.devices["r"].lunio.read(0, 4096)) == b"x" * 4096
+            v = await s.volume_resize("r", "8M")            # grows on request only
+            assert v["size"] == 8 * MiB and s.devices["r"].lunio.size == 8 * MiB
             await s.volume_delete("r")
             s2 = await started(tmp_path, "other")    # a second daemon adopts it as it is
             try:
                 v = await s2.volume_create("r", rbd=spec.image_name, ceph_conf=ceph.conf)
-                assert v["size"] == 4 * MiB
+                assert v["size"] == 8 * MiB
             finally:
                 await s2.stop()
         finally:
