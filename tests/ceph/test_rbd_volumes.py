@@ -11,6 +11,7 @@ import pytest
 
 from restore_core.lunio import NotReadyError
 from target.errors import ServiceError
+from target.peer import Peer
 from target.scsi import constants as c
 from target.scsi.lunio_access import not_ready_sense
 from target.service import Service
@@ -72,6 +73,10 @@ def test_create_adopt_list_and_reopen_after_restart(ceph, tmp_path):
                 await s.volume_create("bad", rbd="rbd/x", ceph_conf="/etc/ceph/x:id=evil")
             with pytest.raises(ServiceError, match="bad Ceph client id"):
                 await s.volume_create("bad", rbd="rbd/x", ceph_conf=ceph.conf, ceph_id="a b")
+            nobody = Peer(pid=0, uid=65534, gid=65534, groups=frozenset())
+            with pytest.raises(ServiceError, match="only root may use RBD images"):
+                await s.volume_create("bad", rbd=ceph.spec().image_name, ceph_conf=ceph.conf,
+                                      size="4M", peer=nobody)
             with pytest.raises(ServiceError, match="not both"):
                 await s.volume_create("bad", path="/tmp/x", rbd="rbd/x")
             with pytest.raises(ServiceError, match="does not exist: give a size"):
