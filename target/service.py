@@ -25,7 +25,7 @@ from restore_core.blockstore import BlockStore, BlockStoreError
 from restore_core.stores import open_store
 from restore_core.stores.file import FileBlockStore
 from restore_core.stores.missing import MissingBlockStore
-from restore_core.stores.owners import read_owner, write_owner
+from restore_core.stores.owners import forget_owner, read_owner, write_owner
 from restore_core.stores.rbd import RbdStore, remove_image
 from restore_core.stores.spec import RBD_KIND, FileSpec, RbdSpec, SpecError, StoreSpec, spec_of_record
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
@@ -601,6 +601,7 @@ class Service:
         store.close()
         self.devices.pop(name, None)
         self.cfg.delete_volume(name)
+        forget_owner(self._owner_file(name))
         return {"deleted": name, "path": rec.path, "note": "the image was left in place"}
 
     async def volume_resize(self, name: str, size: Size) -> dict[str, Any]:

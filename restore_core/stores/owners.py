@@ -31,3 +31,11 @@ def write_owner(path: str, owner: str) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def forget_owner(path: str) -> None:
+    """The volume is gone: nothing of it to break at the next start."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -91,7 +91,9 @@ def test_create_adopt_list_and_reopen_after_restart(ceph, tmp_path):
             assert bytes(await s.devices["r"].lunio.read(0, 4096)) == b"x" * 4096
             v = await s.volume_resize("r", "8M")            # grows on request only
             assert v["size"] == 8 * MiB and s.devices["r"].lunio.size == 8 * MiB
+            assert (tmp_path / "state" / "rbd-owners" / "r").exists()
             await s.volume_delete("r")
+            assert not (tmp_path / "state" / "rbd-owners" / "r").exists()
             s2 = await started(tmp_path, "other")    # a second daemon adopts it as it is
             try:
                 v = await s2.volume_create("r", rbd=spec.image_name, ceph_conf=ceph.conf)
