@@ -2,7 +2,12 @@
 
 I/O is asynchronous: each command is one librbd aio call whose completion
 (on a librbd thread) is handed to the event loop with
-call_soon_threadsafe; no thread waits per command. The client is set up
+call_soon_threadsafe; no thread waits per command. The aio calls
+themselves are made by one submitter thread per image, in the order the
+loop queued them: librbd does tens of microseconds of dispatch work in the
+caller (with the GIL released), which on the loop's thread serialised with
+all protocol work (measured: 4 KiB random reads through iSCSI at QD32,
+about 5.5k IOPS on the loop, 8k with the submitter). The client is set up
 the way a SCSI gateway must be (tcmu-runner's rbd handler): no librbd
 write-back cache (``rbd_cache=false``: a completed write is on the OSDs,
 so the engine's "data durable, then map, then ack" order holds), partial
@@ -26,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import queue
+import threading
 from typing import Any, Callable
 
 from ..blockstore import BlockStore, BlockStoreError
@@ -92,6 +99,9 @@ class RbdStore(BlockStore):
         #: called on the loop, once, with the reason, when the store is fenced
         self.on_fenced: Callable[[str], None] | None = None
         self._cluster: Any = None
+        # aio calls, made in queue order by the submitter (None: stop)
+        self._submissions: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._submitter: threading.Thread | None = None
         self._ioctx: Any = None
         self._image: Any = None
         try:
@@ -150,6 +160,9 @@ class RbdStore(BlockStore):
                                   "another client could write it unfenced: "
                                   f"rbd feature enable {spec.image_name} exclusive-lock")
         self._fast_diff = bool(features & rbd.RBD_FEATURE_FAST_DIFF)
+        self._submitter = threading.Thread(target=self._submit_loop, daemon=True,
+                                           name=f"lr-rbd-{spec.image}"[:15])
+        self._submitter.start()
         try:
             if stale_owner is not None:
                 for o in img.lock_get_owners():
@@ -217,11 +230,21 @@ class RbdStore(BlockStore):
             except RuntimeError:        # the loop closed with the I/O in flight
                 pass
 
-        try:
-            start(done)
-        except rbd.Error as e:
-            raise self._error(what, offset, _errno_of(e) or errno.EIO) from e
+        def submit() -> None:       # on the submitter thread
+            try:
+                start(done)
+            except rbd.Error as e:
+                try:
+                    loop.call_soon_threadsafe(settle, -(_errno_of(e) or errno.EIO), None)
+                except RuntimeError:
+                    pass
+
+        self._submissions.put(submit)
         return await fut
+
+    def _submit_loop(self) -> None:
+        while (submit := self._submissions.get()) is not None:
+            submit()
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self.check_range(offset, len(buf))
@@ -299,6 +322,10 @@ class RbdStore(BlockStore):
         self._disconnect()
 
     def _close_image(self) -> None:
+        if self._submitter is not None:      # what was queued is submitted first
+            self._submissions.put(None)
+            self._submitter.join()
+            self._submitter = None
         if self._image is None:
             return
         img, self._image = self._image, None
