@@ -146,6 +146,10 @@ def test_pair_across_stores(ceph, tmp_path, src_kind, clone_kind):
                 expect[off:off + 4096] = b"\x05" * 4096
             with pytest.raises(NotReadyError):             # protected: the clone is hidden
                 await s.devices["cl"].lunio.read(0, 512)
+            await s.pair_pause("cl")
+            paused = s.pair_show("cl")["progress"]
+            assert paused["paused"], paused
+            await s.pair_resume("cl")
             await s.pair_throttle("cl", rate=0)
             await wait_state(s, "cl", "fractured")
             assert await image(s, "src") == bytes(expect)
@@ -217,6 +221,34 @@ def test_saveconfig_restoreconfig_round_trip(ceph, tmp_path):
             with pytest.raises(ServiceError, match="bad ceph.conf path"):
                 await s.restoreconfig(bad)
             assert s.cfg.volume("q") is None
+        finally:
+            await s.stop()
+    asyncio.run(go())
+
+
+def test_eight_clones_on_rbd(ceph, tmp_path):
+    """One file source, eight clones on RBD: each fractured at another
+    moment, then a protected restore from one of them."""
+    rnd = random.Random(8)
+
+    async def go():
+        s = await started(tmp_path)
+        try:
+            await make(s, ceph, "src", "file", tmp_path)
+            images = []
+            for i in range(8):
+                await make(s, ceph, f"c{i}", "rbd", tmp_path)
+                await s.pair_create("src", f"c{i}", extent_size="64K")
+            for i in range(8):
+                await scribble(s, "src", rnd, 20, 10 + i)
+                await wait_state(s, f"c{i}", "synchronized")
+                await s.pair_fracture(f"c{i}")
+                images.append(await image(s, "src"))
+            for i in range(8):
+                assert await image(s, f"c{i}") == images[i]
+            await s.pair_restore("c3", protected=True)
+            await wait_state(s, "c3", "fractured")
+            assert await image(s, "src") == images[3]
         finally:
             await s.stop()
     asyncio.run(go())
