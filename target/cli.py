@@ -71,7 +71,7 @@ PAIR_COLS = [("pair", "PAIR"), ("source", "SOURCE"), ("clone", "CLONE"), ("state
              ("job", "JOB"), ("progress", "EXTENTS"), ("rate", "RATE"), ("eta", "ETA"),
              ("delta", "DELTA")]
 VOL_COLS = [("name", "VOLUME"), ("size_h", "SIZE"), ("role", "ROLE"), ("access", "ACCESS"),
-            ("exported_by", "EXPORT"), ("path", "PATH")]
+            ("exported_by", "EXPORT"), ("kind", "STORE"), ("path", "PATH")]
 
 
 def _print_pair_notes(pairs: list[dict[str, Any]]) -> None:
@@ -96,6 +96,19 @@ def _print_rollback(rb: dict[str, Any] | None) -> None:
     for name, path in rb.get("resurrected_volumes", {}).items():
         print(f"  volume {name} ({path}) had been deleted and is back: delete it again "
               "if its image is in other use")
+
+
+def _rbd_args(a: argparse.Namespace) -> dict[str, Any]:
+    """An RBD image's names as typed (no path rules apply to them) and its ceph.conf."""
+    return {k: v for k, v in (("rbd", a.rbd), ("ceph_conf", client_path(a.ceph_conf)),
+                              ("ceph_id", a.ceph_id)) if v is not None}
+
+
+def _ceph_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ceph-conf", metavar="PATH", help="with --rbd: the cluster's ceph.conf "
+                   "(default /etc/ceph/ceph.conf)")
+    p.add_argument("--ceph-id", metavar="ID", help="with --rbd: the Ceph client id "
+                   "(default admin: client.admin's keyring)")
 
 
 def _vol_rows(vols: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -429,17 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     # volumes
-    v = sub.add_parser("volume", help="image files and block devices").add_subparsers(
-        dest="sub", metavar="ACTION", required=True)
+    v = sub.add_parser("volume", help="image files, block devices and Ceph RBD images"
+                       ).add_subparsers(dest="sub", metavar="ACTION", required=True)
     p = client_cmd(v, "create", "create (or adopt) a volume", "volume.create", "volume",
                    lambda a: {"name": a.name, "path": client_path(a.path), "size": a.size,
-                              "extent_size": a.extent_size})
+                              "extent_size": a.extent_size, **_rbd_args(a)})
     p.add_argument("name", help="the volume's name")
-    p.add_argument("--path", help="image file or block device (default: in the state dir); "
-                   "an existing one is adopted as it is")
-    p.add_argument("--size", help="size for a new image file, e.g. 10G (for an existing one: "
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--path", help="image file or block device (default: in the state dir); "
+                       "an existing one is adopted as it is")
+    where.add_argument("--rbd", metavar="POOL/IMAGE", help="a Ceph RBD image (created with "
+                       "--size if missing; an existing one is adopted at its own size)")
+    p.add_argument("--size", help="size for a new image, e.g. 10G (for an existing one: "
                    "leave out, or its exact size)")
     p.add_argument("--extent-size", default="64K", help="default extent size of its pairs")
+    _ceph_options(p)
     p = client_cmd(v, "delete", "forget a volume (the file stays)", "volume.delete", "deleted",
                    lambda a: {"name": a.name})
     p.add_argument("name", help="the volume's name")
@@ -447,11 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
                    lambda a: {"name": a.name, "size": a.size})
     p.add_argument("name", help="the volume's name")
     p.add_argument("size", help="the new size, e.g. 20G (a block device: grow it first)")
-    p = client_cmd(v, "relink", "point an offline volume at its image's new place",
-                   "volume.relink", "volume",
-                   lambda a: {"name": a.name, "path": client_path(a.path)})
+    p = client_cmd(v, "relink", "point an offline volume at its image's new place (an RBD "
+                   "volume: reopen it)", "volume.relink", "volume",
+                   lambda a: {"name": a.name, "path": client_path(a.path), **_rbd_args(a)})
     p.add_argument("name", help="the volume's name")
-    p.add_argument("--path", required=True, help="the image (same size as the volume)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--path", help="the image (same size as the volume)")
+    where.add_argument("--rbd", metavar="POOL/IMAGE", help="an RBD image (same size); "
+                       "an RBD volume without it reopens its own image")
+    _ceph_options(p)
     client_cmd(v, "list", "list volumes", "volume.list", "volumes")
     p = client_cmd(v, "show", "one volume in detail", "volume.show", "volume_detail",
                    lambda a: {"name": a.name})

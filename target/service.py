@@ -22,7 +22,13 @@ from persistence.config import (ConfigStore, SqliteReservationStore, StoredValue
                                 VolumeRecord)
 from persistence.db import Database, DatabaseError
 from persistence.sqlite_store import SqliteMetadataStore
-from restore_core.blockstore import BlockStore, BlockStoreError, FileBlockStore, MissingBlockStore
+from restore_core.blockstore import BlockStore, BlockStoreError
+from restore_core.stores import open_store
+from restore_core.stores.file import FileBlockStore
+from restore_core.stores.missing import MissingBlockStore
+from restore_core.stores.owners import forget_owner, read_owner, write_owner
+from restore_core.stores.rbd import RbdStore, remove_image
+from restore_core.stores.spec import RBD_KIND, FileSpec, RbdSpec, SpecError, StoreSpec, spec_of_record
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.pair import Pair, Throttle
@@ -48,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "liverestore.db"
 VOLUMES_DIR = "volumes"     # the daemon's own image directory inside the state dir
+RBD_OWNERS_DIR = "rbd-owners"   # per RBD volume: the lock owner id of this daemon's client
 
 
 def _private(path: str) -> None:
@@ -301,15 +308,38 @@ class Service:
         log.info("front end: %s", self.backend)
 
     def _open_recorded(self, rec: VolumeRecord) -> tuple[BlockStore, str | None]:
-        """A recorded volume's image, or a stand-in and the reason it is
-        offline: one bad image must not keep the others from being served."""
+        """A recorded volume's image (its kind and path read back as a store
+        spec), or a stand-in and the reason it is offline: one bad image
+        must not keep the others from being served."""
         try:
-            return FileBlockStore(rec.path, rec.size, nofollow=True), None
-        except (OSError, BlockStoreError) as e:
+            store = open_store(spec_of_record(rec.kind, rec.path), rec.size,
+                               stale_owner=self._last_owner(rec.name))
+        except (OSError, BlockStoreError, SpecError) as e:
             why = _why(rec.path, e)
-        log.error("volume %s is offline: %s (relink it with 'volume relink %s --path P', "
-                  "or delete it)", rec.name, why, rec.name)
-        return MissingBlockStore(rec.path, rec.size, why), why
+        else:
+            self._watch_fencing(rec.name, store)
+            return store, None
+        how = "--rbd POOL/IMAGE" if rec.kind == RBD_KIND else "--path P"
+        log.error("volume %s is offline: %s (relink it with 'volume relink %s %s', "
+                  "or delete it)", rec.name, why, rec.name, how)
+        return MissingBlockStore(rec.path, rec.size, why, rec.kind), why
+
+    def _watch_fencing(self, name: str, store: BlockStore) -> None:
+        """A store another client can fence (RBD) takes its volume offline
+        the moment it is fenced, not at the next image check; its lock
+        owner id is recorded so that the next run, after a crash, can
+        break the lock it left (only that one: the state directory lock
+        says no other run of this daemon is alive)."""
+        if isinstance(store, RbdStore):
+            store.on_fenced = lambda why: self.eng.set_offline(name, why)
+            if store.owner is not None:
+                write_owner(self._owner_file(name), store.owner)
+
+    def _owner_file(self, volume: str) -> str:
+        return os.path.join(self.state_dir, RBD_OWNERS_DIR, volume)
+
+    def _last_owner(self, volume: str) -> str | None:
+        return read_owner(self._owner_file(volume))
 
     async def stop(self) -> None:
         """Graceful: stop accepting, drain commands, stop copiers, flush,
@@ -394,9 +424,13 @@ class Service:
     # -- volumes ----------------------------------------------------------------------------
     async def volume_create(self, name: str, path: str | None = None, size: Size | None = None,
                             extent_size: Size = DEFAULT_EXTENT_SIZE, *,
+                            rbd: str | None = None, ceph_conf: str | None = None,
+                            ceph_id: str | None = None,
                             peer: Peer | None = None) -> dict[str, Any]:
         """A new image file of ``size``, or an existing file / block device
-        adopted exactly as it is (its size is the volume's; never changed)."""
+        adopted exactly as it is (its size is the volume's; never changed).
+        With ``rbd`` (POOL/IMAGE): a Ceph RBD image, created when a size is
+        given and it does not exist, else adopted at its own size."""
         if not valid_volume_name(name):
             raise ServiceError(f"invalid volume name {name!r}: {NAME_HELP}")
         if self.cfg.volume(name) is not None:
@@ -405,6 +439,14 @@ class Service:
         if es < 4096 or es & (es - 1) or es > 64 << 20:
             raise ServiceError("extent size must be a power of two from 4K to 64M")
         want = _volume_size(size) if size not in (None, "") else None
+        if rbd not in (None, ""):
+            if path not in (None, ""):
+                raise ServiceError("give either a path or an RBD image, not both")
+            spec = self._rbd_spec(rbd, ceph_conf, ceph_id, peer, name)
+            store = await self._open_rbd(name, spec, want, create=True)
+            return await self._add_volume(name, spec, store, es)
+        if ceph_conf not in (None, "") or ceph_id not in (None, ""):
+            raise ServiceError("--ceph-conf and --ceph-id go with an RBD image (--rbd POOL/IMAGE)")
         if path in (None, ""):
             # The daemon's own choice of a new file: no peer path to check.
             vdir = os.path.join(self.state_dir, VOLUMES_DIR)
@@ -420,8 +462,13 @@ class Service:
             real = self._vet_path(path, peer)
             probe = await self._probe(peer, real)
         store = self._open_image(real, want, probe, create=True)
-        rec = VolumeRecord(name, real, store.size, es,
-                           "blockdev" if store.is_blockdev else "file", time.time())
+        return await self._add_volume(name, FileSpec(real), store, es)
+
+    async def _add_volume(self, name: str, spec: StoreSpec, store: BlockStore,
+                          extent_size: int) -> dict[str, Any]:
+        """Record and serve a volume on a store just opened (or made) for it;
+        on failure the store is abandoned (what it created is removed)."""
+        rec = VolumeRecord(name, spec.location, store.size, extent_size, store.kind, time.time())
         try:
             self.eng.add_volume(name, store)
         except EngineError as e:
@@ -433,8 +480,44 @@ class Service:
             self.eng.remove_volume(name)
             store.abandon()
             raise
+        self._watch_fencing(name, store)
         self._make_device(rec)
         return self.volume_show(name)
+
+    def _rbd_spec(self, image: Any, conf: Any, client_id: Any, peer: Peer | None,
+                  volume: str) -> RbdSpec:
+        """An RBD image a client names, checked: root only (the daemon's
+        Ceph credentials reach every image its client may), and never
+        another volume's image."""
+        if peer is not None and not peer.is_root:
+            raise ServiceError("only root may use RBD images (the daemon's Ceph client "
+                               "can reach images the caller could not)")
+        try:
+            spec = RbdSpec.parse_image(image, conf, client_id)
+        except SpecError as e:
+            raise ServiceError(str(e)) from None
+        for other in self.cfg.volumes():
+            if other.name != volume and other.kind == RBD_KIND:
+                try:
+                    theirs = spec_of_record(other.kind, other.path)
+                except SpecError:
+                    continue
+                if isinstance(theirs, RbdSpec) and theirs.image_name == spec.image_name \
+                        and theirs.conf == spec.conf:
+                    raise ServiceError(f"RBD image {spec.image_name} is the image of volume "
+                                       f"{other.name}")
+        return spec
+
+    async def _open_rbd(self, volume: str, spec: RbdSpec, want: int | None, *,
+                        create: bool) -> BlockStore:
+        """Open (or make) an RBD image off the loop: connecting waits on the
+        cluster, up to its timeouts."""
+        try:
+            stale = self._last_owner(volume)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, lambda: open_store(spec, want, create=create, stale_owner=stale))
+        except (OSError, BlockStoreError) as e:
+            raise ServiceError(str(e)) from e
 
     def _vet_path(self, path: Any, peer: Peer | None, volume: str | None = None) -> str:
         """The real path of an image a client names, or ServiceError: never
@@ -461,7 +544,7 @@ class Service:
                         raise ServiceError(f"{path} is {entry.path} of the daemon's state "
                                            "directory (a link to it); refused")
         for other in self.cfg.volumes():
-            if other.name == volume:
+            if other.name == volume or other.kind == RBD_KIND:
                 continue
             vol = self.eng.volumes.get(other.name)
             theirs = getattr(vol.store, "identity", None) if vol is not None else None
@@ -509,9 +592,10 @@ class Service:
         elif want is None:
             raise ServiceError(f"{real} does not exist: give a size to create it")
         try:
-            store = FileBlockStore(real, want, create=create and not exists, nofollow=True)
+            store = open_store(FileSpec(real), want, create=create and not exists)
         except (OSError, BlockStoreError) as e:
             raise ServiceError(_why(real, e)) from e
+        assert isinstance(store, FileBlockStore)
         if probe is not None and (store.identity != probe.inode if probe.inode is not None
                                   else not store.created):
             store.abandon()
@@ -532,7 +616,8 @@ class Service:
         store.close()
         self.devices.pop(name, None)
         self.cfg.delete_volume(name)
-        return {"deleted": name, "path": rec.path, "note": "the image file was left in place"}
+        forget_owner(self._owner_file(name))
+        return {"deleted": name, "path": rec.path, "note": "the image was left in place"}
 
     async def volume_resize(self, name: str, size: Size) -> dict[str, Any]:
         """Grow a volume (never shrink): the image file is extended; a block
@@ -553,7 +638,6 @@ class Service:
         if want == rec.size:
             return self.volume_show(name)
         store = vol.store
-        assert isinstance(store, FileBlockStore)
         try:
             store.grow(want)
         except (OSError, BlockStoreError) as e:
@@ -562,15 +646,31 @@ class Service:
         self.cfg.put_volume(rec)
         return self.volume_show(name)
 
-    async def volume_relink(self, name: str, path: str, *,
+    async def volume_relink(self, name: str, path: str | None = None, *,
+                            rbd: str | None = None, ceph_conf: str | None = None,
+                            ceph_id: str | None = None,
                             peer: Peer | None = None) -> dict[str, Any]:
         """Point an offline volume at its image's new place: same size, same
-        rules as adopting; the jobs of its pairs resume."""
+        rules as adopting; the jobs of its pairs resume. An RBD volume
+        (fenced, or its cluster was down at start) is reopened with a new
+        client: at ``rbd`` if given, else where it was."""
         rec = self.cfg.volume(name)
         if rec is None:
             raise ServiceError(f"no volume named {name}")
         if self.eng.volumes[name].offline is None:
             raise ServiceError(f"volume {name} is online; only an offline volume can be relinked")
+        if rbd in (None, "") and path in (None, "") and rec.kind == RBD_KIND:
+            old_spec = spec_of_record(rec.kind, rec.path)
+            assert isinstance(old_spec, RbdSpec)
+            rbd, ceph_conf, ceph_id = old_spec.image_name, old_spec.conf, old_spec.client_id
+        if rbd not in (None, ""):
+            if path not in (None, ""):
+                raise ServiceError("give either a path or an RBD image, not both")
+            spec = self._rbd_spec(rbd, ceph_conf, ceph_id, peer, name)
+            store = await self._open_rbd(name, spec, rec.size, create=False)
+            return await self._relink(rec, spec, store)
+        if path in (None, ""):
+            raise ServiceError("give the image's new place: --path P (or --rbd POOL/IMAGE)")
         real = self._vet_path(path, peer, volume=name)
         probe = await self._probe(peer, real)
         have = os.stat(real).st_size if os.path.isfile(real) else None
@@ -578,16 +678,20 @@ class Service:
             raise ServiceError(f"{real} has {have} bytes; volume {name} has {rec.size}: "
                                "relink needs its image (the same size)")
         store = self._open_image(real, rec.size, probe, create=False)
+        return await self._relink(rec, FileSpec(real), store)
+
+    async def _relink(self, rec: VolumeRecord, spec: StoreSpec, store: BlockStore) -> dict[str, Any]:
         try:
-            old = await self.eng.relink(name, store)
+            old = await self.eng.relink(rec.name, store)
         except EngineError as e:
             store.close()
             raise self._wrap(e) from e
         old.close()
-        rec.path = real
-        rec.kind = "blockdev" if store.is_blockdev else "file"
+        self._watch_fencing(rec.name, store)
+        rec.path = spec.location
+        rec.kind = store.kind
         self.cfg.put_volume(rec)
-        return self.volume_show(name)
+        return self.volume_show(rec.name)
 
     def volume_list(self) -> list[dict[str, Any]]:
         return [self.volume_show(v.name) for v in self.cfg.volumes()]
@@ -1038,12 +1142,24 @@ class Service:
             if self.cfg.volume(v["name"]) is not None:
                 continue
             path = v.get("path")
-            new_file = path is None or not os.path.exists(path)
-            await self.volume_create(v["name"], path, v["size"],
-                                     v.get("extent_size", DEFAULT_EXTENT_SIZE), peer=peer)
-            created = self.cfg.volume(v["name"])
-            undo.add(f"volume {v['name']}", self._undo_volume(v["name"],
-                                                              created.path if new_file else None))
+            es = v.get("extent_size", DEFAULT_EXTENT_SIZE)
+            if v.get("kind") == RBD_KIND:
+                try:
+                    spec = spec_of_record(RBD_KIND, path)
+                except SpecError as e:
+                    raise ServiceError(f"volume {v['name']}: {e}") from None
+                assert isinstance(spec, RbdSpec)
+                await self.volume_create(v["name"], None, v["size"], es, rbd=spec.image_name,
+                                         ceph_conf=spec.conf, ceph_id=spec.client_id, peer=peer)
+                store = self.eng.volumes[v["name"]].store
+                made_rbd = spec if getattr(store, "created", False) else None
+                undo.add(f"volume {v['name']}", self._undo_volume(v["name"], None, made_rbd))
+            else:
+                new_file = path is None or not os.path.exists(path)
+                await self.volume_create(v["name"], path, v["size"], es, peer=peer)
+                created = self.cfg.volume(v["name"])
+                undo.add(f"volume {v['name']}", self._undo_volume(
+                    v["name"], created.path if new_file else None))
             made["volumes"].append(v["name"])
         have = {(p.source, p.clone) for p in self.eng.pairs.values()}
         for p in config.get("pairs", []):
@@ -1064,13 +1180,15 @@ class Service:
             made["targets"].append(iqn)
         return made
 
-    def _undo_volume(self, name: str, made_file: str | None):
+    def _undo_volume(self, name: str, made_file: str | None, made_rbd: RbdSpec | None = None):
         async def run() -> None:
             await self.volume_delete(name)
+            # restoreconfig made this image: leave nothing that a retry
+            # would have to adopt or refuse.
             if made_file is not None:
-                # restoreconfig made this image: leave nothing that a retry
-                # would have to adopt or refuse.
                 os.unlink(made_file)
+            if made_rbd is not None:
+                await asyncio.get_running_loop().run_in_executor(None, remove_image, made_rbd)
         return run
 
     # -- dispatch table for the control socket ------------------------------------------------

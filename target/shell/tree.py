@@ -229,22 +229,29 @@ class Volumes(Node):
     def summary(self):
         return plural(len(self.data or []), "volume"), None
 
-    def ui_command_create(self, name, size=None, path=None, extent_size="64K"):
+    def ui_command_create(self, name, size=None, path=None, extent_size="64K", rbd=None,
+                          ceph_conf=None, ceph_id=None):
         '''
         Creates a volume: a new image file of the given size (e.g. 10G), or
         an existing file or block device given by path, adopted as it is
         (its size is the volume's; give no size, or exactly that one).
+        With rbd=POOL/IMAGE the volume is a Ceph RBD image (created with
+        size if missing, else adopted at its own size), reached with
+        ceph_conf (default /etc/ceph/ceph.conf) and ceph_id (default admin).
 
         Example: create db1 size=10G
+        Example: create clone1 rbd=rbd/clone1 size=10G
         '''
+        rbd_args = {k: v for k, v in (("rbd", rbd), ("ceph_conf", client_path(ceph_conf)),
+                                      ("ceph_id", ceph_id)) if v is not None}
         v = self.call("volume.create", name=name, size=size, path=client_path(path),
-                      extent_size=extent_size)
+                      extent_size=extent_size, **rbd_args)
         self.say(f"Created volume {v['name']}: {human(v['size'])} at {v['path']}.")
 
     def ui_complete_create(self, parameters, text, current_param):
         if current_param in ("name",):
             return []
-        return [k + "=" for k in ("size", "path", "extent_size")
+        return [k + "=" for k in ("size", "path", "extent_size", "rbd", "ceph_conf", "ceph_id")
                 if k.startswith(text) and k not in parameters]
 
     def ui_command_delete(self, name):
@@ -270,6 +277,8 @@ class Volume(Node):
     def summary(self):
         v = self.data
         text = f"{human(v['size'])}, {v['role']}, {v['access']}, extent {human(v['extent_size'])}"
+        if v.get("kind") == "rbd":
+            text += f", on {v['path'].split(':')[1]} (RBD)"
         if v.get("exported_by"):
             text += f", exported by {v['exported_by']}"
         if v.get("access_reason"):
