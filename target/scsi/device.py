@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import perf_counter
 from typing import Callable
 
 from restore_core.lunio import Access, LunIO
@@ -29,6 +30,7 @@ from . import constants as c
 from .api import CHECK_CONDITION, GOOD, RESERVATION_CONFLICT, Nexus, ScsiCommand, ScsiResponse
 from .commands import UA_EXEMPT, CommandSpec, lookup
 from .identity import DeviceIdentity, DeviceOptions, Limits
+from .lustats import LuStats
 from .lunio_access import map_lunio_error, not_ready, write_protected
 from .modepages import ModePages
 from .ports import TargetPorts
@@ -60,6 +62,7 @@ class ScsiDevice:
                  ports: TargetPorts | None = None) -> None:
         self.lunio = lunio
         self.identity = identity
+        self.stats = LuStats()          # read at scrape time (target.metrics)
         self.options = options or DeviceOptions()
         self.limits = Limits.resolve(block_size, self.options)
         self.block_size = block_size
@@ -89,6 +92,7 @@ class ScsiDevice:
 
     # -- transport-facing ----------------------------------------------------------
     async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
+        t0 = perf_counter()
         cdb = cmd.cdb
         if type(cdb) is not bytes:
             cdb = bytes(cdb)
@@ -116,10 +120,19 @@ class ScsiDevice:
             # CDB knows: the transport derives residuals from it (Data-In
             # commands' transfer length is len(data_in)), failed or not.
             resp.transfer_length = spec.out_len(cdb, self.block_size)
+        self.stats.record(cmd, resp, perf_counter() - t0)
         return resp
 
     def try_execute(self, cmd: ScsiCommand,
                     into: list[memoryview] | None = None) -> ScsiResponse | None:
+        t0 = perf_counter()
+        resp = self._try_execute(cmd, into)
+        if resp is not None:
+            self.stats.record(cmd, resp, perf_counter() - t0)
+        return resp
+
+    def _try_execute(self, cmd: ScsiCommand,
+                     into: list[memoryview] | None = None) -> ScsiResponse | None:
         """The fast path: a READ/WRITE(10/16) that nothing stands in the way
         of -- no unit attention due, no reservation conflict, the LU ready and
         unchanged, no COMPARE AND WRITE, no FUA, lengths that match the

@@ -21,7 +21,8 @@ from pyparsing import ParseException
 
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
-from ..fmt import SECRET, eta, human
+from ..fmt import SECRET, eta, human, plural
+from ..follow import Outcome
 
 THROTTLE = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct")
 
@@ -31,11 +32,11 @@ def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
     pr = p["progress"]
     if pr["job"] is None:
         if p["state"] == "fractured":
-            return f"fractured, {pr['delta_extents']} extents differ", True
+            return f"fractured, {plural(pr['delta_extents'], 'extent')} differ", True
         return p["state"], True
     total = pr["extents_total"] or 0
     pct = 100 * pr["extents_done"] // total if total else 100
-    text = f"{p['state']} {pct}% {pr['extents_done']}/{total} extents"
+    text = f"{p['state']} {pct}% {pr['extents_done']}/{plural(total, 'extent')}"
     if pr["job"] == "restore":
         text += " (protected)" if pr["protected"] else " (unprotected)"
     if pr["error"]:
@@ -226,24 +227,31 @@ class Volumes(Node):
         self.sync({v["name"]: (Volume, v) for v in self.data})
 
     def summary(self):
-        return f"{len(self.data or [])} volumes", None
+        return plural(len(self.data or []), "volume"), None
 
-    def ui_command_create(self, name, size=None, path=None, extent_size="64K"):
+    def ui_command_create(self, name, size=None, path=None, extent_size="64K", rbd=None,
+                          ceph_conf=None, ceph_id=None):
         '''
         Creates a volume: a new image file of the given size (e.g. 10G), or
         an existing file or block device given by path, adopted as it is
         (its size is the volume's; give no size, or exactly that one).
+        With rbd=POOL/IMAGE the volume is a Ceph RBD image (created with
+        size if missing, else adopted at its own size), reached with
+        ceph_conf (default /etc/ceph/ceph.conf) and ceph_id (default admin).
 
         Example: create db1 size=10G
+        Example: create clone1 rbd=rbd/clone1 size=10G
         '''
+        rbd_args = {k: v for k, v in (("rbd", rbd), ("ceph_conf", client_path(ceph_conf)),
+                                      ("ceph_id", ceph_id)) if v is not None}
         v = self.call("volume.create", name=name, size=size, path=client_path(path),
-                      extent_size=extent_size)
+                      extent_size=extent_size, **rbd_args)
         self.say(f"Created volume {v['name']}: {human(v['size'])} at {v['path']}.")
 
     def ui_complete_create(self, parameters, text, current_param):
         if current_param in ("name",):
             return []
-        return [k + "=" for k in ("size", "path", "extent_size")
+        return [k + "=" for k in ("size", "path", "extent_size", "rbd", "ceph_conf", "ceph_id")
                 if k.startswith(text) and k not in parameters]
 
     def ui_command_delete(self, name):
@@ -269,6 +277,8 @@ class Volume(Node):
     def summary(self):
         v = self.data
         text = f"{human(v['size'])}, {v['role']}, {v['access']}, extent {human(v['extent_size'])}"
+        if v.get("kind") == "rbd":
+            text += f", on {v['path'].split(':')[1]} (RBD)"
         if v.get("exported_by"):
             text += f", exported by {v['exported_by']}"
         if v.get("access_reason"):
@@ -301,7 +311,7 @@ class Pairs(Node):
 
     def summary(self):
         busy = sum(1 for p in self.data or [] if p["progress"]["job"])
-        return f"{len(self.data or [])} pairs, {busy} busy", None
+        return f"{plural(len(self.data or []), 'pair')}, {busy} busy", None
 
     def ui_command_create(self, source, clone, sync="true", extent_size=None):
         '''
@@ -418,10 +428,15 @@ class PairNode(Node):
         following (the job goes on).
         '''
         try:
-            p = wait_job(self.shell.client, self.data["id"], False)
+            first = self.shell.client.call("pair.show", pair=self.data["id"])
+            f = wait_job(self.shell.client, first, False)
         except ControlError as e:
             raise ExecutionError(str(e)) from None
-        self.say(f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
+        if f.outcome is not Outcome.FINISHED:
+            raise ExecutionError(f.message)
+        p = f.pair
+        ran = first["progress"]["job"] is not None
+        self.say(f"{f.message}." if ran else f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
 
     def ui_command_fracture(self):
         '''
@@ -450,21 +465,26 @@ class Iscsi(Node):
         self.sync({e["iqn"]: (Target, {**e, "volumes": status["volumes"]}) for e in self.data})
 
     def summary(self):
-        return f"{len(self.data or [])} targets", None
+        return plural(len(self.data or []), "target"), None
 
     def ui_command_create(self, iqn):
         '''
         Creates an iSCSI target (with its tpg1) that exports no LUN yet.
         '''
         e = self.call("export.create", iqn=iqn)
-        self.say(f"Created target {e['iqn']}.")
+        self.say(f"Created target {e['iqn']}." + (f" WARNING: {e['warning']}."
+                                                  if e.get("warning") else ""))
 
-    def ui_command_delete(self, iqn):
+    def ui_command_delete(self, iqn, force="false"):
         '''
-        Removes an iSCSI target; its volumes stay.
+        Removes an iSCSI target; its volumes stay. Refused while initiators
+        are logged in (see its tpg1/sessions) unless force=true.
         '''
-        self.call("export.delete", iqn=iqn)
-        self.say(f"Deleted target {iqn}.")
+        if force not in ("true", "false"):
+            raise ExecutionError("force takes true or false")
+        r = self.call("export.delete", iqn=iqn, force=force == "true")
+        cut = len(r.get("cut_off") or [])
+        self.say(f"Deleted target {iqn}." + (f" Cut off {plural(cut, 'session')}." if cut else ""))
 
     def ui_complete_delete(self, parameters, text, current_param):
         return [c.name for c in self.children if c.name.startswith(text)]
@@ -492,7 +512,8 @@ class Tpg(Node):
                  "mutual_secret": "mutual CHAP secret (shown masked)"}[k])
 
     def refresh(self, e):
-        self.sync({"luns": (Luns, e), "acls": (Acls, e), "portals": (Portals, e)})
+        self.sync({"luns": (Luns, e), "acls": (Acls, e), "portals": (Portals, e),
+                   "sessions": (Sessions, e)})
 
     def ui_setgroup_auth(self, name, value):
         self.set_group("auth", {name: value})
@@ -529,7 +550,7 @@ class Luns(Node):
                    for n, v in e["luns"].items()})
 
     def summary(self):
-        return f"{len(self.data['luns'])} LUNs", None
+        return plural(len(self.data['luns']), "LUN"), None
 
     def ui_command_create(self, volume, lun=None):
         '''
@@ -572,7 +593,7 @@ class Acls(Node):
 
     def summary(self):
         acl = self.data.get("acl") or []
-        return (f"{len(acl)} initiators" if acl else "any initiator may log in"), None
+        return (plural(len(acl), "initiator") if acl else "any initiator may log in"), None
 
     def ui_command_create(self, wwn):
         '''
@@ -603,9 +624,28 @@ class Portals(Node):
         self.sync({p: (Portal, p) for p in e.get("portals", [])})
 
     def summary(self):
-        return f"{len(self.data.get('portals', []))} portals", None
+        return plural(len(self.data.get('portals', [])), "portal"), None
 
 
 class Portal(Node):
     def summary(self):
         return "listening", True
+
+
+class Sessions(Node):
+    """The initiators logged in to this target now (read-only)."""
+
+    def refresh(self, e):
+        by_name: dict[str, list[str]] = {}
+        for sess in e.get("sessions") or []:
+            by_name.setdefault(sess["initiator"], []).append(sess.get("peer") or "?")
+        self.sync({ini: (LoggedIn, peers) for ini, peers in by_name.items()})
+
+    def summary(self):
+        n = len(self.data.get("sessions") or [])
+        return (plural(n, "session") + " logged in") if n else "none logged in", None
+
+
+class LoggedIn(Node):
+    def summary(self):
+        return "logged in from " + ", ".join(self.data), True

@@ -48,7 +48,7 @@ from bitarray.util import random_k  # noqa: E402
 
 from persistence.db import Database  # noqa: E402
 from persistence.sqlite_store import SqliteMetadataStore  # noqa: E402
-from restore_core.blockstore import FileBlockStore  # noqa: E402
+from restore_core.stores.file import FileBlockStore  # noqa: E402
 from restore_core.committer import load_map  # noqa: E402
 from restore_core.restoremaps import INTENT_EXTENTS  # noqa: E402
 from restore_core.engine import Engine  # noqa: E402

@@ -4,7 +4,7 @@ import asyncio
 import os
 import struct
 
-from restore_core.blockstore import FileBlockStore
+from restore_core.stores.file import FileBlockStore
 from restore_core.plain_lunio import PlainLunIO
 from target.scsi import DeviceOptions, ScsiDevice
 
