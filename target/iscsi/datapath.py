@@ -14,7 +14,7 @@ from .. import eager
 from ..logsafe import RateLimitedLog
 from . import pdu as P
 from .budget import COMMAND_COST, SMALL_WRITE
-from .residual import block_size_of, data_out_length, residual_count
+from .residual import residual_count
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
                    SENSE_INTERNAL_FAILURE, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_TTT,
                    SENSE_NOT_ENOUGH_UNSOLICITED, SENSE_TOO_MUCH_WRITE_DATA,
@@ -428,10 +428,7 @@ class DataPathMixin:
             n = min(len(dv), edtl)
         elif rsp.transfer_length is not None:
             xfer = rsp.transfer_length
-        elif task.write:
-            tl = data_out_length(task.cdb, block_size_of(self.scsi, task.lun))
-            xfer = edtl if tl is None else tl
-        else:
+        else:   # no Data-Out the SCSI layer knows of (e.g. an unsupported opcode)
             xfer = edtl
         res_flags, residual = residual_count(xfer, edtl)
         if n == 0:

@@ -27,7 +27,7 @@ from target.logsafe import NAME_CLIP, RateLimitedLog, clip
 
 from . import constants as c
 from .api import CHECK_CONDITION, GOOD, RESERVATION_CONFLICT, Nexus, ScsiCommand, ScsiResponse
-from .commands import UA_EXEMPT, CommandSpec, lookup
+from .commands import UA_EXEMPT, Cdb, CommandSpec, decode
 from .identity import DeviceIdentity, DeviceOptions, Limits
 from .lunio_access import map_lunio_error, not_ready, write_protected
 from .modepages import ModePages
@@ -40,10 +40,8 @@ from .ua import UnitAttentions
 log = logging.getLogger(__name__)
 ratelog = RateLimitedLog(log)     # for what a client can trigger once per command
 
-# READ/WRITE(10/16), the commands try_execute serves: opcode -> (writes,
-# LBA field [start, end), transfer length field [start, end), CDB length)
-_FAST_RW = {c.READ_10: (False, 2, 6, 7, 9, 10), c.WRITE_10: (True, 2, 6, 7, 9, 10),
-            c.READ_16: (False, 2, 10, 10, 14, 16), c.WRITE_16: (True, 2, 10, 10, 14, 16)}
+# READ/WRITE(10/16), the commands try_execute serves: opcode -> writes
+_FAST_RW = {c.READ_10: False, c.WRITE_10: True, c.READ_16: False, c.WRITE_16: True}
 
 
 class ScsiDevice:
@@ -92,9 +90,9 @@ class ScsiDevice:
         cdb = cmd.cdb
         if type(cdb) is not bytes:
             cdb = bytes(cdb)
-        spec = lookup(cdb) if cdb else None
+        d = decode(cdb, self.block_size)
         try:
-            data = await self._execute(cmd, cdb, spec)
+            data = await self._execute(cmd, d)
             resp = ScsiResponse(GOOD, b"", b"" if data is None else data)
         except CheckCondition as e:
             resp = self._check_condition(e, cmd)
@@ -111,11 +109,10 @@ class ScsiDevice:
                               self.identity.serial)
                 resp = self._check_condition(
                     CheckCondition(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE), cmd)
-        if spec.__class__ is CommandSpec and spec.out_len is not None and len(cdb) >= spec.cdb_len:
-            # The SCSI transfer length of a Data-Out command, which only the
-            # CDB knows: the transport derives residuals from it (Data-In
-            # commands' transfer length is len(data_in)), failed or not.
-            resp.transfer_length = spec.out_len(cdb, self.block_size)
+        # The SCSI transfer length of a Data-Out command, which only the CDB
+        # knows: the transport derives residuals from it (Data-In commands'
+        # transfer length is len(data_in)), failed or not.
+        resp.transfer_length = d.data_out
         return resp
 
     def try_execute(self, cmd: ScsiCommand,
@@ -128,18 +125,19 @@ class ScsiDevice:
         makes every error's sense). ``into``: the transport's Data-In buffers
         for a read (then the response carries no data), else a new buffer."""
         cdb = cmd.cdb
-        fast = _FAST_RW.get(cdb[0]) if cdb else None
-        if fast is None or self._try_read is None:
+        writing = _FAST_RW.get(cdb[0]) if cdb else None
+        if writing is None or self._try_read is None:
             return None
-        writing, lba_at, lba_end, len_at, len_end, cdb_len = fast
-        if len(cdb) < cdb_len or cdb[1] & 0xE0 or cdb[cdb_len - 1] & 0x04:
+        d = decode(cdb, self.block_size)
+        spec = d.spec
+        assert isinstance(spec, CommandSpec)
+        if len(cdb) < spec.cdb_len or cdb[1] & 0xE0 or cdb[spec.cdb_len - 1] & 0x04:
             return None
         if writing and (cdb[1] & 0x08 or not self.mode.write_cache or self.range_lock.exclusive_pending):
             return None                          # FUA, write-through, or an ATS around
         key = nexus_key(cmd.nexus)
         if not self.ua.quiet(key):
             return None
-        spec = lookup(cdb)
         try:
             self.pr.check(key, spec.pr, spec.spc2_ok)        # the full path's own check
         except ReservationConflict:
@@ -152,8 +150,7 @@ class ScsiDevice:
             return None                          # a change to note first, or an error
         if writing and (access is not Access.READ_WRITE or self.options.read_only):
             return None
-        lba = int.from_bytes(cdb[lba_at:lba_end], "big")
-        blocks = int.from_bytes(cdb[len_at:len_end], "big")
+        lba, blocks = d.lba, d.count
         bs = self.block_size
         if not 0 < blocks <= self.limits.max_transfer or lba + blocks > self._size // bs:
             return None
@@ -184,7 +181,8 @@ class ScsiDevice:
             log.debug("LU %s: CDB %s: %s", self.identity.serial, bytes(cmd.cdb[:1]).hex(), e)
         return ScsiResponse(CHECK_CONDITION, sense=e.encode(self.mode.descriptor_sense))
 
-    async def _execute(self, cmd: ScsiCommand, cdb: bytes, spec: CommandSpec | int | None) -> object:
+    async def _execute(self, cmd: ScsiCommand, d: Cdb) -> object:
+        cdb, spec = d.raw, d.spec
         if not cdb:
             raise invalid_opcode()
         key = nexus_key(cmd.nexus)
@@ -212,7 +210,7 @@ class ScsiDevice:
                 raise not_ready(st.reason)
             if spec.writes and (st.access is Access.READ_ONLY or self.options.read_only):
                 raise write_protected(st.reason)
-        return await spec.handler(self, cmd, cdb)
+        return await spec.handler(self, cmd, d)
 
     def _note_access(self, access: Access, reason: str) -> None:
         if access is not self._last_access:

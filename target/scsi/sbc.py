@@ -20,25 +20,10 @@ from .sense import CheckCondition, invalid_cdb, invalid_opcode, invalid_param, l
 from .sense import param_list_length_error, short_data_out
 
 if TYPE_CHECKING:
+    from .commands import Cdb
     from .device import ScsiDevice
 
 _CHUNK = 1 << 20    # bytes per backend call for WRITE SAME / VERIFY scans
-
-
-def _decode_rw(cdb: bytes) -> tuple[int, int, int]:
-    """(lba, blocks, offset of the transfer length field) for 6/10/12/16-byte CDBs."""
-    n = len(cdb)
-    group = cdb[0] >> 5
-    if group == 0:
-        blocks = cdb[4] or 256             # READ/WRITE(6): 0 means 256 blocks
-        return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], blocks, 4
-    if group in (1, 2):
-        return be(cdb, 2, 6), be(cdb, 7, 9), 7
-    if group == 5:
-        return be(cdb, 2, 6), be(cdb, 6, 10), 6
-    if group == 4 and n >= 14:
-        return be(cdb, 2, 10), be(cdb, 10, 14), 10
-    raise invalid_cdb(0)                   # not reached: the table fixes lengths
 
 
 def check_range(dev: "ScsiDevice", lba: int, blocks: int) -> None:
@@ -75,7 +60,8 @@ def _miscompare(offset: int) -> CheckCondition:
 
 # -- capacity -------------------------------------------------------------------
 
-async def read_capacity_10(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+async def read_capacity_10(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    cdb = d.raw
     if not cdb[8] & 0x01 and be(cdb, 2, 6) != 0:
         raise invalid_cdb(2)               # SBC-3: LBA must be 0 when PMI is 0
     last = max(dev.num_blocks - 1, 0)
@@ -83,8 +69,8 @@ async def read_capacity_10(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> b
     return struct.pack(">II", min(last, 0xFFFFFFFF), dev.block_size)
 
 
-async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
-    alloc = be(cdb, 10, 14)
+async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    alloc = be(d.raw, 10, 14)
     last = max(dev.num_blocks - 1, 0)
     lbp = 0xC000 if dev.options.thin_provisioning else 0      # LBPME | LBPRZ
     data = struct.pack(">QIBBH", last, dev.block_size, 0,
@@ -94,8 +80,8 @@ async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> b
 
 # -- reads and writes -------------------------------------------------------------
 
-async def read(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> Data:
-    lba, blocks, lfield = _decode_rw(cdb)
+async def read(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> Data:
+    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
     if cdb[0] != c.READ_6 and cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)            # RDPROTECT: no protection information
     check_range(dev, lba, blocks)
@@ -106,8 +92,8 @@ async def read(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> Data:
     return await _read(dev, lba * bs, blocks * bs, lba)
 
 
-async def write(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    lba, blocks, lfield = _decode_rw(cdb)
+async def write(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
     fua = False
     if cdb[0] != c.WRITE_6:
         if cdb[1] & 0xE0:
@@ -134,8 +120,8 @@ async def _write_blocks(dev: "ScsiDevice", cmd: ScsiCommand, lba: int, blocks: i
         lock.release(req)
 
 
-async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    lba, blocks, lfield = _decode_rw(cdb)
+async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
     if cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)
     if (cdb[1] >> 1) & 0x03 > 1:
@@ -149,8 +135,8 @@ async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> N
     await _write_blocks(dev, cmd, lba, blocks, True)
 
 
-async def verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    lba, blocks, lfield = _decode_rw(cdb)
+async def verify(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
     if cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)            # VRPROTECT
     bytchk = (cdb[1] >> 1) & 0x03
@@ -185,24 +171,16 @@ async def verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
     return None
 
 
-async def pre_fetch(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def pre_fetch(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
     """PRE-FETCH(10/16): there is no cache of ours to load (the backend's
     page cache is not ours to steer), so after the range check: GOOD, which
     SBC-3 allows ("not enough cache" is reported as GOOD, not CONDITION MET)."""
-    if cdb[0] == c.PRE_FETCH_10:
-        lba, blocks = be(cdb, 2, 6), be(cdb, 7, 9)
-    else:
-        lba, blocks = be(cdb, 2, 10), be(cdb, 10, 14)
-    check_range(dev, lba, blocks)
+    check_range(dev, d.lba, d.count)
     return None
 
 
-async def synchronize_cache(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    if cdb[0] == c.SYNCHRONIZE_CACHE_10:
-        lba, blocks = be(cdb, 2, 6), be(cdb, 7, 9)
-    else:
-        lba, blocks = be(cdb, 2, 10), be(cdb, 10, 14)
-    check_range(dev, lba, blocks)
+async def synchronize_cache(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    check_range(dev, d.lba, d.count)
     # IMMED is honoured by simply finishing the flush before GOOD: the data
     # is durable when the host hears back either way.
     try:
@@ -215,12 +193,9 @@ async def synchronize_cache(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> 
 
 # -- WRITE SAME, UNMAP ------------------------------------------------------------
 
-async def write_same(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def write_same(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
     sixteen = cdb[0] == c.WRITE_SAME_16
-    if sixteen:
-        lba, blocks, lfield = be(cdb, 2, 10), be(cdb, 10, 14), 10
-    else:
-        lba, blocks, lfield = be(cdb, 2, 6), be(cdb, 7, 9), 7
     flags = cdb[1]
     if flags & 0xE0:
         raise invalid_cdb(1, 7)            # WRPROTECT
@@ -271,12 +246,12 @@ async def _unmap(dev: "ScsiDevice", offset: int, length: int, lba: int) -> None:
         raise medium_error(e, dev.block_size, lba) from e
 
 
-async def unmap(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def unmap(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
     if not dev.options.thin_provisioning:
         raise invalid_opcode()             # LBPU=0: UNMAP is not supported
-    if cdb[1] & 0x01:
+    if d.raw[1] & 0x01:
         raise invalid_cdb(1, 0)            # ANCHOR
-    plen = be(cdb, 7, 9)
+    plen = d.count
     if plen == 0:
         return None
     if plen < 8:
@@ -312,11 +287,10 @@ async def unmap(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
 
 # -- COMPARE AND WRITE ------------------------------------------------------------
 
-async def compare_and_write(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def compare_and_write(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks = d.raw, d.lba, d.count
     if cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)
-    lba = be(cdb, 2, 10)
-    blocks = cdb[13]
     if blocks > dev.limits.max_compare_and_write:
         raise invalid_cdb(13)
     bs = dev.block_size
@@ -348,9 +322,9 @@ _LBA_STATUS_SPAN = 1 << 32     # bytes examined per command: enough, and bounded
 _LBA_STATUS_MAX_DESCRIPTORS = 1024   # the host asks again from where we stopped
 
 
-async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
-    lba = be(cdb, 2, 10)
-    alloc = be(cdb, 10, 14)
+async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    lba = d.lba
+    alloc = be(d.raw, 10, 14)
     if lba >= dev.num_blocks:
         raise lba_out_of_range()
     bs = dev.block_size

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from target.scsi.api import CHECK_CONDITION, GOOD, Nexus, ScsiCommand, ScsiResponse
+from target.scsi.commands import returns_data_in
 
 from .. import eager
 from . import abi
@@ -24,28 +25,6 @@ from .ring import Request, Ring, RingError
 log = logging.getLogger(__name__)
 
 TCMU_NEXUS = Nexus(initiator="tcmu", target_port="tcmu", initiator_name="tcmu")
-
-# Commands whose (only) data phase is Data-In: for them we skip gathering the
-# iovecs as Data-Out. Anything not listed gets its iovecs gathered, which is
-# always safe (the SCSI layer ignores Data-Out it does not need).
-DATA_IN_OPCODES = frozenset({
-    0x03,        # REQUEST SENSE
-    0x08,        # READ(6)
-    0x12,        # INQUIRY
-    0x1A,        # MODE SENSE(6)
-    0x1C,        # RECEIVE DIAGNOSTIC RESULTS
-    0x25,        # READ CAPACITY(10)
-    0x28,        # READ(10)
-    0x3C,        # READ BUFFER
-    0x4D,        # LOG SENSE
-    0x5A,        # MODE SENSE(10)
-    0x5E,        # PERSISTENT RESERVE IN
-    0x88,        # READ(16)
-    0x9E,        # SERVICE ACTION IN(16): READ CAPACITY(16), GET LBA STATUS
-    0xA0,        # REPORT LUNS
-    0xA3,        # MAINTENANCE IN (REPORT TARGET PORT GROUPS, ...)
-    0xA8,        # READ(12)
-})
 
 # READ/WRITE(10/16): what ScsiDevice.try_execute may serve synchronously
 # (other opcodes skip building its arguments)
@@ -205,7 +184,7 @@ class TcmuDevice:
             return False
         mv = self._mv
         iovs = req.iovs
-        if cdb[0] in DATA_IN_OPCODES:
+        if returns_data_in(cdb):
             into = [mv[b:b + n] for b, n in iovs]
             rsp = try_execute(ScsiCommand(cdb, self.lun, self.nexus, None, sum(n for _, n in iovs),
                                           req.cmd_id), into)
@@ -224,7 +203,8 @@ class TcmuDevice:
     async def _run(self, req: Request) -> None:
         mv = self._mv
         data_out = None
-        data_in_cmd = bool(req.cdb) and req.cdb[0] in DATA_IN_OPCODES
+        # the ring does not say the direction: the SCSI layer knows it
+        data_in_cmd = returns_data_in(req.cdb)
         if req.iovs and (not data_in_cmd or req.bidi_iovs):
             if len(req.iovs) == 1:
                 b, n = req.iovs[0]
@@ -233,8 +213,7 @@ class TcmuDevice:
                 data_out = b"".join(mv[b:b + n] for b, n in req.iovs)
         in_iovs = req.in_iovs
         in_total = sum(n for _, n in in_iovs)
-        # the ring does not say the direction: the buffer is Data-In for the
-        # known Data-In opcodes and for bidi commands, Data-Out otherwise
+        # the buffer is Data-In for Data-In commands and bidi ones, else Data-Out
         cmd = ScsiCommand(cdb=req.cdb, lun=self.lun, nexus=self.nexus, data_out=data_out,
                           expected_in=in_total if (data_in_cmd or req.bidi_iovs) else 0,
                           task_tag=req.cmd_id)
