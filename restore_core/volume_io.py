@@ -27,12 +27,19 @@ from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
 from .extentmap import ExtentMap, extents_of, whole_extents_of
 from .lunio import (READ_WRITE, Access, AccessState, LunIO, MediumError, NotReadyError,
-                    WriteProtectedError)
+                    ReadWork, WriteProtectedError, WriteWork)
 from .metadata import MetadataError
 from .pair import INTENT_EXTENTS, Pair, PairState, VolumeRuntime
 
 
 IoFn = Callable[[BlockStore], Awaitable[None]]
+
+
+def _done(work: ReadWork | WriteWork | None) -> bool:
+    if work is None:
+        return True
+    work.close()                                 # never started: nothing to undo
+    return False
 
 
 class VolumeIO(LunIO):
@@ -99,13 +106,88 @@ class VolumeIO(LunIO):
         if writing and st.access is Access.READ_ONLY:
             raise WriteProtectedError(st.reason)
 
+    # -- host I/O routing ----------------------------------------------------------
+    # One decision per host I/O (LunIO.route_read/route_write): an I/O that
+    # needs nothing but the data movement -- no extent to copy first, no map
+    # bit to wait for, no state change under way -- is done at once, straight
+    # to the store, without a coroutine; anything else gets its work, which
+    # enters the gate and re-checks the access state there (the state may
+    # have changed since the SCSI layer checked it, and cannot change while
+    # the work holds the gate).
+    def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
+        vol = self.vol
+        length = sum(map(len, into))
+        if self._direct_blocked() or (vol.as_source and self._to_restore_first(offset, length)):
+            return self._read_work(offset, length)      # copy-on-demand first
+        if vol.store.try_readinto(offset, into):
+            return None
+        return self._read_work(offset, length)
+
+    def route_write(self, offset: int, data: memoryview, fua: bool) -> WriteWork | None:
+        if not fua and not self._direct_blocked() and self._ready_to_write(offset, len(data)) \
+                and self.vol.store.try_write(offset, [data]):
+            return None
+        return self.write(offset, data, fua)
+
+    # The direct path alone (tests drive it): True when route_* did the I/O,
+    # False when it would need work, which is dropped unstarted.
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        return _done(self.route_read(offset, bufs))
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        data = memoryview(bufs[0]) if len(bufs) == 1 else memoryview(b"".join(bufs))
+        return _done(self.route_write(offset, data, False))
+
+    def _direct_blocked(self) -> bool:
+        """A state change is under way or the LU cannot serve I/O: the work
+        path waits for the gate and reports the error."""
+        vol = self.vol
+        return vol.gate.is_closed or vol.held is not None or vol.offline is not None or (
+            vol.as_clone is not None and self.access_state().access is Access.NOT_READY)
+
+    def _ready_to_write(self, offset: int, length: int) -> bool:
+        """Whether a write needs nothing done before it: for each pair, the
+        map bit it needs is durable already. Only fractured pairs' sides
+        qualify (their tracking is synchronous once the write-intent region
+        is durable) and restoring sources with a protected restore whose
+        extents under the write are restored and already marked host-written
+        (durably); the rest needs work. At most delta bits of fractured pairs
+        are set early here, which the work sets anyway."""
+        if length == 0:
+            return False
+        vol = self.vol
+        tracked = [vol.as_clone] if vol.as_clone is not None else []
+        tracked += vol.as_source
+        fractured = []
+        for pair in tracked:
+            a, b = extents_of(offset, length, pair.extent_size)
+            if pair.state is PairState.FRACTURED:
+                fractured.append((pair, a, b))
+            elif not (pair.state is PairState.RESTORING and pair.protected_restore
+                      and self._restored_and_marked(pair, a, b)):
+                return False
+        for pair, a, b in fractured:
+            if self._mark_tracked(pair, a, b):
+                return False                     # its region must be durable first
+        return True
+
+    def _restored_and_marked(self, pair: Pair, a: int, b: int) -> bool:
+        """Extents [a, b) of a protected restore are restored and durably
+        marked host-written: a write to them needs no copy and no commit."""
+        pair.last_host_io = time.monotonic()
+        return not self._unrestored(pair, a, b) and pair.marks.all(a, b) \
+            and not self._mark(pair, pair.marks, a, b)    # all set: only reads pending ids
+
     # -- reads -------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytearray:
-        self._check(False)
+        return await self._read_work(offset, length)
+
+    async def _read_work(self, offset: int, length: int) -> bytearray:
         vol = self.vol
         if not vol.gate.try_enter():
             await vol.gate.enter()
         try:
+            self._check(False)
             for pair, a, b in self._to_restore_first(offset, length):
                 await pair.copier.ensure_copied(a, b)
             return await vol.store.read(offset, length)
@@ -123,45 +205,15 @@ class VolumeIO(LunIO):
             if pair.state is PairState.RESTORING and pair.copier is not None:
                 pair.last_host_io = time.monotonic()
                 a, b = extents_of(offset, length, pair.extent_size)
-                if pair.todo.any(a, b):
+                if self._unrestored(pair, a, b):
                     need.append((pair, a, b))
         return need
 
-    # -- the synchronous fast path -------------------------------------------------
-    # A host I/O that needs nothing but the data movement -- no extent to
-    # copy first, no map bit to wait for, no state change under way -- is
-    # done at once by the caller, without a coroutine per layer. Anything
-    # else returns False with nothing a host could observe done (at most
-    # delta / write-intent bits set early, which the slow path sets anyway)
-    # and the caller awaits read() / write(), which also report the errors.
-    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
-        vol = self.vol
-        if vol.gate.is_closed or vol.held is not None or vol.offline is not None or (
-                vol.as_clone is not None and self.access_state().access is Access.NOT_READY):
-            return False
-        if vol.as_source and self._to_restore_first(offset, sum(map(len, bufs))):
-            return False                         # copy-on-demand first
-        return vol.store.try_readinto(offset, bufs)
-
-    def try_write(self, offset: int, bufs: list) -> bool:
-        vol = self.vol
-        if vol.gate.is_closed or vol.held is not None or vol.offline is not None:
-            return False
-        length = sum(map(len, bufs))
-        if length == 0:
-            return False
-        # only sides of fractured pairs (or no pair): their tracking is
-        # synchronous once the write-intent region is durable
-        tracked = [vol.as_clone] if vol.as_clone is not None else []
-        tracked += vol.as_source
-        for pair in tracked:
-            if pair.state is not PairState.FRACTURED:
-                return False
-        for pair in tracked:
-            a, b = extents_of(offset, length, pair.extent_size)
-            if self._mark_tracked(pair, a, b):
-                return False                     # its region must be durable first
-        return vol.store.try_write(offset, bufs)
+    @staticmethod
+    def _unrestored(pair: Pair, a: int, b: int) -> list[int]:
+        """Extents of [a, b) still to restore (the restore map's one read
+        on the host path)."""
+        return pair.todo.set_in(a, b) if pair.todo.any(a, b) else []
 
     # -- writes ------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
@@ -230,13 +282,14 @@ class VolumeIO(LunIO):
         return bid
 
     async def _modify(self, offset: int, length: int, io: IoFn, fua: bool) -> None:
-        self._check(True)
         if length == 0:
+            self._check(True)
             return
         vol = self.vol
         if not vol.gate.try_enter():
             await vol.gate.enter()
         try:
+            self._check(True)
             if vol.as_clone is not None:
                 await self._modify_clone(vol.as_clone, offset, length, io, fua)
             elif vol.as_source:

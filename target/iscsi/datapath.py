@@ -8,7 +8,8 @@ import logging
 import mmap
 from typing import Callable
 
-from target.scsi.api import BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse
+from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse,
+                             submitter)
 
 from .. import eager
 from ..logsafe import RateLimitedLog
@@ -334,10 +335,9 @@ class DataPathMixin:
                               expected_in=task.edtl if task.read else 0, task_tag=task.itt,
                               task_attr=task.attr)
             try:
-                fast = getattr(self.scsi, "try_execute", None)
-                rsp = fast(cmd) if fast is not None else None
-                if rsp is None:
-                    rsp = await self.scsi.execute(cmd)
+                rsp = submitter(self.scsi)(cmd)
+                if rsp.__class__ is not ScsiResponse:
+                    rsp = await rsp
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -19,7 +19,8 @@ use it, and nothing else in the target knows these field positions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from . import constants as c
@@ -36,6 +37,7 @@ Handler = Callable[..., object]
 # (cdb, decoded count, block size) -> Data-Out bytes
 OutLen = Callable[[bytes, int, int], int]
 Field = tuple[int, int]          # [start, end) byte offsets in the CDB
+_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}     # big-endian field widths
 
 
 def _verify_len(cdb: bytes, n: int, bs: int) -> int:
@@ -54,6 +56,17 @@ _LBA12, _COUNT12 = (2, 6), (6, 10)
 _LBA16, _COUNT16 = (2, 10), (10, 14)
 
 
+def _fields(lba: Field | None, count: Field | None) -> struct.Struct | None:
+    """One struct reading the LBA and the count (in that order) of a CDB;
+    for READ/WRITE(6), whose 21-bit LBA no struct reads, only the count."""
+    fmt, at = ">", 0
+    for f in (lba if lba != _LBA6 else None, count):
+        if f is not None:
+            fmt += f"{f[0] - at}x" + _FORMATS[f[1] - f[0]]
+            at = f[1]
+    return None if fmt == ">" else struct.Struct(fmt)
+
+
 @dataclass(frozen=True)
 class CommandSpec:
     opcode: int
@@ -70,10 +83,14 @@ class CommandSpec:
     count: Field | None = None
     out_len: OutLen | None = None
     data_in: bool = False
+    # derived once, read on every command: len(usage), and what decodes
+    # the LBA and count fields
+    cdb_len: int = field(init=False)
+    fields: struct.Struct | None = field(init=False)
 
-    @property
-    def cdb_len(self) -> int:
-        return len(self.usage)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cdb_len", len(self.usage))
+        object.__setattr__(self, "fields", _fields(self.lba, self.count))
 
 
 async def _report_supported_opcodes(dev: "ScsiDevice", cmd: ScsiCommand, d: Cdb) -> bytes:
@@ -238,21 +255,23 @@ class Cdb:
 
 def decode(cdb: bytes, block_size: int) -> Cdb:
     spec = lookup(cdb) if cdb else None
-    d = Cdb(cdb, spec)
     if spec.__class__ is not CommandSpec or len(cdb) < spec.cdb_len:
-        return d
-    lba, count = spec.lba, spec.count
-    if lba is not None:
-        d.lba = int.from_bytes(cdb[lba[0]:lba[1]], "big")
-    if count is not None:
-        d.count_at = count[0]
-        d.count = int.from_bytes(cdb[count[0]:count[1]], "big")
-    if spec.opcode in _SIX:
-        d.lba &= 0x1FFFFF                 # bits 7-5 of byte 1 are not the LBA's
-        d.count = d.count or 256          # 0 means 256 blocks
-    if spec.out_len is not None:
-        d.data_out = spec.out_len(cdb, d.count, block_size)
-    return d
+        return Cdb(cdb, spec)
+    lba = count = count_at = 0
+    read = spec.fields
+    if read is not None:
+        values = read.unpack_from(cdb)
+        if spec.lba is not None:
+            lba = values[0]
+        if spec.count is not None:
+            count_at = spec.count[0]
+            count = values[-1]
+        if spec.opcode in _SIX:
+            lba = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF   # bits 7-5 of byte 1 are not the LBA's
+            count = count or 256                                 # 0 means 256 blocks
+    out = spec.out_len
+    return Cdb(cdb, spec, lba, count, count_at,
+               None if out is None else out(cdb, count, block_size))
 
 
 def returns_data_in(cdb: bytes) -> bool:

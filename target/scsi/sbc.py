@@ -1,14 +1,17 @@
 """Block (SBC-3) command handlers: capacity, the data path, verify, cache
 sync, WRITE SAME, UNMAP, COMPARE AND WRITE and GET LBA STATUS.
 
-Data moves as memoryviews from Data-Out straight to LunIO.write and from
-LunIO.read straight to Data-In. Writes take the device's range lock shared
-(they never wait for each other); COMPARE AND WRITE takes it exclusive.
+Data moves as memoryviews from Data-Out straight to the LunIO and from the
+LunIO straight to Data-In. READ and WRITE ask the LunIO once where they go
+(route_read/route_write): done at once, or the work to await. Writes that
+wait hold the device's range lock shared (they never wait for each other);
+COMPARE AND WRITE takes it exclusive, and while it holds or waits for it
+writes do not go straight to the store.
 """
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Awaitable, Coroutine
 
 from restore_core.lunio import MediumError
 
@@ -26,8 +29,18 @@ if TYPE_CHECKING:
 _CHUNK = 1 << 20    # bytes per backend call for WRITE SAME / VERIFY scans
 
 
+class _Placed:
+    """What a READ returns when its data went into ScsiCommand.into."""
+
+    def __repr__(self) -> str:
+        return "PLACED"
+
+
+PLACED = _Placed()
+
+
 def check_range(dev: "ScsiDevice", lba: int, blocks: int) -> None:
-    if lba > dev.num_blocks or lba + blocks > dev.num_blocks:
+    if lba + blocks > dev.num_blocks:      # (blocks >= 0: covers lba beyond the end)
         raise lba_out_of_range()
 
 
@@ -36,9 +49,9 @@ def _check_transfer(dev: "ScsiDevice", blocks: int, field: int) -> None:
         raise invalid_cdb(field)
 
 
-async def _read(dev: "ScsiDevice", offset: int, length: int, lba: int) -> Data:
+async def _read_done(dev: "ScsiDevice", pending: Awaitable[Data], length: int, lba: int) -> Data:
     try:
-        data = await dev.lunio.read(offset, length)
+        data = await pending
     except MediumError as e:
         raise medium_error(e, dev.block_size, lba) from e
     if len(data) != length:
@@ -46,12 +59,20 @@ async def _read(dev: "ScsiDevice", offset: int, length: int, lba: int) -> Data:
     return data
 
 
-async def _write(dev: "ScsiDevice", offset: int, data: Data, fua: bool, lba: int) -> None:
+async def _read(dev: "ScsiDevice", offset: int, length: int, lba: int) -> Data:
+    return await _read_done(dev, dev.lunio.read(offset, length), length, lba)
+
+
+async def _write_done(dev: "ScsiDevice", pending: Awaitable[None], lba: int) -> None:
     try:
-        await dev.lunio.write(offset, data, fua)
+        await pending
     except MediumError as e:
         e.write = True
         raise medium_error(e, dev.block_size, lba) from e
+
+
+async def _write(dev: "ScsiDevice", offset: int, data: Data, fua: bool, lba: int) -> None:
+    await _write_done(dev, dev.lunio.write(offset, data, fua), lba)
 
 
 def _miscompare(offset: int) -> CheckCondition:
@@ -80,44 +101,83 @@ async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> byt
 
 # -- reads and writes -------------------------------------------------------------
 
-async def read(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> Data:
-    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
+def read(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> object:
+    """READ(6/10/12/16): the data at once (PLACED: into the transport's
+    buffers) when the LunIO routes it straight from the store, else the
+    coroutine that waits for it."""
+    cdb, lba, blocks = d.raw, d.lba, d.count
     if cdb[0] != c.READ_6 and cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)            # RDPROTECT: no protection information
     check_range(dev, lba, blocks)
-    _check_transfer(dev, blocks, lfield)
+    _check_transfer(dev, blocks, d.count_at)
     if blocks == 0:
         return b""
     bs = dev.block_size
-    return await _read(dev, lba * bs, blocks * bs, lba)
+    n = blocks * bs
+    into = cmd.into
+    out: object
+    if into is not None and (len(into[0]) == n if len(into) == 1 else sum(map(len, into)) == n):
+        bufs, out = into, PLACED
+    else:
+        out = bytearray(n)
+        bufs = [memoryview(out)]
+    work = dev.lunio.route_read(lba * bs, bufs)
+    if work is None:
+        return out
+    return _read_done(dev, work, n, lba)
 
 
-async def write(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
-    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
+def write(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> object:
+    """WRITE(6/10/12/16): None at once when the LunIO wrote it straight to
+    the store, else the coroutine that finishes it."""
+    cdb, lba, blocks = d.raw, d.lba, d.count
     fua = False
     if cdb[0] != c.WRITE_6:
         if cdb[1] & 0xE0:
             raise invalid_cdb(1, 7)        # WRPROTECT
         fua = bool(cdb[1] & 0x08)
     check_range(dev, lba, blocks)
-    _check_transfer(dev, blocks, lfield)
+    _check_transfer(dev, blocks, d.count_at)
     if blocks == 0:
         return None
-    await _write_blocks(dev, cmd, lba, blocks, fua or not dev.mode.write_cache)
+    fua = fua or not dev.mode.write_cache
+    if dev.range_lock.exclusive_pending:
+        # a COMPARE AND WRITE holds or waits for a range: take our turn
+        return _write_blocks(dev, cmd, lba, blocks, fua)
+    # Nothing is ordered against this write: if the LunIO can do it at once
+    # it completes before anything else runs, which the shared range lock
+    # would not change.
+    bs = dev.block_size
+    work = dev.lunio.route_write(lba * bs, data_out_view(cmd.data_out, blocks * bs), fua)
+    if work is None:
+        return None
+    return _write_locked(dev, work, lba, blocks)
+
+
+async def _write_locked(dev: "ScsiDevice", pending: Coroutine[Any, Any, None], lba: int,
+                        blocks: int) -> None:
+    """Await a write's LunIO work holding its range shared (COMPARE AND
+    WRITE holds it exclusive)."""
+    bs = dev.block_size
+    lock = dev.range_lock
+    req = lock.try_shared(lba * bs, blocks * bs)
+    if req is None:
+        try:
+            req = await lock.acquire(lba * bs, blocks * bs)
+        except BaseException:
+            pending.close()                # never started: nothing to undo
+            raise
+    try:
+        await _write_done(dev, pending, lba)
+    finally:
+        lock.release(req)
 
 
 async def _write_blocks(dev: "ScsiDevice", cmd: ScsiCommand, lba: int, blocks: int,
                         fua: bool) -> None:
     bs = dev.block_size
     view = data_out_view(cmd.data_out, blocks * bs)
-    lock = dev.range_lock
-    req = lock.try_shared(lba * bs, blocks * bs)
-    if req is None:
-        req = await lock.acquire(lba * bs, blocks * bs)
-    try:
-        await _write(dev, lba * bs, view, fua, lba)
-    finally:
-        lock.release(req)
+    await _write_locked(dev, dev.lunio.write(lba * bs, view, fua), lba, blocks)
 
 
 async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
