@@ -15,7 +15,9 @@ the pair's state, then the data is written, then the preparation finished:
   unprotected restore) are durable; extents still to sync are claimed so the
                        copier cannot copy them under the write
 
-Reads during a restore copy-on-demand the unrestored extents they touch.
+Reads during a restore are served from the clone for the extents still to
+restore (see the reads section for why that is correct), never waiting for
+a copy.
 """
 from __future__ import annotations
 
@@ -33,6 +35,19 @@ from .pair import INTENT_EXTENTS, Pair, PairState, VolumeRuntime
 
 
 IoFn = Callable[[BlockStore], Awaitable[None]]
+
+
+def _slice(bufs: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """Bytes [start, end) of a scatter list, as views into it."""
+    out = []
+    pos = 0
+    for buf in bufs:
+        n = len(buf)
+        lo, hi = max(start - pos, 0), min(end - pos, n)
+        if lo < hi:
+            out.append(buf[lo:hi])
+        pos += n
+    return out
 
 
 def _done(work: ReadWork | WriteWork | None) -> bool:
@@ -115,13 +130,16 @@ class VolumeIO(LunIO):
     # have changed since the SCSI layer checked it, and cannot change while
     # the work holds the gate).
     def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
-        vol = self.vol
         length = sum(map(len, into))
-        if self._direct_blocked() or (vol.as_source and self._to_restore_first(offset, length)):
-            return self._read_work(offset, length)      # copy-on-demand first
-        if vol.store.try_readinto(offset, into):
-            return None
-        return self._read_work(offset, length)
+        if self._direct_blocked():
+            return self._read_work(offset, length)
+        pieces = self._read_sources(offset, length)
+        if pieces is None:
+            done = self.vol.store.try_readinto(offset, into)
+        else:
+            done = all(store.try_readinto(a, _slice(into, a - offset, b - offset))
+                       for store, a, b in pieces)
+        return None if done else self._read_work(offset, length)
 
     def route_write(self, offset: int, data: memoryview, fua: bool) -> WriteWork | None:
         if not fua and not self._direct_blocked() and self._ready_to_write(offset, len(data)) \
@@ -179,6 +197,27 @@ class VolumeIO(LunIO):
             and not self._mark(pair, pair.marks, a, b)    # all set: only reads pending ids
 
     # -- reads -------------------------------------------------------------------
+    # During a restore, a host read of an extent still to restore is served
+    # from the clone's bytes at once (dm-clone's "remap"), never waiting for
+    # a copy. Why that returns what a copy-on-demand would have:
+    # * An extent still to restore has not been host-written during this
+    #   restore: a write into it copies it first (partly covered) or fills it
+    #   (wholly covered), and either way takes it out of the restore map
+    #   before the write is acknowledged. So the clone's bytes are exactly
+    #   what the source will hold once the extent is restored.
+    # * Those clone bytes do not change under the read: a protected
+    #   restore's clone is NOT READY to hosts and copies only read it; an
+    #   unprotected restore mirrors host writes to the clone, but (as above)
+    #   a write to an extent still to restore takes it out of the map before
+    #   its acknowledgement, so only a write not yet acknowledged -- one
+    #   concurrent with this read, where either answer is allowed -- can
+    #   change them.
+    # * A read issued after a write's acknowledgement finds the written
+    #   extents restored and reads the source; a copy in flight writes the
+    #   source only, and leaves the map after its data is there.
+    # * A read changes nothing durable: crash safety is untouched.
+    # The direct path tests the map and reads without yielding; the work
+    # path decides under the gate (no state change meanwhile).
     async def read(self, offset: int, length: int) -> bytearray:
         return await self._read_work(offset, length)
 
@@ -188,26 +227,50 @@ class VolumeIO(LunIO):
             await vol.gate.enter()
         try:
             self._check(False)
-            for pair, a, b in self._to_restore_first(offset, length):
-                await pair.copier.ensure_copied(a, b)
-            return await vol.store.read(offset, length)
+            pieces = self._read_sources(offset, length)
+            if pieces is None:
+                return await vol.store.read(offset, length)
+            out = bytearray(length)
+            for store, a, b in pieces:
+                out[a - offset:b - offset] = await store.read(a, b - a)
+            return out
         except BlockStoreError as e:
             raise MediumError(str(e), e.offset) from e
         finally:
             vol.gate.leave()
 
-    def _to_restore_first(self, offset: int, length: int) -> list[tuple[Pair, int, int]]:
-        """(pair, a, b) for each pair restoring into this volume whose extents
-        [a, b) under a host read are not restored yet; notes the host I/O
-        for the copier's host priority."""
-        need = []
+    def _read_sources(self, offset: int, length: int) -> list[tuple[BlockStore, int, int]] | None:
+        """Where a host read's bytes come from: None when all from the
+        volume's own store (the usual answer: one map test per restoring
+        pair), else (store, start, end) pieces covering [offset, end) in
+        order, the extents still to restore coming from the clone. Notes
+        the host I/O for the copier's host priority."""
         for pair in self.vol.as_source:
-            if pair.state is PairState.RESTORING and pair.copier is not None:
-                pair.last_host_io = time.monotonic()
-                a, b = extents_of(offset, length, pair.extent_size)
-                if self._unrestored(pair, a, b):
-                    need.append((pair, a, b))
-        return need
+            if pair.state is not PairState.RESTORING or pair.clone_store is None:
+                continue
+            pair.last_host_io = time.monotonic()
+            es = pair.extent_size
+            a, b = extents_of(offset, length, es)
+            unrestored = self._unrestored(pair, a, b)
+            if not unrestored:
+                return None           # one restore at a time per source
+            end = offset + length
+            pieces: list[tuple[BlockStore, int, int]] = []
+            pos = offset
+            own, clone = self.vol.store, pair.clone_store
+            for e in unrestored:
+                s, t = max(e * es, offset), min((e + 1) * es, end)
+                if s > pos:
+                    pieces.append((own, pos, s))
+                if pieces and pieces[-1][0] is clone and pieces[-1][2] == s:
+                    pieces[-1] = (clone, pieces[-1][1], t)
+                else:
+                    pieces.append((clone, s, t))
+                pos = t
+            if pos < end:
+                pieces.append((own, pos, end))
+            return pieces
+        return None
 
     @staticmethod
     def _unrestored(pair: Pair, a: int, b: int) -> list[int]:
