@@ -160,8 +160,11 @@ class VolumeIO(LunIO):
         """A state change is under way or the LU cannot serve I/O: the work
         path waits for the gate and reports the error."""
         vol = self.vol
-        return vol.gate.is_closed or vol.held is not None or vol.offline is not None or (
-            vol.as_clone is not None and self.access_state().access is Access.NOT_READY)
+        if vol.gate.is_closed:
+            return True
+        if vol.as_clone is None and not vol.as_source:
+            return vol.held is not None or vol.offline is not None
+        return self.access_state().access is Access.NOT_READY    # e.g. restoring from an offline clone
 
     def _ready_to_write(self, offset: int, length: int) -> bool:
         """Whether a write needs nothing done before it: for each pair, the
@@ -246,7 +249,7 @@ class VolumeIO(LunIO):
         order, the extents still to restore coming from the clone. Notes
         the host I/O for the copier's host priority."""
         for pair in self.vol.as_source:
-            if pair.state is not PairState.RESTORING or pair.clone_store is None:
+            if pair.state is not PairState.RESTORING:
                 continue
             pair.last_host_io = time.monotonic()
             es = pair.extent_size
@@ -258,6 +261,7 @@ class VolumeIO(LunIO):
             pieces: list[tuple[BlockStore, int, int]] = []
             pos = offset
             own, clone = self.vol.store, pair.clone_store
+            assert clone is not None              # set when the pair was attached
             for e in unrestored:
                 s, t = max(e * es, offset), min((e + 1) * es, end)
                 if s > pos:

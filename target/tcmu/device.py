@@ -3,10 +3,11 @@
 The uio fd is the doorbell both ways: the kernel's "interrupt" makes a
 4-byte read return (we wire the fd into the loop with ``add_reader``: no
 thread per command, no polling), and a 4-byte write tells the kernel that
-``cmd_tail`` moved. Every CMD entry is submitted to the SCSI layer at once, with the ring's
-data area as its buffers (no copy): a command the SCSI layer answers at
-once is completed at once; only one that has to wait becomes an asyncio
-task (target.eager). Completions are written through :class:`Ring`.
+``cmd_tail`` moved. Every CMD entry is submitted to the SCSI layer at
+once, with the ring's data area as its buffers (no copy): a command the
+SCSI layer answers at once is completed at once; only one that has to wait
+becomes an asyncio task (target.eager). Completions are written through
+:class:`Ring`.
 """
 from __future__ import annotations
 

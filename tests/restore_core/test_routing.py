@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from restore_core.lunio import NotReadyError
 from restore_core.pair import PairState
 
 from .util import ES, Rig, pattern
@@ -149,5 +150,22 @@ def test_reads_after_acknowledged_writes_see_them_while_copies_run(protected):
         assert during["writes"] >= 5 and during["reads"] >= 5     # it did race the copier
         await eng.wait_job(p.id, 10)
         assert bytes(r.src.current) == bytes(want)
+        await eng.close()
+    run(go())
+
+
+def test_reads_during_a_restore_from_an_offline_clone_are_not_ready():
+    """The clone holds the only good copy of the unrestored extents: with it
+    offline, neither path may serve the source's stale bytes."""
+    async def go():
+        r = Rig(16)
+        eng = await r.boot()
+        p = await r.fractured_pair()
+        await r.sio.write(0, pattern(1, 16 * ES))
+        await eng.restore(p.id, paused=True)
+        eng.set_offline(r.cln.name, "image gone")
+        assert not r.sio.try_readinto(3 * ES, [memoryview(bytearray(512))])
+        with pytest.raises(NotReadyError, match="offline"):
+            await r.sio.read(3 * ES, 512)
         await eng.close()
     run(go())
