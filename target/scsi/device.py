@@ -1,7 +1,8 @@
 """ScsiDevice: one logical unit, emulated over a LunIO.
 
-``execute`` runs the checks every command goes through, in SAM/SPC order,
-then the handler from the command table:
+``submit`` (and ``execute``, its awaitable form) runs the checks every
+command goes through, in SAM/SPC order, then the handler from the command
+table:
 
 1. unit attentions of this I_T nexus (after noticing LunIO generation or
    capacity changes), unless the opcode is exempt;
@@ -15,8 +16,8 @@ A command goes through these once (``submit``): the CDB is decoded once
 (LunIO.route_read/route_write): straight to the store, done before submit
 returns, or the work still to do, awaited from there.
 
-Nothing raises out of submit()/execute(): CheckCondition becomes sense data in the
-format the control mode page asks for, LunIO errors are mapped, and any other
+Nothing raises out of submit()/execute(): CheckCondition becomes sense data
+in the format the control mode page asks for, LunIO errors are mapped, any other
 exception becomes HARDWARE ERROR / INTERNAL TARGET FAILURE with a logged
 traceback. Commands run concurrently; the only ordering is the range lock
 between COMPARE AND WRITE and overlapping writes.
