@@ -174,17 +174,26 @@ class RestoreMaps:
             bid = max(bid, self._mark(self.marks, e, e + 1, self._pending_marks))
         return bid
 
+    def is_host_written_durably(self, a: int, b: int) -> bool:
+        """Protected restore map: every extent of [a, b) is marked and its
+        mark is on disk (a write there needs no map change)."""
+        return self.marks.all(a, b) and not self._pending_batch(self._pending_marks, a, b)
+
+    def _pending_batch(self, pending: dict[int, int], a: int, b: int) -> int:
+        """The batch still to reach disk that sets a bit of [a, b), or 0."""
+        if not pending:
+            return 0
+        bid = 0
+        for e in range(a, b):
+            x = pending.get(e, 0)
+            if x > bid:
+                bid = x
+        return bid if bid > self.committer.durable_id else 0
+
     def _mark(self, m: ExtentMap, a: int, b: int, pending: dict[int, int]) -> int:
         c = self.committer
         if m.all(a, b):
-            if not pending:
-                return 0
-            bid = 0
-            for e in range(a, b):
-                x = pending.get(e, 0)
-                if x > bid:
-                    bid = x
-            return bid if bid > c.durable_id else 0
+            return self._pending_batch(pending, a, b)
         m.set_range(a, b)
         bid = c.next_id
         for e in range(a, b):

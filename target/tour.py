@@ -11,7 +11,9 @@ tool is needed. The story:
   3. the source is damaged (superblock and files overwritten)
   4. a protected restore starts, throttled so it can be watched
   5. while the bar moves, the host reads the far end of the volume, which
-     the copier has not reached: copy-on-demand serves the clone's data
+     the copier has not reached: those extents are read from the clone, with
+     no copy; then it rewrites one block there, and copy-on-demand brings
+     that extent over first
   6. the restore finishes; the source is the point in time again, byte for
      byte, and the clone was never written
 
@@ -168,23 +170,30 @@ class Tour:
         self._started = time.monotonic()
 
         self.step(5, "While the bar moves, the host reads the last damaged file - far ahead "
-                     "of the copier: copy-on-demand fetches its extents from the clone first.")
+                     "of the copier: extents not yet restored are read straight from the clone.")
         bar = asyncio.get_running_loop().create_task(self._bar(svc))
         try:
             await asyncio.sleep(0.5)
             tail = damaged - 16 * FS_BLOCK
-            before = svc.eng.pairs["db1-clone"].cod_extents
+            pair = svc.eng.pairs["db1-clone"]
+            before = pair.cod_extents
             t0 = time.monotonic()
             ok = await src.matches(tail, 16 * FS_BLOCK)
             took = time.monotonic() - t0
-            copied = svc.eng.pairs["db1-clone"].cod_extents - before
             pr = svc.pair_show("db1-clone")["progress"]
             self._line(f"   that file reads {'correct' if ok else 'WRONG'} in "
                        f"{took * 1000:.1f} ms, with the restore at "
                        f"{pr['extents_done']}/{pr['extents_total']} extents; "
-                       f"{copied} extent{'' if copied == 1 else 's'} copied on demand for it.")
+                       f"{pair.cod_extents - before} extents copied for it.")
             if not ok:
                 raise TourFailed("the host read wrong data during the restore")
+            # the same content: the point in time stays what step 6 checks
+            before = pair.cod_extents
+            await src.write(tail, pattern(tail, FS_BLOCK))
+            copied = pair.cod_extents - before
+            self._line(f"   the host rewrites that file's first block: part of an extent not "
+                       f"yet restored, so {copied} extent{'' if copied == 1 else 's'} "
+                       "copied on demand first.")
             sb = await src.read(0, FS_BLOCK)
             self._line(f"   and its superblock is {sb[:4]!r} again: the host can mount now, "
                        "not after the restore.")

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from target.cli import _metrics_address
 from target.scsi.api import GOOD, Nexus, ScsiCommand, ScsiResponse
+from target.scsi.commands import decode
 from target.scsi.lustats import LATENCY_BUCKETS, LuStats
 from tests.support import IQN, Daemon, free_port
 from tests.target.iscsi.initiator import Initiator, LoginError
@@ -55,11 +56,17 @@ async def logged_in(port: int) -> Initiator:
 def test_lu_stats_count_kinds_bytes_and_latency():
     st = LuStats()
     nexus = Nexus("i", "t")
-    st.record(ScsiCommand(bytes([0x28]) + bytes(9), 0, nexus, None, 4096), ScsiResponse(GOOD), 30e-6)
-    st.record(ScsiCommand(bytes([0x8A]) + bytes(15), 0, nexus, b"x" * 1024), ScsiResponse(GOOD), 2.0)
-    st.record(ScsiCommand(bytes([0x8A]) + bytes(15), 0, nexus, b"x" * 512),
-              ScsiResponse(0x02), 1e-3)               # failed: counted, no bytes
-    st.record(ScsiCommand(bytes([0x12]) + bytes(5), 0, nexus), ScsiResponse(GOOD, b"", b"x" * 36), 1.0)
+
+    def record(cdb: bytes, data_out: bytes | None, resp: ScsiResponse, seconds: float,
+               expected_in: int = 0) -> None:
+        st.record(decode(cdb, 512), ScsiCommand(cdb, 0, nexus, data_out, expected_in), resp, seconds)
+
+    read10 = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0])            # 8 blocks: 4096 bytes
+    write16 = bytes([0x8A]) + bytes(12) + bytes([2, 0, 0])      # 2 blocks: 1024 bytes
+    record(read10, None, ScsiResponse(GOOD, data_in_placed=True), 30e-6, expected_in=4096)
+    record(write16, b"x" * 1024, ScsiResponse(GOOD), 2.0)
+    record(write16, b"x" * 1024, ScsiResponse(0x02), 1e-3)      # failed: counted, no bytes
+    record(bytes([0x12]) + bytes(5), None, ScsiResponse(GOOD, b"", b"x" * 36), 1.0)
     assert st.commands == [1, 2, 1] and st.bytes[:2] == [4096, 1024]
     assert st.buckets[0][LATENCY_BUCKETS.index(50e-6)] == 1
     assert sum(st.buckets[1]) == 2 and st.seconds[1] == pytest.approx(2.001)
@@ -152,14 +159,17 @@ def test_a_scrape_during_a_restore_shows_progress_and_copy_on_demand(mdaemon):
     time.sleep(1.0)
     text = scrape(d.metrics_port)
 
-    async def read_ahead_of_the_copier() -> None:
+    async def write_ahead_of_the_copier() -> None:
+        # 4 KiB into the last MiB, not restored yet: a write of part of an
+        # extent needs that extent copied first (a read would be served from
+        # the clone, without a copy)
         ini = await logged_in(d.port)
-        await ini.read(0, (7 * MiB) // 512, 128)      # the last MiB: not restored yet
+        await ini.write(0, (7 * MiB) // 512, b"\x11" * 4096)
         s = await asyncio.get_running_loop().run_in_executor(None, scrape, d.metrics_port)
         assert value(s, "liverestore_iscsi_sessions", target=IQN) == 1
         await ini.logout()
         await ini.close()
-    asyncio.run(read_ahead_of_the_copier())
+    asyncio.run(write_ahead_of_the_copier())
     after = scrape(d.metrics_port)
     d.cli("pair", "throttle", "db1-clone", "--rate", "0")
     assert value(text, "liverestore_pair_job", pair="db1-clone", job="restore",

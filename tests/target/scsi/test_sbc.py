@@ -421,6 +421,8 @@ async def test_compare_and_write_without_the_lock_loses_updates():
     import contextlib
 
     class NoLock:
+        exclusive_pending = False
+
         @contextlib.asynccontextmanager
         async def hold(self, *a, **k):
             yield
