@@ -201,7 +201,8 @@ class Copier:
                 # Hosts busy: one small copy at a time, so a host command
                 # never queues behind much copy work.
                 depth = 1 if busy else th.depth
-                span = 1 if busy else th.batch_extents
+                span = self.hosts.busy_span(p.extent_size, th.min_progress_pct,
+                                            th.batch_extents) if busy else th.batch_extents
                 while len(tasks) >= depth:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:

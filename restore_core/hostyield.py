@@ -10,13 +10,19 @@ Ceph). Copy-on-demand copies run in the host's own command and so always go
 ahead of background copies: the background copier stands back while the LU
 is busy.
 
-While busy the copier still copies -- one extent at a time, paced to the
+While busy the copier still copies -- one copy at a time, paced to the
 minimum progress rate: ``min_progress_pct`` percent of its idle rate (its
 throughput measured over stretches with no host I/O; before one was
 measured, the throughput of one copy stream). So a restore under a host
-that never pauses still finishes. With no host I/O it runs at full speed.
+that never pauses still finishes. A busy copy is one extent; when copies
+that small cannot keep up with the floor (each one queues behind host I/O)
+the span doubles, up to the batch size, and halves again once the copier is
+ahead. With no host I/O it runs at full speed.
 """
 from __future__ import annotations
+
+import math
+import time
 
 # Before any copy was timed: a round trip typical of a local disk.
 DEFAULT_RTT_S = 0.0005
@@ -39,8 +45,10 @@ class HostYield:
         self.stream_rate: float | None = None  # bytes/s of one copy stream
         self.idle_rate: float | None = None    # bytes/s with no host I/O
         self._idle_since: float | None = None
+        self._idle_last = 0.0                    # when the stretch's last copy ended
         self._idle_bytes = 0
         self._due = 0.0                          # next busy copy may start then
+        self.busy_rtt: float | None = None       # seconds per copy while busy
         self._was_busy = False
 
     def window(self, host_window: int) -> float:
@@ -61,8 +69,11 @@ class HostYield:
             self._idle_bytes = 0
         return busy
 
-    def note_copy(self, nbytes: int, seconds: float, busy: bool) -> None:
-        """A copy of ``nbytes`` took ``seconds`` (read and write)."""
+    def note_copy(self, nbytes: int, seconds: float, busy: bool, now: float | None = None) -> None:
+        """A copy of ``nbytes`` took ``seconds`` (read and write), ending ``now``."""
+        if seconds > 0 and busy:
+            self.busy_rtt = seconds if self.busy_rtt is None else \
+                self.busy_rtt + EWMA * (seconds - self.busy_rtt)
         if seconds > 0:
             self.rtt = seconds if self.rtt is None else self.rtt + EWMA * (seconds - self.rtt)
             r = nbytes / seconds
@@ -70,11 +81,13 @@ class HostYield:
                 self.stream_rate + EWMA * (r - self.stream_rate)
         if not busy and self._idle_since is not None:
             self._idle_bytes += nbytes
+            self._idle_last = time.monotonic() if now is None else now
 
     def _end_idle(self, now: float) -> None:
         if self._idle_since is None:
             return
-        span = now - self._idle_since
+        # up to its last copy: the time between jobs is no copying time
+        span = self._idle_last - self._idle_since
         if span >= IDLE_SAMPLE_S and self._idle_bytes:
             r = self._idle_bytes / span
             self.idle_rate = r if self.idle_rate is None else self.idle_rate + EWMA * (r - self.idle_rate)
@@ -87,9 +100,18 @@ class HostYield:
             return 0.0          # nothing timed yet: the first copy goes now
         return base * min_progress_pct / 100
 
+    def busy_span(self, extent_size: int, min_progress_pct: int, max_span: int) -> int:
+        """Extents per busy copy: one, unless one at a time per measured busy
+        round trip cannot reach the floor."""
+        rate = self.floor_rate(min_progress_pct)
+        if self.busy_rtt is None or rate <= 0:
+            return 1
+        need = rate * self.busy_rtt / extent_size
+        return max(1, min(max_span, math.ceil(need)))
+
     def busy_delay(self, now: float, nbytes: int, min_progress_pct: int) -> float:
-        """Seconds to wait before the next busy copy of ``nbytes``: paces busy
-        copies to the floor rate."""
+        """Seconds to wait before the next busy copy, ``nbytes`` having just
+        been started: paces busy copies to the floor rate."""
         rate = self.floor_rate(min_progress_pct)
         if rate <= 0:
             return 0.0

@@ -27,17 +27,35 @@ def test_busy_copies_are_paced_to_the_minimum_progress_rate():
     # idle: 100 MiB copied in 1 s -> idle rate 100 MiB/s
     assert not h.busy(0.0, -1.0, 8)
     for i in range(100):
-        h.note_copy(1 << 20, 0.01, busy=False)
-    assert h.busy(1.0, 1.0, 8)                        # a host arrives: the idle stretch ends
+        h.note_copy(1 << 20, 0.01, busy=False, now=(i + 1) * 0.01)
+    # the job ended; the next one starts a minute later under host load
+    assert h.busy(61.0, 61.0, 8)                      # a host arrives: the idle stretch ends
     assert h.idle_rate == pytest.approx(100 << 20)
     assert h.floor_rate(10) == pytest.approx(10 << 20)
     # busy for 2 s, copies of 64 KiB whenever the pacing allows
-    now, copied = 1.0, 0
-    while now < 3.0:
+    now, copied = 61.0, 0
+    while now < 63.0:
         now += h.busy_delay(now, 64 << 10, 10)
         copied += 64 << 10
     rate = copied / 2.0
     assert (10 << 20) * 0.95 <= rate <= (10 << 20) * 1.05
+
+
+def test_busy_copies_grow_until_they_meet_the_floor():
+    """Host I/O queues each small copy behind it: 64 KiB copies that take
+    50 ms each make 1.3 MB/s; the span grows until the floor is met."""
+    h = HostYield()
+    h.idle_rate = 100 << 20                           # floor 10 MiB/s
+    assert h.busy(0.0, 0.0, 8)
+    now, copied, es = 0.0, 0, 64 << 10
+    while now < 5.0:
+        n = h.busy_span(es, 10, 64) * es
+        wait = h.busy_delay(now, n, 10)
+        h.note_copy(n, 0.05, busy=True)               # each copy takes 50 ms
+        now += max(0.05, wait)
+        copied += n
+    assert h.busy_span(es, 10, 64) == 8               # 10 MiB/s x 50 ms / 64 KiB
+    assert copied / 5.0 >= (10 << 20) * 0.9
 
 
 def test_floor_before_an_idle_rate_was_measured_uses_one_copy_streams_rate():
