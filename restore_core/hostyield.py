@@ -106,7 +106,9 @@ class HostYield:
         rate = self.floor_rate(min_progress_pct)
         if self.busy_rtt is None or rate <= 0:
             return 1
-        need = rate * self.busy_rtt / extent_size
+        # twice what the last round trips say: a bigger copy takes longer,
+        # and the pacing keeps the average at the floor anyway
+        need = 2 * rate * self.busy_rtt / extent_size
         return max(1, min(max_span, math.ceil(need)))
 
     def busy_delay(self, now: float, nbytes: int, min_progress_pct: int) -> float:

@@ -54,7 +54,7 @@ def test_busy_copies_grow_until_they_meet_the_floor():
         h.note_copy(n, 0.05, busy=True)               # each copy takes 50 ms
         now += max(0.05, wait)
         copied += n
-    assert h.busy_span(es, 10, 64) == 8               # 10 MiB/s x 50 ms / 64 KiB
+    assert h.busy_span(es, 10, 64) == 16              # 2 x 10 MiB/s x 50 ms / 64 KiB
     assert copied / 5.0 >= (10 << 20) * 0.9
 
 
