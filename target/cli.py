@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from .cli_events import add_parser as add_events_parser
+from .cli_group import add_parser as add_group_parser
 from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
 from .errors import ServiceError
@@ -423,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     client_cmd(pr, "list", "list pairs", "pair.list", "pairs")
     p = client_cmd(pr, "show", "one pair", "pair.show", "pair", lambda a: {"pair": a.pair})
     p.add_argument("pair")
+
+    add_group_parser(sub, _print_table)
 
     # exports
     ex = sub.add_parser("export", help="iSCSI targets").add_subparsers(
