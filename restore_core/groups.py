@@ -34,7 +34,7 @@ import logging
 from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 from .engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from .metadata import DAMAGED_FIELD
@@ -318,25 +318,22 @@ class Groups:
             return g
 
     async def pause(self, name: str) -> Group:
-        async with self._lock:
-            g, pairs = self._pairs(name)
-            running = [p for p in pairs if p.job is not None]
-            if not running:
-                raise EngineError(f"group {name} has no sync or restore running")
-            with _acting_as(name):
-                for p in running:
-                    await self.engine.pause(p.id)
-            return g
+        return await self._each_job(name, self.engine.pause, "running")
 
     async def resume(self, name: str) -> Group:
+        return await self._each_job(name, self.engine.resume, "to resume")
+
+    async def _each_job(self, name: str, op: Callable[[str], Awaitable[None]],
+                        what: str) -> Group:
+        """Run ``op`` on every member that has a job (a sync or restore)."""
         async with self._lock:
             g, pairs = self._pairs(name)
-            waiting = [p for p in pairs if p.job is not None]
-            if not waiting:
-                raise EngineError(f"group {name} has no sync or restore to resume")
+            jobs = [p for p in pairs if p.job is not None]
+            if not jobs:
+                raise EngineError(f"group {name} has no sync or restore {what}")
             with _acting_as(name):
-                for p in waiting:
-                    await self.engine.resume(p.id)
+                for p in jobs:
+                    await op(p.id)
             return g
 
     async def wait(self, name: str, timeout: float | None = None) -> Group:

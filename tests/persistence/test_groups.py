@@ -42,6 +42,16 @@ async def with_group(path: str) -> None:
     d.close()
 
 
+async def boot_with_stored_record(path: str, sql: str) -> tuple[Engine, Groups, Database]:
+    """A database with group db whose record ``sql`` changed behind its back."""
+    await with_group(path)
+    c = sqlite3.connect(path)
+    c.execute(sql)
+    c.commit()
+    c.close()
+    return await boot(path)
+
+
 def test_groups_survive_a_restart_and_deletes_too(tmp_path):
     async def go():
         path = str(tmp_path / "lr.db")
@@ -63,13 +73,9 @@ def test_groups_survive_a_restart_and_deletes_too(tmp_path):
 def test_group_record_that_fails_its_checksum_only_allows_show_and_delete(tmp_path, caplog):
     async def go():
         path = str(tmp_path / "lr.db")
-        await with_group(path)
-        c = sqlite3.connect(path)
-        c.execute("UPDATE groups SET record = replace(record, 'b-clone', 'b-clonf')")
-        c.commit()
-        c.close()
         with caplog.at_level(logging.ERROR):
-            eng, groups, d = await boot(path)
+            eng, groups, d = await boot_with_stored_record(
+                path, "UPDATE groups SET record = replace(record, 'b-clone', 'b-clonf')")
         assert "group db: its record in" in caplog.text and "failed its checksum" in caplog.text
         shown = groups.show("db")
         assert "failed its checksum" in shown["damaged"]
@@ -88,13 +94,9 @@ def test_group_record_that_fails_its_checksum_only_allows_show_and_delete(tmp_pa
 def test_unreadable_group_record_is_left_out(tmp_path, caplog):
     async def go():
         path = str(tmp_path / "lr.db")
-        await with_group(path)
-        c = sqlite3.connect(path)
-        c.execute("UPDATE groups SET record = 'not json'")
-        c.commit()
-        c.close()
         with caplog.at_level(logging.ERROR):
-            eng, groups, d = await boot(path)
+            eng, groups, d = await boot_with_stored_record(
+                path, "UPDATE groups SET record = 'not json'")
         assert "group db: its record in" in caplog.text and "cannot be read" in caplog.text
         assert groups.list() == []
         await eng.fracture("a-clone")         # free

@@ -19,10 +19,12 @@ committed" without the data clone holding record N.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import struct
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from target.control import Client
 from tests.support import IQN, Daemon
@@ -147,19 +149,32 @@ async def connect(d: Daemon) -> Initiator:
     return ini
 
 
+@contextlib.asynccontextmanager
+async def writing(daemon: Daemon, *, group: bool) -> AsyncIterator[tuple[Rig, Writer, Initiator]]:
+    """The two pairs (in group db or not), the writer running in one session,
+    and a second session to read the sources with."""
+    rig = Rig(daemon)
+    await rig.setup(group=group)
+    ini, reader = await connect(daemon), await connect(daemon)
+    writer = Writer(ini)
+    task = asyncio.ensure_future(writer.run())
+    try:
+        yield rig, writer, reader
+    finally:
+        writer.stop = True
+        await task
+        await ini.close()
+        await reader.close()
+
+
 def test_group_fracture_and_restore_keep_dependent_writes_consistent(daemon):
     async def go():
-        rig = Rig(daemon)
-        await rig.setup(group=True)
-        ini, reader = await connect(daemon), await connect(daemon)
-        writer = Writer(ini)
-        task = asyncio.ensure_future(writer.run())
         rnd = random.Random(13)
         mid_stream = restores = 0
         # chains a restore broke on the sources (see the module docstring):
         # later syncs copy them to the clones as they are
         rolled_back: set[int] = set()
-        try:
+        async with writing(daemon, group=True) as (rig, writer, reader):
             for rnd_no in range(ROUNDS):
                 await rig.ctl("group.sync", name="db")
                 await rig.ctl("group.wait", name="db", timeout=60)
@@ -191,11 +206,6 @@ def test_group_fracture_and_restore_keep_dependent_writes_consistent(daemon):
                         f"round {rnd_no}: restore broke chains {broken} (in flight: {window})"
                     rolled_back |= broken
                     restores += 1
-        finally:
-            writer.stop = True
-            await task
-            await ini.close()
-            await reader.close()
         # the fractures fell inside the stream, not between its bursts
         assert mid_stream >= ROUNDS * 0.8, mid_stream
         assert restores == ROUNDS // RESTORE_EVERY
@@ -208,12 +218,7 @@ def test_one_by_one_fractures_and_restores_are_caught_inconsistent(daemon):
     never saw; restoring the log pair first, then the data pair, rolls back
     records whose commits survive."""
     async def go():
-        rig = Rig(daemon)
-        await rig.setup(group=False)
-        ini, reader = await connect(daemon), await connect(daemon)
-        writer = Writer(ini)
-        task = asyncio.ensure_future(writer.run())
-        try:
+        async with writing(daemon, group=False) as (rig, writer, reader):
             while writer.n < 10:
                 await asyncio.sleep(0.01)
             await rig.ctl("pair.fracture", pair="data-clone")
@@ -233,9 +238,4 @@ def test_one_by_one_fractures_and_restores_are_caught_inconsistent(daemon):
             upto = writer.n + 1
             data, log = await rig.read_sources(reader, upto)
             assert len(broken_chains(data, log, upto)) > 1, "one-by-one restores went unnoticed"
-        finally:
-            writer.stop = True
-            await task
-            await ini.close()
-            await reader.close()
     asyncio.run(go())

@@ -103,7 +103,7 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
-    Client, LiverestoreError, common_argument_spec, find, wait_job)
+    common_argument_spec, find, run_runner, wait_job)
 
 
 class Runner(object):
@@ -239,14 +239,7 @@ def main():
         wait=dict(type="bool", default=True),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
-    client = Client(module.params["socket"], module.params["timeout"])
-    runner = Runner(module, client)
-    try:
-        module.exit_json(**runner.run())
-    except LiverestoreError as e:
-        module.fail_json(msg=str(e), actions=runner.actions, group=runner.group)
-    finally:
-        client.close()
+    run_runner(module, Runner, "group")
 
 
 if __name__ == "__main__":
