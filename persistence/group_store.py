@@ -5,6 +5,9 @@ One row per group: its JSON record and a crc32c over name and record
 change advances the generation like every other. A record that fails its
 checksum but parses is loaded marked damaged (the group then allows only
 show and delete); one that does not parse is left out with an ERROR line.
+A rolled-back database (persistence.generation) may hold an older
+membership: groups are not held like pairs, since membership decides which
+pairs move together, never which extents are safe to serve.
 """
 from __future__ import annotations
 

@@ -90,5 +90,14 @@ def test_saveconfig_restoreconfig_carry_groups(daemon, tmp_path):
         saved.write_text(json.dumps(doc))
         r = fresh.cli("restoreconfig", str(saved), ok=False)
         assert "groups" in r.stderr and "nothing was changed" in r.stderr
+        # a failing group step takes back the whole document
+        fresh.cli("group", "delete", "db")
+        fresh.cli("pair", "delete", "log-clone")
+        doc["groups"] = [{"name": "db", "pairs": ["data-clone", "nope"]}]
+        saved.write_text(json.dumps(doc))
+        r = fresh.cli("restoreconfig", str(saved), ok=False)
+        assert "no pair 'nope'" in r.stderr and "nothing was changed" in r.stderr, r.stderr
+        assert js(fresh, "group", "list") == []
+        assert [p["id"] for p in js(fresh, "pair", "list")] == ["data-clone"]
     finally:
         fresh.stop()
