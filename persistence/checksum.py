@@ -19,5 +19,10 @@ def record_crc(pair_id: str, record_json: str) -> int:
     return crc32c(record_json.encode(), crc32c(f"pair\0{pair_id}\0".encode()))
 
 
+def note_crc(pair_id: str, note_json: str) -> int:
+    """A pair's note (its history: fracture time, last job, last restore)."""
+    return crc32c(note_json.encode(), crc32c(f"note\0{pair_id}\0".encode()))
+
+
 def group_crc(name: str, record_json: str) -> int:
     return crc32c(record_json.encode(), crc32c(f"group\0{name}\0".encode()))

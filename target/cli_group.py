@@ -13,6 +13,7 @@ from typing import Any, Callable
 from .cli_shared import wait_job
 from .control import Client
 
+PAIRS_HELP = "a pair: its clone's name, or SOURCE/CLONE"
 GROUP_COLS = [("name", "GROUP"), ("state", "STATE"), ("pairs", "PAIRS")]
 MEMBER_COLS = [("pair", "PAIR"), ("source", "SOURCE"), ("clone", "CLONE"), ("state", "STATE"),
                ("job", "JOB"), ("progress", "EXTENTS")]
@@ -29,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction,
             name_arg: bool = True, wait: bool = False) -> argparse.ArgumentParser:
         p = g.add_parser(name, help=help_)
         if name_arg:
-            p.add_argument("name", metavar="NAME")
+            p.add_argument("name", metavar="NAME", help="the group's name")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         if wait:
             p.add_argument("--wait", action="store_true",
@@ -40,13 +41,13 @@ def add_parser(sub: argparse._SubParsersAction,
 
     p = cmd("create", "make a group of pairs (a pair is in at most one group)", "group.create",
             lambda a: {"name": a.name, "pairs": a.pairs})
-    p.add_argument("pairs", nargs="*", metavar="PAIR")
+    p.add_argument("pairs", nargs="*", metavar="PAIR", help=PAIRS_HELP)
     p = cmd("add", "put pairs into a group", "group.add",
             lambda a: {"name": a.name, "pairs": a.pairs})
-    p.add_argument("pairs", nargs="+", metavar="PAIR")
+    p.add_argument("pairs", nargs="+", metavar="PAIR", help=PAIRS_HELP)
     p = cmd("remove", "take pairs out of a group (they become free)", "group.remove",
             lambda a: {"name": a.name, "pairs": a.pairs})
-    p.add_argument("pairs", nargs="+", metavar="PAIR")
+    p.add_argument("pairs", nargs="+", metavar="PAIR", help=PAIRS_HELP)
     cmd("delete", "forget a group (its pairs stay as they are)", "group.delete")
     cmd("list", "list groups", "group.list", lambda a: {}, name_arg=False)
     cmd("show", "one group and its members", "group.show")

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Mapping, Protocol
+import re
+from typing import Any, Mapping, Protocol, TypedDict
 
 from persistence.config import VolumeRecord
 
@@ -83,6 +84,14 @@ class Frontend(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def sessions(self) -> dict[str, list[LoggedIn]]: ...
+
+
+class LoggedIn(TypedDict):
+    """One initiator logged in to a target (a normal session, not discovery)."""
+    initiator: str
+    peer: str | None        # "host:port" where the front end knows it
+
 
 class EmbeddedFrontend:
     name = "embedded"
@@ -129,6 +138,14 @@ class EmbeddedFrontend:
 
     def stats(self) -> dict[str, Any]:
         return self.server.stats() if self.server is not None else {}
+
+    def sessions(self) -> dict[str, list[LoggedIn]]:
+        out: dict[str, list[LoggedIn]] = {}
+        for s in (self.server.sessions.values() if self.server is not None else ()):
+            if s.target is not None:
+                out.setdefault(s.target.iqn, []).append(
+                    LoggedIn(initiator=s.initiator_name, peer=s.conn.peer))
+        return out
 
 
 class LioFrontend:
@@ -220,3 +237,28 @@ class LioFrontend:
     def stats(self) -> dict[str, Any]:
         devs = getattr(self.handler, "devices", {}) if self.handler is not None else {}
         return {"backend": "lio", "tcmu_devices": len(devs)}
+
+    def sessions(self) -> dict[str, list[LoggedIn]]:
+        """From the kernel's configfs: the initiators of each TPG's
+        dynamic_sessions (no ACL) and the ACLs whose info names a session."""
+        out: dict[str, list[LoggedIn]] = {}
+        for iqn, t in self._targets.items():
+            tpg = os.path.join(CONFIGFS_TARGET, "iscsi", iqn, f"tpgt_{int(t.get('tpgt', 1))}")
+            # NUL-terminated names (target_show_dynamic_sessions)
+            names = re.split(r"[\0\n]", _read(os.path.join(tpg, "dynamic_sessions")))
+            for ini in t.get("acl") or []:
+                if "No active iSCSI Session" not in _read(os.path.join(tpg, "acls", ini, "info"),
+                                                          "No active iSCSI Session"):
+                    names.append(ini)
+            found = [LoggedIn(initiator=n.strip(), peer=None) for n in names if n.strip()]
+            if found:
+                out[iqn] = found
+        return out
+
+
+def _read(path: str, missing: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return missing

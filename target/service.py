@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import time
+from fractions import Fraction
 from dataclasses import asdict
 from typing import Any
 
@@ -32,14 +33,15 @@ from .arguments import ArgumentError, Signature
 from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
                         check_document, check_setting, check_target)
 from .errors import ServiceError, clip
-from .fmt import SECRET, human
+from .fmt import SECRET, human, plural
 from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
 from .group_ops import GROUP_OPS, GroupOps
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
 from .iscsi.server import IscsiTargetConfig
+from .pairjournal import PairJournal
 from .peer import Peer, PeerDenied, Probe, probe_as
-from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
+from .portals import DEFAULT_PORTAL, PortalError, format_portal, loopback_only, parse_portals
 from .scsi import DeviceIdentity, LunSet, ScsiDevice
 from .statelock import StateDirBusy, StateLock
 
@@ -97,11 +99,15 @@ def _size(text: Size) -> int:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9]+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
+    # Also what the CLI prints ("1.5 GiB"): a decimal number of binary units.
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
     if not m:
-        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-                              "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
+        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 1.5G, 2T")
+    n = Fraction(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
+                                "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
+    if n.denominator != 1:
+        raise ServiceError(f"size {text!r} is not a whole number of bytes")
+    return int(n)
 
 
 def _volume_size(text: Size) -> int:
@@ -209,6 +215,7 @@ class Service(GroupOps):
             raise ServiceError(str(e)) from e
         self._init = init
         self._portals_override = portals
+        self._started_portals: list[tuple[str, int]] = []     # what the front end was given
         self.db: Database | None = None
         self.config: ConfigStore | None = None
         self.engine: Engine | None = None
@@ -217,6 +224,7 @@ class Service(GroupOps):
         self.lunsets: dict[str, Any] = {}        # target iqn -> LunSet
         self.unserved: dict[str, str] = {}       # stored target iqn -> why it is not served
         self.frontend: Frontend | None = None
+        self.journal: PairJournal | None = None
         self.started_at = time.time()
 
     # -- start / stop --------------------------------------------------------------
@@ -285,10 +293,17 @@ class Service(GroupOps):
             await self.groups.load()
         except (EngineError, DatabaseError) as e:
             raise ServiceError(str(e)) from e
+        self.journal = PairJournal(self.engine, self.config)
         portals = self._portals_override or self._stored_portals()
         kind = LioFrontend if self.backend == "lio" else EmbeddedFrontend
         self.frontend = kind(self, portals)
         await self.frontend.start(self._servable_targets())
+        self._started_portals = portals
+        if self._portals_override:
+            # One source of truth: the stored setting is what the daemon
+            # serves, so saveconfig, status and the next start without
+            # --portal agree with it (stored once the portals are bound).
+            self.cfg.set("portals", [list(p) for p in self._portals_override])
         log.info("front end: %s", self.backend)
 
     def _open_recorded(self, rec: VolumeRecord) -> tuple[BlockStore, str | None]:
@@ -613,6 +628,12 @@ class Service(GroupOps):
             if "/" in pair:
                 s, c = pair.split("/", 1)
                 return self.eng.find_pair(s, c)
+            if pair not in self.eng.pairs:
+                ofsrc = sorted(p.id for p in self.eng.pairs.values() if p.source == pair)
+                if ofsrc:
+                    # The common slip: naming the source; pairs go by their clone.
+                    raise ServiceError(f"no pair {pair!r} (a pair is named by its clone); "
+                                       f"pairs of {pair}: {', '.join(ofsrc)}")
             return self.eng.pair(pair)
         except EngineError as e:
             raise self._wrap(e) from e
@@ -669,7 +690,8 @@ class Service(GroupOps):
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
                 "progress": asdict(pr), **{"state": pr.state},
                 "damaged": p.damaged, "held": p.hold, "group": self.grp.group_of(p.id),
-                "offline": "; ".join(self.eng.offline_reasons(p)) or None}
+                "offline": "; ".join(self.eng.offline_reasons(p)) or None,
+                "history": self.journal.note(p.id) if self.journal is not None else None}
 
     async def pair_acknowledge(self, pair: str) -> dict[str, Any]:
         """Accept a held pair (rolled-back database, damaged record): it
@@ -683,7 +705,7 @@ class Service(GroupOps):
             f"pair {p.id} was held because {reason}. Its metadata could no longer say which "
             f"extents differ, so now every extent does: the pair is fractured and both "
             f"volumes serve again. The next sync (source -> clone) or restore (clone -> "
-            f"source) copies all {p.nextents} extents, {human(p.size)} "
+            f"source) copies all {plural(p.nextents, 'extent')}, {human(p.size)} "
             f"({p.size} bytes).")}
 
     async def pair_wait(self, pair: str, timeout: float | None = None) -> dict[str, Any]:
@@ -704,7 +726,17 @@ class Service(GroupOps):
                                   mutual_user, mutual_secret, tpgt)
         await self.frontend.set_target(iqn, t)
         self.cfg.put_target(iqn, t)
-        return self.export_show(iqn)
+        return self._with_exposure(self.export_show(iqn))
+
+    def _with_exposure(self, e: dict[str, Any]) -> dict[str, Any]:
+        """An export any initiator on the network may use, with no ACL and no
+        CHAP, gets a warning every client shows loudly."""
+        if e.get("acl") or e.get("chap") or loopback_only(self.portals()):
+            return e
+        portals = ", ".join(format_portal(p) for p in self.portals())
+        return {**e, "warning": f"target {e['iqn']} is open to ANY initiator that can reach "
+                f"{portals}: it has no ACL and no CHAP; add one with 'export acl add' or "
+                "'export auth'"}
 
     def _validate_target(self, iqn: str, luns: Any, acl: Any, chap_user: Any, chap_secret: Any,
                          mutual_user: Any, mutual_secret: Any, tpgt: Any) -> dict[str, Any]:
@@ -778,10 +810,10 @@ class Service(GroupOps):
                                     cur["chap_secret"], cur["mutual_user"], cur["mutual_secret"],
                                     cur["tpgt"])
         if new == t:
-            return self.export_show(iqn)
+            return self._with_exposure(self.export_show(iqn))
         await self.frontend.set_target(iqn, new)
         self.cfg.put_target(iqn, new)
-        return self.export_show(iqn)
+        return self._with_exposure(self.export_show(iqn))
 
     def _target(self, iqn: str) -> dict[str, Any]:
         """A target that may be changed: stored and served."""
@@ -834,15 +866,27 @@ class Service(GroupOps):
             res = {**res, "note": "the ACL is now empty: any initiator may log in"}
         return res
 
-    async def export_delete(self, iqn: str) -> dict[str, Any]:
+    def _logged_in(self, iqn: str) -> list[dict[str, Any]]:
+        return list(self.frontend.sessions().get(iqn, [])) if self.frontend is not None else []
+
+    async def export_delete(self, iqn: str, force: bool = False) -> dict[str, Any]:
+        """Remove a target. Refused while initiators are logged in (they
+        would lose their disks mid-I/O, maybe during a restore) unless
+        ``force``."""
         if iqn not in self.cfg.targets():
             raise ServiceError(f"no target {iqn}")
+        logged = self._logged_in(iqn)
+        if logged and not force:
+            names = ", ".join(sorted({s["initiator"] for s in logged}))
+            raise ServiceError(f"target {iqn} has {plural(len(logged), 'logged-in session')} "
+                               f"({names}); deleting it cuts them off: log them out first, "
+                               "or delete with force")
         if iqn not in self.unserved:       # an unserved one never reached the front end
             await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
         self.lunsets.pop(iqn, None)
         self.cfg.delete_target(iqn)
         self.unserved.pop(iqn, None)
-        return {"deleted": iqn}
+        return {"deleted": iqn, "cut_off": logged}
 
     def export_show(self, iqn: str) -> dict[str, Any]:
         t = self.cfg.targets().get(iqn)
@@ -852,20 +896,22 @@ class Service(GroupOps):
             # Loaded but not served: say why, and show nothing of a value
             # that failed its check.
             return {"iqn": iqn, "luns": {}, "acl": None, "tpgt": 1, "chap": None,
-                    "mutual_chap": None, "portals": [], "problem": self.unserved[iqn]}
+                    "mutual_chap": None, "portals": [], "sessions": [], "problem": self.unserved[iqn]}
         return {"iqn": iqn, "luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                 "chap": {"user": t["chap"][0], "secret": SECRET} if t.get("chap") else None,
                 "mutual_chap": {"user": t["mutual_chap"][0], "secret": SECRET}
                 if t.get("mutual_chap") else None,
-                "portals": [f"{h}:{p}" for h, p in self.portals()]}
+                "portals": [f"{h}:{p}" for h, p in self.portals()],
+                "sessions": self._logged_in(iqn)}
 
     def export_list(self) -> list[dict[str, Any]]:
         return [self.export_show(iqn) for iqn in sorted(self.cfg.targets())]
 
     def portals(self) -> list[tuple[str, int]]:
+        """What the front end serves (the addresses it bound)."""
         if self.frontend is not None and self.frontend.addresses():
             return self.frontend.addresses()
-        return self._stored_portals()
+        return self._portals_override or self._stored_portals()
 
     def _stored_portals(self) -> list[tuple[str, int]]:
         """The portals setting, checked as it is read: a bad stored value
@@ -886,20 +932,22 @@ class Service(GroupOps):
             raise ServiceError(str(e)) from None
         self.cfg.set("portals", [list(p) for p in parsed])
         return {"portals": [format_portal(p) for p in parsed],
-                "note": "takes effect when the daemon restarts"}
+                "note": "takes effect at the next reload (systemctl reload liverestore) or "
+                        "restart"}
 
     async def reload(self) -> list[str]:
         """SIGHUP (`systemctl reload`): re-read what may change while serving,
         without dropping a session. That is the stored portals setting
-        (`export portal`; unless `serve --portal` fixed them) and the images
-        of offline volumes, tried again at their recorded paths. Returns
-        one line per change."""
+        (`export portal`; `serve --portal` stored what it serves, so the
+        setting is the one source either way) and the images of offline
+        volumes, tried again at their recorded paths. Returns one line per
+        change."""
         done: list[str] = []
-        if self._portals_override is None:
-            want = self._stored_portals()
-            if want != self.frontend.portals:
-                await self.frontend.set_portals(want)
-                done.append("portals: " + ", ".join(format_portal(p) for p in want))
+        want = self._stored_portals()
+        if want != self.frontend.portals:
+            await self.frontend.set_portals(want)
+            self._started_portals = want
+            done.append("portals: " + ", ".join(format_portal(p) for p in want))
         for rec in self.cfg.volumes():
             if self.eng.volumes[rec.name].offline is None:
                 continue
@@ -913,8 +961,12 @@ class Service(GroupOps):
     def status(self) -> dict[str, Any]:
         stats = {"backend": self.backend,
                  **(self.frontend.stats() if self.frontend is not None else {})}
+        stored = self._stored_portals()
         return {"state_dir": self.state_dir, "uptime": time.time() - self.started_at,
                 "portals": [f"{h}:{p}" for h, p in self.portals()],
+                # set with `portal set`, served after the next restart
+                "portals_pending": [format_portal(p) for p in stored]
+                if stored != self._started_portals else None,
                 "volumes": self.volume_list(), "pairs": self.pair_list(),
                 "groups": self.group_list(),
                 "exports": self.export_list(), "iscsi": stats,
@@ -1017,7 +1069,7 @@ class Service(GroupOps):
             mutual = t.get("mutual_chap") or [None, None]
             await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
                                      mutual[0], mutual[1], t.get("tpgt", 1))
-            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i))
+            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i, force=True))
             made["targets"].append(iqn)
         return made
 

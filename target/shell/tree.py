@@ -22,7 +22,8 @@ from pyparsing import ParseException
 
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
-from ..fmt import SECRET, eta, human
+from ..fmt import SECRET, eta, human, plural
+from ..follow import Outcome
 
 THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
 
@@ -32,11 +33,11 @@ def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
     pr = p["progress"]
     if pr["job"] is None:
         if p["state"] == "fractured":
-            return f"fractured, {pr['delta_extents']} extents differ", True
+            return f"fractured, {plural(pr['delta_extents'], 'extent')} differ", True
         return p["state"], True
     total = pr["extents_total"] or 0
     pct = 100 * pr["extents_done"] // total if total else 100
-    text = f"{p['state']} {pct}% {pr['extents_done']}/{total} extents"
+    text = f"{p['state']} {pct}% {pr['extents_done']}/{plural(total, 'extent')}"
     if pr["job"] == "restore":
         text += " (protected)" if pr["protected"] else " (unprotected)"
     if pr["error"]:
@@ -228,7 +229,7 @@ class Volumes(Node):
         self.sync({v["name"]: (Volume, v) for v in self.data})
 
     def summary(self):
-        return f"{len(self.data or [])} volumes", None
+        return plural(len(self.data or []), "volume"), None
 
     def ui_command_create(self, name, size=None, path=None, extent_size="64K"):
         '''
@@ -303,7 +304,7 @@ class Pairs(Node):
 
     def summary(self):
         busy = sum(1 for p in self.data or [] if p["progress"]["job"])
-        return f"{len(self.data or [])} pairs, {busy} busy", None
+        return f"{plural(len(self.data or []), 'pair')}, {busy} busy", None
 
     def ui_command_create(self, source, clone, sync="true", extent_size=None):
         '''
@@ -419,10 +420,15 @@ class PairNode(Node):
         following (the job goes on).
         '''
         try:
-            p = wait_job(self.shell.client, self.data["id"], False)
+            first = self.shell.client.call("pair.show", pair=self.data["id"])
+            f = wait_job(self.shell.client, first, False)
         except ControlError as e:
             raise ExecutionError(str(e)) from None
-        self.say(f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
+        if f.outcome is not Outcome.FINISHED:
+            raise ExecutionError(f.message)
+        p = f.pair
+        ran = first["progress"]["job"] is not None
+        self.say(f"{f.message}." if ran else f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
 
     def ui_command_fracture(self):
         '''
@@ -552,21 +558,26 @@ class Iscsi(Node):
         self.sync({e["iqn"]: (Target, {**e, "volumes": status["volumes"]}) for e in self.data})
 
     def summary(self):
-        return f"{len(self.data or [])} targets", None
+        return plural(len(self.data or []), "target"), None
 
     def ui_command_create(self, iqn):
         '''
         Creates an iSCSI target (with its tpg1) that exports no LUN yet.
         '''
         e = self.call("export.create", iqn=iqn)
-        self.say(f"Created target {e['iqn']}.")
+        self.say(f"Created target {e['iqn']}." + (f" WARNING: {e['warning']}."
+                                                  if e.get("warning") else ""))
 
-    def ui_command_delete(self, iqn):
+    def ui_command_delete(self, iqn, force="false"):
         '''
-        Removes an iSCSI target; its volumes stay.
+        Removes an iSCSI target; its volumes stay. Refused while initiators
+        are logged in (see its tpg1/sessions) unless force=true.
         '''
-        self.call("export.delete", iqn=iqn)
-        self.say(f"Deleted target {iqn}.")
+        if force not in ("true", "false"):
+            raise ExecutionError("force takes true or false")
+        r = self.call("export.delete", iqn=iqn, force=force == "true")
+        cut = len(r.get("cut_off") or [])
+        self.say(f"Deleted target {iqn}." + (f" Cut off {plural(cut, 'session')}." if cut else ""))
 
     def ui_complete_delete(self, parameters, text, current_param):
         return [c.name for c in self.children if c.name.startswith(text)]
@@ -594,7 +605,8 @@ class Tpg(Node):
                  "mutual_secret": "mutual CHAP secret (shown masked)"}[k])
 
     def refresh(self, e):
-        self.sync({"luns": (Luns, e), "acls": (Acls, e), "portals": (Portals, e)})
+        self.sync({"luns": (Luns, e), "acls": (Acls, e), "portals": (Portals, e),
+                   "sessions": (Sessions, e)})
 
     def ui_setgroup_auth(self, name, value):
         self.set_group("auth", {name: value})
@@ -631,7 +643,7 @@ class Luns(Node):
                    for n, v in e["luns"].items()})
 
     def summary(self):
-        return f"{len(self.data['luns'])} LUNs", None
+        return plural(len(self.data['luns']), "LUN"), None
 
     def ui_command_create(self, volume, lun=None):
         '''
@@ -674,7 +686,7 @@ class Acls(Node):
 
     def summary(self):
         acl = self.data.get("acl") or []
-        return (f"{len(acl)} initiators" if acl else "any initiator may log in"), None
+        return (plural(len(acl), "initiator") if acl else "any initiator may log in"), None
 
     def ui_command_create(self, wwn):
         '''
@@ -705,9 +717,28 @@ class Portals(Node):
         self.sync({p: (Portal, p) for p in e.get("portals", [])})
 
     def summary(self):
-        return f"{len(self.data.get('portals', []))} portals", None
+        return plural(len(self.data.get('portals', [])), "portal"), None
 
 
 class Portal(Node):
     def summary(self):
         return "listening", True
+
+
+class Sessions(Node):
+    """The initiators logged in to this target now (read-only)."""
+
+    def refresh(self, e):
+        by_name: dict[str, list[str]] = {}
+        for sess in e.get("sessions") or []:
+            by_name.setdefault(sess["initiator"], []).append(sess.get("peer") or "?")
+        self.sync({ini: (LoggedIn, peers) for ini, peers in by_name.items()})
+
+    def summary(self):
+        n = len(self.data.get("sessions") or [])
+        return (plural(n, "session") + " logged in") if n else "none logged in", None
+
+
+class LoggedIn(Node):
+    def summary(self):
+        return "logged in from " + ", ".join(self.data), True

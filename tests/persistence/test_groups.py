@@ -115,6 +115,6 @@ def test_schema_2_database_gains_the_groups_table(tmp_path):
     c.execute("PRAGMA user_version=2")
     c.close()
     d = Database(path)
-    assert d.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert d.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert SqliteGroupStore(d).load() == {}
     d.close()

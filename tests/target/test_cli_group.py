@@ -83,7 +83,7 @@ def test_saveconfig_restoreconfig_carry_groups(daemon, tmp_path):
     (tmp_path / "fresh").mkdir()
     fresh = Daemon(tmp_path / "fresh").start()
     try:
-        out = json.loads(fresh.cli("restoreconfig", str(saved)).stdout)
+        out = json.loads(fresh.cli("restoreconfig", str(saved), "--json").stdout)
         assert out["created"]["groups"] == ["db"]
         assert js(fresh, "group", "show", "db")["pairs"] == ["data-clone", "log-clone"]
         doc["groups"] = [{"name": "x", "pairs": ["data-clone", "data-clone"]}]

@@ -17,7 +17,7 @@ from target.control import Client, ControlServer
 from target.eventhook import EventHook
 from target.events import QUEUE_SIZE, RING_SIZE, EventBus, audit_args
 from target.peer import Peer
-from tests.support import IQN, LR, ROOT, Daemon
+from tests.support import IQN, LR, ROOT, Daemon, secret_file
 from tests.target.iscsi.initiator import Initiator, LoginError
 
 
@@ -175,7 +175,7 @@ def test_daemon_events_follow_and_hook_see_a_restore(tmp_path):
         d.cli("pair", "create", "db1", "db1-clone", "--wait")
         d.cli("pair", "fracture", "db1-clone")
         d.cli("export", "create", IQN, "--lun", "0=db1", "--chap-user", "u",
-              "--chap-secret", "supersecret123")
+              "--chap-secret-file", secret_file(d, "supersecret123"))
         d.cli("pair", "restore", "db1-clone", "--wait")
 
         async def bad_login() -> None:

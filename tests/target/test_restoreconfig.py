@@ -149,7 +149,7 @@ def test_a_bad_stored_target_is_left_out_and_the_rest_serve(daemon) -> None:
     assert "not an iSCSI name" in shown[bad]["problem"] and "problem" not in shown[IQN]
     with pytest.raises(ControlError, match="only 'export delete' works on it"):
         call(daemon, "export.acl.add", iqn=bad, initiator="iqn.2026-11.io.h:x")
-    assert call(daemon, "export.delete", iqn=bad) == {"deleted": bad}
+    assert call(daemon, "export.delete", iqn=bad) == {"deleted": bad, "cut_off": []}
     assert [e["iqn"] for e in call(daemon, "export.list")] == [IQN]
     daemon.stop(signal.SIGTERM)
 
