@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any, Callable
 
 from .cli_shared import wait_job
 from .control import Client
+from .follow import Followed, Outcome
 
 PAIRS_HELP = "a pair: its clone's name, or SOURCE/CLONE"
 GROUP_COLS = [("name", "GROUP"), ("state", "STATE"), ("pairs", "PAIRS")]
@@ -69,13 +71,26 @@ def _by_name(a: argparse.Namespace) -> dict[str, Any]:
     return {"name": a.name}
 
 
+def follow_members(client: Client, group: dict[str, Any], json_out: bool) -> Followed | None:
+    """Follow every member's job to its end, one after the other; the first
+    that did not finish (paused, failed, waiting), or None when all did."""
+    for pid in group["pairs"]:
+        f = wait_job(client, client.call("pair.show", pair=pid), json_out)
+        if f.outcome is not Outcome.FINISHED:
+            return f
+    return None
+
+
 def run(args: argparse.Namespace, op: str, kw: dict[str, Any],
         print_table: Callable[[list[dict[str, Any]], list[tuple[str, str]]], None]) -> int:
+    status = 0
     with Client(args.socket) as c:
         result = c.call(op, **kw)
         if args.wait:
-            for pid in result["pairs"]:
-                wait_job(c, pid, args.json)
+            stopped = follow_members(c, result, args.json)
+            if stopped is not None:
+                print(f"liverestore: {stopped.message}", file=sys.stderr)
+                status = stopped.exit_status
             result = c.call("group.show", name=result["name"])
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -90,7 +105,7 @@ def run(args: argparse.Namespace, op: str, kw: dict[str, Any],
             print_table([_member_row(m) for m in result["members"]], MEMBER_COLS)
         if result.get("damaged"):
             print(f"{result['name']}: DAMAGED: {result['damaged']}")
-    return 0
+    return status
 
 
 def _group_row(g: dict[str, Any]) -> dict[str, Any]:

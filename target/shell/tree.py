@@ -20,6 +20,7 @@ from typing import Any
 from configshell import ConfigNode, ConfigShell, ExecutionError
 from pyparsing import ParseException
 
+from ..cli_group import follow_members
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
 from ..fmt import SECRET, eta, human, plural
@@ -544,10 +545,11 @@ class GroupNode(Node):
         Follows every member's job to its end.
         '''
         try:
-            for pid in self.data["pairs"]:
-                wait_job(self.shell.client, pid, False)
+            stopped = follow_members(self.shell.client, self.data, False)
         except ControlError as e:
             raise ExecutionError(str(e)) from None
+        if stopped is not None:
+            raise ExecutionError(stopped.message)
         self._do("group.show", "Done:")
 
 
