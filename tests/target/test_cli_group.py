@@ -44,6 +44,8 @@ def test_group_lifecycle_through_the_cli(daemon):
     assert g["state"] == "syncing"
     g = js(daemon, "group", "pause", "db")
     assert [m["paused"] for m in g["members"]] == [True, True]
+    r = daemon.cli("group", "wait", "db", ok=False)       # a paused job never ends
+    assert r.returncode == 3 and "is paused" in r.stderr, (r.returncode, r.stderr)
     for pair in g["pairs"]:
         daemon.cli("pair", "throttle", pair, "--rate", "0")
     js(daemon, "group", "resume", "db")
