@@ -20,7 +20,9 @@ while a write to another member issued before it is missing from the clones.
 While a group owns a pair, the pair's own fracture, sync, restore, pause,
 resume and delete are refused (Engine.owner_of); the group's operations run
 them with the group's name in ``_acting`` (a context variable: only the
-task doing the group operation passes). ``group remove`` frees a pair.
+task doing the group operation passes; tasks it starts, such as copiers,
+inherit it, and none of them calls a refused operation). ``group remove``
+frees a pair.
 
 Membership lives in its own store (GroupStore): it changes rarely and never
 needs to be atomic with a pair's state, only durable.
