@@ -108,6 +108,12 @@ DOCUMENT_SCHEMA: dict[str, Any] = {
                            "throttle": {"type": "object", "additionalProperties": False,
                                         "properties": {k: {"type": "integer", "minimum": 0}
                                                        for k in Throttle.__dataclass_fields__}}}}},
+        # consistency groups: members are pair ids (clone names)
+        "groups": {"type": "array", "items": {
+            "type": "object", "required": ["name", "pairs"], "additionalProperties": False,
+            "properties": {"name": {"type": "string", "format": "volume-name"},
+                           "pairs": {"type": "array", "uniqueItems": True, "maxItems": 4096,
+                                     "items": {"type": "string", "format": "volume-name"}}}}},
         "targets": {"type": "object", "propertyNames": {"format": "iscsi-name"},
                     "additionalProperties": TARGET_SCHEMA},
     },
