@@ -21,6 +21,7 @@ import argcomplete
 
 from .cli_events import add_parser as add_events_parser
 from .cli_exports import add_export_commands
+from .cli_group import add_parser as add_group_parser
 from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
 from .errors import ServiceError
@@ -544,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    lambda a: {"pair": a.pair})
     p.add_argument("pair", help=PAIR_HELP)
 
+    add_group_parser(sub, _print_table)
     add_export_commands(sub, client_cmd)
 
     client_cmd(sub, "status", "volumes, pairs, restores and exports", "status", "status")

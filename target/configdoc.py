@@ -109,6 +109,12 @@ DOCUMENT_SCHEMA: dict[str, Any] = {
                                         "properties": {k: {"type": "integer", "minimum": 0}
                                                        for k in (*Throttle.__dataclass_fields__,
                                                                  *RETIRED_THROTTLE_KNOBS)}}}}},
+        # consistency groups: members are pair ids (clone names)
+        "groups": {"type": "array", "items": {
+            "type": "object", "required": ["name", "pairs"], "additionalProperties": False,
+            "properties": {"name": {"type": "string", "format": "volume-name"},
+                           "pairs": {"type": "array", "uniqueItems": True, "maxItems": 4096,
+                                     "items": {"type": "string", "format": "volume-name"}}}}},
         "targets": {"type": "object", "propertyNames": {"format": "iscsi-name"},
                     "additionalProperties": TARGET_SCHEMA},
     },

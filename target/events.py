@@ -44,7 +44,8 @@ LOGIN_FAILURE_INTERVAL = 10.0   # seconds one burst of login-failure events is s
 SECRET_ARGS = ("secret", "password", "config")
 #: Control operations that only read: logged at DEBUG, not events.
 READ_ONLY_OPS = frozenset({"volume.list", "volume.show", "pair.list", "pair.show", "pair.wait",
-                           "export.list", "export.show", "status", "saveconfig", "events"})
+                           "export.list", "export.show", "status", "saveconfig", "events",
+                           "group.list", "group.show", "group.wait"})
 
 Event = dict[str, Any]
 

@@ -21,6 +21,7 @@ from typing import Any
 from persistence.config import (ConfigStore, SqliteReservationStore, StoredValueError,
                                 VolumeRecord)
 from persistence.db import Database, DatabaseError
+from persistence.group_store import SqliteGroupStore
 from persistence.sqlite_store import SqliteMetadataStore
 from restore_core.blockstore import BlockStore, BlockStoreError
 from restore_core.stores import open_store
@@ -31,6 +32,7 @@ from restore_core.stores.rbd import RbdStore, remove_image
 from restore_core.stores.spec import RBD_KIND, FileSpec, RbdSpec, SpecError, StoreSpec, spec_of_record
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
+from restore_core.groups import Groups
 from restore_core.pair import RETIRED_THROTTLE_KNOBS, Pair, Throttle
 
 from .arguments import ArgumentError, Signature
@@ -39,6 +41,7 @@ from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_
 from .errors import ServiceError, clip
 from .fmt import SECRET, human, plural
 from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
+from .group_ops import GROUP_OPS, GroupOps
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
 from .iscsi.server import IscsiTargetConfig
@@ -202,7 +205,7 @@ class _Undo:
         return failed
 
 
-class Service:
+class Service(GroupOps):
     def __init__(self, state_dir: str, *, init: bool = False,
                  portals: list[tuple[str, int]] | None = None, backend: str = "auto",
                  volume_dirs: list[str] | None = None,
@@ -223,6 +226,7 @@ class Service:
         self.db: Database | None = None
         self.config: ConfigStore | None = None
         self.engine: Engine | None = None
+        self.groups: Groups | None = None
         self.devices: dict[str, Any] = {}        # volume -> ScsiDevice
         self.lunsets: dict[str, Any] = {}        # target iqn -> LunSet
         self.unserved: dict[str, str] = {}       # stored target iqn -> why it is not served
@@ -292,6 +296,8 @@ class Service:
             self._make_device(rec)
         try:
             await self.engine.start()
+            self.groups = Groups(self.engine, SqliteGroupStore(self.db))
+            await self.groups.load()
         except (EngineError, DatabaseError) as e:
             raise ServiceError(str(e)) from e
         self.journal = PairJournal(self.engine, self.config)
@@ -787,7 +793,7 @@ class Service:
         return {"id": p.id, "source": p.source, "clone": p.clone, "size": p.size,
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
                 "progress": asdict(pr), **{"state": pr.state},
-                "damaged": p.damaged, "held": p.hold,
+                "damaged": p.damaged, "held": p.hold, "group": self.grp.group_of(p.id),
                 "offline": "; ".join(self.eng.offline_reasons(p)) or None,
                 "history": self.journal.note(p.id) if self.journal is not None else None}
 
@@ -1066,6 +1072,7 @@ class Service:
                 "portals_pending": [format_portal(p) for p in stored]
                 if stored != self._started_portals else None,
                 "volumes": self.volume_list(), "pairs": self.pair_list(),
+                "groups": self.group_list(),
                 "exports": self.export_list(), "iscsi": stats,
                 "rollback": self._rollback_status()}
 
@@ -1098,6 +1105,7 @@ class Service:
                 "volumes": [asdict(v) for v in self.cfg.volumes()],
                 "pairs": [{"source": p.source, "clone": p.clone, "extent_size": p.extent_size,
                            "throttle": asdict(p.throttle)} for p in self.eng.pairs.values()],
+                "groups": self._saved_groups(),
                 "targets": self.cfg.targets()}
 
     async def restoreconfig(self, config: dict[str, Any], *,
@@ -1137,7 +1145,7 @@ class Service:
 
     async def _restore_objects(self, config: dict[str, Any], undo: "_Undo",
                                peer: Peer | None) -> dict[str, list[str]]:
-        made: dict[str, list[str]] = {"volumes": [], "pairs": [], "targets": []}
+        made: dict[str, list[str]] = {"volumes": [], "pairs": [], "groups": [], "targets": []}
         for v in config.get("volumes", []):
             if self.cfg.volume(v["name"]) is not None:
                 continue
@@ -1171,6 +1179,7 @@ class Service:
                                    **knobs)
             undo.add(f"pair {p['clone']}", lambda c=p["clone"]: self.pair_delete(c, force=True))
             made["pairs"].append(p["clone"])
+        made["groups"] = await self._restore_groups(config.get("groups", []), undo)
         for iqn, t in config.get("targets", {}).items():
             if iqn in self.cfg.targets():
                 continue
@@ -1209,6 +1218,7 @@ class Service:
         "export.lun.add": "export_lun_add", "export.lun.delete": "export_lun_delete",
         "export.acl.add": "export_acl_add", "export.acl.delete": "export_acl_delete",
         "status": "status", "saveconfig": "saveconfig", "restoreconfig": "restoreconfig",
+        **GROUP_OPS,
     }
 
     _signatures: dict[str, Signature] = {}

@@ -3,6 +3,7 @@
     /
     +- volumes/<volume>                     size, role, access
     +- pairs/<source>/<clone>               state, restore/sync progress
+    +- groups/<group>                       consistency groups and their members
     +- iscsi/<iqn>/tpg1/{luns,acls,portals}
 
 Every node is a view of one `status` reply; commands call the control API
@@ -19,6 +20,7 @@ from typing import Any
 from configshell import ConfigNode, ConfigShell, ExecutionError
 from pyparsing import ParseException
 
+from ..cli_group import follow_members
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
 from ..fmt import SECRET, eta, human, plural
@@ -181,6 +183,7 @@ class Root(Node):
         self.data: dict[str, Any] = {}
         Volumes("volumes", self)
         Pairs("pairs", self)
+        Groups("groups", self)
         Iscsi("iscsi", self)
 
     def refresh(self, status: dict[str, Any]) -> None:
@@ -456,6 +459,108 @@ class PairNode(Node):
         Continues a paused or failed background copy.
         '''
         self._do("pair.resume", "Resumed")
+
+
+# -- consistency groups ------------------------------------------------------------------
+class Groups(Node):
+    def refresh(self, status):
+        self.data = status.get("groups", [])
+        self.sync({g["name"]: (GroupNode, g) for g in self.data})
+
+    def summary(self):
+        return f"{len(self.data or [])} groups", None
+
+    def ui_command_create(self, name, *pairs):
+        '''
+        Makes a consistency group of pairs (clone names or source/clone): it
+        fractures and restores them at one instant. A pair is in at most one
+        group, and refuses its own fracture, sync, restore, pause, resume and
+        delete while it is in one.
+        '''
+        g = self.call("group.create", name=name, pairs=list(pairs))
+        self.say(f"Created group {g['name']}: {group_summary(g)}.")
+
+    def ui_command_delete(self, name):
+        '''
+        Forgets a group; its pairs stay as they are, free.
+        '''
+        self.call("group.delete", name=name)
+        self.say(f"Deleted group {name}.")
+
+    def ui_complete_delete(self, parameters, text, current_param):
+        return [g["name"] for g in self.data or [] if g["name"].startswith(text)]
+
+
+def group_summary(g: dict[str, Any]) -> str:
+    return f"{g['state']}, pairs {', '.join(g['pairs']) or '(none)'}"
+
+
+class GroupNode(Node):
+    def summary(self):
+        return group_summary(self.data), None if self.data.get("damaged") is None else False
+
+    def _do(self, op: str, verb: str, **args: Any) -> None:
+        g = self.call(op, name=self.data["name"], **args)
+        self.say(f"{verb} group {g['name']}: {group_summary(g)}.")
+
+    def ui_command_add(self, *pairs):
+        '''
+        Puts pairs into the group.
+        '''
+        self._do("group.add", "Added to", pairs=list(pairs))
+
+    def ui_command_remove(self, *pairs):
+        '''
+        Takes pairs out of the group; they become free.
+        '''
+        self._do("group.remove", "Removed from", pairs=list(pairs))
+
+    def ui_command_fracture(self):
+        '''
+        Splits every member's clone off at one instant.
+        '''
+        self._do("group.fracture", "Fractured")
+
+    def ui_command_sync(self, mode="delta"):
+        '''
+        Copies source to clone on every member (`sync full`: every extent).
+        '''
+        if mode not in ("delta", "full"):
+            raise ExecutionError("sync takes 'delta' (the default) or 'full'")
+        self._do("group.sync", "Syncing", full=mode == "full")
+
+    def ui_command_restore(self, mode="protected"):
+        '''
+        Starts restoring every member from its clone at one instant, while
+        hosts keep using the sources (see /pairs ... restore for the modes).
+        '''
+        if mode not in ("protected", "unprotected"):
+            raise ExecutionError("restore takes 'protected' (the default) or 'unprotected'")
+        self._do("group.restore", "Restoring", protected=mode == "protected")
+
+    def ui_command_pause(self):
+        '''
+        Holds every member's background copy.
+        '''
+        self._do("group.pause", "Paused")
+
+    def ui_command_resume(self):
+        '''
+        Continues every member's paused or failed background copy.
+        '''
+        self._do("group.resume", "Resumed")
+
+    def ui_command_wait(self):
+        '''
+        Follows every member's job to its end.
+        '''
+        try:
+            stopped = follow_members(self.shell.client, self.data, False)
+        except ControlError as e:
+            raise ExecutionError(str(e)) from None
+        if stopped is not None:
+            raise ExecutionError(stopped.message)
+        self._do("group.show", "Done:")
 
 
 # -- iSCSI -----------------------------------------------------------------------------

@@ -73,9 +73,9 @@ def playbook(env, path, *extra: str, ok: bool = True) -> tuple[subprocess.Comple
     return r, recap
 
 
-def adhoc(env, module: str, args: dict) -> tuple[int, dict]:
+def adhoc(env, module: str, args: dict, *extra: str) -> tuple[int, dict]:
     r = subprocess.run([tool("ansible"), "localhost", "-i", "localhost,", "-c", "local",
-                        "-m", f"liverestore.storage.{module}", "-a", json.dumps(args)],
+                        "-m", f"liverestore.storage.{module}", "-a", json.dumps(args), *extra],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     m = re.search(r"=> (\{.*\})\s*$", r.stdout, re.S)
     assert m, r.stdout + r.stderr
@@ -225,7 +225,7 @@ def test_export_secret_never_in_output_and_updates(env, daemon):
     assert rc == 0 and out["changed"] is False
 
 
-@pytest.mark.parametrize("module", ["volume", "pair", "export"])
+@pytest.mark.parametrize("module", ["volume", "pair", "group", "export"])
 def test_ansible_doc_renders(env, module):
     for args in (["-M", os.path.join(COLLECTION, "plugins", "modules"), module],
                  [f"liverestore.storage.{module}"]):
@@ -343,7 +343,7 @@ def test_pair_states_sync_fracture_absent(env, daemon):
     assert Client(daemon.sock).call("pair.list") == []
 
 
-@pytest.mark.parametrize("module", ["volume", "pair", "export"])
+@pytest.mark.parametrize("module", ["volume", "pair", "group", "export"])
 def test_documentation_matches_argument_spec(module, tmp_path, monkeypatch):
     """What validate-modules checks (ansible-test sanity needs the network):
     every option documented with the argument_spec's type, default,
@@ -479,3 +479,32 @@ def test_restore_playbook_is_idempotent_per_point_in_time(env, daemon, tmp_path)
         assert recap["changed"] == 1, r.stdout
     finally:
         again.stop()
+
+
+def test_group_module_is_idempotent_with_check_mode(env, daemon):
+    sock = {"socket": daemon.sock}
+    for lu in ("data", "log"):
+        daemon.cli("volume", "create", lu, "--size", "1M")
+        daemon.cli("volume", "create", lu + "-clone", "--size", "1M")
+        daemon.cli("pair", "create", lu, lu + "-clone", "--wait")
+    group = {**sock, "name": "db", "pairs": ["data-clone", "log-clone"]}
+    rc, out = adhoc(env, "group", {**group, "state": "fractured"}, "--check")
+    assert rc == 0 and out["changed"] and out["actions"] == ["group.create"]
+    assert Client(daemon.sock).call("group.list") == []            # check mode changed nothing
+    rc, out = adhoc(env, "group", {**group, "state": "fractured"})
+    assert rc == 0 and out["actions"] == ["group.create", "group.fracture"]
+    assert out["group"]["state"] == "fractured"
+    rc, out = adhoc(env, "group", {**group, "state": "fractured"})
+    assert rc == 0 and not out["changed"] and out["actions"] == []
+    rc, out = adhoc(env, "group", {**group, "state": "restored"})   # nothing differs
+    assert rc == 0 and not out["changed"]
+    rc, out = adhoc(env, "group", {**sock, "name": "db", "pairs": ["data-clone"]}, "--check")
+    assert rc == 0 and out["actions"] == ["group.remove"]
+    assert Client(daemon.sock).call("group.show", name="db")["pairs"] == ["data-clone", "log-clone"]
+    rc, out = adhoc(env, "group", {**group, "state": "synchronized"})
+    assert rc == 0 and out["actions"] == ["group.sync"] and out["group"]["state"] == "synchronized"
+    rc, out = adhoc(env, "group", {**sock, "name": "db", "state": "absent"})
+    assert rc == 0 and out["changed"] and out["actions"] == ["group.delete"]
+    rc, out = adhoc(env, "group", {**sock, "name": "db", "state": "absent"})
+    assert rc == 0 and not out["changed"]
+    assert Client(daemon.sock).call("group.list") == []

@@ -133,7 +133,7 @@ def test_saveconfig_restoreconfig_into_a_fresh_daemon(daemon, tmp_path):
         assert js(d2, "volume", "list") == []
         out = json.loads(d2.cli("restoreconfig", str(saved), "--json").stdout)
         assert out["created"] == {"volumes": ["db1", "db1-clone", "logs"],
-                                  "pairs": ["db1-clone"], "targets": [IQN]}
+                                  "pairs": ["db1-clone"], "groups": [], "targets": [IQN]}
         vols = {v["name"]: v for v in js(d2, "volume", "list")}
         assert {n: v["size"] for n, v in vols.items()} == {
             "db1": 4 << 20, "db1-clone": 4 << 20, "logs": 1 << 20}
@@ -146,7 +146,7 @@ def test_saveconfig_restoreconfig_into_a_fresh_daemon(daemon, tmp_path):
         assert SECRET not in d2.cli("status", "--json").stdout
         # Running it again creates nothing.
         out = json.loads(d2.cli("restoreconfig", str(saved), "--json").stdout)
-        assert out["created"] == {"volumes": [], "pairs": [], "targets": []}
+        assert out["created"] == {"volumes": [], "pairs": [], "groups": [], "targets": []}
     finally:
         d2.stop()
 

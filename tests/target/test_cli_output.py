@@ -43,7 +43,7 @@ def test_every_command_prints_human_text_without_json(daemon, tmp_path):
     assert d.cli("restoreconfig", str(saved)).stdout.strip() == (
         "nothing to create: everything in it is already there")
     assert json.loads(d.cli("restoreconfig", str(saved), "--json").stdout) == {
-        "created": {"volumes": [], "pairs": [], "targets": []}}
+        "created": {"volumes": [], "pairs": [], "groups": [], "targets": []}}
     # Plurals: one of each in the shell's tree.
     d.cli("export", "create", IQN, "--lun", "0=db1")
     tree = d.cli("shell", "ls").stdout

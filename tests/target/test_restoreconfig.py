@@ -102,7 +102,7 @@ def test_a_failing_step_leaves_nothing_changed(daemon) -> None:
     del doc["targets"][IQN + "b"]
     out = call(daemon, "restoreconfig", config=doc)
     assert out["created"] == {"volumes": ["db1", "db1-clone"], "pairs": ["db1-clone"],
-                              "targets": [IQN]}
+                              "groups": [], "targets": [IQN]}
     assert call(daemon, "saveconfig")["portals"] == [["127.0.0.1", 3999]]
 
 

@@ -135,6 +135,22 @@ def exit_absent(module, client, current, before, op, **key):
     module.exit_json(changed=True, diff=dict(before=before, after={}))
 
 
+def run_runner(module, make_runner, subject):
+    """Drive a module's Runner (``run()``, ``actions`` and the object under
+    ``subject``) against the daemon: exit with its result, or fail with the
+    daemon's one-line refusal, the actions run so far, the object and the
+    outcome of a followed job that did not finish."""
+    client = Client(module.params["socket"], module.params["timeout"])
+    runner = make_runner(module, client)
+    try:
+        module.exit_json(**runner.run())
+    except LiverestoreError as e:
+        module.fail_json(msg=str(e), actions=runner.actions, outcome=e.outcome,
+                         **{subject: getattr(runner, subject)})
+    finally:
+        client.close()
+
+
 def wait_job(client, pair, timeout, poll=0.5):
     """Follow a pair's job until it ends; bounded by timeout (seconds).
 

@@ -155,7 +155,7 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
-    Client, LiverestoreError, common_argument_spec, find, parse_size, wait_job)
+    common_argument_spec, find, parse_size, run_runner, wait_job)
 
 KNOBS = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct")
 
@@ -329,15 +329,7 @@ def main():
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     if module.params["source"] == module.params["clone"]:
         module.fail_json(msg="source and clone must be different volumes")
-    client = Client(module.params["socket"], module.params["timeout"])
-    runner = Runner(module, client)
-    try:
-        module.exit_json(**runner.run())
-    except LiverestoreError as e:
-        module.fail_json(msg=str(e), actions=runner.actions, pair=runner.pair,
-                         outcome=e.outcome)
-    finally:
-        client.close()
+    run_runner(module, Runner, "pair")
 
 
 if __name__ == "__main__":

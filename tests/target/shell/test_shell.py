@@ -200,7 +200,7 @@ def test_one_shot_mode(daemon, tmp_path):
     cfg = json.loads(save.read_text())
     assert {v["name"] for v in cfg["volumes"]} == {"db1", "db1-clone"}
     r = shell_cmd(daemon, "restoreconfig", str(save))
-    assert r.stdout.strip() == "Created 0 volumes, 0 pairs, 0 targets."
+    assert r.stdout.strip() == "Created 0 volumes, 0 pairs, 0 groups, 0 targets."
     r = subprocess.run([*LR, "--socket", daemon.sock + ".none", "shell", "ls"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no liverestore daemon" in r.stderr
