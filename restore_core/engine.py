@@ -23,12 +23,12 @@ import re
 from typing import Any, Callable
 
 from .blockstore import BlockStore
-from .committer import Committer, load_map
+from .committer import Committer
 from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
 from .metadata import HOLD_FIELD, MetadataStore, Snapshot
-from .pair import (PERSISTED_MAPS, Job, JobKind, Pair, PairState, Progress, Throttle,
-                   VolumeRuntime)
+from .pair import Job, JobKind, Pair, PairState, Progress, Throttle, VolumeRuntime
+from .restoremaps import PERSISTED_MAPS
 from .volume_io import VolumeIO
 
 log = logging.getLogger(__name__)
@@ -189,10 +189,7 @@ class Engine:
             try:
                 pair = Pair.from_record(rec)
                 for name in PERSISTED_MAPS:
-                    cur = getattr(pair, name)   # intent has one bit per region, not per extent
-                    cur.assign(load_map(cur.nbits, snap.maps.get(pair.map_key(name), {})))
-                for name in PERSISTED_MAPS:
-                    getattr(pair, name).take_dirty_chunks()
+                    pair.maps.load(name, snap.maps.get(pair.map_key(name), {}))
                 self._attach(pair)
             except (KeyError, ValueError, TypeError, EngineError) as e:
                 if not rec.get(HOLD_FIELD):
@@ -235,12 +232,10 @@ class Engine:
                 f"the pair was made for {pair.size}")
         pair.source_store = src.store
         pair.clone_store = cln.store
-        pair.regionlog.marks = pair.marks
         src.as_source.append(pair)
         cln.as_clone = pair
         self.pairs[pair.id] = pair
-        for name in PERSISTED_MAPS:
-            self.committer.register_map(pair.map_key(name), getattr(pair, name))
+        pair.maps.attach(self.committer, pair.id)
 
     def _widen_damaged(self, snap: Snapshot) -> bool:
         """Give every chunk that failed its checksum its safe-side content
@@ -258,7 +253,7 @@ class Engine:
                 continue
             found = True
             for chunk in chunks:
-                assumed = pair.widen_damaged_chunk(name, chunk)
+                assumed = pair.maps.widen_damaged_chunk(name, chunk, pair.protected_restore)
                 log.error("pair %s: map %s chunk %d failed its checksum: %s; the pair is "
                           "marked damaged", pid, name, chunk, assumed)
             pair.damaged = (f"map {name} chunk(s) {', '.join(map(str, chunks))} failed their "
@@ -321,32 +316,30 @@ class Engine:
             log.error("pair %s is held: %s; its volumes answer NOT READY until "
                       "'liverestore pair acknowledge %s'", pair.id, pair.hold, pair.id)
             return
-        if pair.widen_delta_by_intent():
+        if pair.maps.widen_delta_by_intent():
             # Acknowledged writes whose exact bits had not reached disk.
             self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
-        if pair.mirroring and (pair.marks.any(0, pair.nextents) or (
-                pair.state is PairState.SYNCHRONIZED and pair.delta.any(0, pair.nextents))):
+        if pair.mirroring and (pair.maps.has_dirty_regions() or (
+                pair.state is PairState.SYNCHRONIZED and pair.maps.any_differing())):
             # Mirrored writes may have been cut between the legs: copy those
             # extents again (one transaction, before the copier starts). A
             # synchronized pair's delta is empty unless a damaged chunk was
             # widened: copy those too.
-            if pair.state is PairState.SYNCHRONIZED:
+            restart = pair.state is PairState.SYNCHRONIZED
+            if restart:
                 pair.state = PairState.SYNCING
                 pair.job = Job(JobKind.SYNC, total=0)
-                pair.done.clear_all()
-            pair.delta.update_from(pair.marks)
-            pair.done.subtract(pair.marks)
-            pair.marks.clear_all()
+            pair.maps.recopy_dirty_regions(restart)
             pair.compute_todo()
             if pair.job is not None:
-                pair.job.total = max(pair.job.total, pair.todo.count())
+                pair.job.total = max(pair.job.total, pair.maps.todo_left())
             self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
         if pair.job is not None:
             pair.compute_todo()
             log.info("pair %s: resuming %s, %d extents left", pair.id, pair.job.kind.value,
-                     pair.todo.count())
+                     pair.maps.todo_left())
             self._start_job(pair)
         if pair.mirroring:
             self._start_cleaner(pair)
@@ -405,7 +398,7 @@ class Engine:
                 pair.throttle = throttle
             async with src.gate.closed(), cln.gate.closed():
                 self._attach(pair)
-                pair.delta.set_all()
+                pair.maps.all_differ()
                 if sync:
                     pair.state = PairState.SYNCING
                     pair.job = Job(JobKind.SYNC, total=pair.nextents)
@@ -438,15 +431,10 @@ class Engine:
             if any(p.state is PairState.RESTORING for p in src.as_source):
                 raise EngineError(f"volume {pair.source} is being restored from another clone")
             async with src.gate.closed(), cln.gate.closed():
-                if pair.state is PairState.SYNCHRONIZED:
-                    pair.delta.update_from(pair.marks)
-                    pair.marks.clear_all()
-                if full:
-                    pair.delta.set_all()
-                pair.done.clear_all()
-                pair.intent.clear_all()    # the exact delta commits with the job
+                # the exact delta commits with the job
+                pair.maps.begin_sync(pair.state is PairState.SYNCHRONIZED, full)
                 pair.state = PairState.SYNCING
-                pair.job = Job(JobKind.SYNC, total=pair.delta.count())
+                pair.job = Job(JobKind.SYNC, total=pair.maps.differing())
                 self.committer.put_pair(pair.id, pair.to_record())
                 await self.committer.commit()
                 pair.compute_todo()
@@ -467,14 +455,7 @@ class Engine:
     def _set_fractured(self, pair: Pair, differ) -> None:
         """The in-memory half of _become_fractured: no await, so changes of
         several pairs made one after another share one commit batch."""
-        if differ is None:
-            pair.delta.set_all()
-        else:
-            pair.delta.assign(differ)
-        pair.done.clear_all()
-        pair.marks.clear_all()
-        pair.intent.clear_all()
-        pair.todo.clear_all()
+        pair.maps.fracture(differ)
         pair.state = PairState.FRACTURED
         pair.job = None
         self.committer.put_pair(pair.id, pair.to_record())
@@ -495,7 +476,7 @@ class Engine:
                 return pair
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             async with src.gate.closed(), cln.gate.closed():
-                await self._become_fractured(pair, pair.may_differ())
+                await self._become_fractured(pair, pair.maps.may_differ())
                 cln.generation += 1
             self._emit("fractured", pair.id)
             return pair
@@ -535,13 +516,12 @@ class Engine:
         # Every sibling clone will differ wherever this restore copies.
         for other in self.volumes[pair.source].as_source:
             if other is not pair:
-                other.delta.update_from(pair.delta)
+                other.maps.add_differing(pair.maps)
             # Every pair's exact delta commits with this change: regions are done.
-            other.intent.clear_all()
-        pair.done.clear_all()
-        pair.marks.clear_all()
+            other.maps.clear_intent()
+        pair.maps.begin_restore()
         pair.state = PairState.RESTORING
-        pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.delta.count(),
+        pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.maps.differing(),
                        paused=paused)
         self.committer.put_pair(pair.id, pair.to_record())
 
@@ -573,7 +553,7 @@ class Engine:
             self._emit("pair-deleted", pair_id)
 
     def _detach(self, pair: Pair) -> None:
-        self.committer.unregister_prefix(pair.id + "/")
+        pair.maps.detach()
         src, cln = self.volumes[pair.source], self.volumes[pair.clone]
         if pair in src.as_source:
             src.as_source.remove(pair)
@@ -653,7 +633,10 @@ class Engine:
                         pair.job.kind.value if pair.job else "job", "; ".join(offline))
             return
         if pair.copier is None:
-            pair.copier = Copier(pair, self.committer)
+            # Host activity is the source LU's (host I/O during a restore or
+            # sync goes there), and so is the idle copy rate it learns: it
+            # outlives the job and serves the pair's other clones too.
+            pair.copier = Copier(pair, self.committer, self.volumes[pair.source].hosts)
             pair.copier.on_finished = self._job_finished
             pair.copier.on_error = self._job_failed
         if pair.job is not None and not pair.job.paused:
@@ -674,16 +657,9 @@ class Engine:
             if pair.job is None:
                 return
             kind = pair.job.kind
-            if kind is JobKind.RESTORE and pair.job.protected:
-                # The protected restore map is exactly the new delta map.
-                pair.delta.assign(pair.marks)
-                pair.marks.clear_all()
-                pair.state = PairState.FRACTURED
-            else:
-                # Everything copied; mirrored writes stay in the region log.
-                pair.delta.clear_all()
-                pair.state = PairState.SYNCHRONIZED
-            pair.done.clear_all()
+            protected = kind is JobKind.RESTORE and pair.job.protected
+            pair.maps.finish_job(protected)
+            pair.state = PairState.FRACTURED if protected else PairState.SYNCHRONIZED
             pair.job = None
             # The job copied every extent a widened chunk covered.
             pair.damaged = None
@@ -741,10 +717,7 @@ class Engine:
 
     def _prune_pending(self, durable_id: int) -> None:
         for pair in self.pairs.values():
-            for pm in (pair.pending_marks, pair.pending_intent):
-                if pm:
-                    for e in [e for e, b in pm.items() if b <= durable_id]:
-                        del pm[e]
+            pair.maps.prune_pending(durable_id)
 
     def _emit(self, event: str, pair_id: str) -> None:
         for cb in list(self.listeners):

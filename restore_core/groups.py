@@ -271,7 +271,7 @@ class Groups:
             if todo:
                 async with AsyncExitStack() as stack:
                     await self._gates_closed(stack, todo)
-                    differ = {p.id: p.may_differ() for p in todo}
+                    differ = {p.id: p.maps.may_differ() for p in todo}
                     for p in todo:
                         await eng._stop_background(p)
                     for p in todo:      # no await: one batch, one transaction

@@ -1,22 +1,4 @@
-"""A source/clone pair: its state, its persisted maps and its job.
-
-Maps (persisted, one bit per extent):
-  delta  -- extents that may differ between source and clone; frozen while
-            a job runs so that starting a restore writes no map chunks.
-  done   -- extents the running job has copied (or a host write filled whole).
-  marks  -- protected restore: the protected restore map (host-written
-            extents, never overwritten by the copier, the new delta at the
-            end). Mirroring states (sync, synchronized, unprotected restore):
-            the dirty-region log of mirrored writes.
-  intent -- write-intent regions of a fractured pair (INTENT_EXTENTS
-            extents each, like md's write-intent bitmap): a host write makes
-            its region bit durable before it is acknowledged, while its exact
-            delta bits stay in memory and reach disk with a later batch. A
-            crash widens the delta by the dirty regions (never less than
-            what changed); every state change commits the exact delta and
-            clears the regions in the same transaction.
-The extents still to copy are ``delta - done`` (minus ``marks`` in a
-protected restore); "may differ" is always ``(delta - done) | marks``.
+"""A source/clone pair: its state, its job and its maps (restoremaps).
 """
 from __future__ import annotations
 
@@ -26,16 +8,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .blockstore import BlockStore
-from .extentmap import CHUNK_BITS, ExtentMap, extent_count
+from .extentmap import extent_count
 from .gate import IOGate
+from .hostyield import HostYield
 from .inflight import InFlightMap
 from .metadata import DAMAGED_FIELD, HOLD_FIELD
 from .regionlog import RegionLog
-
-
-# 256 extents: 16 MiB regions at the default 64 KiB extent size.
-INTENT_EXTENTS = 256
-PERSISTED_MAPS = ("delta", "done", "marks", "intent")
+from .restoremaps import RestoreMaps
 
 
 class PairState(str, enum.Enum):
@@ -57,17 +36,17 @@ class Throttle:
     rate: bytes/s, 0 for unlimited. batch_extents: adjacent extents merged
     into one copy I/O and copied between map commits (dm-clone's
     hydration_batch_size). depth: copy I/Os in flight at once (dm-clone's
-    hydration_threshold). host_yield_ms: while host I/O was seen within this
-    window the copier copies one extent at a time with a single I/O in
-    flight and pauses host_pause_us between copies, so host latency wins
-    over restore speed (0 turns the pause off).
+    hydration_threshold). While a host command was seen within the last
+    host_window copy round trips the LU is busy: the copier copies one
+    extent at a time, paced to min_progress_pct percent of its idle rate
+    (see restore_core.hostyield); host_window 0 turns yielding off.
     """
 
     rate: int = 0
     batch_extents: int = 16
     depth: int = 2
-    host_yield_ms: int = 20
-    host_pause_us: int = 200
+    host_window: int = 8
+    min_progress_pct: int = 10
 
     def validate(self) -> None:
         if self.rate < 0:
@@ -76,10 +55,15 @@ class Throttle:
             raise ValueError("batch_extents must be 1..4096")
         if not 1 <= self.depth <= 64:
             raise ValueError("depth must be 1..64")
-        if not 0 <= self.host_yield_ms <= 10000:
-            raise ValueError("host_yield_ms must be 0..10000")
-        if not 0 <= self.host_pause_us <= 1_000_000:
-            raise ValueError("host_pause_us must be 0..1000000")
+        if not 0 <= self.host_window <= 10000:
+            raise ValueError("host_window must be 0..10000 copy round trips")
+        if not 1 <= self.min_progress_pct <= 100:
+            raise ValueError("min_progress_pct must be 1..100")
+
+
+# Knobs of earlier versions, replaced by host_window and min_progress_pct:
+# a saved configuration may still carry them; they are accepted and ignored.
+RETIRED_THROTTLE_KNOBS = ("host_yield_ms", "host_pause_us")
 
 
 @dataclass
@@ -129,13 +113,9 @@ class Pair:
         self.state = state
         n = extent_count(size, extent_size)
         self.nextents = n
-        self.delta = ExtentMap(n)
-        self.done = ExtentMap(n)
-        self.marks = ExtentMap(n)
-        self.intent = ExtentMap((n + INTENT_EXTENTS - 1) // INTENT_EXTENTS)
-        self.todo = ExtentMap(n)          # memory only: still to copy
+        self.maps = RestoreMaps(n)
         self.inflight = InFlightMap()     # the copy-on-demand map
-        self.regionlog = RegionLog(self.marks)
+        self.regionlog = RegionLog(self.maps)
         self.job: Job | None = None
         self.throttle = Throttle()
         self.created_at = time.time()
@@ -151,8 +131,6 @@ class Pair:
         self.cod_wait_seconds = 0.0       # host I/O time spent waiting on those copies
         self._rate_window: list[tuple[float, int]] = []
         self.last_host_io = 0.0
-        self.pending_marks: dict[int, int] = {}   # extent -> batch making its mark durable
-        self.pending_intent: dict[int, int] = {}  # region -> batch making its bit durable
 
     # -- record ------------------------------------------------------------------
     def to_record(self) -> dict[str, Any]:
@@ -177,48 +155,6 @@ class Pair:
         p.damaged = r.get(DAMAGED_FIELD)
         return p
 
-    def widen_damaged_chunk(self, name: str, chunk: int) -> str:
-        """A persisted chunk of map ``name`` failed its checksum: give it the
-        content that can only cost extra copying, never hide a difference.
-        Returns what was assumed, for the log."""
-        m: ExtentMap = getattr(self, name)
-        a = chunk * CHUNK_BITS
-        b = min(a + CHUNK_BITS, m.nbits)
-        where = "of it"
-        if a >= m.nbits:
-            # Its index is damaged too, so the chunk it belongs to is
-            # unknown: widen the whole map; the bogus row goes at the next
-            # commit.
-            m.mark_chunk_dirty(chunk)
-            a, b = 0, m.nbits
-            where = "of the whole map (the chunk index itself is damaged)"
-        if name == "done":
-            m.clear_range(a, b)
-            return f"every extent {where} counts as not yet copied"
-        if name == "marks" and self.protected_restore:
-            # Here a mark means "restored, then written by the host: never
-            # copy over it". A host write restores its extent first, so every
-            # extent that is not still to restore may carry host data.
-            need = self.delta.bits[a:b] & ~self.done.bits[a:b]
-            m.bits[a:b] = ~need
-            for c in range(a // CHUNK_BITS, (b - 1) // CHUNK_BITS + 1):
-                m.mark_chunk_dirty(c)
-            return f"every extent {where} not still to restore counts as host-written"
-        m.set_range(a, b)
-        if name == "intent":
-            return f"every region {where} counts as dirty"
-        return f"every extent {where} counts as differing"
-
-    def widen_delta_by_intent(self) -> bool:
-        """After a crash: every extent of a dirty write-intent region may
-        differ. Returns whether there was anything to widen."""
-        if not self.intent.any(0, self.intent.nbits):
-            return False
-        for ra, rb in list(self.intent.runs()):
-            self.delta.set_range(ra * INTENT_EXTENTS, min(rb * INTENT_EXTENTS, self.nextents))
-        self.intent.clear_all()
-        return True
-
     def map_key(self, name: str) -> str:
         return f"{self.id}/{name}"
 
@@ -235,15 +171,7 @@ class Pair:
         return self.state is PairState.RESTORING and self.job is not None and self.job.protected
 
     def compute_todo(self) -> None:
-        """todo = delta - done (- marks in a protected restore)."""
-        bits = self.delta.bits & ~self.done.bits
-        if self.protected_restore:
-            bits &= ~self.marks.bits
-        self.todo = ExtentMap(self.nextents, bits)
-
-    def may_differ(self) -> ExtentMap:
-        bits = (self.delta.bits & ~self.done.bits) | self.marks.bits
-        return ExtentMap(self.nextents, bits)
+        self.maps.start_todo(self.protected_restore)
 
     def note_copied(self, nbytes: int, nextents: int) -> None:
         now = time.monotonic()
@@ -260,7 +188,7 @@ class Pair:
             span = self._rate_window[-1][0] - self._rate_window[0][0]
             if span > 0:
                 rate = sum(n for _, n in self._rate_window[1:]) / span
-        remaining = self.todo.count() if job else 0
+        remaining = self.maps.todo_left() if job else 0
         total = job.total if job else 0
         eta = None
         if job and rate > 0:
@@ -275,7 +203,7 @@ class Pair:
             bytes_copied=self.bytes_copied,
             rate=rate, eta=eta,
             error=job.error if job else None,
-            delta_extents=self.may_differ().count(),
+            delta_extents=self.maps.may_differ().count(),
         )
 
 
@@ -293,3 +221,4 @@ class VolumeRuntime:
         # Why the volume is offline (image missing, wrong size, deleted or
         # replaced under us), or None. An offline volume answers NOT READY.
         self.offline: str | None = None
+        self.hosts = HostYield()          # the copier's view of this LU's host activity

@@ -8,12 +8,16 @@ a stale set bit costs one extent copy after a crash, never correctness.
 """
 from __future__ import annotations
 
-from .extentmap import ExtentMap
+from typing import Protocol
+
+
+class DirtyRegions(Protocol):
+    def clear_region(self, e: int) -> None: ...
 
 
 class RegionLog:
-    def __init__(self, marks: ExtentMap) -> None:
-        self.marks = marks
+    def __init__(self, maps: DirtyRegions) -> None:
+        self.maps = maps
         self._inflight: dict[int, int] = {}
         self._last_done: dict[int, int] = {}    # extent -> generation its last write ended
         self.gen = 0
@@ -51,7 +55,7 @@ class RegionLog:
         cleared = 0
         for e, g in list(self._last_done.items()):
             if g <= flushed_gen and e not in self._inflight:
-                self.marks.clear(e)
+                self.maps.clear_region(e)
                 del self._last_done[e]
                 cleared += 1
         return cleared

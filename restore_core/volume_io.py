@@ -27,11 +27,11 @@ from typing import Awaitable, Callable, Mapping
 
 from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
-from .extentmap import ExtentMap, extents_of, whole_extents_of
+from .extentmap import extents_of, whole_extents_of
 from .lunio import (READ_WRITE, Access, AccessState, LunIO, MediumError, NotReadyError,
                     ReadWork, WriteProtectedError, WriteWork)
 from .metadata import MetadataError
-from .pair import INTENT_EXTENTS, Pair, PairState, VolumeRuntime
+from .pair import Pair, PairState, VolumeRuntime
 
 
 IoFn = Callable[[BlockStore], Awaitable[None]]
@@ -188,7 +188,7 @@ class VolumeIO(LunIO):
                       and self._restored_and_marked(pair, a, b)):
                 return False
         for pair, a, b in fractured:
-            if self._mark_tracked(pair, a, b):
+            if pair.maps.mark_tracked(a, b):
                 return False                     # its region must be durable first
         return True
 
@@ -196,8 +196,7 @@ class VolumeIO(LunIO):
         """Extents [a, b) of a protected restore are restored and durably
         marked host-written: a write to them needs no copy and no commit."""
         pair.last_host_io = time.monotonic()
-        return not self._unrestored(pair, a, b) and pair.marks.all(a, b) \
-            and not self._mark(pair, pair.marks, a, b)    # all set: only reads pending ids
+        return not self._unrestored(pair, a, b) and pair.maps.is_host_written_durably(a, b)
 
     # -- reads -------------------------------------------------------------------
     # During a restore, a host read of an extent still to restore is served
@@ -280,7 +279,7 @@ class VolumeIO(LunIO):
     def _unrestored(pair: Pair, a: int, b: int) -> list[int]:
         """Extents of [a, b) still to restore (the restore map's one read
         on the host path)."""
-        return pair.todo.set_in(a, b) if pair.todo.any(a, b) else []
+        return [] if pair.maps.is_restored(a, b) else pair.maps.todo_in(a, b)
 
     # -- writes ------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
@@ -311,43 +310,6 @@ class VolumeIO(LunIO):
         return await self.vol.store.allocation(offset, length)
 
     # -- the write path ----------------------------------------------------------------
-    def _mark(self, pair: Pair, m: ExtentMap, a: int, b: int,
-              pending: dict[int, int] | None = None) -> int:
-        """Set bits [a, b) of a persisted map; the batch to wait for, or 0."""
-        c = self.committer
-        if pending is None:
-            pending = pair.pending_marks
-        if m.all(a, b):
-            if not pending:
-                return 0
-            bid = 0
-            for e in range(a, b):
-                x = pending.get(e, 0)
-                if x > bid:
-                    bid = x
-            return bid if bid > c.durable_id else 0
-        m.set_range(a, b)
-        bid = c.next_id
-        for e in range(a, b):
-            pending[e] = bid
-        return bid
-
-    def _mark_tracked(self, pair: Pair, a: int, b: int) -> int:
-        """A write to a fractured pair's side: its exact delta bits are set
-        in memory (they reach disk with a later batch); its write-intent
-        region must be durable before the write is acknowledged."""
-        d = pair.delta
-        if not d.all(a, b):
-            d.set_range(a, b)
-        return self._mark(pair, pair.intent, a // INTENT_EXTENTS,
-                          (b - 1) // INTENT_EXTENTS + 1, pair.pending_intent)
-
-    def _mark_list(self, pair: Pair, m: ExtentMap, extents: list[int]) -> int:
-        bid = 0
-        for e in extents:
-            bid = max(bid, self._mark(pair, m, e, e + 1))
-        return bid
-
     async def _modify(self, offset: int, length: int, io: IoFn, fua: bool) -> None:
         if length == 0:
             self._check(True)
@@ -377,7 +339,7 @@ class VolumeIO(LunIO):
     async def _modify_clone(self, pair: Pair, offset: int, length: int, io: IoFn, fua: bool) -> None:
         # Only a fractured clone is writable (checked by _check).
         a, b = extents_of(offset, length, pair.extent_size)
-        bid = self._mark_tracked(pair, a, b)
+        bid = pair.maps.mark_tracked(a, b)
         if bid:
             await self.committer.wait_durable(bid)
         await io(self.vol.store)
@@ -397,7 +359,7 @@ class VolumeIO(LunIO):
                 a, b = extents_of(offset, length, pair.extent_size)
                 st = pair.state
                 if st is PairState.FRACTURED:
-                    wait_bid = max(wait_bid, self._mark_tracked(pair, a, b))
+                    wait_bid = max(wait_bid, pair.maps.mark_tracked(a, b))
                     continue
                 pair.last_host_io = time.monotonic()
                 if st is PairState.RESTORING:
@@ -408,8 +370,12 @@ class VolumeIO(LunIO):
                         claims.append((pair, fills, True))
                     rest = [e for e in range(a, b) if e not in fills] if fills else None
                     if pair.protected_restore:
-                        wait_bid = max(wait_bid, self._mark(pair, pair.marks, a, b) if rest is None
-                                       else self._mark_list(pair, pair.marks, rest))
+                        if pair.maps.copy_in_doubt(a, b):
+                            # A mark keeps the copier off for good: the copy
+                            # it keeps must be durable first.
+                            await self.committer.settle_landed()
+                        wait_bid = max(wait_bid, pair.maps.mark_host_written(
+                            range(a, b) if rest is None else rest))
                         continue
                 else:   # SYNCING / SYNCHRONIZED: keep the copier off todo extents
                     own = await self._claim_todo(pair, a, b)
@@ -417,10 +383,7 @@ class VolumeIO(LunIO):
                         claims.append((pair, own, False))
                     rest = [e for e in range(a, b) if e not in own] if own else None
                 # mirroring: region-log the extents not covered by a claim
-                if rest is None:
-                    wait_bid = max(wait_bid, self._mark(pair, pair.marks, a, b))
-                else:
-                    wait_bid = max(wait_bid, self._mark_list(pair, pair.marks, rest))
+                wait_bid = max(wait_bid, pair.maps.mark_region_dirty(range(a, b) if rest is None else rest))
                 if self._offline(pair.clone):
                     # No second leg while the clone is offline: the durable
                     # region marks stay set (no begin/end), so these extents
@@ -449,21 +412,22 @@ class VolumeIO(LunIO):
             if fill:
                 # The write filled these extents whole: they are restored (or
                 # host-written) without a copy. Their map change waits for the
-                # data to be durable, done by the commit's flush.
-                bid = self.committer.next_id
-                for e in ext:
-                    pair.todo.clear(e)
-                    pair.done.set(e)
-                    if pair.protected_restore:
-                        pair.marks.set(e)
-                        # Later writers to e must wait for this batch too.
-                        pair.pending_marks[e] = bid
-                self.committer.note_unflushed(vol.store)
-                for s in mirror_stores:
-                    self.committer.note_unflushed(s)
+                # data to be durable: settled by the commit below, under the
+                # claim, so later writers find the bits set.
+                job = pair.job
+                settle = pair.maps.mark_filled(ext, pair.protected_restore,
+                                               lambda p=pair, j=job: p.job is j)
+                self.committer.note_landed((vol.store, *mirror_stores), settle)
                 need_commit = True
+                continue
             pair.inflight.release_all(ext)
         if need_commit:
+            try:
+                await self.committer.settle_landed()
+            finally:
+                for pair, ext, fill in claims:
+                    if fill:
+                        pair.inflight.release_all(ext)
             await self.committer.commit()
         elif fua:
             stores = [vol.store, *mirror_stores]
@@ -474,7 +438,7 @@ class VolumeIO(LunIO):
         own: list[int] = []
         while True:
             busy: list[int] = []
-            for e in pair.todo.set_in(a, b):
+            for e in pair.maps.todo_in(a, b):
                 if e in own:
                     continue
                 if pair.inflight.try_claim(e):

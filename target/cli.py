@@ -350,8 +350,8 @@ def _logging(verbose: bool) -> None:
 
 
 def _throttle_kw(a: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(a, k) for k in ("rate", "batch_extents", "depth", "host_yield_ms",
-                                 "host_pause_us")
+    return {k: getattr(a, k) for k in ("rate", "batch_extents", "depth", "host_window",
+                                 "min_progress_pct")
             if getattr(a, k, None) is not None}
 
 
@@ -523,10 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-extents", type=int,
                         help="adjacent extents merged into one copy I/O (1-4096)")
         sp.add_argument("--depth", type=int, help="copy I/Os in flight at once (1-64)")
-        sp.add_argument("--host-yield-ms", type=int,
-                        help="one copy I/O at a time while host I/O was seen this recently")
-        sp.add_argument("--host-pause-us", type=int,
-                        help="pause between copies while hosts are active (0: none)")
+        sp.add_argument("--host-window", type=int,
+                        help="hosts count as busy while seen within this many copy round "
+                             "trips (0: never yield)")
+        sp.add_argument("--min-progress-pct", type=int,
+                        help="while hosts are busy, copy at this %% of the idle rate (1-100)")
     p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "deleted",
                    lambda a: {"pair": a.pair, "force": a.force})
     p.add_argument("pair", help=PAIR_HELP)

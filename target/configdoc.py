@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import ValidationError, best_match
 
 from restore_core.engine import valid_volume_name
-from restore_core.pair import Throttle
+from restore_core.pair import RETIRED_THROTTLE_KNOBS, Throttle
 from restore_core.stores.spec import FILE_KINDS, RBD_KIND, RbdSpec, SpecError
 
 from .errors import clip, one_line
@@ -107,7 +107,8 @@ DOCUMENT_SCHEMA: dict[str, Any] = {
                            "extent_size": _SIZE,
                            "throttle": {"type": "object", "additionalProperties": False,
                                         "properties": {k: {"type": "integer", "minimum": 0}
-                                                       for k in Throttle.__dataclass_fields__}}}}},
+                                                       for k in (*Throttle.__dataclass_fields__,
+                                                                 *RETIRED_THROTTLE_KNOBS)}}}}},
         # consistency groups: members are pair ids (clone names)
         "groups": {"type": "array", "items": {
             "type": "object", "required": ["name", "pairs"], "additionalProperties": False,

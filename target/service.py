@@ -33,7 +33,7 @@ from restore_core.stores.spec import RBD_KIND, FileSpec, RbdSpec, SpecError, Sto
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.groups import Groups
-from restore_core.pair import Pair, Throttle
+from restore_core.pair import RETIRED_THROTTLE_KNOBS, Pair, Throttle
 
 from .arguments import ArgumentError, Signature
 from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
@@ -1173,8 +1173,10 @@ class Service(GroupOps):
         for p in config.get("pairs", []):
             if (p["source"], p["clone"]) in have:
                 continue
+            knobs = {k: v for k, v in p.get("throttle", {}).items()
+                     if k not in RETIRED_THROTTLE_KNOBS}
             await self.pair_create(p["source"], p["clone"], p.get("extent_size"), sync=False,
-                                   **p.get("throttle", {}))
+                                   **knobs)
             undo.add(f"pair {p['clone']}", lambda c=p["clone"]: self.pair_delete(c, force=True))
             made["pairs"].append(p["clone"])
         made["groups"] = await self._restore_groups(config.get("groups", []), undo)

@@ -73,8 +73,8 @@ def throttle_text(t: dict[str, Any]) -> str:
     """'rate unlimited, 16 extents per copy, depth 4, ...' (pair throttle, pair show)."""
     rate = "unlimited" if not t.get("rate") else f"{human(t['rate'])}/s"
     return (f"rate {rate}, {plural(t['batch_extents'], 'extent')} per copy, "
-            f"depth {t['depth']}, host yield {t['host_yield_ms']} ms, "
-            f"host pause {t['host_pause_us']} us")
+            f"depth {t['depth']}, host window {t['host_window']} copy round trips, "
+            f"min progress {t['min_progress_pct']}% of idle")
 
 
 def job_text(p: dict[str, Any]) -> str:

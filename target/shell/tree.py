@@ -26,7 +26,7 @@ from ..control import ControlError
 from ..fmt import SECRET, eta, human, plural
 from ..follow import Outcome
 
-THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
+THROTTLE = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct")
 
 
 def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
@@ -364,8 +364,9 @@ class PairNode(Node):
         descr = {"rate": "background copy bytes/s, e.g. 200M (0: unlimited)",
                  "batch_extents": "adjacent extents merged into one copy I/O",
                  "depth": "copy I/Os in flight at once",
-                 "host_yield_ms": "one copy I/O in flight while host I/O was seen this recently",
-                 "host_pause_us": "pause between copies while hosts are active (0: none)"}
+                 "host_window": "hosts are busy while seen within this many copy round trips "
+                                "(0: never yield)",
+                 "min_progress_pct": "while hosts are busy, copy at this % of the idle rate"}
         for k in THROTTLE:
             self.define_config_group_param("throttle", k, "string" if k == "rate" else "number",
                                            descr[k])

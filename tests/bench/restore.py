@@ -50,7 +50,7 @@ from persistence.db import Database  # noqa: E402
 from persistence.sqlite_store import SqliteMetadataStore  # noqa: E402
 from restore_core.stores.file import FileBlockStore  # noqa: E402
 from restore_core.committer import load_map  # noqa: E402
-from restore_core.pair import INTENT_EXTENTS  # noqa: E402
+from restore_core.restoremaps import INTENT_EXTENTS  # noqa: E402
 from restore_core.engine import Engine  # noqa: E402
 from restore_core.extentmap import ExtentMap  # noqa: E402
 from restore_core.pair import Pair, PairState  # noqa: E402
@@ -140,7 +140,7 @@ class Rig:
         eng = self.engine
         pair = await eng.create_pair(src, cln, extent_size=ES, sync=False)
         if bits is not None:
-            pair.delta.assign(ExtentMap(pair.nextents, bits))
+            pair.maps.delta.assign(ExtentMap(pair.nextents, bits))
             await eng.committer.commit()
         return pair
 
@@ -202,7 +202,7 @@ async def bench_delta_copy(root: str) -> dict[str, float]:
         for e in others:
             fill(cln, e * ES, ES, TAG_CLN_OTHER)
         pair = await rig.pair_with_delta("src", "cln", bits)
-        delta_bytes = pair.delta.count() * ES
+        delta_bytes = pair.maps.delta.count() * ES
         reads = 0
         stop = False
 
@@ -367,14 +367,14 @@ async def bench_tracked(root: str, reps: int = 3, secs: float = 2.5, qd: int = 3
         # (what recovery widens the delta by after a crash).
         snap = await asyncio.get_running_loop().run_in_executor(None, rig.meta.load)
         durable = load_map(pair.nextents, snap.maps.get(pair.map_key("delta"), {}))
-        intent = load_map(pair.intent.nbits, snap.maps.get(pair.map_key("intent"), {}))
+        intent = load_map(pair.maps.intent.nbits, snap.maps.get(pair.map_key("intent"), {}))
         for idx in written["T"]:
             e = idx * BLK // ES
             on_disk = durable.test(e) or intent.test(e // INTENT_EXTENTS)
-            if not (pair.delta.test(e) and on_disk):
+            if not (pair.maps.delta.test(e) and on_disk):
                 raise BenchError(
                     f"tracked write to extent {e} is not in the delta map (in memory: "
-                    f"{pair.delta.test(e)}, durable: {on_disk}; {pair.delta.count()} "
+                    f"{pair.maps.delta.test(e)}, durable: {on_disk}; {pair.maps.delta.count()} "
                     f"bits in memory, {durable.count()} durable, "
                     f"{len({i * BLK // ES for i in written['T']})} extents written)")
         for side, io in (("T", sio), ("U", pio)):
@@ -385,7 +385,7 @@ async def bench_tracked(root: str, reps: int = 3, secs: float = 2.5, qd: int = 3
                 "tracked_runs": iops["T"], "plain_runs": iops["U"],
                 "tracked_p50_ms": pct(lats["T"], 50) * 1e3, "tracked_p99_ms": pct(lats["T"], 99) * 1e3,
                 "plain_p50_ms": pct(lats["U"], 50) * 1e3, "plain_p99_ms": pct(lats["U"], 99) * 1e3,
-                "delta_bits": pair.delta.count(), "meta_batches": batches,
+                "delta_bits": pair.maps.delta.count(), "meta_batches": batches,
                 "tracked_writes": sum(1 for _ in written["T"])}
     finally:
         await rig.close()
@@ -408,7 +408,7 @@ async def read_load(io: VolumeIO, size: int, until: Callable[[], bool], tag: int
         if pair is not None and kinds is not None:
             e = o // pair.extent_size
             kind = "claimed" if e in pair.inflight else \
-                "unrestored" if pair.todo.test(e) else "restored"
+                "unrestored" if pair.maps.todo.test(e) else "restored"
         s = time.perf_counter()
         d = await io.read(o, BLK)
         lat.append(time.perf_counter() - s)
@@ -453,7 +453,7 @@ async def bench_read_latency(root: str, cold: bool, reps: int = 2,
             chill()
             idle.append(await read_load(sio, size, lambda: False, src_tag, 10 + r, idle_secs))
             if r:
-                pair.delta.set_all()
+                pair.maps.delta.set_all()
                 await eng.committer.commit()
             chill()
             t0 = time.perf_counter()

@@ -119,11 +119,11 @@ def test_engine_state_survives_reopen(tmp_path):
         await eng.start()
         p = eng.pair("c")
         assert p.state.value == "restoring" and p.job.paused
-        assert p.todo.set_in(0, 64) == [5]
-        assert p.marks.set_in(0, 64) == [9]
+        assert p.maps.todo.set_in(0, 64) == [5]
+        assert p.maps.marks.set_in(0, 64) == [9]
         await eng.resume(p.id)
         await eng.wait_job(p.id, 10)
-        assert p.delta.set_in(0, 64) == [9]
+        assert p.maps.delta.set_in(0, 64) == [9]
         await eng.close()
         d.close()
 

@@ -110,14 +110,14 @@ def test_damaged_chunk_is_rewritten_and_pair_marked_until_next_job(tmp_path):
         eng, d = await open_engine(path, src, cln)
         p = eng.pair("c")
         assert "map delta chunk(s) 0 failed their checksum" in p.damaged
-        assert p.delta.count() == N                  # the whole chunk: "may differ"
+        assert p.maps.delta.count() == N                  # the whole chunk: "may differ"
         await eng.close()
         d.close()
 
     async def second():
         eng, d = await open_engine(path, src, cln)   # rewritten with a good checksum
         p = eng.pair("c")
-        assert p.damaged and p.delta.count() == N    # the mark survives a restart
+        assert p.damaged and p.maps.delta.count() == N    # the mark survives a restart
         await eng.close()
         d.close()
 
@@ -152,7 +152,7 @@ def test_damaged_done_chunk_counts_as_not_copied(tmp_path):
     async def check():
         eng, d = await open_engine(path, src, cln)
         p = eng.pair("c")
-        assert p.done.count() == 0 and p.damaged
+        assert p.maps.done.count() == 0 and p.damaged
         await eng.resume(p.id)
         await eng.wait_job(p.id, 10)
         assert bytes(src.current) == bytes(cln.current)
@@ -182,7 +182,7 @@ def test_damaged_pair_record_holds_the_pair(tmp_path):
         with pytest.raises(EngineError, match="acknowledge"):
             await eng.sync(p.id)
         await eng.acknowledge(p.id)
-        assert p.state is PairState.FRACTURED and p.delta.count() == N
+        assert p.state is PairState.FRACTURED and p.maps.delta.count() == N
         await eng.sync(p.id)
         await eng.wait_job(p.id, 10)
         assert bytes(src.current) == bytes(cln.current)
@@ -278,7 +278,7 @@ def test_rolled_back_database_holds_changed_pairs_until_acknowledged(tmp_path):
         assert p.hold
         await eng.acknowledge(p.id)
         assert eng.volume_io("s").access_state().access is Access.READ_WRITE
-        assert p.delta.count() == N
+        assert p.maps.delta.count() == N
         await eng.sync(p.id)
         await eng.wait_job(p.id, 10)
         assert bytes(src.current) == bytes(cln.current)
@@ -384,7 +384,7 @@ def test_chunk_index_beyond_the_map_is_dropped(tmp_path):
         await eng.close()
         rows = d.conn.execute("SELECT chunk FROM map_chunks WHERE map_key = 'c/delta'").fetchall()
         assert rows == [(0,)]                     # the bogus row 7 is gone
-        assert p.delta.count() == N               # chunk 0 lost its row: all of it differs
+        assert p.maps.delta.count() == N               # chunk 0 lost its row: all of it differs
         d.close()
 
     asyncio.run(check())

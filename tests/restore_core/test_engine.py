@@ -20,10 +20,10 @@ def test_full_sync_then_fracture_tracks_writes_on_both_sides():
         eng = await r.boot()
         p = await r.fractured_pair()
         assert r.cln.current == r.src.current
-        assert p.delta.count() == 0
+        assert p.maps.delta.count() == 0
         await r.sio.write(3 * ES + 10, b"a" * 20)
         await r.cios[0].write(7 * ES, b"b" * ES)
-        assert p.delta.set_in(0, 32) == [3, 7]
+        assert p.maps.delta.set_in(0, 32) == [3, 7]
         assert r.engine.committer.durable_id >= 1
         # the bits were durable before the writes returned
         snap = r.meta.load()
@@ -86,7 +86,7 @@ def test_protected_restore_reads_clone_data_and_keeps_host_writes():
         want[8 * ES + 100:8 * ES + 110] = b"w" * 10
         want[10 * ES:11 * ES] = pattern(0x77, ES)
         assert bytes(r.src.current) == bytes(want)
-        assert p.delta.set_in(0, 32) == [8, 10]
+        assert p.maps.delta.set_in(0, 32) == [8, 10]
         await eng.close()
     run(go())
 
@@ -115,13 +115,13 @@ def test_restore_dirties_sibling_clones():
         a = await r.fractured_pair(0)
         b = await r.fractured_pair(1)
         await r.sio.write(3 * ES, pattern(9, ES))
-        assert a.delta.set_in(0, 16) == [3] and b.delta.set_in(0, 16) == [3]
+        assert a.maps.delta.set_in(0, 16) == [3] and b.maps.delta.set_in(0, 16) == [3]
         await eng.restore(a.id)
         await eng.wait_job(a.id, 10)
         await r.sio.write(5 * ES, pattern(8, 10))
         # b's clone differs from the source wherever a's restore copied or
         # the host wrote: its delta must say so.
-        assert b.delta.set_in(0, 16) == [3, 5]
+        assert b.maps.delta.set_in(0, 16) == [3, 5]
         await eng.close()
     run(go())
 
@@ -222,6 +222,6 @@ def test_restart_loads_write_intent_regions_at_their_own_size():
         assert any(k.endswith("/intent") for k in r.meta.load().maps)
         eng2 = await r.boot()                # a crash: the first engine never closed
         p2 = eng2.pair(p.id)
-        assert p2.intent.nbits == 3 and p2.delta.test(300)
+        assert p2.maps.intent.nbits == 3 and p2.maps.delta.test(300)
         await eng2.close()
     run(go())

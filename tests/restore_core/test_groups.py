@@ -80,7 +80,7 @@ def test_group_fracture_is_one_transaction_at_one_instant():
         assert r.states() == ["fractured", "fractured"]
         assert bytes(r.stores["a-clone"].current[:ES]) == pattern(1, ES)
         assert bytes(r.stores["b-clone"].current[:ES]) != pattern(2, ES)
-        assert eng.pair("b-clone").delta.test(0)
+        assert eng.pair("b-clone").maps.delta.test(0)
         await groups.fracture("db")           # already fractured: nothing to do
         assert len([t for t in records if t]) == 1
         await eng.close()

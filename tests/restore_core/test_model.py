@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from restore_core.engine import Engine
-from restore_core.pair import INTENT_EXTENTS, PairState
+from restore_core.pair import PairState
+from restore_core.restoremaps import INTENT_EXTENTS
 
 from .util import ES, Rig
 
@@ -273,10 +274,10 @@ def test_restore_model(pre, pre_clone, protected, start_paused, keep_seed, round
             for e in range(NEXT):
                 a, b = e * ES, (e + 1) * ES
                 if src[a:b] != cln[a:b]:
-                    assert pair.delta.test(e), f"extent {e} differs but its delta bit is clear"
-                if pair.delta.test(e) and not widened:
+                    assert pair.maps.delta.test(e), f"extent {e} differs but its delta bit is clear"
+                if pair.maps.delta.test(e) and not widened:
                     assert model.written[e], f"extent {e} in delta but never host-written"
-                if pair.delta.test(e) and widened:
+                if pair.maps.delta.test(e) and widened:
                     r = e // INTENT_EXTENTS
                     assert any(model.written[x] for x in range(
                         r * INTENT_EXTENTS, min(NEXT, (r + 1) * INTENT_EXTENTS))), \

@@ -53,7 +53,7 @@ def test_writes_to_restored_marked_extents_of_a_protected_restore_go_straight_to
         want[12 * ES:12 * ES + 1024] = b"e" * 1024
         want[12 * ES + 1] = ord("e")            # the direct write came after the 1-byte one
         assert bytes(r.src.current) == bytes(want)
-        assert p.delta.set_in(0, 32) == [10, 12]      # only the host-written extents
+        assert p.maps.delta.set_in(0, 32) == [10, 12]      # only the host-written extents
         await eng.close()
     run(go())
 

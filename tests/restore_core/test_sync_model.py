@@ -110,7 +110,7 @@ def test_sync_and_mirror_model(lives, full_first, keep_seed):
         for e in range(NEXT):
             a, b = e * ES, (e + 1) * ES
             if src[a:b] != cln[a:b]:
-                assert pair.delta.test(e), f"extent {e} differs but its delta bit is clear"
+                assert pair.maps.delta.test(e), f"extent {e} differs but its delta bit is clear"
         await eng.sync(pair.id)
         await eng.wait_job(pair.id, 30)
         assert bytes(rig.src.current) == bytes(rig.cln.current)

@@ -79,6 +79,10 @@ def test_volume_pair_export_lifecycle_with_json(daemon):
     assert js(daemon, "pair", "fracture", "db1-clone")["state"] == "fractured"
     p = js(daemon, "pair", "throttle", "db1-clone", "--rate", "100M", "--depth", "4")
     assert p["throttle"]["rate"] == 100 << 20 and p["throttle"]["depth"] == 4
+    p = js(daemon, "pair", "throttle", "db1-clone", "--host-window", "4", "--min-progress-pct", "25")
+    assert p["throttle"]["host_window"] == 4 and p["throttle"]["min_progress_pct"] == 25
+    bad = daemon.cli("pair", "throttle", "db1-clone", "--min-progress-pct", "0", ok=False)
+    assert bad.returncode != 0 and "min_progress_pct must be 1..100" in bad.stderr
     p = js(daemon, "pair", "restore", "db1/db1-clone", "--wait")
     assert p["state"] == "fractured" and p["progress"]["job"] is None
     p = js(daemon, "pair", "sync", "db1-clone", "--full", "--wait")
@@ -117,6 +121,10 @@ def test_saveconfig_restoreconfig_into_a_fresh_daemon(daemon, tmp_path):
     assert daemon.cli("saveconfig", str(saved)).stdout.strip() == f"saved to {saved}"
     assert mode(saved) == 0o600                   # it has the CHAP secret
     assert daemon.stop() == 0
+    # a file saved by a version with the retired host-yield knobs still loads
+    doc = json.loads(saved.read_text())
+    doc["pairs"][0]["throttle"].update(host_yield_ms=20, host_pause_us=200)
+    saved.write_text(json.dumps(doc))
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()

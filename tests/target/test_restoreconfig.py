@@ -106,6 +106,11 @@ def test_a_failing_step_leaves_nothing_changed(daemon) -> None:
     assert call(daemon, "saveconfig")["portals"] == [["127.0.0.1", 3999]]
 
 
+def test_a_saved_throttle_with_retired_knobs_still_loads() -> None:
+    check_document({"version": 1, "pairs": [{"source": "a", "clone": "b", "throttle": {
+        "rate": 0, "host_yield_ms": 20, "host_pause_us": 200}}]})
+
+
 @pytest.mark.parametrize("doc, where", [
     ({"version": 2}, "version 1"),
     ({"version": 1, "portals": ["127.0.0.1:70000"]}, "$.portals[0]"),

@@ -67,11 +67,12 @@ options:
       depth:
         description: Copy I/Os in flight at once (1-64).
         type: int
-      host_yield_ms:
-        description: Keep a single copy I/O in flight while host I/O was seen within this many ms.
+      host_window:
+        description: Hosts count as busy while a command was seen within this many copy round
+          trips; the copier then copies one extent at a time (C(0) never yields).
         type: int
-      host_pause_us:
-        description: Microseconds to pause between copies while hosts are active (C(0) for none).
+      min_progress_pct:
+        description: While hosts are busy, copy at this percentage of the idle rate (1-100).
         type: int
   force:
     description:
@@ -133,7 +134,7 @@ pair:
     state: fractured
     size: 10737418240
     extent_size: 65536
-    throttle: {rate: 0, batch_extents: 16, depth: 2, host_yield_ms: 20, host_pause_us: 200}
+    throttle: {rate: 0, batch_extents: 16, depth: 2, host_window: 8, min_progress_pct: 10}
     progress: {state: fractured, job: null, extents_total: 0, extents_done: 0,
                delta_extents: 0, rate: 0.0, eta: null, error: null, paused: false,
                protected: null, bytes_copied: 0}
@@ -156,7 +157,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
     common_argument_spec, find, parse_size, run_runner, wait_job)
 
-KNOBS = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
+KNOBS = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct")
 
 
 class Runner(object):
@@ -322,7 +323,7 @@ def main():
         extent_size=dict(type="str"),
         throttle=dict(type="dict", options=dict(
             rate=dict(type="str"), batch_extents=dict(type="int"), depth=dict(type="int"),
-            host_yield_ms=dict(type="int"), host_pause_us=dict(type="int"))),
+            host_window=dict(type="int"), min_progress_pct=dict(type="int"))),
         force=dict(type="bool", default=False),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
