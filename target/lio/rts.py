@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from .dbroot import Dbroot, settle
 from .plan import AclState, BackstoreState, Change, LioState, TpgState, plan, plan_teardown
 from .spec import Chap, Description, Portal
 
@@ -86,6 +87,8 @@ class LioConfigurator:
 
     def __init__(self, root=None) -> None:
         from rtslib_fb import RTSRoot
+        # Before the first RTSRoot: agree on the dbroot with the host's tools.
+        self.dbroot: Dbroot | None = settle() if root is None else None
         self.root = root or RTSRoot()
 
     def state(self) -> LioState:
