@@ -128,6 +128,8 @@ class LioFrontend:
         self.handler: TcmuHandler | None = None
         self.lio: LioConfigurator | None = None
         self._targets: dict[str, dict[str, Any]] = {}
+        self._applied: Description | None = None     # the description last applied
+        self._drift_logged: list[str] = []
 
     def _description(self, targets: dict[str, dict[str, Any]]) -> Description:
         volumes = []
@@ -157,11 +159,21 @@ class LioFrontend:
         return Description.from_dict({"volumes": volumes, "targets": tdesc})
 
     async def _apply(self) -> None:
+        """Bring LIO to the stored exports, changing only what this daemon
+        made or now wants differently: an admin's change (an ACL added with
+        targetcli, say) is left as it is and reported as drift in status."""
         desc = self._description(self._targets)
+        previous = self._applied or desc      # at start: nothing we want changed yet
         report = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.lio.apply(desc, prune=True))
+            None, lambda: self.lio.apply(desc, prune=True, previous=previous))
+        self._applied = desc
         for line in report.lines():
             log.info("lio: %s", line)
+        drift = [str(d) for d in report.drift]
+        if drift != self._drift_logged:
+            for line in drift:
+                log.warning("lio drift (left as is; see 'liverestore status'): %s", line)
+            self._drift_logged = drift
 
     def _open(self, config: str, size: int, block_size: int) -> ScsiDevice:
         dev = self.service.devices.get(config)
@@ -203,4 +215,19 @@ class LioFrontend:
 
     def stats(self) -> dict[str, Any]:
         devs = getattr(self.handler, "devices", {}) if self.handler is not None else {}
-        return {"backend": "lio", "tcmu_devices": len(devs)}
+        return {"backend": "lio", "tcmu_devices": len(devs),
+                "dbroot": str(self.lio.dbroot) if self.lio is not None and self.lio.dbroot else None,
+                "drift": self.drift()}
+
+    def drift(self) -> list[str]:
+        """LIO's differences from the stored exports, read now: what an admin
+        changed that the daemon leaves, and what is missing (the daemon
+        recreates that at its next change or start)."""
+        if self.lio is None or self._applied is None:
+            return []
+        try:
+            p = self.lio.plan_against(self._applied)
+        except Exception as e:  # noqa: BLE001 - configfs read races an admin's change; say so
+            return [f"cannot read LIO's configuration now: {e}"]
+        return [str(d) for d in p.drift] + [f"{c.path}: liverestore will {c.action.replace('_', ' ')} "
+                                            "it at its next change or start" for c in p.changes]

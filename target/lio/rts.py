@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 from .dbroot import Dbroot, settle
-from .plan import AclState, BackstoreState, Change, LioState, TpgState, plan, plan_teardown
+from .plan import AclState, BackstoreState, Change, Drift, LioState, Plan, TpgState, converge, plan_teardown
 from .spec import Chap, Description, Portal
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def read_state(root=None, *, extra_attributes: tuple[str, ...] = ()) -> LioState
 @dataclass
 class Report:
     changes: list[Change] = field(default_factory=list)
+    drift: list[Drift] = field(default_factory=list)       # differences left alone
 
     @property
     def changed(self) -> bool:
@@ -95,13 +96,21 @@ class LioConfigurator:
         return read_state(self.root)
 
     def plan(self, desc: Description, *, prune: bool = False) -> list[Change]:
-        return plan(desc, self.state(), prune=prune)
+        return converge(desc, self.state(), prune=prune).changes
 
-    def apply(self, desc: Description, *, prune: bool = False, dry_run: bool = False) -> Report:
-        changes = self.plan(desc, prune=prune)
+    def apply(self, desc: Description, *, prune: bool = False, dry_run: bool = False,
+              previous: Description | None = None) -> Report:
+        """``previous``: the description applied last (see target.lio.plan:
+        with it, what liverestore did not make is left and reported)."""
+        p = converge(desc, self.state(), prune=prune, previous=previous)
         if not dry_run:
-            self._run(changes, desc)
-        return Report(changes)
+            self._run(p.changes, desc)
+        return Report(p.changes, p.drift)
+
+    def plan_against(self, desc: Description) -> Plan:
+        """What applying ``desc`` again would change and leave (as the daemon
+        applies it: ``desc`` is also the previous description)."""
+        return converge(desc, self.state(), prune=True, previous=desc)
 
     def teardown(self, desc: Description, *, dry_run: bool = False) -> Report:
         changes = plan_teardown(desc, self.state())
