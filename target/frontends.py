@@ -25,15 +25,21 @@ from persistence.config import VolumeRecord
 from .errors import ServiceError
 from .iscsi.server import IscsiServer, IscsiTargetConfig
 from .lio.rts import LioConfigurator
-from .lio.spec import Description
+from .lio.spec import SUBTYPE, Description
 from .scsi.device import ScsiDevice
 from .tcmu import TcmuHandler
+from .tcmu.tcmuservice import TcmuServiceRegistration
 
 log = logging.getLogger(__name__)
 
 CONFIGFS_TARGET = "/sys/kernel/config/target"
 # Commands wait on the ring while the handler restarts; give it a minute.
 LIO_CMD_TIME_OUT = "60"
+# targetcli's help for `/backstores/user:liverestore create` (ConfigDesc on D-Bus).
+CONFIG_DESC = (f"{SUBTYPE}/VOLUME: serves the liverestore volume VOLUME (it must exist: "
+               "'liverestore volume create'; give its exact size). The daemon lists such a "
+               "backstore as drift and never deletes it; 'liverestore export create' is the "
+               "managed way to export a volume.")
 
 
 def choose_backend(backend: str) -> str:
@@ -127,6 +133,7 @@ class LioFrontend:
         self.portals = portals
         self.handler: TcmuHandler | None = None
         self.lio: LioConfigurator | None = None
+        self.bus: TcmuServiceRegistration | None = None
         self._targets: dict[str, dict[str, Any]] = {}
         self._applied: Description | None = None     # the description last applied
         self._drift_logged: list[str] = []
@@ -193,6 +200,19 @@ class LioFrontend:
         self.handler = TcmuHandler(self._open)
         await self.handler.start()
         await self._apply()
+        self.bus = TcmuServiceRegistration(SUBTYPE, CONFIG_DESC, self.check_config)
+        await self.bus.start()
+
+    def check_config(self, config: str) -> tuple[bool, str]:
+        """targetcli's check before it creates a user:liverestore backstore:
+        the config must name one of our volumes (see CONFIG_DESC)."""
+        subtype, _, name = config.partition("/")
+        if subtype != SUBTYPE or not name:
+            return False, f"the config must be {SUBTYPE}/VOLUME"
+        if name not in self.service.devices:
+            return False, (f"no liverestore volume named {name[:80]!r} (list them with "
+                           "'liverestore volume list')")
+        return True, "success"
 
     async def set_target(self, iqn: str, t: dict[str, Any]) -> None:
         self._targets[iqn] = t
@@ -207,6 +227,8 @@ class LioFrontend:
     async def stop(self) -> None:
         # LIO's configuration stays: initiators keep their sessions and the
         # kernel holds commands on the ring until the handler is back.
+        if self.bus is not None:
+            await self.bus.stop()
         if self.handler is not None:
             await self.handler.stop()
 
