@@ -200,6 +200,12 @@ class LioFrontend:
         self.handler = TcmuHandler(self._open)
         await self.handler.start()
         await self._apply()
+        # After a boot whose `targetctl restore` ran with tcmu-runner up, our
+        # LUNs are back now but other ACLs' saved mappings onto them are not.
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.lio.readopt_saved(self._applied))
+        for c in report.changes:
+            log.info("lio: %s (saved in the host's LIO configuration; targetctl restore skipped it)", c)
         self.bus = TcmuServiceRegistration(SUBTYPE, CONFIG_DESC, self.check_config)
         await self.bus.start()
 

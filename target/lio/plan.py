@@ -354,6 +354,60 @@ def _foreign_luns_on(desc: Description, state: LioState, refs: set[str]) -> list
     return out
 
 
+def skipped_mappings(desc: Description, state: LioState, saved: dict) -> list[Change]:
+    """The mapped LUNs of a saved LIO configuration (targetcli saveconfig's
+    JSON) that ``targetctl restore`` had to skip, in our targets.
+
+    With tcmu-runner up, restore cannot recreate our backstores (the kernel
+    waits for tcmu-runner's reply to the new device, and it refuses a
+    subtype it does not serve), so it skips their LUNs and every mapped LUN
+    on them, also those of ACLs an admin added. The daemon's start recreates
+    its backstores and LUNs; this puts back the saved mappings of the other
+    ACLs of our targets onto those LUNs (the ACLs themselves were restored:
+    they do not depend on a backstore). Only mappings whose ACL is live and
+    whose TPG LUN is live on the same backstore as saved are returned."""
+    ours = {t.iqn: {tpg.tag: tpg for tpg in t.tpgs} for t in desc.targets}
+    out: list[Change] = []
+    for t in _dicts(saved.get("targets") if isinstance(saved, dict) else None):
+        iqn = t.get("wwn")
+        if t.get("fabric") != "iscsi" or not isinstance(iqn, str) or iqn not in ours:
+            continue
+        for stpg in _dicts(t.get("tpgs")):
+            tag = stpg.get("tag")
+            if not isinstance(tag, int):
+                continue
+            live = state.targets.get(iqn, {}).get(tag)
+            if live is None or tag not in ours[iqn]:
+                continue
+            managed = {a.initiator for a in ours[iqn][tag].acls}
+            saved_luns = {x.get("index"): _saved_ref(x.get("storage_object")) for x in _dicts(stpg.get("luns"))}
+            for acl in _dicts(stpg.get("node_acls")):
+                ini = acl.get("node_wwn")
+                if not isinstance(ini, str) or ini in managed or ini not in live.acls:
+                    continue
+                for m in _dicts(acl.get("mapped_luns")):
+                    idx, tl = m.get("index"), m.get("tpg_lun")
+                    if not isinstance(idx, int) or not isinstance(tl, int) or idx in live.acls[ini].mapped or live.luns.get(tl) != saved_luns.get(tl) \
+                            or live.luns.get(tl) is None:
+                        continue
+                    out.append(Change("create_mapped_lun", f"{iqn}/tpg{tag}/acls/{ini}/lun{idx}->lun{tl}",
+                                      (iqn, tag, ini, idx, tl)))
+    return out
+
+
+def _dicts(x) -> list[dict]:
+    """The objects of a list in a hand-editable file; anything else, none."""
+    return [i for i in x if isinstance(i, dict)] if isinstance(x, list) else []
+
+
+def _saved_ref(path) -> str | None:
+    """"/backstores/user/NAME" (saveconfig's LUN reference) -> "user:NAME"."""
+    if not isinstance(path, str):
+        return None
+    parts = path.strip("/").split("/")
+    return f"{parts[1]}:{parts[2]}" if len(parts) == 3 and parts[0] == "backstores" else None
+
+
 def plan_teardown(desc: Description, state: LioState) -> list[Change]:
     """Remove the described targets and volumes' backstores (if present)."""
     changes: list[Change] = []

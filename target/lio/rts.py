@@ -7,11 +7,14 @@ LIO back end needs it, and the embedded target, the CLI and the planner
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 from .dbroot import Dbroot, settle
-from .plan import AclState, BackstoreState, Change, Drift, LioState, Plan, TpgState, converge, plan_teardown
+from .plan import (AclState, BackstoreState, Change, Drift, LioState, Plan, TpgState, converge, plan_teardown,
+                   skipped_mappings)
 from .spec import Chap, Description, Portal
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,25 @@ class LioConfigurator:
         if not dry_run:
             self._run(p.changes, desc)
         return Report(p.changes, p.drift)
+
+    def readopt_saved(self, desc: Description) -> Report:
+        """Put back the saved mappings ``targetctl restore`` skipped in our
+        targets (see plan.skipped_mappings); the saved file is the one the
+        host's targetctl restores from: ``<dbroot>/saveconfig.json``."""
+        if self.dbroot is None:
+            return Report()
+        path = os.path.join(self.dbroot.path, "saveconfig.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return Report()
+        except (OSError, ValueError) as e:
+            log.warning("cannot read %s (%s): saved mappings of other ACLs are not checked", path, e)
+            return Report()
+        changes = skipped_mappings(desc, self.state(), saved)
+        self._run(changes, desc)
+        return Report(changes)
 
     def plan_against(self, desc: Description) -> Plan:
         """What applying ``desc`` again would change and leave (as the daemon

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from target.lio.plan import converge as converge_from
+from target.lio.plan import converge as converge_from, skipped_mappings
 from target.lio.plan import AclState, BackstoreState, LioState, TpgState, plan, plan_teardown
 from target.lio.spec import Chap, Description, Portal, SpecError
 
@@ -310,3 +310,31 @@ def test_what_the_daemon_made_it_removes_and_a_changed_wish_is_written():
     p2 = converge_from(one, s2, prune=True, previous=one)
     assert p2.changes == [] and [x.path for x in p2.drift] == [f"{IQN}/tpg1/acls/{HOST}/auth"]
     assert "adminsecret" not in str(p2.drift)                  # drift never shows a secret
+
+
+def test_saved_mappings_restore_skipped_are_put_back_for_other_acls_only():
+    """targetctl restore with tcmu-runner up: our backstores and LUNs were
+    skipped, and with them the admin ACL's mapped LUNs; the daemon's start
+    recreated LUNs and its own mappings, the saved file gives back the rest."""
+    d = desc()
+    s = converge(d, LioState())
+    s.targets[IQN][1].acls[ADMIN] = AclState(ADMIN)                    # restored, but without mappings
+    saved = {"targets": [{"fabric": "iscsi", "wwn": IQN, "tpgs": [{
+        "tag": 1,
+        "luns": [{"index": 0, "storage_object": "/backstores/user/vol1"},
+                 {"index": 1, "storage_object": "/backstores/user/vol2"}],
+        "node_acls": [{"node_wwn": ADMIN, "mapped_luns": [{"index": 0, "tpg_lun": 1, "write_protect": False},
+                                                          {"index": 5, "tpg_lun": 7}]},
+                      {"node_wwn": HOST, "mapped_luns": [{"index": 9, "tpg_lun": 0}]},
+                      {"node_wwn": "iqn.1994-05.com.example:gone", "mapped_luns": [{"index": 0, "tpg_lun": 0}]}]}]},
+        {"fabric": "iscsi", "wwn": "iqn.2026-11.org.other:t", "tpgs": []}]}
+    changes = skipped_mappings(d, s, saved)
+    assert [str(c) for c in changes] == [f"create mapped lun {IQN}/tpg1/acls/{ADMIN}/lun0->lun1"]
+    after = simulate(s, changes)
+    assert after.targets[IQN][1].acls[ADMIN].mapped == {0: 1}
+    assert skipped_mappings(d, after, saved) == []                      # once only
+    # a LUN now on another backstore than saved is not mapped blindly
+    s.targets[IQN][1].luns[1] = "user:other"
+    assert skipped_mappings(d, s, saved) == []
+    assert skipped_mappings(d, s, {"targets": "junk"}) == [] and skipped_mappings(d, s, []) == []
+    assert skipped_mappings(d, s, {"targets": [{"fabric": "iscsi", "wwn": [IQN], "tpgs": [{"tag": [1]}]}]}) == []
