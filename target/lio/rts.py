@@ -7,6 +7,7 @@ LIO back end needs it, and the embedded target, the CLI and the planner
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -71,6 +72,17 @@ def read_state(root=None, *, extra_attributes: tuple[str, ...] = ()) -> LioState
             tpgs[tpg.tag] = ts
         st.targets[t.wwn] = tpgs
     return st
+
+
+def free_hba_index(core: str) -> int:
+    """The lowest HBA index no backstore directory (``core/<plugin>_<N>``)
+    uses, of any plugin (rtslib-fb keeps them unique across plugins)."""
+    used = set()
+    for d in os.listdir(core):
+        plugin, _, n = d.rpartition("_")
+        if plugin and n.isdigit():
+            used.add(int(n))
+    return next(i for i in range(len(used) + 1) if i not in used)
 
 
 @dataclass
@@ -174,9 +186,17 @@ class LioConfigurator:
             log.debug("already gone: %s", e)
 
     def _create_backstore(self, v) -> None:
+        """With an HBA index read from configfs now, under rtslib's own index
+        lock: rtslib's per-process cache of indexes goes stale when targetcli
+        (another process) creates or deletes backstores, and a daemon that
+        trusted it would pick a taken index or refuse a name deleted since."""
         from rtslib_fb import UserBackedStorageObject
-        UserBackedStorageObject(v.backstore, config=v.config, size=v.size, wwn=v.wwn,
-                                hw_max_sectors=v.hw_max_sectors, control=v.control_string() or None)
+        from rtslib_fb.tcm import lock_file
+        with open(lock_file, "a") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            UserBackedStorageObject(v.backstore, config=v.config, size=v.size, wwn=v.wwn,
+                                    hw_max_sectors=v.hw_max_sectors, control=v.control_string() or None,
+                                    index=free_hba_index(os.path.join(self.root.path, "core")))
 
     def _set_backstore_attribute(self, name: str, k: str, v: str) -> None:
         self._so(f"user:{name}").set_attribute(k, v)
