@@ -176,11 +176,25 @@ class LioFrontend:
         self._applied = desc
         for line in report.lines():
             log.info("lio: %s", line)
+        await self._until_served({c.args[0].backstore for c in report.changes if c.action == "create_backstore"})
         drift = [str(d) for d in report.drift]
         if drift != self._drift_logged:
             for line in drift:
                 log.warning("lio drift (left as is; see 'liverestore status'): %s", line)
             self._drift_logged = drift
+
+    async def _until_served(self, backstores: set[str], tries: int = 10, every: float = 0.2) -> None:
+        """Rescan until the handler serves the backstores just created (2 s
+        at most; later the handler's periodic rescan takes them). With our
+        handler registered in tcmu-runner, tcmu-runner opens each new uio
+        device too, then drops it (its D-Bus handlers cannot serve): our
+        open in between fails busy, and must not wait for the slow rescan."""
+        for _ in range(tries if backstores else 0):
+            served = {name.split("/")[2] for name in self.handler.devices}
+            if backstores <= served:
+                return
+            await asyncio.sleep(every)
+            await self.handler.rescan()
 
     def _open(self, config: str, size: int, block_size: int) -> ScsiDevice:
         dev = self.service.devices.get(config)

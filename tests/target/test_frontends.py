@@ -77,6 +77,20 @@ class FakeLio:
         return converge(desc, self.state, prune=True, previous=desc)
 
 
+class FakeHandler:
+    """Serves every user backstore of the fake LIO (as the TCMU handler would)."""
+
+    def __init__(self, lio: FakeLio) -> None:
+        self.lio = lio
+
+    @property
+    def devices(self):
+        return {f"tcm-user/0/{b.name}/{b.config}": object() for b in self.lio.state.backstores.values()}
+
+    async def rescan(self):
+        return {}
+
+
 ADMIN = "iqn.1994-05.com.example:admin"
 T1, T2 = "iqn.2026-11.io.liverestore:t1", "iqn.2026-11.io.liverestore:t2"
 
@@ -88,6 +102,7 @@ def _target(vol):
 def test_admin_acl_survives_an_unrelated_export_create_and_shows_as_drift():
     f = frontend()
     f.lio = FakeLio()
+    f.handler = FakeHandler(f.lio)
     f._targets = {T1: _target("a")}
     asyncio.run(f._apply())
     assert f.stats()["drift"] == []
