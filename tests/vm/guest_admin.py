@@ -289,6 +289,8 @@ def delete_only_ours() -> None:
 
 
 def main() -> int:
+    # The restore part leaves its LIO objects; to this part's daemon they would be drift.
+    sh("targetctl clear", check=False)
     sh("mkdir -p /run/dbus /tmp/targetcli-home && dbus-daemon --system --fork")
     sh("iscsid || true", check=False)
     d = start_daemon("admin-daemon1.log", SOCK, STATE, PORTAL, init=True)

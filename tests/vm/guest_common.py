@@ -110,7 +110,7 @@ def liverestore_json(sock: str, *args: str, timeout: float = 120):
 def start_daemon(log_name: str, sock: str, state: str, portal: str, init: bool,
                  verbose: bool = True) -> subprocess.Popen:
     """`liverestore serve --backend lio`, logging to RUN/LOG_NAME; returns once
-    its control socket answers `status` (90 s at most)."""
+    its control socket answers `status` (180 s at most)."""
     logf = open(os.path.join(RUN, log_name), "w")
     cmd = [*LR, "--socket", sock, "serve", "--backend", "lio", "--state-dir", state, "--portal", portal]
     if verbose:
@@ -118,14 +118,17 @@ def start_daemon(log_name: str, sock: str, state: str, portal: str, init: bool,
     if init:
         cmd.append("--init")
     p = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
+    deadline = time.time() + 180          # TCG on a loaded host: one CLI call can take 30 s
     while time.time() < deadline:
         time.sleep(0.3)
         if p.poll() is not None:
             break
         if os.path.exists(sock):
-            q = subprocess.run([*LR, "--socket", sock, "status"], capture_output=True, text=True, timeout=30,
-                               cwd=REPO)
+            try:
+                q = subprocess.run([*LR, "--socket", sock, "status"], capture_output=True, text=True,
+                                   timeout=60, cwd=REPO)
+            except subprocess.TimeoutExpired:
+                continue
             if q.returncode == 0:
                 log(f"daemon ({log_name}) pid {p.pid} up")
                 return p
