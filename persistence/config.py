@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .checksum import note_crc
 from .db import Database
 
 
@@ -94,6 +95,35 @@ class ConfigStore:
         rows = [(key, json.dumps(value)) for key, value in values.items()]
         with self.database.transaction() as c:
             c.executemany("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", rows)
+
+    # -- pair notes ------------------------------------------------------------------------
+    def pair_notes(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Every pair's note, and the ids of those that failed their check
+        (left out: a note is history, never needed to keep data safe)."""
+        with self.database.lock:
+            rows = list(self._db["pair_notes"].rows)
+        good: dict[str, dict[str, Any]] = {}
+        bad: list[str] = []
+        for r in rows:
+            try:
+                note = json.loads(r["note"]) if note_crc(r["id"], r["note"]) == r["crc"] else None
+            except ValueError:
+                note = None
+            if isinstance(note, dict):
+                good[r["id"]] = note
+            else:
+                bad.append(r["id"])
+        return good, bad
+
+    def put_pair_note(self, pair_id: str, note: dict[str, Any]) -> None:
+        text = json.dumps(note, sort_keys=True)
+        with self.database.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO pair_notes (id, note, crc) VALUES (?, ?, ?)",
+                      (pair_id, text, note_crc(pair_id, text)))
+
+    def delete_pair_note(self, pair_id: str) -> None:
+        with self.database.transaction() as c:
+            c.execute("DELETE FROM pair_notes WHERE id = ?", (pair_id,))
 
     # -- persistent reservations ---------------------------------------------------------
     def reservation_state(self, device: str) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The liverestore SQLite database: opening, checking, migrating.
 
 One file holds everything that must survive a crash: volumes, pairs, their
-extent maps (chunked bitmap blobs), restore progress, exports, SCSI
-persistent reservations and settings. WAL mode with synchronous=FULL: a
+extent maps (chunked bitmap blobs), restore progress, consistency groups,
+exports, SCSI persistent reservations and settings. WAL mode with synchronous=FULL: a
 commit is on disk when it returns, and readers never block the writer.
 
 Opening refuses, with a message an operator can act on and without writing
@@ -35,7 +35,7 @@ from .generation import FILE_NAME, GenerationFile, GenerationRecord, Rollback
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x4C525354          # "LRST" in the SQLite header
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 ROLLBACK_KEY = "rollback"            # state row: the last rollback found (for status)
 
 
@@ -69,8 +69,22 @@ def _v2(db: sqlite_utils.Database) -> None:
     c.execute("INSERT INTO state (key, value) VALUES ('generation', '0')")
 
 
+def _v3(db: sqlite_utils.Database) -> None:
+    """Pair notes: what the service remembers of a pair's history (its clone's
+    point in time, the last job and its result, the point last restored
+    from), each with a crc32c like the pair records."""
+    db.conn.execute("CREATE TABLE pair_notes (id TEXT PRIMARY KEY, note TEXT NOT NULL, "
+                    "crc INTEGER NOT NULL)")
+
+
+def _v4(db: sqlite_utils.Database) -> None:
+    """Consistency groups: a record (name, member pairs) with its checksum."""
+    db.conn.execute("CREATE TABLE groups (name TEXT PRIMARY KEY, record TEXT NOT NULL, "
+                    "crc INTEGER NOT NULL)")
+
+
 # Migration N takes a database at version N-1 to version N.
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1, 2: _v2}
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 class Database:

@@ -91,11 +91,15 @@ class Copier:
         """
         p = self.pair
         fills: list[int] = []
+        t0 = 0.0       # when host I/O started waiting here (metrics: cod_wait_seconds)
         try:
             while True:
                 need = [e for e in p.todo.set_in(first, end) if e not in fills]
                 if not need:
+                    if t0:
+                        p.cod_wait_seconds += time.perf_counter() - t0
                     return fills
+                t0 = t0 or time.perf_counter()
                 busy: list[int] = []
                 to_copy: list[int] = []
                 for e in need:
@@ -104,6 +108,7 @@ class Copier:
                     else:
                         busy.append(e)
                 if to_copy:
+                    p.cod_extents += len(to_copy)
                     try:
                         await self._copy_claimed(to_copy)
                     finally:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any
+from typing import Any, Callable
 
 from .blockstore import BlockStore
 from .committer import Committer, load_map
@@ -66,6 +66,9 @@ class Engine:
         self._lock = asyncio.Lock()     # one lifecycle operation at a time
         self.started = False
         self.listeners: list[Any] = []  # callables(event: str, pair_id: str)
+        # Which consistency group owns a pair (restore_core.groups sets it):
+        # an owned pair is refused the one-by-one operations below.
+        self.owner_of: Callable[[str], str | None] = lambda pair_id: None
 
     # -- volumes -----------------------------------------------------------------
     def add_volume(self, name: str, store: BlockStore, offline: str | None = None) -> VolumeIO:
@@ -284,6 +287,13 @@ class Engine:
             raise EngineError(f"pair {pair.id} is held: {pair.hold}; acknowledge it first "
                               f"('liverestore pair acknowledge {pair.id}')")
 
+    def _refuse_owned(self, pair: Pair) -> None:
+        group = self.owner_of(pair.id)
+        if group is not None:
+            raise EngineError(f"pair {pair.id} belongs to group {group}: operate on the group "
+                              f"('liverestore group ... {group}'), or take the pair out first "
+                              f"('liverestore group remove {group} {pair.id}')")
+
     async def acknowledge(self, pair_id: str) -> str:
         """The admin accepts a held pair: every extent counts as differing,
         the pair is fractured and serves again. Returns what was held."""
@@ -417,6 +427,7 @@ class Engine:
         """Incremental (delta extents) or full copy source -> clone."""
         async with self._lock:
             pair = self.pair(pair_id)
+            self._refuse_owned(pair)
             self._refuse_held(pair)
             if pair.state is PairState.RESTORING:
                 raise EngineError(f"pair {pair_id} is restoring; wait for the restore to end")
@@ -450,6 +461,12 @@ class Engine:
         delta map (None: every extent), committed. The caller holds both
         volumes' gates closed."""
         await self._stop_background(pair)
+        self._set_fractured(pair, differ)
+        await self.committer.commit()
+
+    def _set_fractured(self, pair: Pair, differ) -> None:
+        """The in-memory half of _become_fractured: no await, so changes of
+        several pairs made one after another share one commit batch."""
         if differ is None:
             pair.delta.set_all()
         else:
@@ -461,17 +478,21 @@ class Engine:
         pair.state = PairState.FRACTURED
         pair.job = None
         self.committer.put_pair(pair.id, pair.to_record())
-        await self.committer.commit()
+
+    def _needs_fracture(self, pair: Pair) -> bool:
+        """False if already fractured; raises if it cannot be fractured now."""
+        self._refuse_held(pair)
+        if pair.state is PairState.RESTORING:
+            raise EngineError(f"pair {pair.id} is restoring; a restore cannot be split off "
+                              "half way (pause it, or wait for it to end)")
+        return pair.state is not PairState.FRACTURED
 
     async def fracture(self, pair_id: str) -> Pair:
         async with self._lock:
             pair = self.pair(pair_id)
-            self._refuse_held(pair)
-            if pair.state is PairState.FRACTURED:
+            self._refuse_owned(pair)
+            if not self._needs_fracture(pair):
                 return pair
-            if pair.state is PairState.RESTORING:
-                raise EngineError(f"pair {pair_id} is restoring; a restore cannot be split off "
-                                  "half way (pause it, or wait for it to end)")
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             async with src.gate.closed(), cln.gate.closed():
                 await self._become_fractured(pair, pair.may_differ())
@@ -487,42 +508,56 @@ class Engine:
         """
         async with self._lock:
             pair = self.pair(pair_id)
-            self._refuse_held(pair)
-            if pair.state is not PairState.FRACTURED:
-                raise EngineError(f"pair {pair_id} is {pair.state.value}; only a fractured pair "
-                                  "can be restored")
-            self._require_online(pair.source, pair.clone)
+            self._refuse_owned(pair)
+            self._check_restorable(pair)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
-            for other in src.as_source:
-                if other is not pair and other.state is not PairState.FRACTURED:
-                    raise EngineError(f"pair {other.id} of the same source is {other.state.value}; "
-                                      "fracture it first")
             async with src.gate.closed(), cln.gate.closed():
-                # Every sibling clone will differ wherever this restore copies.
-                for other in src.as_source:
-                    if other is not pair:
-                        other.delta.update_from(pair.delta)
-                    # Every pair's exact delta commits below: regions are done.
-                    other.intent.clear_all()
-                pair.done.clear_all()
-                pair.marks.clear_all()
-                pair.state = PairState.RESTORING
-                pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.delta.count(),
-                               paused=paused)
-                self.committer.put_pair(pair.id, pair.to_record())
+                self._set_restoring(pair, protected, paused)
                 await self.committer.commit()
-                pair.compute_todo()
-                src.generation += 1
-                cln.generation += 1
-                self._start_job(pair)
-                if pair.mirroring:
-                    self._start_cleaner(pair)
+                self._restore_started(pair)
             self._emit("restore-started", pair.id)
             return pair
+
+    def _check_restorable(self, pair: Pair) -> None:
+        self._refuse_held(pair)
+        if pair.state is not PairState.FRACTURED:
+            raise EngineError(f"pair {pair.id} is {pair.state.value}; only a fractured pair "
+                              "can be restored")
+        self._require_online(pair.source, pair.clone)
+        for other in self.volumes[pair.source].as_source:
+            if other is not pair and other.state is not PairState.FRACTURED:
+                raise EngineError(f"pair {other.id} of the same source is {other.state.value}; "
+                                  "fracture it first")
+
+    def _set_restoring(self, pair: Pair, protected: bool, paused: bool) -> None:
+        """The in-memory half of a restore start (no await: see
+        _set_fractured); the caller holds both gates closed and commits."""
+        # Every sibling clone will differ wherever this restore copies.
+        for other in self.volumes[pair.source].as_source:
+            if other is not pair:
+                other.delta.update_from(pair.delta)
+            # Every pair's exact delta commits with this change: regions are done.
+            other.intent.clear_all()
+        pair.done.clear_all()
+        pair.marks.clear_all()
+        pair.state = PairState.RESTORING
+        pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.delta.count(),
+                       paused=paused)
+        self.committer.put_pair(pair.id, pair.to_record())
+
+    def _restore_started(self, pair: Pair) -> None:
+        """After the restore start is durable, gates still closed."""
+        pair.compute_todo()
+        self.volumes[pair.source].generation += 1
+        self.volumes[pair.clone].generation += 1
+        self._start_job(pair)
+        if pair.mirroring:
+            self._start_cleaner(pair)
 
     async def delete_pair(self, pair_id: str, *, force: bool = False) -> None:
         async with self._lock:
             pair = self.pair(pair_id)
+            self._refuse_owned(pair)
             if pair.state is PairState.RESTORING and not force:
                 raise EngineError(f"pair {pair_id} is restoring; the source would be left half "
                                   "restored (use force to delete anyway)")
@@ -549,6 +584,7 @@ class Engine:
     # -- job control ------------------------------------------------------------------------
     async def pause(self, pair_id: str) -> None:
         pair = self.pair(pair_id)
+        self._refuse_owned(pair)
         if pair.job is None:
             raise EngineError(f"pair {pair_id} has no sync or restore running")
         pair.job.paused = True
@@ -558,6 +594,7 @@ class Engine:
 
     async def resume(self, pair_id: str) -> None:
         pair = self.pair(pair_id)
+        self._refuse_owned(pair)
         self._refuse_held(pair)
         if pair.job is None:
             raise EngineError(f"pair {pair_id} has no sync or restore to resume")

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Coroutine, Protocol, runtime_checkable
+
+Data = bytes | bytearray | memoryview
+# The work a routing decision left to do: a coroutine not started yet (so a
+# caller that drops it undoes nothing), awaited for the data / completion.
+ReadWork = Coroutine[Any, Any, Data]
+WriteWork = Coroutine[Any, Any, None]
 
 
 class Access(enum.Enum):
@@ -64,11 +70,16 @@ class LunIO(Protocol):
     the SCSI layer raises a unit attention on each I_T nexus when it sees a
     new value. Failures are raised as the LunIOError subclasses above.
 
-    Optional fast path (not part of the checked protocol): synchronous
-    ``try_readinto(offset, bufs) -> bool`` and ``try_write(offset, bufs) ->
-    bool`` do the whole transfer at once between the LU and the transport's
-    buffers and return True, or return False having changed nothing a host
-    could see, and the coroutines above run instead (and report errors).
+    Host reads and writes are routed once: ``route_read`` and
+    ``route_write`` decide, synchronously and once per command, whether the
+    I/O can go straight to the store(s) -- then they do it at once and
+    return None -- or needs work first (wait at a gate, copy or mark first, a
+    store without synchronous I/O): then they return that work, a coroutine
+    not yet started (nothing a host could see has happened), which the
+    caller awaits and which reports the errors. The SCSI layer calls them
+    after it checked ``access_state`` itself; the work checks again only
+    after it had to wait. ``read``/``write`` are the same work without the
+    direct path, for callers that have no buffers of their own.
     """
 
     @property
@@ -83,8 +94,19 @@ class LunIO(Protocol):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None: ...
 
+    def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
+        """Read len(into) bytes at offset into ``into`` (None: done), or the
+        work that returns them (``into`` is then not necessarily filled)."""
+        ...
+
+    def route_write(self, offset: int, data: memoryview, fua: bool) -> WriteWork | None:
+        """Write ``data`` at offset (None: done, as durable as a completed
+        non-FUA write), or the work that writes it."""
+        ...
+
     async def flush(self) -> None: ...
 
     async def unmap(self, offset: int, length: int) -> None: ...
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]: ...
+

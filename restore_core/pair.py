@@ -147,6 +147,8 @@ class Pair:
         self.copier = None
         self.bytes_copied = 0
         self.copied_extents = 0
+        self.cod_extents = 0              # copied on demand for host I/O (metrics)
+        self.cod_wait_seconds = 0.0       # host I/O time spent waiting on those copies
         self._rate_window: list[tuple[float, int]] = []
         self.last_host_io = 0.0
         self.pending_marks: dict[int, int] = {}   # extent -> batch making its mark durable

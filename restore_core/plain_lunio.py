@@ -6,7 +6,8 @@ No pair, no tracking: for tests, the stand-alone transports
 from __future__ import annotations
 
 from .blockstore import BlockStore, BlockStoreError
-from .lunio import READ_WRITE, Access, AccessState, MediumError, WriteProtectedError
+from .lunio import (READ_WRITE, Access, AccessState, MediumError, ReadWork, WriteProtectedError,
+                    WriteWork)
 
 _READ_ONLY = AccessState(Access.READ_ONLY)
 
@@ -32,11 +33,15 @@ class PlainLunIO:
         except BlockStoreError as e:
             raise MediumError(str(e), e.offset) from e
 
-    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
-        return self.store.try_readinto(offset, bufs)
+    def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
+        if self.store.try_readinto(offset, into):
+            return None
+        return self.read(offset, sum(map(len, into)))
 
-    def try_write(self, offset: int, bufs: list) -> bool:
-        return not self.read_only and self.store.try_write(offset, bufs)
+    def route_write(self, offset: int, data: memoryview, fua: bool) -> WriteWork | None:
+        if not fua and not self.read_only and self.store.try_write(offset, [data]):
+            return None
+        return self.write(offset, data, fua)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         if self.read_only:

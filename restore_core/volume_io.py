@@ -15,7 +15,9 @@ the pair's state, then the data is written, then the preparation finished:
   unprotected restore) are durable; extents still to sync are claimed so the
                        copier cannot copy them under the write
 
-Reads during a restore copy-on-demand the unrestored extents they touch.
+Reads during a restore are served from the clone for the extents still to
+restore (see the reads section for why that is correct), never waiting for
+a copy.
 """
 from __future__ import annotations
 
@@ -27,12 +29,32 @@ from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
 from .extentmap import ExtentMap, extents_of, whole_extents_of
 from .lunio import (READ_WRITE, Access, AccessState, LunIO, MediumError, NotReadyError,
-                    WriteProtectedError)
+                    ReadWork, WriteProtectedError, WriteWork)
 from .metadata import MetadataError
 from .pair import INTENT_EXTENTS, Pair, PairState, VolumeRuntime
 
 
 IoFn = Callable[[BlockStore], Awaitable[None]]
+
+
+def _slice(bufs: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """Bytes [start, end) of a scatter list, as views into it."""
+    out = []
+    pos = 0
+    for buf in bufs:
+        n = len(buf)
+        lo, hi = max(start - pos, 0), min(end - pos, n)
+        if lo < hi:
+            out.append(buf[lo:hi])
+        pos += n
+    return out
+
+
+def _done(work: ReadWork | WriteWork | None) -> bool:
+    if work is None:
+        return True
+    work.close()                                 # never started: nothing to undo
+    return False
 
 
 class VolumeIO(LunIO):
@@ -99,69 +121,166 @@ class VolumeIO(LunIO):
         if writing and st.access is Access.READ_ONLY:
             raise WriteProtectedError(st.reason)
 
+    # -- host I/O routing ----------------------------------------------------------
+    # One decision per host I/O (LunIO.route_read/route_write): an I/O that
+    # needs nothing but the data movement -- no extent to copy first, no map
+    # bit to wait for, no state change under way -- is done at once, straight
+    # to the store, without a coroutine; anything else gets its work, which
+    # enters the gate and re-checks the access state there (the state may
+    # have changed since the SCSI layer checked it, and cannot change while
+    # the work holds the gate).
+    def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
+        length = sum(map(len, into))
+        if self._direct_blocked():
+            return self._read_work(offset, length)
+        pieces = self._read_sources(offset, length)
+        if pieces is None:
+            done = self.vol.store.try_readinto(offset, into)
+        else:
+            done = all(store.try_readinto(a, _slice(into, a - offset, b - offset))
+                       for store, a, b in pieces)
+        return None if done else self._read_work(offset, length)
+
+    def route_write(self, offset: int, data: memoryview, fua: bool) -> WriteWork | None:
+        if not fua and not self._direct_blocked() and self._ready_to_write(offset, len(data)) \
+                and self.vol.store.try_write(offset, [data]):
+            return None
+        return self.write(offset, data, fua)
+
+    # The direct path alone (tests drive it): True when route_* did the I/O,
+    # False when it would need work, which is dropped unstarted.
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        return _done(self.route_read(offset, bufs))
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        data = memoryview(bufs[0]) if len(bufs) == 1 else memoryview(b"".join(bufs))
+        return _done(self.route_write(offset, data, False))
+
+    def _direct_blocked(self) -> bool:
+        """A state change is under way or the LU cannot serve I/O: the work
+        path waits for the gate and reports the error."""
+        vol = self.vol
+        if vol.gate.is_closed:
+            return True
+        if vol.as_clone is None and not vol.as_source:
+            return vol.held is not None or vol.offline is not None
+        return self.access_state().access is Access.NOT_READY    # e.g. restoring from an offline clone
+
+    def _ready_to_write(self, offset: int, length: int) -> bool:
+        """Whether a write needs nothing done before it: for each pair, the
+        map bit it needs is durable already. Only fractured pairs' sides
+        qualify (their tracking is synchronous once the write-intent region
+        is durable) and restoring sources with a protected restore whose
+        extents under the write are restored and already marked host-written
+        (durably); the rest needs work. At most delta bits of fractured pairs
+        are set early here, which the work sets anyway."""
+        if length == 0:
+            return False
+        vol = self.vol
+        tracked = [vol.as_clone] if vol.as_clone is not None else []
+        tracked += vol.as_source
+        fractured = []
+        for pair in tracked:
+            a, b = extents_of(offset, length, pair.extent_size)
+            if pair.state is PairState.FRACTURED:
+                fractured.append((pair, a, b))
+            elif not (pair.state is PairState.RESTORING and pair.protected_restore
+                      and self._restored_and_marked(pair, a, b)):
+                return False
+        for pair, a, b in fractured:
+            if self._mark_tracked(pair, a, b):
+                return False                     # its region must be durable first
+        return True
+
+    def _restored_and_marked(self, pair: Pair, a: int, b: int) -> bool:
+        """Extents [a, b) of a protected restore are restored and durably
+        marked host-written: a write to them needs no copy and no commit."""
+        pair.last_host_io = time.monotonic()
+        return not self._unrestored(pair, a, b) and pair.marks.all(a, b) \
+            and not self._mark(pair, pair.marks, a, b)    # all set: only reads pending ids
+
     # -- reads -------------------------------------------------------------------
+    # During a restore, a host read of an extent still to restore is served
+    # from the clone's bytes at once (dm-clone's "remap"), never waiting for
+    # a copy. Why that returns what a copy-on-demand would have:
+    # * An extent still to restore has not been host-written during this
+    #   restore: a write into it copies it first (partly covered) or fills it
+    #   (wholly covered), and either way takes it out of the restore map
+    #   before the write is acknowledged. So the clone's bytes are exactly
+    #   what the source will hold once the extent is restored.
+    # * Those clone bytes do not change under the read: a protected
+    #   restore's clone is NOT READY to hosts and copies only read it; an
+    #   unprotected restore mirrors host writes to the clone, but (as above)
+    #   a write to an extent still to restore takes it out of the map before
+    #   its acknowledgement, so only a write not yet acknowledged -- one
+    #   concurrent with this read, where either answer is allowed -- can
+    #   change them.
+    # * A read issued after a write's acknowledgement finds the written
+    #   extents restored and reads the source; a copy in flight writes the
+    #   source only, and leaves the map after its data is there.
+    # * A read changes nothing durable: crash safety is untouched.
+    # The direct path tests the map and reads without yielding; the work
+    # path decides under the gate (no state change meanwhile).
     async def read(self, offset: int, length: int) -> bytearray:
-        self._check(False)
+        return await self._read_work(offset, length)
+
+    async def _read_work(self, offset: int, length: int) -> bytearray:
         vol = self.vol
         if not vol.gate.try_enter():
             await vol.gate.enter()
         try:
-            for pair, a, b in self._to_restore_first(offset, length):
-                await pair.copier.ensure_copied(a, b)
-            return await vol.store.read(offset, length)
+            self._check(False)
+            pieces = self._read_sources(offset, length)
+            if pieces is None:
+                return await vol.store.read(offset, length)
+            out = bytearray(length)
+            for store, a, b in pieces:
+                out[a - offset:b - offset] = await store.read(a, b - a)
+            return out
         except BlockStoreError as e:
             raise MediumError(str(e), e.offset) from e
         finally:
             vol.gate.leave()
 
-    def _to_restore_first(self, offset: int, length: int) -> list[tuple[Pair, int, int]]:
-        """(pair, a, b) for each pair restoring into this volume whose extents
-        [a, b) under a host read are not restored yet; notes the host I/O
-        for the copier's host priority."""
-        need = []
+    def _read_sources(self, offset: int, length: int) -> list[tuple[BlockStore, int, int]] | None:
+        """Where a host read's bytes come from: None when all from the
+        volume's own store (the usual answer: one map test per restoring
+        pair), else (store, start, end) pieces covering [offset, end) in
+        order, the extents still to restore coming from the clone. Notes
+        the host I/O for the copier's host priority."""
         for pair in self.vol.as_source:
-            if pair.state is PairState.RESTORING and pair.copier is not None:
-                pair.last_host_io = time.monotonic()
-                a, b = extents_of(offset, length, pair.extent_size)
-                if pair.todo.any(a, b):
-                    need.append((pair, a, b))
-        return need
+            if pair.state is not PairState.RESTORING:
+                continue
+            pair.last_host_io = time.monotonic()
+            es = pair.extent_size
+            a, b = extents_of(offset, length, es)
+            unrestored = self._unrestored(pair, a, b)
+            if not unrestored:
+                return None           # one restore at a time per source
+            end = offset + length
+            pieces: list[tuple[BlockStore, int, int]] = []
+            pos = offset
+            own, clone = self.vol.store, pair.clone_store
+            assert clone is not None              # set when the pair was attached
+            for e in unrestored:
+                s, t = max(e * es, offset), min((e + 1) * es, end)
+                if s > pos:
+                    pieces.append((own, pos, s))
+                if pieces and pieces[-1][0] is clone and pieces[-1][2] == s:
+                    pieces[-1] = (clone, pieces[-1][1], t)
+                else:
+                    pieces.append((clone, s, t))
+                pos = t
+            if pos < end:
+                pieces.append((own, pos, end))
+            return pieces
+        return None
 
-    # -- the synchronous fast path -------------------------------------------------
-    # A host I/O that needs nothing but the data movement -- no extent to
-    # copy first, no map bit to wait for, no state change under way -- is
-    # done at once by the caller, without a coroutine per layer. Anything
-    # else returns False with nothing a host could observe done (at most
-    # delta / write-intent bits set early, which the slow path sets anyway)
-    # and the caller awaits read() / write(), which also report the errors.
-    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
-        vol = self.vol
-        if vol.gate.is_closed or vol.held is not None or vol.offline is not None or (
-                vol.as_clone is not None and self.access_state().access is Access.NOT_READY):
-            return False
-        if vol.as_source and self._to_restore_first(offset, sum(map(len, bufs))):
-            return False                         # copy-on-demand first
-        return vol.store.try_readinto(offset, bufs)
-
-    def try_write(self, offset: int, bufs: list) -> bool:
-        vol = self.vol
-        if vol.gate.is_closed or vol.held is not None or vol.offline is not None:
-            return False
-        length = sum(map(len, bufs))
-        if length == 0:
-            return False
-        # only sides of fractured pairs (or no pair): their tracking is
-        # synchronous once the write-intent region is durable
-        tracked = [vol.as_clone] if vol.as_clone is not None else []
-        tracked += vol.as_source
-        for pair in tracked:
-            if pair.state is not PairState.FRACTURED:
-                return False
-        for pair in tracked:
-            a, b = extents_of(offset, length, pair.extent_size)
-            if self._mark_tracked(pair, a, b):
-                return False                     # its region must be durable first
-        return vol.store.try_write(offset, bufs)
+    @staticmethod
+    def _unrestored(pair: Pair, a: int, b: int) -> list[int]:
+        """Extents of [a, b) still to restore (the restore map's one read
+        on the host path)."""
+        return pair.todo.set_in(a, b) if pair.todo.any(a, b) else []
 
     # -- writes ------------------------------------------------------------------
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
@@ -230,13 +349,14 @@ class VolumeIO(LunIO):
         return bid
 
     async def _modify(self, offset: int, length: int, io: IoFn, fua: bool) -> None:
-        self._check(True)
         if length == 0:
+            self._check(True)
             return
         vol = self.vol
         if not vol.gate.try_enter():
             await vol.gate.enter()
         try:
+            self._check(True)
             if vol.as_clone is not None:
                 await self._modify_clone(vol.as_clone, offset, length, io, fua)
             elif vol.as_source:

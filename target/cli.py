@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (lets bash's global argcomplete hook complete `liverestore`)
 """The `liverestore` command line.
 
 Every subcommand but `serve` and `demo` is a client of the daemon's control
@@ -8,23 +9,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Iterator
 
+import argcomplete
+
+from .cli_events import add_parser as add_events_parser
+from .cli_exports import add_export_commands
+from .cli_group import add_parser as add_group_parser
 from .cli_shared import client_path, wait_job, write_private
 from .control import DEFAULT_SOCKET, Client, ControlError
 from .errors import ServiceError
-from .fmt import eta as _eta, human as _human
+from . import views
+from .fmt import eta as _eta, human as _human, plural
+from .follow import EXIT_HELP, Followed, Outcome
 
 DEFAULT_STATE = "/var/lib/liverestore"
+SOCKET_ENV = "LIVERESTORE_SOCKET"
+PAIR_HELP = "the pair: its clone's name, or SOURCE/CLONE"
 DEMO_IQN = "iqn.2026-11.io.liverestore:demo"
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_PIPE = 141           # as if killed by SIGPIPE, what shells expect of `cmd | head`
 
 
 # -- output --------------------------------------------------------------------------
@@ -60,7 +72,7 @@ PAIR_COLS = [("pair", "PAIR"), ("source", "SOURCE"), ("clone", "CLONE"), ("state
              ("job", "JOB"), ("progress", "EXTENTS"), ("rate", "RATE"), ("eta", "ETA"),
              ("delta", "DELTA")]
 VOL_COLS = [("name", "VOLUME"), ("size_h", "SIZE"), ("role", "ROLE"), ("access", "ACCESS"),
-            ("exported_by", "EXPORT"), ("path", "PATH")]
+            ("exported_by", "EXPORT"), ("kind", "STORE"), ("path", "PATH")]
 
 
 def _print_pair_notes(pairs: list[dict[str, Any]]) -> None:
@@ -96,6 +108,19 @@ def _print_drift(drift: list[str] | None) -> None:
         print(f"  {line}")
 
 
+def _rbd_args(a: argparse.Namespace) -> dict[str, Any]:
+    """An RBD image's names as typed (no path rules apply to them) and its ceph.conf."""
+    return {k: v for k, v in (("rbd", a.rbd), ("ceph_conf", client_path(a.ceph_conf)),
+                              ("ceph_id", a.ceph_id)) if v is not None}
+
+
+def _ceph_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ceph-conf", metavar="PATH", help="with --rbd: the cluster's ceph.conf "
+                   "(default /etc/ceph/ceph.conf)")
+    p.add_argument("--ceph-id", metavar="ID", help="with --rbd: the Ceph client id "
+                   "(default admin: client.admin's keyring)")
+
+
 def _vol_rows(vols: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**v, "size_h": _human(v["size"]),
              "access": f"OFFLINE: {v['offline']}" if v.get("offline") else v["access"]}
@@ -106,14 +131,19 @@ def _export_rows(exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"iqn": e["iqn"], "luns": ", ".join(f"{k}:{v}" for k, v in sorted(
         e["luns"].items(), key=lambda kv: int(kv[0]))),
         "acl": ", ".join(e["acl"]) if e["acl"] else "any",
-        "auth": "mutual CHAP" if e["mutual_chap"] else ("CHAP" if e["chap"] else "none")}
+        "auth": "mutual CHAP" if e["mutual_chap"] else ("CHAP" if e["chap"] else "none"),
+        "sessions": ", ".join(sorted({s["initiator"] for s in e.get("sessions") or []})) or "-"}
         for e in exports]
 
 
-EXPORT_COLS = [("iqn", "TARGET"), ("luns", "LUNS"), ("acl", "ACL"), ("auth", "AUTH")]
+EXPORT_COLS = [("iqn", "TARGET"), ("luns", "LUNS"), ("acl", "ACL"), ("auth", "AUTH"),
+               ("sessions", "LOGGED IN")]
 
 
 def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
+    if isinstance(result, dict) and result.get("warning"):
+        # on stderr: seen even with --json or a pipe
+        print(f"liverestore: WARNING: {result['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -123,6 +153,18 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
     elif kind == "pair":
         _print_table([_pair_row(result)], PAIR_COLS)
         _print_pair_notes([result])
+    elif kind == "pair_detail":
+        print(views.render(views.pair_fields(result)))
+    elif kind == "throttle":
+        print(f"throttle of {result['id']}: {views.throttle_text(result['throttle'])}")
+    elif kind == "volume_detail":
+        print(views.render(views.volume_fields(result)))
+    elif kind == "portals":
+        print(f"portals set to {', '.join(result['portals'])}; {result['note']}")
+    elif kind == "created":
+        print(_created_text(result["created"]))
+    elif kind == "deleted":
+        print(_deleted_text(result))
     elif kind == "acknowledged":
         print(result["message"])
     elif kind == "volumes":
@@ -132,10 +174,14 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
     elif kind == "exports":
         _print_table(_export_rows(result), EXPORT_COLS)
     elif kind == "export":
-        _print_table(_export_rows([result]), EXPORT_COLS)
+        print(views.render(views.export_fields(result)))
+        if result.get("note"):
+            print(f"note: {result['note']}")
     elif kind == "status":
-        print(f"portals: {', '.join(result['portals'])}   sessions: "
-              f"{result['iscsi'].get('sessions', 0)}")
+        pending = result.get("portals_pending")
+        print(f"portals: {', '.join(result['portals'])}"
+              + (f" (after a reload or restart: {', '.join(pending)})" if pending else "")
+              + f"   sessions: {result['iscsi'].get('sessions', 0)}")
         print("\nvolumes:")
         _print_table(_vol_rows(result["volumes"]), VOL_COLS)
         print("\npairs:")
@@ -149,15 +195,46 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         print(json.dumps(result, indent=2, default=str))
 
 
+def _created_text(made: dict[str, list[str]]) -> str:
+    """restoreconfig: 'created 2 volumes (db1, db1-clone), 1 pair (db1-clone)'."""
+    parts = [f"{plural(len(names), kind.rstrip('s'))} ({', '.join(names)})"
+             for kind, names in made.items() if names]
+    return ("created " + ", ".join(parts)) if parts else \
+        "nothing to create: everything in it is already there"
+
+
+def _deleted_text(r: dict[str, Any]) -> str:
+    """'deleted target X (cut off 1 session: iqn...)' and the like."""
+    text = f"deleted {r['deleted']}"
+    if r.get("path"):
+        text += f"; its image {r['path']} was left in place"
+    if r.get("cut_off"):
+        names = ", ".join(sorted({s["initiator"] for s in r["cut_off"]}))
+        text += f" (cut off {plural(len(r['cut_off']), 'session')}: {names})"
+    return text
+
+
 # -- commands -------------------------------------------------------------------------
 def cmd_client(args: argparse.Namespace) -> int:
     with Client(args.socket) as c:
         op, kw, kind = args.op(args)
         result = c.call(op, **kw)
         if getattr(args, "wait", False) and op.startswith("pair.") and isinstance(result, dict):
-            result = wait_job(c, result["id"], args.json)
+            return _followed(args, wait_job(c, result, args.json), kind)
         _show(args, result, kind)
     return 0
+
+
+def _followed(args: argparse.Namespace, f: Followed, kind: str) -> int:
+    """The end of --wait / pair wait: how the job ended (a line; on stderr
+    unless it finished), the pair, and the exit status of that outcome."""
+    if f.outcome is Outcome.FINISHED:
+        if not args.json:
+            print(f.message)
+    else:
+        print(f"liverestore: {f.message}", file=sys.stderr)
+    _show(args, f.pair, kind)
+    return f.exit_status
 
 
 # The server side (target.daemon, target.service, target.portals) and the
@@ -186,10 +263,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
     _logging(args.verbose)
     portals = [_portal(p) for p in args.portal] if args.portal else None
+    metrics = _metrics_address(args.metrics) if args.metrics else None
     try:
         asyncio.run(serve(args.state_dir, args.socket, init=args.init, portals=portals,
                           backend=args.backend, volume_dirs=args.volume_dir,
-                          group=args.group, memory_limit=args.memory_limit))
+                          group=args.group, memory_limit=args.memory_limit,
+                          on_event=args.on_event, metrics=metrics))
     except ServiceError as e:
         print(f"liverestore: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -197,7 +276,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Set up a demo source + clone, export both, and serve in the foreground."""
+    """Set up a demo source + clone, export both, and serve in the foreground;
+    with --tour, run the whole story unattended instead."""
+    if args.tour:
+        from .tour import run_tour
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return run_tour(args.size, args.tour_state_dir)
     from .daemon import serve
     _logging(args.verbose)
     state = args.state_dir
@@ -218,9 +303,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 async def _demo_setup(service, args: argparse.Namespace, portal: tuple[str, int]) -> None:
     try:
         if service.config.volume("demo-src") is None:
-            await service.volume_create("demo-src", size=args.size)
+            await service.volume_create("demo-src", size=args.size or "1G")
         if service.config.volume("demo-clone") is None:
-            await service.volume_create("demo-clone", size=args.size)
+            await service.volume_create("demo-clone", size=args.size or "1G")
         if "demo-clone" not in service.engine.pairs:
             await service.pair_create("demo-src", "demo-clone")
             await service.pair_wait("demo-clone", 600)
@@ -263,6 +348,12 @@ def _portal(text: str) -> tuple[str, int]:
         raise SystemExit(f"liverestore: {e}") from None
 
 
+def _metrics_address(text: str) -> tuple[str, int]:
+    """serve --metrics: HOST:PORT, or a bare PORT on loopback (metrics name
+    volumes and initiators: off the network unless the admin says so)."""
+    return _portal(f"127.0.0.1:{text}" if text.isdigit() else text)
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -274,11 +365,34 @@ def _throttle_kw(a: argparse.Namespace) -> dict[str, Any]:
             if getattr(a, k, None) is not None}
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("liverestore")
+    except importlib.metadata.PackageNotFoundError:       # run from a source tree
+        return "(not installed)"
+
+
+def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers that run a command (no sub-commands of their own)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for a in subs:
+        for child in dict.fromkeys(a.choices.values()):
+            yield from _leaves(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="liverestore",
-                                 description="restore a LUN from its clone while hosts use it")
-    ap.add_argument("--socket", default=os.environ.get("LIVERESTORE_SOCKET", DEFAULT_SOCKET),
-                    help=f"control socket (default {DEFAULT_SOCKET})")
+                                 description="restore a LUN from its clone while hosts use it",
+                                 epilog=f"The control socket is --socket (before or after the "
+                                 f"command), else ${SOCKET_ENV}, else {DEFAULT_SOCKET}. Bash "
+                                 "completion: eval \"$(register-python-argcomplete "
+                                 "liverestore)\".")
+    ap.add_argument("--socket", default=os.environ.get(SOCKET_ENV, DEFAULT_SOCKET),
+                    help=f"control socket (default ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                    help="print the version and exit")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -290,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     s = sub.add_parser("serve", help="run the daemon (iSCSI target + control socket)")
-    s.add_argument("--state-dir", default=DEFAULT_STATE)
+    s.add_argument("--state-dir", default=DEFAULT_STATE,
+                   help=f"database, lock and default images (default {DEFAULT_STATE})")
     s.add_argument("--init", action="store_true", help="create the state directory and database")
     s.add_argument("--portal", action="append", help="HOST:PORT to listen on (repeatable)")
     s.add_argument("--group", help="group allowed to use the control socket")
@@ -302,11 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "our TCMU handler (auto: LIO when configfs has a target)")
     s.add_argument("--memory-limit", metavar="SIZE",
                    help="RSS the iSCSI target keeps the daemon under, e.g. 512M (default 512M)")
-    s.add_argument("-v", "--verbose", action="store_true")
+    s.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; "
+                        "a bare PORT listens on 127.0.0.1 only)")
+    s.add_argument("--on-event", metavar="CMD",
+                   help="run CMD (with /bin/sh) for every event, the event as JSON on its "
+                        "stdin; at most 4 at once, each killed after 10 s")
+    s.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     s.set_defaults(func=cmd_serve)
+    add_events_parser(sub)
 
     i = sub.add_parser("init", help="create the state directory (0700) and database, once")
-    i.add_argument("--state-dir", default=DEFAULT_STATE)
+    i.add_argument("--state-dir", default=DEFAULT_STATE,
+                   help=f"the directory to create (default {DEFAULT_STATE})")
     i.set_defaults(func=cmd_init)
 
     sh = sub.add_parser("shell", help="targetcli-style configuration shell",
@@ -316,149 +439,139 @@ def build_parser() -> argparse.ArgumentParser:
     sh.set_defaults(func=cmd_shell)
 
     d = sub.add_parser("demo", help="serve a demo source + clone pair, exported over iSCSI")
-    d.add_argument("--state-dir", default=os.path.join(DEFAULT_STATE, "demo"))
+    d.add_argument("--state-dir", default=os.path.join(DEFAULT_STATE, "demo"),
+                   help="where the demo keeps its database and images "
+                   f"(default {DEFAULT_STATE}/demo)")
     d.add_argument("--portal", help="HOST:PORT (default 127.0.0.1:3260)")
-    d.add_argument("--size", default="1G", help="size of the demo volumes (default 1G)")
-    d.add_argument("-v", "--verbose", action="store_true")
+    d.add_argument("--size", help="size of the demo volumes (default 1G; with --tour 64M)")
+    d.add_argument("--tour", action="store_true",
+                   help="run the whole story unattended and narrate it: write, fracture, "
+                        "damage, restore while reading, verify (needs no client tools)")
+    d.add_argument("--tour-state-dir", metavar="DIR",
+                   help="keep the tour's state here (default: a temporary directory)")
+    d.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     d.set_defaults(func=cmd_demo)
 
     # volumes
-    v = sub.add_parser("volume", help="image files and block devices").add_subparsers(
-        dest="sub", metavar="ACTION", required=True)
+    v = sub.add_parser("volume", help="image files, block devices and Ceph RBD images"
+                       ).add_subparsers(dest="sub", metavar="ACTION", required=True)
     p = client_cmd(v, "create", "create (or adopt) a volume", "volume.create", "volume",
                    lambda a: {"name": a.name, "path": client_path(a.path), "size": a.size,
-                              "extent_size": a.extent_size})
-    p.add_argument("name")
-    p.add_argument("--path", help="image file or block device (default: in the state dir); "
-                   "an existing one is adopted as it is")
-    p.add_argument("--size", help="size for a new image file, e.g. 10G (for an existing one: "
+                              "extent_size": a.extent_size, **_rbd_args(a)})
+    p.add_argument("name", help="the volume's name")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--path", help="image file or block device (default: in the state dir); "
+                       "an existing one is adopted as it is")
+    where.add_argument("--rbd", metavar="POOL/IMAGE", help="a Ceph RBD image (created with "
+                       "--size if missing; an existing one is adopted at its own size)")
+    p.add_argument("--size", help="size for a new image, e.g. 10G (for an existing one: "
                    "leave out, or its exact size)")
     p.add_argument("--extent-size", default="64K", help="default extent size of its pairs")
-    p = client_cmd(v, "delete", "forget a volume (the file stays)", "volume.delete", "raw",
+    _ceph_options(p)
+    p = client_cmd(v, "delete", "forget a volume (the file stays)", "volume.delete", "deleted",
                    lambda a: {"name": a.name})
-    p.add_argument("name")
+    p.add_argument("name", help="the volume's name")
     p = client_cmd(v, "resize", "grow a volume (never shrinks)", "volume.resize", "volume",
                    lambda a: {"name": a.name, "size": a.size})
-    p.add_argument("name")
+    p.add_argument("name", help="the volume's name")
     p.add_argument("size", help="the new size, e.g. 20G (a block device: grow it first)")
-    p = client_cmd(v, "relink", "point an offline volume at its image's new place",
-                   "volume.relink", "volume",
-                   lambda a: {"name": a.name, "path": client_path(a.path)})
-    p.add_argument("name")
-    p.add_argument("--path", required=True, help="the image (same size as the volume)")
+    p = client_cmd(v, "relink", "point an offline volume at its image's new place (an RBD "
+                   "volume: reopen it)", "volume.relink", "volume",
+                   lambda a: {"name": a.name, "path": client_path(a.path), **_rbd_args(a)})
+    p.add_argument("name", help="the volume's name")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--path", help="the image (same size as the volume)")
+    where.add_argument("--rbd", metavar="POOL/IMAGE", help="an RBD image (same size); "
+                       "an RBD volume without it reopens its own image")
+    _ceph_options(p)
     client_cmd(v, "list", "list volumes", "volume.list", "volumes")
-    p = client_cmd(v, "show", "one volume", "volume.show", "volume", lambda a: {"name": a.name})
-    p.add_argument("name")
+    p = client_cmd(v, "show", "one volume in detail", "volume.show", "volume_detail",
+                   lambda a: {"name": a.name})
+    p.add_argument("name", help="the volume's name")
 
     # pairs
     pr = sub.add_parser("pair", help="source/clone pairs").add_subparsers(
         dest="sub", metavar="ACTION", required=True)
 
     def with_wait(p):
-        p.add_argument("--wait", action="store_true", help="follow the job to its end")
+        p.add_argument("--wait", action="store_true",
+                       help="follow the job to its end (a live bar on a terminal; "
+                       "exit status below)")
+        p.epilog = EXIT_HELP[0].upper() + EXIT_HELP[1:] + "."
         return p
 
     p = with_wait(client_cmd(pr, "create", "pair a clone with a source (full sync)", "pair.create",
                              "pair", lambda a: {"source": a.source, "clone": a.clone,
                                                 "extent_size": a.extent_size,
                                                 "sync": not a.no_sync, **_throttle_kw(a)}))
-    p.add_argument("source")
-    p.add_argument("clone")
-    p.add_argument("--extent-size")
+    p.add_argument("source", help="the volume hosts use")
+    p.add_argument("clone", help="its clone, the same size (also the pair's name)")
+    p.add_argument("--extent-size", help="unit of tracking and copying, e.g. 64K "
+                   "(default: the source volume's)")
     p.add_argument("--no-sync", action="store_true",
                    help="start fractured with every extent marked different")
     for name, op, h in (("fracture", "pair.fracture", "split the clone off"),
                         ("pause", "pair.pause", "hold the background copy"),
                         ("resume", "pair.resume", "continue the background copy")):
         p = client_cmd(pr, name, h, op, "pair", lambda a: {"pair": a.pair})
-        p.add_argument("pair", help="the clone's name, or SOURCE/CLONE")
+        p.add_argument("pair", help=PAIR_HELP)
     p = with_wait(client_cmd(pr, "sync", "copy source -> clone (delta extents)", "pair.sync", "pair",
                              lambda a: {"pair": a.pair, "full": a.full}))
-    p.add_argument("pair")
+    p.add_argument("pair", help=PAIR_HELP)
     p.add_argument("--full", action="store_true", help="copy every extent")
     p = with_wait(client_cmd(pr, "restore", "copy clone -> source while hosts use it",
                              "pair.restore", "pair",
                              lambda a: {"pair": a.pair, "protected": not a.unprotected}))
-    p.add_argument("pair")
+    p.add_argument("pair", help=PAIR_HELP)
     p.add_argument("--unprotected", action="store_true",
                    help="mirror host writes to the clone; the pair ends synchronized")
-    p = client_cmd(pr, "throttle", "background copy knobs", "pair.throttle", "pair",
+    p = client_cmd(pr, "throttle", "background copy knobs", "pair.throttle", "throttle",
                    lambda a: {"pair": a.pair, **_throttle_kw(a)})
-    p.add_argument("pair")
+    p.add_argument("pair", help=PAIR_HELP)
     for sp in (p,):
         sp.add_argument("--rate", help="bytes/s, e.g. 200M (0: unlimited)")
-        sp.add_argument("--batch-extents", type=int)
-        sp.add_argument("--depth", type=int)
-        sp.add_argument("--host-yield-ms", type=int)
+        sp.add_argument("--batch-extents", type=int,
+                        help="adjacent extents merged into one copy I/O (1-4096)")
+        sp.add_argument("--depth", type=int, help="copy I/Os in flight at once (1-64)")
+        sp.add_argument("--host-yield-ms", type=int,
+                        help="one copy I/O at a time while host I/O was seen this recently")
         sp.add_argument("--host-pause-us", type=int,
                         help="pause between copies while hosts are active (0: none)")
-    p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "raw",
+    p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "deleted",
                    lambda a: {"pair": a.pair, "force": a.force})
-    p.add_argument("pair")
+    p.add_argument("pair", help=PAIR_HELP)
     p.add_argument("--force", action="store_true", help="even during a restore")
     p = client_cmd(pr, "wait", "follow a pair's job to its end (live progress)", "pair.show",
                    "pair", lambda a: {"pair": a.pair})
-    p.add_argument("pair")
+    p.epilog = EXIT_HELP[0].upper() + EXIT_HELP[1:] + "."
+    p.add_argument("pair", help=PAIR_HELP)
     p.set_defaults(wait=True)
     p = client_cmd(pr, "acknowledge", "serve a held pair again (every extent then differs)",
                    "pair.acknowledge", "acknowledged", lambda a: {"pair": a.pair})
-    p.add_argument("pair")
+    p.add_argument("pair", help=PAIR_HELP)
     client_cmd(pr, "list", "list pairs", "pair.list", "pairs")
-    p = client_cmd(pr, "show", "one pair", "pair.show", "pair", lambda a: {"pair": a.pair})
-    p.add_argument("pair")
+    p = client_cmd(pr, "show", "one pair in detail", "pair.show", "pair_detail",
+                   lambda a: {"pair": a.pair})
+    p.add_argument("pair", help=PAIR_HELP)
 
-    # exports
-    ex = sub.add_parser("export", help="iSCSI targets").add_subparsers(
-        dest="sub", metavar="ACTION", required=True)
-    p = client_cmd(ex, "create", "export volumes as LUNs of an iSCSI target", "export.create",
-                   "export", lambda a: {"iqn": a.iqn, "luns": dict(_lun(x) for x in a.lun),
-                                        "acl": a.acl, "chap_user": a.chap_user,
-                                        "chap_secret": _secret(a.chap_secret),
-                                        "mutual_user": a.mutual_user,
-                                        "mutual_secret": _secret(a.mutual_secret)})
-    p.add_argument("iqn")
-    p.add_argument("--lun", action="append", default=[], metavar="N=VOLUME")
-    p.add_argument("--acl", action="append", metavar="INITIATOR_IQN")
-    p.add_argument("--chap-user")
-    p.add_argument("--chap-secret", help="or @FILE to read it from a file")
-    p.add_argument("--mutual-user")
-    p.add_argument("--mutual-secret", help="or @FILE")
-    p = client_cmd(ex, "delete", "remove an iSCSI target", "export.delete", "raw",
-                   lambda a: {"iqn": a.iqn})
-    p.add_argument("iqn")
-    client_cmd(ex, "list", "list iSCSI targets", "export.list", "exports")
-    p = client_cmd(ex, "show", "one iSCSI target", "export.show", "export",
-                   lambda a: {"iqn": a.iqn})
-    p.add_argument("iqn")
-    p = client_cmd(ex, "portal", "set the listening portals (applied at restart)", "portal.set",
-                   "raw", lambda a: {"portals": a.portals})
-    p.add_argument("portals", nargs="+", metavar="HOST:PORT")
+    add_group_parser(sub, _print_table)
+    add_export_commands(sub, client_cmd)
 
     client_cmd(sub, "status", "volumes, pairs, restores and exports", "status", "status")
     p = sub.add_parser("saveconfig", help="write the configuration as JSON")
-    p.add_argument("file", nargs="?", default="-")
+    p.add_argument("file", nargs="?", default="-",
+                   help="where to write it, mode 0600 (default: standard output)")
     p.set_defaults(func=cmd_saveconfig, json=True)
     p = sub.add_parser("restoreconfig", help="create what a saved configuration has")
-    p.add_argument("file")
-    p.set_defaults(func=cmd_restoreconfig, json=True)
+    p.add_argument("file", help="a file written by saveconfig")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_restoreconfig)
+    for leaf in _leaves(ap):
+        # After the command too (`liverestore status --socket S`); SUPPRESS
+        # keeps the top-level value when it is not given here.
+        leaf.add_argument("--socket", default=argparse.SUPPRESS,
+                          help=f"control socket (default ${SOCKET_ENV}, else {DEFAULT_SOCKET})")
     return ap
-
-
-def _lun(text: str) -> tuple[str, str]:
-    n, sep, vol = text.partition("=")
-    if not sep or not n.isdigit() or not vol:
-        raise ControlError(f"--lun wants N=VOLUME, not {text!r}")
-    return n, vol
-
-
-def _secret(text: str | None) -> str | None:
-    if text and text.startswith("@"):
-        try:
-            with open(text[1:]) as f:
-                return f.read().strip()
-        except OSError as e:
-            raise ControlError(f"cannot read secret file {text[1:]}: {e.strerror}") from None
-    return text
 
 
 def cmd_saveconfig(args: argparse.Namespace) -> int:
@@ -480,15 +593,25 @@ def cmd_restoreconfig(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise ControlError(f"cannot read {args.file}: {e}") from None
     with Client(args.socket) as c:
-        print(json.dumps(c.call("restoreconfig", config=cfg), indent=2))
+        _show(args, c.call("restoreconfig", config=cfg), "created")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
+    # Tab completion: answers and exits only when bash's completion hook
+    # runs us (_ARGCOMPLETE set); otherwise it returns at once.
+    argcomplete.autocomplete(ap)
     args = ap.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()        # inside the try: a closed pipe is noticed here
+        return status
+    except BrokenPipeError:
+        # `liverestore status | head`: the reader has what it wanted. Say
+        # nothing, and keep the interpreter's last flush from complaining.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except ControlError as e:
         print(f"liverestore: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any
 
-from .control import Client, ControlError
-from .fmt import eta, human
+from .control import Client
+from .follow import Followed, follow, to_stderr
 
 
 def client_path(path: str | None) -> str | None:
@@ -40,45 +39,10 @@ def write_private(path: str, text: str) -> None:
         raise
 
 
-def wait_job(client: Client, pair: str, json_out: bool) -> dict[str, Any]:
-    """Follow a pair's job to its end: a live bar on a terminal, lines otherwise."""
+def wait_job(client: Client, first: dict[str, Any], json_out: bool) -> Followed:
+    """Follow a pair's job to its end: a live bar on a terminal, lines
+    otherwise (none with --json). ``first`` is the pair as the request that
+    started the job (or `pair.show`) returned it."""
     tty = sys.stdout.isatty() and not json_out
-    last_line = 0.0
-    progress = None
-    task = None
-    if tty:
-        # rich (0.1 s to import) only when a live bar is drawn
-        from rich.progress import (BarColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
-        progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total} extents"),
-                            TransferSpeedColumn(), TimeRemainingColumn())
-        progress.start()
-    try:
-        while True:
-            p = client.call("pair.show", pair=pair)
-            pr = p["progress"]
-            if pr["job"] is None or pr["paused"] or pr["error"] or p.get("offline"):
-                break
-            if progress is not None:
-                if task is None:
-                    task = progress.add_task(f"{p['id']} {pr['job']}", total=pr["extents_total"])
-                progress.update(task, completed=pr["extents_done"])
-            elif not json_out and time.monotonic() - last_line > 2:
-                print(f"{p['id']}: {pr['job']} {pr['extents_done']}/{pr['extents_total']} extents, "
-                      f"{human(pr['rate'])}/s, eta {eta(pr['eta'])}", flush=True)
-                last_line = time.monotonic()
-            time.sleep(0.25)
-    finally:
-        if progress is not None:
-            progress.stop()
-    if pr["error"]:
-        raise ControlError(f"{p['id']}: {pr['job']} stopped: {pr['error']} "
-                           "(fix the cause, then 'liverestore pair resume')")
-    if p.get("offline") and pr["job"]:
-        raise ControlError(f"{p['id']}: {pr['job']} waits: {p['offline']} (it resumes after "
-                           "'liverestore volume relink')")
-    if not tty and not json_out:
-        print(f"{p['id']}: {'paused' if pr['paused'] else 'done'}, state {p['state']}, "
-              f"{pr['delta_extents']} extents differ", flush=True)
-    return p
+    return follow(client, first, live=tty, lines=not tty and not json_out,
+                  on_interrupt=to_stderr)

@@ -17,6 +17,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from restore_core.engine import valid_volume_name
 from restore_core.pair import Throttle
+from restore_core.stores.spec import FILE_KINDS, RBD_KIND, RbdSpec, SpecError
 
 from .errors import clip, one_line
 from .iscsi.names import valid_chap_name, valid_iscsi_name
@@ -46,6 +47,8 @@ FORMATS.checks("iscsi-name")(lambda v: not isinstance(v, str) or valid_iscsi_nam
 FORMATS.checks("chap-name")(lambda v: not isinstance(v, str) or valid_chap_name(v))
 FORMATS.checks("lun-number")(_lun_number)
 FORMATS.checks("portal", raises=PortalError)(_portal)
+FORMATS.checks("rbd-location", raises=SpecError)(
+    lambda v: not isinstance(v, str) or bool(RbdSpec.parse_location(v)))
 
 _CHAP = {"oneOf": [{"type": "null"},
                    {"type": "array", "minItems": 2, "maxItems": 2,
@@ -87,12 +90,16 @@ DOCUMENT_SCHEMA: dict[str, Any] = {
         "volumes": {"type": "array", "items": {
             "type": "object", "required": ["name", "size"], "additionalProperties": False,
             "properties": {"name": {"type": "string", "format": "volume-name"},
-                           # absolute: relative to what would be ambiguous here
-                           "path": {"type": ["string", "null"], "pattern": "^/",
-                                    "maxLength": 4096},
+                           "path": {"type": ["string", "null"], "maxLength": 4096},
                            "size": _SIZE, "extent_size": _SIZE,
-                           "kind": {"enum": ["file", "blockdev"]},
-                           "created_at": {"type": "number"}}}},
+                           "kind": {"enum": [*FILE_KINDS, RBD_KIND]},
+                           "created_at": {"type": "number"}},
+            # an RBD volume's path is its location (rbd:POOL/IMAGE:conf=..:id=..);
+            # a file's is absolute: relative to what would be ambiguous here
+            "if": {"properties": {"kind": {"const": RBD_KIND}}, "required": ["kind"]},
+            "then": {"required": ["path"], "properties": {"path": {
+                "type": "string", "pattern": "^rbd:", "format": "rbd-location"}}},
+            "else": {"properties": {"path": {"pattern": "^/"}}}}},
         "pairs": {"type": "array", "items": {
             "type": "object", "required": ["source", "clone"], "additionalProperties": False,
             "properties": {"source": {"type": "string", "format": "volume-name"},
@@ -101,6 +108,12 @@ DOCUMENT_SCHEMA: dict[str, Any] = {
                            "throttle": {"type": "object", "additionalProperties": False,
                                         "properties": {k: {"type": "integer", "minimum": 0}
                                                        for k in Throttle.__dataclass_fields__}}}}},
+        # consistency groups: members are pair ids (clone names)
+        "groups": {"type": "array", "items": {
+            "type": "object", "required": ["name", "pairs"], "additionalProperties": False,
+            "properties": {"name": {"type": "string", "format": "volume-name"},
+                           "pairs": {"type": "array", "uniqueItems": True, "maxItems": 4096,
+                                     "items": {"type": "string", "format": "volume-name"}}}}},
         "targets": {"type": "object", "propertyNames": {"format": "iscsi-name"},
                     "additionalProperties": TARGET_SCHEMA},
     },

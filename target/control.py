@@ -7,6 +7,13 @@ The socket is created with mode 0600 (0660 with a configured group) and
 every connection is checked with SO_PEERCRED: root, the daemon's own user,
 or a member of the configured group; anyone else is refused before a
 request is read.
+
+Every operation is audited (target.events): its caller's uid/pid, its
+arguments without secrets, and its result. ``events`` is answered here,
+not by the service: {"op": "events", "args": {"limit": N, "follow": true}}
+replies with the recent events and then, with follow, writes one line
+{"event": {...}} per new event until the client closes the connection (or
+falls so far behind that it is cut off, with a last line saying so).
 """
 from __future__ import annotations
 
@@ -16,9 +23,10 @@ import json
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import ServiceError, clip, one_line
+from .events import EventBus
 from .peer import Peer
 
 log = logging.getLogger(__name__)
@@ -30,8 +38,11 @@ MAX_DEPTH = 32
 
 
 class ControlServer:
-    def __init__(self, service: Any, path: str, *, group: str | None = None) -> None:
+    def __init__(self, service: Any, path: str, *, group: str | None = None,
+                 events: EventBus | None = None) -> None:
         self.service = service
+        self.events = events or EventBus()
+        self._streams: set[asyncio.StreamWriter] = set()    # open event streams
         self.path = path
         self.group = group
         self._gid: int | None = None
@@ -64,6 +75,9 @@ class ControlServer:
             os.chmod(self.path, 0o600)
 
     async def stop(self) -> None:
+        self.events.close()             # followers' streams end, so their connections close
+        for w in list(self._streams):
+            w.transport.abort()         # one that stopped reading would never drain
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -99,26 +113,71 @@ class ControlServer:
                     return
                 if not line:
                     return
-                writer.write(await self._handle(line, peer))
+                out = await self._handle(line, peer, reader, writer)
+                if out is None:
+                    return                  # an event stream ended
+                writer.write(out)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
             writer.close()
 
-    async def _handle(self, line: bytes, peer: Peer) -> bytes:
+    async def _handle(self, line: bytes, peer: Peer, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> bytes | None:
+        """The reply line; None when the request was an event stream that
+        has ended (the connection is then closed)."""
         try:
             op, args = parse_request(line)
         except MalformedRequest as e:
             return _reply(False, error=str(e))
+        if op == "events":
+            return await self._events(args, peer, reader, writer)
         try:
             result = await self.service.call(op, args, peer=peer)
+            self.events.control(op, args, peer.pid, peer.uid, None)
             return _reply(True, result=result)
         except ServiceError as e:
-            return _reply(False, error=one_line(str(e)))
+            error = one_line(str(e))
         except Exception as e:  # noqa: BLE001 - a bug, not bad input: keep serving, keep the trace
             log.exception("control: %s failed", op)
-            return _reply(False, error=one_line(f"internal error in {op}: {type(e).__name__}: {e}"))
+            error = one_line(f"internal error in {op}: {type(e).__name__}: {e}")
+        self.events.control(op, args, peer.pid, peer.uid, error)
+        return _reply(False, error=error)
+
+    async def _events(self, args: dict[str, Any], peer: Peer, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> bytes | None:
+        follow, limit = args.get("follow", False), args.get("limit")
+        unknown = set(args) - {"follow", "limit"}
+        if unknown or not isinstance(follow, bool) or not (
+                limit is None or (isinstance(limit, int) and not isinstance(limit, bool))):
+            return _reply(False, error="events takes follow (true/false) and limit (a number)")
+        self.events.control("events", args, peer.pid, peer.uid, None)
+        # subscribe before the backlog is taken: nothing falls between the two
+        sub = self.events.follow() if follow else None
+        backlog = _reply(True, result=self.events.recent(limit))
+        if sub is None:
+            return backlog
+        # the client sends nothing more: anything it does send, or its
+        # hanging up, ends the stream at once (not at the next event)
+        self._streams.add(writer)
+        gone = asyncio.ensure_future(reader.read(1))
+        gone.add_done_callback(lambda _: sub.end())
+        try:
+            writer.write(backlog)
+            await writer.drain()
+            while (ev := await sub.next()) is not None:
+                writer.write((json.dumps({"event": ev}, default=str) + "\n").encode())
+                await writer.drain()
+            if sub.overflowed:
+                # no drain: a client that stopped reading would hold us here
+                writer.write(_reply(False, error="this client fell too far behind the events "
+                                    "and was cut off; run 'liverestore events --follow' again"))
+            return None
+        finally:
+            gone.cancel()
+            self.events.unfollow(sub)
+            self._streams.discard(writer)
 
 
 class MalformedRequest(ValueError):
@@ -187,6 +246,12 @@ class ControlError(Exception):
     """The daemon refused or could not be reached; the message is for the operator."""
 
 
+def _result(reply: dict[str, Any]) -> Any:
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "unknown error"))
+    return reply.get("result")
+
+
 class Client:
     """Blocking client of the control API (CLI, shell, Ansible)."""
 
@@ -220,6 +285,14 @@ class Client:
         s = self._connect()
         try:
             s.sendall((json.dumps({"op": op, "args": args}) + "\n").encode())
+        except OSError as e:
+            self.close()
+            raise ControlError(f"lost the daemon: {e.strerror or e}") from None
+        return _result(self._line(op))
+
+    def _line(self, op: str) -> dict[str, Any]:
+        s = self._connect()
+        try:
             while b"\n" not in self._buf:
                 chunk = s.recv(65536)
                 if not chunk:
@@ -232,10 +305,21 @@ class Client:
             self.close()
             raise ControlError(f"lost the daemon: {e.strerror or e}") from None
         line, self._buf = self._buf.split(b"\n", 1)
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise ControlError(reply.get("error", "unknown error"))
-        return reply.get("result")
+        return json.loads(line)
+
+    def events(self, limit: int | None = None, follow: bool = False) -> Iterator[dict[str, Any]]:
+        """The daemon's recent events, then (``follow``) each new one as it
+        happens, until the daemon stops or the caller stops iterating."""
+        yield from self.call("events", limit=limit, follow=follow)
+        if not follow:
+            return
+        self._connect().settimeout(None)        # events come when they come
+        while True:
+            msg = self._line("events")
+            if "event" not in msg:
+                _result(msg)                    # the daemon's last word: why it ended
+                return
+            yield msg["event"]
 
     def close(self) -> None:
         if self._sock is not None:

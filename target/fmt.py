@@ -20,3 +20,18 @@ def eta(s: float | None) -> str:
         return "-"
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def duration(s: float) -> str:
+    """Elapsed seconds as '12s', '3m05s', '1h02m'."""
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """'1 extent', '2 extents', '0 extents'."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"

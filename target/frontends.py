@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Mapping, Protocol
+import re
+from typing import Any, Mapping, Protocol, TypedDict
 
 from persistence.config import VolumeRecord
 
@@ -82,9 +83,20 @@ class Frontend(Protocol):
 
     async def stop(self) -> None: ...
 
+    async def set_portals(self, portals: list[tuple[str, int]]) -> None:
+        """Listen on these portals from now on; sessions stay connected."""
+
     def addresses(self) -> list[tuple[str, int]]: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    def sessions(self) -> dict[str, list[LoggedIn]]: ...
+
+
+class LoggedIn(TypedDict):
+    """One initiator logged in to a target (a normal session, not discovery)."""
+    initiator: str
+    peer: str | None        # "host:port" where the front end knows it
 
 
 class EmbeddedFrontend:
@@ -118,11 +130,28 @@ class EmbeddedFrontend:
         if self.server is not None:
             await self.server.stop()
 
+    async def set_portals(self, portals: list[tuple[str, int]]) -> None:
+        for p in portals:
+            if p not in self.portals:
+                await self.server.add_portal(*p)
+        for p in self.portals:
+            if p not in portals:
+                await self.server.remove_portal(*p)     # its connections stay
+        self.portals = self.server.portals = list(portals)
+
     def addresses(self) -> list[tuple[str, int]]:
         return list(self.server.addresses) if self.server is not None else []
 
     def stats(self) -> dict[str, Any]:
         return self.server.stats() if self.server is not None else {}
+
+    def sessions(self) -> dict[str, list[LoggedIn]]:
+        out: dict[str, list[LoggedIn]] = {}
+        for s in (self.server.sessions.values() if self.server is not None else ()):
+            if s.target is not None:
+                out.setdefault(s.target.iqn, []).append(
+                    LoggedIn(initiator=s.initiator_name, peer=s.conn.peer))
+        return out
 
 
 class LioFrontend:
@@ -252,6 +281,10 @@ class LioFrontend:
         if self.handler is not None:
             await self.handler.stop()
 
+    async def set_portals(self, portals: list[tuple[str, int]]) -> None:
+        self.portals = list(portals)
+        await self._apply()
+
     def addresses(self) -> list[tuple[str, int]]:
         return list(self.portals)
 
@@ -273,3 +306,28 @@ class LioFrontend:
             return [f"cannot read LIO's configuration now: {e}"]
         return [str(d) for d in p.drift] + [f"{c.path}: liverestore will {c.action.replace('_', ' ')} "
                                             "it at its next change or start" for c in p.changes]
+
+    def sessions(self) -> dict[str, list[LoggedIn]]:
+        """From the kernel's configfs: the initiators of each TPG's
+        dynamic_sessions (no ACL) and the ACLs whose info names a session."""
+        out: dict[str, list[LoggedIn]] = {}
+        for iqn, t in self._targets.items():
+            tpg = os.path.join(CONFIGFS_TARGET, "iscsi", iqn, f"tpgt_{int(t.get('tpgt', 1))}")
+            # NUL-terminated names (target_show_dynamic_sessions)
+            names = re.split(r"[\0\n]", _read(os.path.join(tpg, "dynamic_sessions")))
+            for ini in t.get("acl") or []:
+                if "No active iSCSI Session" not in _read(os.path.join(tpg, "acls", ini, "info"),
+                                                          "No active iSCSI Session"):
+                    names.append(ini)
+            found = [LoggedIn(initiator=n.strip(), peer=None) for n in names if n.strip()]
+            if found:
+                out[iqn] = found
+        return out
+
+
+def _read(path: str, missing: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return missing

@@ -68,3 +68,17 @@ def parse_portals(values: Any) -> list[tuple[str, int]]:
 def format_portal(portal: tuple[str, int]) -> str:
     host, port = portal
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def loopback_only(portals: list[tuple[str, int]]) -> bool:
+    """Whether only this machine can reach these portals (127.0.0.0/8, ::1,
+    localhost); a wildcard or any other address is reachable from outside."""
+    for host, _ in portals:
+        if host == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+                return False
+        except ValueError:          # a host name: it may resolve anywhere
+            return False
+    return True

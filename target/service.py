@@ -14,29 +14,40 @@ import os
 import re
 import stat
 import time
+from fractions import Fraction
 from dataclasses import asdict
 from typing import Any
 
 from persistence.config import (ConfigStore, SqliteReservationStore, StoredValueError,
                                 VolumeRecord)
 from persistence.db import Database, DatabaseError
+from persistence.group_store import SqliteGroupStore
 from persistence.sqlite_store import SqliteMetadataStore
-from restore_core.blockstore import BlockStore, BlockStoreError, FileBlockStore, MissingBlockStore
+from restore_core.blockstore import BlockStore, BlockStoreError
+from restore_core.stores import open_store
+from restore_core.stores.file import FileBlockStore
+from restore_core.stores.missing import MissingBlockStore
+from restore_core.stores.owners import forget_owner, read_owner, write_owner
+from restore_core.stores.rbd import RbdStore, remove_image
+from restore_core.stores.spec import RBD_KIND, FileSpec, RbdSpec, SpecError, StoreSpec, spec_of_record
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
+from restore_core.groups import Groups
 from restore_core.pair import Pair, Throttle
 
 from .arguments import ArgumentError, Signature
 from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
                         check_document, check_setting, check_target)
 from .errors import ServiceError, clip
-from .fmt import SECRET, human
+from .fmt import SECRET, human, plural
 from .iscsi.budget import DEFAULT_MEMORY_LIMIT, MIN_MEMORY_LIMIT
+from .group_ops import GROUP_OPS, GroupOps
 from .frontends import EmbeddedFrontend, Frontend, LioFrontend, choose_backend
 from .iscsi.names import ISCSI_NAME_HELP, valid_chap_name, valid_iscsi_name
 from .iscsi.server import IscsiTargetConfig
+from .pairjournal import PairJournal
 from .peer import Peer, PeerDenied, Probe, probe_as
-from .portals import DEFAULT_PORTAL, PortalError, format_portal, parse_portals
+from .portals import DEFAULT_PORTAL, PortalError, format_portal, loopback_only, parse_portals
 from .scsi import DeviceIdentity, LunSet, ScsiDevice
 from .statelock import StateDirBusy, StateLock
 
@@ -46,6 +57,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "liverestore.db"
 VOLUMES_DIR = "volumes"     # the daemon's own image directory inside the state dir
+RBD_OWNERS_DIR = "rbd-owners"   # per RBD volume: the lock owner id of this daemon's client
 
 
 def _private(path: str) -> None:
@@ -94,11 +106,15 @@ def _size(text: Size) -> int:
         raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9]+)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
+    # Also what the CLI prints ("1.5 GiB"): a decimal number of binary units.
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?B)?\s*", str(text), re.I)
     if not m:
-        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 10G, 2T")
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-                              "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
+        raise ServiceError(f"bad size {text!r}: use a number of bytes or e.g. 512M, 1.5G, 2T")
+    n = Fraction(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
+                                "T": 1 << 40, "P": 1 << 50}[m.group(2).upper()]
+    if n.denominator != 1:
+        raise ServiceError(f"size {text!r} is not a whole number of bytes")
+    return int(n)
 
 
 def _volume_size(text: Size) -> int:
@@ -189,7 +205,7 @@ class _Undo:
         return failed
 
 
-class Service:
+class Service(GroupOps):
     def __init__(self, state_dir: str, *, init: bool = False,
                  portals: list[tuple[str, int]] | None = None, backend: str = "auto",
                  volume_dirs: list[str] | None = None,
@@ -206,13 +222,16 @@ class Service:
             raise ServiceError(str(e)) from e
         self._init = init
         self._portals_override = portals
+        self._started_portals: list[tuple[str, int]] = []     # what the front end was given
         self.db: Database | None = None
         self.config: ConfigStore | None = None
         self.engine: Engine | None = None
+        self.groups: Groups | None = None
         self.devices: dict[str, Any] = {}        # volume -> ScsiDevice
         self.lunsets: dict[str, Any] = {}        # target iqn -> LunSet
         self.unserved: dict[str, str] = {}       # stored target iqn -> why it is not served
         self.frontend: Frontend | None = None
+        self.journal: PairJournal | None = None
         self.started_at = time.time()
 
     # -- start / stop --------------------------------------------------------------
@@ -277,24 +296,56 @@ class Service:
             self._make_device(rec)
         try:
             await self.engine.start()
+            self.groups = Groups(self.engine, SqliteGroupStore(self.db))
+            await self.groups.load()
         except (EngineError, DatabaseError) as e:
             raise ServiceError(str(e)) from e
+        self.journal = PairJournal(self.engine, self.config)
         portals = self._portals_override or self._stored_portals()
         kind = LioFrontend if self.backend == "lio" else EmbeddedFrontend
         self.frontend = kind(self, portals)
         await self.frontend.start(self._servable_targets())
+        self._started_portals = portals
+        if self._portals_override:
+            # One source of truth: the stored setting is what the daemon
+            # serves, so saveconfig, status and the next start without
+            # --portal agree with it (stored once the portals are bound).
+            self.cfg.set("portals", [list(p) for p in self._portals_override])
         log.info("front end: %s", self.backend)
 
     def _open_recorded(self, rec: VolumeRecord) -> tuple[BlockStore, str | None]:
-        """A recorded volume's image, or a stand-in and the reason it is
-        offline: one bad image must not keep the others from being served."""
+        """A recorded volume's image (its kind and path read back as a store
+        spec), or a stand-in and the reason it is offline: one bad image
+        must not keep the others from being served."""
         try:
-            return FileBlockStore(rec.path, rec.size, nofollow=True), None
-        except (OSError, BlockStoreError) as e:
+            store = open_store(spec_of_record(rec.kind, rec.path), rec.size,
+                               stale_owner=self._last_owner(rec.name))
+        except (OSError, BlockStoreError, SpecError) as e:
             why = _why(rec.path, e)
-        log.error("volume %s is offline: %s (relink it with 'volume relink %s --path P', "
-                  "or delete it)", rec.name, why, rec.name)
-        return MissingBlockStore(rec.path, rec.size, why), why
+        else:
+            self._watch_fencing(rec.name, store)
+            return store, None
+        how = "--rbd POOL/IMAGE" if rec.kind == RBD_KIND else "--path P"
+        log.error("volume %s is offline: %s (relink it with 'volume relink %s %s', "
+                  "or delete it)", rec.name, why, rec.name, how)
+        return MissingBlockStore(rec.path, rec.size, why, rec.kind), why
+
+    def _watch_fencing(self, name: str, store: BlockStore) -> None:
+        """A store another client can fence (RBD) takes its volume offline
+        the moment it is fenced, not at the next image check; its lock
+        owner id is recorded so that the next run, after a crash, can
+        break the lock it left (only that one: the state directory lock
+        says no other run of this daemon is alive)."""
+        if isinstance(store, RbdStore):
+            store.on_fenced = lambda why: self.eng.set_offline(name, why)
+            if store.owner is not None:
+                write_owner(self._owner_file(name), store.owner)
+
+    def _owner_file(self, volume: str) -> str:
+        return os.path.join(self.state_dir, RBD_OWNERS_DIR, volume)
+
+    def _last_owner(self, volume: str) -> str | None:
+        return read_owner(self._owner_file(volume))
 
     async def stop(self) -> None:
         """Graceful: stop accepting, drain commands, stop copiers, flush,
@@ -379,9 +430,13 @@ class Service:
     # -- volumes ----------------------------------------------------------------------------
     async def volume_create(self, name: str, path: str | None = None, size: Size | None = None,
                             extent_size: Size = DEFAULT_EXTENT_SIZE, *,
+                            rbd: str | None = None, ceph_conf: str | None = None,
+                            ceph_id: str | None = None,
                             peer: Peer | None = None) -> dict[str, Any]:
         """A new image file of ``size``, or an existing file / block device
-        adopted exactly as it is (its size is the volume's; never changed)."""
+        adopted exactly as it is (its size is the volume's; never changed).
+        With ``rbd`` (POOL/IMAGE): a Ceph RBD image, created when a size is
+        given and it does not exist, else adopted at its own size."""
         if not valid_volume_name(name):
             raise ServiceError(f"invalid volume name {name!r}: {NAME_HELP}")
         if self.cfg.volume(name) is not None:
@@ -390,6 +445,14 @@ class Service:
         if es < 4096 or es & (es - 1) or es > 64 << 20:
             raise ServiceError("extent size must be a power of two from 4K to 64M")
         want = _volume_size(size) if size not in (None, "") else None
+        if rbd not in (None, ""):
+            if path not in (None, ""):
+                raise ServiceError("give either a path or an RBD image, not both")
+            spec = self._rbd_spec(rbd, ceph_conf, ceph_id, peer, name)
+            store = await self._open_rbd(name, spec, want, create=True)
+            return await self._add_volume(name, spec, store, es)
+        if ceph_conf not in (None, "") or ceph_id not in (None, ""):
+            raise ServiceError("--ceph-conf and --ceph-id go with an RBD image (--rbd POOL/IMAGE)")
         if path in (None, ""):
             # The daemon's own choice of a new file: no peer path to check.
             vdir = os.path.join(self.state_dir, VOLUMES_DIR)
@@ -405,8 +468,13 @@ class Service:
             real = self._vet_path(path, peer)
             probe = await self._probe(peer, real)
         store = self._open_image(real, want, probe, create=True)
-        rec = VolumeRecord(name, real, store.size, es,
-                           "blockdev" if store.is_blockdev else "file", time.time())
+        return await self._add_volume(name, FileSpec(real), store, es)
+
+    async def _add_volume(self, name: str, spec: StoreSpec, store: BlockStore,
+                          extent_size: int) -> dict[str, Any]:
+        """Record and serve a volume on a store just opened (or made) for it;
+        on failure the store is abandoned (what it created is removed)."""
+        rec = VolumeRecord(name, spec.location, store.size, extent_size, store.kind, time.time())
         try:
             self.eng.add_volume(name, store)
         except EngineError as e:
@@ -418,8 +486,44 @@ class Service:
             self.eng.remove_volume(name)
             store.abandon()
             raise
+        self._watch_fencing(name, store)
         self._make_device(rec)
         return self.volume_show(name)
+
+    def _rbd_spec(self, image: Any, conf: Any, client_id: Any, peer: Peer | None,
+                  volume: str) -> RbdSpec:
+        """An RBD image a client names, checked: root only (the daemon's
+        Ceph credentials reach every image its client may), and never
+        another volume's image."""
+        if peer is not None and not peer.is_root:
+            raise ServiceError("only root may use RBD images (the daemon's Ceph client "
+                               "can reach images the caller could not)")
+        try:
+            spec = RbdSpec.parse_image(image, conf, client_id)
+        except SpecError as e:
+            raise ServiceError(str(e)) from None
+        for other in self.cfg.volumes():
+            if other.name != volume and other.kind == RBD_KIND:
+                try:
+                    theirs = spec_of_record(other.kind, other.path)
+                except SpecError:
+                    continue
+                if isinstance(theirs, RbdSpec) and theirs.image_name == spec.image_name \
+                        and theirs.conf == spec.conf:
+                    raise ServiceError(f"RBD image {spec.image_name} is the image of volume "
+                                       f"{other.name}")
+        return spec
+
+    async def _open_rbd(self, volume: str, spec: RbdSpec, want: int | None, *,
+                        create: bool) -> BlockStore:
+        """Open (or make) an RBD image off the loop: connecting waits on the
+        cluster, up to its timeouts."""
+        try:
+            stale = self._last_owner(volume)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, lambda: open_store(spec, want, create=create, stale_owner=stale))
+        except (OSError, BlockStoreError) as e:
+            raise ServiceError(str(e)) from e
 
     def _vet_path(self, path: Any, peer: Peer | None, volume: str | None = None) -> str:
         """The real path of an image a client names, or ServiceError: never
@@ -446,7 +550,7 @@ class Service:
                         raise ServiceError(f"{path} is {entry.path} of the daemon's state "
                                            "directory (a link to it); refused")
         for other in self.cfg.volumes():
-            if other.name == volume:
+            if other.name == volume or other.kind == RBD_KIND:
                 continue
             vol = self.eng.volumes.get(other.name)
             theirs = getattr(vol.store, "identity", None) if vol is not None else None
@@ -494,9 +598,10 @@ class Service:
         elif want is None:
             raise ServiceError(f"{real} does not exist: give a size to create it")
         try:
-            store = FileBlockStore(real, want, create=create and not exists, nofollow=True)
+            store = open_store(FileSpec(real), want, create=create and not exists)
         except (OSError, BlockStoreError) as e:
             raise ServiceError(_why(real, e)) from e
+        assert isinstance(store, FileBlockStore)
         if probe is not None and (store.identity != probe.inode if probe.inode is not None
                                   else not store.created):
             store.abandon()
@@ -517,7 +622,8 @@ class Service:
         store.close()
         self.devices.pop(name, None)
         self.cfg.delete_volume(name)
-        return {"deleted": name, "path": rec.path, "note": "the image file was left in place"}
+        forget_owner(self._owner_file(name))
+        return {"deleted": name, "path": rec.path, "note": "the image was left in place"}
 
     async def volume_resize(self, name: str, size: Size) -> dict[str, Any]:
         """Grow a volume (never shrink): the image file is extended; a block
@@ -538,7 +644,6 @@ class Service:
         if want == rec.size:
             return self.volume_show(name)
         store = vol.store
-        assert isinstance(store, FileBlockStore)
         try:
             store.grow(want)
         except (OSError, BlockStoreError) as e:
@@ -547,15 +652,31 @@ class Service:
         self.cfg.put_volume(rec)
         return self.volume_show(name)
 
-    async def volume_relink(self, name: str, path: str, *,
+    async def volume_relink(self, name: str, path: str | None = None, *,
+                            rbd: str | None = None, ceph_conf: str | None = None,
+                            ceph_id: str | None = None,
                             peer: Peer | None = None) -> dict[str, Any]:
         """Point an offline volume at its image's new place: same size, same
-        rules as adopting; the jobs of its pairs resume."""
+        rules as adopting; the jobs of its pairs resume. An RBD volume
+        (fenced, or its cluster was down at start) is reopened with a new
+        client: at ``rbd`` if given, else where it was."""
         rec = self.cfg.volume(name)
         if rec is None:
             raise ServiceError(f"no volume named {name}")
         if self.eng.volumes[name].offline is None:
             raise ServiceError(f"volume {name} is online; only an offline volume can be relinked")
+        if rbd in (None, "") and path in (None, "") and rec.kind == RBD_KIND:
+            old_spec = spec_of_record(rec.kind, rec.path)
+            assert isinstance(old_spec, RbdSpec)
+            rbd, ceph_conf, ceph_id = old_spec.image_name, old_spec.conf, old_spec.client_id
+        if rbd not in (None, ""):
+            if path not in (None, ""):
+                raise ServiceError("give either a path or an RBD image, not both")
+            spec = self._rbd_spec(rbd, ceph_conf, ceph_id, peer, name)
+            store = await self._open_rbd(name, spec, rec.size, create=False)
+            return await self._relink(rec, spec, store)
+        if path in (None, ""):
+            raise ServiceError("give the image's new place: --path P (or --rbd POOL/IMAGE)")
         real = self._vet_path(path, peer, volume=name)
         probe = await self._probe(peer, real)
         have = os.stat(real).st_size if os.path.isfile(real) else None
@@ -563,16 +684,20 @@ class Service:
             raise ServiceError(f"{real} has {have} bytes; volume {name} has {rec.size}: "
                                "relink needs its image (the same size)")
         store = self._open_image(real, rec.size, probe, create=False)
+        return await self._relink(rec, FileSpec(real), store)
+
+    async def _relink(self, rec: VolumeRecord, spec: StoreSpec, store: BlockStore) -> dict[str, Any]:
         try:
-            old = await self.eng.relink(name, store)
+            old = await self.eng.relink(rec.name, store)
         except EngineError as e:
             store.close()
             raise self._wrap(e) from e
         old.close()
-        rec.path = real
-        rec.kind = "blockdev" if store.is_blockdev else "file"
+        self._watch_fencing(rec.name, store)
+        rec.path = spec.location
+        rec.kind = store.kind
         self.cfg.put_volume(rec)
-        return self.volume_show(name)
+        return self.volume_show(rec.name)
 
     def volume_list(self) -> list[dict[str, Any]]:
         return [self.volume_show(v.name) for v in self.cfg.volumes()]
@@ -607,6 +732,12 @@ class Service:
             if "/" in pair:
                 s, c = pair.split("/", 1)
                 return self.eng.find_pair(s, c)
+            if pair not in self.eng.pairs:
+                ofsrc = sorted(p.id for p in self.eng.pairs.values() if p.source == pair)
+                if ofsrc:
+                    # The common slip: naming the source; pairs go by their clone.
+                    raise ServiceError(f"no pair {pair!r} (a pair is named by its clone); "
+                                       f"pairs of {pair}: {', '.join(ofsrc)}")
             return self.eng.pair(pair)
         except EngineError as e:
             raise self._wrap(e) from e
@@ -662,8 +793,9 @@ class Service:
         return {"id": p.id, "source": p.source, "clone": p.clone, "size": p.size,
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
                 "progress": asdict(pr), **{"state": pr.state},
-                "damaged": p.damaged, "held": p.hold,
-                "offline": "; ".join(self.eng.offline_reasons(p)) or None}
+                "damaged": p.damaged, "held": p.hold, "group": self.grp.group_of(p.id),
+                "offline": "; ".join(self.eng.offline_reasons(p)) or None,
+                "history": self.journal.note(p.id) if self.journal is not None else None}
 
     async def pair_acknowledge(self, pair: str) -> dict[str, Any]:
         """Accept a held pair (rolled-back database, damaged record): it
@@ -677,7 +809,7 @@ class Service:
             f"pair {p.id} was held because {reason}. Its metadata could no longer say which "
             f"extents differ, so now every extent does: the pair is fractured and both "
             f"volumes serve again. The next sync (source -> clone) or restore (clone -> "
-            f"source) copies all {p.nextents} extents, {human(p.size)} "
+            f"source) copies all {plural(p.nextents, 'extent')}, {human(p.size)} "
             f"({p.size} bytes).")}
 
     async def pair_wait(self, pair: str, timeout: float | None = None) -> dict[str, Any]:
@@ -698,7 +830,17 @@ class Service:
                                   mutual_user, mutual_secret, tpgt)
         await self.frontend.set_target(iqn, t)
         self.cfg.put_target(iqn, t)
-        return self.export_show(iqn)
+        return self._with_exposure(self.export_show(iqn))
+
+    def _with_exposure(self, e: dict[str, Any]) -> dict[str, Any]:
+        """An export any initiator on the network may use, with no ACL and no
+        CHAP, gets a warning every client shows loudly."""
+        if e.get("acl") or e.get("chap") or loopback_only(self.portals()):
+            return e
+        portals = ", ".join(format_portal(p) for p in self.portals())
+        return {**e, "warning": f"target {e['iqn']} is open to ANY initiator that can reach "
+                f"{portals}: it has no ACL and no CHAP; add one with 'export acl add' or "
+                "'export auth'"}
 
     def _validate_target(self, iqn: str, luns: Any, acl: Any, chap_user: Any, chap_secret: Any,
                          mutual_user: Any, mutual_secret: Any, tpgt: Any) -> dict[str, Any]:
@@ -772,10 +914,10 @@ class Service:
                                     cur["chap_secret"], cur["mutual_user"], cur["mutual_secret"],
                                     cur["tpgt"])
         if new == t:
-            return self.export_show(iqn)
+            return self._with_exposure(self.export_show(iqn))
         await self.frontend.set_target(iqn, new)
         self.cfg.put_target(iqn, new)
-        return self.export_show(iqn)
+        return self._with_exposure(self.export_show(iqn))
 
     def _target(self, iqn: str) -> dict[str, Any]:
         """A target that may be changed: stored and served."""
@@ -828,15 +970,27 @@ class Service:
             res = {**res, "note": "the ACL is now empty: any initiator may log in"}
         return res
 
-    async def export_delete(self, iqn: str) -> dict[str, Any]:
+    def _logged_in(self, iqn: str) -> list[dict[str, Any]]:
+        return list(self.frontend.sessions().get(iqn, [])) if self.frontend is not None else []
+
+    async def export_delete(self, iqn: str, force: bool = False) -> dict[str, Any]:
+        """Remove a target. Refused while initiators are logged in (they
+        would lose their disks mid-I/O, maybe during a restore) unless
+        ``force``."""
         if iqn not in self.cfg.targets():
             raise ServiceError(f"no target {iqn}")
+        logged = self._logged_in(iqn)
+        if logged and not force:
+            names = ", ".join(sorted({s["initiator"] for s in logged}))
+            raise ServiceError(f"target {iqn} has {plural(len(logged), 'logged-in session')} "
+                               f"({names}); deleting it cuts them off: log them out first, "
+                               "or delete with force")
         if iqn not in self.unserved:       # an unserved one never reached the front end
             await self.frontend.remove_target(iqn, self.cfg.targets()[iqn])
         self.lunsets.pop(iqn, None)
         self.cfg.delete_target(iqn)
         self.unserved.pop(iqn, None)
-        return {"deleted": iqn}
+        return {"deleted": iqn, "cut_off": logged}
 
     def export_show(self, iqn: str) -> dict[str, Any]:
         t = self.cfg.targets().get(iqn)
@@ -846,20 +1000,22 @@ class Service:
             # Loaded but not served: say why, and show nothing of a value
             # that failed its check.
             return {"iqn": iqn, "luns": {}, "acl": None, "tpgt": 1, "chap": None,
-                    "mutual_chap": None, "portals": [], "problem": self.unserved[iqn]}
+                    "mutual_chap": None, "portals": [], "sessions": [], "problem": self.unserved[iqn]}
         return {"iqn": iqn, "luns": t["luns"], "acl": t.get("acl"), "tpgt": t.get("tpgt", 1),
                 "chap": {"user": t["chap"][0], "secret": SECRET} if t.get("chap") else None,
                 "mutual_chap": {"user": t["mutual_chap"][0], "secret": SECRET}
                 if t.get("mutual_chap") else None,
-                "portals": [f"{h}:{p}" for h, p in self.portals()]}
+                "portals": [f"{h}:{p}" for h, p in self.portals()],
+                "sessions": self._logged_in(iqn)}
 
     def export_list(self) -> list[dict[str, Any]]:
         return [self.export_show(iqn) for iqn in sorted(self.cfg.targets())]
 
     def portals(self) -> list[tuple[str, int]]:
+        """What the front end serves (the addresses it bound)."""
         if self.frontend is not None and self.frontend.addresses():
             return self.frontend.addresses()
-        return self._stored_portals()
+        return self._portals_override or self._stored_portals()
 
     def _stored_portals(self) -> list[tuple[str, int]]:
         """The portals setting, checked as it is read: a bad stored value
@@ -880,15 +1036,43 @@ class Service:
             raise ServiceError(str(e)) from None
         self.cfg.set("portals", [list(p) for p in parsed])
         return {"portals": [format_portal(p) for p in parsed],
-                "note": "takes effect when the daemon restarts"}
+                "note": "takes effect at the next reload (systemctl reload liverestore) or "
+                        "restart"}
+
+    async def reload(self) -> list[str]:
+        """SIGHUP (`systemctl reload`): re-read what may change while serving,
+        without dropping a session. That is the stored portals setting
+        (`export portal`; `serve --portal` stored what it serves, so the
+        setting is the one source either way) and the images of offline
+        volumes, tried again at their recorded paths. Returns one line per
+        change."""
+        done: list[str] = []
+        want = self._stored_portals()
+        if want != self.frontend.portals:
+            await self.frontend.set_portals(want)
+            self._started_portals = want
+            done.append("portals: " + ", ".join(format_portal(p) for p in want))
+        for rec in self.cfg.volumes():
+            if self.eng.volumes[rec.name].offline is None:
+                continue
+            store, why = self._open_recorded(rec)
+            if why is None:
+                (await self.eng.relink(rec.name, store)).close()
+                done.append(f"volume {rec.name} is online again")
+        return done
 
     # -- status / config -------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         stats = {"backend": self.backend,
                  **(self.frontend.stats() if self.frontend is not None else {})}
+        stored = self._stored_portals()
         return {"state_dir": self.state_dir, "uptime": time.time() - self.started_at,
                 "portals": [f"{h}:{p}" for h, p in self.portals()],
+                # set with `portal set`, served after the next restart
+                "portals_pending": [format_portal(p) for p in stored]
+                if stored != self._started_portals else None,
                 "volumes": self.volume_list(), "pairs": self.pair_list(),
+                "groups": self.group_list(),
                 "exports": self.export_list(), "iscsi": stats,
                 "rollback": self._rollback_status()}
 
@@ -921,6 +1105,7 @@ class Service:
                 "volumes": [asdict(v) for v in self.cfg.volumes()],
                 "pairs": [{"source": p.source, "clone": p.clone, "extent_size": p.extent_size,
                            "throttle": asdict(p.throttle)} for p in self.eng.pairs.values()],
+                "groups": self._saved_groups(),
                 "targets": self.cfg.targets()}
 
     async def restoreconfig(self, config: dict[str, Any], *,
@@ -960,17 +1145,29 @@ class Service:
 
     async def _restore_objects(self, config: dict[str, Any], undo: "_Undo",
                                peer: Peer | None) -> dict[str, list[str]]:
-        made: dict[str, list[str]] = {"volumes": [], "pairs": [], "targets": []}
+        made: dict[str, list[str]] = {"volumes": [], "pairs": [], "groups": [], "targets": []}
         for v in config.get("volumes", []):
             if self.cfg.volume(v["name"]) is not None:
                 continue
             path = v.get("path")
-            new_file = path is None or not os.path.exists(path)
-            await self.volume_create(v["name"], path, v["size"],
-                                     v.get("extent_size", DEFAULT_EXTENT_SIZE), peer=peer)
-            created = self.cfg.volume(v["name"])
-            undo.add(f"volume {v['name']}", self._undo_volume(v["name"],
-                                                              created.path if new_file else None))
+            es = v.get("extent_size", DEFAULT_EXTENT_SIZE)
+            if v.get("kind") == RBD_KIND:
+                try:
+                    spec = spec_of_record(RBD_KIND, path)
+                except SpecError as e:
+                    raise ServiceError(f"volume {v['name']}: {e}") from None
+                assert isinstance(spec, RbdSpec)
+                await self.volume_create(v["name"], None, v["size"], es, rbd=spec.image_name,
+                                         ceph_conf=spec.conf, ceph_id=spec.client_id, peer=peer)
+                store = self.eng.volumes[v["name"]].store
+                made_rbd = spec if getattr(store, "created", False) else None
+                undo.add(f"volume {v['name']}", self._undo_volume(v["name"], None, made_rbd))
+            else:
+                new_file = path is None or not os.path.exists(path)
+                await self.volume_create(v["name"], path, v["size"], es, peer=peer)
+                created = self.cfg.volume(v["name"])
+                undo.add(f"volume {v['name']}", self._undo_volume(
+                    v["name"], created.path if new_file else None))
             made["volumes"].append(v["name"])
         have = {(p.source, p.clone) for p in self.eng.pairs.values()}
         for p in config.get("pairs", []):
@@ -980,6 +1177,7 @@ class Service:
                                    **p.get("throttle", {}))
             undo.add(f"pair {p['clone']}", lambda c=p["clone"]: self.pair_delete(c, force=True))
             made["pairs"].append(p["clone"])
+        made["groups"] = await self._restore_groups(config.get("groups", []), undo)
         for iqn, t in config.get("targets", {}).items():
             if iqn in self.cfg.targets():
                 continue
@@ -987,17 +1185,19 @@ class Service:
             mutual = t.get("mutual_chap") or [None, None]
             await self.export_create(iqn, t.get("luns"), t.get("acl"), chap[0], chap[1],
                                      mutual[0], mutual[1], t.get("tpgt", 1))
-            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i))
+            undo.add(f"target {iqn}", lambda i=iqn: self.export_delete(i, force=True))
             made["targets"].append(iqn)
         return made
 
-    def _undo_volume(self, name: str, made_file: str | None):
+    def _undo_volume(self, name: str, made_file: str | None, made_rbd: RbdSpec | None = None):
         async def run() -> None:
             await self.volume_delete(name)
+            # restoreconfig made this image: leave nothing that a retry
+            # would have to adopt or refuse.
             if made_file is not None:
-                # restoreconfig made this image: leave nothing that a retry
-                # would have to adopt or refuse.
                 os.unlink(made_file)
+            if made_rbd is not None:
+                await asyncio.get_running_loop().run_in_executor(None, remove_image, made_rbd)
         return run
 
     # -- dispatch table for the control socket ------------------------------------------------
@@ -1016,6 +1216,7 @@ class Service:
         "export.lun.add": "export_lun_add", "export.lun.delete": "export_lun_delete",
         "export.acl.add": "export_acl_add", "export.acl.delete": "export_acl_delete",
         "status": "status", "saveconfig": "saveconfig", "restoreconfig": "restoreconfig",
+        **GROUP_OPS,
     }
 
     _signatures: dict[str, Signature] = {}

@@ -73,3 +73,11 @@ class Daemon:
     @property
     def url(self) -> str:
         return f"iscsi://127.0.0.1:{self.port}/{IQN}"
+
+
+def secret_file(d: Daemon, secret: str) -> str:
+    """A file holding a CHAP secret for `--chap-secret-file` (never argv)."""
+    path = os.path.join(os.path.dirname(d.dir), "chap-secret")
+    with open(path, "w") as f:
+        f.write(secret + "\n")
+    return path

@@ -17,7 +17,7 @@ PRODUCT = ("restore_core", "persistence", "target")
 # (importing module, imported module): why it is imported in a function.
 LAZY = {
     # Third-party, optional for most runs, and slow to import.
-    ("target.cli_shared", "rich"): "only for a live progress bar on a terminal (0.1 s)",
+    ("target.follow", "rich"): "only for a live progress bar on a terminal (0.1 s)",
     ("target.lio.rts", "rtslib_fb"): "only with the LIO back end (0.05 s; kernel side)",
     ("target.lio.dbroot", "rtslib_fb"): "only with the LIO back end (0.05 s; kernel side)",
     # Every client subcommand (`liverestore status`, ...) would otherwise
@@ -26,6 +26,7 @@ LAZY = {
     ("target.cli", "target.daemon"): "start-up cost of client commands",
     ("target.cli", "target.service"): "start-up cost of client commands",
     ("target.cli", "target.portals"): "start-up cost of client commands (the iSCSI package)",
+    ("target.cli", "target.tour"): "start-up cost of client commands (the server stack)",
     # configshell decides at import time whether it talks to a terminal,
     # and only `liverestore shell` needs it (and pyparsing, readline).
     ("target.cli", "target.shell"): "configshell only for `liverestore shell`",

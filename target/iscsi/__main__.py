@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 
-from restore_core.blockstore import FileBlockStore
+from restore_core.stores.file import FileBlockStore
 from restore_core.plain_lunio import PlainLunIO
 from target.scsi import DeviceIdentity, LunSet, ScsiDevice
 

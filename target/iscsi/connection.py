@@ -340,6 +340,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
         if self.login is None:
             return                     # a throttled login failure is being held back
         step = self.login.process(pdu)
+        if step.outcome == "fail":
+            self.server.login_rejected(self.login, step.reason)
         if step.outcome == "fail" and step.delay > 0:
             # answer the failed guess later, reading nothing meanwhile; the
             # event loop and every other connection carry on

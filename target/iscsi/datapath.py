@@ -8,13 +8,14 @@ import logging
 import mmap
 from typing import Callable
 
-from target.scsi.api import BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse
+from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse,
+                             submitter)
 
 from .. import eager
 from ..logsafe import RateLimitedLog
 from . import pdu as P
 from .budget import COMMAND_COST, SMALL_WRITE
-from .residual import block_size_of, data_out_length, residual_count
+from .residual import residual_count
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
                    SENSE_INTERNAL_FAILURE, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_TTT,
                    SENSE_NOT_ENOUGH_UNSOLICITED, SENSE_TOO_MUCH_WRITE_DATA,
@@ -334,10 +335,9 @@ class DataPathMixin:
                               expected_in=task.edtl if task.read else 0, task_tag=task.itt,
                               task_attr=task.attr)
             try:
-                fast = getattr(self.scsi, "try_execute", None)
-                rsp = fast(cmd) if fast is not None else None
-                if rsp is None:
-                    rsp = await self.scsi.execute(cmd)
+                rsp = submitter(self.scsi)(cmd)
+                if rsp.__class__ is not ScsiResponse:
+                    rsp = await rsp
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -428,10 +428,7 @@ class DataPathMixin:
             n = min(len(dv), edtl)
         elif rsp.transfer_length is not None:
             xfer = rsp.transfer_length
-        elif task.write:
-            tl = data_out_length(task.cdb, block_size_of(self.scsi, task.lun))
-            xfer = edtl if tl is None else tl
-        else:
+        else:   # no Data-Out the SCSI layer knows of (e.g. an unsupported opcode)
             xfer = edtl
         res_flags, residual = residual_count(xfer, edtl)
         if n == 0:

@@ -76,6 +76,7 @@ class LoginStep:
     data: bytes
     outcome: str          # "continue" | "success" | "fail"
     delay: float = 0.0    # seconds to hold a "fail" back (brute-force throttle)
+    reason: str = ""      # why a "fail" failed (events, metrics)
 
 
 class LoginMachine:
@@ -124,7 +125,7 @@ class LoginMachine:
             delay = self.ctx.login_failed(self.leading.get("InitiatorName"), source_of_peer(self.peer))
         ratelog.info("login-rejected", "login from %s rejected (%02x/%02x): %s", self.peer,
                      status[0], status[1], clip(message, MESSAGE_CLIP, quote=False))
-        return LoginStep(self._rsp(0, status=status, itt=itt), b"", "fail", delay)
+        return LoginStep(self._rsp(0, status=status, itt=itt), b"", "fail", delay, message)
 
     # -- processing -------------------------------------------------------------
     def process(self, pdu: P.Pdu) -> LoginStep:

@@ -14,16 +14,21 @@ import asyncio
 import ipaddress
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..logsafe import NAME_CLIP, RateLimitedLog, clip
 from .admission import LoginThrottle, SourceLimits, source_of
 from .budget import DEFAULT_MEMORY_LIMIT, MemoryBudget
 from .chap import ChallengeRegistry
 from .connection import IscsiConnection
+from .login import LoginMachine
 from .names import valid_iscsi_name
 from .params import TargetPreferences, encode_text
 from .session import Session
+
+# login counters' keys besides target names: no client text becomes a key
+DISCOVERY = "(discovery)"
+UNKNOWN = "(unknown target)"
 
 log = logging.getLogger(__name__)
 ratelog = RateLimitedLog(log)
@@ -114,6 +119,11 @@ class IscsiServer:
         self._by_key: dict[tuple, Session] = {}
         self._next_tsih = 1
         self.total_logins = 0
+        # per target: logins that reached full feature phase / were rejected
+        # (keys: configured targets, DISCOVERY, UNKNOWN: never client text)
+        self.logins_ok: dict[str, int] = {}
+        self.logins_failed: dict[str, int] = {}
+        self.on_login_rejected: Callable[[str | None, str | None, str, str], None] | None = None
         self.started = False
 
     # -- configuration -----------------------------------------------------------
@@ -287,9 +297,23 @@ class IscsiServer:
             self._by_key[s.key] = s
         self.sessions[s.tsih] = s
         self.total_logins += 1
+        key = s.target.iqn if s.target else DISCOVERY
+        self.logins_ok[key] = self.logins_ok.get(key, 0) + 1
         log.info("session %d: %s logged in to %s (%s)", s.tsih, clip(s.nexus.initiator, NAME_CLIP),
                  s.target.iqn if s.target else "discovery", conn.peer)
         return s
+
+    def login_rejected(self, login: LoginMachine, reason: str) -> None:
+        """A login failed: count it and tell the listener (target.events)."""
+        leading = login.leading
+        name = leading.get("TargetName")
+        if leading.get("SessionType") == "Discovery":
+            key = DISCOVERY
+        else:
+            key = name if name in self.targets else UNKNOWN
+        self.logins_failed[key] = self.logins_failed.get(key, 0) + 1
+        if self.on_login_rejected is not None:
+            self.on_login_rejected(name, leading.get("InitiatorName"), login.peer, reason)
 
     def _session_closed(self, s: Session) -> None:
         if self.sessions.get(s.tsih) is s:

@@ -11,6 +11,10 @@ LunIO, a ``DeviceIdentity``, a ``ReservationStore`` and ``DeviceOptions``::
     target = LunSet({0: dev}, ports=TargetPorts({"iqn...:tgt,t,0x1": 1}))
     resp = await target.execute(ScsiCommand(cdb, lun, nexus, data_out))
 
+Transports use ``submit`` instead (api.submitter): the same, but a command
+that needs nothing waited for comes back as a ScsiResponse at once, with
+no coroutine; a READ may place its data straight into ``ScsiCommand.into``.
+
 ``resp.transfer_length`` is set for Data-Out commands (the CDB's
 Data-Out size, for residuals). ``LunSet.add/remove`` change the inventory
 at run time (hosts get REPORTED LUNS DATA HAS CHANGED).

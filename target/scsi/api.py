@@ -2,13 +2,14 @@
 and the SCSI emulation.
 
 A transport builds a ScsiCommand per received command (with all Data-Out
-bytes already gathered), awaits ``ScsiTarget.execute`` and sends back the
-ScsiResponse. Status codes and sense layout are the SCSI layer's business.
+bytes already gathered), runs it with ``submit`` (or awaits
+``ScsiTarget.execute``) and sends back the ScsiResponse. Status codes and
+sense layout are the SCSI layer's business.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol, Union
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -44,6 +45,10 @@ class ScsiCommand:
     expected_in: int = 0                          # initiator's expected Data-In length
     task_tag: int = 0
     task_attr: int = 0                            # SAM task attribute (0 simple)
+    # Data-In: the transport's own buffers; a read that completes at once
+    # may fill them directly (ScsiResponse.data_in_placed) instead of
+    # returning data_in
+    into: list[memoryview] | None = None
 
 
 @dataclass(slots=True)
@@ -54,10 +59,19 @@ class ScsiResponse:
     # Data-Out commands: the CDB's Data-Out size, which only the CDB knows
     # (transports derive write residuals from it); None for the others
     transfer_length: int | None = None
+    data_in_placed: bool = False      # the Data-In went into ScsiCommand.into
+
+
+Submitted = Union[ScsiResponse, Awaitable[ScsiResponse]]
 
 
 class ScsiTarget(Protocol):
-    """A set of LUNs behind one target port group, as a transport sees it."""
+    """A set of LUNs behind one target port group, as a transport sees it.
+
+    Optionally also ``submit(cmd) -> ScsiResponse | Awaitable[ScsiResponse]``:
+    the same as execute, but a command that needs nothing waited for returns
+    its response at once (no coroutine); see ``submitter``.
+    """
 
     async def execute(self, cmd: ScsiCommand) -> ScsiResponse: ...
 
@@ -69,3 +83,9 @@ class ScsiTarget(Protocol):
 
     def nexus_lost(self, nexus: Nexus) -> None:
         """The I_T nexus went away (logout, connection loss): drop its state."""
+
+
+def submitter(target: ScsiTarget) -> Callable[[ScsiCommand], Submitted]:
+    """How a transport runs commands on ``target``: its ``submit`` if it
+    has one, else ``execute`` (whose coroutine is the awaitable answer)."""
+    return getattr(target, "submit", None) or target.execute

@@ -1,7 +1,8 @@
 """ScsiDevice: one logical unit, emulated over a LunIO.
 
-``execute`` runs the checks every command goes through, in SAM/SPC order,
-then the handler from the command table:
+``submit`` (and ``execute``, its awaitable form) runs the checks every
+command goes through, in SAM/SPC order, then the handler from the command
+table:
 
 1. unit attentions of this I_T nexus (after noticing LunIO generation or
    capacity changes), unless the opcode is exempt;
@@ -10,40 +11,43 @@ then the handler from the command table:
 4. LU access state: NOT READY, or DATA PROTECT for writes when read-only;
 5. the handler, which validates its own fields.
 
-Nothing raises out of execute(): CheckCondition becomes sense data in the
-format the control mode page asks for, LunIO errors are mapped, and any other
+A command goes through these once (``submit``): the CDB is decoded once
+(commands.decode) and a READ/WRITE asks the LunIO once where it goes
+(LunIO.route_read/route_write): straight to the store, done before submit
+returns, or the work still to do, awaited from there.
+
+Nothing raises out of submit()/execute(): CheckCondition becomes sense data
+in the format the control mode page asks for, LunIO errors are mapped, any other
 exception becomes HARDWARE ERROR / INTERNAL TARGET FAILURE with a logged
 traceback. Commands run concurrently; the only ordering is the range lock
 between COMPARE AND WRITE and overlapping writes.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Callable
+from time import perf_counter
+from types import CoroutineType
+from typing import Any, Callable, Coroutine
 
 from restore_core.lunio import Access, LunIO
 from target.logsafe import NAME_CLIP, RateLimitedLog, clip
 
 from . import constants as c
 from .api import CHECK_CONDITION, GOOD, RESERVATION_CONFLICT, Nexus, ScsiCommand, ScsiResponse
-from .commands import UA_EXEMPT, CommandSpec, lookup
+from .commands import UA_EXEMPT, Cdb, CommandSpec, decode
 from .identity import DeviceIdentity, DeviceOptions, Limits
+from .lustats import LuStats
 from .lunio_access import map_lunio_error, not_ready, write_protected
 from .modepages import ModePages
 from .ports import TargetPorts
 from .pr import MemoryReservationStore, ReservationStore, Reservations, nexus_key
 from .rangelock import RangeLock
+from .sbc import PLACED
 from .sense import CheckCondition, ReservationConflict, invalid_cdb, invalid_opcode
 from .ua import UnitAttentions
 
 log = logging.getLogger(__name__)
 ratelog = RateLimitedLog(log)     # for what a client can trigger once per command
-
-# READ/WRITE(10/16), the commands try_execute serves: opcode -> (writes,
-# LBA field [start, end), transfer length field [start, end), CDB length)
-_FAST_RW = {c.READ_10: (False, 2, 6, 7, 9, 10), c.WRITE_10: (True, 2, 6, 7, 9, 10),
-            c.READ_16: (False, 2, 10, 10, 14, 16), c.WRITE_16: (True, 2, 10, 10, 14, 16)}
 
 
 class ScsiDevice:
@@ -64,6 +68,7 @@ class ScsiDevice:
         self.limits = Limits.resolve(block_size, self.options)
         self.block_size = block_size
         self.ports = ports or TargetPorts()
+        self.stats = LuStats()          # read at scrape time (target.metrics)
         self.ua = UnitAttentions()
         self.pr = Reservations(reservations if reservations is not None
                                else MemoryReservationStore(), self.ua, self.ports)
@@ -73,11 +78,6 @@ class ScsiDevice:
         self._generation = lunio.generation
         self._size = lunio.size
         self._last_access: Access | None = None
-        # the LunIO's optional synchronous fast path (try_execute)
-        self._try_read = getattr(lunio, "try_readinto", None)
-        self._try_write = getattr(lunio, "try_write", None)
-        if self._try_write is None:
-            self._try_read = None
 
     # -- state the handlers read -------------------------------------------------
     @property
@@ -88,91 +88,68 @@ class ScsiDevice:
         return self.options.read_only or self.lunio.access_state().access is Access.READ_ONLY
 
     # -- transport-facing ----------------------------------------------------------
-    async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
+    def submit(self, cmd: ScsiCommand) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
+        """Run one command along one path: the CDB decoded once, the checks
+        above made once, then its handler. A command that needs nothing
+        waited for -- a READ/WRITE the LunIO routes straight to the store --
+        returns its response at once; any other returns a coroutine that
+        finishes it from where it stopped (nothing is decoded or checked
+        again). Nothing raises out of it but cancellation."""
+        t0 = perf_counter()
         cdb = cmd.cdb
         if type(cdb) is not bytes:
             cdb = bytes(cdb)
-        spec = lookup(cdb) if cdb else None
+        d = decode(cdb, self.block_size)
         try:
-            data = await self._execute(cmd, cdb, spec)
-            resp = ScsiResponse(GOOD, b"", b"" if data is None else data)
-        except CheckCondition as e:
-            resp = self._check_condition(e, cmd)
-        except ReservationConflict:
-            resp = ScsiResponse(RESERVATION_CONFLICT)
-        except asyncio.CancelledError:
-            raise
+            out = self._dispatch(cmd, d)
+            if type(out) is CoroutineType:
+                return self._finish(out, cmd, d, t0)
+            resp = self._respond(out, d)
         except Exception as e:  # noqa: BLE001 - the transport must never see it
+            resp = self._failed(e, cmd, d)
+        self.stats.record(d, cmd, resp, perf_counter() - t0)
+        return resp
+
+    async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
+        r = self.submit(cmd)
+        return r if r.__class__ is ScsiResponse else await r
+
+    async def _finish(self, work: Coroutine[Any, Any, object], cmd: ScsiCommand,
+                      d: Cdb, t0: float) -> ScsiResponse:
+        try:
+            resp = self._respond(await work, d)
+        except Exception as e:  # noqa: BLE001 - the transport must never see it
+            resp = self._failed(e, cmd, d)
+        self.stats.record(d, cmd, resp, perf_counter() - t0)
+        return resp
+
+    @staticmethod
+    def _respond(out: object, d: Cdb) -> ScsiResponse:
+        # d.data_out: the SCSI transfer length of a Data-Out command, which
+        # only the CDB knows: the transport derives residuals from it
+        # (Data-In commands' transfer length is len(data_in)), failed or not.
+        if out is PLACED:
+            return ScsiResponse(GOOD, b"", b"", d.data_out, True)
+        return ScsiResponse(GOOD, b"", b"" if out is None else out, d.data_out)  # type: ignore[arg-type]
+
+    def _failed(self, e: Exception, cmd: ScsiCommand, d: Cdb) -> ScsiResponse:
+        """The response for an exception out of the checks or the handler
+        (called in its except clause, for the traceback)."""
+        if isinstance(e, CheckCondition):
+            resp = self._check_condition(e, cmd)
+        elif isinstance(e, ReservationConflict):
+            resp = ScsiResponse(RESERVATION_CONFLICT)
+        else:
             mapped = map_lunio_error(e, self.block_size)
             if mapped is not None:
                 resp = self._check_condition(mapped, cmd)
             else:
-                log.exception("internal error executing CDB %s on %s", cdb.hex(),
+                log.exception("internal error executing CDB %s on %s", d.raw.hex(),
                               self.identity.serial)
                 resp = self._check_condition(
                     CheckCondition(c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE), cmd)
-        if spec.__class__ is CommandSpec and spec.out_len is not None and len(cdb) >= spec.cdb_len:
-            # The SCSI transfer length of a Data-Out command, which only the
-            # CDB knows: the transport derives residuals from it (Data-In
-            # commands' transfer length is len(data_in)), failed or not.
-            resp.transfer_length = spec.out_len(cdb, self.block_size)
+        resp.transfer_length = d.data_out
         return resp
-
-    def try_execute(self, cmd: ScsiCommand,
-                    into: list[memoryview] | None = None) -> ScsiResponse | None:
-        """The fast path: a READ/WRITE(10/16) that nothing stands in the way
-        of -- no unit attention due, no reservation conflict, the LU ready and
-        unchanged, no COMPARE AND WRITE, no FUA, lengths that match the
-        CDB -- done synchronously through LunIO.try_readinto/try_write, with
-        GOOD. None: nothing was done, ``await execute(cmd)`` (which also
-        makes every error's sense). ``into``: the transport's Data-In buffers
-        for a read (then the response carries no data), else a new buffer."""
-        cdb = cmd.cdb
-        fast = _FAST_RW.get(cdb[0]) if cdb else None
-        if fast is None or self._try_read is None:
-            return None
-        writing, lba_at, lba_end, len_at, len_end, cdb_len = fast
-        if len(cdb) < cdb_len or cdb[1] & 0xE0 or cdb[cdb_len - 1] & 0x04:
-            return None
-        if writing and (cdb[1] & 0x08 or not self.mode.write_cache or self.range_lock.exclusive_pending):
-            return None                          # FUA, write-through, or an ATS around
-        key = nexus_key(cmd.nexus)
-        if not self.ua.quiet(key):
-            return None
-        spec = lookup(cdb)
-        try:
-            self.pr.check(key, spec.pr, spec.spc2_ok)        # the full path's own check
-        except ReservationConflict:
-            return None
-        lunio = self.lunio
-        if lunio.generation != self._generation or lunio.size != self._size:
-            return None
-        access = lunio.access_state().access
-        if access is not self._last_access or access is Access.NOT_READY:
-            return None                          # a change to note first, or an error
-        if writing and (access is not Access.READ_WRITE or self.options.read_only):
-            return None
-        lba = int.from_bytes(cdb[lba_at:lba_end], "big")
-        blocks = int.from_bytes(cdb[len_at:len_end], "big")
-        bs = self.block_size
-        if not 0 < blocks <= self.limits.max_transfer or lba + blocks > self._size // bs:
-            return None
-        n = blocks * bs
-        if writing:
-            data = cmd.data_out
-            if data is None or len(data) != n or not self._try_write(lba * bs, [data]):
-                return None
-            return ScsiResponse(GOOD, b"", b"", n)
-        if cmd.expected_in != n:
-            return None
-        if into is not None:
-            if sum(map(len, into)) != n or not self._try_read(lba * bs, into):
-                return None
-            return ScsiResponse(GOOD)
-        buf = bytearray(n)
-        if not self._try_read(lba * bs, [memoryview(buf)]):
-            return None
-        return ScsiResponse(GOOD, b"", buf)
 
     def _check_condition(self, e: CheckCondition, cmd: ScsiCommand) -> ScsiResponse:
         if e.key == c.MEDIUM_ERROR:
@@ -184,21 +161,22 @@ class ScsiDevice:
             log.debug("LU %s: CDB %s: %s", self.identity.serial, bytes(cmd.cdb[:1]).hex(), e)
         return ScsiResponse(CHECK_CONDITION, sense=e.encode(self.mode.descriptor_sense))
 
-    async def _execute(self, cmd: ScsiCommand, cdb: bytes, spec: CommandSpec | int | None) -> object:
+    def _dispatch(self, cmd: ScsiCommand, d: Cdb) -> object:
+        """The checks, then the handler's result (or its coroutine)."""
+        cdb, spec = d.raw, d.spec
         if not cdb:
             raise invalid_opcode()
         key = nexus_key(cmd.nexus)
-        self.ua.register(key)
-        self._poll_lunio()
-        if cdb[0] not in UA_EXEMPT:
-            ua = self.ua.pop(key)
-            if ua is not None:
-                raise CheckCondition(c.UNIT_ATTENTION, ua)
-        if spec is None:
-            raise invalid_opcode()
-        if spec == -1:
+        pending_ua = self.ua.register(key)
+        lunio = self.lunio
+        if lunio.generation != self._generation or lunio.size != self._size:
+            self._poll_lunio()
+        if pending_ua and cdb[0] not in UA_EXEMPT:
+            raise CheckCondition(c.UNIT_ATTENTION, pending_ua.popleft())
+        if spec.__class__ is not CommandSpec:
+            if spec is None:
+                raise invalid_opcode()
             raise invalid_cdb(1, 4)          # unsupported service action
-        assert isinstance(spec, CommandSpec)
         if len(cdb) < spec.cdb_len:
             raise CheckCondition(c.ILLEGAL_REQUEST, c.ASC_INVALID_FIELD_IN_CDB,
                                  message="CDB shorter than its opcode requires")
@@ -206,13 +184,14 @@ class ScsiDevice:
             raise invalid_cdb(spec.cdb_len - 1, 2)   # NACA: no ACA support
         self.pr.check(key, spec.pr, spec.spc2_ok)
         if spec.needs_ready or spec.writes:
-            st = self.lunio.access_state()
-            self._note_access(st.access, st.reason)
+            st = lunio.access_state()
+            if st.access is not self._last_access:
+                self._note_access(st.access, st.reason)
             if spec.needs_ready and st.access is Access.NOT_READY:
                 raise not_ready(st.reason)
             if spec.writes and (st.access is Access.READ_ONLY or self.options.read_only):
                 raise write_protected(st.reason)
-        return await spec.handler(self, cmd, cdb)
+        return spec.handler(self, cmd, d)
 
     def _note_access(self, access: Access, reason: str) -> None:
         if access is not self._last_access:

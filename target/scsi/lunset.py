@@ -15,7 +15,7 @@ import logging
 from . import constants as c
 from . import inquiry as inq
 from . import spc
-from .api import CHECK_CONDITION, GOOD, Nexus, ScsiCommand, ScsiResponse
+from .api import CHECK_CONDITION, GOOD, Nexus, ScsiCommand, ScsiResponse, Submitted
 from .cdb import be
 from .device import ScsiDevice
 from .identity import DeviceIdentity
@@ -73,15 +73,10 @@ class LunSet:
     def luns(self) -> list[int]:
         return sorted(self._devices)
 
-    def try_execute(self, cmd: ScsiCommand,
-                    into: list[memoryview] | None = None) -> ScsiResponse | None:
-        dev = self._devices.get(cmd.lun)
-        return dev.try_execute(cmd, into) if dev is not None else None
-
-    async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
+    def submit(self, cmd: ScsiCommand) -> Submitted:
         dev = self._devices.get(cmd.lun)
         if dev is not None:
-            return await dev.execute(cmd)
+            return dev.submit(cmd)
         try:
             return self._absent(cmd)
         except CheckCondition as e:
@@ -90,6 +85,10 @@ class LunSet:
             log.exception("internal error for absent LUN %s", cmd.lun)
             return ScsiResponse(CHECK_CONDITION, sense=encode_sense(
                 c.HARDWARE_ERROR, c.ASC_INTERNAL_TARGET_FAILURE))
+
+    async def execute(self, cmd: ScsiCommand) -> ScsiResponse:
+        r = self.submit(cmd)
+        return r if r.__class__ is ScsiResponse else await r
 
     def _absent(self, cmd: ScsiCommand) -> ScsiResponse:
         cdb = bytes(cmd.cdb)

@@ -1,14 +1,17 @@
 """Block (SBC-3) command handlers: capacity, the data path, verify, cache
 sync, WRITE SAME, UNMAP, COMPARE AND WRITE and GET LBA STATUS.
 
-Data moves as memoryviews from Data-Out straight to LunIO.write and from
-LunIO.read straight to Data-In. Writes take the device's range lock shared
-(they never wait for each other); COMPARE AND WRITE takes it exclusive.
+Data moves as memoryviews from Data-Out straight to the LunIO and from the
+LunIO straight to Data-In. READ and WRITE ask the LunIO once where they go
+(route_read/route_write): done at once, or the work to await. Writes that
+wait hold the device's range lock shared (they never wait for each other);
+COMPARE AND WRITE takes it exclusive, and while it holds or waits for it
+writes do not go straight to the store.
 """
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Awaitable, Coroutine
 
 from restore_core.lunio import MediumError
 
@@ -20,29 +23,24 @@ from .sense import CheckCondition, invalid_cdb, invalid_opcode, invalid_param, l
 from .sense import param_list_length_error, short_data_out
 
 if TYPE_CHECKING:
+    from .commands import Cdb
     from .device import ScsiDevice
 
 _CHUNK = 1 << 20    # bytes per backend call for WRITE SAME / VERIFY scans
 
 
-def _decode_rw(cdb: bytes) -> tuple[int, int, int]:
-    """(lba, blocks, offset of the transfer length field) for 6/10/12/16-byte CDBs."""
-    n = len(cdb)
-    group = cdb[0] >> 5
-    if group == 0:
-        blocks = cdb[4] or 256             # READ/WRITE(6): 0 means 256 blocks
-        return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], blocks, 4
-    if group in (1, 2):
-        return be(cdb, 2, 6), be(cdb, 7, 9), 7
-    if group == 5:
-        return be(cdb, 2, 6), be(cdb, 6, 10), 6
-    if group == 4 and n >= 14:
-        return be(cdb, 2, 10), be(cdb, 10, 14), 10
-    raise invalid_cdb(0)                   # not reached: the table fixes lengths
+class _Placed:
+    """What a READ returns when its data went into ScsiCommand.into."""
+
+    def __repr__(self) -> str:
+        return "PLACED"
+
+
+PLACED = _Placed()
 
 
 def check_range(dev: "ScsiDevice", lba: int, blocks: int) -> None:
-    if lba > dev.num_blocks or lba + blocks > dev.num_blocks:
+    if lba + blocks > dev.num_blocks:      # (blocks >= 0: covers lba beyond the end)
         raise lba_out_of_range()
 
 
@@ -51,9 +49,9 @@ def _check_transfer(dev: "ScsiDevice", blocks: int, field: int) -> None:
         raise invalid_cdb(field)
 
 
-async def _read(dev: "ScsiDevice", offset: int, length: int, lba: int) -> Data:
+async def _read_done(dev: "ScsiDevice", pending: Awaitable[Data], length: int, lba: int) -> Data:
     try:
-        data = await dev.lunio.read(offset, length)
+        data = await pending
     except MediumError as e:
         raise medium_error(e, dev.block_size, lba) from e
     if len(data) != length:
@@ -61,12 +59,20 @@ async def _read(dev: "ScsiDevice", offset: int, length: int, lba: int) -> Data:
     return data
 
 
-async def _write(dev: "ScsiDevice", offset: int, data: Data, fua: bool, lba: int) -> None:
+async def _read(dev: "ScsiDevice", offset: int, length: int, lba: int) -> Data:
+    return await _read_done(dev, dev.lunio.read(offset, length), length, lba)
+
+
+async def _write_done(dev: "ScsiDevice", pending: Awaitable[None], lba: int) -> None:
     try:
-        await dev.lunio.write(offset, data, fua)
+        await pending
     except MediumError as e:
         e.write = True
         raise medium_error(e, dev.block_size, lba) from e
+
+
+async def _write(dev: "ScsiDevice", offset: int, data: Data, fua: bool, lba: int) -> None:
+    await _write_done(dev, dev.lunio.write(offset, data, fua), lba)
 
 
 def _miscompare(offset: int) -> CheckCondition:
@@ -75,7 +81,8 @@ def _miscompare(offset: int) -> CheckCondition:
 
 # -- capacity -------------------------------------------------------------------
 
-async def read_capacity_10(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+async def read_capacity_10(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    cdb = d.raw
     if not cdb[8] & 0x01 and be(cdb, 2, 6) != 0:
         raise invalid_cdb(2)               # SBC-3: LBA must be 0 when PMI is 0
     last = max(dev.num_blocks - 1, 0)
@@ -83,8 +90,8 @@ async def read_capacity_10(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> b
     return struct.pack(">II", min(last, 0xFFFFFFFF), dev.block_size)
 
 
-async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
-    alloc = be(cdb, 10, 14)
+async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    alloc = be(d.raw, 10, 14)
     last = max(dev.num_blocks - 1, 0)
     lbp = 0xC000 if dev.options.thin_provisioning else 0      # LBPME | LBPRZ
     data = struct.pack(">QIBBH", last, dev.block_size, 0,
@@ -94,48 +101,87 @@ async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> b
 
 # -- reads and writes -------------------------------------------------------------
 
-async def read(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> Data:
-    lba, blocks, lfield = _decode_rw(cdb)
+def read(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> object:
+    """READ(6/10/12/16): the data at once (PLACED: into the transport's
+    buffers) when the LunIO routes it straight from the store, else the
+    coroutine that waits for it."""
+    cdb, lba, blocks = d.raw, d.lba, d.count
     if cdb[0] != c.READ_6 and cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)            # RDPROTECT: no protection information
     check_range(dev, lba, blocks)
-    _check_transfer(dev, blocks, lfield)
+    _check_transfer(dev, blocks, d.count_at)
     if blocks == 0:
         return b""
     bs = dev.block_size
-    return await _read(dev, lba * bs, blocks * bs, lba)
+    n = blocks * bs
+    into = cmd.into
+    out: object
+    if into is not None and (len(into[0]) == n if len(into) == 1 else sum(map(len, into)) == n):
+        bufs, out = into, PLACED
+    else:
+        out = bytearray(n)
+        bufs = [memoryview(out)]
+    work = dev.lunio.route_read(lba * bs, bufs)
+    if work is None:
+        return out
+    return _read_done(dev, work, n, lba)
 
 
-async def write(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    lba, blocks, lfield = _decode_rw(cdb)
+def write(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> object:
+    """WRITE(6/10/12/16): None at once when the LunIO wrote it straight to
+    the store, else the coroutine that finishes it."""
+    cdb, lba, blocks = d.raw, d.lba, d.count
     fua = False
     if cdb[0] != c.WRITE_6:
         if cdb[1] & 0xE0:
             raise invalid_cdb(1, 7)        # WRPROTECT
         fua = bool(cdb[1] & 0x08)
     check_range(dev, lba, blocks)
-    _check_transfer(dev, blocks, lfield)
+    _check_transfer(dev, blocks, d.count_at)
     if blocks == 0:
         return None
-    await _write_blocks(dev, cmd, lba, blocks, fua or not dev.mode.write_cache)
+    fua = fua or not dev.mode.write_cache
+    if dev.range_lock.exclusive_pending:
+        # a COMPARE AND WRITE holds or waits for a range: take our turn
+        return _write_blocks(dev, cmd, lba, blocks, fua)
+    # Nothing is ordered against this write: if the LunIO can do it at once
+    # it completes before anything else runs, which the shared range lock
+    # would not change.
+    bs = dev.block_size
+    work = dev.lunio.route_write(lba * bs, data_out_view(cmd.data_out, blocks * bs), fua)
+    if work is None:
+        return None
+    return _write_locked(dev, work, lba, blocks)
+
+
+async def _write_locked(dev: "ScsiDevice", pending: Coroutine[Any, Any, None], lba: int,
+                        blocks: int) -> None:
+    """Await a write's LunIO work holding its range shared (COMPARE AND
+    WRITE holds it exclusive)."""
+    bs = dev.block_size
+    lock = dev.range_lock
+    req = lock.try_shared(lba * bs, blocks * bs)
+    if req is None:
+        try:
+            req = await lock.acquire(lba * bs, blocks * bs)
+        except BaseException:
+            pending.close()                # never started: nothing to undo
+            raise
+    try:
+        await _write_done(dev, pending, lba)
+    finally:
+        lock.release(req)
 
 
 async def _write_blocks(dev: "ScsiDevice", cmd: ScsiCommand, lba: int, blocks: int,
                         fua: bool) -> None:
     bs = dev.block_size
     view = data_out_view(cmd.data_out, blocks * bs)
-    lock = dev.range_lock
-    req = lock.try_shared(lba * bs, blocks * bs)
-    if req is None:
-        req = await lock.acquire(lba * bs, blocks * bs)
-    try:
-        await _write(dev, lba * bs, view, fua, lba)
-    finally:
-        lock.release(req)
+    await _write_locked(dev, dev.lunio.write(lba * bs, view, fua), lba, blocks)
 
 
-async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    lba, blocks, lfield = _decode_rw(cdb)
+async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
     if cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)
     if (cdb[1] >> 1) & 0x03 > 1:
@@ -149,8 +195,8 @@ async def write_and_verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> N
     await _write_blocks(dev, cmd, lba, blocks, True)
 
 
-async def verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    lba, blocks, lfield = _decode_rw(cdb)
+async def verify(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
     if cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)            # VRPROTECT
     bytchk = (cdb[1] >> 1) & 0x03
@@ -185,24 +231,16 @@ async def verify(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
     return None
 
 
-async def pre_fetch(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def pre_fetch(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
     """PRE-FETCH(10/16): there is no cache of ours to load (the backend's
     page cache is not ours to steer), so after the range check: GOOD, which
     SBC-3 allows ("not enough cache" is reported as GOOD, not CONDITION MET)."""
-    if cdb[0] == c.PRE_FETCH_10:
-        lba, blocks = be(cdb, 2, 6), be(cdb, 7, 9)
-    else:
-        lba, blocks = be(cdb, 2, 10), be(cdb, 10, 14)
-    check_range(dev, lba, blocks)
+    check_range(dev, d.lba, d.count)
     return None
 
 
-async def synchronize_cache(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    if cdb[0] == c.SYNCHRONIZE_CACHE_10:
-        lba, blocks = be(cdb, 2, 6), be(cdb, 7, 9)
-    else:
-        lba, blocks = be(cdb, 2, 10), be(cdb, 10, 14)
-    check_range(dev, lba, blocks)
+async def synchronize_cache(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    check_range(dev, d.lba, d.count)
     # IMMED is honoured by simply finishing the flush before GOOD: the data
     # is durable when the host hears back either way.
     try:
@@ -215,12 +253,9 @@ async def synchronize_cache(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> 
 
 # -- WRITE SAME, UNMAP ------------------------------------------------------------
 
-async def write_same(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def write_same(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks, lfield = d.raw, d.lba, d.count, d.count_at
     sixteen = cdb[0] == c.WRITE_SAME_16
-    if sixteen:
-        lba, blocks, lfield = be(cdb, 2, 10), be(cdb, 10, 14), 10
-    else:
-        lba, blocks, lfield = be(cdb, 2, 6), be(cdb, 7, 9), 7
     flags = cdb[1]
     if flags & 0xE0:
         raise invalid_cdb(1, 7)            # WRPROTECT
@@ -271,12 +306,12 @@ async def _unmap(dev: "ScsiDevice", offset: int, length: int, lba: int) -> None:
         raise medium_error(e, dev.block_size, lba) from e
 
 
-async def unmap(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def unmap(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
     if not dev.options.thin_provisioning:
         raise invalid_opcode()             # LBPU=0: UNMAP is not supported
-    if cdb[1] & 0x01:
+    if d.raw[1] & 0x01:
         raise invalid_cdb(1, 0)            # ANCHOR
-    plen = be(cdb, 7, 9)
+    plen = d.count
     if plen == 0:
         return None
     if plen < 8:
@@ -312,11 +347,10 @@ async def unmap(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
 
 # -- COMPARE AND WRITE ------------------------------------------------------------
 
-async def compare_and_write(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def compare_and_write(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb, lba, blocks = d.raw, d.lba, d.count
     if cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)
-    lba = be(cdb, 2, 10)
-    blocks = cdb[13]
     if blocks > dev.limits.max_compare_and_write:
         raise invalid_cdb(13)
     bs = dev.block_size
@@ -348,9 +382,9 @@ _LBA_STATUS_SPAN = 1 << 32     # bytes examined per command: enough, and bounded
 _LBA_STATUS_MAX_DESCRIPTORS = 1024   # the host asks again from where we stopped
 
 
-async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
-    lba = be(cdb, 2, 10)
-    alloc = be(cdb, 10, 14)
+async def get_lba_status(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    lba = d.lba
+    alloc = be(d.raw, 10, 14)
     if lba >= dev.num_blocks:
         raise lba_out_of_range()
     bs = dev.block_size

@@ -1,7 +1,7 @@
 """Primary (SPC-4) command handlers: identification, sense, mode
 parameters, reservations, REPORT LUNS and REPORT SUPPORTED OPERATION CODES.
 
-Every handler takes (device, command, cdb) and returns the Data-In bytes
+Every handler takes (device, command, decoded CDB) and returns the Data-In bytes
 (already cut to the CDB's allocation length) or None, or raises
 CheckCondition / ReservationConflict.
 """
@@ -19,19 +19,20 @@ from .pr import nexus_key
 from .sense import encode_sense, invalid_cdb
 
 if TYPE_CHECKING:
-    from .commands import CommandSpec
+    from .commands import Cdb, CommandSpec
     from .device import ScsiDevice
 
 
-async def test_unit_ready(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def test_unit_ready(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
     return None     # readiness was checked before dispatch
 
 
-async def start_stop_unit(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def start_stop_unit(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
     return None     # no spindle, no medium to eject: accepted as a no-op
 
 
-async def inquiry(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+async def inquiry(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    cdb = d.raw
     evpd = cdb[1] & 0x01
     if cdb[1] & 0x02:
         raise invalid_cdb(1, 1)          # CMDDT is obsolete
@@ -61,10 +62,11 @@ async def inquiry(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
     return data[:alloc]
 
 
-async def request_sense(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+async def request_sense(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
     """Report a pending unit attention (and clear it, SAM-5 5.14), else the
     LU's current condition (NOT READY), else NO SENSE. Autosense already
     delivered the sense of failed commands, so nothing else is kept."""
+    cdb = d.raw
     desc = bool(cdb[1] & 0x01)
     alloc = cdb[4]
     ua = dev.ua.pop(nexus_key(cmd.nexus))
@@ -79,9 +81,9 @@ async def request_sense(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> byte
     return data[:alloc]
 
 
-async def report_luns(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+async def report_luns(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
     dev.ua.clear(nexus_key(cmd.nexus), c.ASC_REPORTED_LUNS_DATA_HAS_CHANGED)
-    return report_luns_data(cdb, dev.lun_list())
+    return report_luns_data(d.raw, dev.lun_list())
 
 
 def report_luns_data(cdb: bytes, luns: list[int]) -> bytes:
@@ -98,12 +100,14 @@ def report_luns_data(cdb: bytes, luns: list[int]) -> bytes:
     return (struct.pack(">I", len(entries)) + bytes(4) + entries)[:alloc]
 
 
-async def mode_sense(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
+async def mode_sense(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    cdb = d.raw
     return dev.mode.sense(cdb, ten=cdb[0] == c.MODE_SENSE_10, num_blocks=dev.num_blocks,
                           block_size=dev.block_size, read_only=dev.read_only())
 
 
-async def mode_select(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def mode_select(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb = d.raw
     changed = dev.mode.select(cdb, cmd.data_out, ten=cdb[0] == c.MODE_SELECT_10,
                               block_size=dev.block_size)
     if changed:
@@ -111,8 +115,9 @@ async def mode_select(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
         dev.ua.establish(c.ASC_MODE_PARAMETERS_CHANGED, exclude=nexus_key(cmd.nexus))
 
 
-async def reserve(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def reserve(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
     # Third-party and extent reservations (obsolete) are not supported.
+    cdb = d.raw
     if cdb[1] & 0x10:
         raise invalid_cdb(1, 4)
     if cdb[1] & 0x01:
@@ -122,7 +127,8 @@ async def reserve(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
     dev.pr.reserve_spc2(nexus_key(cmd.nexus))
 
 
-async def release(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
+async def release(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    cdb = d.raw
     if cdb[1] & 0x10:
         raise invalid_cdb(1, 4)
     if cdb[1] & 0x01:
@@ -130,12 +136,12 @@ async def release(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
     dev.pr.release_spc2(nexus_key(cmd.nexus))
 
 
-async def persistent_reserve_in(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> bytes:
-    return dev.pr.pr_in(cdb, cmd.nexus)
+async def persistent_reserve_in(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> bytes:
+    return dev.pr.pr_in(d.raw, cmd.nexus)
 
 
-async def persistent_reserve_out(dev: "ScsiDevice", cmd: ScsiCommand, cdb: bytes) -> None:
-    dev.pr.pr_out(cdb, cmd.data_out, cmd.nexus)
+async def persistent_reserve_out(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> None:
+    dev.pr.pr_out(d.raw, cmd.data_out, cmd.nexus)
 
 
 def report_supported_opcodes(commands: Sequence["CommandSpec"], sa_opcodes: frozenset[int],

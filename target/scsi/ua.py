@@ -29,15 +29,13 @@ class UnitAttentions:
     def nexuses(self) -> list[NexusKey]:
         return list(self._queues)
 
-    def register(self, key: NexusKey) -> None:
-        """First command on a nexus: it starts with a power-on/reset UA."""
-        if key not in self._queues:
-            self._queues[key] = deque([c.ASC_POWER_ON_RESET])
-
-    def quiet(self, key: NexusKey) -> bool:
-        """Known nexus with nothing to report (the fast path's test)."""
+    def register(self, key: NexusKey) -> deque[tuple[int, int]]:
+        """The nexus's queue (kept for its life: pop from it directly); on
+        its first command a nexus starts with a power-on/reset UA."""
         q = self._queues.get(key)
-        return q is not None and not q
+        if q is None:
+            q = self._queues[key] = deque([c.ASC_POWER_ON_RESET])
+        return q
 
     def forget(self, key: NexusKey) -> None:
         self._queues.pop(key, None)

@@ -3,6 +3,7 @@
     /
     +- volumes/<volume>                     size, role, access
     +- pairs/<source>/<clone>               state, restore/sync progress
+    +- groups/<group>                       consistency groups and their members
     +- iscsi/<iqn>/tpg1/{luns,acls,portals}
 
 Every node is a view of one `status` reply; commands call the control API
@@ -19,9 +20,11 @@ from typing import Any
 from configshell import ConfigNode, ConfigShell, ExecutionError
 from pyparsing import ParseException
 
+from ..cli_group import follow_members
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
-from ..fmt import SECRET, eta, human
+from ..fmt import SECRET, eta, human, plural
+from ..follow import Outcome
 
 THROTTLE = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
 
@@ -31,11 +34,11 @@ def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
     pr = p["progress"]
     if pr["job"] is None:
         if p["state"] == "fractured":
-            return f"fractured, {pr['delta_extents']} extents differ", True
+            return f"fractured, {plural(pr['delta_extents'], 'extent')} differ", True
         return p["state"], True
     total = pr["extents_total"] or 0
     pct = 100 * pr["extents_done"] // total if total else 100
-    text = f"{p['state']} {pct}% {pr['extents_done']}/{total} extents"
+    text = f"{p['state']} {pct}% {pr['extents_done']}/{plural(total, 'extent')}"
     if pr["job"] == "restore":
         text += " (protected)" if pr["protected"] else " (unprotected)"
     if pr["error"]:
@@ -180,6 +183,7 @@ class Root(Node):
         self.data: dict[str, Any] = {}
         Volumes("volumes", self)
         Pairs("pairs", self)
+        Groups("groups", self)
         Iscsi("iscsi", self)
 
     def refresh(self, status: dict[str, Any]) -> None:
@@ -226,24 +230,31 @@ class Volumes(Node):
         self.sync({v["name"]: (Volume, v) for v in self.data})
 
     def summary(self):
-        return f"{len(self.data or [])} volumes", None
+        return plural(len(self.data or []), "volume"), None
 
-    def ui_command_create(self, name, size=None, path=None, extent_size="64K"):
+    def ui_command_create(self, name, size=None, path=None, extent_size="64K", rbd=None,
+                          ceph_conf=None, ceph_id=None):
         '''
         Creates a volume: a new image file of the given size (e.g. 10G), or
         an existing file or block device given by path, adopted as it is
         (its size is the volume's; give no size, or exactly that one).
+        With rbd=POOL/IMAGE the volume is a Ceph RBD image (created with
+        size if missing, else adopted at its own size), reached with
+        ceph_conf (default /etc/ceph/ceph.conf) and ceph_id (default admin).
 
         Example: create db1 size=10G
+        Example: create clone1 rbd=rbd/clone1 size=10G
         '''
+        rbd_args = {k: v for k, v in (("rbd", rbd), ("ceph_conf", client_path(ceph_conf)),
+                                      ("ceph_id", ceph_id)) if v is not None}
         v = self.call("volume.create", name=name, size=size, path=client_path(path),
-                      extent_size=extent_size)
+                      extent_size=extent_size, **rbd_args)
         self.say(f"Created volume {v['name']}: {human(v['size'])} at {v['path']}.")
 
     def ui_complete_create(self, parameters, text, current_param):
         if current_param in ("name",):
             return []
-        return [k + "=" for k in ("size", "path", "extent_size")
+        return [k + "=" for k in ("size", "path", "extent_size", "rbd", "ceph_conf", "ceph_id")
                 if k.startswith(text) and k not in parameters]
 
     def ui_command_delete(self, name):
@@ -269,6 +280,8 @@ class Volume(Node):
     def summary(self):
         v = self.data
         text = f"{human(v['size'])}, {v['role']}, {v['access']}, extent {human(v['extent_size'])}"
+        if v.get("kind") == "rbd":
+            text += f", on {v['path'].split(':')[1]} (RBD)"
         if v.get("exported_by"):
             text += f", exported by {v['exported_by']}"
         if v.get("access_reason"):
@@ -301,7 +314,7 @@ class Pairs(Node):
 
     def summary(self):
         busy = sum(1 for p in self.data or [] if p["progress"]["job"])
-        return f"{len(self.data or [])} pairs, {busy} busy", None
+        return f"{plural(len(self.data or []), 'pair')}, {busy} busy", None
 
     def ui_command_create(self, source, clone, sync="true", extent_size=None):
         '''
@@ -417,10 +430,15 @@ class PairNode(Node):
         following (the job goes on).
         '''
         try:
-            p = wait_job(self.shell.client, self.data["id"], False)
+            first = self.shell.client.call("pair.show", pair=self.data["id"])
+            f = wait_job(self.shell.client, first, False)
         except ControlError as e:
             raise ExecutionError(str(e)) from None
-        self.say(f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
+        if f.outcome is not Outcome.FINISHED:
+            raise ExecutionError(f.message)
+        p = f.pair
+        ran = first["progress"]["job"] is not None
+        self.say(f"{f.message}." if ran else f"{p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
 
     def ui_command_fracture(self):
         '''
@@ -442,6 +460,108 @@ class PairNode(Node):
         self._do("pair.resume", "Resumed")
 
 
+# -- consistency groups ------------------------------------------------------------------
+class Groups(Node):
+    def refresh(self, status):
+        self.data = status.get("groups", [])
+        self.sync({g["name"]: (GroupNode, g) for g in self.data})
+
+    def summary(self):
+        return f"{len(self.data or [])} groups", None
+
+    def ui_command_create(self, name, *pairs):
+        '''
+        Makes a consistency group of pairs (clone names or source/clone): it
+        fractures and restores them at one instant. A pair is in at most one
+        group, and refuses its own fracture, sync, restore, pause, resume and
+        delete while it is in one.
+        '''
+        g = self.call("group.create", name=name, pairs=list(pairs))
+        self.say(f"Created group {g['name']}: {group_summary(g)}.")
+
+    def ui_command_delete(self, name):
+        '''
+        Forgets a group; its pairs stay as they are, free.
+        '''
+        self.call("group.delete", name=name)
+        self.say(f"Deleted group {name}.")
+
+    def ui_complete_delete(self, parameters, text, current_param):
+        return [g["name"] for g in self.data or [] if g["name"].startswith(text)]
+
+
+def group_summary(g: dict[str, Any]) -> str:
+    return f"{g['state']}, pairs {', '.join(g['pairs']) or '(none)'}"
+
+
+class GroupNode(Node):
+    def summary(self):
+        return group_summary(self.data), None if self.data.get("damaged") is None else False
+
+    def _do(self, op: str, verb: str, **args: Any) -> None:
+        g = self.call(op, name=self.data["name"], **args)
+        self.say(f"{verb} group {g['name']}: {group_summary(g)}.")
+
+    def ui_command_add(self, *pairs):
+        '''
+        Puts pairs into the group.
+        '''
+        self._do("group.add", "Added to", pairs=list(pairs))
+
+    def ui_command_remove(self, *pairs):
+        '''
+        Takes pairs out of the group; they become free.
+        '''
+        self._do("group.remove", "Removed from", pairs=list(pairs))
+
+    def ui_command_fracture(self):
+        '''
+        Splits every member's clone off at one instant.
+        '''
+        self._do("group.fracture", "Fractured")
+
+    def ui_command_sync(self, mode="delta"):
+        '''
+        Copies source to clone on every member (`sync full`: every extent).
+        '''
+        if mode not in ("delta", "full"):
+            raise ExecutionError("sync takes 'delta' (the default) or 'full'")
+        self._do("group.sync", "Syncing", full=mode == "full")
+
+    def ui_command_restore(self, mode="protected"):
+        '''
+        Starts restoring every member from its clone at one instant, while
+        hosts keep using the sources (see /pairs ... restore for the modes).
+        '''
+        if mode not in ("protected", "unprotected"):
+            raise ExecutionError("restore takes 'protected' (the default) or 'unprotected'")
+        self._do("group.restore", "Restoring", protected=mode == "protected")
+
+    def ui_command_pause(self):
+        '''
+        Holds every member's background copy.
+        '''
+        self._do("group.pause", "Paused")
+
+    def ui_command_resume(self):
+        '''
+        Continues every member's paused or failed background copy.
+        '''
+        self._do("group.resume", "Resumed")
+
+    def ui_command_wait(self):
+        '''
+        Follows every member's job to its end.
+        '''
+        try:
+            stopped = follow_members(self.shell.client, self.data, False)
+        except ControlError as e:
+            raise ExecutionError(str(e)) from None
+        if stopped is not None:
+            raise ExecutionError(stopped.message)
+        self._do("group.show", "Done:")
+
+
 # -- iSCSI -----------------------------------------------------------------------------
 class Iscsi(Node):
     drift: list[str] = []       # from the status reply; LIO back end only
@@ -452,8 +572,8 @@ class Iscsi(Node):
 
     def summary(self):
         if self.drift:      # LIO changed outside liverestore: `drift` lists it
-            return f"{len(self.data or [])} targets, {len(self.drift)} LIO drift", False
-        return f"{len(self.data or [])} targets", None
+            return f"{plural(len(self.data or []), 'target')}, {len(self.drift)} LIO drift", False
+        return plural(len(self.data or []), "target"), None
 
     def ui_command_drift(self):
         '''
@@ -469,14 +589,19 @@ class Iscsi(Node):
         Creates an iSCSI target (with its tpg1) that exports no LUN yet.
         '''
         e = self.call("export.create", iqn=iqn)
-        self.say(f"Created target {e['iqn']}.")
+        self.say(f"Created target {e['iqn']}." + (f" WARNING: {e['warning']}."
+                                                  if e.get("warning") else ""))
 
-    def ui_command_delete(self, iqn):
+    def ui_command_delete(self, iqn, force="false"):
         '''
-        Removes an iSCSI target; its volumes stay.
+        Removes an iSCSI target; its volumes stay. Refused while initiators
+        are logged in (see its tpg1/sessions) unless force=true.
         '''
-        self.call("export.delete", iqn=iqn)
-        self.say(f"Deleted target {iqn}.")
+        if force not in ("true", "false"):
+            raise ExecutionError("force takes true or false")
+        r = self.call("export.delete", iqn=iqn, force=force == "true")
+        cut = len(r.get("cut_off") or [])
+        self.say(f"Deleted target {iqn}." + (f" Cut off {plural(cut, 'session')}." if cut else ""))
 
     def ui_complete_delete(self, parameters, text, current_param):
         return [c.name for c in self.children if c.name.startswith(text)]
@@ -504,7 +629,8 @@ class Tpg(Node):
                  "mutual_secret": "mutual CHAP secret (shown masked)"}[k])
 
     def refresh(self, e):
-        self.sync({"luns": (Luns, e), "acls": (Acls, e), "portals": (Portals, e)})
+        self.sync({"luns": (Luns, e), "acls": (Acls, e), "portals": (Portals, e),
+                   "sessions": (Sessions, e)})
 
     def ui_setgroup_auth(self, name, value):
         self.set_group("auth", {name: value})
@@ -541,7 +667,7 @@ class Luns(Node):
                    for n, v in e["luns"].items()})
 
     def summary(self):
-        return f"{len(self.data['luns'])} LUNs", None
+        return plural(len(self.data['luns']), "LUN"), None
 
     def ui_command_create(self, volume, lun=None):
         '''
@@ -584,7 +710,7 @@ class Acls(Node):
 
     def summary(self):
         acl = self.data.get("acl") or []
-        return (f"{len(acl)} initiators" if acl else "any initiator may log in"), None
+        return (plural(len(acl), "initiator") if acl else "any initiator may log in"), None
 
     def ui_command_create(self, wwn):
         '''
@@ -615,9 +741,28 @@ class Portals(Node):
         self.sync({p: (Portal, p) for p in e.get("portals", [])})
 
     def summary(self):
-        return f"{len(self.data.get('portals', []))} portals", None
+        return plural(len(self.data.get('portals', [])), "portal"), None
 
 
 class Portal(Node):
     def summary(self):
         return "listening", True
+
+
+class Sessions(Node):
+    """The initiators logged in to this target now (read-only)."""
+
+    def refresh(self, e):
+        by_name: dict[str, list[str]] = {}
+        for sess in e.get("sessions") or []:
+            by_name.setdefault(sess["initiator"], []).append(sess.get("peer") or "?")
+        self.sync({ini: (LoggedIn, peers) for ini, peers in by_name.items()})
+
+    def summary(self):
+        n = len(self.data.get("sessions") or [])
+        return (plural(n, "session") + " logged in") if n else "none logged in", None
+
+
+class LoggedIn(Node):
+    def summary(self):
+        return "logged in from " + ", ".join(self.data), True

@@ -3,9 +3,11 @@
 The uio fd is the doorbell both ways: the kernel's "interrupt" makes a
 4-byte read return (we wire the fd into the loop with ``add_reader``: no
 thread per command, no polling), and a 4-byte write tells the kernel that
-``cmd_tail`` moved. Every CMD entry runs through the SCSI layer at once
-(target.eager: only a command that has to wait becomes an asyncio task);
-completions are written through :class:`Ring`.
+``cmd_tail`` moved. Every CMD entry is submitted to the SCSI layer at
+once, with the ring's data area as its buffers (no copy): a command the
+SCSI layer answers at once is completed at once; only one that has to wait
+becomes an asyncio task (target.eager). Completions are written through
+:class:`Ring`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import mmap
 import os
 from typing import Any
 
-from target.scsi.api import CHECK_CONDITION, GOOD, Nexus, ScsiCommand, ScsiResponse
+from target.scsi.api import CHECK_CONDITION, GOOD, Nexus, ScsiCommand, ScsiResponse, submitter
+from target.scsi.commands import returns_data_in
 
 from .. import eager
 from . import abi
@@ -24,32 +27,6 @@ from .ring import Request, Ring, RingError
 log = logging.getLogger(__name__)
 
 TCMU_NEXUS = Nexus(initiator="tcmu", target_port="tcmu", initiator_name="tcmu")
-
-# Commands whose (only) data phase is Data-In: for them we skip gathering the
-# iovecs as Data-Out. Anything not listed gets its iovecs gathered, which is
-# always safe (the SCSI layer ignores Data-Out it does not need).
-DATA_IN_OPCODES = frozenset({
-    0x03,        # REQUEST SENSE
-    0x08,        # READ(6)
-    0x12,        # INQUIRY
-    0x1A,        # MODE SENSE(6)
-    0x1C,        # RECEIVE DIAGNOSTIC RESULTS
-    0x25,        # READ CAPACITY(10)
-    0x28,        # READ(10)
-    0x3C,        # READ BUFFER
-    0x4D,        # LOG SENSE
-    0x5A,        # MODE SENSE(10)
-    0x5E,        # PERSISTENT RESERVE IN
-    0x88,        # READ(16)
-    0x9E,        # SERVICE ACTION IN(16): READ CAPACITY(16), GET LBA STATUS
-    0xA0,        # REPORT LUNS
-    0xA3,        # MAINTENANCE IN (REPORT TARGET PORT GROUPS, ...)
-    0xA8,        # READ(12)
-})
-
-# READ/WRITE(10/16): what ScsiDevice.try_execute may serve synchronously
-# (other opcodes skip building its arguments)
-FAST_OPCODES = frozenset({0x28, 0x2A, 0x88, 0x8A})
 
 # HARDWARE ERROR / INTERNAL TARGET FAILURE, fixed format
 _INTERNAL_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
@@ -114,7 +91,7 @@ class TcmuDevice:
             self._reset_ring()
         self.ring = Ring(self.buf, ooo=self._ooo)
         self._mv = self.ring.mv
-        self._try_execute = getattr(self.target, "try_execute", None)
+        self._submit = submitter(self.target)
         self._loop.add_reader(self.fd, self._on_doorbell)
         # whatever is already on the ring (no interrupt may come for it)
         self._process()
@@ -185,73 +162,72 @@ class TcmuDevice:
             log.info("%s: TMR %d for cmd ids %s", self.name, tmr.tmr_type, tmr.cmd_ids)
         self.ring.tmr.clear()
         self._notify()          # PAD/TMR entries may have moved the tail
-        fast = self._try_execute
         for req in reqs:
             self.stats["commands"] += 1
-            if fast is not None and self._run_fast(req, fast):
-                continue
-            t = eager.start(self._run(req), self._loop)
-            if t is not None:                  # it waits (I/O in a thread, a lock...)
-                self._tasks.add(t)
-                t.add_done_callback(self._tasks.discard)
+            self._start(req)
 
     # -- one command ---------------------------------------------------------------
-    def _run_fast(self, req: Request, try_execute: Any) -> bool:
-        """READ/WRITE the SCSI layer can do synchronously, straight between
-        the ring's data area and the LU (no copy, no coroutine); False: the
-        command goes through _run."""
+    def _start(self, req: Request) -> None:
+        """Submit one entry; complete it now if the SCSI layer answered at
+        once, else hand the rest to a task."""
         cdb = req.cdb
-        if not cdb or cdb[0] not in FAST_OPCODES or req.bidi_iovs:
-            return False
         mv = self._mv
-        iovs = req.iovs
-        if cdb[0] in DATA_IN_OPCODES:
-            into = [mv[b:b + n] for b, n in iovs]
-            rsp = try_execute(ScsiCommand(cdb, self.lun, self.nexus, None, sum(n for _, n in iovs),
-                                          req.cmd_id), into)
-        else:
-            data = mv[iovs[0][0]:iovs[0][0] + iovs[0][1]] if len(iovs) == 1 else \
-                b"".join(mv[b:b + n] for b, n in iovs)
-            rsp = try_execute(ScsiCommand(cdb, self.lun, self.nexus, data, 0, req.cmd_id))
-        if rsp is None:
-            return False
-        self.ring.complete(req, GOOD)
-        self.stats["completed"] += 1
-        self.stats["fast"] += 1
-        self._notify()
-        return True
-
-    async def _run(self, req: Request) -> None:
-        mv = self._mv
+        # the ring does not say the direction: the SCSI layer knows it; the
+        # buffer is Data-In for Data-In commands and bidi ones, else Data-Out
+        data_in_cmd = returns_data_in(cdb)
+        into = None
         data_out = None
-        data_in_cmd = bool(req.cdb) and req.cdb[0] in DATA_IN_OPCODES
-        if req.iovs and (not data_in_cmd or req.bidi_iovs):
-            if len(req.iovs) == 1:
-                b, n = req.iovs[0]
-                data_out = bytes(mv[b:b + n])
+        iovs = req.iovs
+        if iovs and (not data_in_cmd or req.bidi_iovs):
+            if len(iovs) == 1:
+                b, n = iovs[0]
+                data_out = mv[b:b + n]
             else:
-                data_out = b"".join(mv[b:b + n] for b, n in req.iovs)
+                data_out = b"".join(mv[b:b + n] for b, n in iovs)
         in_iovs = req.in_iovs
         in_total = sum(n for _, n in in_iovs)
-        # the ring does not say the direction: the buffer is Data-In for the
-        # known Data-In opcodes and for bidi commands, Data-Out otherwise
-        cmd = ScsiCommand(cdb=req.cdb, lun=self.lun, nexus=self.nexus, data_out=data_out,
-                          expected_in=in_total if (data_in_cmd or req.bidi_iovs) else 0,
-                          task_tag=req.cmd_id)
+        if data_in_cmd and not req.bidi_iovs:
+            into = [mv[b:b + n] for b, n in in_iovs]
+        cmd = ScsiCommand(cdb, self.lun, self.nexus, data_out,
+                          in_total if (data_in_cmd or req.bidi_iovs) else 0, req.cmd_id, 0, into)
         try:
-            resp: ScsiResponse = await self.target.execute(cmd)
+            rsp = self._submit(cmd)
+        except Exception:
+            rsp = self._failed(req)
+        if rsp.__class__ is ScsiResponse:
+            self.stats["fast"] += 1
+            self._complete(req, rsp, data_in_cmd, in_total)
+            return
+        t = eager.start(self._finish(req, rsp, data_in_cmd, in_total), self._loop)
+        if t is not None:                      # it waits (I/O in a thread, a lock...)
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    def _failed(self, req: Request) -> ScsiResponse:
+        log.exception("%s: cmd %d (cdb %s) failed in the SCSI layer", self.name,
+                      req.cmd_id, req.cdb.hex())
+        self.stats["errors"] += 1
+        return ScsiResponse(CHECK_CONDITION, _INTERNAL_FAILURE)
+
+    async def _finish(self, req: Request, pending: Any, data_in_cmd: bool, in_total: int) -> None:
+        try:
+            rsp: ScsiResponse = await pending
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s: cmd %d (cdb %s) failed in the SCSI layer", self.name,
-                          req.cmd_id, req.cdb.hex())
-            self.stats["errors"] += 1
-            resp = ScsiResponse(CHECK_CONDITION, _INTERNAL_FAILURE)
+            rsp = self._failed(req)
+        self._complete(req, rsp, data_in_cmd, in_total)
+
+    def _complete(self, req: Request, resp: ScsiResponse, data_in_cmd: bool, in_total: int) -> None:
         if self._closed or self.ring is None:
             return
+        mv = self._mv
+        in_iovs = req.in_iovs
         read_len = None
         data = resp.data_in
-        if data is not None and len(data) and in_total:
+        if resp.data_in_placed:
+            pass                               # already in the ring's data area
+        elif data is not None and len(data) and in_total:
             src = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
             n = min(len(src), in_total)
             pos = 0

@@ -48,7 +48,7 @@ from bitarray.util import random_k  # noqa: E402
 
 from persistence.db import Database  # noqa: E402
 from persistence.sqlite_store import SqliteMetadataStore  # noqa: E402
-from restore_core.blockstore import FileBlockStore  # noqa: E402
+from restore_core.stores.file import FileBlockStore  # noqa: E402
 from restore_core.committer import load_map  # noqa: E402
 from restore_core.pair import INTENT_EXTENTS  # noqa: E402
 from restore_core.engine import Engine  # noqa: E402
@@ -396,8 +396,8 @@ async def read_load(io: VolumeIO, size: int, until: Callable[[], bool], tag: int
                     max_secs: float, pair: Pair | None = None,
                     kinds: dict[str, list[float]] | None = None) -> list[float]:
     """QD1 random reads; with ``pair``/``kinds`` also sorts each latency by
-    what the extent was when the read was issued: unrestored (copy on
-    demand), claimed (being copied by someone else) or restored."""
+    what the extent was when the read was issued: unrestored (read from
+    the clone), claimed (being copied by someone else) or restored."""
     rnd = random.Random(seed)
     nblk = size // BLK
     lat: list[float] = []

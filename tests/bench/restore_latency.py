@@ -8,7 +8,7 @@ A real `liverestore serve` (tests.support.Daemon) exports a source LU of
 random data (non-sparse), paired with two clones c1 and c2 of other random
 data: every 4 KiB block of each of the three images differs from the same
 block of the others, so every extent is in each delta and a read of an
-unrestored extent is a copy on demand. The pairs are made with ``--no-sync``
+unrestored extent is served from the clone. The pairs are made with ``--no-sync``
 (fractured, every extent marked different) from images written here.
 Restores alternate c1, c2, c1, ...: each one changes every block of the
 source again, and a restore from one clone marks the other's delta for all

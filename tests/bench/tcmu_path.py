@@ -34,7 +34,7 @@ import time
 if __package__ in (None, ""):   # run as a script: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from restore_core.blockstore import FileBlockStore  # noqa: E402
+from restore_core.stores.file import FileBlockStore  # noqa: E402
 from restore_core.engine import Engine  # noqa: E402
 from restore_core.metadata import MemoryMetadataStore  # noqa: E402
 from target.scsi import ScsiDevice  # noqa: E402

@@ -389,3 +389,13 @@ def test_chunk_index_beyond_the_map_is_dropped(tmp_path):
 
     asyncio.run(check())
     assert CHUNK_BITS > N
+
+
+def test_a_pair_note_that_fails_its_check_is_reported_not_returned(tmp_path):
+    d = Database(str(tmp_path / "n.db"), create=True)
+    cfg = ConfigStore(d)
+    cfg.put_pair_note("c1", {"fractured_at": 1.0})
+    cfg.put_pair_note("c2", {"fractured_at": 2.0})
+    d.conn.execute("UPDATE pair_notes SET note = ? WHERE id = 'c2'", ('{"fractured_at": 3.0}',))
+    assert cfg.pair_notes() == ({"c1": {"fractured_at": 1.0}}, ["c2"])
+    d.close()

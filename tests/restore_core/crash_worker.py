@@ -19,17 +19,24 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import sys
 
 from persistence.db import Database
 from persistence.sqlite_store import SqliteMetadataStore
-from restore_core.blockstore import FileBlockStore
+from restore_core.blockstore import BlockStore
 from restore_core.engine import Engine
+from restore_core.stores import open_store
+from restore_core.stores.file import FileBlockStore
+from restore_core.stores.owners import read_owner, write_owner
+from restore_core.stores.rbd import RbdStore
+from restore_core.stores.spec import RbdSpec
 
 SIZE = 16 << 20
 ES = 64 << 10
 PAIR = "clone"
+#: an RBD location (rbd:POOL/IMAGE:conf=..:id=..): the clone lives there
+#: instead of in clone.img (tests/ceph runs the same test that way)
+CLONE_RBD_ENV = "LR_CRASH_CLONE_RBD"
 
 
 def write_data(seq: int, n: int) -> bytes:
@@ -39,7 +46,20 @@ def write_data(seq: int, n: int) -> bytes:
 def paths(d: str) -> dict[str, str]:
     return {k: os.path.join(d, v) for k, v in dict(
         db="lr.db", src="source.img", cln="clone.img", orig="clone.orig",
-        log="writes.log").items()}
+        log="writes.log", owner="clone.owner").items()}
+
+
+def open_clone(d: str, create: bool) -> BlockStore:
+    p = paths(d)
+    where = os.environ.get(CLONE_RBD_ENV)
+    if not where:
+        return FileBlockStore(p["cln"], SIZE, create=create)
+    # as the daemon does: break only the lock this worker's killed run held
+    store = open_store(RbdSpec.parse_location(where), SIZE, create=create,
+                       stale_owner=read_owner(p["owner"]))
+    assert isinstance(store, RbdStore) and store.owner is not None
+    write_owner(p["owner"], store.owner)
+    return store
 
 
 async def open_engine(d: str, create: bool = False) -> tuple[Engine, Database]:
@@ -47,7 +67,7 @@ async def open_engine(d: str, create: bool = False) -> tuple[Engine, Database]:
     db = Database(p["db"], create=create)
     eng = Engine(SqliteMetadataStore(db))
     eng.add_volume("source", FileBlockStore(p["src"], SIZE, create=create))
-    eng.add_volume(PAIR, FileBlockStore(p["cln"], SIZE, create=create))
+    eng.add_volume(PAIR, open_clone(d, create))
     await eng.start()
     return eng, db
 
@@ -67,7 +87,8 @@ async def setup(d: str, seed: int, protected: bool) -> None:
         await sio.write(off, rnd.randbytes(rnd.randrange(1, 2 * ES)))
     await sio.flush()
     await eng.volume_io(PAIR).flush()
-    shutil.copyfile(p["cln"], p["orig"])
+    with open(p["orig"], "wb") as f:
+        f.write(await eng.volumes[PAIR].store.read(0, SIZE))
     await eng.restore(pair.id, protected=protected, paused=True)
     await eng.close()
     db.close()

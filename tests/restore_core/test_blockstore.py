@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from restore_core.blockstore import BlockStoreError, FileBlockStore, MemoryBlockStore
+from restore_core.blockstore import BlockStoreError, MemoryBlockStore
+from restore_core.stores.file import FileBlockStore
 
 
 def run(c):
@@ -95,7 +96,7 @@ def test_concurrent_flushes_share_fdatasync(tmp_path):
 
 
 def test_inline_guard_tolerates_a_slow_call_and_backs_off_when_blocked():
-    from restore_core import blockstore as b
+    from restore_core.stores import file as b
     g = b.InlineGuard()
     g.took(0.0, b.INLINE_SLOW_S * 2)                     # one preempted call: still inline
     assert g.off_until == 0.0 and g.strikes == 1
@@ -113,7 +114,7 @@ def test_reads_without_rwf_nowait_go_inline_then_to_threads_after_blocking(tmp_p
     """tmpfs/overlayfs on older kernels refuse RWF_NOWAIT: small reads must
     still be served inline (no thread hop per command) while they are fast."""
     import concurrent.futures
-    from restore_core import blockstore as b
+    from restore_core.stores import file as b
     s = FileBlockStore(str(tmp_path / "f.img"), 1 << 20, create=True)
     s._nowait = False
     hops = []

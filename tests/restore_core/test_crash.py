@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import pytest
 
@@ -35,8 +36,16 @@ def worker(*args: str) -> subprocess.Popen:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def clone_file_unchanged(p: dict[str, str], clone: bytes) -> None:
+    with open(p["cln"], "rb") as f:
+        assert f.read() == clone, "the clone changed during a protected restore"
+
+
 class Checker:
-    def __init__(self, d: str) -> None:
+    def __init__(self, d: str,
+                 clone_check: Callable[[dict[str, str], bytes], None] = clone_file_unchanged
+                 ) -> None:
+        self.clone_check = clone_check
         self.p = paths(d)
         with open(self.p["orig"], "rb") as f:
             self.clone = f.read()
@@ -103,8 +112,7 @@ class Checker:
         return rec, m
 
     def check(self, final: bool) -> None:
-        with open(self.p["cln"], "rb") as f:
-            assert f.read() == self.clone, "the clone changed during a protected restore"
+        self.clone_check(self.p, self.clone)
         with open(self.p["src"], "rb") as f:
             src = f.read()
         rec, m = self.maps()
@@ -135,12 +143,14 @@ class Checker:
                     assert self.written[e], f"extent {e} in the delta map but never written"
 
 
-def crash_cycles(tmp_path, cycles: int, seed: int, rate: int = 256 << 10) -> int:
+def crash_cycles(tmp_path, cycles: int, seed: int, rate: int = 256 << 10,
+                 clone_check: Callable[[dict[str, str], bytes], None] = clone_file_unchanged
+                 ) -> int:
     d = str(tmp_path)
     s = worker("setup", d, str(seed), "1")
     out, err = s.communicate(timeout=300)
     assert s.returncode == 0, err
-    chk = Checker(d)
+    chk = Checker(d, clone_check)
     chk.new_round(float(chk.maps()[0]["job"]["started_at"]))
     rnd = random.Random(seed)
     for cycle in range(cycles):

@@ -64,7 +64,7 @@ def test_volume_io_is_the_lunio_and_raises_its_errors():
         assert st.access is Access.NOT_READY and "protected restore" in st.reason
         with pytest.raises(NotReadyError, match="protected restore"):
             await r.cios[0].read(0, 512)
-        r.cln.fail_at = {2 * ES + 7}              # copy-on-demand reads the clone
+        r.cln.fail_at = {2 * ES + 7}              # an unrestored extent is read from the clone
         with pytest.raises(MediumError) as e:
             await r.sio.read(2 * ES, 512)
         assert not e.value.write

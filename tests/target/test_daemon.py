@@ -12,7 +12,7 @@ import time
 import pytest
 
 from target.control import Client, ControlError
-from tests.support import IQN, LR, ROOT, Daemon, free_port
+from tests.support import IQN, LR, ROOT, Daemon, free_port, secret_file
 
 
 
@@ -68,7 +68,7 @@ def test_cli_errors_are_one_line(daemon):
 def test_chap_secret_never_shown(daemon):
     daemon.cli("volume", "create", "v", "--size", "1M")
     daemon.cli("export", "create", IQN, "--lun", "0=v", "--chap-user", "u",
-               "--chap-secret", "supersecret123")
+               "--chap-secret-file", secret_file(daemon, "supersecret123"))
     for args in (["status"], ["status", "--json"], ["export", "list", "--json"],
                  ["export", "list"]):
         assert "supersecret123" not in daemon.cli(*args).stdout

@@ -102,7 +102,7 @@ def test_a_failing_step_leaves_nothing_changed(daemon) -> None:
     del doc["targets"][IQN + "b"]
     out = call(daemon, "restoreconfig", config=doc)
     assert out["created"] == {"volumes": ["db1", "db1-clone"], "pairs": ["db1-clone"],
-                              "targets": [IQN]}
+                              "groups": [], "targets": [IQN]}
     assert call(daemon, "saveconfig")["portals"] == [["127.0.0.1", 3999]]
 
 
@@ -149,7 +149,7 @@ def test_a_bad_stored_target_is_left_out_and_the_rest_serve(daemon) -> None:
     assert "not an iSCSI name" in shown[bad]["problem"] and "problem" not in shown[IQN]
     with pytest.raises(ControlError, match="only 'export delete' works on it"):
         call(daemon, "export.acl.add", iqn=bad, initiator="iqn.2026-11.io.h:x")
-    assert call(daemon, "export.delete", iqn=bad) == {"deleted": bad}
+    assert call(daemon, "export.delete", iqn=bad) == {"deleted": bad, "cut_off": []}
     assert [e["iqn"] for e in call(daemon, "export.list")] == [IQN]
     daemon.stop(signal.SIGTERM)
 

@@ -23,13 +23,22 @@ import json
 import re
 import socket
 import time
+from fractions import Fraction
 
 DEFAULT_SOCKET = "/run/liverestore/control.sock"
 MAX_REPLY = 64 << 20
 
 
 class LiverestoreError(Exception):
-    """The daemon refused, or could not be reached; the message is one line."""
+    """The daemon refused, or could not be reached; the message is one line.
+
+    ``outcome`` is set when a followed job did not finish: paused, failed,
+    aborted or waiting (a volume offline), the words and the order in which
+    `liverestore ... --wait` decides them (its exit status 3, 4, 5, 6)."""
+
+    def __init__(self, msg, outcome=None):
+        super(LiverestoreError, self).__init__(msg)
+        self.outcome = outcome
 
 
 def common_argument_spec():
@@ -97,13 +106,16 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 
 
 
 def parse_size(text):
-    """Bytes from 1048576, '512M', '10G', '2TiB' (the daemon's rules)."""
+    """Bytes from 1048576, '512M', '1.5G', '2TiB' (the daemon's rules)."""
     if isinstance(text, int):
         return text
-    m = re.match(r"^\s*(\d+)\s*([KMGTPkmgtp]?)(i?[Bb])?\s*$", str(text))
+    m = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPkmgtp]?)(i?[Bb])?\s*$", str(text))
     if not m:
-        raise ValueError("bad size %r: use a number of bytes or e.g. 512M, 10G, 2T" % (text,))
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+        raise ValueError("bad size %r: use a number of bytes or e.g. 512M, 1.5G, 2T" % (text,))
+    n = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
+    if n.denominator != 1:
+        raise ValueError("size %r is not a whole number of bytes" % (text,))
+    return int(n)
 
 
 def find(items, key, value):
@@ -123,6 +135,22 @@ def exit_absent(module, client, current, before, op, **key):
     module.exit_json(changed=True, diff=dict(before=before, after={}))
 
 
+def run_runner(module, make_runner, subject):
+    """Drive a module's Runner (``run()``, ``actions`` and the object under
+    ``subject``) against the daemon: exit with its result, or fail with the
+    daemon's one-line refusal, the actions run so far, the object and the
+    outcome of a followed job that did not finish."""
+    client = Client(module.params["socket"], module.params["timeout"])
+    runner = make_runner(module, client)
+    try:
+        module.exit_json(**runner.run())
+    except LiverestoreError as e:
+        module.fail_json(msg=str(e), actions=runner.actions, outcome=e.outcome,
+                         **{subject: getattr(runner, subject)})
+    finally:
+        client.close()
+
+
 def wait_job(client, pair, timeout, poll=0.5):
     """Follow a pair's job until it ends; bounded by timeout (seconds).
 
@@ -132,14 +160,19 @@ def wait_job(client, pair, timeout, poll=0.5):
     while True:
         p = client.call("pair.show", pair=pair)
         pr = p["progress"]
-        if pr["error"]:
-            raise LiverestoreError("%s: %s failed: %s (fix the cause, then resume the pair)"
-                                   % (pair, pr["job"], pr["error"]))
+        if pr.get("aborted"):
+            raise LiverestoreError("%s: the job was aborted" % pair, "aborted")
         if pr["job"] is None:
             return p
+        if pr["error"]:
+            raise LiverestoreError("%s: %s failed: %s (fix the cause, then resume the pair)"
+                                   % (pair, pr["job"], pr["error"]), "failed")
         if pr["paused"]:
             raise LiverestoreError("%s: the %s is paused; resume it (liverestore pair resume %s)"
-                                   % (pair, pr["job"], pair))
+                                   % (pair, pr["job"], pair), "paused")
+        if p.get("offline"):
+            raise LiverestoreError("%s: the %s waits: %s (it resumes after liverestore volume "
+                                   "relink)" % (pair, pr["job"], p["offline"]), "waiting")
         if time.time() > deadline:
             raise LiverestoreError("%s: %s not finished after %ss (%d/%d extents); it keeps "
                                    "running in the daemon" % (pair, pr["job"], timeout,

@@ -60,6 +60,12 @@ options:
     type: str
     choices: [on_create, always]
     default: on_create
+  force:
+    description:
+      - With I(state=absent), remove the target even while initiators are logged in (they
+        lose their disks). Without it the daemon refuses and names them.
+    type: bool
+    default: false
 notes:
   - Supports check mode and diff mode; secrets appear in neither output nor diff.
 extends_documentation_fragment:
@@ -166,6 +172,7 @@ def main():
         mutual_secret=dict(type="str", no_log=True),
         update_secret=dict(type="str", choices=["on_create", "always"], default="on_create",
                            no_log=False),
+        force=dict(type="bool", default=False),
     )
     module = AnsibleModule(
         argument_spec=spec, supports_check_mode=True,
@@ -181,7 +188,8 @@ def main():
         cur = find(client.call("export.list"), "iqn", p["iqn"])
         before = _view(cur)
         if p["state"] == "absent":
-            exit_absent(module, client, cur, before, "export.delete", iqn=p["iqn"])
+            exit_absent(module, client, cur, before, "export.delete", iqn=p["iqn"],
+                        force=p["force"])
         if cur is None:
             if p["chap_user"] and not p["chap_secret"]:
                 module.fail_json(msg="chap_user needs chap_secret to create the target")
@@ -196,6 +204,8 @@ def main():
             if module.check_mode:
                 module.exit_json(changed=True, diff=dict(before={}, after=after))
             e = client.call("export.create", **args)
+            if e.get("warning"):
+                module.warn(e["warning"])
             module.exit_json(changed=True, export=e, diff=dict(before={}, after=_view(e)))
         changes = wanted_changes(p, cur)
         if not changes:

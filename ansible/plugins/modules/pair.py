@@ -19,7 +19,10 @@ description:
   - C(fractured) splits the clone off as a point-in-time copy, syncing it first if needed.
   - C(restored) copies the clone back onto the source while hosts keep using the source,
     to completion. It does nothing when source and clone do not differ (a fractured pair
-    with no extents in its delta, or a synchronized pair), so a second run reports no change.
+    with no extents in its delta, or a synchronized pair), and nothing once a restore from
+    the clone's current point in time (when it was last fractured, which the daemon
+    records) has finished, even though hosts wrote to the source since; so a second run
+    reports ok. Restoring the same point in time again needs I(force=true).
   - C(absent) removes the pairing; both volumes stay.
 options:
   source:
@@ -71,7 +74,10 @@ options:
         description: Microseconds to pause between copies while hosts are active (C(0) for none).
         type: int
   force:
-    description: With I(state=absent), remove the pair even while a restore runs.
+    description:
+      - With I(state=absent), remove the pair even while a restore runs.
+      - With I(state=restored), restore even though the source was already restored from
+        the clone's current point in time (rolling back what hosts wrote since).
     type: bool
     default: false
   timeout:
@@ -80,10 +86,9 @@ options:
     default: 3600
 notes:
   - Supports check mode (nothing is started) and diff mode (state and throttle).
-  - A protected restore ends with the extents hosts wrote during it in the delta. Running
-    I(state=restored) again after hosts wrote to the source restores those extents from the
-    clone again, as declared; do not leave a C(restored) task in a playbook that runs
-    periodically.
+  - Keep C(restored) tasks out of playbooks that provision or run periodically (a separate
+    playbook, or a task tagged C(never)); even idempotent, a restore is an operation, and a
+    new fracture makes a new point in time that the next run would restore.
 extends_documentation_fragment:
   - liverestore.storage.daemon
 author:
@@ -105,6 +110,7 @@ EXAMPLES = r"""
     clone: db1-clone
     state: fractured
 
+# In its own playbook (or tagged never), not in the provisioning play:
 - name: Roll db1 back to the clone while hosts keep running
   liverestore.storage.pair:
     source: db1
@@ -112,6 +118,7 @@ EXAMPLES = r"""
     state: restored
     wait: true
     timeout: 7200
+  tags: [never, restore]
 """
 
 RETURN = r"""
@@ -130,6 +137,13 @@ pair:
     progress: {state: fractured, job: null, extents_total: 0, extents_done: 0,
                delta_extents: 0, rate: 0.0, eta: null, error: null, paused: false,
                protected: null, bytes_copied: 0}
+outcome:
+  description:
+    - When a followed sync or restore did not finish, how it stopped; the same words as the
+      CLI's C(--wait), whose exit status stands for them (3, 4, 5, 6).
+  returned: on failure of a followed job
+  type: str
+  choices: [paused, failed, aborted, waiting]
 actions:
   description: The daemon operations that were (or, in check mode, would be) run.
   returned: always
@@ -140,7 +154,7 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
-    Client, LiverestoreError, common_argument_spec, find, parse_size, wait_job)
+    common_argument_spec, find, parse_size, run_runner, wait_job)
 
 KNOBS = ("rate", "batch_extents", "depth", "host_yield_ms", "host_pause_us")
 
@@ -283,6 +297,8 @@ class Runner(object):
                       % (self.p["clone"], self.p["source"]))
         if st == "synchronized" or pr["delta_extents"] == 0:
             return                          # source and clone already hold the same data
+        if (cur.get("history") or {}).get("current_point_restored") and not self.p["force"]:
+            return                          # done before; hosts' writes since are theirs
         self.do("pair.restore", pair=self.p["clone"], protected=self.p["protected"])
         self.wait()
 
@@ -312,14 +328,7 @@ def main():
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     if module.params["source"] == module.params["clone"]:
         module.fail_json(msg="source and clone must be different volumes")
-    client = Client(module.params["socket"], module.params["timeout"])
-    runner = Runner(module, client)
-    try:
-        module.exit_json(**runner.run())
-    except LiverestoreError as e:
-        module.fail_json(msg=str(e), actions=runner.actions, pair=runner.pair)
-    finally:
-        client.close()
+    run_runner(module, Runner, "pair")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ __metaclass__ = type
 DOCUMENTATION = r"""
 ---
 module: volume
-short_description: Manage liverestore volumes (image files and block devices)
+short_description: Manage liverestore volumes (image files, block devices, Ceph RBD images)
 version_added: "0.1.0"
 description:
   - Creates or forgets a volume of the liverestore daemon through its control socket.
-  - A volume is a new image file of a given size, or an existing file or block device.
+  - A volume is a new image file of a given size, or an existing file or block device, or a
+    Ceph RBD image (I(rbd)).
   - An existing file or block device is adopted exactly as it is; its size is the volume's
     and is never changed (I(size), if given, must be that size).
   - liverestore never shrinks or moves a volume; asking for a different size or path of an
@@ -39,6 +40,19 @@ options:
       - Image file or block device; by default a file in the daemon's state directory.
       - A relative path is taken relative to the module's working directory on the managed host.
     type: path
+  rbd:
+    description:
+      - A Ceph RBD image, C(POOL/IMAGE), instead of a I(path); created with I(size) if it does
+        not exist, else adopted at its own size (never resized on adoption).
+      - Pool and image names are letters, digits, C(_), C(.), C(-); passed to the daemon as
+        written (no path handling).
+    type: str
+  ceph_conf:
+    description: With I(rbd), the cluster's C(ceph.conf) (C(/etc/ceph/ceph.conf) if not given).
+    type: path
+  ceph_id:
+    description: With I(rbd), the Ceph client id (C(admin) if not given).
+    type: str
   grow:
     description:
       - Grow an existing volume to a larger I(size) (C(liverestore volume resize)). Never shrinks;
@@ -68,6 +82,12 @@ EXAMPLES = r"""
   liverestore.storage.volume:
     name: db1-clone
     path: /dev/vg0/db1-clone
+
+- name: The clone on Ceph, a new 10 GiB RBD image
+  liverestore.storage.volume:
+    name: db1-clone
+    rbd: rbd/db1-clone
+    size: 10G
 
 - name: Grow db1 to 20 GiB
   liverestore.storage.volume:
@@ -112,10 +132,15 @@ def main():
         state=dict(type="str", choices=["present", "absent"], default="present"),
         size=dict(type="str"),
         path=dict(type="path"),
+        rbd=dict(type="str"),
+        ceph_conf=dict(type="path"),
+        ceph_id=dict(type="str"),
         extent_size=dict(type="str"),
         grow=dict(type="bool", default=False),
     )
-    module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
+                           mutually_exclusive=[("path", "rbd")],
+                           required_by={"ceph_conf": "rbd", "ceph_id": "rbd"})
     p = module.params
     try:
         want_size = parse_size(p["size"]) if p["size"] else None
@@ -124,6 +149,7 @@ def main():
         module.fail_json(msg=str(e))
     # the daemon refuses relative paths: resolve them here, where they were meant
     path = os.path.abspath(p["path"]) if p["path"] else None
+    rbd = _rbd_args(p)
     client = Client(p["socket"], p["timeout"])
     try:
         cur = find(client.call("volume.list"), "name", p["name"])
@@ -139,6 +165,8 @@ def main():
                                 % (cur["size"], want_size))
             if path and os.path.realpath(path) != cur["path"]:
                 problems.append("is at %s, not %s" % (cur["path"], path))
+            if rbd and cur["path"] != _rbd_location(rbd):
+                problems.append("is at %s, not %s" % (cur["path"], _rbd_location(rbd)))
             if want_es is not None and want_es != cur["extent_size"]:
                 problems.append("has extent size %d, not %d" % (cur["extent_size"], want_es))
             if problems:
@@ -152,12 +180,13 @@ def main():
                 module.exit_json(changed=True, volume=vol,
                                  diff=dict(before=before, after=_view(vol)))
             module.exit_json(changed=False, volume=cur)
-        after = dict(name=p["name"], size=want_size, path=path,
+        after = dict(name=p["name"], size=want_size,
+                     path=_rbd_location(rbd) if rbd else path,
                      extent_size=want_es or parse_size(DEFAULT_EXTENT))
         if module.check_mode:
             module.exit_json(changed=True, diff=dict(before={}, after=after))
         vol = client.call("volume.create", name=p["name"], size=p["size"], path=path,
-                          extent_size=p["extent_size"] or DEFAULT_EXTENT)
+                          extent_size=p["extent_size"] or DEFAULT_EXTENT, **rbd)
         module.exit_json(changed=True, volume=vol, diff=dict(before={}, after=_view(vol)))
     except LiverestoreError as e:
         module.fail_json(msg=str(e))
@@ -166,6 +195,22 @@ def main():
 
 
 DEFAULT_EXTENT = "64K"
+# The daemon's defaults for an RBD image that names no ceph.conf or client.
+DEFAULT_CEPH_CONF = "/etc/ceph/ceph.conf"
+DEFAULT_CEPH_ID = "admin"
+
+
+def _rbd_args(p):
+    """The RBD image as given (its names are not paths), the conf made absolute."""
+    if not p["rbd"]:
+        return {}
+    return dict(rbd=p["rbd"], ceph_conf=os.path.abspath(p["ceph_conf"] or DEFAULT_CEPH_CONF),
+                ceph_id=p["ceph_id"] or DEFAULT_CEPH_ID)
+
+
+def _rbd_location(rbd):
+    """How the daemon records an RBD volume's place (its path)."""
+    return "rbd:%s:conf=%s:id=%s" % (rbd["rbd"], rbd["ceph_conf"], rbd["ceph_id"])
 
 
 def _view(v):

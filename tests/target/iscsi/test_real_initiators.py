@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from restore_core.blockstore import FileBlockStore
+from restore_core.stores.file import FileBlockStore
 from target.iscsi import IscsiServer, IscsiTargetConfig
 from restore_core.plain_lunio import PlainLunIO
 

@@ -1,52 +1,16 @@
-"""Write-residual CDB decoding and the ``python -m target.iscsi`` entry point."""
+"""The ``python -m target.iscsi`` entry point (its CLI parsers and a run)."""
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 
 import pytest
 
 from target.iscsi.__main__ import parse_portal, parse_size
-from target.iscsi.residual import block_size_of, data_out_length
 from tests.support import free_port
-
-
-@pytest.mark.parametrize("cdb,bs,want", [
-    (bytes((0x0A, 0, 0, 0, 0, 0)), 512, 256 * 512),                     # WRITE(6): 0 = 256 blocks
-    (bytes((0x0A, 0, 0, 0, 3, 0)), 4096, 3 * 4096),
-    (struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 7, 0), 512, 7 * 512),         # WRITE(10)
-    (struct.pack(">BBIBHB", 0x2E, 0, 0, 0, 2, 0), 512, 1024),           # WRITE AND VERIFY(10)
-    (struct.pack(">BBIIBB", 0xAA, 0, 0, 9, 0, 0), 512, 9 * 512),         # WRITE(12)
-    (struct.pack(">BBQIBB", 0x8A, 0, 0, 70000, 0, 0), 512, 70000 * 512),  # WRITE(16)
-    (struct.pack(">BBQIBB", 0x93, 0, 0, 100, 0, 0), 512, 512),           # WRITE SAME(16): one block
-    (struct.pack(">BBQIBB", 0x93, 1, 0, 100, 0, 0), 512, 0),             # ... NDOB
-    (bytes((0x89,) + (0,) * 12 + (1, 0, 0)), 512, 1024),               # COMPARE AND WRITE, NLB 1
-    (struct.pack(">BBBHIB", 0x5F, 0, 0, 0, 24, 0), None, 24),            # PR OUT: bytes
-    (bytes((0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0)), None, 24),              # UNMAP
-    (bytes((0x15, 0x10, 0, 0, 28, 0)), None, 28),                       # MODE SELECT(6)
-    (struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 7, 0), None, None),          # blocks but no block size
-    (bytes((0x28,) + (0,) * 9), 512, None),                             # READ: no Data-Out
-    (b"", 512, None),
-    (bytes((0x8A, 0)), 512, None),                                      # truncated CDB
-])
-def test_data_out_length(cdb, bs, want):
-    assert data_out_length(cdb, bs) == want
-
-
-def test_block_size_of():
-    class Dev:
-        block_size = 4096
-
-    class Set:
-        def device(self, lun):
-            return Dev() if lun == 1 else None
-    assert block_size_of(Set(), 1) == 4096
-    assert block_size_of(Set(), 2) is None
-    assert block_size_of(object(), 0) is None
 
 
 def test_cli_parsers():

@@ -44,7 +44,7 @@ async def test_engine_volume_io_errors_reach_hosts_as_sense():
     await ready(src)                                  # the restore's unit attention
     await ready(cln)
     check(await send(cln, cdb10(0x28, 0, 1)), 0x2, 0x04, 0x03)         # NOT READY
-    r.cln.fail_at = {2 * ES + 7}                      # copy-on-demand reads the clone
+    r.cln.fail_at = {2 * ES + 7}                      # an unrestored extent is read from the clone
     resp = await send(src, cdb10(0x28, 2 * ES // BS, 1))
     check(resp, 0x3, 0x11, 0x00)                      # MEDIUM ERROR, unrecovered read
     assert info_of(resp.sense) == (2 * ES + 7) // BS

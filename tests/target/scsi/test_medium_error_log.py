@@ -7,7 +7,7 @@ import logging
 import os
 import re
 
-from restore_core.blockstore import FileBlockStore
+from restore_core.stores.file import FileBlockStore
 from target.logsafe import RateLimitedLog
 from restore_core.plain_lunio import PlainLunIO
 from target.scsi import ScsiDevice

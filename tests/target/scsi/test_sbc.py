@@ -4,7 +4,7 @@ import asyncio
 import os
 import struct
 
-from restore_core.blockstore import FileBlockStore
+from restore_core.stores.file import FileBlockStore
 from restore_core.plain_lunio import PlainLunIO
 from target.scsi import DeviceOptions, ScsiDevice
 
@@ -421,6 +421,8 @@ async def test_compare_and_write_without_the_lock_loses_updates():
     import contextlib
 
     class NoLock:
+        exclusive_pending = False
+
         @contextlib.asynccontextmanager
         async def hold(self, *a, **k):
             yield

@@ -91,6 +91,13 @@ class FakeLunIO:
             self.buf[offset:offset + len(data)] = data
         await self._yield()
 
+    # no direct path: every READ/WRITE is the awaited work (read/write)
+    def route_read(self, offset: int, into: list[memoryview]):
+        return self.read(offset, sum(map(len, into)))
+
+    def route_write(self, offset: int, data, fua: bool):
+        return self.write(offset, data, fua)
+
     async def flush(self) -> None:
         if self.flush_error is not None:
             raise self.flush_error

@@ -11,7 +11,7 @@ import sys
 import pexpect
 import pytest
 
-from tests.support import IQN, LR, ROOT, Daemon
+from tests.support import IQN, LR, ROOT, Daemon, secret_file
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 SECRET = "supersecret123"
@@ -69,7 +69,7 @@ def test_interactive_tree_cd_completion_and_a_restore_visible_in_ls(daemon, tmp_
         assert "16.0 MiB, source, read-write" in tree_line(sh.run("ls /volumes"), "db1")
         out = sh.run("ls")
         assert "[fractured, 256 extents differ]" in tree_line(out, "db1-clone")
-        assert "[1 pairs, 0 busy]" in tree_line(out, "pairs")
+        assert "[1 pair, 0 busy]" in tree_line(out, "pairs")
         # Tab completion of a path, then of a command.
         sh.p.send("cd /pa\t")
         sh.p.expect("/pairs/")
@@ -98,7 +98,7 @@ def test_interactive_tree_cd_completion_and_a_restore_visible_in_ls(daemon, tmp_
         out = sh.run("ls /pairs")
         line = tree_line(out, "db1-clone")
         assert re.search(r"\[restoring \d+% \d+/256 extents \(protected\) paused\]", line), line
-        assert "[1 pairs, 1 busy]" in tree_line(out, "pairs")
+        assert "[1 pair, 1 busy]" in tree_line(out, "pairs")
         # The same state through the CLI: the shell only showed the daemon's.
         p = json.loads(daemon.cli("pair", "show", "db1-clone", "--json").stdout)
         assert p["state"] == "restoring" and p["progress"]["paused"]
@@ -138,7 +138,7 @@ def test_interactive_chap_secret_masked_and_kept_out_of_history(daemon, tmp_path
         out = sh.run("ls")
         assert "[CHAP user alice]" in tree_line(out, "tpg1")
         assert "[v (1.0 MiB)]" in tree_line(out, "lun0")
-        assert "[1 initiators]" in tree_line(out, "acls")
+        assert "[1 initiator]" in tree_line(out, "acls")
         assert "[may log in]" in tree_line(out, "iqn.1994-05.com.example:host1")
         out = sh.run(f"{tpg} get auth")
         assert "chap_user=alice" in out and "chap_secret=********" in out
@@ -171,7 +171,7 @@ def test_one_shot_mode(daemon, tmp_path):
     daemon.cli("volume", "create", "db1-clone", "--size", "8M")
     daemon.cli("pair", "create", "db1", "db1-clone", "--no-sync")
     daemon.cli("export", "create", IQN, "--lun", "0=db1", "--chap-user", "u",
-               "--chap-secret", SECRET)
+               "--chap-secret-file", secret_file(daemon, SECRET))
     daemon.cli("pair", "throttle", "db1-clone", "--rate", "256K", "--batch-extents", "1",
                "--depth", "1")
     r = shell_cmd(daemon, "/pairs/db1/db1-clone", "restore", "unprotected")
@@ -197,7 +197,7 @@ def test_one_shot_mode(daemon, tmp_path):
     cfg = json.loads(save.read_text())
     assert {v["name"] for v in cfg["volumes"]} == {"db1", "db1-clone"}
     r = shell_cmd(daemon, "restoreconfig", str(save))
-    assert r.stdout.strip() == "Created 0 volumes, 0 pairs, 0 targets."
+    assert r.stdout.strip() == "Created 0 volumes, 0 pairs, 0 groups, 0 targets."
     r = subprocess.run([*LR, "--socket", daemon.sock + ".none", "shell", "ls"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no liverestore daemon" in r.stderr

@@ -1,0 +1,381 @@
+"""An image file (sparse is fine) or a block device.
+
+The file backend first tries the I/O inline with RWF_NOWAIT (served from
+the page cache without blocking) and only falls back to a worker thread
+when the kernel says it would block: a thread hop costs tens of
+microseconds, more than a cached 4 KiB read itself. Buffered writes cannot
+ask RWF_NOWAIT on most kernels (nor reads on tmpfs/overlayfs before 6.6),
+so small ones go inline while they stay fast; calls that block (writeback
+throttling, a cold disk) send that kind of I/O to the threads for a while
+(InlineGuard), so a congested disk never stalls the loop long.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..blockstore import BlockStore, BlockStoreError
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+# Inline (on-loop) syscalls: one slower than INLINE_SLOW_S counts a strike,
+# INLINE_STRIKES strikes in a row (or one call over INLINE_BLOCKED_S, which
+# only a really blocked call takes) send that kind of I/O to the threads for
+# INLINE_BACKOFF_S. Single slow calls are normal on a busy or virtualised
+# machine (the vCPU was preempted) and must not cost a second of thread hops.
+INLINE_SLOW_S = 0.002
+INLINE_BLOCKED_S = 0.02
+INLINE_STRIKES = 3
+INLINE_BACKOFF_S = 1.0
+
+
+
+# One shared pool for blocking I/O: file reads/writes release the GIL, so a
+# few threads keep several requests in flight on the device.
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def io_executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lr-io")
+        return _pool
+
+
+class InlineGuard:
+    """Whether a kind of blocking syscall may run inline on the event loop
+    right now: yes while it stays fast, no for a while after it blocked."""
+
+    __slots__ = ("off_until", "strikes", "backoffs")
+
+    def __init__(self) -> None:
+        self.off_until = 0.0
+        self.strikes = 0
+        self.backoffs = 0
+
+    def call(self, fn, *args):
+        """fn(*args) inline if allowed now, timed; None if not allowed or it
+        failed with OSError (the caller's thread path reports the error)."""
+        now = time.monotonic()
+        if now < self.off_until:
+            return None
+        try:
+            r = fn(*args)
+        except OSError:
+            return None
+        self.took(now, time.monotonic())
+        return r
+
+    def took(self, start: float, end: float) -> None:
+        t = end - start
+        if t <= INLINE_SLOW_S:
+            self.strikes = 0
+            return
+        self.strikes += 1
+        if t > INLINE_BLOCKED_S or self.strikes >= INLINE_STRIKES:
+            self.off_until = end + INLINE_BACKOFF_S
+            self.strikes = 0
+            self.backoffs += 1
+
+
+class FileBlockStore(BlockStore):
+    """An image file (sparse is fine) or a block device.
+
+    Opening never changes an existing file: its size must be the one asked
+    for (or none asked). Only a file this store creates itself (``create``
+    and the path did not exist) is sized, and it is removed again if the
+    open fails half way. The open file is flock()ed for the store's life
+    (shared when read-only) so no two volumes and no two daemons share one
+    image; a failed open leaks no descriptor.
+    """
+
+    def __init__(self, path: str, size: int | None = None, *, create: bool = False,
+                 readonly: bool = False, nofollow: bool = False) -> None:
+        self.path = path
+        self.name = path
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        if nofollow:
+            flags |= os.O_NOFOLLOW
+        self.created = False
+        if create:
+            try:
+                self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                self.created = True
+            except FileExistsError:
+                self._fd = os.open(path, flags)
+        else:
+            self._fd = os.open(path, flags)
+        try:
+            self._size = self._open_checks(path, size, readonly)
+        except BaseException:
+            self.abandon()
+            raise
+        self.identity = self._stat_identity(os.fstat(self._fd))
+        self._nowait = _RWF_NOWAIT != 0
+        self.inline_write_max = 0 if self._is_blockdev else 128 * 1024
+        # reads go inline with RWF_NOWAIT (the kernel says when they would
+        # block); where it is not supported (tmpfs and overlayfs before
+        # Linux 6.6...) small reads go inline while they stay fast, as writes
+        self.inline_read_max = 0 if self._is_blockdev else 128 * 1024
+        self.write_guard = InlineGuard()
+        self.read_guard = InlineGuard()
+        # Flush coalescing: writes completed / covered by a finished flush.
+        self._written = 0
+        self._flushed = 0
+        self._flushing: asyncio.Future[None] | None = None
+        self.fdatasyncs = 0
+
+    def _open_checks(self, path: str, size: int | None, readonly: bool) -> int:
+        """Lock the open image and return its size; raise if it is not usable."""
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlockStoreError(f"{path} is in use (locked by another volume or daemon)") \
+                from None
+        st = os.fstat(self._fd)
+        self._is_blockdev = stat.S_ISBLK(st.st_mode)
+        if not self._is_blockdev and not stat.S_ISREG(st.st_mode):
+            raise BlockStoreError(f"{path} is neither a regular file nor a block device")
+        if self._is_blockdev:
+            actual = os.lseek(self._fd, 0, os.SEEK_END)
+            if size is not None and size != actual:
+                raise BlockStoreError(f"{path}: device has {actual} bytes, not {size}")
+            return actual
+        if self.created:
+            if size is None:
+                raise BlockStoreError(f"{path}: a new image needs a size")
+            os.ftruncate(self._fd, size)  # sparse: no blocks allocated
+            return size
+        if size is not None and st.st_size != size:
+            raise BlockStoreError(f"{path}: file has {st.st_size} bytes, expected {size}")
+        return st.st_size
+
+    @staticmethod
+    def _stat_identity(st: os.stat_result) -> tuple[int, int]:
+        return (st.st_dev, st.st_ino)
+
+    def abandon(self) -> None:
+        """Close, and remove the file if this store created it (a failed
+        create leaves nothing behind)."""
+        self.close()
+        if self.created:
+            self.created = False
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def lost(self) -> str | None:
+        """Why the open image is no longer the one at its path (unlinked, or
+        the path now names another file), or None while it still is."""
+        try:
+            st = os.fstat(self._fd)
+        except OSError as e:
+            return f"image {self.path} cannot be checked: {e.strerror or e}"
+        if st.st_nlink == 0:
+            return f"image {self.path} was deleted"
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return f"image {self.path} was moved or deleted"
+        except OSError as e:
+            return f"image {self.path} cannot be checked: {e.strerror or e}"
+        if self._stat_identity(now) != self.identity:
+            return f"image {self.path} was replaced by another file"
+        return None
+
+    def grow(self, size: int) -> None:
+        """Make the store ``size`` bytes: a file is extended (sparse), a block
+        device must already be that big (grow the device first). Never shrinks."""
+        if size < self._size:
+            raise BlockStoreError(f"{self.path}: cannot shrink from {self._size} to {size} bytes")
+        if self._is_blockdev:
+            actual = os.lseek(self._fd, 0, os.SEEK_END)
+            if actual != size:
+                raise BlockStoreError(f"{self.path}: device has {actual} bytes, not {size}; "
+                                      "grow the device first")
+        else:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def is_blockdev(self) -> bool:
+        return self._is_blockdev
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "blockdev" if self._is_blockdev else "file"
+
+    # -- synchronous primitives (also used by the benchmarks' plain copy) --
+    def readinto_sync(self, offset: int, buf: memoryview) -> None:
+        got = 0
+        want = len(buf)
+        while got < want:
+            n = os.preadv(self._fd, [buf[got:]], offset + got)
+            if n == 0:
+                raise BlockStoreError(f"{self.name}: short read at {offset + got}", offset + got)
+            got += n
+
+    def write_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self._fd, [view[done:]], offset + done)
+
+    def flush_sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
+        n = sum(map(len, bufs))
+        if offset < 0 or offset + n > self._size:
+            return False
+        if self._nowait:
+            try:
+                return os.preadv(self._fd, bufs, offset, _RWF_NOWAIT) == n
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._nowait = False         # from now on: the inline guard
+                return False
+        return n <= self.inline_read_max and self.read_guard.call(os.preadv, self._fd, bufs, offset) == n
+
+    def try_write(self, offset: int, bufs: list) -> bool:
+        n = sum(map(len, bufs))
+        if n > self.inline_write_max or offset < 0 or offset + n > self._size:
+            return False
+        if self.write_guard.call(self._pwritev_all, offset, bufs, n) is None:
+            return False
+        self._written += 1
+        return True
+
+    def _pwritev_all(self, offset: int, bufs: list, n: int) -> int:
+        if os.pwritev(self._fd, bufs, offset) != n:      # short (disk full?): once more whole
+            self.write_sync(offset, b"".join(bufs))
+        return n
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        self.check_range(offset, len(buf))
+        if self.try_readinto(offset, [buf]):
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                io_executor(), self.readinto_sync, offset, buf)
+        except OSError as e:
+            raise BlockStoreError(f"{self.name}: read error at {offset}: {e}", offset) from e
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.check_range(offset, len(data))
+        if self.try_write(offset, [data]):
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                io_executor(), self.write_sync, offset, data)
+        except OSError as e:
+            raise BlockStoreError(f"{self.name}: write error at {offset}: {e}", offset) from e
+        self._written += 1
+
+    async def flush(self) -> None:
+        """Group flush: one fdatasync covers every write completed before it
+        starts, so concurrent durable writes share it instead of queueing
+        one each."""
+        want = self._written
+        while self._flushed < want:
+            if self._flushing is None:
+                fut = self._flushing = asyncio.get_running_loop().create_future()
+                covers = self._written
+                try:
+                    self.fdatasyncs += 1
+                    await asyncio.get_running_loop().run_in_executor(io_executor(), self.flush_sync)
+                except OSError as e:
+                    fut.set_exception(BlockStoreError(f"{self.name}: flush failed: {e}"))
+                    fut.exception()   # retrieved: waiters get their own copy below
+                    raise BlockStoreError(f"{self.name}: flush failed: {e}") from e
+                else:
+                    self._flushed = max(self._flushed, covers)
+                    fut.set_result(None)
+                finally:
+                    self._flushing = None
+            else:
+                await asyncio.shield(self._flushing)
+
+    async def discard(self, offset: int, length: int) -> None:
+        self.check_range(offset, length)
+        if self._is_blockdev:
+            await super().discard(offset, length)
+            return
+        try:
+            # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: reads back zeros.
+            await asyncio.get_running_loop().run_in_executor(
+                io_executor(), _punch_hole, self._fd, offset, length)
+        except OSError:
+            await super().discard(offset, length)
+        else:
+            self._written += 1      # the next flush must cover the punch
+
+    async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        if self._is_blockdev:
+            return [(offset, length, True)]
+        return _allocation_runs(self._fd, offset, length)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    rc = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(punch),
+                        ctypes.c_longlong(offset), ctypes.c_longlong(length))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _allocation_runs(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    end = offset + length
+    runs: list[tuple[int, int, bool]] = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, _SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole until EOF
+                runs.append((pos, end - pos, False))
+                break
+            return [(offset, length, True)]
+        if data > pos:
+            hole_end = min(data, end)
+            runs.append((pos, hole_end - pos, False))
+            pos = hole_end
+            continue
+        try:
+            hole = os.lseek(fd, pos, _SEEK_HOLE)
+        except OSError:
+            hole = end
+        data_end = min(hole, end)
+        runs.append((pos, data_end - pos, True))
+        pos = data_end
+    return runs

@@ -1,0 +1,118 @@
+"""RbdStore against a real cluster: the BlockStore contract, adopt/create
+rules, the exclusive lock, and fencing."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import rbd
+
+from restore_core.blockstore import BlockStoreError
+from restore_core.stores import open_store
+from restore_core.stores.rbd import FEATURES, RbdStore
+from tests.ceph.util import create_image, read_image, take_over
+
+MiB = 1 << 20
+
+
+def test_create_write_read_discard_allocation(ceph):
+    spec = ceph.spec()
+    s = open_store(spec, 16 * MiB, create=True)
+    assert isinstance(s, RbdStore) and s.size == 16 * MiB and s.kind == "rbd" and s.created
+
+    async def go():
+        await s.write(4096, b"\xab" * 8192)
+        await s.write(5 * MiB, memoryview(b"\xcd" * MiB))
+        await s.flush()
+        assert bytes(await s.read(4096, 8192)) == b"\xab" * 8192
+        assert bytes(await s.read(0, 4096)) == bytes(4096)
+        # many in flight at once: completions come back on the loop
+        await asyncio.gather(*(s.write(8 * MiB + i * 4096, bytes([i]) * 4096) for i in range(64)))
+        got = await asyncio.gather(*(s.read(8 * MiB + i * 4096, 4096) for i in range(64)))
+        assert [bytes(g) for g in got] == [bytes([i]) * 4096 for i in range(64)]
+        await s.discard(4096 + 512, 4096)           # partial: must read back zeros
+        d = bytes(await s.read(4096, 8192))
+        assert d == b"\xab" * 512 + bytes(4096) + b"\xab" * 3584
+        runs = await s.allocation(0, 16 * MiB)
+        assert sum(n for _, n, _ in runs) == 16 * MiB
+        mapped = [(o, n) for o, n, m in runs if m]
+        assert any(o <= 5 * MiB < o + n for o, n in mapped)
+        assert not any(o <= 12 * MiB < o + n for o, n in mapped)   # never written
+        with pytest.raises(BlockStoreError):
+            await s.read(16 * MiB - 512, 1024)
+    asyncio.run(go())
+    s.close()
+    assert read_image(spec, 5 * MiB, 4096) == b"\xcd" * 4096     # another client sees it
+
+
+def test_adopt_keeps_size_and_missing_needs_a_size(ceph):
+    spec = ceph.spec()
+    with pytest.raises(BlockStoreError, match="does not exist: give a size"):
+        open_store(spec, None, create=True)
+    create_image(spec, 4 * MiB, FEATURES)
+    with pytest.raises(BlockStoreError, match="has 4194304 bytes, expected 8388608"):
+        open_store(spec, 8 * MiB, create=True)
+    s = open_store(spec, None, create=True)          # adopted at its own size
+    assert s.size == 4 * MiB and not s.created
+    s.close()
+    assert read_image(spec, 0, 16) == bytes(16)
+
+
+def test_image_without_exclusive_lock_is_refused(ceph):
+    spec = ceph.spec()
+    create_image(spec, 4 * MiB, rbd.RBD_FEATURE_LAYERING)
+    with pytest.raises(BlockStoreError, match="no exclusive-lock feature"):
+        open_store(spec)
+
+
+def test_a_second_open_is_refused_while_the_first_holds_the_lock(ceph):
+    spec = ceph.spec()
+    s = open_store(spec, 4 * MiB, create=True)
+    with pytest.raises(BlockStoreError, match="in use: its exclusive lock is held by"):
+        open_store(spec)
+    s.close()
+    open_store(spec).close()                         # released on close
+
+
+def test_no_pool_and_failed_create_leave_nothing(ceph):
+    with pytest.raises(BlockStoreError, match="no pool nosuchpool"):
+        open_store(ceph.spec().__class__("nosuchpool", "x", ceph.conf), MiB, create=True)
+    spec = ceph.spec()
+    s = open_store(spec, 4 * MiB, create=True)
+    s.abandon()                                      # a failed volume create
+    with pytest.raises(BlockStoreError, match="does not exist"):
+        open_store(spec)
+
+
+def test_takeover_fences_the_store_no_write_acknowledged_after(ceph, caplog):
+    spec = ceph.spec()
+    s = open_store(spec, 4 * MiB, create=True)
+    fenced: list[str] = []
+    s.on_fenced = fenced.append
+
+    async def go():
+        await s.write(0, b"A" * 4096)
+        await s.flush()
+        img, close = take_over(spec)
+        try:
+            acked = []
+            for i in range(1, 20):               # host writes racing the takeover
+                try:
+                    await s.write(i * 4096, b"B" * 4096)
+                    acked.append(i)
+                except BlockStoreError as e:
+                    assert "blocklisted" in str(e) or "lock" in str(e)
+            assert acked == []                   # the first one after it already fails
+            assert len(fenced) == 1 and "blocklisted" in fenced[0]
+            assert s.lost() == fenced[0]
+            with pytest.raises(BlockStoreError, match="refused"):
+                await s.flush()
+            assert img.read(0, 4096) == b"A" * 4096
+            assert img.read(4096, 19 * 4096) == bytes(19 * 4096)   # nothing of B landed
+        finally:
+            close()
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(go())
+    assert sum("fenced" in r.getMessage() for r in caplog.records) == 1
+    s.close()

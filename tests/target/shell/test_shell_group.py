@@ -1,0 +1,33 @@
+"""`liverestore shell` one-shot on /groups: the same operations as the CLI."""
+from __future__ import annotations
+
+import json
+
+from tests.support import Daemon
+
+from .test_shell import shell_cmd
+
+
+def test_groups_through_the_one_shot_shell(daemon: Daemon):
+    for lu in ("data", "log"):
+        daemon.cli("volume", "create", lu, "--size", "1M")
+        daemon.cli("volume", "create", lu + "-clone", "--size", "1M")
+        daemon.cli("pair", "create", lu, lu + "-clone", "--wait")
+    out = shell_cmd(daemon, "/groups", "create", "db", "data-clone").stdout
+    assert "Created group db: synchronized, pairs data-clone." in out
+    out = shell_cmd(daemon, "/groups/db", "add", "log/log-clone").stdout
+    assert "pairs data-clone, log-clone" in out
+    assert "db" in shell_cmd(daemon, "ls", "/groups").stdout
+    out = shell_cmd(daemon, "/groups/db", "fracture").stdout
+    assert "Fractured group db: fractured, pairs data-clone, log-clone." in out
+    r = shell_cmd(daemon, "/pairs/data/data-clone", "sync", ok=False)
+    assert r.returncode != 0 and "belongs to group db" in r.stderr
+    out = shell_cmd(daemon, "/groups/db", "restore", "unprotected").stdout
+    assert "Restoring group db" in out
+    shell_cmd(daemon, "/groups/db", "wait")
+    show = json.loads(daemon.cli("group", "show", "db", "--json").stdout)
+    assert show["state"] == "synchronized"
+    out = shell_cmd(daemon, "/groups/db", "remove", "log-clone").stdout
+    assert "pairs data-clone." in out
+    assert "Deleted group db." in shell_cmd(daemon, "/groups", "delete", "db").stdout
+    assert json.loads(daemon.cli("group", "list", "--json").stdout) == []
