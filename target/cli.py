@@ -99,6 +99,15 @@ def _print_rollback(rb: dict[str, Any] | None) -> None:
               "if its image is in other use")
 
 
+def _print_drift(drift: list[str] | None) -> None:
+    if not drift:
+        return
+    print("\nLIO DRIFT (changed outside liverestore; left as is until you act with targetcli "
+          "or liverestore export commands):")
+    for line in drift:
+        print(f"  {line}")
+
+
 def _rbd_args(a: argparse.Namespace) -> dict[str, Any]:
     """An RBD image's names as typed (no path rules apply to them) and its ceph.conf."""
     return {k: v for k, v in (("rbd", a.rbd), ("ceph_conf", client_path(a.ceph_conf)),
@@ -179,6 +188,7 @@ def _show(args: argparse.Namespace, result: Any, kind: str) -> None:
         _print_table([_pair_row(p) for p in result["pairs"]], PAIR_COLS)
         _print_pair_notes(result["pairs"])
         _print_rollback(result.get("rollback"))
+        _print_drift(result["iscsi"].get("drift"))
         print("\nexports:")
         _print_table(_export_rows(result["exports"]), EXPORT_COLS)
     else:

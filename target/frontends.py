@@ -26,15 +26,21 @@ from persistence.config import VolumeRecord
 from .errors import ServiceError
 from .iscsi.server import IscsiServer, IscsiTargetConfig
 from .lio.rts import LioConfigurator
-from .lio.spec import Description
+from .lio.spec import SUBTYPE, Description
 from .scsi.device import ScsiDevice
 from .tcmu import TcmuHandler
+from .tcmu.tcmuservice import TcmuServiceRegistration
 
 log = logging.getLogger(__name__)
 
 CONFIGFS_TARGET = "/sys/kernel/config/target"
 # Commands wait on the ring while the handler restarts; give it a minute.
 LIO_CMD_TIME_OUT = "60"
+# targetcli's help for `/backstores/user:liverestore create` (ConfigDesc on D-Bus).
+CONFIG_DESC = (f"{SUBTYPE}/VOLUME: serves the liverestore volume VOLUME (it must exist: "
+               "'liverestore volume create'; give its exact size). The daemon lists such a "
+               "backstore as drift and never deletes it; 'liverestore export create' is the "
+               "managed way to export a volume.")
 
 
 def choose_backend(backend: str) -> str:
@@ -156,7 +162,10 @@ class LioFrontend:
         self.portals = portals
         self.handler: TcmuHandler | None = None
         self.lio: LioConfigurator | None = None
+        self.bus: TcmuServiceRegistration | None = None
         self._targets: dict[str, dict[str, Any]] = {}
+        self._applied: Description | None = None     # the description last applied
+        self._drift_logged: list[str] = []
 
     def _description(self, targets: dict[str, dict[str, Any]]) -> Description:
         volumes = []
@@ -186,11 +195,35 @@ class LioFrontend:
         return Description.from_dict({"volumes": volumes, "targets": tdesc})
 
     async def _apply(self) -> None:
+        """Bring LIO to the stored exports, changing only what this daemon
+        made or now wants differently: an admin's change (an ACL added with
+        targetcli, say) is left as it is and reported as drift in status."""
         desc = self._description(self._targets)
+        previous = self._applied or desc      # at start: nothing we want changed yet
         report = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.lio.apply(desc, prune=True))
+            None, lambda: self.lio.apply(desc, prune=True, previous=previous))
+        self._applied = desc
         for line in report.lines():
             log.info("lio: %s", line)
+        await self._until_served({c.args[0].backstore for c in report.changes if c.action == "create_backstore"})
+        drift = [str(d) for d in report.drift]
+        if drift != self._drift_logged:
+            for line in drift:
+                log.warning("lio drift (left as is; see 'liverestore status'): %s", line)
+            self._drift_logged = drift
+
+    async def _until_served(self, backstores: set[str], tries: int = 10, every: float = 0.2) -> None:
+        """Rescan until the handler serves the backstores just created (2 s
+        at most; later the handler's periodic rescan takes them). With our
+        handler registered in tcmu-runner, tcmu-runner opens each new uio
+        device too, then drops it (its D-Bus handlers cannot serve): our
+        open in between fails busy, and must not wait for the slow rescan."""
+        for _ in range(tries if backstores else 0):
+            served = {name.split("/")[2] for name in self.handler.devices}
+            if backstores <= served:
+                return
+            await asyncio.sleep(every)
+            await self.handler.rescan()
 
     def _open(self, config: str, size: int, block_size: int) -> ScsiDevice:
         dev = self.service.devices.get(config)
@@ -210,6 +243,25 @@ class LioFrontend:
         self.handler = TcmuHandler(self._open)
         await self.handler.start()
         await self._apply()
+        # After a boot whose `targetctl restore` ran with tcmu-runner up, our
+        # LUNs are back now but other ACLs' saved mappings onto them are not.
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.lio.readopt_saved(self._applied))
+        for c in report.changes:
+            log.info("lio: %s (saved in the host's LIO configuration; targetctl restore skipped it)", c)
+        self.bus = TcmuServiceRegistration(SUBTYPE, CONFIG_DESC, self.check_config)
+        await self.bus.start()
+
+    def check_config(self, config: str) -> tuple[bool, str]:
+        """targetcli's check before it creates a user:liverestore backstore:
+        the config must name one of our volumes (see CONFIG_DESC)."""
+        subtype, _, name = config.partition("/")
+        if subtype != SUBTYPE or not name:
+            return False, f"the config must be {SUBTYPE}/VOLUME"
+        if name not in self.service.devices:
+            return False, (f"no liverestore volume named {name[:80]!r} (list them with "
+                           "'liverestore volume list')")
+        return True, "success"
 
     async def set_target(self, iqn: str, t: dict[str, Any]) -> None:
         self._targets[iqn] = t
@@ -224,6 +276,8 @@ class LioFrontend:
     async def stop(self) -> None:
         # LIO's configuration stays: initiators keep their sessions and the
         # kernel holds commands on the ring until the handler is back.
+        if self.bus is not None:
+            await self.bus.stop()
         if self.handler is not None:
             await self.handler.stop()
 
@@ -236,7 +290,22 @@ class LioFrontend:
 
     def stats(self) -> dict[str, Any]:
         devs = getattr(self.handler, "devices", {}) if self.handler is not None else {}
-        return {"backend": "lio", "tcmu_devices": len(devs)}
+        return {"backend": "lio", "tcmu_devices": len(devs),
+                "dbroot": str(self.lio.dbroot) if self.lio is not None and self.lio.dbroot else None,
+                "drift": self.drift()}
+
+    def drift(self) -> list[str]:
+        """LIO's differences from the stored exports, read now: what an admin
+        changed that the daemon leaves, and what is missing (the daemon
+        recreates that at its next change or start)."""
+        if self.lio is None or self._applied is None:
+            return []
+        try:
+            p = self.lio.plan_against(self._applied)
+        except Exception as e:  # noqa: BLE001 - configfs read races an admin's change; say so
+            return [f"cannot read LIO's configuration now: {e}"]
+        return [str(d) for d in p.drift] + [f"{c.path}: liverestore will {c.action.replace('_', ' ')} "
+                                            "it at its next change or start" for c in p.changes]
 
     def sessions(self) -> dict[str, list[LoggedIn]]:
         """From the kernel's configfs: the initiators of each TPG's

@@ -19,6 +19,7 @@ LAZY = {
     # Third-party, optional for most runs, and slow to import.
     ("target.follow", "rich"): "only for a live progress bar on a terminal (0.1 s)",
     ("target.lio.rts", "rtslib_fb"): "only with the LIO back end (0.05 s; kernel side)",
+    ("target.lio.dbroot", "rtslib_fb"): "only with the LIO back end (0.05 s; kernel side)",
     # Every client subcommand (`liverestore status`, ...) would otherwise
     # load the whole server stack (engine, SQLite, schema, iSCSI): about
     # 0.5 s more per command; only `serve`, `demo` and `init` need it.

@@ -7,10 +7,15 @@ LIO back end needs it, and the embedded target, the CLI and the planner
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 
-from .plan import AclState, BackstoreState, Change, LioState, TpgState, plan, plan_teardown
+from .dbroot import Dbroot, settle
+from .plan import (AclState, BackstoreState, Change, Drift, LioState, Plan, TpgState, converge, plan_teardown,
+                   skipped_mappings)
 from .spec import Chap, Description, Portal
 
 log = logging.getLogger(__name__)
@@ -69,9 +74,21 @@ def read_state(root=None, *, extra_attributes: tuple[str, ...] = ()) -> LioState
     return st
 
 
+def free_hba_index(core: str) -> int:
+    """The lowest HBA index no backstore directory (``core/<plugin>_<N>``)
+    uses, of any plugin (rtslib-fb keeps them unique across plugins)."""
+    used = set()
+    for d in os.listdir(core):
+        plugin, _, n = d.rpartition("_")
+        if plugin and n.isdigit():
+            used.add(int(n))
+    return next(i for i in range(len(used) + 1) if i not in used)
+
+
 @dataclass
 class Report:
     changes: list[Change] = field(default_factory=list)
+    drift: list[Drift] = field(default_factory=list)       # differences left alone
 
     @property
     def changed(self) -> bool:
@@ -86,19 +103,48 @@ class LioConfigurator:
 
     def __init__(self, root=None) -> None:
         from rtslib_fb import RTSRoot
+        # Before the first RTSRoot: agree on the dbroot with the host's tools.
+        self.dbroot: Dbroot | None = settle() if root is None else None
         self.root = root or RTSRoot()
 
     def state(self) -> LioState:
         return read_state(self.root)
 
     def plan(self, desc: Description, *, prune: bool = False) -> list[Change]:
-        return plan(desc, self.state(), prune=prune)
+        return converge(desc, self.state(), prune=prune).changes
 
-    def apply(self, desc: Description, *, prune: bool = False, dry_run: bool = False) -> Report:
-        changes = self.plan(desc, prune=prune)
+    def apply(self, desc: Description, *, prune: bool = False, dry_run: bool = False,
+              previous: Description | None = None) -> Report:
+        """``previous``: the description applied last (see target.lio.plan:
+        with it, what liverestore did not make is left and reported)."""
+        p = converge(desc, self.state(), prune=prune, previous=previous)
         if not dry_run:
-            self._run(changes, desc)
+            self._run(p.changes, desc)
+        return Report(p.changes, p.drift)
+
+    def readopt_saved(self, desc: Description) -> Report:
+        """Put back the saved mappings ``targetctl restore`` skipped in our
+        targets (see plan.skipped_mappings); the saved file is the one the
+        host's targetctl restores from: ``<dbroot>/saveconfig.json``."""
+        if self.dbroot is None:
+            return Report()
+        path = os.path.join(self.dbroot.path, "saveconfig.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return Report()
+        except (OSError, ValueError) as e:
+            log.warning("cannot read %s (%s): saved mappings of other ACLs are not checked", path, e)
+            return Report()
+        changes = skipped_mappings(desc, self.state(), saved)
+        self._run(changes, desc)
         return Report(changes)
+
+    def plan_against(self, desc: Description) -> Plan:
+        """What applying ``desc`` again would change and leave (as the daemon
+        applies it: ``desc`` is also the previous description)."""
+        return converge(desc, self.state(), prune=True, previous=desc)
 
     def teardown(self, desc: Description, *, dry_run: bool = False) -> Report:
         changes = plan_teardown(desc, self.state())
@@ -140,9 +186,17 @@ class LioConfigurator:
             log.debug("already gone: %s", e)
 
     def _create_backstore(self, v) -> None:
+        """With an HBA index read from configfs now, under rtslib's own index
+        lock: rtslib's per-process cache of indexes goes stale when targetcli
+        (another process) creates or deletes backstores, and a daemon that
+        trusted it would pick a taken index or refuse a name deleted since."""
         from rtslib_fb import UserBackedStorageObject
-        UserBackedStorageObject(v.backstore, config=v.config, size=v.size, wwn=v.wwn,
-                                hw_max_sectors=v.hw_max_sectors, control=v.control_string() or None)
+        from rtslib_fb.tcm import lock_file
+        with open(lock_file, "a") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            UserBackedStorageObject(v.backstore, config=v.config, size=v.size, wwn=v.wwn,
+                                    hw_max_sectors=v.hw_max_sectors, control=v.control_string() or None,
+                                    index=free_hba_index(os.path.join(self.root.path, "core")))
 
     def _set_backstore_attribute(self, name: str, k: str, v: str) -> None:
         self._so(f"user:{name}").set_attribute(k, v)

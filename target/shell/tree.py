@@ -565,12 +565,25 @@ class GroupNode(Node):
 
 # -- iSCSI -----------------------------------------------------------------------------
 class Iscsi(Node):
+    drift: list[str] = []       # from the status reply; LIO back end only
     def refresh(self, status):
         self.data = status["exports"]
+        self.drift = (status.get("iscsi") or {}).get("drift") or []
         self.sync({e["iqn"]: (Target, {**e, "volumes": status["volumes"]}) for e in self.data})
 
     def summary(self):
+        if self.drift:      # LIO changed outside liverestore: `drift` lists it
+            return f"{plural(len(self.data or []), 'target')}, {len(self.drift)} LIO drift", False
         return plural(len(self.data or []), "target"), None
+
+    def ui_command_drift(self):
+        '''
+        Lists what differs in LIO from liverestore's exports: changes made
+        with targetcli, which the daemon leaves as they are, and what is
+        missing, which it recreates at its next change or start.
+        '''
+        for line in self.drift or ["no drift"]:
+            self.say(line)
 
     def ui_command_create(self, iqn):
         '''

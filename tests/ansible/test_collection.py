@@ -257,6 +257,8 @@ def test_role_installs_into_a_prefix_and_initialises_once(env, tmp_path):
                          and p.startswith(sys.prefix))
     prefix, state, units = tmp_path / "opt", tmp_path / "state", tmp_path / "systemd"
     units.mkdir()
+    (tmp_path / "modules-load.d").mkdir()
+    (tmp_path / "dbus").mkdir()
     book = tmp_path / "role.yml"
     book.write_text(f"""
 - hosts: localhost
@@ -276,6 +278,10 @@ def test_role_installs_into_a_prefix_and_initialises_once(env, tmp_path):
         liverestore_portals: ["127.0.0.1:3261"]
         liverestore_systemd_dir: {units}
         liverestore_manage_service: false
+        liverestore_lio: true
+        liverestore_lio_dbroot: {tmp_path}/rtslib-fb-target
+        liverestore_modules_load_dir: {tmp_path}/modules-load.d
+        liverestore_dbus_policy_dir: {tmp_path}/dbus
 """)
     r = subprocess.run([PLAYBOOK, "-i", "localhost,", str(book), "--syntax-check"], env=env,
                        capture_output=True, text=True, timeout=120)
@@ -289,7 +295,12 @@ def test_role_installs_into_a_prefix_and_initialises_once(env, tmp_path):
         os.path.join(ROOT, "target", "systemd", "liverestore.service")).read()
     dropin = (units / "liverestore.service.d" / "ansible.conf").read_text()
     assert (f"ExecStart={prefix}/.venv/bin/liverestore --socket {tmp_path}/control.sock serve "
-            f"--state-dir {state} --portal 127.0.0.1:3261") in dropin
+            f"--backend lio --state-dir {state} --portal 127.0.0.1:3261") in dropin
+    # liverestore_lio: the dbroot Debian's targetcli uses, modules at boot, the bus policy
+    assert stat.S_IMODE(os.stat(tmp_path / "rtslib-fb-target").st_mode) == 0o700
+    assert "target_core_user" in (tmp_path / "modules-load.d" / "liverestore.conf").read_text().split()
+    assert (tmp_path / "dbus" / "liverestore.conf").read_text() == open(
+        os.path.join(ROOT, "target", "dbus", "liverestore.conf")).read()
     r, recap = playbook(env, str(book))
     assert recap["changed"] == 0, r.stdout
     # What the role installed runs: init is idempotent through it too.

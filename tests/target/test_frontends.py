@@ -1,11 +1,15 @@
 """The LIO front end's description of what to export (pure; the real kernel
 run is in tests/vm)."""
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 
 from persistence.config import VolumeRecord
 from target.frontends import LIO_CMD_TIME_OUT, LioFrontend, choose_backend
+from target.lio.plan import AclState, LioState, converge
+from target.lio.rts import Report
+from tests.target.lio.test_plan import simulate
 
 
 class FakeConfig:
@@ -54,3 +58,59 @@ def test_backend_choice():
     assert choose_backend("lio") == "lio"
     with pytest.raises(ValueError):
         choose_backend("nbd")
+
+
+# -- issue 15: an admin's change inside our target survives an unrelated export create ---------
+class FakeLio:
+    """LioConfigurator over an in-memory LioState, changed the way LIO would."""
+
+    def __init__(self) -> None:
+        self.state = LioState()
+        self.dbroot = None
+
+    def apply(self, desc, *, prune=False, previous=None):
+        p = converge(desc, self.state, prune=prune, previous=previous)
+        self.state = simulate(self.state, p.changes)
+        return Report(p.changes, p.drift)
+
+    def plan_against(self, desc):
+        return converge(desc, self.state, prune=True, previous=desc)
+
+
+class FakeHandler:
+    """Serves every user backstore of the fake LIO (as the TCMU handler would)."""
+
+    def __init__(self, lio: FakeLio) -> None:
+        self.lio = lio
+
+    @property
+    def devices(self):
+        return {f"tcm-user/0/{b.name}/{b.config}": object() for b in self.lio.state.backstores.values()}
+
+    async def rescan(self):
+        return {}
+
+
+ADMIN = "iqn.1994-05.com.example:admin"
+T1, T2 = "iqn.2026-11.io.liverestore:t1", "iqn.2026-11.io.liverestore:t2"
+
+
+def _target(vol):
+    return {"luns": {"0": vol}, "tpgt": 1, "acl": None, "chap": None, "mutual_chap": None}
+
+
+def test_admin_acl_survives_an_unrelated_export_create_and_shows_as_drift():
+    f = frontend()
+    f.lio = FakeLio()
+    f.handler = FakeHandler(f.lio)
+    f._targets = {T1: _target("a")}
+    asyncio.run(f._apply())
+    assert f.stats()["drift"] == []
+    f.lio.state.targets[T1][1].acls[ADMIN] = AclState(ADMIN, None, {0: 0})      # targetcli
+    asyncio.run(f.set_target(T2, _target("b")))                               # export create
+    assert f.lio.state.targets[T1][1].acls[ADMIN].mapped == {0: 0}
+    assert T2 in f.lio.state.targets
+    assert f.stats()["drift"] == [f"{T1}/tpg1/acls/{ADMIN}: an ACL not in liverestore's configuration: "
+                                  "left as is"]
+    del f.lio.state.targets[T1][1].luns[0]                                    # targetcli deletes our LUN
+    assert any(d.startswith(f"{T1}/tpg1/lun0: liverestore will create lun") for d in f.stats()["drift"])

@@ -4,6 +4,7 @@ turns a crash of the script into a FAIL line with the logs that explain it."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,53 @@ def run_main(main: Callable[[], int], name: str, logs: list[str], tail: int = 40
                 print(f"--- {n} tail ---\n" + "".join(open(p).readlines()[-tail:]), flush=True)
         print(sh("dmesg | tail -40", check=False).stdout, flush=True)
         sys.exit(1)
+
+
+LR = [PY, "-m", "target.cli"]
+
+
+def liverestore(sock: str, *args: str, timeout: float = 120) -> str:
+    """`liverestore --socket SOCK ARGS...`'s output; a failure raises with its output."""
+    p = subprocess.run([*LR, "--socket", sock, *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=REPO)
+    if p.returncode != 0:
+        raise RuntimeError(f"liverestore {' '.join(args)} failed ({p.returncode}): {p.stdout[-1500:]} "
+                           f"{p.stderr[-1500:]}")
+    return p.stdout
+
+
+def liverestore_json(sock: str, *args: str, timeout: float = 120):
+    return json.loads(liverestore(sock, *args, "--json", timeout=timeout))
+
+
+def start_daemon(log_name: str, sock: str, state: str, portal: str, init: bool,
+                 verbose: bool = True) -> subprocess.Popen:
+    """`liverestore serve --backend lio`, logging to RUN/LOG_NAME; returns once
+    its control socket answers `status` (180 s at most)."""
+    logf = open(os.path.join(RUN, log_name), "w")
+    cmd = [*LR, "--socket", sock, "serve", "--backend", "lio", "--state-dir", state, "--portal", portal]
+    if verbose:
+        cmd.append("-v")
+    if init:
+        cmd.append("--init")
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180          # TCG on a loaded host: one CLI call can take 30 s
+    while time.time() < deadline:
+        time.sleep(0.3)
+        if p.poll() is not None:
+            break
+        if os.path.exists(sock):
+            try:
+                q = subprocess.run([*LR, "--socket", sock, "status"], capture_output=True, text=True,
+                                   timeout=60, cwd=REPO)
+            except subprocess.TimeoutExpired:
+                continue
+            if q.returncode == 0:
+                log(f"daemon ({log_name}) pid {p.pid} up")
+                return p
+    raise RuntimeError(f"daemon ({log_name}) did not come up: {open(logf.name).read()[-3000:]}")
+
+
+def login(iqn: str, portal: str) -> None:
+    sh(f"iscsiadm -m discovery -t st -p {portal}")
+    sh(f"iscsiadm -m node -T {iqn} -p {portal} --login")

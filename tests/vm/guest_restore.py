@@ -27,10 +27,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from guest_common import (PY, REPO, RUN, disks_of, drop_caches, failures, log, result,  # noqa: E402,F401
-                          run_main, sh, sha)
-
-LR = [PY, "-m", "target.cli"]
+from guest_common import (PY, REPO, RUN, disks_of, drop_caches, failures, liverestore,  # noqa: E402,F401
+                          liverestore_json, log, result, run_main, sh, sha)
+from guest_common import login as login_portal  # noqa: E402
+from guest_common import start_daemon as start_lr_daemon  # noqa: E402
 STATE = "/tmp/lr-state"
 SOCK = "/tmp/lr-control.sock"
 PORTAL = "127.0.0.1:3260"
@@ -53,43 +53,19 @@ LIBISCSI_TIMEOUT = 450
 
 
 def lr(*args: str, timeout: float = 120) -> str:
-    p = subprocess.run([*LR, "--socket", SOCK, *args], capture_output=True, text=True, timeout=timeout,
-                       cwd=REPO)
-    if p.returncode != 0:
-        raise RuntimeError(f"liverestore {' '.join(args)} failed ({p.returncode}): {p.stdout[-1500:]} "
-                           f"{p.stderr[-1500:]}")
-    return p.stdout
+    return liverestore(SOCK, *args, timeout=timeout)
 
 
 def lrj(*args: str, timeout: float = 120):
-    return json.loads(lr(*args, "--json", timeout=timeout))
+    return liverestore_json(SOCK, *args, timeout=timeout)
 
 
 def start_daemon(n: int, init: bool, verbose: bool = True) -> subprocess.Popen:
-    logf = open(os.path.join(RUN, f"daemon{n}.log"), "w")
-    cmd = [*LR, "--socket", SOCK, "serve", "--backend", "lio", "--state-dir", STATE, "--portal", PORTAL]
-    if verbose:
-        cmd.append("-v")
-    if init:
-        cmd.append("--init")
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        time.sleep(0.3)
-        if p.poll() is not None:
-            break
-        if os.path.exists(SOCK):
-            q = subprocess.run([*LR, "--socket", SOCK, "status"], capture_output=True, text=True, timeout=30,
-                               cwd=REPO)
-            if q.returncode == 0:
-                log(f"daemon #{n} pid {p.pid} up")
-                return p
-    raise RuntimeError(f"daemon #{n} did not come up: {open(logf.name).read()[-3000:]}")
+    return start_lr_daemon(f"daemon{n}.log", SOCK, STATE, PORTAL, init, verbose)
 
 
 def login(iqn: str) -> None:
-    sh(f"iscsiadm -m discovery -t st -p {PORTAL}")
-    sh(f"iscsiadm -m node -T {iqn} -p {PORTAL} --login")
+    login_portal(iqn, PORTAL)
 
 
 def write_file(path: str, size: int) -> str:
@@ -263,6 +239,9 @@ def lio_plain_targets(qcow_img: str) -> None:
     """A LIO fileio LU and a tcmu-runner user:qcow LU, each its own target, demo mode."""
     from rtslib_fb import FileIOStorageObject, LUN, NetworkPortal, Target, TPG, UserBackedStorageObject
     from rtslib_fb.fabric import ISCSIFabricModule
+
+    from target.lio.dbroot import settle
+    settle()                # this rtslib-fb keeps the dbroot the daemon agreed on with the host's tools
     fab = ISCSIFabricModule()
     sh(f"truncate -s {SPARE} /tmp/fileio.img")
     objs = {IQN_FILEIO: FileIOStorageObject("lrfileio", "/tmp/fileio.img", SPARE, write_back=False),
@@ -407,7 +386,6 @@ def benchmarks_and_libiscsi() -> dict:
 
 def main() -> int:
     log(f"kernel {os.uname().release}; repo {REPO}")
-    os.makedirs("/etc/target", exist_ok=True)
     sh("iscsid || true", check=False)
     d = restore_scenario()
     summary = None

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 
+from target.lio.plan import converge as converge_from, skipped_mappings
 from target.lio.plan import AclState, BackstoreState, LioState, TpgState, plan, plan_teardown
 from target.lio.spec import Chap, Description, Portal, SpecError
 
@@ -244,3 +245,96 @@ def test_portal_forms():
     assert Portal.parse("10.0.0.1") == Portal("10.0.0.1", 3260)
     assert Portal.parse("[::1]:3261") == Portal("::1", 3261)
     assert Portal.parse({"ip": "127.0.0.1", "port": 3262}) == Portal("127.0.0.1", 3262)
+
+
+# -- admin changes inside our targets (issue 15): left and reported, never reverted --------------
+ADMIN = "iqn.1994-05.com.example:admin-host"
+
+
+def _admin_edits(s: LioState) -> LioState:
+    """What an admin does with targetcli: an ACL with a mapped LUN, a portal,
+    a changed TPG attribute, a user:liverestore backstore of their own."""
+    s = copy.deepcopy(s)
+    t = s.targets[IQN][1]
+    t.acls[ADMIN] = AclState(ADMIN, None, {0: 1})
+    t.portals.add(Portal("127.0.0.2", 3260))
+    t.attributes["demo_mode_write_protect"] = "1"
+    s.backstores["user:adm"] = BackstoreState("adm", "user", "liverestore/vol1", 64 << 20)
+    return s
+
+
+def test_admin_changes_are_left_and_reported_as_drift():
+    d = desc()
+    s = _admin_edits(converge(d, LioState()))
+    # an unrelated change of the daemon's own configuration: one more volume exported
+    d2 = desc(volumes=[{"name": "vol1", "size": 64 << 20}, {"name": "vol2", "size": 32 << 20},
+                       {"name": "vol3", "size": 32 << 20}],
+              targets=[{"iqn": IQN, "tpgs": [{
+                  "tag": 1, "portals": ["127.0.0.1:3260"],
+                  "luns": [{"lun": 0, "volume": "vol1"}, {"lun": 1, "volume": "vol2"}, {"lun": 2, "volume": "vol3"}],
+                  "acls": [{"initiator": HOST, "chap": {"userid": "host1", "password": "secretsecret1"}}]}]}])
+    p = converge_from(d2, s, prune=True, previous=d)
+    assert [str(c) for c in p.changes] == [
+        "create backstore user:vol3", f"create lun {IQN}/tpg1/lun2", f"create mapped lun {IQN}/tpg1/acls/{HOST}/lun2->lun2"]
+    after = simulate(s, p.changes)
+    t = after.targets[IQN][1]
+    assert t.acls[ADMIN].mapped == {0: 1} and Portal("127.0.0.2", 3260) in t.portals
+    assert t.attributes["demo_mode_write_protect"] == "1" and "user:adm" in after.backstores
+    assert sorted(x.path for x in p.drift) == sorted([
+        f"{IQN}/tpg1/acls/{ADMIN}", f"{IQN}/tpg1/np/127.0.0.2:3260", f"{IQN}/tpg1/attrib/demo_mode_write_protect",
+        "user:adm"])
+    # the same at the daemon's start (previous = what it wants): nothing reverted either
+    assert converge_from(d, s, prune=True, previous=d).changes == []
+    # the whole-truth mode (python -m target.lio apply) still converges everything
+    assert {c.action for c in plan(d, s, prune=True)} >= {"delete_acl", "delete_portal", "set_tpg_attribute",
+                                                          "delete_backstore"}
+
+
+def test_what_the_daemon_made_it_removes_and_a_changed_wish_is_written():
+    two = desc(targets=[{"iqn": IQN, "tpgs": [{
+        "tag": 1, "portals": ["127.0.0.1:3260"], "luns": [{"lun": 0, "volume": "vol1"}, {"lun": 1, "volume": "vol2"}],
+        "acls": [{"initiator": HOST, "chap": {"userid": "host1", "password": "secretsecret1"}},
+                 {"initiator": HOST2}]}]}])
+    s = converge(two, LioState())
+    # export acl delete HOST2 + a new CHAP secret for HOST: the daemon's own intent changed
+    one = desc(targets=[{"iqn": IQN, "tpgs": [{
+        "tag": 1, "portals": ["127.0.0.1:3260"], "luns": [{"lun": 0, "volume": "vol1"}, {"lun": 1, "volume": "vol2"}],
+        "acls": [{"initiator": HOST, "chap": {"userid": "host1", "password": "secretsecret2"}}]}]}])
+    p = converge_from(one, s, prune=True, previous=two)
+    assert {str(c) for c in p.changes} >= {f"delete acl {IQN}/tpg1/acls/{HOST2}",
+                                          f"set acl chap {IQN}/tpg1/acls/{HOST}/auth"}
+    assert p.drift == []
+    # the admin changed HOST's CHAP with targetcli: kept while the daemon's wish is the same
+    s2 = simulate(s, p.changes)
+    s2.targets[IQN][1].acls[HOST].chap = Chap("admin", "adminsecret12")
+    p2 = converge_from(one, s2, prune=True, previous=one)
+    assert p2.changes == [] and [x.path for x in p2.drift] == [f"{IQN}/tpg1/acls/{HOST}/auth"]
+    assert "adminsecret" not in str(p2.drift)                  # drift never shows a secret
+
+
+def test_saved_mappings_restore_skipped_are_put_back_for_other_acls_only():
+    """targetctl restore with tcmu-runner up: our backstores and LUNs were
+    skipped, and with them the admin ACL's mapped LUNs; the daemon's start
+    recreated LUNs and its own mappings, the saved file gives back the rest."""
+    d = desc()
+    s = converge(d, LioState())
+    s.targets[IQN][1].acls[ADMIN] = AclState(ADMIN)                    # restored, but without mappings
+    saved = {"targets": [{"fabric": "iscsi", "wwn": IQN, "tpgs": [{
+        "tag": 1,
+        "luns": [{"index": 0, "storage_object": "/backstores/user/vol1"},
+                 {"index": 1, "storage_object": "/backstores/user/vol2"}],
+        "node_acls": [{"node_wwn": ADMIN, "mapped_luns": [{"index": 0, "tpg_lun": 1, "write_protect": False},
+                                                          {"index": 5, "tpg_lun": 7}]},
+                      {"node_wwn": HOST, "mapped_luns": [{"index": 9, "tpg_lun": 0}]},
+                      {"node_wwn": "iqn.1994-05.com.example:gone", "mapped_luns": [{"index": 0, "tpg_lun": 0}]}]}]},
+        {"fabric": "iscsi", "wwn": "iqn.2026-11.org.other:t", "tpgs": []}]}
+    changes = skipped_mappings(d, s, saved)
+    assert [str(c) for c in changes] == [f"create mapped lun {IQN}/tpg1/acls/{ADMIN}/lun0->lun1"]
+    after = simulate(s, changes)
+    assert after.targets[IQN][1].acls[ADMIN].mapped == {0: 1}
+    assert skipped_mappings(d, after, saved) == []                      # once only
+    # a LUN now on another backstore than saved is not mapped blindly
+    s.targets[IQN][1].luns[1] = "user:other"
+    assert skipped_mappings(d, s, saved) == []
+    assert skipped_mappings(d, s, {"targets": "junk"}) == [] and skipped_mappings(d, s, []) == []
+    assert skipped_mappings(d, s, {"targets": [{"fabric": "iscsi", "wwn": [IQN], "tpgs": [{"tag": [1]}]}]}) == []
