@@ -38,6 +38,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from target.logsafe import RateLimitedLog
 from target.scsi.device import ScsiDevice
 from target.scsi.identity import DeviceIdentity
 from target.scsi.lunset import LunSet
@@ -47,6 +48,8 @@ from .device import TcmuDevice
 from .netlink import TcmuNetlink
 
 log = logging.getLogger(__name__)
+# a refused device is retried at every rescan: one line per device per burst
+ratelog = RateLimitedLog(log)
 
 SYS_CLASS_UIO = "/sys/class/uio"
 CONFIGFS_CORE = "/sys/kernel/config/target/core"
@@ -243,6 +246,11 @@ class TcmuHandler:
             obj = self.open_device(info.config, size, block_size)
             if inspect.isawaitable(obj):
                 obj = await obj
+        except (LookupError, ValueError) as e:
+            # open_device's refusal (a backstore naming no volume of ours, a
+            # size that does not match): the admin's to fix, not a bug
+            ratelog.warning(f"refused {info.name}", "%s: not served: %s", info.name, e)
+            return False
         except Exception:
             log.exception("%s: open_device(%r) failed", info.name, info.config)
             return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import logging
 import os
 import struct
 
@@ -175,4 +176,30 @@ def test_netlink_events_drive_add_remove_and_reconfig(tmp_path):
         await h.stop()
         for k in kernels.values():
             k.close()
+    run(main())
+
+
+def test_a_refused_device_is_one_line_per_burst_never_a_traceback(tmp_path, caplog):
+    """A user:liverestore backstore naming no volume of ours (e.g. made with
+    targetcli) is refused at every rescan: the admin sees one WARNING saying
+    why, not a traceback every 10 s."""
+    async def main():
+        k = FakeKernel()
+        make_uio(tmp_path, "uio0", "tcm-user/0/lr_x/liverestore/nosuch", k)
+
+        def open_device(config, size, block_size):
+            raise LookupError(f"no volume named {config} for TCMU device")
+
+        h = TcmuHandler(open_device, sys_class_uio=str(tmp_path / "sys"),
+                        configfs_core=str(tmp_path / "cfg"), use_netlink=False,
+                        rescan_interval=0)
+        with caplog.at_level(logging.WARNING, logger="target.tcmu.handler"):
+            await h.start()
+            for _ in range(5):
+                assert (await h.rescan())["added"] == []
+            await h.stop()
+        k.close()
+        lines = [r for r in caplog.records if r.name == "target.tcmu.handler"]
+        assert len(lines) == 1 and lines[0].exc_info is None, lines
+        assert "no volume named nosuch" in lines[0].getMessage()
     run(main())
