@@ -135,6 +135,30 @@ def exit_absent(module, client, current, before, op, **key):
     module.exit_json(changed=True, diff=dict(before=before, after={}))
 
 
+class ActionRunner(object):
+    """What the modules' Runners share: the module, its client and
+    parameters, the control operations taken so far (in check mode only
+    recorded) and the object they act on, kept under ``subject``."""
+
+    subject = "object"
+
+    def __init__(self, module, client):
+        self.m = module
+        self.c = client
+        self.p = module.params
+        self.actions = []
+        setattr(self, self.subject, None)
+
+    def act(self, op):
+        """Record ``op``; whether to carry it out (not in check mode)."""
+        self.actions.append(op)
+        return not self.m.check_mode
+
+    def fail(self, msg):
+        self.m.fail_json(msg=msg, actions=self.actions,
+                         **{self.subject: getattr(self, self.subject)})
+
+
 def run_runner(module, make_runner, subject):
     """Drive a module's Runner (``run()``, ``actions`` and the object under
     ``subject``) against the daemon: exit with its result, or fail with the

@@ -103,25 +103,15 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
-    common_argument_spec, find, run_runner, wait_job)
+    ActionRunner, common_argument_spec, find, run_runner, wait_job)
 
 
-class Runner(object):
-    def __init__(self, module, client):
-        self.m = module
-        self.c = client
-        self.p = module.params
-        self.actions = []
-        self.group = None
+class Runner(ActionRunner):
+    subject = "group"
 
     def do(self, op, **args):
-        self.actions.append(op)
-        if self.m.check_mode:
-            return
-        self.group = self.c.call(op, name=self.p["name"], **args)
-
-    def fail(self, msg):
-        self.m.fail_json(msg=msg, actions=self.actions, group=self.group)
+        if self.act(op):
+            self.group = self.c.call(op, name=self.p["name"], **args)
 
     def pairs(self):
         """The members' pair descriptions (as they are now)."""

@@ -155,22 +155,16 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
-    common_argument_spec, find, parse_size, run_runner, wait_job)
+    ActionRunner, common_argument_spec, find, parse_size, run_runner, wait_job)
 
 KNOBS = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct")
 
 
-class Runner(object):
-    def __init__(self, module, client):
-        self.m = module
-        self.c = client
-        self.p = module.params
-        self.actions = []
-        self.pair = None
+class Runner(ActionRunner):
+    subject = "pair"
 
     def do(self, op, **args):
-        self.actions.append(op)
-        if self.m.check_mode:
+        if not self.act(op):
             return None
         self.pair = self.c.call(op, **args) or self.pair
         return self.pair
@@ -180,8 +174,6 @@ class Runner(object):
             return
         self.pair = wait_job(self.c, self.p["clone"], self.p["timeout"])
 
-    def fail(self, msg):
-        self.m.fail_json(msg=msg, actions=self.actions, pair=self.pair)
 
     def run(self):
         p = self.p
