@@ -35,7 +35,7 @@ import queue
 import threading
 from typing import Any, Callable
 
-from ..blockstore import BlockStore, BlockStoreError
+from ..blockstore import BlockStore, BlockStoreError, StoreFencedError
 from .spec import RbdSpec
 
 try:                    # Debian's python3-rados / python3-rbd (no PyPI package)
@@ -200,7 +200,7 @@ class RbdStore(BlockStore):
     def _error(self, what: str, offset: int | None, err: int) -> BlockStoreError:
         if err in _FENCED:
             self._fence(_FENCED[err])
-            return BlockStoreError(f"{self.name}: {what} refused: {self.fenced}", offset)
+            return StoreFencedError(f"{self.name}: {what} refused: {self.fenced}", offset)
         if err == errno.ETIMEDOUT:
             return BlockStoreError(f"{self.name}: {what} timed out: the cluster does not "
                                    "answer", offset)
@@ -212,7 +212,7 @@ class RbdStore(BlockStore):
         """Run one librbd aio call; its completion resolves a future on the
         loop (the callback runs on a librbd thread)."""
         if self.fenced is not None:
-            raise BlockStoreError(f"{self.name}: {what} refused: {self.fenced}", offset)
+            raise StoreFencedError(f"{self.name}: {what} refused: {self.fenced}", offset)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
 
