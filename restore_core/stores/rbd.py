@@ -8,8 +8,8 @@ the loop watches; one wake-up drains every completion queued by then
 (``rbd_poll_io_events``). So no librbd thread contends for the GIL with
 the loop, there is no thread per command, reads land straight in the
 caller's buffer and writes go from it (measured, 4 KiB random reads
-through iSCSI at QD32: 7-8k IOPS with python3-rbd's callbacks, 9.5k this
-way; the rest is the iSCSI path's own cost on the same cores). The client is set up
+through iSCSI at QD32: 6-7k IOPS with python3-rbd's callbacks, 8.5-9.5k
+this way; the rest is the iSCSI path's own cost on the same cores). The client is set up
 the way a SCSI gateway must be (tcmu-runner's rbd handler): no librbd
 write-back cache (``rbd_cache=false``: a completed write is on the OSDs,
 so the engine's "data durable, then map, then ack" order holds), partial
