@@ -20,6 +20,11 @@ class BlockStoreError(Exception):
         self.offset = offset
 
 
+class StoreFencedError(BlockStoreError):
+    """The store was fenced (another client took its image): the volume is
+    offline, so a host sees NOT READY with this reason, not a MEDIUM ERROR."""
+
+
 class BlockStore(ABC):
     """A fixed-size byte-addressed store: an image file, a block device, RAM."""
 

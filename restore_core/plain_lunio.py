@@ -6,8 +6,8 @@ No pair, no tracking: for tests, the stand-alone transports
 from __future__ import annotations
 
 from .blockstore import BlockStore, BlockStoreError
-from .lunio import (READ_WRITE, Access, AccessState, MediumError, ReadWork, WriteProtectedError,
-                    WriteWork)
+from .lunio import READ_WRITE, Access, AccessState, ReadWork, WriteProtectedError, WriteWork
+from .store_errors import host_error
 
 _READ_ONLY = AccessState(Access.READ_ONLY)
 
@@ -31,7 +31,7 @@ class PlainLunIO:
         try:
             return await self.store.read(offset, length)
         except BlockStoreError as e:
-            raise MediumError(str(e), e.offset) from e
+            raise host_error(e) from e
 
     def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
         if self.store.try_readinto(offset, into):
@@ -51,13 +51,13 @@ class PlainLunIO:
             if fua:
                 await self.store.flush()
         except BlockStoreError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
+            raise host_error(e, write=True) from e
 
     async def flush(self) -> None:
         try:
             await self.store.flush()
         except BlockStoreError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
+            raise host_error(e, write=True) from e
 
     async def unmap(self, offset: int, length: int) -> None:
         if self.read_only:
@@ -65,7 +65,7 @@ class PlainLunIO:
         try:
             await self.store.discard(offset, length)
         except BlockStoreError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
+            raise host_error(e, write=True) from e
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return await self.store.allocation(offset, length)

@@ -32,6 +32,7 @@ from .lunio import (READ_WRITE, Access, AccessState, LunIO, MediumError, NotRead
                     ReadWork, WriteProtectedError, WriteWork)
 from .metadata import MetadataError
 from .pair import Pair, PairState, VolumeRuntime
+from .store_errors import host_error
 
 
 IoFn = Callable[[BlockStore], Awaitable[None]]
@@ -237,7 +238,7 @@ class VolumeIO(LunIO):
                 out[a - offset:b - offset] = await store.read(a, b - a)
             return out
         except BlockStoreError as e:
-            raise MediumError(str(e), e.offset) from e
+            raise host_error(e) from e
         finally:
             vol.gate.leave()
 
@@ -303,7 +304,7 @@ class VolumeIO(LunIO):
         try:
             await asyncio.gather(*(s.flush() for s in stores))
         except BlockStoreError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
+            raise host_error(e, write=True) from e
         self._verify_image()
 
     async def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -328,7 +329,7 @@ class VolumeIO(LunIO):
                 if fua:
                     await vol.store.flush()
         except BlockStoreError as e:
-            raise MediumError(str(e), e.offset, write=True) from e
+            raise host_error(e, write=True) from e
         except MetadataError as e:
             raise MediumError(f"metadata: {e}", offset, write=True) from e
         finally:

@@ -6,6 +6,7 @@ line with the running jobs."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import Callable
@@ -67,6 +68,11 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
     log.info("serving: portals %s, control socket %s",
              ", ".join(f"{h}:{p}" for h, p in service.portals()), socket_path)
     events.publish("daemon.started", portals=[format_portal(p) for p in service.portals()])
+    # What start-up built (modules, maps, config) lives as long as the
+    # daemon: out of the collector's sight, the full collections that the
+    # per-command objects of busy LUs trigger stay short (measured: 14% of
+    # the loop's time at 4 KiB reads from an RBD LU before).
+    gc.freeze()
     notifier.ready(status_text(service))
     status = loop.create_task(_report_status(service, notifier), name="sd-status")
     if ready is not None:

@@ -112,8 +112,10 @@ class DataPathMixin:
                 return
             task.state = "data"
             task.wait_for = self._ordering_deps(task)
-            # runs now; a Task only if it has to wait (None once it is done)
-            task.aio = eager.start(self._run(task))
+            # runs now; a Task only if it has to wait (None once it is done).
+            # The loop is passed: asyncio.get_running_loop() costs a getpid()
+            # system call, a real share of a command that waits (RBD).
+            task.aio = eager.start(self._run(task), self.conn.loop)
         return deliver
 
     def _admit_write(self, task: Task, immediate: memoryview) -> None:

@@ -17,6 +17,12 @@ Prints raw numbers and, as its last line, one JSON object:
   rbd_lu_1m_write_ratio     1 MiB sequential write MB/s, 32 in flight,
                             through iSCSI (qemu-img bench) / fio's rbd
                             engine (goal >= 0.8)
+  *_bound                   for reference, what the two ratios could be
+                            if the daemon's iSCSI path and librbd's own
+                            work (fio) simply added up on these cores:
+                            1/(1/fio + 1/file_lu) / fio, with file_lu the
+                            same tool against a file-backed LU of the same
+                            daemon in the same round
 
 Every side of a ratio is measured in the same run, alternating sides; the
 median of the rounds is used. Reports, never asserts a goal; exits non-zero
@@ -170,6 +176,11 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def bound(fio: float, file_lu: float) -> float:
+    """The ratio an RBD LU would reach if its two costs merely added up."""
+    return 1 / (1 / fio + 1 / file_lu) / fio
+
+
 def main() -> int:
     for tool in ("fio", "iscsi-perf", "qemu-img"):
         if shutil.which(tool) is None:
@@ -179,7 +190,8 @@ def main() -> int:
     cdir = os.path.join(base, "ceph")
     d = None
     r: dict[str, list[float]] = {k: [] for k in (
-        "restore_s", "restore_d8_s", "copy_s", "lu_4k_iops", "fio_4k_iops", "lu_1m_mbs", "fio_1m_mbs")}
+        "restore_s", "restore_d8_s", "copy_s", "lu_4k_iops", "fio_4k_iops", "lu_1m_mbs", "fio_1m_mbs",
+        "file_4k_iops", "file_1m_mbs")}
     try:
         conf = start_cluster(cdir)
         clone = RbdSpec("rbd", "bench-clone", conf)
@@ -204,17 +216,23 @@ def main() -> int:
         # does not hold it (the volume is deleted and re-adopted each round)
         d = Daemon(_Tmp(base)).start()
         url = f"{d.url}/0"
+        d.cli("volume", "create", "flu", "--path", os.path.join(base, "flu.img"), "--size",
+              str(SIZE))
         for i in range(ROUNDS):
             r["fio_4k_iops"].append(fio_rbd(conf, lu, "randread", "4k")["iops"])
             r["fio_1m_mbs"].append(fio_rbd(conf, lu, "write", "1M")["mbs"])
             d.cli("volume", "create", "lu", "--rbd", lu.image_name, "--ceph-conf", conf)
-            d.cli("export", "create", IQN, "--lun", "0=lu")
+            d.cli("export", "create", IQN, "--lun", "0=lu", "--lun", "1=flu")
             r["lu_4k_iops"].append(iscsi_perf_randread(url))
             r["lu_1m_mbs"].append(qemu_bench_write(url))
+            r["file_4k_iops"].append(iscsi_perf_randread(f"{d.url}/1"))
+            r["file_1m_mbs"].append(qemu_bench_write(f"{d.url}/1"))
             d.cli("export", "delete", IQN)
             d.cli("volume", "delete", "lu")
             log(f"  round {i}: 4k read LU {r['lu_4k_iops'][-1]:.0f} / fio {r['fio_4k_iops'][-1]:.0f}"
-                f" IOPS; 1M write LU {r['lu_1m_mbs'][-1]:.0f} / fio {r['fio_1m_mbs'][-1]:.0f} MiB/s")
+                f" IOPS (file LU {r['file_4k_iops'][-1]:.0f}); 1M write LU "
+                f"{r['lu_1m_mbs'][-1]:.0f} / fio {r['fio_1m_mbs'][-1]:.0f} MiB/s (file LU "
+                f"{r['file_1m_mbs'][-1]:.0f})")
     finally:
         if d is not None and d.proc and d.proc.poll() is None:
             d.stop()
@@ -231,6 +249,10 @@ def main() -> int:
         "lu_4k_read_iops": round(med(r["lu_4k_iops"])), "fio_4k_read_iops": round(med(r["fio_4k_iops"])),
         "lu_1m_write_mib_s": round(med(r["lu_1m_mbs"]), 1),
         "fio_1m_write_mib_s": round(med(r["fio_1m_mbs"]), 1),
+        "file_lu_4k_read_iops": round(med(r["file_4k_iops"])),
+        "file_lu_1m_write_mib_s": round(med(r["file_1m_mbs"]), 1),
+        "rbd_lu_4k_read_bound": round(bound(med(r["fio_4k_iops"]), med(r["file_4k_iops"])), 3),
+        "rbd_lu_1m_write_bound": round(bound(med(r["fio_1m_mbs"]), med(r["file_1m_mbs"])), 3),
         "size_mib": SIZE >> 20, "rounds": ROUNDS,
     }
     print(json.dumps(result))

@@ -37,9 +37,10 @@ class Cluster:
         """A fresh image name (unless given) in the test pool."""
         return RbdSpec(self.pool, image or f"t-{uuid.uuid4().hex[:12]}", self.conf)
 
-    def kill_osd(self) -> list[str]:
-        """SIGKILL the OSD; returns its command line (to restart it)."""
-        pid = int(open(os.path.join(self.dir, "pids", "osd")).read())
+    def kill(self, daemon: str) -> list[str]:
+        """SIGKILL one of the cluster's daemons ("osd", "mon", "mgr");
+        returns its command line (to restart it)."""
+        pid = int(open(os.path.join(self.dir, "pids", daemon)).read())
         cmd = open(f"/proc/{pid}/cmdline").read().rstrip("\0").split("\0")
         assert f"{self.dir}/ceph.conf" in cmd, cmd      # ours, not a reused PID
         os.kill(pid, signal.SIGKILL)
@@ -49,12 +50,12 @@ class Cluster:
             time.sleep(0.05)
         return cmd
 
-    def start_osd(self, cmd: list[str]) -> None:
-        """Run the OSD again (recorded, so the script's stop kills it)."""
-        log = open(os.path.join(self.dir, "log", "osd.out"), "a")
+    def restart(self, daemon: str, cmd: list[str]) -> None:
+        """Run a killed daemon again (recorded, so the script's stop kills it)."""
+        log = open(os.path.join(self.dir, "log", f"{daemon}.out"), "a")
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                              start_new_session=True)
-        with open(os.path.join(self.dir, "pids", "osd"), "w") as f:
+        with open(os.path.join(self.dir, "pids", daemon), "w") as f:
             f.write(str(p.pid))
 
 
@@ -100,6 +101,6 @@ def ceph() -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def ceph_bluestore() -> Iterator[Cluster]:
-    """A cluster of its own whose OSD keeps its data across kill -9 (BlueStore
-    on a sparse file), for killing and restarting the OSD."""
+    """A cluster of the module's own whose OSD keeps its data across kill -9
+    (BlueStore on a sparse file), for killing and restarting its daemons."""
     yield from _start("bluestore")

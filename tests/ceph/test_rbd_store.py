@@ -116,3 +116,25 @@ def test_takeover_fences_the_store_no_write_acknowledged_after(ceph, caplog):
         asyncio.run(go())
     assert sum("fenced" in r.getMessage() for r in caplog.records) == 1
     s.close()
+
+
+def test_a_cancelled_io_ends_only_after_librbd_let_go_of_its_buffer(ceph):
+    """Reads land straight in the caller's buffer: a cancelled read must not
+    hand the buffer back (to a pool, to the next command) while librbd can
+    still fill it."""
+    spec = ceph.spec()
+    s = open_store(spec, 32 * MiB, create=True)
+
+    async def go():
+        for _ in range(5):
+            buf = bytearray(32 * MiB)
+            t = asyncio.ensure_future(s.readinto(0, memoryview(buf)))
+            await asyncio.sleep(0)                   # queued for librbd
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+            buf[:] = b"\xff" * len(buf)              # the caller reuses it at once
+            await asyncio.sleep(0.2)
+            assert buf == b"\xff" * len(buf)         # nothing landed in it after
+    asyncio.run(go())
+    s.close()
