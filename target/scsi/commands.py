@@ -218,6 +218,9 @@ _BY_OPCODE: dict[int, CommandSpec] = {s.opcode: s for s in COMMANDS if s.sa is N
 _BY_SA: dict[tuple[int, int], CommandSpec] = {(s.opcode, s.sa): s for s in COMMANDS
                                               if s.sa is not None}
 
+# Opcodes without service actions whose data phase is Data-In (returns_data_in).
+_DATA_IN_OPCODES = frozenset(s.opcode for s in COMMANDS if s.sa is None and s.data_in)
+
 # Opcodes that skip unit attention handling, known before the CDB is parsed.
 UA_EXEMPT = frozenset(s.opcode for s in COMMANDS if s.ua_exempt)
 
@@ -278,5 +281,9 @@ def returns_data_in(cdb: bytes) -> bool:
     """Whether a known command's data phase is Data-In (a transport that is
     not told the direction, TCMU, asks this); False for unknown opcodes,
     whose buffers are then treated as Data-Out, which is always safe."""
-    spec = lookup(cdb) if cdb else None
-    return spec.__class__ is CommandSpec and spec.data_in
+    if not cdb:
+        return False
+    if cdb[0] in SA_OPCODES:
+        spec = lookup(cdb)
+        return spec.__class__ is CommandSpec and spec.data_in
+    return cdb[0] in _DATA_IN_OPCODES
