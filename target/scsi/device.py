@@ -82,7 +82,10 @@ class ScsiDevice:
     # -- state the handlers read -------------------------------------------------
     @property
     def num_blocks(self) -> int:
-        return self.lunio.size // self.block_size
+        # the capacity every command is checked against: the LunIO's size
+        # as the command's dispatch saw it (a change is noticed there, with
+        # its unit attention, before any handler runs)
+        return self._size // self.block_size
 
     def read_only(self) -> bool:
         return self.options.read_only or self.lunio.access_state().access is Access.READ_ONLY
