@@ -6,7 +6,7 @@
 # this is the quick loop for it (~3 minutes).
 #
 # Prints the guest's BENCH lines; the last line is one JSON object with
-# vs_tcmu_runner_4k, vs_tcmu_runner_1m (goals >= 0.5 and >= 0.8).
+# vs_tcmu_runner_4k, vs_tcmu_runner_1m (goals >= 1.0 and >= 0.8; issue 11).
 # Env: LR_PYSPY=1 profiles our daemon during its 4K run (py-spy, collapsed
 # stacks) into the run directory, whose path is printed.
 # Needs root; installs QEMU + a Debian kernel + virtme-ng on first use.
