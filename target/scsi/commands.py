@@ -257,7 +257,12 @@ class Cdb:
 
 
 def decode(cdb: bytes, block_size: int) -> Cdb:
-    spec = lookup(cdb) if cdb else None
+    if not cdb:
+        spec = None
+    elif cdb[0] in SA_OPCODES:
+        spec = lookup(cdb)
+    else:
+        spec = _BY_OPCODE.get(cdb[0])
     if spec.__class__ is not CommandSpec or len(cdb) < spec.cdb_len:
         return Cdb(cdb, spec)
     lba = count = count_at = 0

@@ -169,7 +169,7 @@ class ScsiDevice:
         cdb, spec = d.raw, d.spec
         if not cdb:
             raise invalid_opcode()
-        key = nexus_key(cmd.nexus)
+        key = cmd.nexus.key
         pending_ua = self.ua.register(key)
         lunio = self.lunio
         if lunio.generation != self._generation or lunio.size != self._size:
