@@ -244,7 +244,8 @@ class TcmuDevice:
             read_len = self._place_data_in(req, resp, data_in_cmd, in_total)
         self.ring.complete(req, resp.status, resp.sense or b"", read_len=read_len)
         self.stats["completed"] += 1
-        self._notify()
+        if not self._notify_pending:
+            self._notify()
 
     def _place_data_in(self, req: Request, resp: ScsiResponse, data_in_cmd: bool,
                        in_total: int) -> int | None:

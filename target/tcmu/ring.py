@@ -36,6 +36,12 @@ from . import abi
 
 
 CHECK_CONDITION = 0x02
+# the ABI's names the per-command code reads, as module globals (one lookup
+# each instead of two: this code runs per command)
+_ENT_HDR, _REQ_HEAD, _IOVEC, _U32 = abi.ENT_HDR, abi.REQ_HEAD, abi.IOVEC, abi.U32
+_REQ_OFF, _REQ_IOV_OFF, _IOVEC_SIZE = abi.REQ_OFF, abi.REQ_IOV_OFF, abi.IOVEC.size
+_OP_MASK, _OP_CMD, _MB_CMD_TAIL = abi.TCMU_OP_MASK, abi.TCMU_OP_CMD, abi.MB_CMD_TAIL
+_ALIGN_MASK = abi.TCMU_OP_ALIGN_SIZE - 1
 _LEN_MASK = ~abi.TCMU_OP_MASK & 0xFFFFFFFF
 _FLAGS = struct.Struct("=BB")               # kflags, uflags of an entry header
 _ID_FLAGS = struct.Struct("=HBB")           # cmd_id, kflags, uflags
@@ -131,13 +137,13 @@ class Ring:
             steps -= 1
             if steps < 0:
                 raise RingError("ring walk does not reach cmd_head")
-            len_op, cmd_id, kflags, _uflags = abi.ENT_HDR.unpack_from(mv, base + off)
-            op = len_op & abi.TCMU_OP_MASK
+            len_op, cmd_id, kflags, _uflags = _ENT_HDR.unpack_from(mv, base + off)
+            op = len_op & _OP_MASK
             length = len_op & _LEN_MASK
-            if length == 0 or length % abi.TCMU_OP_ALIGN_SIZE or off + length > size:
+            if length == 0 or length & _ALIGN_MASK or off + length > size:
                 raise RingError(f"entry at {off}: bad length {length} (op {op})")
             end = (off + length) % size
-            if op == abi.TCMU_OP_CMD:
+            if op == _OP_CMD:
                 out.append(self._parse_cmd(off, length, cmd_id, kflags))
                 slots.append([off, end, False])
             else:
@@ -168,16 +174,16 @@ class Ring:
     def _parse_cmd(self, off: int, length: int, cmd_id: int, kflags: int) -> Request:
         mv = self.mv
         p = self.cmdr_off + off
-        iov_cnt, bidi, dif, cdb_off = abi.REQ_HEAD.unpack_from(mv, p + abi.REQ_OFF)
+        iov_cnt, bidi, dif, cdb_off = _REQ_HEAD.unpack_from(mv, p + _REQ_OFF)
         n = iov_cnt + bidi
-        if abi.REQ_IOV_OFF + (n + dif) * abi.IOVEC.size > length:
+        if _REQ_IOV_OFF + (n + dif) * _IOVEC_SIZE > length:
             raise RingError(f"entry at {off}: {n + dif} iovecs do not fit in {length} bytes")
         limit = len(mv)
         if n == 1:
-            b, ln = abi.IOVEC.unpack_from(mv, p + abi.REQ_IOV_OFF)
+            b, ln = _IOVEC.unpack_from(mv, p + _REQ_IOV_OFF)
             iovs = [(b, ln)]
         else:
-            flat = _iovecs(n).unpack_from(mv, p + abi.REQ_IOV_OFF)
+            flat = _iovecs(n).unpack_from(mv, p + _REQ_IOV_OFF)
             iovs = list(zip(flat[0::2], flat[1::2]))
         for b, ln in iovs:
             if b + ln > limit:
@@ -204,7 +210,7 @@ class Ring:
             if slot[_OFF] != req.slot:
                 self.out_of_order += 1
             self._respond(slot[_OFF], req.cmd_id, status, sense, read_len, unknown_op)
-            self._set_tail(slot[_END])
+            _U32.pack_into(self.mv, _MB_CMD_TAIL, slot[_END])      # _set_tail, per command
             return
         slot = next((s for s in slots if s[_OFF] == req.slot and not s[_DONE]), None)
         if slot is None:
@@ -239,7 +245,7 @@ class Ring:
         _ID_FLAGS.pack_into(mv, p + 4, cmd_id, kflags, uflags)
 
     def _set_tail(self, tail: int) -> None:
-        abi.U32.pack_into(self.mv, abi.MB_CMD_TAIL, tail)
+        _U32.pack_into(self.mv, _MB_CMD_TAIL, tail)
 
     def reset(self) -> None:
         """Forget everything (after the kernel reset the ring: head = tail = 0)."""
