@@ -130,13 +130,11 @@ class Ring:
             return []
         out: list[Request] = []
         mv, base, size, slots = self.mv, self.cmdr_off, self.cmdr_size, self._slots
-        steps = size // abi.TCMU_OP_ALIGN_SIZE
         off = self.parse
         tail = None                 # where the tail goes now: PAD/TMR entries with no CMD before them
-        while off != head:
-            steps -= 1
-            if steps < 0:
-                raise RingError("ring walk does not reach cmd_head")
+        for _ in range(size // abi.TCMU_OP_ALIGN_SIZE):     # a corrupt ring cannot loop us forever
+            if off == head:
+                break
             len_op, cmd_id, kflags, _uflags = _ENT_HDR.unpack_from(mv, base + off)
             op = len_op & _OP_MASK
             length = len_op & _LEN_MASK
@@ -152,7 +150,11 @@ class Ring:
                     slots[-1][_END] = end
                 else:
                     tail = end
-            off = self.parse = end
+            off = end
+        else:
+            if off != head:
+                raise RingError("ring walk does not reach cmd_head")
+        self.parse = off
         if tail is not None:
             self._set_tail(tail)
         return out
