@@ -28,14 +28,19 @@ _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 # Inline (on-loop) syscalls: one slower than INLINE_SLOW_S counts a strike,
-# INLINE_STRIKES strikes in a row (or one call over INLINE_BLOCKED_S, which
-# only a really blocked call takes) send that kind of I/O to the threads for
-# INLINE_BACKOFF_S. Single slow calls are normal on a busy or virtualised
-# machine (the vCPU was preempted) and must not cost a second of thread hops.
+# INLINE_STRIKES strikes in a row (or one call over INLINE_BLOCKED_S) send
+# that kind of I/O to the threads for a backoff. Seen from the loop, a call
+# that blocked on the disk and one whose thread (or vCPU) was preempted on a
+# busy machine look alike, and the preempted kind comes alone: so the first
+# backoff is short (INLINE_BACKOFF_MIN_S) and only trips that follow each
+# other (within INLINE_BACKOFF_MAX_S of the last backoff's end: the disk is
+# still congested) double it, up to INLINE_BACKOFF_MAX_S. A flat second per
+# trip sent half of all I/O to the threads on a loaded 2-core host.
 INLINE_SLOW_S = 0.002
 INLINE_BLOCKED_S = 0.02
 INLINE_STRIKES = 3
-INLINE_BACKOFF_S = 1.0
+INLINE_BACKOFF_MIN_S = 0.05
+INLINE_BACKOFF_MAX_S = 1.0
 
 
 
@@ -57,12 +62,13 @@ class InlineGuard:
     """Whether a kind of blocking syscall may run inline on the event loop
     right now: yes while it stays fast, no for a while after it blocked."""
 
-    __slots__ = ("off_until", "strikes", "backoffs")
+    __slots__ = ("off_until", "strikes", "backoffs", "backoff")
 
     def __init__(self) -> None:
         self.off_until = 0.0
         self.strikes = 0
         self.backoffs = 0
+        self.backoff = INLINE_BACKOFF_MIN_S      # the last backoff's length
 
     def call(self, fn, *args):
         """fn(*args) inline if allowed now, timed; None if not allowed or it
@@ -84,7 +90,11 @@ class InlineGuard:
             return
         self.strikes += 1
         if t > INLINE_BLOCKED_S or self.strikes >= INLINE_STRIKES:
-            self.off_until = end + INLINE_BACKOFF_S
+            if end - self.off_until > INLINE_BACKOFF_MAX_S:
+                self.backoff = INLINE_BACKOFF_MIN_S     # calm since the last one
+            else:
+                self.backoff = min(self.backoff * 2, INLINE_BACKOFF_MAX_S)
+            self.off_until = end + self.backoff
             self.strikes = 0
             self.backoffs += 1
 

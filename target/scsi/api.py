@@ -8,7 +8,7 @@ sense layout are the SCSI layer's business.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol, Union
 
 GOOD = 0x00
@@ -34,6 +34,12 @@ class Nexus:
     target_port: str
     initiator_name: str = ""
     transport_id: bytes = b""   # SPC TransportID of the initiator port, for PR
+    # (initiator, target_port): what per-nexus state (unit attentions,
+    # reservations) is keyed by; built once, read per command
+    key: tuple[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.initiator, self.target_port))
 
 
 @dataclass(slots=True)

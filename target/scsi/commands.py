@@ -218,6 +218,9 @@ _BY_OPCODE: dict[int, CommandSpec] = {s.opcode: s for s in COMMANDS if s.sa is N
 _BY_SA: dict[tuple[int, int], CommandSpec] = {(s.opcode, s.sa): s for s in COMMANDS
                                               if s.sa is not None}
 
+# Opcodes without service actions whose data phase is Data-In (returns_data_in).
+_DATA_IN_OPCODES = frozenset(s.opcode for s in COMMANDS if s.sa is None and s.data_in)
+
 # Opcodes that skip unit attention handling, known before the CDB is parsed.
 UA_EXEMPT = frozenset(s.opcode for s in COMMANDS if s.ua_exempt)
 
@@ -254,7 +257,12 @@ class Cdb:
 
 
 def decode(cdb: bytes, block_size: int) -> Cdb:
-    spec = lookup(cdb) if cdb else None
+    if not cdb:
+        spec = None
+    elif cdb[0] in SA_OPCODES:
+        spec = lookup(cdb)
+    else:
+        spec = _BY_OPCODE.get(cdb[0])
     if spec.__class__ is not CommandSpec or len(cdb) < spec.cdb_len:
         return Cdb(cdb, spec)
     lba = count = count_at = 0
@@ -278,5 +286,9 @@ def returns_data_in(cdb: bytes) -> bool:
     """Whether a known command's data phase is Data-In (a transport that is
     not told the direction, TCMU, asks this); False for unknown opcodes,
     whose buffers are then treated as Data-Out, which is always safe."""
-    spec = lookup(cdb) if cdb else None
-    return spec.__class__ is CommandSpec and spec.data_in
+    if not cdb:
+        return False
+    if cdb[0] in SA_OPCODES:
+        spec = lookup(cdb)
+        return spec.__class__ is CommandSpec and spec.data_in
+    return cdb[0] in _DATA_IN_OPCODES

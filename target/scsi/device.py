@@ -82,7 +82,10 @@ class ScsiDevice:
     # -- state the handlers read -------------------------------------------------
     @property
     def num_blocks(self) -> int:
-        return self.lunio.size // self.block_size
+        # the capacity every command is checked against: the LunIO's size
+        # as the command's dispatch saw it (a change is noticed there, with
+        # its unit attention, before any handler runs)
+        return self._size // self.block_size
 
     def read_only(self) -> bool:
         return self.options.read_only or self.lunio.access_state().access is Access.READ_ONLY
@@ -166,7 +169,7 @@ class ScsiDevice:
         cdb, spec = d.raw, d.spec
         if not cdb:
             raise invalid_opcode()
-        key = nexus_key(cmd.nexus)
+        key = cmd.nexus.key
         pending_ua = self.ua.register(key)
         lunio = self.lunio
         if lunio.generation != self._generation or lunio.size != self._size:

@@ -13,7 +13,7 @@ from bisect import bisect_left
 
 from . import sbc
 from .api import GOOD, ScsiCommand, ScsiResponse
-from .commands import Cdb, CommandSpec
+from .commands import COMMANDS, Cdb, CommandSpec
 
 READ, WRITE, OTHER = 0, 1, 2
 KINDS = ("read", "write", "other")
@@ -24,17 +24,19 @@ LATENCY_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e
 
 
 
-def kind_of(d: Cdb) -> int:
+def kind_of(spec: CommandSpec) -> int:
     """READ for the medium reads, WRITE for the commands that write blocks
     at an LBA (WRITE, WRITE AND VERIFY, WRITE SAME, COMPARE AND WRITE),
     OTHER for the rest: read off the command table, which is the one place
     that knows what a command is."""
-    spec = d.spec
-    if spec.__class__ is not CommandSpec:
-        return OTHER
     if spec.handler is sbc.read:
         return READ
     return WRITE if spec.writes and spec.lba is not None else OTHER
+
+
+# Each table entry's kind, by id() (the entries live as long as the
+# module): one dict look-up per command; unknown opcodes are OTHER.
+_KIND_BY_SPEC = {id(s): kind_of(s) for s in COMMANDS}
 
 
 class LuStats:
@@ -48,7 +50,7 @@ class LuStats:
         self.buckets = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in KINDS]
 
     def record(self, d: Cdb, cmd: ScsiCommand, resp: ScsiResponse, seconds: float) -> None:
-        k = kind_of(d)
+        k = _KIND_BY_SPEC.get(id(d.spec), OTHER)
         self.commands[k] += 1
         self.seconds[k] += seconds
         self.buckets[k][bisect_left(LATENCY_BUCKETS, seconds)] += 1

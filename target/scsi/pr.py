@@ -66,7 +66,7 @@ NexusKey = tuple[str, str]
 
 
 def nexus_key(nexus: Nexus) -> NexusKey:
-    return (nexus.initiator, nexus.target_port)
+    return nexus.key
 
 
 class ReservationStore(Protocol):

@@ -59,12 +59,14 @@ ENT_UFLAGS = 7
 # req
 REQ = struct.Struct("=III4xQQQ")        # iov_cnt, iov_bidi_cnt, iov_dif_cnt, (pad), cdb_off, pad1, pad2
 REQ_OFF = 8
+REQ_HEAD = struct.Struct("=III4xQ")     # the same up to cdb_off: what a command's parse needs
 REQ_IOV_OFF = 8 + REQ.size              # 48: struct iovec iov[] (natural alignment)
 IOVEC = struct.Struct("=QQ")            # iov_base (offset into the map), iov_len
 # rsp
 RSP_STATUS_OFF = 8                      # __u8 scsi_status
 RSP_READ_LEN_OFF = 12                   # __u32 read_len
 RSP_SENSE_OFF = 16                      # char sense_buffer[96]
+RSP_HEAD = struct.Struct("=B3xI")       # scsi_status, (pad), read_len: at RSP_STATUS_OFF
 CMD_ENTRY_SIZE = 8 + max(REQ.size, 8 + TCMU_SENSE_BUFFERSIZE)   # sizeof(struct tcmu_cmd_entry) = 112
 # struct tcmu_tmr_entry
 TMR = struct.Struct("=BBHIQQ")          # tmr_type, pad1, pad2, cmd_cnt, pad3, pad4
@@ -114,7 +116,10 @@ def hdr_get_len(len_op: int) -> int:
 
 def cdb_length(first_byte: int, seventh: int | None = None) -> int:
     """SCSI CDB length from the opcode's group code (as scsi_command_size)."""
-    group = first_byte >> 5
     if first_byte == 0x7F:                       # variable length: 8 + additional
         return 8 + (seventh or 0)
-    return {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(group, 16)
+    return _CDB_LEN_BY_GROUP[first_byte >> 5]
+
+
+# by group code (opcode >> 5); 3 is reserved, 6 and 7 vendor specific: 16
+_CDB_LEN_BY_GROUP = (6, 10, 10, 16, 16, 12, 16, 16)

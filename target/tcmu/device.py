@@ -32,6 +32,14 @@ TCMU_NEXUS = Nexus(initiator="tcmu", target_port="tcmu", initiator_name="tcmu")
 _INTERNAL_FAILURE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
 
 
+def _gather(mv: memoryview, iovs: list[tuple[int, int]]) -> memoryview | bytes | None:
+    """A command's Data-Out: a view of its one buffer, or its pieces joined."""
+    if len(iovs) == 1:
+        b, n = iovs[0]
+        return mv[b:b + n]
+    return b"".join(mv[b:b + n] for b, n in iovs) if iovs else None
+
+
 def _notify_bytes() -> bytes:
     return (0).to_bytes(4, "little")
 
@@ -66,6 +74,7 @@ class TcmuDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
         self._notify_pending = False
+        self._batch = False                     # inside _process: it kicks once at the end
         self._closed = False
         self.gone = False
         self.stats = {"commands": 0, "completed": 0, "fast": 0, "notifies": 0, "wakeups": 0,
@@ -161,10 +170,18 @@ class TcmuDevice:
         for tmr in self.ring.tmr:
             log.info("%s: TMR %d for cmd ids %s", self.name, tmr.tmr_type, tmr.cmd_ids)
         self.ring.tmr.clear()
-        self._notify()          # PAD/TMR entries may have moved the tail
-        for req in reqs:
-            self.stats["commands"] += 1
-            self._start(req)
+        self.stats["commands"] += len(reqs)
+        # One kick for the whole batch, right after it: the commands done at
+        # once and the PAD/TMR entries passed (a later loop iteration would
+        # cost another epoll_wait per wake-up)
+        self._batch = True
+        try:
+            self._notify()
+            for req in reqs:
+                self._start(req)
+        finally:
+            self._batch = False
+        self._flush_notify()
 
     # -- one command ---------------------------------------------------------------
     def _start(self, req: Request) -> None:
@@ -175,21 +192,22 @@ class TcmuDevice:
         # the ring does not say the direction: the SCSI layer knows it; the
         # buffer is Data-In for Data-In commands and bidi ones, else Data-Out
         data_in_cmd = returns_data_in(cdb)
-        into = None
-        data_out = None
         iovs = req.iovs
-        if iovs and (not data_in_cmd or req.bidi_iovs):
+        into = data_out = None
+        in_total = 0
+        if req.bidi_iovs:                      # Data-Out in iovs, Data-In returned
+            data_out = _gather(mv, iovs)
+            in_total = sum(n for _, n in req.bidi_iovs)
+        elif data_in_cmd:                      # filled in place when it can be
             if len(iovs) == 1:
-                b, n = iovs[0]
-                data_out = mv[b:b + n]
+                b, in_total = iovs[0]
+                into = [mv[b:b + in_total]]
             else:
-                data_out = b"".join(mv[b:b + n] for b, n in iovs)
-        in_iovs = req.in_iovs
-        in_total = sum(n for _, n in in_iovs)
-        if data_in_cmd and not req.bidi_iovs:
-            into = [mv[b:b + n] for b, n in in_iovs]
-        cmd = ScsiCommand(cdb, self.lun, self.nexus, data_out,
-                          in_total if (data_in_cmd or req.bidi_iovs) else 0, req.cmd_id, 0, into)
+                into = [mv[b:b + n] for b, n in iovs]
+                in_total = sum(n for _, n in iovs)
+        elif iovs:
+            data_out = _gather(mv, iovs)
+        cmd = ScsiCommand(cdb, self.lun, self.nexus, data_out, in_total, req.cmd_id, 0, into)
         try:
             rsp = self._submit(cmd)
         except Exception:
@@ -221,13 +239,22 @@ class TcmuDevice:
     def _complete(self, req: Request, resp: ScsiResponse, data_in_cmd: bool, in_total: int) -> None:
         if self._closed or self.ring is None:
             return
+        read_len = None
+        if in_total and not resp.data_in_placed:
+            read_len = self._place_data_in(req, resp, data_in_cmd, in_total)
+        self.ring.complete(req, resp.status, resp.sense or b"", read_len=read_len)
+        self.stats["completed"] += 1
+        if not self._notify_pending:
+            self._notify()
+
+    def _place_data_in(self, req: Request, resp: ScsiResponse, data_in_cmd: bool,
+                       in_total: int) -> int | None:
+        """Copy a response's Data-In into the command's buffers; a short one
+        is reported (read_len) or its rest zeroed. Returns the read_len."""
         mv = self._mv
         in_iovs = req.in_iovs
-        read_len = None
         data = resp.data_in
-        if resp.data_in_placed:
-            pass                               # already in the ring's data area
-        elif data is not None and len(data) and in_total:
+        if data is not None and len(data):
             src = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
             n = min(len(src), in_total)
             pos = 0
@@ -237,19 +264,15 @@ class TcmuDevice:
                     break
                 mv[b:b + k] = src[pos:pos + k]
                 pos += k
-            if n < in_total and resp.status == GOOD:
-                if self.ring.read_len:
-                    read_len = n
-                else:
-                    self._zero_in(in_iovs, n)
-        elif in_total and data_in_cmd and resp.status == GOOD:
+        elif data_in_cmd:
+            n = 0
+        else:
+            return None
+        if n < in_total and resp.status == GOOD:
             if self.ring.read_len:
-                read_len = 0
-            else:
-                self._zero_in(in_iovs, 0)
-        self.ring.complete(req, resp.status, resp.sense or b"", read_len=read_len)
-        self.stats["completed"] += 1
-        self._notify()
+                return n
+            self._zero_in(in_iovs, n)
+        return None
 
     def _zero_in(self, iovs: list[tuple[int, int]], start: int) -> None:
         """Never hand the host stale bytes of an earlier command."""
@@ -262,10 +285,13 @@ class TcmuDevice:
 
     # -- us -> kernel ---------------------------------------------------------------
     def _notify(self) -> None:
-        """Ring the kernel once per loop iteration however many completed."""
+        """Ring the kernel once per batch of fetched commands, or once per
+        loop iteration for commands that finished after waiting, however
+        many completed."""
         if not self._notify_pending:
             self._notify_pending = True
-            self._loop.call_soon(self._flush_notify)
+            if not self._batch:
+                self._loop.call_soon(self._flush_notify)
 
     def _flush_notify(self) -> None:
         if not self._notify_pending:

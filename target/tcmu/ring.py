@@ -29,20 +29,29 @@ Either way the tail only passes entries we have parsed, in ring order.
 from __future__ import annotations
 
 import collections
+import struct
 from dataclasses import dataclass, field
 
 from . import abi
 
 
-_ZERO_RSP_HEAD = bytes(8)
 CHECK_CONDITION = 0x02
+# the ABI's names the per-command code reads, as module globals (one lookup
+# each instead of two: this code runs per command)
+_ENT_HDR, _REQ_HEAD, _IOVEC, _U32 = abi.ENT_HDR, abi.REQ_HEAD, abi.IOVEC, abi.U32
+_REQ_OFF, _REQ_IOV_OFF, _IOVEC_SIZE = abi.REQ_OFF, abi.REQ_IOV_OFF, abi.IOVEC.size
+_OP_MASK, _OP_CMD, _MB_CMD_TAIL = abi.TCMU_OP_MASK, abi.TCMU_OP_CMD, abi.MB_CMD_TAIL
+_ALIGN_MASK = abi.TCMU_OP_ALIGN_SIZE - 1
+_LEN_MASK = ~abi.TCMU_OP_MASK & 0xFFFFFFFF
+_FLAGS = struct.Struct("=BB")               # kflags, uflags of an entry header
+_ID_FLAGS = struct.Struct("=HBB")           # cmd_id, kflags, uflags
 
 
 class RingError(Exception):
     """The shared ring holds something impossible (corrupt or wrong ABI)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     cmd_id: int
     cdb: bytes
@@ -66,12 +75,18 @@ class TmrNotice:
     cmd_ids: list[int]
 
 
-@dataclass
-class _Slot:
-    off: int                  # offset within the ring
-    length: int
-    is_cmd: bool
-    done: bool = False
+# A fetched CMD entry the tail has not passed: [offset, end, done], where
+# end is where the tail goes once it passes the entry: past it and past the
+# PAD/TMR entries that follow it (those need no completion).
+_OFF, _END, _DONE = 0, 1, 2
+
+
+# iovec arrays by count: one unpack per command instead of one per iovec
+_IOVECS = [struct.Struct(f"={2 * n}Q") for n in range(9)]
+
+
+def _iovecs(n: int) -> struct.Struct:
+    return _IOVECS[n] if n < len(_IOVECS) else struct.Struct(f"={2 * n}Q")
 
 
 class Ring:
@@ -88,7 +103,7 @@ class Ring:
         self.ooo = bool(flags & abi.TCMU_MAILBOX_FLAG_CAP_OOOC) if ooo is None else ooo
         self.read_len = bool(flags & abi.TCMU_MAILBOX_FLAG_CAP_READ_LEN)
         self.parse = self.tail              # next entry we have not looked at
-        self._slots: collections.deque[_Slot] = collections.deque()   # tail .. parse, ring order
+        self._slots: collections.deque[list] = collections.deque()    # pending CMD entries, ring order
         self.tmr: list[TmrNotice] = []
         self.out_of_order = 0               # completions written into another command's slot
 
@@ -101,12 +116,9 @@ class Ring:
     def tail(self) -> int:
         return abi.U32.unpack_from(self.mv, abi.MB_CMD_TAIL)[0]
 
-    def _set_tail(self, value: int) -> None:
-        abi.U32.pack_into(self.mv, abi.MB_CMD_TAIL, value)
-
     def in_flight(self) -> int:
         """CMD entries fetched whose slot the tail has not passed."""
-        return sum(1 for s in self._slots if s.is_cmd and not s.done)
+        return sum(1 for s in self._slots if not s[_DONE])
 
     # -- kernel -> user ----------------------------------------------------------------
     def fetch(self) -> list[Request]:
@@ -114,106 +126,128 @@ class Ring:
         head = self.head
         if head >= self.cmdr_size or head % abi.TCMU_OP_ALIGN_SIZE:
             raise RingError(f"cmd_head {head} outside ring of {self.cmdr_size}")
+        if self.parse == head:
+            return []
         out: list[Request] = []
-        base = self.cmdr_off
-        steps = 0
-        while self.parse != head:
-            steps += 1
-            if steps > self.cmdr_size // abi.TCMU_OP_ALIGN_SIZE:
-                raise RingError("ring walk does not reach cmd_head")
-            off = self.parse
-            len_op, cmd_id, kflags, _uflags = abi.ENT_HDR.unpack_from(self.mv, base + off)
-            op = abi.hdr_get_op(len_op)
-            length = abi.hdr_get_len(len_op)
-            if length == 0 or length % abi.TCMU_OP_ALIGN_SIZE or off + length > self.cmdr_size:
+        mv, base, size, slots = self.mv, self.cmdr_off, self.cmdr_size, self._slots
+        off = self.parse
+        tail = None                 # where the tail goes now: PAD/TMR entries with no CMD before them
+        for _ in range(size // abi.TCMU_OP_ALIGN_SIZE):     # a corrupt ring cannot loop us forever
+            if off == head:
+                break
+            len_op, cmd_id, kflags, _uflags = _ENT_HDR.unpack_from(mv, base + off)
+            op = len_op & _OP_MASK
+            length = len_op & _LEN_MASK
+            if length == 0 or length & _ALIGN_MASK or off + length > size:
                 raise RingError(f"entry at {off}: bad length {length} (op {op})")
-            if op == abi.TCMU_OP_CMD:
+            end = (off + length) % size
+            if op == _OP_CMD:
                 out.append(self._parse_cmd(off, length, cmd_id, kflags))
-                self._slots.append(_Slot(off, length, True))
+                slots.append([off, end, False])
             else:
-                if op == abi.TCMU_OP_TMR:
-                    tmr_type, _, _, cnt, _, _ = abi.TMR.unpack_from(self.mv, base + off + 8)
-                    cnt = min(cnt, (length - abi.TMR_CMD_IDS_OFF) // 2)
-                    ids = [int.from_bytes(self.mv[base + off + abi.TMR_CMD_IDS_OFF + 2 * i:
-                                                  base + off + abi.TMR_CMD_IDS_OFF + 2 * i + 2], "little")
-                           for i in range(cnt)]
-                    self.tmr.append(TmrNotice(tmr_type, ids))
-                elif op != abi.TCMU_OP_PAD:
-                    # as libtcmu: flag it and pass over it
-                    self.mv[base + off + abi.ENT_UFLAGS] |= abi.TCMU_UFLAG_UNKNOWN_OP
-                self._slots.append(_Slot(off, length, False, True))
-            self.parse = (off + length) % self.cmdr_size
-        self._advance()
+                self._note_other(op, off, length)
+                if slots:
+                    slots[-1][_END] = end
+                else:
+                    tail = end
+            off = end
+        else:
+            if off != head:
+                raise RingError("ring walk does not reach cmd_head")
+        self.parse = off
+        if tail is not None:
+            self._set_tail(tail)
         return out
 
+    def _note_other(self, op: int, off: int, length: int) -> None:
+        """A PAD (nothing to do), a TMR notice, or an entry we do not know."""
+        base = self.cmdr_off
+        if op == abi.TCMU_OP_TMR:
+            tmr_type, _, _, cnt, _, _ = abi.TMR.unpack_from(self.mv, base + off + 8)
+            cnt = min(cnt, (length - abi.TMR_CMD_IDS_OFF) // 2)
+            ids = [int.from_bytes(self.mv[base + off + abi.TMR_CMD_IDS_OFF + 2 * i:
+                                          base + off + abi.TMR_CMD_IDS_OFF + 2 * i + 2], "little")
+                   for i in range(cnt)]
+            self.tmr.append(TmrNotice(tmr_type, ids))
+        elif op != abi.TCMU_OP_PAD:
+            # as libtcmu: flag it and pass over it
+            self.mv[base + off + abi.ENT_UFLAGS] |= abi.TCMU_UFLAG_UNKNOWN_OP
+
     def _parse_cmd(self, off: int, length: int, cmd_id: int, kflags: int) -> Request:
+        mv = self.mv
         p = self.cmdr_off + off
-        iov_cnt, bidi, dif, cdb_off, _, _ = abi.REQ.unpack_from(self.mv, p + abi.REQ_OFF)
-        n = iov_cnt + bidi + dif
-        if abi.REQ_IOV_OFF + n * abi.IOVEC.size > length:
-            raise RingError(f"entry at {off}: {n} iovecs do not fit in {length} bytes")
-        iovs = []
-        limit = len(self.mv)
-        for i in range(iov_cnt + bidi):
-            b, ln = abi.IOVEC.unpack_from(self.mv, p + abi.REQ_IOV_OFF + i * abi.IOVEC.size)
+        iov_cnt, bidi, dif, cdb_off = _REQ_HEAD.unpack_from(mv, p + _REQ_OFF)
+        n = iov_cnt + bidi
+        if _REQ_IOV_OFF + (n + dif) * _IOVEC_SIZE > length:
+            raise RingError(f"entry at {off}: {n + dif} iovecs do not fit in {length} bytes")
+        limit = len(mv)
+        if n == 1:
+            b, ln = _IOVEC.unpack_from(mv, p + _REQ_IOV_OFF)
+            iovs = [(b, ln)]
+        else:
+            flat = _iovecs(n).unpack_from(mv, p + _REQ_IOV_OFF)
+            iovs = list(zip(flat[0::2], flat[1::2]))
+        for b, ln in iovs:
             if b + ln > limit:
                 raise RingError(f"cmd {cmd_id}: iovec {b}+{ln} outside the map")
-            iovs.append((b, ln))
         if cdb_off >= limit:
             raise RingError(f"cmd {cmd_id}: cdb offset {cdb_off} outside the map")
-        first = self.mv[cdb_off]
-        clen = abi.cdb_length(first, self.mv[cdb_off + 7] if cdb_off + 7 < limit else 0)
-        cdb = bytes(self.mv[cdb_off:min(cdb_off + clen, limit)])
-        return Request(cmd_id, cdb, iovs[:iov_cnt], iovs[iov_cnt:], off, kflags)
+        clen = abi.cdb_length(mv[cdb_off], mv[cdb_off + 7] if cdb_off + 7 < limit else 0)
+        cdb = bytes(mv[cdb_off:min(cdb_off + clen, limit)])
+        if bidi:
+            return Request(cmd_id, cdb, iovs[:iov_cnt], iovs[iov_cnt:], off, kflags)
+        return Request(cmd_id, cdb, iovs, [], off, kflags)
 
     # -- user -> kernel ----------------------------------------------------------------
     def complete(self, req: Request, status: int, sense: bytes = b"", *,
                  read_len: int | None = None, unknown_op: bool = False) -> None:
         """Write the response of ``req`` and move cmd_tail as far as allowed."""
+        slots = self._slots
         if self.ooo:
-            # _advance leaves a pending CMD slot (or nothing) at the front:
-            # non-CMD slots are born done and done slots at the front go
-            slot = self._slots[0] if self._slots else None
-            if slot is None or slot.done:
+            # the first pending entry takes the response, whoever's it was,
+            # and the tail passes it (and the PAD/TMR entries after it)
+            if not slots:
                 raise RingError(f"completion of cmd {req.cmd_id} with no pending ring slot")
-            if slot.off != req.slot:
+            slot = slots.popleft()
+            if slot[_OFF] != req.slot:
                 self.out_of_order += 1
-        else:
-            slot = next((s for s in self._slots if s.is_cmd and s.off == req.slot and not s.done), None)
-            if slot is None:
-                raise RingError(f"cmd {req.cmd_id}: slot {req.slot} not pending")
-        p = self.cmdr_off + slot.off
-        len_op, _cmd_id, kflags, uflags = abi.ENT_HDR.unpack_from(self.mv, p)
+            self._respond(slot[_OFF], req.cmd_id, status, sense, read_len, unknown_op)
+            _U32.pack_into(self.mv, _MB_CMD_TAIL, slot[_END])      # _set_tail, per command
+            return
+        slot = next((s for s in slots if s[_OFF] == req.slot and not s[_DONE]), None)
+        if slot is None:
+            raise RingError(f"cmd {req.cmd_id}: slot {req.slot} not pending")
+        self._respond(slot[_OFF], req.cmd_id, status, sense, read_len, unknown_op)
+        slot[_DONE] = True
+        if slot is slots[0]:
+            # the tail passes the done entries at the front
+            while slots and slots[0][_DONE]:
+                tail = slots.popleft()[_END]
+            self._set_tail(tail)
+
+    def _respond(self, off: int, cmd_id: int, status: int, sense: bytes, read_len: int | None,
+                 unknown_op: bool) -> None:
+        """Write a response into the CMD entry at ``off``: status, read_len
+        and sense first, the header (cmd_id, flags) last."""
+        mv = self.mv
+        p = self.cmdr_off + off
+        kflags, uflags = _FLAGS.unpack_from(mv, p + 6)
         uflags &= ~(abi.TCMU_UFLAG_UNKNOWN_OP | abi.TCMU_UFLAG_READ_LEN)
         if unknown_op:
             uflags |= abi.TCMU_UFLAG_UNKNOWN_OP
         if read_len is not None and self.read_len:
             uflags |= abi.TCMU_UFLAG_READ_LEN
-        # response first, header (cmd_id) last, then the tail
-        mv = self.mv
-        mv[p + 8:p + abi.RSP_SENSE_OFF] = _ZERO_RSP_HEAD
-        mv[p + abi.RSP_STATUS_OFF] = status & 0xFF
-        if read_len is not None and self.read_len:
-            abi.U32.pack_into(mv, p + abi.RSP_READ_LEN_OFF, read_len)
+        else:
+            read_len = 0
+        abi.RSP_HEAD.pack_into(mv, p + abi.RSP_STATUS_OFF, status & 0xFF, read_len)
         if sense or status == CHECK_CONDITION:
             # the kernel reads the sense buffer only with CHECK CONDITION
             s = bytes(sense[:abi.TCMU_SENSE_BUFFERSIZE]).ljust(abi.TCMU_SENSE_BUFFERSIZE, b"\0")
             mv[p + abi.RSP_SENSE_OFF:p + abi.RSP_SENSE_OFF + abi.TCMU_SENSE_BUFFERSIZE] = s
-        abi.ENT_HDR.pack_into(self.mv, p, len_op, req.cmd_id, kflags, uflags)
-        slot.done = True
-        self._advance()
+        _ID_FLAGS.pack_into(mv, p + 4, cmd_id, kflags, uflags)
 
-    def _advance(self) -> None:
-        tail = self.tail
-        moved = False
-        while self._slots and self._slots[0].done:
-            s = self._slots.popleft()
-            if s.off != tail:
-                raise RingError(f"tail {tail} out of step with slot {s.off}")
-            tail = (tail + s.length) % self.cmdr_size
-            moved = True
-        if moved:
-            self._set_tail(tail)
+    def _set_tail(self, tail: int) -> None:
+        _U32.pack_into(self.mv, _MB_CMD_TAIL, tail)
 
     def reset(self) -> None:
         """Forget everything (after the kernel reset the ring: head = tail = 0)."""

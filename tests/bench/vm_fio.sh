@@ -3,10 +3,10 @@
 # our daemon's LU (liverestore serve --backend lio) vs tcmu-runner's qcow
 # handler vs LIO fileio, 4 KiB random read/write (QD16) and 1 MiB sequential
 # (QD4), side by side. The same step runs inside the vm tier (pytest -m vm);
-# this is the quick loop for it (~3 minutes).
+# this is the quick loop for it (~4 minutes: two rounds of turns).
 #
 # Prints the guest's BENCH lines; the last line is one JSON object with
-# vs_tcmu_runner_4k, vs_tcmu_runner_1m (goals >= 0.5 and >= 0.8).
+# vs_tcmu_runner_4k, vs_tcmu_runner_1m (goals >= 1.0 and >= 0.8; issue 11).
 # Env: LR_PYSPY=1 profiles our daemon during its 4K run (py-spy, collapsed
 # stacks) into the run directory, whose path is printed.
 # Needs root; installs QEMU + a Debian kernel + virtme-ng on first use.

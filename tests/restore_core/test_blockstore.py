@@ -107,7 +107,29 @@ def test_inline_guard_tolerates_a_slow_call_and_backs_off_when_blocked():
     assert g.off_until > 2.0 + b.INLINE_STRIKES - 1 and g.backoffs == 1
     g2 = b.InlineGuard()
     g2.took(5.0, 5.0 + b.INLINE_BLOCKED_S * 2)           # one really blocked call: threads
-    assert g2.off_until == pytest.approx(5.0 + b.INLINE_BLOCKED_S * 2 + b.INLINE_BACKOFF_S)
+    assert g2.off_until == pytest.approx(5.0 + b.INLINE_BLOCKED_S * 2 + b.INLINE_BACKOFF_MIN_S)
+
+
+def test_inline_guard_backoff_grows_only_while_trips_follow_each_other():
+    """A lone slow call (a preempted thread looks blocked too) costs a short
+    spell of thread hops; a disk that stays congested trips again as soon
+    as the loop tries inline, and the backoff doubles up to the maximum."""
+    from restore_core.stores import file as b
+    g = b.InlineGuard()
+    blocked = b.INLINE_BLOCKED_S * 2
+    for t in (10.0, 20.0, 30.0):                          # sporadic: each short
+        g.took(t, t + blocked)
+        assert g.off_until - (t + blocked) == pytest.approx(b.INLINE_BACKOFF_MIN_S)
+    lengths = []
+    t = 40.0
+    for _ in range(8):                                    # congested: right after each backoff
+        g.took(t, t + blocked)
+        lengths.append(round(g.off_until - (t + blocked), 3))
+        t = g.off_until
+    assert lengths[:3] == [b.INLINE_BACKOFF_MIN_S, b.INLINE_BACKOFF_MIN_S * 2, b.INLINE_BACKOFF_MIN_S * 4]
+    assert lengths[-1] == b.INLINE_BACKOFF_MAX_S and g.backoffs == 11
+    g.took(t + 5.0, t + 5.0 + blocked)                    # calm again: short once more
+    assert g.off_until - (t + 5.0 + blocked) == pytest.approx(b.INLINE_BACKOFF_MIN_S)
 
 
 def test_reads_without_rwf_nowait_go_inline_then_to_threads_after_blocking(tmp_path, monkeypatch):

@@ -7,13 +7,35 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import guest_restore as g  # noqa: E402  (shares RUN = argv[1] and the helpers)
 
 
+def clock_cost() -> str:
+    """The guest's clocksource and what one clock read costs in Python: a
+    TCG guest without a usable TSC reads HPET/ACPI PM through a syscall and
+    an emulated device, and the daemon reads the clock per command."""
+    try:
+        with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as f:
+            source = f.read().strip()
+    except OSError:
+        source = "?"
+    n = 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        time.monotonic()
+    per = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pass
+    per -= (time.perf_counter() - t0) / n
+    return f"clocksource {source}, time.monotonic() {per * 1e6:.2f} us"
+
+
 def main() -> int:
-    g.log(f"kernel {os.uname().release}; repo {g.REPO}")
+    g.log(f"kernel {os.uname().release}; repo {g.REPO}; {clock_cost()}")
     os.makedirs("/etc/target", exist_ok=True)
     g.sh("iscsid || true", check=False)
     d = g.start_daemon(1, init=True, verbose=False)

@@ -166,6 +166,25 @@ def test_batch_across_wrap_in_one_doorbell():
     run(main())
 
 
+def test_batch_is_completed_and_kicked_once_within_its_wakeup():
+    """Commands answered at once are completed, and the kernel kicked once
+    for all of them, before the wake-up that fetched them returns: no kick
+    per command and no loop iteration more (an epoll_wait each under load)."""
+    async def main():
+        k = FakeKernel()
+        ids = [k.submit(rw10(0x2A, i, 1), data_out=bytes([i + 1]) * 512, notify=False) for i in range(5)]
+        dev = TcmuDevice("t", MemTarget(), fd=k.user_sock.fileno(), buf=k.map)
+        dev.open()                               # fetches what is on the ring; no await after it
+        got = k.reap()
+        assert sorted(c.cmd_id for c in got) == ids and all(c.status == GOOD for c in got)
+        assert k.tail == k.head
+        assert k.kern_sock.recv(64) == bytes(4)  # one kick, already written
+        assert dev.stats["notifies"] == 1
+        await dev.close()
+        k.close()
+    run(main())
+
+
 def test_out_of_order_completion_with_cap_oooc():
     """A slow command must not hold back later ones: the finished command's
     response goes into the entry at cmd_tail with its own cmd_id (libtcmu)."""
