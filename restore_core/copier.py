@@ -214,11 +214,12 @@ class Copier:
                     if wait > 0:
                         await asyncio.sleep(min(wait, self.hosts.window(th.host_window)))
                         continue
-                # Hosts busy: one copy at a time, by background I/O, so a
-                # host command never waits behind copy work on the loop.
-                depth = 1 if busy else th.depth
+                # Hosts busy: copies by background I/O, so a host command
+                # never waits behind copy work on the loop; as many in
+                # flight as idle, or slow copies (a loaded machine) could
+                # not keep up with the floor.
                 span = th.batch_extents
-                while len(tasks) >= depth:
+                while len(tasks) >= th.depth:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         tasks.discard(t)

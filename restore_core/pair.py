@@ -38,9 +38,8 @@ class Throttle:
     hydration_batch_size). depth: copy I/Os in flight at once (dm-clone's
     hydration_threshold). While a host command was seen within the last
     host_window copy round trips the LU is busy: the copier copies only
-    while behind min_progress_pct percent of its idle rate, one batch at a
-    time by background I/O (see restore_core.hostyield); host_window 0
-    turns yielding off.
+    while behind min_progress_pct percent of its idle rate, by background
+    I/O (see restore_core.hostyield); host_window 0 turns yielding off.
     """
 
     rate: int = 0
