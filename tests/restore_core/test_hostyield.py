@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from restore_core.blockstore import MemoryBlockStore
-from restore_core.hostyield import FLOOR_WINDOW_S, MIN_WINDOW_S, HostYield
+from restore_core.hostyield import FLOOR_AHEAD_S, FLOOR_OWED_S, MIN_WINDOW_S, HostYield
 from restore_core.pair import Throttle
 
 from .util import ES, Rig, pattern
@@ -63,17 +63,17 @@ def test_the_floor_is_a_budget_copies_while_hosts_paused_count_for_a_while():
     for i in range(50):                               # a host pause: 50 MiB in 0.5 s
         h.note_started(i * 0.01, 1 << 20, 10)
     # hosts are back: the pause paid the floor ahead, but only for
-    # FLOOR_WINDOW_S, not for the 5 s its bytes would cover
+    # FLOOR_AHEAD_S, not for the 5 s its bytes would cover
     wait = h.floor_wait(0.5, 10)
-    assert wait == pytest.approx(FLOOR_WINDOW_S, rel=0.05)
-    # owing is bounded the same way: after 3 s in which no copy could be
-    # made, at most FLOOR_WINDOW_S of the floor is made up back to back
+    assert wait == pytest.approx(FLOOR_AHEAD_S, rel=0.05)
+    # owing is bounded too: after 3 s in which no copy could be made, the
+    # copier makes up FLOOR_OWED_S of the floor, not 3 s
     assert h.floor_wait(3.5, 10) == 0.0
     burst = 0
     while h.floor_wait(3.5, 10) == 0.0:
         h.note_started(3.5, 1 << 20, 10)
         burst += 1 << 20
-    assert burst <= (10 << 20) * FLOOR_WINDOW_S + (1 << 20)
+    assert (10 << 20) * FLOOR_OWED_S <= burst <= (10 << 20) * FLOOR_OWED_S + (1 << 20)
 
 
 def test_a_stretch_on_a_loaded_machine_lowers_the_idle_rate_slowly():
@@ -81,12 +81,26 @@ def test_a_stretch_on_a_loaded_machine_lowers_the_idle_rate_slowly():
     idle_measured(h, 100 << 20)
     assert not h.busy(100.0, 0.0, 8)
     for i in range(10):                               # 10 MiB in 0.2 s: other load
-        h.note_copy(1 << 20, 0.001, busy=False, now=100.0 + (i + 1) * 0.02)
+        h.note_copy(1 << 20, 0.02, busy=False, now=100.0 + (i + 1) * 0.02)
     assert h.busy(100.3, 100.3, 8)
     assert (100 << 20) * 0.9 <= h.idle_rate < 100 << 20
     # one idle copy's own rate is the better measure when it is higher
     h.idle_copy_rate = 200 << 20
     assert h.floor_rate(10) == pytest.approx(20 << 20)
+
+
+def test_the_idle_rate_counts_only_time_with_a_copy_in_flight():
+    """Gaps in which the copier waited (for a CPU, a commit) are no copying
+    time; copies overlapping at depth 2 count their time once."""
+    h = HostYield()
+    assert not h.busy(0.0, -1.0, 8)
+    for i in range(20):                               # 1 MiB per 10 ms, 10 ms gaps
+        h.note_copy(1 << 20, 0.01, busy=False, now=0.05 + i * 0.02)
+    for i in range(20):                               # then two at a time, 20 ms each
+        end = 1.0 + (i // 2 + 1) * 0.02
+        h.note_copy(1 << 20, 0.02, busy=False, now=end)
+    assert h.busy(2.0, 2.0, 8)
+    assert h.idle_rate == pytest.approx((40 << 20) / 0.4)
 
 
 def test_floor_before_an_idle_rate_was_measured_uses_one_copy_streams_rate():
