@@ -64,6 +64,16 @@ class BlockStore(ABC):
     def try_write(self, offset: int, bufs: list) -> bool:
         return False
 
+    # Background I/O (the copier while hosts are busy): the same I/O, but
+    # never run on the event loop, where it would hold up host commands, and
+    # queued behind host I/O wherever the store queues. Stores with no such
+    # distinction do the plain I/O.
+    async def readinto_background(self, offset: int, buf: memoryview) -> None:
+        await self.readinto(offset, buf)
+
+    async def write_background(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self.write(offset, data)
+
     async def discard(self, offset: int, length: int) -> None:
         """Deallocate a range; it must read back as zeros afterwards."""
         chunk = 1 << 20

@@ -58,6 +58,7 @@ class Copier:
         # what the copier learnt about the LU's hosts and its idle rate
         self.hosts = hosts if hosts is not None else HostYield()
         self.buffers = BufferPool()
+        self._last_commit = 0.0         # when the walk last started a progress commit
 
     # -- direction -----------------------------------------------------------
     @property
@@ -78,13 +79,19 @@ class Copier:
         return off, min(b * es, self.pair.size) - off
 
     # -- the copy primitive (claims held by the caller) -------------------------------
-    async def copy_run(self, a: int, b: int) -> int:
+    async def copy_run(self, a: int, b: int, background: bool = False) -> int:
+        """Copy extents [a, b); ``background``: while hosts are busy, by the
+        stores' background I/O (off the event loop, behind host I/O)."""
         off, length = self._range(a, b)
         buf = self.buffers.take(length)
         try:
             view = memoryview(buf)[:length]
-            await self.src.readinto(off, view)
-            await self.dst.write(off, view)
+            if background:
+                await self.src.readinto_background(off, view)
+                await self.dst.write_background(off, view)
+            else:
+                await self.src.readinto(off, view)
+                await self.dst.write(off, view)
         finally:
             self.buffers.give(buf)
         p = self.pair
@@ -183,7 +190,7 @@ class Copier:
         p = self.pair
         tasks: set[asyncio.Task[int]] = set()
         pos = 0
-        last_commit = time.monotonic()
+        self._last_commit = time.monotonic()
         due = time.monotonic()     # token bucket: when the next copy may start
         commit: asyncio.Task[None] | None = None   # at most one in flight
         try:
@@ -196,14 +203,23 @@ class Copier:
                     self.resume_event.clear()
                     await self.resume_event.wait()
                     continue
+                commit = self._commit_due(commit)
                 th = p.throttle
-                busy = self.hosts.busy(time.monotonic(), p.last_host_io, th.host_window)
-                # Hosts busy: one small copy at a time, so a host command
-                # never queues behind much copy work.
-                depth = 1 if busy else th.depth
-                span = self.hosts.busy_span(p.extent_size, th.min_progress_pct,
-                                            th.batch_extents) if busy else th.batch_extents
-                while len(tasks) >= depth:
+                now = time.monotonic()
+                busy = self.hosts.busy(now, p.last_host_io, th.host_window)
+                if busy:
+                    # Hosts first: copy only while behind the minimum
+                    # progress rate, else look again within the host window.
+                    wait = self.hosts.floor_wait(now, th.min_progress_pct)
+                    if wait > 0:
+                        await asyncio.sleep(min(wait, self.hosts.window(th.host_window)))
+                        continue
+                # Hosts busy: copies by background I/O, so a host command
+                # never waits behind copy work on the loop; as many in
+                # flight as idle, or slow copies (a loaded machine) could
+                # not keep up with the floor.
+                span = th.batch_extents
+                while len(tasks) >= th.depth:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         tasks.discard(t)
@@ -230,6 +246,7 @@ class Copier:
                     pos = e + 1
                     continue
                 pos = b
+                self.hosts.note_started(time.monotonic(), self._range(e, b)[1], th.min_progress_pct)
                 tasks.add(asyncio.get_running_loop().create_task(self._copy_and_release(e, b, busy)))
                 # Rate limit (token bucket, at most 1 s of saved-up credit):
                 # each copy pushes the next one's start by its size / rate.
@@ -244,22 +261,6 @@ class Copier:
                             due = time.monotonic()
                         except asyncio.TimeoutError:
                             pass
-                if busy:
-                    # paced to the minimum progress rate; copying goes on
-                    pause = self.hosts.busy_delay(time.monotonic(), self._range(e, b)[1],
-                                                  th.min_progress_pct)
-                    if pause > 0:
-                        await asyncio.sleep(pause)
-                # Bound the work a crash can lose and let progress reach
-                # disk -- in the background: the commit settles what has
-                # landed (flush, done bits) and commits while copying goes
-                # on. One at a time; a slow one is not waited for here.
-                if time.monotonic() - last_commit > COMMIT_INTERVAL_S and (
-                        commit is None or commit.done()):
-                    if commit is not None:
-                        commit.result()     # re-raise a failed commit
-                    commit = asyncio.get_running_loop().create_task(self.committer.commit())
-                    last_commit = time.monotonic()
             await asyncio.gather(*tasks)
             if commit is not None:
                 await commit
@@ -289,10 +290,23 @@ class Copier:
             if self.on_error is not None:
                 await self.on_error(p, f"{type(e).__name__}: {e}")
 
+    def _commit_due(self, commit: asyncio.Task[None] | None) -> asyncio.Task[None] | None:
+        """Bound the work a crash can lose and let progress reach disk -- in
+        the background: the commit settles what has landed (flush, done
+        bits) and commits while copying goes on. One at a time; a slow one
+        is not waited for here. Returns the commit in flight."""
+        if time.monotonic() - self._last_commit <= COMMIT_INTERVAL_S or (
+                commit is not None and not commit.done()):
+            return commit
+        if commit is not None:
+            commit.result()     # re-raise a failed commit
+        self._last_commit = time.monotonic()
+        return asyncio.get_running_loop().create_task(self.committer.commit())
+
     async def _copy_and_release(self, a: int, b: int, busy: bool) -> int:
         try:
             t0 = time.monotonic()
-            n = await self.copy_run(a, b)
+            n = await self.copy_run(a, b, background=busy)
             self.hosts.note_copy(n, time.monotonic() - t0, busy)
             return n
         finally:

@@ -37,9 +37,9 @@ class Throttle:
     into one copy I/O and copied between map commits (dm-clone's
     hydration_batch_size). depth: copy I/Os in flight at once (dm-clone's
     hydration_threshold). While a host command was seen within the last
-    host_window copy round trips the LU is busy: the copier copies one
-    extent at a time, paced to min_progress_pct percent of its idle rate
-    (see restore_core.hostyield); host_window 0 turns yielding off.
+    host_window copy round trips the LU is busy: the copier copies only
+    while behind min_progress_pct percent of its idle rate, by background
+    I/O (see restore_core.hostyield); host_window 0 turns yielding off.
     """
 
     rate: int = 0

@@ -45,9 +45,13 @@ INLINE_BACKOFF_MAX_S = 1.0
 
 
 # One shared pool for blocking I/O: file reads/writes release the GIL, so a
-# few threads keep several requests in flight on the device.
+# few threads keep several requests in flight on the device. Background
+# copies have a small pool of their own: a host read that misses the page
+# cache never queues behind them.
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_background_pool: ThreadPoolExecutor | None = None
+BACKGROUND_THREADS = 2
 
 
 def io_executor() -> ThreadPoolExecutor:
@@ -56,6 +60,15 @@ def io_executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lr-io")
         return _pool
+
+
+def background_executor() -> ThreadPoolExecutor:
+    global _background_pool
+    with _pool_lock:
+        if _background_pool is None:
+            _background_pool = ThreadPoolExecutor(max_workers=BACKGROUND_THREADS,
+                                                  thread_name_prefix="lr-bg")
+        return _background_pool
 
 
 class InlineGuard:
@@ -288,19 +301,32 @@ class FileBlockStore(BlockStore):
         self.check_range(offset, len(buf))
         if self.try_readinto(offset, [buf]):
             return
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                io_executor(), self.readinto_sync, offset, buf)
-        except OSError as e:
-            raise BlockStoreError(f"{self.name}: read error at {offset}: {e}", offset) from e
+        await self._readinto_in(io_executor(), offset, buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.check_range(offset, len(data))
         if self.try_write(offset, [data]):
             return
+        await self._write_in(io_executor(), offset, data)
+
+    async def readinto_background(self, offset: int, buf: memoryview) -> None:
+        self.check_range(offset, len(buf))
+        await self._readinto_in(background_executor(), offset, buf)
+
+    async def write_background(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.check_range(offset, len(data))
+        await self._write_in(background_executor(), offset, data)
+
+    async def _readinto_in(self, pool: ThreadPoolExecutor, offset: int, buf: memoryview) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                io_executor(), self.write_sync, offset, data)
+            await asyncio.get_running_loop().run_in_executor(pool, self.readinto_sync, offset, buf)
+        except OSError as e:
+            raise BlockStoreError(f"{self.name}: read error at {offset}: {e}", offset) from e
+
+    async def _write_in(self, pool: ThreadPoolExecutor, offset: int,
+                        data: bytes | bytearray | memoryview) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(pool, self.write_sync, offset, data)
         except OSError as e:
             raise BlockStoreError(f"{self.name}: write error at {offset}: {e}", offset) from e
         self._written += 1

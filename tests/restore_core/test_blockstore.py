@@ -1,5 +1,6 @@
 import asyncio
 import os
+import threading
 
 import pytest
 
@@ -213,3 +214,33 @@ def test_lost_and_grow(tmp_path):
     os.unlink(tmp_path / "other.img")
     assert "deleted" in s.lost()
     s.close()
+
+
+def test_background_io_runs_in_its_own_threads_never_on_the_loop(tmp_path):
+    """The copier's background I/O leaves the event loop free for host
+    commands and does not queue in the pool host I/O uses."""
+    async def go() -> None:
+        s = FileBlockStore(str(tmp_path / "img"), 1 << 20, create=True)
+        where: list[str] = []
+        plain_read, plain_write = s.readinto_sync, s.write_sync
+
+        def read_noting_thread(offset, buf):
+            where.append(threading.current_thread().name)
+            plain_read(offset, buf)
+
+        def write_noting_thread(offset, data):
+            where.append(threading.current_thread().name)
+            plain_write(offset, data)
+
+        s.readinto_sync, s.write_sync = read_noting_thread, write_noting_thread
+        await s.write_background(4096, b"x" * 4096)        # small: inline for a host
+        buf = bytearray(4096)
+        await s.readinto_background(4096, memoryview(buf))
+        assert buf == b"x" * 4096
+        assert len(where) == 2 and all(n.startswith("lr-bg") for n in where), where
+        await s.flush()                                     # the write counts for the flush
+        assert s.fdatasyncs == 1
+        with pytest.raises(BlockStoreError):
+            await s.readinto_background((1 << 20) - 10, memoryview(bytearray(4096)))
+        s.close()
+    asyncio.run(go())

@@ -69,7 +69,7 @@ options:
         type: int
       host_window:
         description: Hosts count as busy while a command was seen within this many copy round
-          trips; the copier then copies one extent at a time (C(0) never yields).
+          trips; the copier then copies only to keep I(min_progress_pct) (C(0) never yields).
         type: int
       min_progress_pct:
         description: While hosts are busy, copy at this percentage of the idle rate (1-100).
