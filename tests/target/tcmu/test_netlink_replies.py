@@ -8,8 +8,10 @@ socket pair."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import shutil
 import socket
 import struct
 
@@ -59,6 +61,8 @@ def add_device(root, uio: str, name: str, kernel: FakeKernel, *, nl_reply: int, 
 
 
 def make_handler(tmp_path, kernels: dict[str, FakeKernel], open_device=None, **kw):
+    """A handler opening VOLUMES (unless given ``open_device``) on the
+    kernels' rings, with a RecordingNetlink in place of its socket."""
     def open_volume(config: str, size: int, block_size: int):
         if config not in VOLUMES:
             raise LookupError(f"no volume named {config}")
@@ -78,6 +82,22 @@ def make_handler(tmp_path, kernels: dict[str, FakeKernel], open_device=None, **k
     return h, nl
 
 
+@contextlib.asynccontextmanager
+async def started(tmp_path, uios: int = 1, open_device=None, **kw):
+    """A started handler over an empty uio tree, its recording netlink and
+    one FakeKernel per uio ("uio0"...); stopped and closed afterwards."""
+    (tmp_path / "sys").mkdir()
+    kernels = {f"uio{i}": FakeKernel() for i in range(uios)}
+    h, nl = make_handler(tmp_path, kernels, open_device, **kw)
+    await h.start()
+    try:
+        yield h, nl, kernels
+    finally:
+        await h.stop()
+        for k in kernels.values():
+            k.close()
+
+
 def added(name: str, minor: int, dev_id: int) -> TcmuEvent:
     return TcmuEvent(abi.TCMU_CMD_ADDED_DEVICE, name, minor, dev_id)
 
@@ -86,37 +106,26 @@ def test_added_device_of_ours_is_served_then_answered_ok_without_a_ring_reset(tm
     """The hang: the kernel waits for ADDED_DONE before it finishes
     configuring the device (enable 0), and refuses a ring reset until then."""
     async def main():
-        (tmp_path / "sys").mkdir()
-        k = FakeKernel()
-        h, nl = make_handler(tmp_path, {"uio0": k})
-        await h.start()
-        cfg = add_device(tmp_path, "uio0", OURS, k, nl_reply=1, configured=False)
-        assert await h.rescan() == {"added": [], "removed": []}     # half-added: left to its event
-        await h._handle_events([added(OURS, 0, 41)])
-        assert nl.answers == [(abi.TCMU_CMD_ADDED_DEVICE, 41, 0, [OURS])]
-        assert (cfg / "action" / "reset_ring").read_text() == ""
-        await h.stop()
-        k.close()
+        async with started(tmp_path) as (h, nl, ks):
+            cfg = add_device(tmp_path, "uio0", OURS, ks["uio0"], nl_reply=1, configured=False)
+            assert await h.rescan() == {"added": [], "removed": []}     # half-added: left to its event
+            await h._handle_events([added(OURS, 0, 41)])
+            assert nl.answers == [(abi.TCMU_CMD_ADDED_DEVICE, 41, 0, [OURS])]
+            assert (cfg / "action" / "reset_ring").read_text() == ""
     run(main())
 
 
 def test_refused_added_device_gets_an_error_answer_not_a_hang(tmp_path):
     async def main():
-        (tmp_path / "sys").mkdir()
-        ks = {"uio0": FakeKernel(), "uio1": FakeKernel()}
-        h, nl = make_handler(tmp_path, ks)
-        await h.start()
-        nosuch = "tcm-user/0/bogus/liverestore/nope"
-        add_device(tmp_path, "uio0", nosuch, ks["uio0"], nl_reply=1, configured=False)
-        wrong_size = "tcm-user/0/adm_w/liverestore/vol-b"
-        add_device(tmp_path, "uio1", wrong_size, ks["uio1"], nl_reply=1, configured=False, size=1 << 20)
-        await h._handle_events([added(nosuch, 0, 7), added(wrong_size, 1, 8)])
-        assert nl.answers == [(abi.TCMU_CMD_ADDED_DEVICE, 7, -errno.ENOENT, []),
-                              (abi.TCMU_CMD_ADDED_DEVICE, 8, -errno.EINVAL, [])]
-        assert h.devices == {}
-        await h.stop()
-        for k in ks.values():
-            k.close()
+        async with started(tmp_path, 2) as (h, nl, ks):
+            nosuch = "tcm-user/0/bogus/liverestore/nope"
+            add_device(tmp_path, "uio0", nosuch, ks["uio0"], nl_reply=1, configured=False)
+            wrong_size = "tcm-user/0/adm_w/liverestore/vol-b"
+            add_device(tmp_path, "uio1", wrong_size, ks["uio1"], nl_reply=1, configured=False, size=1 << 20)
+            await h._handle_events([added(nosuch, 0, 7), added(wrong_size, 1, 8)])
+            assert nl.answers == [(abi.TCMU_CMD_ADDED_DEVICE, 7, -errno.ENOENT, []),
+                                  (abi.TCMU_CMD_ADDED_DEVICE, 8, -errno.EINVAL, [])]
+            assert h.devices == {}
     run(main())
 
 
@@ -126,21 +135,15 @@ def test_no_answer_for_other_handlers_devices_nor_when_the_kernel_does_not_wait(
     nl_reply_supported=-1 (the daemon's own) or before any daemon announced
     replies (0) is not waited for."""
     async def main():
-        (tmp_path / "sys").mkdir()
-        ks = {"uio0": FakeKernel(), "uio1": FakeKernel(), "uio2": FakeKernel()}
-        h, nl = make_handler(tmp_path, ks)
-        await h.start()
-        add_device(tmp_path, "uio0", QCOW, ks["uio0"], nl_reply=1, configured=False)
-        own = "tcm-user/0/vol-b/liverestore/vol-b"
-        add_device(tmp_path, "uio1", own, ks["uio1"], nl_reply=-1, configured=True)
-        await h._handle_events([added(QCOW, 0, 1), added(own, 1, 2),
-                                TcmuEvent(abi.TCMU_CMD_REMOVED_DEVICE, QCOW, 0, 1)])
-        assert nl.answers == [] and sorted(h.devices) == [own]       # ours served by the rescan
-        await h._handle_events([TcmuEvent(abi.TCMU_CMD_REMOVED_DEVICE, own, 1, 2)])
-        assert nl.answers == [] and h.devices == {}
-        await h.stop()
-        for k in ks.values():
-            k.close()
+        async with started(tmp_path, 2) as (h, nl, ks):
+            add_device(tmp_path, "uio0", QCOW, ks["uio0"], nl_reply=1, configured=False)
+            own = "tcm-user/0/vol-b/liverestore/vol-b"
+            add_device(tmp_path, "uio1", own, ks["uio1"], nl_reply=-1, configured=True)
+            await h._handle_events([added(QCOW, 0, 1), added(own, 1, 2),
+                                    TcmuEvent(abi.TCMU_CMD_REMOVED_DEVICE, QCOW, 0, 1)])
+            assert nl.answers == [] and sorted(h.devices) == [own]       # ours served by the rescan
+            await h._handle_events([TcmuEvent(abi.TCMU_CMD_REMOVED_DEVICE, own, 1, 2)])
+            assert nl.answers == [] and h.devices == {}
     run(main())
 
 
@@ -150,45 +153,34 @@ def test_removed_and_reconfig_of_a_served_device(tmp_path):
     size is refused (EBUSY) and it stays served; a write-cache change is
     accepted. The REMOVED answer comes even though configfs is gone by then."""
     async def main():
-        (tmp_path / "sys").mkdir()
-        k = FakeKernel()
-        h, nl = make_handler(tmp_path, {"uio0": k})
-        await h.start()
-        cfg = add_device(tmp_path, "uio0", OURS, k, nl_reply=1, configured=False)
-        await h._handle_events([added(OURS, 0, 5)])
-        (cfg / "enable").write_text("1\n")
-        reconf = abi.TCMU_CMD_RECONFIG_DEVICE
-        await h._handle_events([TcmuEvent(reconf, OURS, 0, 5, size=8 << 20),
-                                TcmuEvent(reconf, OURS, 0, 5, config="liverestore/other"),
-                                TcmuEvent(reconf, OURS, 0, 5)])
-        assert nl.answers[1:] == [(reconf, 5, -errno.EBUSY, [OURS]), (reconf, 5, -errno.EBUSY, [OURS]),
-                                  (reconf, 5, 0, [])]
-        assert OURS in h.devices                      # reopened by the rescan after the accepted one
-        import shutil
-        shutil.rmtree(cfg)
-        await h._handle_events([TcmuEvent(abi.TCMU_CMD_REMOVED_DEVICE, OURS, 0, 5)])
-        assert nl.answers[-1] == (abi.TCMU_CMD_REMOVED_DEVICE, 5, 0, [])
-        await h.stop()
-        k.close()
+        async with started(tmp_path) as (h, nl, ks):
+            cfg = add_device(tmp_path, "uio0", OURS, ks["uio0"], nl_reply=1, configured=False)
+            await h._handle_events([added(OURS, 0, 5)])
+            (cfg / "enable").write_text("1\n")
+            reconf = abi.TCMU_CMD_RECONFIG_DEVICE
+            await h._handle_events([TcmuEvent(reconf, OURS, 0, 5, size=8 << 20),
+                                    TcmuEvent(reconf, OURS, 0, 5, config="liverestore/other"),
+                                    TcmuEvent(reconf, OURS, 0, 5)])
+            assert nl.answers[1:] == [(reconf, 5, -errno.EBUSY, [OURS]), (reconf, 5, -errno.EBUSY, [OURS]),
+                                      (reconf, 5, 0, [])]
+            assert OURS in h.devices                      # reopened by the rescan after the accepted one
+            shutil.rmtree(cfg)
+            await h._handle_events([TcmuEvent(abi.TCMU_CMD_REMOVED_DEVICE, OURS, 0, 5)])
+            assert nl.answers[-1] == (abi.TCMU_CMD_REMOVED_DEVICE, 5, 0, [])
     run(main())
 
 
 def test_an_answer_comes_within_the_reply_timeout_whatever_happens(tmp_path):
     async def main():
-        (tmp_path / "sys").mkdir()
-        k = FakeKernel()
         never = asyncio.Event()
 
         async def open_device(config, size, block_size):
             await never.wait()
 
-        h, nl = make_handler(tmp_path, {"uio0": k}, open_device=open_device, reply_timeout=0.2)
-        await h.start()
-        add_device(tmp_path, "uio0", OURS, k, nl_reply=1, configured=False)
-        await asyncio.wait_for(h._handle_events([added(OURS, 0, 9)]), 2)
-        assert nl.answers == [(abi.TCMU_CMD_ADDED_DEVICE, 9, -errno.ETIMEDOUT, [])]
-        await h.stop()
-        k.close()
+        async with started(tmp_path, open_device=open_device, reply_timeout=0.2) as (h, nl, ks):
+            add_device(tmp_path, "uio0", OURS, ks["uio0"], nl_reply=1, configured=False)
+            await asyncio.wait_for(h._handle_events([added(OURS, 0, 9)]), 2)
+            assert nl.answers == [(abi.TCMU_CMD_ADDED_DEVICE, 9, -errno.ETIMEDOUT, [])]
     run(main())
 
 
