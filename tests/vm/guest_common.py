@@ -36,8 +36,8 @@ def sh(cmd: str, check: bool = True, timeout: float = 120) -> subprocess.Complet
     try:
         out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        child.kill()
-        raise subprocess.TimeoutExpired(cmd, timeout) from None
+        child.kill()                # and no wait: it may never end
+        raise
     p = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     if check and p.returncode != 0:
         raise RuntimeError(f"{cmd!r} failed ({p.returncode}): {p.stdout[-2000:]} {p.stderr[-2000:]}")
