@@ -244,7 +244,8 @@ class LioFrontend:
         await self.handler.start()
         await self._apply()
         # After a boot whose `targetctl restore` ran with tcmu-runner up, our
-        # LUNs are back now but other ACLs' saved mappings onto them are not.
+        # LUNs are back now but other ACLs' saved mappings onto them, and
+        # admins' own targets' LUNs on our backstores, are not.
         report = await asyncio.get_running_loop().run_in_executor(
             None, lambda: self.lio.readopt_saved(self._applied))
         for c in report.changes:

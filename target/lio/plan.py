@@ -355,40 +355,52 @@ def _foreign_luns_on(desc: Description, state: LioState, refs: set[str]) -> list
 
 
 def skipped_mappings(desc: Description, state: LioState, saved: dict) -> list[Change]:
-    """The mapped LUNs of a saved LIO configuration (targetcli saveconfig's
-    JSON) that ``targetctl restore`` had to skip, in our targets.
+    """The LUNs and mapped LUNs of a saved LIO configuration (targetcli
+    saveconfig's JSON) that ``targetctl restore`` had to skip because they
+    sit on our backstores.
 
     With tcmu-runner up, restore cannot recreate our backstores (the kernel
     waits for tcmu-runner's reply to the new device, and it refuses a
     subtype it does not serve), so it skips their LUNs and every mapped LUN
-    on them, also those of ACLs an admin added. The daemon's start recreates
-    its backstores and LUNs; this puts back the saved mappings of the other
-    ACLs of our targets onto those LUNs (the ACLs themselves were restored:
-    they do not depend on a backstore). Only mappings whose ACL is live and
-    whose TPG LUN is live on the same backstore as saved are returned."""
+    on them, also those an admin made. The daemon's start recreates its
+    backstores and its targets' LUNs; this puts back the rest from the saved
+    file: in our targets, the mappings of the other ACLs onto those LUNs; in
+    an admin's own iSCSI target, the saved LUNs on our backstores (the
+    admin's intent; in our targets the daemon's LUNs are the wanted ones)
+    and its ACLs' mappings onto them. Targets, TPGs and ACLs were restored
+    (they do not depend on a backstore). Only what has a live TPG and ACL,
+    a free index, and a TPG LUN live (or put back) on the same backstore as
+    saved is returned."""
     ours = {t.iqn: {tpg.tag: tpg for tpg in t.tpgs} for t in desc.targets}
+    our_refs = {f"user:{v.backstore}" for v in desc.volumes}
     out: list[Change] = []
     for t in _dicts(saved.get("targets") if isinstance(saved, dict) else None):
         iqn = t.get("wwn")
-        if t.get("fabric") != "iscsi" or not isinstance(iqn, str) or iqn not in ours:
+        if t.get("fabric") != "iscsi" or not isinstance(iqn, str):
             continue
         for stpg in _dicts(t.get("tpgs")):
             tag = stpg.get("tag")
             if not isinstance(tag, int):
                 continue
             live = state.targets.get(iqn, {}).get(tag)
-            if live is None or tag not in ours[iqn]:
+            if live is None or (iqn in ours and tag not in ours[iqn]):
                 continue
-            managed = {a.initiator for a in ours[iqn][tag].acls}
+            managed = {a.initiator for a in ours[iqn][tag].acls} if iqn in ours else set()
             saved_luns = {x.get("index"): _saved_ref(x.get("storage_object")) for x in _dicts(stpg.get("luns"))}
+            luns = dict(live.luns)
+            if iqn not in ours:
+                for idx, ref in saved_luns.items():
+                    if isinstance(idx, int) and ref in our_refs and idx not in luns and ref in state.backstores:
+                        out.append(Change("create_lun", f"{iqn}/tpg{tag}/lun{idx}", (iqn, tag, idx, ref)))
+                        luns[idx] = ref
             for acl in _dicts(stpg.get("node_acls")):
                 ini = acl.get("node_wwn")
                 if not isinstance(ini, str) or ini in managed or ini not in live.acls:
                     continue
                 for m in _dicts(acl.get("mapped_luns")):
                     idx, tl = m.get("index"), m.get("tpg_lun")
-                    if not isinstance(idx, int) or not isinstance(tl, int) or idx in live.acls[ini].mapped or live.luns.get(tl) != saved_luns.get(tl) \
-                            or live.luns.get(tl) is None:
+                    if not isinstance(idx, int) or not isinstance(tl, int) or idx in live.acls[ini].mapped \
+                            or luns.get(tl) is None or luns.get(tl) != saved_luns.get(tl):
                         continue
                     out.append(Change("create_mapped_lun", f"{iqn}/tpg{tag}/acls/{ini}/lun{idx}->lun{tl}",
                                       (iqn, tag, ini, idx, tl)))

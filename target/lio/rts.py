@@ -123,9 +123,10 @@ class LioConfigurator:
         return Report(p.changes, p.drift)
 
     def readopt_saved(self, desc: Description) -> Report:
-        """Put back the saved mappings ``targetctl restore`` skipped in our
-        targets (see plan.skipped_mappings); the saved file is the one the
-        host's targetctl restores from: ``<dbroot>/saveconfig.json``."""
+        """Put back the saved LUNs and mappings on our backstores that
+        ``targetctl restore`` skipped (see plan.skipped_mappings); the saved
+        file is the one the host's targetctl restores from:
+        ``<dbroot>/saveconfig.json``."""
         if self.dbroot is None:
             return Report()
         path = os.path.join(self.dbroot.path, "saveconfig.json")

@@ -17,7 +17,20 @@ or the handler stops.
 Discovery: a scan of /sys/class/uio at start, TCM-USER generic netlink
 events (added / removed / reconfigured) while running, and a slow periodic
 rescan as a safety net (events can be lost when the socket buffer
-overflows, or netlink may be unavailable).
+overflows, or netlink may be unavailable). A device the kernel has not
+finished configuring (configfs ``enable`` 0) is left to its ADDED event.
+
+Answering the kernel: once a daemon (tcmu-runner) announced netlink
+replies in this boot, a backstore created without ``nl_reply_supported=-1``
+(targetcli, ``targetctl restore``) makes the kernel wait for a ``*_DONE``
+answer to its ADDED / REMOVED / RECONFIG event, and the configfs write that
+caused it blocks until then. We answer for our subtype only, within
+``reply_timeout``, with the outcome: 0 when served (or dropped), ENOENT when
+no volume has that name, EINVAL for a size mismatch, EBUSY for a change of a
+served device's volume or size. tcmu-runner answers every device it cannot
+open ENOENT and the kernel takes the first answer, so while it runs such a
+backstore of ours is refused: create it with ``control=nl_reply_supported=-1``
+(README, "Running on LIO").
 
 Restart recovery: when we open a device we write ``1`` to its configfs
 ``action/reset_ring``. The kernel then completes every command still on the
@@ -31,6 +44,7 @@ may have completed some of them already.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import inspect
 import logging
@@ -45,7 +59,7 @@ from target.scsi.lunset import LunSet
 
 from . import abi
 from .device import TcmuDevice
-from .netlink import TcmuNetlink
+from .netlink import TcmuEvent, TcmuNetlink
 
 log = logging.getLogger(__name__)
 # a refused device is retried at every rescan: one line per device per burst
@@ -85,24 +99,27 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+def read_uio(sys_class_uio: str, uio: str, subtype: str | None = None) -> UioInfo | None:
+    """One tcm-user uio device (of ``subtype``, if given); None when it is
+    not one, vanished or is not ready yet."""
+    d = os.path.join(sys_class_uio, uio)
+    try:
+        name = _read(os.path.join(d, "name"))
+        parsed = parse_uio_name(name)
+        if parsed is None or (subtype is not None and parsed[2] != subtype):
+            return None
+        size = int(_read(os.path.join(d, "maps", "map0", "size")), 0)
+    except (OSError, ValueError):
+        return None
+    return UioInfo(uio, name, *parsed, map_size=size)
+
+
 def scan_uio(sys_class_uio: str = SYS_CLASS_UIO, subtype: str | None = None) -> list[UioInfo]:
-    out = []
     try:
         entries = sorted(os.listdir(sys_class_uio))
     except FileNotFoundError:
-        return out
-    for uio in entries:
-        d = os.path.join(sys_class_uio, uio)
-        try:
-            name = _read(os.path.join(d, "name"))
-            parsed = parse_uio_name(name)
-            if parsed is None or (subtype is not None and parsed[2] != subtype):
-                continue
-            size = int(_read(os.path.join(d, "maps", "map0", "size")), 0)
-        except (OSError, ValueError):
-            continue       # vanished or not ready yet
-        out.append(UioInfo(uio, name, *parsed, map_size=size))
-    return out
+        return []
+    return [u for u in (read_uio(sys_class_uio, e, subtype) for e in entries) if u is not None]
 
 
 class TcmuHandler:
@@ -112,10 +129,11 @@ class TcmuHandler:
                  configfs_core: str = CONFIGFS_CORE, use_netlink: bool = True,
                  rescan_interval: float = 10.0, reset_ring: bool = True,
                  device_factory: Callable[..., TcmuDevice] = TcmuDevice,
-                 drain_timeout: float = 10.0) -> None:
+                 drain_timeout: float = 10.0, reply_timeout: float = 10.0) -> None:
         self.open_device = open_device
         self.device_factory = device_factory
         self.drain_timeout = drain_timeout
+        self.reply_timeout = reply_timeout
         self.close_device = close_device
         self.subtype = subtype
         self.sys_class_uio = sys_class_uio
@@ -127,6 +145,8 @@ class TcmuHandler:
         self.devices: dict[str, TcmuDevice] = {}      # by uio name
         self._objs: dict[str, tuple[str, Any]] = {}
         self._uio: dict[str, str] = {}                # uio name -> "uioN" served
+        self._sizes: dict[str, int] = {}              # uio name -> dev_size served
+        self._nl_reply: dict[str, int] = {}           # uio name -> its nl_reply_supported
         self._nl = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rescan_task: asyncio.Task | None = None
@@ -186,14 +206,19 @@ class TcmuHandler:
         ``skip``: names announced as removed whose sysfs entry may linger."""
         async with self._lock:
             found = {u.name: u for u in scan_uio(self.sys_class_uio, self.subtype) if u.name not in skip}
+            for name in list(self._nl_reply):
+                if name not in found:
+                    del self._nl_reply[name]
             added, removed = [], []
             for name in list(self.devices):
                 if name not in found or found[name].uio != self._uio.get(name) or self.devices[name].gone:
                     await self._remove(name)
                     removed.append(name)
             for name, info in found.items():
-                if name not in self.devices:
-                    if await self._add(info):
+                # one the kernel has not finished configuring waits for a
+                # daemon's answer to its ADDED event: not ours to open yet
+                if name not in self.devices and self._configured(info):
+                    if await self._add(info) == 0:
                         added.append(name)
             return {"added": added, "removed": removed}
 
@@ -206,25 +231,125 @@ class TcmuHandler:
             self._event_tasks.add(t)
             t.add_done_callback(self._event_tasks.discard)
 
-    async def _handle_events(self, events) -> None:
-        """REMOVED is sent before the kernel unregisters the uio device, so
-        the device named in it is dropped directly (a rescan could still see
-        it); RECONFIG (size, config or write-cache change) reopens the device
-        so the daemon sees the new values; everything ends in a rescan."""
+    async def _handle_events(self, events: list[TcmuEvent]) -> None:
+        """Events of other handlers' devices are theirs to answer; ours are
+        answered when the kernel waits for it (see _answer), else: REMOVED
+        is sent before the kernel unregisters the uio device, so the device
+        named in it is dropped directly (a rescan could still see it);
+        RECONFIG (size, config or write-cache change) reopens the device so
+        the daemon sees the new values; everything ends in a rescan."""
         try:
-            async with self._lock:
-                for ev in events:
-                    if ev.cmd in (abi.TCMU_CMD_REMOVED_DEVICE, abi.TCMU_CMD_RECONFIG_DEVICE) \
-                            and ev.device in self.devices and not self._stopping:
-                        await self._remove(ev.device)
+            for ev in events:
+                parsed = parse_uio_name(ev.device)
+                if parsed is None or parsed[2] != self.subtype:
+                    continue
+                if self._expects_reply(ev):
+                    await self._answer(ev)
+                elif ev.cmd in (abi.TCMU_CMD_REMOVED_DEVICE, abi.TCMU_CMD_RECONFIG_DEVICE):
+                    async with self._lock:
+                        if ev.device in self.devices and not self._stopping:
+                            await self._remove(ev.device)
             if not self._stopping:
                 await self.rescan(skip=[ev.device for ev in events if ev.cmd == abi.TCMU_CMD_REMOVED_DEVICE])
         except Exception:
             log.exception("handling netlink events failed")
 
+    # -- answering the kernel ------------------------------------------------------
+    def _expects_reply(self, ev: TcmuEvent) -> bool:
+        """Whether the kernel waits for our ``*_DONE`` for this event: the
+        device's nl_reply_supported > 0 (the module-wide flag tcmu-runner
+        set, unless the creator wrote -1). REMOVED comes after configfs
+        dropped the device, so its value is the one read at add / scan
+        time; unknown there, we answer (an answer nobody waits for only
+        costs an ENODEV back on our socket)."""
+        if ev.device_id is None:            # a v1 kernel: it never waits
+            return False
+        if ev.cmd == abi.TCMU_CMD_REMOVED_DEVICE:
+            return self._nl_reply.pop(ev.device, 1) > 0
+        parsed = parse_uio_name(ev.device)
+        try:
+            value = int(_read(os.path.join(self.configfs_core, f"user_{parsed[0]}", parsed[1],
+                                           "attrib", "nl_reply_supported")))
+        except (OSError, ValueError):
+            value = 0                       # a kernel without replies has no such attribute
+        self._nl_reply[ev.device] = value
+        return value > 0
+
+    async def _answer(self, ev: TcmuEvent) -> None:
+        """Settle the event and tell the kernel how it went, within
+        ``reply_timeout``, whatever happens: the configfs write that caused
+        it (targetcli's create or delete, targetctl) blocks until then."""
+        status = -errno.EIO
+        try:
+            status = await asyncio.wait_for(self._settle(ev), self.reply_timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s: not settled within %.0f s; answering the kernel ETIMEDOUT",
+                        ev.device, self.reply_timeout)
+            status = -errno.ETIMEDOUT
+        except asyncio.CancelledError:
+            status = -errno.ESHUTDOWN
+            raise
+        except Exception:
+            log.exception("%s: settling netlink cmd %d failed", ev.device, ev.cmd)
+        finally:
+            try:
+                self._nl.reply(ev, status)
+                log.info("netlink: answered cmd %d for %s: %s", ev.cmd, ev.device,
+                         os.strerror(-status) if status else "ok")
+            except OSError as e:
+                log.error("%s: cannot answer the kernel (cmd %d): %s", ev.device, ev.cmd, e)
+
+    async def _settle(self, ev: TcmuEvent) -> int:
+        """0 or the negative errno the kernel's configfs write returns.
+        ADDED: served before we answer, as tcmu-runner does, without a ring
+        reset (the device is new, and the kernel refuses a reset before our
+        answer completes its configuration). RECONFIG: a served device's
+        volume and size are the daemon's; a change of either is refused
+        (accepting it would stop the LU being served). Other changes and
+        devices we do not serve are accepted."""
+        async with self._lock:
+            if ev.cmd == abi.TCMU_CMD_ADDED_DEVICE:
+                if self._stopping:
+                    return -errno.ESHUTDOWN
+                if ev.device in self.devices:
+                    return 0
+                info = read_uio(self.sys_class_uio, f"uio{ev.minor}", self.subtype)
+                if info is None or info.name != ev.device:
+                    log.warning("%s: no uio%d of that name", ev.device, ev.minor)
+                    return -errno.ENODEV
+                return await self._add(info, reset=False)
+            if ev.cmd == abi.TCMU_CMD_REMOVED_DEVICE:
+                if ev.device in self.devices:
+                    await self._remove(ev.device)
+                return 0
+            if ev.device in self.devices:
+                served_config = self._objs[ev.device][0]
+                size = self._sizes.get(ev.device)
+                if (ev.config is not None and ev.config != f"{self.subtype}/{served_config}") \
+                        or (ev.size is not None and ev.size != size):
+                    log.warning("%s: refused a change to config %r size %s of a served device "
+                                "(its volume and size are liverestore's)", ev.device, ev.config, ev.size)
+                    return -errno.EBUSY
+                await self._remove(ev.device)       # reopened by the rescan that follows
+            return 0
+
     # -- one device ------------------------------------------------------------------
     def _attrib(self, info: UioInfo, attr: str) -> str:
         return _read(os.path.join(self.configfs_core, f"user_{info.hba}", info.dev, "attrib", attr))
+
+    def _configured(self, info: UioInfo) -> bool:
+        """configfs ``enable`` is 1 once the kernel configured the device;
+        a kernel without that file says nothing: assume it is. Also notes
+        the device's nl_reply_supported for the REMOVED event to come."""
+        if info.name not in self._nl_reply:
+            try:
+                self._nl_reply[info.name] = int(self._attrib(info, "nl_reply_supported"))
+            except (OSError, ValueError):
+                pass
+        try:
+            return _read(os.path.join(self.configfs_core, f"user_{info.hba}", info.dev, "enable")) != "0"
+        except OSError:
+            return True
 
     def _reset_ring_fn(self, info: UioInfo):
         path = os.path.join(self.configfs_core, f"user_{info.hba}", info.dev, "action", "reset_ring")
@@ -235,13 +360,16 @@ class TcmuHandler:
             log.info("%s: ring reset (pending commands answered BUSY for retry)", info.key)
         return reset
 
-    async def _add(self, info: UioInfo) -> bool:
+    async def _add(self, info: UioInfo, reset: bool = True) -> int:
+        """Serve one device: 0, or the negative errno saying why not (the
+        kernel's answer to an ADDED event). ``reset``: reset the ring first
+        (restart recovery; a new device has nothing on it)."""
         try:
             size = int(self._attrib(info, "dev_size"))
             block_size = int(self._attrib(info, "hw_block_size"))
         except (OSError, ValueError) as e:
             log.warning("%s: cannot read size/block size: %s", info.name, e)
-            return False
+            return -errno.EIO
         try:
             obj = self.open_device(info.config, size, block_size)
             if inspect.isawaitable(obj):
@@ -250,26 +378,27 @@ class TcmuHandler:
             # open_device's refusal (a backstore naming no volume of ours, a
             # size that does not match): the admin's to fix, not a bug
             ratelog.warning(f"refused {info.name}", "%s: not served: %s", info.name, e)
-            return False
+            return -errno.ENOENT if isinstance(e, LookupError) else -errno.EINVAL
         except Exception:
             log.exception("%s: open_device(%r) failed", info.name, info.config)
-            return False
+            return -errno.EIO
         target = as_scsi_target(obj, block_size, info)
         dev = self.device_factory(info.key, target, uio_dev=os.path.join(self.dev_dir, info.uio),
                          map_size=info.map_size,
-                         reset_ring=self._reset_ring_fn(info) if self.reset_ring else None)
+                         reset_ring=self._reset_ring_fn(info) if self.reset_ring and reset else None)
         try:
             dev.open()
         except Exception:
             log.exception("%s: cannot open %s", info.name, dev.uio_dev)
             await dev.close()
             await self._call_close(info.config, obj)
-            return False
+            return -errno.EIO
         self.devices[info.name] = dev
         self._objs[info.name] = (info.config, obj)
         self._uio[info.name] = info.uio
+        self._sizes[info.name] = size
         log.info("serving %s (%s, %d bytes, block %d)", info.name, info.uio, size, block_size)
-        return True
+        return 0
 
     async def _remove(self, name: str, drain: float = 0.0) -> None:
         dev = self.devices.pop(name)
@@ -277,6 +406,7 @@ class TcmuHandler:
         log.info("%s: %s", name, " ".join(f"{k}={v}" for k, v in sorted(dev.stats.items())))
         cfg, obj = self._objs.pop(name)
         self._uio.pop(name, None)
+        self._sizes.pop(name, None)
         await self._call_close(cfg, obj)
         log.info("stopped serving %s", name)
 

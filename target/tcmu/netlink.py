@@ -1,12 +1,15 @@
 """TCM-USER generic netlink events (device added / removed / reconfigured).
 
 The kernel multicasts one message per event on the family's "config" group.
-It waits for a reply (``*_DONE`` with ``TCMU_ATTR_CMD_STATUS``) only when the
-daemon has announced ``TCMU_ATTR_SUPP_KERN_CMD_REPLY`` with SET_FEATURES and
-the device's ``nl_reply_supported`` is > 0. We never announce it, and our
-backstores are created with ``nl_reply_supported=-1``, so the kernel waits
-for nothing; ``reply()`` exists for devices created by others with replies
-enabled.
+It waits for a reply (``*_DONE`` with ``TCMU_ATTR_CMD_STATUS`` and
+``TCMU_ATTR_DEVICE_ID``; the first one for the device wins) when some daemon
+has announced ``TCMU_ATTR_SUPP_KERN_CMD_REPLY`` with SET_FEATURES since the
+module was loaded (tcmu-runner does at every start; the flag stays after it
+exits) and the device's ``nl_reply_supported`` is > 0 (it takes that flag at
+configure time unless created with ``nl_reply_supported=-1``). We never
+announce it, and our own backstores are created with -1; ``reply()``
+answers devices of our subtype created by others (targetcli, targetctl
+restore) with replies enabled.
 """
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ class TcmuEvent:
     device: str         # uio name "tcm-user/<hba>/<dev>/<subtype>/<cfg>"
     minor: int          # uio minor (uio<minor>)
     device_id: int | None = None
-    config: str | None = None
+    config: str | None = None       # RECONFIG: the new dev_config
+    size: int | None = None         # RECONFIG: the new dev_size
 
 
 def decode_event(cmd: int, attrs: bytes) -> TcmuEvent | None:
@@ -90,8 +94,12 @@ def decode_event(cmd: int, attrs: bytes) -> TcmuEvent | None:
     dev = a.get(abi.TCMU_ATTR_DEVICE, b"").split(b"\0", 1)[0].decode(errors="replace")
     minor = struct.unpack("=I", a[abi.TCMU_ATTR_MINOR][:4])[0] if abi.TCMU_ATTR_MINOR in a else -1
     dev_id = struct.unpack("=I", a[abi.TCMU_ATTR_DEVICE_ID][:4])[0] if abi.TCMU_ATTR_DEVICE_ID in a else None
-    cfg = a[abi.TCMU_ATTR_DEV_CFG].split(b"\0", 1)[0].decode() if abi.TCMU_ATTR_DEV_CFG in a else None
-    return TcmuEvent(cmd, dev, minor, dev_id, cfg)
+    # a dev_config written with echo ends in a newline: the kernel keeps it
+    cfg = a[abi.TCMU_ATTR_DEV_CFG].split(b"\0", 1)[0].decode(errors="replace").rstrip("\n") \
+        if abi.TCMU_ATTR_DEV_CFG in a else None
+    size = struct.unpack("=Q", a[abi.TCMU_ATTR_DEV_SIZE][:8])[0] \
+        if len(a.get(abi.TCMU_ATTR_DEV_SIZE, b"")) >= 8 else None
+    return TcmuEvent(cmd, dev, minor, dev_id, cfg, size)
 
 
 class TcmuNetlink:
@@ -155,7 +163,10 @@ class TcmuNetlink:
         return out
 
     def reply(self, ev: TcmuEvent, status: int = 0) -> None:
-        """Send the ``*_DONE`` reply a kernel expecting one waits for."""
+        """Send the ``*_DONE`` reply a kernel expecting one waits for:
+        ``status`` 0 or a negative errno, which the kernel hands back to the
+        configfs write that caused the event (targetcli's create fails with
+        it). Raises OSError when the datagram cannot be sent."""
         done = {abi.TCMU_CMD_ADDED_DEVICE: abi.TCMU_CMD_ADDED_DEVICE_DONE,
                 abi.TCMU_CMD_REMOVED_DEVICE: abi.TCMU_CMD_REMOVED_DEVICE_DONE,
                 abi.TCMU_CMD_RECONFIG_DEVICE: abi.TCMU_CMD_RECONFIG_DEVICE_DONE}[ev.cmd]

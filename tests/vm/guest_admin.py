@@ -11,7 +11,9 @@ Steps (each a RESULT line):
                             no /etc/target appeared, targetcli runs without a dbroot warning
   targetcli_lists_ours      `targetcli ls` shows user:liverestore; `.../user:liverestore/NAME info` works
   targetcli_checkconfig     targetcli's create is refused for a config naming no volume, accepted for one;
-                            the daemon serves that backstore, lists it as drift, and does not delete it
+                            the daemon serves that backstore, lists it as drift, and does not delete it;
+                            run after tcmu-runner has announced netlink replies in this boot (the restore
+                            part), the kernel waited for the daemon's answer to it (nl_reply_supported 1)
   admin_acl_kept            an ACL added with targetcli survives `volume create` + `export create`,
                             and `liverestore status` reports it as drift
   registered_with_runner    tcmu-runner started: we hand it its bus name and register with it;
@@ -19,7 +21,8 @@ Steps (each a RESULT line):
   peers_survive_kill        tcmu-runner's user:qcow LU and ours each keep serving across a SIGKILL +
                             restart of the other daemon
   boot_restore_with_runner  saveconfig, clearconfig, tcmu-runner up, targetctl restore, daemon start:
-                            one backstore per volume, hosts read their data, the admin's ACL mapping back
+                            one backstore per volume, hosts read their data, the admin's ACL mapping back,
+                            and the LUN (+ its ACL's mapping) of an admin's own target on our backstore
   delete_only_ours          export delete + volume delete remove only our LIO objects
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ IQN_A = "iqn.2026-11.org.liverestore:admin-a"
 IQN_C = "iqn.2026-11.org.liverestore:admin-c"
 IQN_E = "iqn.2026-11.org.liverestore:admin-e"
 IQN_Q = "iqn.2026-11.org.liverestore:admin-qcow"
+IQN_OWN = "iqn.2026-11.org.example:admins-own"        # an admin's target, not the daemon's
 ADMIN_HOST = "iqn.1994-05.com.example:admin-host"
 CONFIGFS = "/sys/kernel/config/target"
 DEBIAN_DBROOT = "/etc/rtslib-fb-target"
@@ -150,15 +154,20 @@ def targetcli_view() -> None:
     served = wait_for("adm-b-alt served", lambda: any(
         "serving tcm-user/" in line and "/adm-b-alt/liverestore/adm-b " in line
         for line in open(os.path.join(RUN, "admin-daemon1.log"))), 20)
+    # without the daemon's netlink answer that create hangs (issue 15); so it is the case covered
+    waited = [open(f).read().strip() for f in glob.glob(f"{CONFIGFS}/core/user_*/adm-b-alt/attrib/nl_reply_supported")]
+    answered = any("answered cmd 1 for tcm-user/" in line and "/adm-b-alt/liverestore/adm-b: ok" in line
+                   for line in open(os.path.join(RUN, "admin-daemon1.log")))
     lr("volume", "create", "adm-d", "--size", str(32 * MiB))
     lr("export", "create", IQN_C + "-d", "--lun", "0=adm-d")       # a daemon change: must not delete it
     dr = drift()
     kept = "adm-b-alt" in user_backstores()
     result("targetcli_checkconfig", bad.returncode != 0 and "cfgstring invalid" in (bad.stdout + bad.stderr)
            and "bogus" not in user_backstores() and good.returncode == 0 and bool(served) and kept
-           and any("user:adm-b-alt" in x for x in dr),
+           and any("user:adm-b-alt" in x for x in dr) and waited == ["1"] and answered,
            f"bogus refused rc={bad.returncode} ({(bad.stdout + bad.stderr).strip()[-120:]}); adm-b-alt created "
-           f"rc={good.returncode}, served={bool(served)}, kept after export create={kept}; drift={dr}")
+           f"rc={good.returncode}, served={bool(served)}, kept after export create={kept}; drift={dr}; its "
+           f"nl_reply_supported={waited} (1: the kernel waited for an answer), the daemon answered it={answered}")
     targetcli("/backstores/user:liverestore delete adm-b-alt", check=False)   # the admin acts
     lr("export", "delete", IQN_C + "-d")
     lr("volume", "delete", "adm-d")
@@ -251,6 +260,10 @@ def peers(d: subprocess.Popen, runner: subprocess.Popen) -> tuple[subprocess.Pop
 def boot(d: subprocess.Popen, sums: dict) -> subprocess.Popen:
     for iqn in (IQN_A, IQN_Q):
         logout(iqn)
+    # an admin's own target exporting one of our backstores: restore skips its LUN with the backstore
+    targetcli(f"/iscsi create {IQN_OWN}")
+    targetcli(f"/iscsi/{IQN_OWN}/tpg1/luns create /backstores/user:liverestore/adm-a")
+    targetcli(f"/iscsi/{IQN_OWN}/tpg1/acls create {ADMIN_HOST}")
     targetcli("saveconfig")
     saved = os.path.exists(f"{DEBIAN_DBROOT}/saveconfig.json")
     stop(d)
@@ -263,16 +276,22 @@ def boot(d: subprocess.Popen, sums: dict) -> subprocess.Popen:
     os.unlink(SOCK) if os.path.exists(SOCK) else None
     d = start_daemon("admin-daemon3.log", SOCK, STATE, PORTAL, init=False)
     mapping = os.path.isdir(f"{CONFIGFS}/iscsi/{IQN_A}/tpgt_1/acls/{ADMIN_HOST}/lun_0")
+    own_tpg = f"{CONFIGFS}/iscsi/{IQN_OWN}/tpgt_1"
+    own_lun = [p for p in glob.glob(f"{own_tpg}/lun/lun_0/*") if os.path.islink(p)]   # -> its backstore
+    own = bool(own_lun) and os.path.basename(os.path.realpath(own_lun[0])) == "adm-a" \
+        and os.path.isdir(f"{own_tpg}/acls/{ADMIN_HOST}/lun_0")
     ours = sorted(n for n, c in user_backstores().items() if c.startswith("liverestore/"))
     for iqn in (IQN_A, IQN_Q):
         login(iqn, PORTAL)
     reads = {iqn: read_sha(iqn, 4 * MiB) == s for iqn, s in sums.items()}
     result("boot_restore_with_runner", saved and cleared and r.returncode == 0 and ours == ["adm-a", "adm-c"]
-           and all(reads.values()) and mapping,
+           and all(reads.values()) and mapping and own,
            f"saved={saved} cleared={cleared}; restore rc={r.returncode} skipped {len(skipped)} lines; our "
-           f"backstores after daemon start {ours}; hosts read their data {reads}; admin ACL mapping back={mapping}")
+           f"backstores after daemon start {ours}; hosts read their data {reads}; admin ACL mapping back={mapping}; "
+           f"the admin's own target's LUN on adm-a and its ACL mapping back={own}")
     for iqn in (IQN_A, IQN_Q):
         logout(iqn)
+    targetcli(f"/iscsi delete {IQN_OWN}")           # the admin acts
     return d
 
 

@@ -29,7 +29,16 @@ def result(name: str, ok: bool, detail: str = "") -> None:
 
 
 def sh(cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
+    """Not subprocess.run: after a timeout it waits for the killed child, and
+    a child stuck in the kernel (a configfs write waiting for a netlink
+    answer nobody gives) never ends; the step must fail, not hang the guest."""
+    child = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()                # and no wait: it may never end
+        raise
+    p = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     if check and p.returncode != 0:
         raise RuntimeError(f"{cmd!r} failed ({p.returncode}): {p.stdout[-2000:]} {p.stderr[-2000:]}")
     return p

@@ -338,3 +338,32 @@ def test_saved_mappings_restore_skipped_are_put_back_for_other_acls_only():
     assert skipped_mappings(d, s, saved) == []
     assert skipped_mappings(d, s, {"targets": "junk"}) == [] and skipped_mappings(d, s, []) == []
     assert skipped_mappings(d, s, {"targets": [{"fabric": "iscsi", "wwn": [IQN], "tpgs": [{"tag": [1]}]}]}) == []
+
+
+def test_an_admin_targets_saved_luns_on_our_backstores_are_put_back():
+    """An admin's own target mapping one of our backstores (made with
+    targetcli): restore with tcmu-runner up skipped its LUN with our
+    backstore; once the daemon recreated the backstore, the saved LUN and its
+    ACL's mapping come back. A LUN on someone else's backstore, a taken
+    index, or a backstore not back yet are left alone."""
+    other = "iqn.2026-11.org.admin:own"
+    d = desc()
+    s = converge(d, LioState())
+    s.targets[other] = {1: TpgState(1, acls={ADMIN: AclState(ADMIN)})}
+    saved = {"targets": [{"fabric": "iscsi", "wwn": other, "tpgs": [{
+        "tag": 1,
+        "luns": [{"index": 3, "storage_object": "/backstores/user/vol1"},
+                 {"index": 4, "storage_object": "/backstores/fileio/theirs"},
+                 {"index": 5, "storage_object": "/backstores/user/vol2"}],
+        "node_acls": [{"node_wwn": ADMIN, "mapped_luns": [{"index": 0, "tpg_lun": 3},
+                                                          {"index": 1, "tpg_lun": 4}]}]}]}]}
+    s.targets[other][1].luns[5] = "user:vol1"                          # index 5 taken since
+    changes = skipped_mappings(d, s, saved)
+    assert [str(c) for c in changes] == [f"create lun {other}/tpg1/lun3",
+                                         f"create mapped lun {other}/tpg1/acls/{ADMIN}/lun0->lun3"]
+    after = simulate(s, changes)
+    assert after.targets[other][1].luns[3] == "user:vol1"
+    assert after.targets[other][1].acls[ADMIN].mapped == {0: 3}
+    assert skipped_mappings(d, after, saved) == []                      # once only
+    del s.backstores["user:vol1"]                                       # not back (yet): nothing to map onto
+    assert skipped_mappings(d, s, saved) == []
