@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable, Callable
 
 from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
@@ -63,14 +64,14 @@ class Copier:
     @property
     def src(self) -> BlockStore:
         p = self.pair
-        assert p.job is not None and p.source_store and p.clone_store
-        return p.clone_store if p.job.kind is JobKind.RESTORE else p.source_store
+        assert p.job is not None and p.copy_from is not None
+        return p.copy_from
 
     @property
     def dst(self) -> BlockStore:
         p = self.pair
         assert p.job is not None and p.source_store and p.clone_store
-        return p.source_store if p.job.kind is JobKind.RESTORE else p.clone_store
+        return p.source_store if p.to_source else p.clone_store
 
     def _range(self, a: int, b: int) -> tuple[int, int]:
         es = self.pair.extent_size
@@ -80,14 +81,17 @@ class Copier:
     # -- the copy primitive (claims held by the caller) -------------------------------
     async def copy_run(self, a: int, b: int) -> int:
         off, length = self._range(a, b)
+        p = self.pair
         buf = self.buffers.take(length)
         try:
             view = memoryview(buf)[:length]
             await self.src.readinto(off, view)
+            if (self.before_overwrite is not None and p.job is not None
+                    and p.job.kind is JobKind.RESTORE):
+                await self.before_overwrite(a, b)     # keep-undo: save the old data first
             await self.dst.write(off, view)
         finally:
             self.buffers.give(buf)
-        p = self.pair
         job = p.job
         settle = p.maps.mark_copied(a, b, lambda: p.job is job)   # not a job stopped since
         # Both sides must be durable before "copied" is: the source of the
@@ -159,6 +163,16 @@ class Copier:
             self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"copier:{self.pair.id}")
 
+    async def drain(self) -> None:
+        """Stop once the copies in flight have landed: unlike ``stop``, no
+        write is cut off in a worker thread to land after this returns."""
+        self._stopping = True
+        self.resume_event.set()
+        self.wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
     async def stop(self) -> None:
         self._stopping = True
         self.resume_event.set()
@@ -178,6 +192,9 @@ class Copier:
 
     on_finished = None   # set by the engine: async callable(pair)
     on_error = None      # set by the engine: async callable(pair, message)
+    # set by the engine for a keep-undo restore: async callable(a, b) that
+    # returns once extents [a, b) of the source are saved (restore_core.undo)
+    before_overwrite: Callable[[int, int], Awaitable[None]] | None = None
 
     async def _run(self) -> None:
         p = self.pair

@@ -283,26 +283,79 @@ class Groups:
                 eng._emit("fractured", p.id)
             return g
 
-    async def restore(self, name: str, *, protected: bool = True, paused: bool = False) -> Group:
+    async def restore(self, name: str, *, protected: bool = True, paused: bool = False,
+                      keep_undo: bool = False) -> Group:
+        """Every member starts restoring at one instant; with ``keep_undo``
+        each gets an undo image the engine makes (see Engine.restore)."""
         eng = self.engine
         async with self._lock, eng._lock:
             g, pairs = self._pairs(name)
             sources: dict[str, str] = {}
             for p in pairs:
-                eng._check_restorable(p)
+                eng._check_restorable(p, protected, keep_undo)
                 if p.source in sources:
                     raise EngineError(f"pairs {sources[p.source]} and {p.id} of group {name} "
                                       f"restore the same volume {p.source}; remove one")
                 sources[p.source] = p.id
-            async with AsyncExitStack() as stack:
-                await self._gates_closed(stack, pairs)
-                for p in pairs:         # no await: one batch, one transaction
-                    eng._set_restoring(p, protected, paused)
-                await eng.committer.commit()
-                for p in pairs:
-                    eng._restore_started(p)
+            images: list[Pair] = []
+            try:
+                for p in pairs if keep_undo else ():
+                    await eng._attach_undo(p, None)
+                    images.append(p)
+                async with AsyncExitStack() as stack:
+                    await self._gates_closed(stack, pairs)
+                    for p in pairs:         # no await: one batch, one transaction
+                        eng._set_restoring(p, protected, paused)
+                    await eng.committer.commit()
+                    for p in pairs:
+                        eng._restore_started(p)
+            except BaseException:
+                for p in images:
+                    if p.state is not PairState.RESTORING:
+                        await eng._discard_image(p.id, eng._release_undo(p))
+                raise
             for p in pairs:
                 eng._emit("restore-started", p.id)
+            return g
+
+    async def abort(self, name: str) -> Group:
+        """Every member's keep-undo restore is undone from one instant on
+        (see Engine.abort); members already aborting are left as they are."""
+        eng = self.engine
+        async with self._lock, eng._lock:
+            g, pairs = self._pairs(name)
+            todo = [p for p in pairs if eng._check_abortable(p)]
+            if todo:
+                async with AsyncExitStack() as stack:
+                    await self._gates_closed(stack, todo)
+                    for p in todo:
+                        await eng._quiesce(p)
+                    for p in todo:      # no await: one batch, one transaction
+                        eng._set_aborting(p)
+                    await eng.committer.commit()
+                    for p in todo:
+                        eng._restore_started(p)
+            for p in todo:
+                eng._emit("abort-started", p.id)
+            return g
+
+    async def commit_undo(self, name: str) -> Group:
+        """Every member keeps its restore: the undo images are discarded."""
+        eng = self.engine
+        async with self._lock, eng._lock:
+            g, pairs = self._pairs(name)
+            for p in pairs:
+                eng._check_committable(p)
+            images = {}
+            async with AsyncExitStack() as stack:
+                await self._gates_closed(stack, pairs)
+                for p in pairs:
+                    images[p.id] = eng._drop_undo(p)
+                    eng.committer.put_pair(p.id, p.to_record())
+                await eng.committer.commit()
+            for p in pairs:
+                await eng._discard_image(p.id, images[p.id])
+                eng._emit("committed", p.id)
             return g
 
     # -- every member in turn ----------------------------------------------------------
@@ -310,9 +363,9 @@ class Groups:
         async with self._lock:
             g, pairs = self._pairs(name)
             for p in pairs:
-                if p.state is PairState.RESTORING:
-                    raise EngineError(f"pair {p.id} of group {name} is restoring; wait for the "
-                                      "restore to end")
+                if p.to_source:
+                    raise EngineError(f"pair {p.id} of group {name} is {p.state.value}; wait "
+                                      "for it to end")
             with _acting_as(name):
                 for p in pairs:
                     if p.state is not PairState.SYNCING:
