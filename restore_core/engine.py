@@ -43,6 +43,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 NAME_HELP = "1-64 of letters, digits, _ . : - starting with a letter or digit"
 
 
+# An undo image to discard: its record and its store (if open), or None.
+Discard = tuple[dict[str, Any] | None, BlockStore | None] | None
+
+
 def valid_volume_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 # How often every image is checked for having been deleted or replaced under
@@ -211,6 +215,7 @@ class Engine:
                     self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
         self._refresh_holds()
+        await self._sweep_undo_images()
         for pair in self.pairs.values():
             await self._recover(pair)
         self._lazy = asyncio.get_running_loop().create_task(self._lazy_commits(), name="lazy-commits")
@@ -267,6 +272,21 @@ class Engine:
             pair.undo_store = None
             pair.hold = f"its undo image {rec} cannot be used: {e}"
             log.error("pair %s: %s", pair.id, pair.hold)
+
+    async def _sweep_undo_images(self) -> None:
+        """Remove undo images no pair refers to any more."""
+        if self.undo_images is None:
+            return
+        keep = [p.undo["image"] for p in self.pairs.values()
+                if p.undo is not None and "image" in p.undo]
+        try:
+            gone = await asyncio.get_running_loop().run_in_executor(
+                None, self.undo_images.sweep, keep)
+        except (BlockStoreError, OSError) as e:
+            log.warning("undo images no pair uses could not be removed: %s", e)
+            return
+        for name in gone:
+            log.info("removed undo image %s, which no pair uses any more", name)
 
     def _widen_damaged(self, snap: Snapshot) -> bool:
         """Give every chunk that failed its checksum its safe-side content
@@ -612,10 +632,11 @@ class Engine:
             raise EngineError(f"cannot create the undo image of pair {pair.id}: {e}") from None
         pair.undo, pair.undo_store = {"image": rec}, store
 
-    def _release_undo(self, pair: Pair) -> dict[str, Any] | None:
-        """Forget the pair's undo image (in memory); returns the record of
-        an image to discard once that is durable."""
-        rec, pair.undo, pair.undo_store = pair.undo, None, None
+    def _release_undo(self, pair: Pair) -> Discard:
+        """Forget the pair's undo image (in memory); returns the image (its
+        record and open store) to discard once that is durable."""
+        rec, store = pair.undo, pair.undo_store
+        pair.undo, pair.undo_store = None, None
         if rec is None:
             return None
         if "volume" in rec:
@@ -624,22 +645,24 @@ class Engine:
                 vol.undo_of = None
                 vol.generation += 1
             return None
-        return rec.get("image")
+        return rec.get("image"), store
 
-    def _drop_undo(self, pair: Pair) -> dict[str, Any] | None:
+    def _drop_undo(self, pair: Pair) -> Discard:
         pair.maps.drop_undo()
         return self._release_undo(pair)
 
-    async def _discard_image(self, pair_id: str, image: dict[str, Any] | None) -> None:
+    async def _discard_image(self, pair_id: str, image: Discard) -> None:
         """After the change that forgets it is durable: a crash before this
-        leaves an unused image behind, never a pair pointing at none."""
-        if image is None or self.undo_images is None:
+        leaves an unused image behind (removed at the next start), never a
+        pair pointing at none."""
+        if image is None or image[0] is None or self.undo_images is None:
             return
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.undo_images.discard,
-                                                             image)
+                                                             *image)
         except (BlockStoreError, OSError) as e:
-            log.warning("pair %s: its undo image %s could not be removed: %s", pair_id, image, e)
+            log.warning("pair %s: its undo image %s could not be removed: %s", pair_id,
+                        image[0], e)
 
     def _set_restoring(self, pair: Pair, protected: bool, paused: bool) -> None:
         """The in-memory half of a restore start (no await: see

@@ -338,7 +338,10 @@ class RestoreMaps:
         self.landed.clear_all()
 
     def finish_job(self, protected_restore: bool, keep_delta: bool = False) -> None:
-        if keep_delta:              # an abort: its delta was set when it began
+        if keep_delta:
+            # An abort: its delta was set when it began, plus what hosts
+            # wrote during it.
+            self.delta.update_from(self.marks)
             self.marks.clear_all()
         elif protected_restore:
             # The protected restore map is exactly the new delta map.

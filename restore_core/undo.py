@@ -38,8 +38,15 @@ class UndoImages(ABC):
         """Reopen an image ``create`` made (after a restart)."""
 
     @abstractmethod
-    def discard(self, record: dict[str, Any]) -> None:
-        """Remove the image for good (its pair no longer needs it)."""
+    def discard(self, record: dict[str, Any], store: BlockStore | None) -> None:
+        """Close ``store`` (the image open, if it is) and remove the image
+        for good (its pair no longer needs it)."""
+
+    @abstractmethod
+    def sweep(self, keep: list[dict[str, Any]]) -> list[str]:
+        """Remove every image but those of ``keep`` (at start: a crash
+        between forgetting an image and removing it leaves it behind).
+        Returns the names of the images removed."""
 
 
 class MemoryUndoImages(UndoImages):
@@ -56,8 +63,15 @@ class MemoryUndoImages(UndoImages):
     def open(self, record: dict[str, Any], size: int) -> BlockStore:
         return self.images[record["name"]]
 
-    def discard(self, record: dict[str, Any]) -> None:
+    def discard(self, record: dict[str, Any], store: BlockStore | None) -> None:
         self.images.pop(record["name"], None)
+
+    def sweep(self, keep: list[dict[str, Any]]) -> list[str]:
+        names = {r.get("name") for r in keep}
+        gone = [n for n in self.images if n not in names]
+        for n in gone:
+            del self.images[n]
+        return gone
 
 
 async def save_before_overwrite(pair: Any, committer: Committer, buffers: BufferPool,
