@@ -488,6 +488,7 @@ class Engine:
             async with src.gate.closed(), cln.gate.closed():
                 # the exact delta commits with the job
                 pair.maps.begin_sync(pair.state is PairState.SYNCHRONIZED, full)
+                pair.aborted = False
                 pair.state = PairState.SYNCING
                 pair.job = Job(JobKind.SYNC, total=pair.maps.differing())
                 self.committer.put_pair(pair.id, pair.to_record())
@@ -674,6 +675,7 @@ class Engine:
             # Every pair's exact delta commits with this change: regions are done.
             other.maps.clear_intent()
         pair.maps.begin_restore(pair.undo is not None)
+        pair.aborted = False
         pair.state = PairState.RESTORING
         pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.maps.differing(),
                        paused=paused)
@@ -733,6 +735,7 @@ class Engine:
                 other.maps.delta.update_from(pair.maps.saved)
             other.maps.clear_intent()
         pair.maps.begin_abort()
+        pair.aborted = True
         pair.state = PairState.ABORTING
         pair.maps.start_todo(True, abort=True)
         pair.job = Job(JobKind.ABORT, total=pair.maps.todo_left())

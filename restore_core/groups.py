@@ -246,7 +246,8 @@ class Groups:
                 members.append({"pair": pid, "source": pair.source, "clone": pair.clone,
                                 "state": p.state, "job": p.job, "paused": p.paused,
                                 "extents_total": p.extents_total,
-                                "extents_done": p.extents_done, "error": p.error})
+                                "extents_done": p.extents_done, "error": p.error,
+                                "undo": p.undo})
         states = {m.get("state", "missing") for m in members}
         return {"name": g.name, "pairs": list(g.members), "members": members,
                 "state": states.pop() if len(states) == 1 else ("mixed" if states else "empty"),

@@ -102,6 +102,10 @@ class Progress:
     eta: float | None     # seconds
     error: str | None
     delta_extents: int
+    # keep-undo: the restore keeps an undo image (abort or commit it), and
+    # whether the pair's last restore was aborted (set until its next job)
+    undo: bool = False
+    aborted: bool = False
 
 
 class Pair:
@@ -126,6 +130,7 @@ class Pair:
         # keep-undo restore: where its undo image is (UNDO_FIELD), until
         # the abort finishes or the admin commits
         self.undo: dict[str, Any] | None = None
+        self.aborted = False               # runtime: an abort began since the last job start
         # runtime
         self.source_store: BlockStore | None = None
         self.clone_store: BlockStore | None = None
@@ -237,6 +242,7 @@ class Pair:
             rate=rate, eta=eta,
             error=job.error if job else None,
             delta_extents=self.maps.may_differ().count(),
+            undo=self.undo is not None, aborted=self.aborted,
         )
 
 

@@ -164,7 +164,8 @@ class Checker:
                 ok = self.allowed.get(i)
                 if ok is None:
                     assert src[i] == self.expect[i], \
-                        f"byte {i} (extent {e}) lost: an acknowledged write, the clone's or the pre-restore data"
+                        f"byte {i} (extent {e}) lost: an acknowledged write, the clone's " \
+                        "or the pre-restore data"
                 else:
                     assert src[i] in ok, f"byte {i}: no write ever put {src[i]} there"
         if final:
