@@ -29,7 +29,7 @@ from .extentmap import DEFAULT_EXTENT_SIZE
 from .metadata import HOLD_FIELD, MetadataStore, Snapshot
 from .pair import Job, JobKind, Pair, PairState, Progress, Throttle, VolumeRuntime
 from .restoremaps import PERSISTED_MAPS
-from .undo import UndoImages, save_before_overwrite
+from .undo import UndoImages, UndoSaver
 from .volume_io import VolumeIO
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Engine:
         self.pairs: dict[str, Pair] = {}
         self._cleaners: dict[str, asyncio.Task[None]] = {}
         self._stopping: set[asyncio.Task[None]] = set()   # copiers of volumes gone offline
+        self._savers: dict[str, UndoSaver] = {}   # keep-undo restores' savers, by pair
         self._lock = asyncio.Lock()     # one lifecycle operation at a time
         self.started = False
         self.listeners: list[Any] = []  # callables(event: str, pair_id: str)
@@ -408,6 +409,9 @@ class Engine:
         for pair in self.pairs.values():
             if pair.copier is not None:
                 await pair.copier.stop()
+        for saver in self._savers.values():
+            await saver.close()
+        self._savers.clear()
         for t in self._cleaners.values():
             t.cancel()
         await asyncio.gather(*self._cleaners.values(), return_exceptions=True)
@@ -726,6 +730,9 @@ class Engine:
         copy-on-demand runs), so no restore write reaches the source later."""
         if pair.copier is not None:
             await pair.copier.drain()
+        saver = self._savers.pop(pair.id, None)
+        if saver is not None:
+            await saver.close()
         await self._stop_background(pair)
 
     def _set_aborting(self, pair: Pair) -> None:
@@ -873,9 +880,13 @@ class Engine:
             pair.copier = Copier(pair, self.committer, self.volumes[pair.source].hosts)
             pair.copier.on_finished = self._job_finished
             pair.copier.on_error = self._job_failed
-        copier = pair.copier
-        copier.before_overwrite = None if pair.undo_store is None else (
-            lambda a, b: save_before_overwrite(pair, self.committer, copier.buffers, a, b))
+        saver = None
+        if pair.undo_store is not None:
+            saver = self._savers.get(pair.id)
+            if saver is None:
+                saver = self._savers[pair.id] = UndoSaver(pair, self.committer,
+                                                          pair.copier.buffers)
+        pair.copier.before_overwrite = None if saver is None else saver.before_overwrite
         if pair.job is not None and not pair.job.paused:
             pair.copier.start()
 
@@ -895,6 +906,7 @@ class Engine:
                 return
             kind = pair.job.kind
             image = None
+            self._savers.pop(pair.id, None)     # nothing left to save ahead
             if kind is JobKind.ABORT:
                 # the delta was set when the abort began
                 pair.maps.finish_job(False, keep_delta=True)
