@@ -306,15 +306,22 @@ async def restore_full(root: str, clone_path: str, size: int, rep: int,
         await rig.close()
 
 
-async def bench_restore_vs_copy(root: str, reps: int = 5) -> dict[str, float]:
-    size = 512 * MiB
-    d = os.path.join(root, "rvc")
+def clone_image(root: str, name: str, size: int) -> tuple[str, str]:
+    """A directory ``name`` holding clone.img of ``size`` bytes of TAG_CLN,
+    durable: the clone full restores copy from."""
+    d = os.path.join(root, name)
     os.makedirs(d)
     clone_path = os.path.join(d, "clone.img")
     c = FileBlockStore(clone_path, size, create=True)
     fill(c, 0, size, TAG_CLN)
     c.flush_sync()
     c.close()
+    return d, clone_path
+
+
+async def bench_restore_vs_copy(root: str, reps: int = 5) -> dict[str, float]:
+    size = 512 * MiB
+    d, clone_path = clone_image(root, "rvc", size)
     # Warm-up of both sides, untimed: the clone is in the page cache for all
     # runs, and neither side pays first-run costs the other does not.
     plain_copy(clone_path, os.path.join(d, "warm.img"), size)
@@ -341,13 +348,7 @@ async def bench_restore_vs_copy(root: str, reps: int = 5) -> dict[str, float]:
 async def bench_keep_undo(root: str, reps: int = 3) -> dict[str, Any]:
     """Full restores with and without --keep-undo, alternating (P U U P)."""
     size = 256 * MiB
-    d = os.path.join(root, "undo")
-    os.makedirs(d)
-    clone_path = os.path.join(d, "clone.img")
-    c = FileBlockStore(clone_path, size, create=True)
-    fill(c, 0, size, TAG_CLN)
-    c.flush_sync()
-    c.close()
+    d, clone_path = clone_image(root, "undo", size)
     await restore_full(root, clone_path, size, 98, keep_undo=True)      # warm-up, untimed
     plain_s: list[float] = []
     undo_s: list[float] = []
