@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -9,6 +10,8 @@ from restore_core.blockstore import MemoryBlockStore
 from restore_core.committer import load_map
 from restore_core.engine import EngineError
 from restore_core.pair import PairState
+from restore_core.stores.file import FileBlockStore
+from restore_core.stores.undo_images import StoreUndoImages
 
 from .util import ES, Rig, pattern
 
@@ -154,3 +157,51 @@ def test_restart_resumes_abort_from_persisted_undo():
         assert bytes(rig.src.current) == pre
         await eng.close()
     asyncio.run(main())
+
+
+def test_delete_needs_force_while_undo_kept_and_removes_the_image():
+    async def main():
+        rig = Rig(N)
+        eng, pair, pre = await restored_with_undo(rig)
+        await eng.wait_job(pair.id, 30)
+        with pytest.raises(EngineError, match="keeps the undo image"):
+            await eng.delete_pair(pair.id)
+        await eng.delete_pair(pair.id, force=True)
+        assert not rig.undo_images.images
+        await eng.close()
+        eng = await rig.boot()               # nothing left that refers to it
+        assert not eng.pairs and not rig.undo_images.images
+        await eng.close()
+    asyncio.run(main())
+
+
+def test_orphaned_undo_image_is_removed_at_start():
+    """A crash between forgetting an undo image and removing it leaves it
+    behind: the next start removes it."""
+    async def main():
+        rig = Rig(N)
+        eng, pair, pre = await restored_with_undo(rig)
+        await eng.wait_job(pair.id, 30)
+        image = rig.undo_images.images[f"undo-{pair.id}"]
+        await eng.commit_undo(pair.id)
+        await eng.close()
+        rig.undo_images.images["undo-stale"] = image     # as if its removal never ran
+        eng = await rig.boot()
+        assert not rig.undo_images.images
+        await eng.close()
+    asyncio.run(main())
+
+
+def test_file_undo_images_sparse_in_their_directory(tmp_path):
+    src = FileBlockStore(str(tmp_path / "src.img"), 8 * ES, create=True)
+    images = StoreUndoImages(str(tmp_path / "undo"))
+    store, rec = images.create("db-clone", src)
+    assert rec == {"kind": "file", "path": str(tmp_path / "undo" / "db-clone.undo.img")}
+    assert store.size == src.size and os.stat(rec["path"]).st_blocks == 0     # sparse
+    store.close()
+    images.open(rec, src.size).close()
+    (tmp_path / "undo" / "old.undo.img").write_bytes(b"")
+    assert images.sweep([rec]) == [str(tmp_path / "undo" / "old.undo.img")]
+    images.discard(rec, None)
+    assert os.listdir(tmp_path / "undo") == []
+    src.close()
