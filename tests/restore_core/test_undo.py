@@ -18,15 +18,18 @@ from .util import ES, Rig, pattern
 N = 16
 
 
-async def restored_with_undo(rig: Rig, *, paused: bool = False):
+async def restored_with_undo(rig: Rig, *, paused: bool = False, finished: bool = False):
     """A pair whose source differs from its clone everywhere, restoring
-    with keep-undo; returns (engine, pair, pre-restore source bytes)."""
+    with keep-undo (``finished``: restored, the undo image kept); returns
+    (engine, pair, pre-restore source bytes)."""
     eng = await rig.boot()
     pair = await rig.fractured_pair()
     await rig.cios[0].write(0, pattern(0xC1, rig.size))
     await rig.sio.write(0, pattern(0x5A, rig.size))
     pre = bytes(rig.src.current)
     await eng.restore(pair.id, keep_undo=True, paused=paused)
+    if finished:
+        await eng.wait_job(pair.id, 30)
     return eng, pair, pre
 
 
@@ -62,8 +65,7 @@ def test_abort_during_restore_keeps_host_writes():
 def test_abort_after_restore_and_commit():
     async def main():
         rig = Rig(N)
-        eng, pair, pre = await restored_with_undo(rig)
-        await eng.wait_job(pair.id, 30)
+        eng, pair, pre = await restored_with_undo(rig, finished=True)
         assert pair.state is PairState.FRACTURED and pair.undo is not None
         assert bytes(rig.src.current) == pattern(0xC1, rig.size)
         await rig.sio.write(5 * ES, pattern(0x33, ES))        # after the restore
@@ -144,8 +146,7 @@ def test_undo_volume_named_by_admin_and_refusals():
 def test_restart_resumes_abort_from_persisted_undo():
     async def main():
         rig = Rig(N)
-        eng, pair, pre = await restored_with_undo(rig)
-        await eng.wait_job(pair.id, 30)
+        eng, pair, pre = await restored_with_undo(rig, finished=True)
         await eng.abort(pair.id)
         await eng.pause(pair.id)
         await eng.close()
@@ -162,8 +163,7 @@ def test_restart_resumes_abort_from_persisted_undo():
 def test_delete_needs_force_while_undo_kept_and_removes_the_image():
     async def main():
         rig = Rig(N)
-        eng, pair, pre = await restored_with_undo(rig)
-        await eng.wait_job(pair.id, 30)
+        eng, pair, pre = await restored_with_undo(rig, finished=True)
         with pytest.raises(EngineError, match="keeps the undo image"):
             await eng.delete_pair(pair.id)
         await eng.delete_pair(pair.id, force=True)
@@ -180,8 +180,7 @@ def test_orphaned_undo_image_is_removed_at_start():
     behind: the next start removes it."""
     async def main():
         rig = Rig(N)
-        eng, pair, pre = await restored_with_undo(rig)
-        await eng.wait_job(pair.id, 30)
+        eng, pair, pre = await restored_with_undo(rig, finished=True)
         image = rig.undo_images.images[f"undo-{pair.id}"]
         await eng.commit_undo(pair.id)
         await eng.close()
