@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 from .engine import NAME_HELP, Engine, EngineError, valid_volume_name
+from .extentmap import ExtentMap
 from .metadata import DAMAGED_FIELD
 from .pair import Pair, PairState
 
@@ -264,22 +265,39 @@ class Groups:
         for n in names:
             await stack.enter_async_context(self.engine.volumes[n].gate.closed())
 
+    async def _at_one_instant(self, pairs: list[Pair], stop: Callable[[Pair], Awaitable[None]],
+                              change: Callable[[Pair], None],
+                              after: Callable[[Pair], None]) -> None:
+        """With every member's gates closed: ``stop`` each member's job,
+        ``change`` each state in memory (no await in between: one batch,
+        one transaction), commit, then ``after`` for each, gates still closed."""
+        if not pairs:
+            return
+        async with AsyncExitStack() as stack:
+            await self._gates_closed(stack, pairs)
+            for p in pairs:
+                await stop(p)
+            for p in pairs:
+                change(p)
+            await self.engine.committer.commit()
+            for p in pairs:
+                after(p)
+
     async def fracture(self, name: str) -> Group:
         eng = self.engine
         async with self._lock, eng._lock:
             g, pairs = self._pairs(name)
             todo = [p for p in pairs if eng._needs_fracture(p)]
-            if todo:
-                async with AsyncExitStack() as stack:
-                    await self._gates_closed(stack, todo)
-                    differ = {p.id: p.maps.may_differ() for p in todo}
-                    for p in todo:
-                        await eng._stop_background(p)
-                    for p in todo:      # no await: one batch, one transaction
-                        eng._set_fractured(p, differ[p.id])
-                    await eng.committer.commit()
-                    for p in todo:
-                        eng.volumes[p.clone].generation += 1
+            differ: dict[str, ExtentMap] = {}
+
+            async def stop(p: Pair) -> None:
+                differ[p.id] = p.maps.may_differ()     # before its copier stops
+                await eng._stop_background(p)
+
+            def bump(p: Pair) -> None:
+                eng.volumes[p.clone].generation += 1
+            await self._at_one_instant(todo, stop, lambda p: eng._set_fractured(p, differ[p.id]),
+                                       bump)
             for p in todo:
                 eng._emit("fractured", p.id)
             return g
@@ -303,13 +321,9 @@ class Groups:
                 for p in pairs if keep_undo else ():
                     await eng._attach_undo(p, None)
                     images.append(p)
-                async with AsyncExitStack() as stack:
-                    await self._gates_closed(stack, pairs)
-                    for p in pairs:         # no await: one batch, one transaction
-                        eng._set_restoring(p, protected, paused)
-                    await eng.committer.commit()
-                    for p in pairs:
-                        eng._restore_started(p)
+                await self._at_one_instant(
+                    pairs, _nothing_to_stop, lambda p: eng._set_restoring(p, protected, paused),
+                    eng._restore_started)
             except BaseException:
                 for p in images:
                     if p.state is not PairState.RESTORING:
@@ -326,16 +340,8 @@ class Groups:
         async with self._lock, eng._lock:
             g, pairs = self._pairs(name)
             todo = [p for p in pairs if eng._check_abortable(p)]
-            if todo:
-                async with AsyncExitStack() as stack:
-                    await self._gates_closed(stack, todo)
-                    for p in todo:
-                        await eng._quiesce(p)
-                    for p in todo:      # no await: one batch, one transaction
-                        eng._set_aborting(p)
-                    await eng.committer.commit()
-                    for p in todo:
-                        eng._restore_started(p)
+            await self._at_one_instant(todo, eng._quiesce, eng._set_aborting,
+                                       eng._restore_started)
             for p in todo:
                 eng._emit("abort-started", p.id)
             return g
@@ -405,6 +411,10 @@ class Groups:
                 raise EngineError(f"group {name}: pair {p.id} still has a job running after "
                                   f"{timeout}s") from None
         return g
+
+
+async def _nothing_to_stop(pair: Pair) -> None:
+    """A fractured pair (a restore's start) runs no job."""
 
 
 @contextlib.contextmanager
