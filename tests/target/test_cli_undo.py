@@ -23,6 +23,7 @@ def test_keep_undo_restore_abort_commit(daemon):
     fractured_pair(daemon)
     p = js(daemon, "pair", "restore", "db-clone", "--keep-undo", "--wait")
     assert p["state"] == "fractured" and p["progress"]["undo"]
+    assert p["history"]["current_point_restored"]
     image = p["undo_image"]
     assert image == os.path.join(daemon.dir, "undo", "db-clone.undo.img")
     assert os.path.exists(image)
@@ -40,6 +41,11 @@ def test_keep_undo_restore_abort_commit(daemon):
     p = js(daemon, "pair", "show", "db-clone")
     assert p["state"] == "fractured" and not p["progress"]["undo"] and p["undo_image"] is None
     assert not os.path.exists(image)
+    # the history no longer says the clone's point was restored (Ansible's
+    # state=restored would otherwise skip the next restore)
+    assert p["history"]["last_job"]["kind"] == "abort"
+    assert p["history"]["last_job"]["result"] == "finished"
+    assert not p["history"]["current_point_restored"]
     r = daemon.cli("pair", "abort", "db-clone", ok=False)
     assert r.returncode == 1 and "keeps no undo image" in r.stderr
 
