@@ -269,8 +269,8 @@ class Engine:
                 pair.undo_store = self.undo_images.open(rec["image"], pair.size)
             if pair.undo_store.size < pair.size:
                 raise EngineError(f"it has {pair.undo_store.size} bytes, the pair {pair.size}")
-        except (EngineError, BlockStoreError, OSError, KeyError, TypeError) as e:
-            pair.undo_store = None
+        except (EngineError, BlockStoreError, OSError, KeyError, TypeError, ValueError) as e:
+            pair.undo_store = None     # ValueError: a record whose spec does not parse
             pair.hold = f"its undo image {rec} cannot be used: {e}"
             log.error("pair %s: %s", pair.id, pair.hold)
 
@@ -564,7 +564,7 @@ class Engine:
                     self._restore_started(pair)
             except BaseException:
                 if pair.state is not PairState.RESTORING:
-                    self._release_undo(pair)
+                    await self._discard_image(pair.id, self._release_undo(pair))
                 raise
             self._emit("restore-started", pair.id)
             return pair

@@ -204,3 +204,21 @@ def test_file_undo_images_sparse_in_their_directory(tmp_path):
     images.discard(rec, None)
     assert os.listdir(tmp_path / "undo") == []
     src.close()
+
+
+def test_unusable_undo_image_holds_the_pair_until_acknowledged():
+    async def main():
+        rig = Rig(N)
+        eng, pair, pre = await restored_with_undo(rig, finished=True)
+        await eng.close()
+        rig.undo_images.images.clear()       # the image is gone
+        rig.undo_images.open = lambda rec, size: (_ for _ in ()).throw(OSError("no such image"))
+        eng = await rig.boot()
+        pair = eng.pair(pair.id)
+        assert pair.hold is not None and "undo image" in pair.hold
+        await eng.acknowledge(pair.id)
+        assert pair.undo is None and pair.hold is None
+        with pytest.raises(EngineError, match="keeps no undo image"):
+            await eng.abort(pair.id)
+        await eng.close()
+    asyncio.run(main())
