@@ -56,6 +56,7 @@ class Copier:
         self.wake = asyncio.Event()     # new work (or a throttle change)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._finishing = False     # in on_finished (see drain)
         # what the copier learnt about the LU's hosts and its idle rate
         self.hosts = hosts if hosts is not None else HostYield()
         self.buffers = BufferPool()
@@ -165,11 +166,18 @@ class Copier:
 
     async def drain(self) -> None:
         """Stop once the copies in flight have landed: unlike ``stop``, no
-        write is cut off in a worker thread to land after this returns."""
+        write is cut off in a worker thread to land after this returns.
+        The caller holds the engine's lock (abort, delete)."""
         self._stopping = True
         self.resume_event.set()
         self.wake.set()
         if self._task is not None:
+            if self._finishing:
+                # The walk ended and its finish waits for the engine's lock,
+                # which every drainer holds: that finish has not begun and
+                # cannot (waiting for it would deadlock); the drainer's own
+                # state change decides what follows the finished walk.
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
@@ -286,8 +294,14 @@ class Copier:
             if self._stopping:
                 return
             await self.committer.commit()
+            if self._stopping:      # drained while the last commit ran
+                return
             if self.on_finished is not None:
-                await self.on_finished(p)
+                self._finishing = True
+                try:
+                    await self.on_finished(p)
+                finally:
+                    self._finishing = False
         except asyncio.CancelledError:
             if commit is not None:
                 commit.cancel()    # only our wait: the batch itself is shielded
