@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable, Callable
 
 from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
@@ -55,6 +56,7 @@ class Copier:
         self.wake = asyncio.Event()     # new work (or a throttle change)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._finishing = False     # in on_finished (see drain)
         # what the copier learnt about the LU's hosts and its idle rate
         self.hosts = hosts if hosts is not None else HostYield()
         self.buffers = BufferPool()
@@ -64,14 +66,14 @@ class Copier:
     @property
     def src(self) -> BlockStore:
         p = self.pair
-        assert p.job is not None and p.source_store and p.clone_store
-        return p.clone_store if p.job.kind is JobKind.RESTORE else p.source_store
+        assert p.job is not None and p.copy_from is not None
+        return p.copy_from
 
     @property
     def dst(self) -> BlockStore:
         p = self.pair
         assert p.job is not None and p.source_store and p.clone_store
-        return p.source_store if p.job.kind is JobKind.RESTORE else p.clone_store
+        return p.source_store if p.to_source else p.clone_store
 
     def _range(self, a: int, b: int) -> tuple[int, int]:
         es = self.pair.extent_size
@@ -83,18 +85,23 @@ class Copier:
         """Copy extents [a, b); ``background``: while hosts are busy, by the
         stores' background I/O (off the event loop, behind host I/O)."""
         off, length = self._range(a, b)
+        p = self.pair
         buf = self.buffers.take(length)
         try:
             view = memoryview(buf)[:length]
             if background:
                 await self.src.readinto_background(off, view)
-                await self.dst.write_background(off, view)
             else:
                 await self.src.readinto(off, view)
+            if (self.before_overwrite is not None and p.job is not None
+                    and p.job.kind is JobKind.RESTORE):
+                await self.before_overwrite(a, b)     # keep-undo: save the old data first
+            if background:
+                await self.dst.write_background(off, view)
+            else:
                 await self.dst.write(off, view)
         finally:
             self.buffers.give(buf)
-        p = self.pair
         job = p.job
         settle = p.maps.mark_copied(a, b, lambda: p.job is job)   # not a job stopped since
         # Both sides must be durable before "copied" is: the source of the
@@ -166,6 +173,23 @@ class Copier:
             self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"copier:{self.pair.id}")
 
+    async def drain(self) -> None:
+        """Stop once the copies in flight have landed: unlike ``stop``, no
+        write is cut off in a worker thread to land after this returns.
+        The caller holds the engine's lock (abort, delete)."""
+        self._stopping = True
+        self.resume_event.set()
+        self.wake.set()
+        if self._task is not None:
+            if self._finishing:
+                # The walk ended and its finish waits for the engine's lock,
+                # which every drainer holds: that finish has not begun and
+                # cannot (waiting for it would deadlock); the drainer's own
+                # state change decides what follows the finished walk.
+                self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
     async def stop(self) -> None:
         self._stopping = True
         self.resume_event.set()
@@ -185,6 +209,9 @@ class Copier:
 
     on_finished = None   # set by the engine: async callable(pair)
     on_error = None      # set by the engine: async callable(pair, message)
+    # set by the engine for a keep-undo restore: async callable(a, b) that
+    # returns once extents [a, b) of the source are saved (restore_core.undo)
+    before_overwrite: Callable[[int, int], Awaitable[None]] | None = None
 
     async def _run(self) -> None:
         p = self.pair
@@ -270,8 +297,14 @@ class Copier:
             if self._stopping:
                 return
             await self.committer.commit()
+            if self._stopping:      # drained while the last commit ran
+                return
             if self.on_finished is not None:
-                await self.on_finished(p)
+                self._finishing = True
+                try:
+                    await self.on_finished(p)
+                finally:
+                    self._finishing = False
         except asyncio.CancelledError:
             if commit is not None:
                 commit.cancel()    # only our wait: the batch itself is shielded

@@ -22,13 +22,14 @@ import logging
 import re
 from typing import Any, Callable
 
-from .blockstore import BlockStore
+from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
 from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
 from .metadata import HOLD_FIELD, MetadataStore, Snapshot
 from .pair import Job, JobKind, Pair, PairState, Progress, Throttle, VolumeRuntime
 from .restoremaps import PERSISTED_MAPS
+from .undo import UndoImages, UndoSaver
 from .volume_io import VolumeIO
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ LAZY_COMMIT_S = 1.0
 # "$" with re.match would let a trailing newline through.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 NAME_HELP = "1-64 of letters, digits, _ . : - starting with a letter or digit"
+
+
+# An undo image to discard: its record and its store (if open), or None.
+Discard = tuple[dict[str, Any] | None, BlockStore | None] | None
 
 
 def valid_volume_name(name: object) -> bool:
@@ -54,8 +59,10 @@ class EngineError(Exception):
 
 
 class Engine:
-    def __init__(self, meta: MetadataStore) -> None:
+    def __init__(self, meta: MetadataStore, undo_images: UndoImages | None = None) -> None:
         self.meta = meta
+        # where keep-undo restores get an undo image when the admin names no volume
+        self.undo_images = undo_images
         self.committer = Committer(meta)
         self.committer.on_durable.append(self._prune_pending)
         self.volumes: dict[str, VolumeRuntime] = {}
@@ -63,6 +70,7 @@ class Engine:
         self.pairs: dict[str, Pair] = {}
         self._cleaners: dict[str, asyncio.Task[None]] = {}
         self._stopping: set[asyncio.Task[None]] = set()   # copiers of volumes gone offline
+        self._savers: dict[str, UndoSaver] = {}   # keep-undo restores' savers, by pair
         self._lock = asyncio.Lock()     # one lifecycle operation at a time
         self.started = False
         self.listeners: list[Any] = []  # callables(event: str, pair_id: str)
@@ -155,6 +163,9 @@ class Engine:
         if vol.as_clone is not None or vol.as_source:
             users = [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])
             raise EngineError(f"volume {name!r} is in pair(s) {', '.join(users)}; delete them first")
+        if vol.undo_of is not None:
+            raise EngineError(f"volume {name!r} holds the undo image of pair {vol.undo_of}; "
+                              f"commit or abort its restore first")
         del self.volumes[name]
         del self.ios[name]
         return vol.store
@@ -205,6 +216,7 @@ class Engine:
                     self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
         self._refresh_holds()
+        await self._sweep_undo_images()
         for pair in self.pairs.values():
             await self._recover(pair)
         self._lazy = asyncio.get_running_loop().create_task(self._lazy_commits(), name="lazy-commits")
@@ -232,10 +244,50 @@ class Engine:
                 f"the pair was made for {pair.size}")
         pair.source_store = src.store
         pair.clone_store = cln.store
+        if pair.undo is not None and pair.hold is None:
+            self._open_undo(pair)
         src.as_source.append(pair)
         cln.as_clone = pair
         self.pairs[pair.id] = pair
         pair.maps.attach(self.committer, pair.id)
+
+    def _open_undo(self, pair: Pair) -> None:
+        """Reopen a pair's undo image at start; one that cannot be opened
+        puts the pair on hold (its abort would have nothing to put back)."""
+        rec = pair.undo or {}
+        try:
+            if "volume" in rec:
+                vol = self._volume(str(rec["volume"]))
+                if vol.undo_of not in (None, pair.id) or vol.as_clone or vol.as_source:
+                    raise EngineError(f"volume {vol.name} is in use elsewhere")
+                pair.undo_store = vol.store
+                vol.undo_of = pair.id
+                vol.generation += 1
+            else:
+                if self.undo_images is None:
+                    raise EngineError("this daemon has no place for undo images")
+                pair.undo_store = self.undo_images.open(rec["image"], pair.size)
+            if pair.undo_store.size < pair.size:
+                raise EngineError(f"it has {pair.undo_store.size} bytes, the pair {pair.size}")
+        except (EngineError, BlockStoreError, OSError, KeyError, TypeError, ValueError) as e:
+            pair.undo_store = None     # ValueError: a record whose spec does not parse
+            pair.hold = f"its undo image {rec} cannot be used: {e}"
+            log.error("pair %s: %s", pair.id, pair.hold)
+
+    async def _sweep_undo_images(self) -> None:
+        """Remove undo images no pair refers to any more."""
+        if self.undo_images is None:
+            return
+        keep = [p.undo["image"] for p in self.pairs.values()
+                if p.undo is not None and "image" in p.undo]
+        try:
+            gone = await asyncio.get_running_loop().run_in_executor(
+                None, self.undo_images.sweep, keep)
+        except (BlockStoreError, OSError) as e:
+            log.warning("undo images no pair uses could not be removed: %s", e)
+            return
+        for name in gone:
+            log.info("removed undo image %s, which no pair uses any more", name)
 
     def _widen_damaged(self, snap: Snapshot) -> bool:
         """Give every chunk that failed its checksum its safe-side content
@@ -300,12 +352,15 @@ class Engine:
             async with src.gate.closed(), cln.gate.closed():
                 reason = pair.hold
                 pair.hold = None
+                await self._stop_background(pair)
+                image = self._drop_undo(pair)
                 pair.damaged = pair.damaged or f"acknowledged after: {reason}"
                 # its maps can no longer say what differs: everything does
                 await self._become_fractured(pair, None)
                 src.generation += 1
                 cln.generation += 1
                 self._refresh_holds()
+            await self._discard_image(pair.id, image)
             log.warning("pair %s: acknowledged (%s); every extent now counts as differing",
                         pair.id, reason)
             self._emit("acknowledged", pair.id)
@@ -354,6 +409,9 @@ class Engine:
         for pair in self.pairs.values():
             if pair.copier is not None:
                 await pair.copier.stop()
+        for saver in self._savers.values():
+            await saver.close()
+        self._savers.clear()
         for t in self._cleaners.values():
             t.cancel()
         await asyncio.gather(*self._cleaners.values(), return_exceptions=True)
@@ -389,7 +447,7 @@ class Engine:
             if src.store.size != cln.store.size:
                 raise EngineError(f"sizes differ: {source} has {src.store.size} bytes, "
                                   f"{clone} has {cln.store.size}")
-            if any(p.state is PairState.RESTORING for p in src.as_source):
+            if any(p.to_source for p in src.as_source):
                 raise EngineError(f"volume {source!r} is being restored; wait for the restore to end")
             if throttle is not None:
                 throttle.validate()
@@ -422,17 +480,19 @@ class Engine:
             pair = self.pair(pair_id)
             self._refuse_owned(pair)
             self._refuse_held(pair)
-            if pair.state is PairState.RESTORING:
-                raise EngineError(f"pair {pair_id} is restoring; wait for the restore to end")
+            if pair.to_source:
+                raise EngineError(f"pair {pair_id} is {pair.state.value}; wait for it to end")
+            self._refuse_undo_kept(pair)
             if pair.state is PairState.SYNCING:
                 raise EngineError(f"pair {pair_id} is already syncing")
             self._require_online(pair.source, pair.clone)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
-            if any(p.state is PairState.RESTORING for p in src.as_source):
+            if any(p.to_source for p in src.as_source):
                 raise EngineError(f"volume {pair.source} is being restored from another clone")
             async with src.gate.closed(), cln.gate.closed():
                 # the exact delta commits with the job
                 pair.maps.begin_sync(pair.state is PairState.SYNCHRONIZED, full)
+                pair.aborted = False
                 pair.state = PairState.SYNCING
                 pair.job = Job(JobKind.SYNC, total=pair.maps.differing())
                 self.committer.put_pair(pair.id, pair.to_record())
@@ -463,9 +523,9 @@ class Engine:
     def _needs_fracture(self, pair: Pair) -> bool:
         """False if already fractured; raises if it cannot be fractured now."""
         self._refuse_held(pair)
-        if pair.state is PairState.RESTORING:
-            raise EngineError(f"pair {pair.id} is restoring; a restore cannot be split off "
-                              "half way (pause it, or wait for it to end)")
+        if pair.to_source:
+            raise EngineError(f"pair {pair.id} is {pair.state.value}; a restore cannot be split "
+                              "off half way (pause it, or wait for it to end)")
         return pair.state is not PairState.FRACTURED
 
     async def fracture(self, pair_id: str) -> Pair:
@@ -481,34 +541,133 @@ class Engine:
             self._emit("fractured", pair.id)
             return pair
 
-    async def restore(self, pair_id: str, *, protected: bool = True, paused: bool = False) -> Pair:
+    async def restore(self, pair_id: str, *, protected: bool = True, paused: bool = False,
+                      keep_undo: bool = False, undo_volume: str | None = None) -> Pair:
         """Start copying clone -> source; returns at once, the source stays usable.
 
         ``paused`` starts with the background copier held: only host I/O
-        copies (on demand) until resume.
+        copies (on demand) until resume. ``keep_undo`` saves what the
+        restore overwrites to an undo image (``undo_volume``, or one the
+        engine's UndoImages makes) so that ``abort`` can put it back.
         """
         async with self._lock:
             pair = self.pair(pair_id)
             self._refuse_owned(pair)
-            self._check_restorable(pair)
+            self._check_restorable(pair, protected, keep_undo, undo_volume)
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
-            async with src.gate.closed(), cln.gate.closed():
-                self._set_restoring(pair, protected, paused)
-                await self.committer.commit()
-                self._restore_started(pair)
+            if keep_undo:
+                await self._attach_undo(pair, undo_volume)
+            try:
+                async with src.gate.closed(), cln.gate.closed():
+                    self._set_restoring(pair, protected, paused)
+                    await self.committer.commit()
+                    self._restore_started(pair)
+            except BaseException:
+                if pair.state is not PairState.RESTORING:
+                    await self._discard_image(pair.id, self._release_undo(pair))
+                raise
             self._emit("restore-started", pair.id)
             return pair
 
-    def _check_restorable(self, pair: Pair) -> None:
+    def _check_restorable(self, pair: Pair, protected: bool = True, keep_undo: bool = False,
+                          undo_volume: str | None = None) -> None:
         self._refuse_held(pair)
+        self._refuse_undo_kept(pair)
         if pair.state is not PairState.FRACTURED:
             raise EngineError(f"pair {pair.id} is {pair.state.value}; only a fractured pair "
                               "can be restored")
         self._require_online(pair.source, pair.clone)
+        self._check_siblings(pair)
+        if undo_volume is not None and not keep_undo:
+            raise EngineError("an undo volume is only used with keep-undo")
+        if keep_undo:
+            if not protected:
+                raise EngineError("keep-undo needs a protected restore (an unprotected one "
+                                  "mirrors host writes into the clone)")
+            if undo_volume is None and self.undo_images is None:
+                raise EngineError("no place for undo images here: name an undo volume")
+            if undo_volume is not None:
+                self._check_undo_volume(pair, undo_volume)
+
+    def _check_siblings(self, pair: Pair) -> None:
         for other in self.volumes[pair.source].as_source:
-            if other is not pair and other.state is not PairState.FRACTURED:
+            if other is pair:
+                continue
+            if other.state is not PairState.FRACTURED:
                 raise EngineError(f"pair {other.id} of the same source is {other.state.value}; "
                                   "fracture it first")
+            if other.undo is not None:
+                raise EngineError(f"pair {other.id} of the same source keeps the undo image "
+                                  f"of its restore; commit or abort it first")
+
+    def _check_undo_volume(self, pair: Pair, name: str) -> None:
+        vol = self._volume(name)
+        if name in (pair.source, pair.clone) or vol.as_clone is not None or vol.as_source:
+            raise EngineError(f"volume {name} is in a pair; an undo volume must be in none")
+        if vol.undo_of is not None:
+            raise EngineError(f"volume {name} already holds the undo image of pair {vol.undo_of}")
+        if vol.offline is not None:
+            raise EngineError(f"volume {name} is offline ({vol.offline})")
+        if vol.store.size < pair.size:
+            raise EngineError(f"volume {name} has {vol.store.size} bytes; the undo image of "
+                              f"pair {pair.id} needs {pair.size}")
+
+    def _refuse_undo_kept(self, pair: Pair) -> None:
+        if pair.undo is not None and pair.state is not PairState.RESTORING:
+            raise EngineError(f"pair {pair.id} keeps the undo image of its restore; "
+                              f"'liverestore pair commit {pair.id}' or 'pair abort {pair.id}' "
+                              "first")
+
+    async def _attach_undo(self, pair: Pair, undo_volume: str | None) -> None:
+        """Give the pair its (empty) undo image; recorded with the restore start."""
+        if undo_volume is not None:
+            vol = self.volumes[undo_volume]
+            vol.undo_of = pair.id
+            vol.generation += 1
+            async with vol.gate.closed():     # host I/O to it ends; NOT READY from now on
+                pass
+            pair.undo, pair.undo_store = {"volume": undo_volume}, vol.store
+            return
+        assert self.undo_images is not None and pair.source_store is not None
+        images, like = self.undo_images, pair.source_store
+        try:
+            store, rec = await asyncio.get_running_loop().run_in_executor(
+                None, images.create, pair.id, like)
+        except (BlockStoreError, OSError) as e:
+            raise EngineError(f"cannot create the undo image of pair {pair.id}: {e}") from None
+        pair.undo, pair.undo_store = {"image": rec}, store
+
+    def _release_undo(self, pair: Pair) -> Discard:
+        """Forget the pair's undo image (in memory); returns the image (its
+        record and open store) to discard once that is durable."""
+        rec, store = pair.undo, pair.undo_store
+        pair.undo, pair.undo_store = None, None
+        if rec is None:
+            return None
+        if "volume" in rec:
+            vol = self.volumes.get(str(rec["volume"]))
+            if vol is not None and vol.undo_of == pair.id:
+                vol.undo_of = None
+                vol.generation += 1
+            return None
+        return rec.get("image"), store
+
+    def _drop_undo(self, pair: Pair) -> Discard:
+        pair.maps.drop_undo()
+        return self._release_undo(pair)
+
+    async def _discard_image(self, pair_id: str, image: Discard) -> None:
+        """After the change that forgets it is durable: a crash before this
+        leaves an unused image behind (removed at the next start), never a
+        pair pointing at none."""
+        if image is None or image[0] is None or self.undo_images is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.undo_images.discard,
+                                                             *image)
+        except (BlockStoreError, OSError) as e:
+            log.warning("pair %s: its undo image %s could not be removed: %s", pair_id,
+                        image[0], e)
 
     def _set_restoring(self, pair: Pair, protected: bool, paused: bool) -> None:
         """The in-memory half of a restore start (no await: see
@@ -519,7 +678,8 @@ class Engine:
                 other.maps.add_differing(pair.maps)
             # Every pair's exact delta commits with this change: regions are done.
             other.maps.clear_intent()
-        pair.maps.begin_restore()
+        pair.maps.begin_restore(pair.undo is not None)
+        pair.aborted = False
         pair.state = PairState.RESTORING
         pair.job = Job(JobKind.RESTORE, protected=protected, total=pair.maps.differing(),
                        paused=paused)
@@ -534,22 +694,103 @@ class Engine:
         if pair.mirroring:
             self._start_cleaner(pair)
 
+    # -- keep-undo: abort / commit ----------------------------------------------------
+    def _check_abortable(self, pair: Pair) -> bool:
+        """False if already aborting; raises if the pair cannot abort now."""
+        self._refuse_held(pair)
+        if pair.undo is None:
+            raise EngineError(f"pair {pair.id} keeps no undo image; only a restore started "
+                              "with keep-undo can be aborted (before its commit)")
+        if pair.state is PairState.ABORTING:
+            return False
+        self._require_online(pair.source)
+        self._check_siblings(pair)
+        return True
+
+    async def abort(self, pair_id: str) -> Pair:
+        """Put back what a keep-undo restore overwrote, except extents hosts
+        wrote since it began; runs in the background like a restore, with
+        copy-on-demand from the undo image. Already aborting: nothing to do."""
+        async with self._lock:
+            pair = self.pair(pair_id)
+            self._refuse_owned(pair)
+            if not self._check_abortable(pair):
+                return pair
+            src, cln = self.volumes[pair.source], self.volumes[pair.clone]
+            async with src.gate.closed(), cln.gate.closed():
+                await self._quiesce(pair)
+                self._set_aborting(pair)
+                await self.committer.commit()
+                self._restore_started(pair)
+            self._emit("abort-started", pair.id)
+            return pair
+
+    async def _quiesce(self, pair: Pair) -> None:
+        """Stop the pair's job with every copy landed (gates closed: no
+        copy-on-demand runs), so no restore write reaches the source later."""
+        if pair.copier is not None:
+            await pair.copier.drain()
+        saver = self._savers.pop(pair.id, None)
+        if saver is not None:
+            await saver.close()
+        await self._stop_background(pair)
+
+    def _set_aborting(self, pair: Pair) -> None:
+        """The in-memory half of an abort start (see _set_fractured)."""
+        for other in self.volumes[pair.source].as_source:
+            if other is not pair:     # the source changes where data is put back
+                other.maps.delta.update_from(pair.maps.saved)
+            other.maps.clear_intent()
+        pair.maps.begin_abort()
+        pair.aborted = True
+        pair.state = PairState.ABORTING
+        pair.maps.start_todo(True, abort=True)
+        pair.job = Job(JobKind.ABORT, total=pair.maps.todo_left())
+        self.committer.put_pair(pair.id, pair.to_record())
+
+    async def commit_undo(self, pair_id: str) -> Pair:
+        """The admin keeps the restore: its undo image is discarded."""
+        async with self._lock:
+            pair = self.pair(pair_id)
+            self._refuse_owned(pair)
+            self._check_committable(pair)
+            src = self.volumes[pair.source]
+            async with src.gate.closed():
+                image = self._drop_undo(pair)
+                self.committer.put_pair(pair.id, pair.to_record())
+                await self.committer.commit()
+            await self._discard_image(pair.id, image)
+            self._emit("committed", pair.id)
+            return pair
+
+    def _check_committable(self, pair: Pair) -> None:
+        if pair.undo is None:
+            raise EngineError(f"pair {pair.id} keeps no undo image; nothing to commit")
+        if pair.state is not PairState.FRACTURED:
+            raise EngineError(f"pair {pair.id} is {pair.state.value}; a restore is committed "
+                              "once it has finished (or aborted with 'pair abort')")
+
     async def delete_pair(self, pair_id: str, *, force: bool = False) -> None:
         async with self._lock:
             pair = self.pair(pair_id)
             self._refuse_owned(pair)
-            if pair.state is PairState.RESTORING and not force:
-                raise EngineError(f"pair {pair_id} is restoring; the source would be left half "
-                                  "restored (use force to delete anyway)")
+            if pair.to_source and not force:
+                raise EngineError(f"pair {pair_id} is {pair.state.value}; the source would be "
+                                  "left half restored (use force to delete anyway)")
+            if pair.undo is not None and not force:
+                raise EngineError(f"pair {pair_id} keeps the undo image of its restore; commit "
+                                  "or abort it first (or use force to delete anyway)")
             src, cln = self.volumes[pair.source], self.volumes[pair.clone]
             async with src.gate.closed(), cln.gate.closed():
-                await self._stop_background(pair)
+                await self._quiesce(pair)
+                image = self._release_undo(pair)
                 self.committer.put_pair(pair.id, None)
                 self._detach(pair)
                 await self.committer.commit()
                 src.generation += 1
                 cln.generation += 1
                 self._refresh_holds()
+            await self._discard_image(pair_id, image)
             self._emit("pair-deleted", pair_id)
 
     def _detach(self, pair: Pair) -> None:
@@ -639,6 +880,13 @@ class Engine:
             pair.copier = Copier(pair, self.committer, self.volumes[pair.source].hosts)
             pair.copier.on_finished = self._job_finished
             pair.copier.on_error = self._job_failed
+        saver = None
+        if pair.undo_store is not None:
+            saver = self._savers.get(pair.id)
+            if saver is None:
+                saver = self._savers[pair.id] = UndoSaver(pair, self.committer,
+                                                          pair.copier.buffers)
+        pair.copier.before_overwrite = None if saver is None else saver.before_overwrite
         if pair.job is not None and not pair.job.paused:
             pair.copier.start()
 
@@ -657,21 +905,30 @@ class Engine:
             if pair.job is None:
                 return
             kind = pair.job.kind
-            protected = kind is JobKind.RESTORE and pair.job.protected
-            pair.maps.finish_job(protected)
-            pair.state = PairState.FRACTURED if protected else PairState.SYNCHRONIZED
+            image = None
+            self._savers.pop(pair.id, None)     # nothing left to save ahead
+            if kind is JobKind.ABORT:
+                # the delta was set when the abort began
+                pair.maps.finish_job(False, keep_delta=True)
+                image = self._drop_undo(pair)
+                pair.state = PairState.FRACTURED
+            else:
+                protected = kind is JobKind.RESTORE and pair.job.protected
+                pair.maps.finish_job(protected)
+                pair.state = PairState.FRACTURED if protected else PairState.SYNCHRONIZED
             pair.job = None
             # The job copied every extent a widened chunk covered.
             pair.damaged = None
             self.committer.put_pair(pair.id, pair.to_record())
             await self.committer.commit()
-            if kind is JobKind.RESTORE:
+            if kind is not JobKind.SYNC:
                 src.generation += 1
             cln.generation += 1
             if pair.state is PairState.FRACTURED:
                 t = self._cleaners.pop(pair.id, None)
                 if t is not None:
                     t.cancel()
+        await self._discard_image(pair.id, image)
         log.info("pair %s: %s finished, now %s", pair.id, kind.value, pair.state.value)
         self._emit(f"{kind.value}-finished", pair.id)
 

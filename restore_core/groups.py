@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 from .engine import NAME_HELP, Engine, EngineError, valid_volume_name
+from .extentmap import ExtentMap
 from .metadata import DAMAGED_FIELD
 from .pair import Pair, PairState
 
@@ -246,7 +247,8 @@ class Groups:
                 members.append({"pair": pid, "source": pair.source, "clone": pair.clone,
                                 "state": p.state, "job": p.job, "paused": p.paused,
                                 "extents_total": p.extents_total,
-                                "extents_done": p.extents_done, "error": p.error})
+                                "extents_done": p.extents_done, "error": p.error,
+                                "undo": p.undo})
         states = {m.get("state", "missing") for m in members}
         return {"name": g.name, "pairs": list(g.members), "members": members,
                 "state": states.pop() if len(states) == 1 else ("mixed" if states else "empty"),
@@ -263,46 +265,104 @@ class Groups:
         for n in names:
             await stack.enter_async_context(self.engine.volumes[n].gate.closed())
 
+    async def _at_one_instant(self, pairs: list[Pair], stop: Callable[[Pair], Awaitable[None]],
+                              change: Callable[[Pair], None],
+                              after: Callable[[Pair], None]) -> None:
+        """With every member's gates closed: ``stop`` each member's job,
+        ``change`` each state in memory (no await in between: one batch,
+        one transaction), commit, then ``after`` for each, gates still closed."""
+        if not pairs:
+            return
+        async with AsyncExitStack() as stack:
+            await self._gates_closed(stack, pairs)
+            for p in pairs:
+                await stop(p)
+            for p in pairs:
+                change(p)
+            await self.engine.committer.commit()
+            for p in pairs:
+                after(p)
+
     async def fracture(self, name: str) -> Group:
         eng = self.engine
         async with self._lock, eng._lock:
             g, pairs = self._pairs(name)
             todo = [p for p in pairs if eng._needs_fracture(p)]
-            if todo:
-                async with AsyncExitStack() as stack:
-                    await self._gates_closed(stack, todo)
-                    differ = {p.id: p.maps.may_differ() for p in todo}
-                    for p in todo:
-                        await eng._stop_background(p)
-                    for p in todo:      # no await: one batch, one transaction
-                        eng._set_fractured(p, differ[p.id])
-                    await eng.committer.commit()
-                    for p in todo:
-                        eng.volumes[p.clone].generation += 1
+            differ: dict[str, ExtentMap] = {}
+
+            async def stop(p: Pair) -> None:
+                differ[p.id] = p.maps.may_differ()     # before its copier stops
+                await eng._stop_background(p)
+
+            def bump(p: Pair) -> None:
+                eng.volumes[p.clone].generation += 1
+            await self._at_one_instant(todo, stop, lambda p: eng._set_fractured(p, differ[p.id]),
+                                       bump)
             for p in todo:
                 eng._emit("fractured", p.id)
             return g
 
-    async def restore(self, name: str, *, protected: bool = True, paused: bool = False) -> Group:
+    async def restore(self, name: str, *, protected: bool = True, paused: bool = False,
+                      keep_undo: bool = False) -> Group:
+        """Every member starts restoring at one instant; with ``keep_undo``
+        each gets an undo image the engine makes (see Engine.restore)."""
         eng = self.engine
         async with self._lock, eng._lock:
             g, pairs = self._pairs(name)
             sources: dict[str, str] = {}
             for p in pairs:
-                eng._check_restorable(p)
+                eng._check_restorable(p, protected, keep_undo)
                 if p.source in sources:
                     raise EngineError(f"pairs {sources[p.source]} and {p.id} of group {name} "
                                       f"restore the same volume {p.source}; remove one")
                 sources[p.source] = p.id
-            async with AsyncExitStack() as stack:
-                await self._gates_closed(stack, pairs)
-                for p in pairs:         # no await: one batch, one transaction
-                    eng._set_restoring(p, protected, paused)
-                await eng.committer.commit()
-                for p in pairs:
-                    eng._restore_started(p)
+            images: list[Pair] = []
+            try:
+                for p in pairs if keep_undo else ():
+                    await eng._attach_undo(p, None)
+                    images.append(p)
+                await self._at_one_instant(
+                    pairs, _nothing_to_stop, lambda p: eng._set_restoring(p, protected, paused),
+                    eng._restore_started)
+            except BaseException:
+                for p in images:
+                    if p.state is not PairState.RESTORING:
+                        await eng._discard_image(p.id, eng._release_undo(p))
+                raise
             for p in pairs:
                 eng._emit("restore-started", p.id)
+            return g
+
+    async def abort(self, name: str) -> Group:
+        """Every member's keep-undo restore is undone from one instant on
+        (see Engine.abort); members already aborting are left as they are."""
+        eng = self.engine
+        async with self._lock, eng._lock:
+            g, pairs = self._pairs(name)
+            todo = [p for p in pairs if eng._check_abortable(p)]
+            await self._at_one_instant(todo, eng._quiesce, eng._set_aborting,
+                                       eng._restore_started)
+            for p in todo:
+                eng._emit("abort-started", p.id)
+            return g
+
+    async def commit_undo(self, name: str) -> Group:
+        """Every member keeps its restore: the undo images are discarded."""
+        eng = self.engine
+        async with self._lock, eng._lock:
+            g, pairs = self._pairs(name)
+            for p in pairs:
+                eng._check_committable(p)
+            images = {}
+            async with AsyncExitStack() as stack:
+                await self._gates_closed(stack, pairs)
+                for p in pairs:
+                    images[p.id] = eng._drop_undo(p)
+                    eng.committer.put_pair(p.id, p.to_record())
+                await eng.committer.commit()
+            for p in pairs:
+                await eng._discard_image(p.id, images[p.id])
+                eng._emit("committed", p.id)
             return g
 
     # -- every member in turn ----------------------------------------------------------
@@ -310,9 +370,9 @@ class Groups:
         async with self._lock:
             g, pairs = self._pairs(name)
             for p in pairs:
-                if p.state is PairState.RESTORING:
-                    raise EngineError(f"pair {p.id} of group {name} is restoring; wait for the "
-                                      "restore to end")
+                if p.to_source:
+                    raise EngineError(f"pair {p.id} of group {name} is {p.state.value}; wait "
+                                      "for it to end")
             with _acting_as(name):
                 for p in pairs:
                     if p.state is not PairState.SYNCING:
@@ -351,6 +411,10 @@ class Groups:
                 raise EngineError(f"group {name}: pair {p.id} still has a job running after "
                                   f"{timeout}s") from None
         return g
+
+
+async def _nothing_to_stop(pair: Pair) -> None:
+    """A fractured pair (a restore's start) runs no job."""
 
 
 @contextlib.contextmanager

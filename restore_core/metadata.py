@@ -26,6 +26,8 @@ HOLD_FIELD = "hold"
 # Pair record field naming metadata damage found on load; the extents it
 # could hide were widened to "differ". Cleared when the next job completes.
 DAMAGED_FIELD = "damaged"
+# Pair record field naming a keep-undo restore's undo image (restore_core.undo).
+UNDO_FIELD = "undo"
 
 
 class MetadataError(Exception):

@@ -12,7 +12,7 @@ from .extentmap import extent_count
 from .gate import IOGate
 from .hostyield import HostYield
 from .inflight import InFlightMap
-from .metadata import DAMAGED_FIELD, HOLD_FIELD
+from .metadata import DAMAGED_FIELD, HOLD_FIELD, UNDO_FIELD
 from .regionlog import RegionLog
 from .restoremaps import RestoreMaps
 
@@ -22,11 +22,13 @@ class PairState(str, enum.Enum):
     SYNCHRONIZED = "synchronized"    # in sync, host writes mirrored
     FRACTURED = "fractured"          # split: both sides usable, writes tracked
     RESTORING = "restoring"          # copying clone -> source under host I/O
+    ABORTING = "aborting"            # putting back a keep-undo restore's saved data
 
 
 class JobKind(str, enum.Enum):
     SYNC = "sync"
     RESTORE = "restore"
+    ABORT = "abort"                  # undo image -> source (restore_core.undo)
 
 
 @dataclass
@@ -100,6 +102,10 @@ class Progress:
     eta: float | None     # seconds
     error: str | None
     delta_extents: int
+    # keep-undo: the restore keeps an undo image (abort or commit it), and
+    # whether the pair's last restore was aborted (set until its next job)
+    undo: bool = False
+    aborted: bool = False
 
 
 class Pair:
@@ -121,9 +127,14 @@ class Pair:
         self.created_at = time.time()
         self.hold: str | None = None       # refuses I/O and jobs until acknowledged
         self.damaged: str | None = None    # metadata damage widened on load
+        # keep-undo restore: where its undo image is (UNDO_FIELD), until
+        # the abort finishes or the admin commits
+        self.undo: dict[str, Any] | None = None
+        self.aborted = False               # runtime: an abort began since the last job start
         # runtime
         self.source_store: BlockStore | None = None
         self.clone_store: BlockStore | None = None
+        self.undo_store: BlockStore | None = None
         self.copier = None
         self.bytes_copied = 0
         self.copied_extents = 0
@@ -141,6 +152,7 @@ class Pair:
             "job": self.job.to_record() if self.job else None,
             "throttle": asdict(self.throttle),
             HOLD_FIELD: self.hold, DAMAGED_FIELD: self.damaged,
+            UNDO_FIELD: self.undo,
         }
 
     @classmethod
@@ -153,6 +165,10 @@ class Pair:
         p.throttle = Throttle(**{k: int(v) for k, v in t.items() if k in Throttle.__dataclass_fields__})
         p.hold = r.get(HOLD_FIELD)
         p.damaged = r.get(DAMAGED_FIELD)
+        undo = r.get(UNDO_FIELD)
+        if undo is not None and not isinstance(undo, dict):
+            raise ValueError(f"pair {p.id}: bad undo image record {undo!r}")
+        p.undo = undo
         return p
 
     def map_key(self, name: str) -> str:
@@ -168,10 +184,32 @@ class Pair:
 
     @property
     def protected_restore(self) -> bool:
+        """The copier writes the source and never copies over the extents
+        hosts wrote (a protected restore, or an abort)."""
+        if self.state is PairState.ABORTING:
+            return True
         return self.state is PairState.RESTORING and self.job is not None and self.job.protected
 
+    @property
+    def to_source(self) -> bool:
+        """A job copies into the source under host I/O (restore, abort)."""
+        return self.state in (PairState.RESTORING, PairState.ABORTING)
+
+    @property
+    def copy_from(self) -> BlockStore | None:
+        """The store the job copies from: the undo image during an abort."""
+        if self.state is PairState.ABORTING:
+            return self.undo_store
+        return self.clone_store if self.to_source else self.source_store
+
+    @property
+    def tracks_written(self) -> bool:
+        """Host writes to the source must be marked in ``written`` (an
+        abort keeps them): a keep-undo restore, or its end until commit."""
+        return self.undo is not None and self.state in (PairState.RESTORING, PairState.FRACTURED)
+
     def compute_todo(self) -> None:
-        self.maps.start_todo(self.protected_restore)
+        self.maps.start_todo(self.protected_restore, self.state is PairState.ABORTING)
 
     def note_copied(self, nbytes: int, nextents: int) -> None:
         now = time.monotonic()
@@ -204,6 +242,7 @@ class Pair:
             rate=rate, eta=eta,
             error=job.error if job else None,
             delta_extents=self.maps.may_differ().count(),
+            undo=self.undo is not None, aborted=self.aborted,
         )
 
 
@@ -222,3 +261,5 @@ class VolumeRuntime:
         # replaced under us), or None. An offline volume answers NOT READY.
         self.offline: str | None = None
         self.hosts = HostYield()          # the copier's view of this LU's host activity
+        # the pair whose undo image this volume holds: NOT READY to hosts
+        self.undo_of: str | None = None

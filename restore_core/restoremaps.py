@@ -18,6 +18,15 @@ Persisted (one bit per extent unless said otherwise):
             extents each, like md's write-intent bitmap): a host write makes
             its region bit durable before it is acknowledged, while its exact
             delta bits stay in memory and reach disk with a later batch.
+  saved  -- keep-undo restore (restore_core.undo): extents whose
+            pre-restore source data is durable in the undo image; set
+            before the restore overwrites them.
+  written -- keep-undo restore, until abort or commit: extents hosts wrote
+            since the restore began (an abort keeps their data); durable
+            before the write is acknowledged.
+During an abort the protected restore map holds the extents hosts wrote
+(never copied over), ``delta`` is already the pair's delta after the abort
+and the job puts back ``saved - written``.
 In memory:
   todo   -- still to copy: ``delta - done`` (minus the protected restore map).
   landed -- copied (or filled) but the data not yet durable: neither todo
@@ -33,7 +42,7 @@ from .extentmap import CHUNK_BITS, ExtentMap
 
 # 256 extents: 16 MiB regions at the default 64 KiB extent size.
 INTENT_EXTENTS = 256
-PERSISTED_MAPS = ("delta", "done", "marks", "intent")
+PERSISTED_MAPS = ("delta", "done", "marks", "intent", "saved", "written")
 
 Settle = Callable[[], None]
 
@@ -46,11 +55,14 @@ class RestoreMaps:
         self.done = ExtentMap(n)
         self.marks = ExtentMap(n)
         self.intent = ExtentMap((n + INTENT_EXTENTS - 1) // INTENT_EXTENTS)
+        self.saved = ExtentMap(n)
+        self.written = ExtentMap(n)
         self.todo = ExtentMap(n)
         self.landed = ExtentMap(n)
         # index -> batch making its bit durable (later markers wait for it too)
         self._pending_marks: dict[int, int] = {}
         self._pending_intent: dict[int, int] = {}
+        self._pending_written: dict[int, int] = {}
         self._committer: Committer | None = None
         self._prefix = ""
 
@@ -174,6 +186,41 @@ class RestoreMaps:
             bid = max(bid, self._mark(self.marks, e, e + 1, self._pending_marks))
         return bid
 
+    def mark_written_since_restore(self, extents: range | list[int]) -> int:
+        """Keep-undo: an abort must keep the host data of these extents."""
+        if isinstance(extents, range):
+            return self._mark(self.written, extents.start, extents.stop, self._pending_written)
+        bid = 0
+        for e in extents:
+            bid = max(bid, self._mark(self.written, e, e + 1, self._pending_written))
+        return bid
+
+    def is_written_durably(self, a: int, b: int) -> bool:
+        """Keep-undo: every extent of [a, b) durably counts as host-written."""
+        return self.written.all(a, b) and not self._pending_batch(self._pending_written, a, b)
+
+    # -- undo data (undo data durable -> saved) ---------------------------------------------
+    def unsaved_runs(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Runs of [a, b) whose pre-restore data is not in the undo image yet."""
+        if self.saved.all(a, b):
+            return []
+        runs: list[tuple[int, int]] = []
+        for e in range(a, b):
+            if self.saved.test(e):
+                continue
+            if runs and runs[-1][1] == e:
+                runs[-1] = (runs[-1][0], e + 1)
+            else:
+                runs.append((e, e + 1))
+        return runs
+
+    def mark_saved(self, runs: list[tuple[int, int]]) -> int:
+        """The undo data of these runs is durable; returns the batch that
+        makes their bits durable (the overwrite waits for it)."""
+        for ra, rb in runs:
+            self.saved.set_range(ra, rb)
+        return self.committer.next_id
+
     def is_host_written_durably(self, a: int, b: int) -> bool:
         """Protected restore map: every extent of [a, b) is marked and its
         mark is on disk (a write there needs no map change)."""
@@ -202,7 +249,7 @@ class RestoreMaps:
 
     def prune_pending(self, durable_id: int) -> None:
         """Forget marks whose batch is on disk."""
-        for pm in (self._pending_marks, self._pending_intent):
+        for pm in (self._pending_marks, self._pending_intent, self._pending_written):
             if pm:
                 for e in [e for e, b in pm.items() if b <= durable_id]:
                     del pm[e]
@@ -212,10 +259,11 @@ class RestoreMaps:
         self.marks.clear(e)
 
     # -- job lifecycle (callers hold the volumes' I/O gates closed) ---------------------
-    def start_todo(self, protected: bool) -> None:
-        """todo = delta - done (- the protected restore map)."""
-        bits = self.delta.bits & ~self.done.bits
-        if protected:
+    def start_todo(self, protected: bool, abort: bool = False) -> None:
+        """todo = delta - done (- the protected restore map); an abort's:
+        saved - done - the extents hosts wrote."""
+        bits = (self.saved.bits if abort else self.delta.bits) & ~self.done.bits
+        if protected or abort:
             bits &= ~self.marks.bits
         self.todo = ExtentMap(self.nextents, bits)
         self.landed.clear_all()
@@ -240,9 +288,27 @@ class RestoreMaps:
         self.done.clear_all()
         self.intent.clear_all()
 
-    def begin_restore(self) -> None:
+    def begin_restore(self, keep_undo: bool = False) -> None:
         self.done.clear_all()
         self.marks.clear_all()
+        if keep_undo:
+            self.saved.clear_all()
+            self.written.clear_all()
+
+    def begin_abort(self) -> None:
+        """Put back the saved extents hosts have not written since the
+        restore began. The delta after the abort is set now: what differed
+        before the restore, what it changed, what hosts wrote."""
+        self.delta.update_from(self.saved)
+        self.delta.update_from(self.written)
+        self.marks.assign(self.written)
+        self.done.clear_all()
+
+    def drop_undo(self) -> None:
+        """The undo image is gone (commit, abort finished, acknowledge)."""
+        self.saved.clear_all()
+        self.written.clear_all()
+        self._pending_written.clear()
 
     def recopy_dirty_regions(self, restart_job: bool) -> None:
         """After a crash in a mirroring state: extents of the dirty-region
@@ -271,8 +337,13 @@ class RestoreMaps:
         self.todo.clear_all()
         self.landed.clear_all()
 
-    def finish_job(self, protected_restore: bool) -> None:
-        if protected_restore:
+    def finish_job(self, protected_restore: bool, keep_delta: bool = False) -> None:
+        if keep_delta:
+            # An abort: its delta was set when it began, plus what hosts
+            # wrote during it.
+            self.delta.update_from(self.marks)
+            self.marks.clear_all()
+        elif protected_restore:
             # The protected restore map is exactly the new delta map.
             self.delta.assign(self.marks)
             self.marks.clear_all()
@@ -308,6 +379,14 @@ class RestoreMaps:
         if name == "done":
             m.clear_range(a, b)
             return f"every extent {where} counts as not yet copied"
+        if name == "saved":
+            # Unsaved is the safe side: an abort leaves such an extent as it
+            # is, and a restore saves it (again) before overwriting it.
+            m.clear_range(a, b)
+            return f"every extent {where} counts as not saved in the undo image"
+        if name == "written":
+            m.set_range(a, b)
+            return f"every extent {where} counts as host-written (an abort keeps it)"
         if name == "marks" and protected_restore:
             # Here a mark means "restored, then written by the host: never
             # copy over it". A host write restores its extent first, so every

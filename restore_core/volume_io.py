@@ -82,6 +82,9 @@ class VolumeIO(LunIO):
         vol = self.vol
         if vol.held is not None:
             return AccessState(Access.NOT_READY, vol.held)
+        if vol.undo_of is not None:
+            return AccessState(Access.NOT_READY,
+                               f"volume {vol.name} holds the undo image of pair {vol.undo_of}")
         if vol.offline is not None:
             return AccessState(Access.NOT_READY, f"volume {vol.name} is offline: {vol.offline}")
         for p in vol.as_source:
@@ -164,7 +167,7 @@ class VolumeIO(LunIO):
         if vol.gate.is_closed:
             return True
         if vol.as_clone is None and not vol.as_source:
-            return vol.held is not None or vol.offline is not None
+            return vol.held is not None or vol.offline is not None or vol.undo_of is not None
         return self.access_state().access is Access.NOT_READY    # e.g. restoring from an offline clone
 
     def _ready_to_write(self, offset: int, length: int) -> bool:
@@ -183,9 +186,11 @@ class VolumeIO(LunIO):
         fractured = []
         for pair in tracked:
             a, b = extents_of(offset, length, pair.extent_size)
+            if pair.tracks_written and not pair.maps.is_written_durably(a, b):
+                return False                     # an abort must know to keep this write
             if pair.state is PairState.FRACTURED:
                 fractured.append((pair, a, b))
-            elif not (pair.state is PairState.RESTORING and pair.protected_restore
+            elif not (pair.to_source and pair.protected_restore
                       and self._restored_and_marked(pair, a, b)):
                 return False
         for pair, a, b in fractured:
@@ -249,7 +254,7 @@ class VolumeIO(LunIO):
         order, the extents still to restore coming from the clone. Notes
         the host I/O for the copier's host priority."""
         for pair in self.vol.as_source:
-            if pair.state is not PairState.RESTORING:
+            if not pair.to_source:
                 continue
             pair.last_host_io = time.monotonic()
             es = pair.extent_size
@@ -260,7 +265,7 @@ class VolumeIO(LunIO):
             end = offset + length
             pieces: list[tuple[BlockStore, int, int]] = []
             pos = offset
-            own, clone = self.vol.store, pair.clone_store
+            own, clone = self.vol.store, pair.copy_from    # the undo image in an abort
             assert clone is not None              # set when the pair was attached
             for e in unrestored:
                 s, t = max(e * es, offset), min((e + 1) * es, end)
@@ -359,11 +364,13 @@ class VolumeIO(LunIO):
             for pair in vol.as_source:
                 a, b = extents_of(offset, length, pair.extent_size)
                 st = pair.state
+                if pair.tracks_written:     # keep-undo: an abort keeps this write
+                    wait_bid = max(wait_bid, pair.maps.mark_written_since_restore(range(a, b)))
                 if st is PairState.FRACTURED:
                     wait_bid = max(wait_bid, pair.maps.mark_tracked(a, b))
                     continue
                 pair.last_host_io = time.monotonic()
-                if st is PairState.RESTORING:
+                if pair.to_source:
                     fa, fb = whole_extents_of(offset, length, pair.extent_size, pair.size)
                     assert pair.copier is not None
                     fills = await pair.copier.ensure_copied(a, b, (fa, fb))

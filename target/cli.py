@@ -56,6 +56,8 @@ def _pair_row(p: dict[str, Any]) -> dict[str, Any]:
     job = pr["job"] or ""
     if job == "restore":
         job += " (protected)" if pr["protected"] else " (unprotected)"
+    if pr.get("undo"):
+        job += (" " if job else "") + "undo kept"
     done = f"{pr['extents_done']}/{pr['extents_total']}" if pr["job"] else ""
     if pr["paused"]:
         job += " paused"
@@ -521,10 +523,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="copy every extent")
     p = with_wait(client_cmd(pr, "restore", "copy clone -> source while hosts use it",
                              "pair.restore", "pair",
-                             lambda a: {"pair": a.pair, "protected": not a.unprotected}))
+                             lambda a: {"pair": a.pair, "protected": not a.unprotected,
+                                        "keep_undo": a.keep_undo,
+                                        "undo_volume": a.undo_volume}))
     p.add_argument("pair", help=PAIR_HELP)
     p.add_argument("--unprotected", action="store_true",
                    help="mirror host writes to the clone; the pair ends synchronized")
+    p.add_argument("--keep-undo", action="store_true",
+                   help="save what the restore overwrites, so that 'pair abort' can put it "
+                   "back (until 'pair commit'); costs about half the restore's speed")
+    p.add_argument("--undo-volume", metavar="VOLUME",
+                   help="with --keep-undo: save into this volume (in no pair, at least as "
+                   "big; NOT READY to hosts meanwhile) instead of a sparse image the daemon "
+                   "makes beside the source")
+    p = with_wait(client_cmd(pr, "abort", "undo a --keep-undo restore (running or finished): "
+                             "put back what it overwrote, except what hosts wrote since",
+                             "pair.abort", "pair", lambda a: {"pair": a.pair}))
+    p.add_argument("pair", help=PAIR_HELP)
+    p = client_cmd(pr, "commit", "keep a finished --keep-undo restore: discard its undo image",
+                   "pair.commit", "pair", lambda a: {"pair": a.pair})
+    p.add_argument("pair", help=PAIR_HELP)
     p = client_cmd(pr, "throttle", "background copy knobs", "pair.throttle", "throttle",
                    lambda a: {"pair": a.pair, **_throttle_kw(a)})
     p.add_argument("pair", help=PAIR_HELP)

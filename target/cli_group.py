@@ -58,9 +58,16 @@ def add_parser(sub: argparse._SubParsersAction,
             lambda a: {"name": a.name, "full": a.full}, wait=True)
     p.add_argument("--full", action="store_true", help="copy every extent")
     p = cmd("restore", "start restoring every member at one instant", "group.restore",
-            lambda a: {"name": a.name, "protected": not a.unprotected}, wait=True)
+            lambda a: {"name": a.name, "protected": not a.unprotected,
+                       "keep_undo": a.keep_undo}, wait=True)
     p.add_argument("--unprotected", action="store_true",
                    help="mirror host writes to the clones; the pairs end synchronized")
+    p.add_argument("--keep-undo", action="store_true",
+                   help="save what each member's restore overwrites (see 'pair restore')")
+    cmd("abort", "undo every member's --keep-undo restore from one instant on", "group.abort",
+        wait=True)
+    cmd("commit", "keep every member's --keep-undo restore (discard the undo images)",
+        "group.commit")
     cmd("pause", "pause every member's job", "group.pause")
     cmd("resume", "resume every member's job", "group.resume")
     p = cmd("wait", "follow every member's job to its end", "group.show")

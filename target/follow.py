@@ -28,9 +28,9 @@ class Outcome(enum.Enum):
     WAITING = "waiting"     # a volume of the pair is offline; the job resumes after relink
 
 
-#: Exit status of `pair create|sync|restore --wait` and `pair wait` per outcome.
-#: ABORTED is reserved for the abort operation (issue 13): nothing ends a job
-#: that way yet, but scripts may already test for it.
+#: Exit status of `pair create|sync|restore|abort --wait` and `pair wait` per
+#: outcome. ABORTED: the restore followed was aborted ('pair abort'; the
+#: abort itself is followed to its end like any job).
 EXIT_STATUS: dict[Outcome, int] = {Outcome.FINISHED: 0, Outcome.PAUSED: 3, Outcome.FAILED: 4,
                                    Outcome.ABORTED: 5, Outcome.WAITING: 6}
 
@@ -39,13 +39,15 @@ EXIT_HELP = ("exit status with --wait: 0 the job finished, 3 it was paused, 4 it
              "Ctrl-C stops following, the job goes on")
 
 # What a finished job did, for the last line ("restored 1.0 GiB in 12s").
-_DONE_VERB = {"restore": "restored", "sync": "synced"}
+_DONE_VERB = {"restore": "restored", "sync": "synced", "abort": "put back"}
 
 
-def outcome(pair: dict[str, Any]) -> Outcome | None:
-    """How the pair's job stands: None while it runs."""
+def outcome(pair: dict[str, Any], following: str | None = None) -> Outcome | None:
+    """How the pair's job stands: None while it runs. ``following``: the
+    kind of job being followed; a restore followed ends ABORTED once an
+    abort of it began (``progress.aborted``, set until the pair's next job)."""
     pr = pair["progress"]
-    if pr.get("aborted"):
+    if pr.get("aborted") and following == "restore":
         return Outcome.ABORTED
     if pr["job"] is None:
         return Outcome.FINISHED
@@ -97,7 +99,9 @@ def _message(p: dict[str, Any], kind: str | None, total: int, elapsed: float,
     if how is Outcome.WAITING:
         return (f"{p['id']}: the {what} waits: {p['offline']} (it resumes after "
                 "'liverestore volume relink')")
-    return f"{p['id']}: the {what} was aborted; state {p['state']}"
+    return (f"{p['id']}: the restore was aborted ('pair abort'); its abort "
+            f"{'puts back' if pr['job'] == 'abort' else 'put back'} the source's data; "
+            f"state {p['state']}")
 
 
 class _Bar:
@@ -153,7 +157,7 @@ def follow(client: Client, first: dict[str, Any], *, live: bool, lines: bool,
     last_line = 0.0
     try:
         while True:
-            how = outcome(p)
+            how = outcome(p, kind)
             if how is not None:
                 break
             last_total = job_bytes(p)[1]

@@ -19,6 +19,7 @@ GROUP_OPS = {
     "group.fracture": "group_fracture", "group.sync": "group_sync",
     "group.restore": "group_restore", "group.pause": "group_pause",
     "group.resume": "group_resume", "group.wait": "group_wait",
+    "group.abort": "group_abort", "group.commit": "group_commit",
 }
 
 
@@ -80,8 +81,16 @@ class GroupOps:
     async def group_sync(self, name: str, full: bool = False) -> dict[str, Any]:
         return await self._group_do(name, self.grp.sync(name, full=full))
 
-    async def group_restore(self, name: str, protected: bool = True) -> dict[str, Any]:
-        return await self._group_do(name, self.grp.restore(name, protected=protected))
+    async def group_restore(self, name: str, protected: bool = True,
+                            keep_undo: bool = False) -> dict[str, Any]:
+        return await self._group_do(name, self.grp.restore(name, protected=protected,
+                                                           keep_undo=keep_undo))
+
+    async def group_abort(self, name: str) -> dict[str, Any]:
+        return await self._group_do(name, self.grp.abort(name))
+
+    async def group_commit(self, name: str) -> dict[str, Any]:
+        return await self._group_do(name, self.grp.commit_undo(name))
 
     async def group_pause(self, name: str) -> dict[str, Any]:
         return await self._group_do(name, self.grp.pause(name))

@@ -79,7 +79,11 @@ class PairJournal:
             n["last_job"] = {"kind": "restore", "protected": bool(pair.job.protected),
                              "started_at": now, "result": RUNNING,
                              "from_point": n.get("fractured_at")}
-        elif event in ("restore-finished", "sync-finished"):
+        elif event == "abort-started":
+            # the restore is undone: the source no longer holds that point
+            n["restored_from"] = None
+            n["last_job"] = {"kind": "abort", "started_at": now, "result": RUNNING}
+        elif event in ("restore-finished", "sync-finished", "abort-finished"):
             job.update(result=FINISHED, ended_at=now, error=None)
             n["last_job"] = job
             if event == "restore-finished":

@@ -30,6 +30,7 @@ from restore_core.stores.missing import MissingBlockStore
 from restore_core.stores.owners import forget_owner, read_owner, write_owner
 from restore_core.stores.rbd import RbdStore, remove_image
 from restore_core.stores.spec import RBD_KIND, FileSpec, RbdSpec, SpecError, StoreSpec, spec_of_record
+from restore_core.stores.undo_images import StoreUndoImages
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.groups import Groups
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "liverestore.db"
 VOLUMES_DIR = "volumes"     # the daemon's own image directory inside the state dir
+UNDO_DIR = "undo"           # undo images of keep-undo restores (file sources)
 RBD_OWNERS_DIR = "rbd-owners"   # per RBD volume: the lock owner id of this daemon's client
 
 
@@ -152,6 +154,16 @@ def _inode(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
+
+
+def _undo_where(undo: dict[str, Any] | None) -> str | None:
+    """Where a pair's undo image is, for pair show: a volume or an image."""
+    if undo is None:
+        return None
+    if "volume" in undo:
+        return f"volume {undo['volume']}"
+    image = undo.get("image") or {}
+    return str(image.get("path", image))
 
 
 def _throttle_knobs(knobs: dict[str, Any]) -> dict[str, int]:
@@ -283,7 +295,8 @@ class Service(GroupOps):
             os.umask(old)
         _private(path)
         self.config = ConfigStore(self.db)
-        self.engine = Engine(SqliteMetadataStore(self.db))
+        self.engine = Engine(SqliteMetadataStore(self.db),
+                             StoreUndoImages(os.path.join(self.state_dir, UNDO_DIR)))
         for rec in self.config.volumes():
             if not valid_volume_name(rec.name):
                 # Stored by an older version that let it through: say which
@@ -710,7 +723,7 @@ class Service(GroupOps):
         vol = self.eng.volumes[name]
         role = "clone" if vol.as_clone else ("source" if vol.as_source else "standalone")
         return {**asdict(rec), "role": role, "access": st.access.value, "access_reason": st.reason,
-                "offline": vol.offline,
+                "offline": vol.offline, "undo_of": vol.undo_of,
                 "exported_by": self._exported_in(name),
                 "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])}
 
@@ -758,9 +771,23 @@ class Service(GroupOps):
         await self._do(self.eng.sync(p.id, full=full))
         return self.pair_show(p.id)
 
-    async def pair_restore(self, pair: str, protected: bool = True) -> dict[str, Any]:
+    async def pair_restore(self, pair: str, protected: bool = True, keep_undo: bool = False,
+                           undo_volume: str | None = None) -> dict[str, Any]:
         p = self._pair(pair)
-        await self._do(self.eng.restore(p.id, protected=protected))
+        await self._do(self.eng.restore(p.id, protected=protected, keep_undo=keep_undo,
+                                        undo_volume=undo_volume))
+        return self.pair_show(p.id)
+
+    async def pair_abort(self, pair: str) -> dict[str, Any]:
+        """Undo a keep-undo restore (running, or finished and not committed)."""
+        p = self._pair(pair)
+        await self._do(self.eng.abort(p.id))
+        return self.pair_show(p.id)
+
+    async def pair_commit(self, pair: str) -> dict[str, Any]:
+        """Keep a keep-undo restore: its undo image is discarded."""
+        p = self._pair(pair)
+        await self._do(self.eng.commit_undo(p.id))
         return self.pair_show(p.id)
 
     async def pair_pause(self, pair: str) -> dict[str, Any]:
@@ -794,6 +821,7 @@ class Service(GroupOps):
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
                 "progress": asdict(pr), **{"state": pr.state},
                 "damaged": p.damaged, "held": p.hold, "group": self.grp.group_of(p.id),
+                "undo_image": _undo_where(p.undo),
                 "offline": "; ".join(self.eng.offline_reasons(p)) or None,
                 "history": self.journal.note(p.id) if self.journal is not None else None}
 
@@ -1211,7 +1239,8 @@ class Service(GroupOps):
         "pair.restore": "pair_restore", "pair.pause": "pair_pause", "pair.resume": "pair_resume",
         "pair.throttle": "pair_throttle", "pair.delete": "pair_delete", "pair.list": "pair_list",
         "pair.show": "pair_show", "pair.wait": "pair_wait",
-        "pair.acknowledge": "pair_acknowledge",
+        "pair.acknowledge": "pair_acknowledge", "pair.abort": "pair_abort",
+        "pair.commit": "pair_commit",
         "export.create": "export_create", "export.update": "export_update",
         "export.delete": "export_delete", "export.list": "export_list",
         "export.show": "export_show", "portal.set": "portal_set",

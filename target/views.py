@@ -117,6 +117,9 @@ def pair_fields(p: dict[str, Any]) -> list[Field]:
         fields.insert(9, ("restored from", f"the clone as of {when(h['restored_from'])}"
                           + (" (its current point in time)" if h.get("current_point_restored")
                              else "")))
+    if p.get("undo_image"):
+        fields.append(("undo image", f"{p['undo_image']} ('liverestore pair abort {p['id']}' "
+                       f"puts back what the restore overwrote; 'pair commit' discards it)"))
     for key, label in (("held", "HELD"), ("damaged", "DAMAGED")):
         if p.get(key):
             fields.append((label, p[key]))

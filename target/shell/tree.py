@@ -32,9 +32,10 @@ THROTTLE = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct")
 def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
     """'restoring 37% 190/512 extents, 2.0 MiB/s, eta 0:00:12 (protected)'."""
     pr = p["progress"]
+    undo = ", undo kept (abort or commit)" if pr.get("undo") and pr["job"] is None else ""
     if pr["job"] is None:
         if p["state"] == "fractured":
-            return f"fractured, {plural(pr['delta_extents'], 'extent')} differ", True
+            return f"fractured, {plural(pr['delta_extents'], 'extent')} differ{undo}", True
         return p["state"], True
     total = pr["extents_total"] or 0
     pct = 100 * pr["extents_done"] // total if total else 100
@@ -397,17 +398,34 @@ class PairNode(Node):
         p = self.call(op, pair=self.data["id"], **args)
         self.say(f"{verb} {p['source']}/{p['clone']}: {pair_summary(p)[0]}.")
 
-    def ui_command_restore(self, mode="protected"):
+    def ui_command_restore(self, mode="protected", keep_undo="false", undo_volume=None):
         '''
         Copies the clone back onto the source while hosts keep using the
         source. protected (the default): host writes during the restore are
         kept and the clone is not touched, the pair ends fractured.
         unprotected: host writes are mirrored to the clone, the pair ends
-        synchronized.
+        synchronized. keep_undo=true (protected only) saves what the
+        restore overwrites, to a sparse image beside the source or to
+        undo_volume, so that `abort` can put it back until `commit`.
         '''
         if mode not in ("protected", "unprotected"):
             raise ExecutionError("restore takes 'protected' (the default) or 'unprotected'")
-        self._do("pair.restore", "Restoring", protected=mode == "protected")
+        self._do("pair.restore", "Restoring", protected=mode == "protected",
+                 keep_undo=self.ui_eval_param(keep_undo, "bool", False), undo_volume=undo_volume)
+
+    def ui_command_abort(self):
+        '''
+        Undoes a keep_undo restore (running or finished): puts back what it
+        overwrote, except extents hosts wrote since it began, in the
+        background while hosts keep using the source (`wait` follows it).
+        '''
+        self._do("pair.abort", "Aborting")
+
+    def ui_command_commit(self):
+        '''
+        Keeps a finished keep_undo restore: its undo image is discarded.
+        '''
+        self._do("pair.commit", "Committed")
 
     def ui_complete_restore(self, parameters, text, current_param):
         return [m for m in ("protected", "unprotected") if m.startswith(text)]
@@ -529,14 +547,28 @@ class GroupNode(Node):
             raise ExecutionError("sync takes 'delta' (the default) or 'full'")
         self._do("group.sync", "Syncing", full=mode == "full")
 
-    def ui_command_restore(self, mode="protected"):
+    def ui_command_restore(self, mode="protected", keep_undo="false"):
         '''
         Starts restoring every member from its clone at one instant, while
-        hosts keep using the sources (see /pairs ... restore for the modes).
+        hosts keep using the sources (see /pairs ... restore for the modes
+        and keep_undo).
         '''
         if mode not in ("protected", "unprotected"):
             raise ExecutionError("restore takes 'protected' (the default) or 'unprotected'")
-        self._do("group.restore", "Restoring", protected=mode == "protected")
+        self._do("group.restore", "Restoring", protected=mode == "protected",
+                 keep_undo=self.ui_eval_param(keep_undo, "bool", False))
+
+    def ui_command_abort(self):
+        '''
+        Undoes every member's keep_undo restore from one instant on.
+        '''
+        self._do("group.abort", "Aborting")
+
+    def ui_command_commit(self):
+        '''
+        Keeps every member's keep_undo restore (discards the undo images).
+        '''
+        self._do("group.commit", "Committed")
 
     def ui_command_pause(self):
         '''

@@ -519,3 +519,39 @@ def test_group_module_is_idempotent_with_check_mode(env, daemon):
     rc, out = adhoc(env, "group", {**sock, "name": "db", "state": "absent"})
     assert rc == 0 and not out["changed"]
     assert Client(daemon.sock).call("group.list") == []
+
+
+def test_keep_undo_restore_abort_commit_idempotent_with_check_mode(env, daemon):
+    sock = {"socket": daemon.sock}
+    for lu in ("data", "log"):
+        daemon.cli("volume", "create", lu, "--size", "1M")
+        daemon.cli("volume", "create", lu + "-clone", "--size", "1M")
+        daemon.cli("pair", "create", lu, lu + "-clone", "--no-sync")   # every extent differs
+    c = Client(daemon.sock)
+    pair = {**sock, "source": "log", "clone": "log-clone"}
+    rc, out = adhoc(env, "pair", {**pair, "state": "restored", "keep_undo": True})
+    assert rc == 0 and out["actions"] == ["pair.restore"] and out["pair"]["progress"]["undo"]
+    rc, out = adhoc(env, "pair", {**pair, "state": "aborted"}, "--check")
+    assert rc == 0 and out["changed"] and out["actions"] == ["pair.abort"]
+    assert c.call("pair.show", pair="log-clone")["progress"]["undo"]   # check mode: unchanged
+    rc, out = adhoc(env, "pair", {**pair, "state": "aborted"})
+    assert rc == 0 and out["actions"] == ["pair.abort"] and not out["pair"]["progress"]["undo"]
+    assert out["pair"]["state"] == "fractured"
+    for state in ("aborted", "committed"):      # nothing kept: nothing to do
+        rc, out = adhoc(env, "pair", {**pair, "state": state})
+        assert rc == 0 and not out["changed"], out
+
+    group = {**sock, "name": "db", "pairs": ["data-clone", "log-clone"]}
+    rc, out = adhoc(env, "group", {**group, "state": "restored", "keep_undo": True})
+    assert rc == 0 and out["actions"] == ["group.create", "group.restore"], out
+    assert all(m["undo"] for m in out["group"]["members"])
+    rc, out = adhoc(env, "group", {**group, "state": "committed"}, "--check")
+    assert rc == 0 and out["actions"] == ["group.commit"]
+    rc, out = adhoc(env, "group", {**group, "state": "committed"})
+    assert rc == 0 and out["actions"] == ["group.commit"]
+    assert not any(m["undo"] for m in out["group"]["members"])
+    rc, out = adhoc(env, "group", {**group, "state": "committed"})
+    assert rc == 0 and not out["changed"]
+    rc, out = adhoc(env, "pair", {**sock, "source": "data", "clone": "data-clone",
+                                  "state": "aborted"})
+    assert rc == 0 and not out["changed"]

@@ -19,6 +19,10 @@ Prints a table of raw numbers and, as its last line, one JSON object:
                                  / a volume in no pair (goal >= 0.8)
   p99_read_during_restore_ratio  p99 of QD1 4 KiB random reads during a
                                  default-throttled restore / idle (goal <= 2.0)
+  keep_undo_ratio                --keep-undo restore throughput / plain restore
+                                 throughput, full 256 MiB restore of a written
+                                 source (expected near 0.5: each extent is read
+                                 and written twice; goal >= 0.45)
 
 Every side of a ratio is measured in the same run, alternating sides, and the
 median of the repetitions is used. The benchmark reports; it never asserts a
@@ -49,6 +53,7 @@ from bitarray.util import random_k  # noqa: E402
 from persistence.db import Database  # noqa: E402
 from persistence.sqlite_store import SqliteMetadataStore  # noqa: E402
 from restore_core.stores.file import FileBlockStore  # noqa: E402
+from restore_core.stores.undo_images import StoreUndoImages  # noqa: E402
 from restore_core.committer import load_map  # noqa: E402
 from restore_core.restoremaps import INTENT_EXTENTS  # noqa: E402
 from restore_core.engine import Engine  # noqa: E402
@@ -119,7 +124,7 @@ class Rig:
         os.makedirs(self.dir)
         self.db = Database(os.path.join(self.dir, "meta.db"), create=True)
         self.meta = SqliteMetadataStore(self.db)
-        self.engine = Engine(self.meta)
+        self.engine = Engine(self.meta, StoreUndoImages(os.path.join(self.dir, "undo")))
         self.stores: dict[str, FileBlockStore] = {}
         self.ios: dict[str, VolumeIO] = {}
 
@@ -263,17 +268,31 @@ def plain_copy(src_path: str, dst_path: str, size: int, chunk: int = CHUNK) -> f
         dst.close()
 
 
-async def restore_full(root: str, clone_path: str, size: int, rep: int) -> tuple[float, int]:
+async def restore_full(root: str, clone_path: str, size: int, rep: int,
+                       keep_undo: bool = False, written: bool = False) -> tuple[float, int]:
+    """Seconds of a full restore onto a new source (``written``: one holding
+    TAG_SRC data, which with ``keep_undo`` the undo image must end up with)."""
     rig = Rig(root, f"rvc{rep}")
     try:
         rig.volume("src", size)
+        if written or keep_undo:
+            fill(rig.stores["src"], 0, size, TAG_SRC)
+            rig.stores["src"].flush_sync()
         rig.volume("cln", size, clone_path)
         eng = await rig.start()
         pair = await rig.pair_with_delta("src", "cln", None)
         t0 = time.perf_counter()
-        await eng.restore(pair.id)
+        await eng.restore(pair.id, keep_undo=keep_undo)
         await eng.wait_job(pair.id, 300)
         secs = time.perf_counter() - t0
+        if keep_undo:
+            undo = pair.undo_store
+            assert undo is not None
+            buf = memoryview(bytearray(BLK))
+            for o in random.Random(rep).sample(range(size // BLK), 64):
+                await undo.readinto(o * BLK, buf)
+                check(buf, o * BLK, TAG_SRC, "undo image")
+            await eng.commit_undo(pair.id)
         if pair.state is not PairState.FRACTURED or pair.bytes_copied != size:
             raise BenchError(f"full restore: {pair.state.value}, copied {pair.bytes_copied}")
         rnd = random.Random(rep)
@@ -287,15 +306,22 @@ async def restore_full(root: str, clone_path: str, size: int, rep: int) -> tuple
         await rig.close()
 
 
-async def bench_restore_vs_copy(root: str, reps: int = 5) -> dict[str, float]:
-    size = 512 * MiB
-    d = os.path.join(root, "rvc")
+def clone_image(root: str, name: str, size: int) -> tuple[str, str]:
+    """A directory ``name`` holding clone.img of ``size`` bytes of TAG_CLN,
+    durable: the clone full restores copy from."""
+    d = os.path.join(root, name)
     os.makedirs(d)
     clone_path = os.path.join(d, "clone.img")
     c = FileBlockStore(clone_path, size, create=True)
     fill(c, 0, size, TAG_CLN)
     c.flush_sync()
     c.close()
+    return d, clone_path
+
+
+async def bench_restore_vs_copy(root: str, reps: int = 5) -> dict[str, float]:
+    size = 512 * MiB
+    d, clone_path = clone_image(root, "rvc", size)
     # Warm-up of both sides, untimed: the clone is in the page cache for all
     # runs, and neither side pays first-run costs the other does not.
     plain_copy(clone_path, os.path.join(d, "warm.img"), size)
@@ -317,6 +343,23 @@ async def bench_restore_vs_copy(root: str, reps: int = 5) -> dict[str, float]:
     rest_bps = size / med(rest_s)
     return {"ratio": rest_bps / copy_bps, "restore_MBps": rest_bps / 1e6, "copy_MBps": copy_bps / 1e6,
             "restore_s": rest_s, "copy_s": copy_s}
+
+
+async def bench_keep_undo(root: str, reps: int = 3) -> dict[str, Any]:
+    """Full restores with and without --keep-undo, alternating (P U U P)."""
+    size = 256 * MiB
+    d, clone_path = clone_image(root, "undo", size)
+    await restore_full(root, clone_path, size, 98, keep_undo=True)      # warm-up, untimed
+    plain_s: list[float] = []
+    undo_s: list[float] = []
+    for i, side in enumerate(("PUUP" * reps)[: 2 * reps]):
+        secs, _ = await restore_full(root, clone_path, size, 200 + i, keep_undo=side == "U",
+                                     written=True)
+        (undo_s if side == "U" else plain_s).append(secs)
+    shutil.rmtree(d, ignore_errors=True)
+    plain_bps, undo_bps = size / med(plain_s), size / med(undo_s)
+    return {"ratio": undo_bps / plain_bps, "keep_undo_MBps": undo_bps / 1e6,
+            "plain_MBps": plain_bps / 1e6, "keep_undo_s": undo_s, "plain_s": plain_s}
 
 
 # -- 4. tracked vs untracked FUA writes -------------------------------------------------------
@@ -482,7 +525,7 @@ async def bench_read_latency(root: str, cold: bool, reps: int = 2,
 
 
 # -- driver ---------------------------------------------------------------------------------------
-BENCHES = ("first_io", "delta", "restore_vs_copy", "tracked", "latency")
+BENCHES = ("first_io", "delta", "restore_vs_copy", "tracked", "latency", "keep_undo")
 
 
 async def run_all(root: str, only: set[str]) -> dict[str, Any]:
@@ -503,6 +546,8 @@ async def run_all(root: str, only: set[str]) -> dict[str, Any]:
     if "latency" in only:
         res["latency_warm"] = await bench_read_latency(root, cold=False)
         res["latency_cold"] = await bench_read_latency(root, cold=True)
+    if "keep_undo" in only:
+        res["keep_undo"] = await bench_keep_undo(root)
     return res
 
 
@@ -559,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         # the page-cache-cold run (reads reach the device, as on a LU larger
         # than RAM); the warm run's ratio is in the table above
         "p99_read_during_restore_ratio": get("latency_cold", "ratio"),
+        "keep_undo_ratio": get("keep_undo", "ratio"),
     }
     print(json.dumps(out))
     return 0

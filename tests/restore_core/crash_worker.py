@@ -1,18 +1,27 @@
 """Subprocess for the kill -9 crash test: a real engine on SQLite and image
 files runs a restore while a writer issues random host writes.
 
-  setup DIR SEED PROTECTED   make source+clone, sync, fracture, change the
+  setup DIR SEED PROTECTED [UNDO]
+                             make source+clone, sync, fracture, change the
                              source, save the clone's image, start a restore
+                             (UNDO: a keep-undo one; the source's image before
+                             it is saved too)
   run DIR SEED RATE [LAST]   resume the restore (at RATE bytes/s, 0 = no
                              limit) under host writes; when it ends start
                              the next one (the clone never changes, so its
                              saved image stays the reference) -- with LAST,
                              exit once the current restore has ended
+  run DIR SEED RATE abort|finish
+                             keep-undo: resume the restore or abort; "abort"
+                             aborts a running restore after a random delay;
+                             a finished restore is always aborted; exit when
+                             the abort has ended (the undo image is gone)
 
 The writer logs "I seq off len" before each write and "A seq" after its
 acknowledgement (O_APPEND; the page cache survives SIGKILL), so the checker
-knows which writes were acknowledged and which were in flight, and "R t"
-when a new restore (job started at t) has begun.
+knows which writes were acknowledged and which were in flight, "R t" when a
+new restore (job started at t) has begun and "X" when an abort has (no
+write is in flight across a restore or abort start).
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from restore_core.stores.file import FileBlockStore
 from restore_core.stores.owners import read_owner, write_owner
 from restore_core.stores.rbd import RbdStore
 from restore_core.stores.spec import RbdSpec
+from restore_core.stores.undo_images import StoreUndoImages
 
 SIZE = 16 << 20
 ES = 64 << 10
@@ -46,7 +56,8 @@ def write_data(seq: int, n: int) -> bytes:
 def paths(d: str) -> dict[str, str]:
     return {k: os.path.join(d, v) for k, v in dict(
         db="lr.db", src="source.img", cln="clone.img", orig="clone.orig",
-        log="writes.log", owner="clone.owner").items()}
+        log="writes.log", owner="clone.owner", pre="source.pre",
+        undo="undo").items()}
 
 
 def open_clone(d: str, create: bool) -> BlockStore:
@@ -65,14 +76,14 @@ def open_clone(d: str, create: bool) -> BlockStore:
 async def open_engine(d: str, create: bool = False) -> tuple[Engine, Database]:
     p = paths(d)
     db = Database(p["db"], create=create)
-    eng = Engine(SqliteMetadataStore(db))
+    eng = Engine(SqliteMetadataStore(db), StoreUndoImages(p["undo"]))
     eng.add_volume("source", FileBlockStore(p["src"], SIZE, create=create))
     eng.add_volume(PAIR, open_clone(d, create))
     await eng.start()
     return eng, db
 
 
-async def setup(d: str, seed: int, protected: bool) -> None:
+async def setup(d: str, seed: int, protected: bool, keep_undo: bool) -> None:
     rnd = random.Random(seed)
     p = paths(d)
     with open(p["src"], "wb") as f:
@@ -89,12 +100,15 @@ async def setup(d: str, seed: int, protected: bool) -> None:
     await eng.volume_io(PAIR).flush()
     with open(p["orig"], "wb") as f:
         f.write(await eng.volumes[PAIR].store.read(0, SIZE))
-    await eng.restore(pair.id, protected=protected, paused=True)
+    await sio.flush()
+    with open(p["pre"], "wb") as f:
+        f.write(await eng.volumes["source"].store.read(0, SIZE))
+    await eng.restore(pair.id, protected=protected, paused=True, keep_undo=keep_undo)
     await eng.close()
     db.close()
 
 
-async def run(d: str, seed: int, rate: int, last: bool) -> None:
+async def run(d: str, seed: int, rate: int, last: bool, undo: str | None = None) -> None:
     p = paths(d)
     eng, db = await open_engine(d)
     pair = eng.pair(PAIR)
@@ -109,10 +123,11 @@ async def run(d: str, seed: int, rate: int, last: bool) -> None:
     rnd = random.Random(seed * 7919 + seq_base)
     inflight: list[tuple[int, int]] = []
     counter = [seq_base]
+    stop = [False]
     print("running", flush=True)
 
     async def writer() -> None:
-        while pair.job is not None:
+        while pair.job is not None and not stop[0]:
             while True:
                 n = rnd.choice([512, 4096, 4096 * 3, ES, ES + 4096, 2 * ES])
                 off = rnd.randrange(0, (SIZE - n) // 512) * 512
@@ -129,7 +144,35 @@ async def run(d: str, seed: int, rate: int, last: bool) -> None:
             inflight.remove((off, n))
             await asyncio.sleep(rnd.random() * 0.03)
 
-    while True:
+    async def abort(writers: list[asyncio.Future[None]]) -> None:
+        """Abort with no write in flight, so the log says which writes
+        came before it."""
+        stop[0] = True
+        await asyncio.gather(*writers)
+        stop[0] = False
+        await eng.abort(PAIR)
+        os.write(log, b"X\n")
+
+    async def abort_later(writers: list[asyncio.Future[None]]) -> None:
+        await asyncio.sleep(rnd.uniform(0.0, 0.3))
+        if pair.state.value == "restoring":
+            await abort(writers)
+            writers[:] = [asyncio.ensure_future(writer()) for _ in range(2)]
+
+    while undo is not None:
+        if pair.job is None:
+            if pair.undo is None:
+                break                 # the abort has ended
+            await abort([])
+        await eng.set_throttle(PAIR, rate=rate, batch_extents=1, depth=1)
+        if pair.job is not None and pair.job.paused:
+            await eng.resume(PAIR)
+        writers = [asyncio.ensure_future(writer()) for _ in range(2)]
+        if undo == "abort":
+            await abort_later(writers)
+        await eng.wait_job(PAIR)
+        await asyncio.gather(*writers)
+    while undo is None:
         if pair.job is None:
             if last:
                 break
@@ -150,9 +193,11 @@ async def run(d: str, seed: int, rate: int, last: bool) -> None:
 def main() -> None:
     cmd, d, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if cmd == "setup":
-        asyncio.run(setup(d, seed, sys.argv[4] == "1"))
+        asyncio.run(setup(d, seed, sys.argv[4] == "1", sys.argv[5:] == ["undo"]))
     else:
-        asyncio.run(run(d, seed, int(sys.argv[4]), len(sys.argv) > 5 and sys.argv[5] == "last"))
+        mode = sys.argv[5] if len(sys.argv) > 5 else None
+        asyncio.run(run(d, seed, int(sys.argv[4]), mode == "last",
+                        mode if mode in ("abort", "finish") else None))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import random
 from restore_core.blockstore import MemoryBlockStore
 from restore_core.engine import Engine
 from restore_core.metadata import MemoryMetadataStore
+from restore_core.undo import MemoryUndoImages
 
 ES = 4096
 
@@ -22,10 +23,11 @@ class Rig:
         self.src.current[:] = rnd.randbytes(self.size)
         self.src.durable[:] = self.src.current
         self.clones = [MemoryBlockStore(self.size, f"cln{i}") for i in range(clones)]
+        self.undo_images = MemoryUndoImages()     # outlive reboots, like files
         self.engine: Engine | None = None
 
     async def boot(self) -> Engine:
-        eng = Engine(self.meta)
+        eng = Engine(self.meta, self.undo_images)
         self.sio = eng.add_volume("src", self.src)
         self.cios = [eng.add_volume(c.name, c) for c in self.clones]
         await eng.start()

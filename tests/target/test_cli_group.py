@@ -103,3 +103,20 @@ def test_saveconfig_restoreconfig_carry_groups(daemon, tmp_path):
         assert [p["id"] for p in js(fresh, "pair", "list")] == ["data-clone"]
     finally:
         fresh.stop()
+
+
+def test_group_keep_undo_restore_abort_and_commit(daemon):
+    two_pairs(daemon)
+    js(daemon, "group", "create", "db", "data-clone", "log-clone")
+    js(daemon, "group", "fracture", "db")
+    g = js(daemon, "group", "restore", "db", "--keep-undo", "--wait")
+    assert g["state"] == "fractured" and all(m["undo"] for m in g["members"])
+    r = daemon.cli("pair", "commit", "data-clone", ok=False)
+    assert r.returncode == 1 and "belongs to group db" in r.stderr
+    g = js(daemon, "group", "abort", "db", "--wait")
+    assert g["state"] == "fractured" and not any(m["undo"] for m in g["members"])
+    r = daemon.cli("group", "commit", "db", ok=False)
+    assert r.returncode == 1 and "keeps no undo image; nothing to commit" in r.stderr
+    js(daemon, "group", "restore", "db", "--keep-undo", "--wait")
+    g = js(daemon, "group", "commit", "db")
+    assert not any(m["undo"] for m in g["members"])

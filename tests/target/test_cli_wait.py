@@ -120,7 +120,11 @@ def test_failed_and_aborted_jobs_are_their_own_outcomes():
     assert outcome(failed) is Outcome.FAILED and EXIT_STATUS[Outcome.FAILED] == 4
     aborted = json.loads(json.dumps(base))
     aborted["progress"].update(job=None, aborted=True)
-    assert outcome(aborted) is Outcome.ABORTED and EXIT_STATUS[Outcome.ABORTED] == 5
+    # a restore followed was aborted ('pair abort'); an abort followed just ends
+    assert outcome(aborted, "restore") is Outcome.ABORTED and EXIT_STATUS[Outcome.ABORTED] == 5
+    assert outcome(aborted, "abort") is Outcome.FINISHED
+    aborted["progress"]["job"] = "abort"
+    assert outcome(aborted, "restore") is Outcome.ABORTED and outcome(aborted, "abort") is None
     assert len(set(EXIT_STATUS.values())) == len(EXIT_STATUS)
 
 

@@ -181,11 +181,14 @@ def wait_job(client, pair, timeout, poll=0.5):
     Returns the pair; raises LiverestoreError if the job fails, is paused
     (it would never end) or outlives the timeout."""
     deadline = time.time() + timeout
+    following = None
     while True:
         p = client.call("pair.show", pair=pair)
         pr = p["progress"]
-        if pr.get("aborted"):
-            raise LiverestoreError("%s: the job was aborted" % pair, "aborted")
+        if following is None:
+            following = pr["job"] or ""
+        if pr.get("aborted") and following == "restore":
+            raise LiverestoreError("%s: the restore was aborted (pair abort)" % pair, "aborted")
         if pr["job"] is None:
             return p
         if pr["error"]:

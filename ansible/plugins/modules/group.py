@@ -23,6 +23,9 @@ description:
   - C(synchronized) re-syncs the fractured members and waits.
   - C(restored) restores every member from its clone at one instant, to completion. It does
     nothing when no member's source and clone differ, so a second run reports no change.
+  - With I(keep_undo=true), C(restored) saves what each member's restore overwrites;
+    C(aborted) then undoes every member's restore from one instant on, C(committed) keeps
+    them and discards the undo images. Both do nothing when no member keeps an undo image.
   - C(absent) deletes the group; its pairs stay as they are.
 options:
   name:
@@ -38,7 +41,7 @@ options:
   state:
     description: The state the group (and its members) should be in.
     type: str
-    choices: [present, fractured, synchronized, restored, absent]
+    choices: [present, fractured, synchronized, restored, aborted, committed, absent]
     default: present
   protected:
     description:
@@ -46,8 +49,15 @@ options:
         clones (the pairs end fractured); C(false) mirrors them (they end synchronized).
     type: bool
     default: true
+  keep_undo:
+    description:
+      - For I(state=restored) (protected only). Save what each member's restore overwrites,
+        so that I(state=aborted) can put it back until I(state=committed).
+    type: bool
+    default: false
   wait:
-    description: Wait for the members' syncs or restores to finish (bounded by I(timeout)).
+    description: Wait for the members' syncs, restores or aborts to finish (bounded by
+      I(timeout)).
     type: bool
     default: true
   timeout:
@@ -173,6 +183,8 @@ class Runner(ActionRunner):
             after["state"] = "synchronized"
         elif "group.restore" in self.actions:
             after["state"] = "fractured" if self.p["protected"] else "synchronized"
+        elif set(self.actions) & {"group.abort", "group.commit"}:
+            after["state"] = "fractured"
         return after
 
     # -- states -------------------------------------------------------------------------
@@ -208,8 +220,24 @@ class Runner(ActionRunner):
         if all(q["state"] == "synchronized" or q["progress"]["delta_extents"] == 0
                for q in pairs):
             return                          # sources and clones already hold the same data
-        self.do("group.restore", protected=self.p["protected"])
+        self.do("group.restore", protected=self.p["protected"], keep_undo=self.p["keep_undo"])
         self.wait()
+
+    def to_aborted(self, pairs):
+        if any(q["state"] == "aborting" for q in pairs):
+            return self.wait()              # started earlier: follow it, no change
+        if any(q["progress"].get("undo") for q in pairs):
+            self.do("group.abort")
+            self.wait()
+
+    def to_committed(self, pairs):
+        if not any(q["progress"].get("undo") for q in pairs):
+            return
+        if any(q["state"] == "restoring" for q in pairs):
+            if any(q["progress"]["paused"] for q in pairs):
+                self.fail("the restore of group %s is paused; resume it first" % self.p["name"])
+            self.wait(force=True)           # only finished restores are committed
+        self.do("group.commit")
 
 
 def _view(g):
@@ -224,8 +252,10 @@ def main():
         name=dict(type="str", required=True),
         pairs=dict(type="list", elements="str"),
         state=dict(type="str", default="present",
-                   choices=["present", "fractured", "synchronized", "restored", "absent"]),
+                   choices=["present", "fractured", "synchronized", "restored", "aborted",
+                            "committed", "absent"]),
         protected=dict(type="bool", default=True),
+        keep_undo=dict(type="bool", default=False),
         wait=dict(type="bool", default=True),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)

@@ -23,6 +23,10 @@ description:
     the clone's current point in time (when it was last fractured, which the daemon
     records) has finished, even though hosts wrote to the source since; so a second run
     reports ok. Restoring the same point in time again needs I(force=true).
+  - With I(keep_undo=true), C(restored) saves what the restore overwrites to an undo image;
+    C(aborted) then puts it back (except extents hosts wrote since the restore began), and
+    C(committed) keeps the restore and discards the image. Both do nothing when the pair
+    keeps no undo image, so a second run reports ok.
   - C(absent) removes the pairing; both volumes stay.
 options:
   source:
@@ -36,7 +40,7 @@ options:
   state:
     description: The state the pair should be in.
     type: str
-    choices: [synchronized, fractured, restored, absent]
+    choices: [synchronized, fractured, restored, aborted, committed, absent]
     default: synchronized
   protected:
     description:
@@ -45,9 +49,22 @@ options:
         clone; the pair ends synchronized.
     type: bool
     default: true
+  keep_undo:
+    description:
+      - For I(state=restored) (protected only). Save what the restore overwrites, so that
+        I(state=aborted) can put it back until I(state=committed). About halves the
+        restore's speed.
+    type: bool
+    default: false
+  undo_volume:
+    description:
+      - With I(keep_undo=true), the volume that holds the undo data (in no pair, at least as
+        big as the source; not ready to hosts meanwhile). Default a sparse image the daemon
+        makes beside the source.
+    type: str
   wait:
     description:
-      - Wait for the sync or restore to finish (bounded by I(timeout)).
+      - Wait for the sync, restore or abort to finish (bounded by I(timeout)).
       - C(fractured) from a new or syncing pair needs the copy to finish, so it always waits.
     type: bool
     default: true
@@ -120,6 +137,21 @@ EXAMPLES = r"""
     wait: true
     timeout: 7200
   tags: [never, restore]
+
+- name: Restore, keeping what it overwrites (undo with state=aborted)
+  liverestore.storage.pair:
+    source: db1
+    clone: db1-clone
+    state: restored
+    keep_undo: true
+  tags: [never, restore]
+
+- name: The wrong day was restored; put the source back as it was
+  liverestore.storage.pair:
+    source: db1
+    clone: db1-clone
+    state: aborted
+  tags: [never, abort]
 """
 
 RETURN = r"""
@@ -219,10 +251,12 @@ class Runner(ActionRunner):
         """What check mode expects the pair to look like afterwards."""
         after = dict(before, source=self.p["source"], clone=self.p["clone"])
         state = self.p["state"]
-        if state == "restored":
+        if state in ("restored", "aborted", "committed"):
             state = before.get("state")
             if "pair.restore" in self.actions:
                 state = "fractured" if self.p["protected"] else "synchronized"
+            if set(self.actions) & {"pair.abort", "pair.commit"}:
+                state = "fractured"
         after["state"] = state
         th = dict(before.get("throttle") or {})
         th.update(throttle)
@@ -255,15 +289,21 @@ class Runner(ActionRunner):
         st = cur["state"]
         if st == "fractured":
             self.do("pair.sync", pair=self.p["clone"])
-        elif st == "restoring":
+        elif st in ("restoring", "aborting"):
             self.fail("%s is being restored onto %s; wait for the restore (state=restored) "
                       "before syncing" % (self.p["clone"], self.p["source"]))
+        elif cur["progress"].get("undo"):
+            self.fail("%s keeps the undo image of its restore; state=committed or "
+                      "state=aborted first" % self.p["clone"])
         elif cur["progress"]["paused"]:
             self.do("pair.resume", pair=self.p["clone"])
         self.wait()
 
     def to_fractured(self, cur):
         st = cur["state"] if cur else "syncing"
+        if st == "aborting":
+            self.wait(force=True)           # an abort ends fractured
+            return
         if st == "restoring":
             if not cur["progress"]["protected"]:
                 self.fail("%s is in an unprotected restore, which ends synchronized; "
@@ -280,10 +320,10 @@ class Runner(ActionRunner):
 
     def to_restored(self, cur):
         st, pr = cur["state"], cur["progress"]
-        if st == "restoring":
+        if st in ("restoring", "aborting"):
             if pr["paused"]:
-                self.fail("the restore of %s is paused; resume it (or pair resume) first"
-                          % self.p["clone"])
+                self.fail("the %s of %s is paused; resume it (or pair resume) first"
+                          % (pr["job"], self.p["clone"]))
             return self.wait()              # started earlier: follow it, no change
         if st == "syncing":
             self.fail("%s is syncing from %s; a restore now would copy a partial clone back"
@@ -292,8 +332,26 @@ class Runner(ActionRunner):
             return                          # source and clone already hold the same data
         if (cur.get("history") or {}).get("current_point_restored") and not self.p["force"]:
             return                          # done before; hosts' writes since are theirs
-        self.do("pair.restore", pair=self.p["clone"], protected=self.p["protected"])
+        self.do("pair.restore", pair=self.p["clone"], protected=self.p["protected"],
+                keep_undo=self.p["keep_undo"], undo_volume=self.p["undo_volume"])
         self.wait()
+
+    def to_aborted(self, cur):
+        st, pr = cur["state"], cur["progress"]
+        if st == "aborting":
+            return self.wait()              # started earlier: follow it, no change
+        if pr.get("undo"):
+            self.do("pair.abort", pair=self.p["clone"])
+            self.wait()
+
+    def to_committed(self, cur):
+        if not cur["progress"].get("undo"):
+            return
+        if cur["state"] == "restoring":
+            if cur["progress"]["paused"]:
+                self.fail("the restore of %s is paused; resume it first" % self.p["clone"])
+            self.wait(force=True)           # only a finished restore is committed
+        self.do("pair.commit", pair=self.p["clone"])
 
 
 def _view(p):
@@ -309,8 +367,11 @@ def main():
         source=dict(type="str", required=True),
         clone=dict(type="str", required=True),
         state=dict(type="str", default="synchronized",
-                   choices=["synchronized", "fractured", "restored", "absent"]),
+                   choices=["synchronized", "fractured", "restored", "aborted", "committed",
+                            "absent"]),
         protected=dict(type="bool", default=True),
+        keep_undo=dict(type="bool", default=False),
+        undo_volume=dict(type="str"),
         wait=dict(type="bool", default=True),
         extent_size=dict(type="str"),
         throttle=dict(type="dict", options=dict(
