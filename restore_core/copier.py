@@ -89,17 +89,13 @@ class Copier:
         buf = self.buffers.take(length)
         try:
             view = memoryview(buf)[:length]
-            if background:
-                await self.src.readinto_background(off, view)
-            else:
-                await self.src.readinto(off, view)
+            src = self.src
+            await (src.readinto_background if background else src.readinto)(off, view)
             if (self.before_overwrite is not None and p.job is not None
                     and p.job.kind is JobKind.RESTORE):
                 await self.before_overwrite(a, b)     # keep-undo: save the old data first
-            if background:
-                await self.dst.write_background(off, view)
-            else:
-                await self.dst.write(off, view)
+            dst = self.dst
+            await (dst.write_background if background else dst.write)(off, view)
         finally:
             self.buffers.give(buf)
         job = p.job
