@@ -25,6 +25,8 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "ceph-single-node.sh")
 #: OSD ops time out after this many seconds in tests (the product's default
 #: is 25 s): a stopped OSD must give errors quickly here.
 TEST_OSD_OP_TIMEOUT_S = 5
+#: a command may take the op timeout plus scheduling on a loaded machine
+COMMAND_BOUND_S = TEST_OSD_OP_TIMEOUT_S + 3
 
 
 @dataclass(frozen=True)
