@@ -193,10 +193,15 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def write_paused(self) -> bool:
         return self._paused
 
-    async def drain(self) -> None:
+    def behind(self) -> bool:
+        """Is the peer behind in reading our output (so drain() would
+        wait)? A big corked backlog is handed to the transport first."""
         if self._wbytes >= FLUSH_BYTES:
             self.flush()          # let the transport see the backlog (pause_writing)
-        if self._paused and not self.closing:
+        return self._paused and not self.closing
+
+    async def drain(self) -> None:
+        if self.behind():
             f = self.loop.create_future()
             self._drain_waiters.append(f)
             await f

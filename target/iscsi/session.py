@@ -88,6 +88,13 @@ class Session(DataPathMixin, TaskManagementMixin):
             # not from inside another command's budget request: on the next turn
             evict=lambda: conn.loop.call_soon(conn.abort, "over its memory budget"))
         self.immediate_inflight = 0
+        # the most Data-In one PDU may carry (0 with digests: those answers
+        # take the general path)
+        prm = self.params
+        self.single_data_in = (0 if prm.header_digest or prm.data_digest
+                               else min(prm.initiator_mrdsl, prm.max_burst_length))
+        self._scsi_target = None                # the ScsiTarget _scsi_submit is for
+        self._scsi_submit = None
 
     # -- helpers ---------------------------------------------------------------
     @property
@@ -165,8 +172,7 @@ class Session(DataPathMixin, TaskManagementMixin):
         if pdu.immediate:
             action(False)
         else:
-            verdict, ready = self.window.submit(pdu.cmdsn, action)
-            for a in ready:
+            for a in self.window.accept(pdu.cmdsn, action):
                 a(True)
 
     def _noop(self, counted: bool) -> None:
