@@ -81,16 +81,16 @@ class CmdWindow:
         verdict = self.classify(cmdsn)
         if verdict != self.OK:
             return verdict, []
-        return verdict, self.accept(cmdsn, item)
+        return verdict, list(self.accept(cmdsn, item))
 
-    def accept(self, cmdsn: int, item: Any) -> list[Any]:
+    def accept(self, cmdsn: int, item: Any) -> list[Any] | tuple[Any]:
         """``submit`` for a command ``classify`` found OK: the items now
         deliverable, in CmdSN order."""
         if cmdsn == self.exp_cmdsn and not self._pending:
             # the common case: the next command, nothing held back
             self.exp_cmdsn = (cmdsn + 1) % MOD
             self.inflight += 1
-            return [item]
+            return (item,)
         self._pending[cmdsn] = item
         out = []
         while self.exp_cmdsn in self._pending:

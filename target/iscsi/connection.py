@@ -267,7 +267,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
             bhs = bytes(mv[s:s + P.BHS_LEN])
             ahs = bytes(mv[s + P.BHS_LEN:s + P.BHS_LEN + ahs_len]) if ahs_len else b""
             d0 = s + hlen
-            data = mv[d0:d0 + dlen]
+            data = mv[d0:d0 + dlen] if dlen else b""
             if self.data_digest and dlen:
                 pend = d0 + dlen + ((-dlen) & 3)
                 if P.digest_bytes(mv[d0:pend]) != buf[pend:pend + P.DIGEST_LEN]:
@@ -281,7 +281,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
             self.start = s + total
             self.pdus_in += 1
             try:
-                self._dispatch(P.Pdu(bhs, ahs, data))
+                if self.session is not None:
+                    self.session.handle(P.Pdu(bhs, ahs, data))
+                else:
+                    self._dispatch(P.Pdu(bhs, ahs, data))
             except ProtocolViolation as e:
                 self.protocol_error(str(e), bhs)     # Reject with the offending header, then close
                 return

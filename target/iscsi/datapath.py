@@ -100,8 +100,9 @@ class DataPathMixin:
             self._refuse(task, TASK_SET_FULL if self.budget.over_session_limit(COMMAND_COST) else BUSY)
         if pdu.immediate:
             self.immediate_inflight += 1
+        if not self.tasks:
+            self.idle.clear()          # set only while no task is in (see _retire, _finish)
         self.tasks[itt] = task
-        self.idle.clear()
         self.commands += 1
 
         return task.deliver
@@ -116,7 +117,8 @@ class DataPathMixin:
             self._finish(task)
             return
         task.state = "data"
-        task.wait_for = self._ordering_deps(task)
+        if task.attr == ATTR_ORDERED or self._ordered:     # else nothing to wait for
+            task.wait_for = self._ordering_deps(task)
         if not self._run_now(task):
             # runs now; a Task only if it has to wait (None once it is done).
             # The loop is passed: asyncio.get_running_loop() costs a getpid()
