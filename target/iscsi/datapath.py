@@ -135,6 +135,9 @@ class DataPathMixin:
         budget = self.budget
         if edtl <= EAGER_WRITE and budget.try_take(COMMAND_COST + edtl):
             task.charged, task.paid_to = COMMAND_COST + edtl, edtl
+            if len(immediate) == edtl:
+                task.buf = bytearray(immediate)      # all of it came with the command
+                return
             task.buf = bytearray(edtl)
         else:
             part = edtl if edtl <= SMALL_WRITE else task.unsol_end
@@ -430,7 +433,8 @@ class DataPathMixin:
             # the transport holds (a copy of) what is unsent; the charge now
             # stands for that until drain() says the peer took it
             rsp = None
-            await self.conn.drain()
+            if self.conn.behind():             # (no drain() coroutine when not)
+                await self.conn.drain()
         except asyncio.CancelledError:
             if task.notify_abort and not self.closed:
                 self._retire(task)
