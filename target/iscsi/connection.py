@@ -284,7 +284,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 if self.session is not None:
                     self.session.handle(P.Pdu(bhs, ahs, data))
                 else:
-                    self._dispatch(P.Pdu(bhs, ahs, data))
+                    self._login_pdu(P.Pdu(bhs, ahs, data))
             except ProtocolViolation as e:
                 self.protocol_error(str(e), bhs)     # Reject with the offending header, then close
                 return
@@ -341,10 +341,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
             return False
         return True
 
-    def _dispatch(self, pdu: P.Pdu) -> None:
-        if self.session is not None:
-            self.session.handle(pdu)
-            return
+    def _login_pdu(self, pdu: P.Pdu) -> None:
+        """A PDU before the session exists: the login phase's."""
         if self.login is None:
             return                     # a throttled login failure is being held back
         step = self.login.process(pdu)
