@@ -5,9 +5,12 @@ teardown. The SCSI data path lives in ``datapath`` and task management in
 
 Handlers run synchronously from the connection's receive path; a PDU's data
 segment is a view into the receive buffer and is copied before returning.
-Each delivered SCSI command starts at once (target.eager) and becomes its
-own asyncio task only if it has to wait, so commands are handed to the SCSI
-layer in CmdSN order but execute concurrently.
+Each delivered SCSI command runs at once: one that waits for nothing is
+executed and, if the SCSI layer answers at once, answered right there
+without a coroutine (DataPathMixin._run_now); one that must wait starts
+eagerly (target.eager) and becomes its own asyncio task only when it
+suspends. So commands are handed to the SCSI layer in CmdSN order but
+execute concurrently.
 """
 from __future__ import annotations
 
