@@ -50,17 +50,21 @@ class CmdWindow:
 
     @property
     def max_cmdsn(self) -> int:
-        cand = sn_add(self.exp_cmdsn, self.depth - 1 - self.inflight)
-        if sn_lt(self._max, cand):
+        cand = (self.exp_cmdsn + self.depth - 1 - self.inflight) % MOD
+        ahead = (cand - self._max) % MOD
+        if ahead and ahead < HALF:            # sn_lt(self._max, cand), inline: read per command
             self._max = cand
         return self._max
 
     def classify(self, cmdsn: int) -> str:
+        # serial arithmetic inline (called per command): ``back`` > 0 and
+        # < HALF means cmdsn < ExpCmdSN; held-back commands are all ahead
+        back = (self.exp_cmdsn - cmdsn) % MOD
+        if back and back < HALF:
+            return self.DUPLICATE if back <= self.depth * 4 else self.OUTSIDE
         if cmdsn in self._pending:
             return self.DUPLICATE
-        if sn_lt(cmdsn, self.exp_cmdsn):
-            return self.DUPLICATE if sn_diff(cmdsn, self.exp_cmdsn) <= self.depth * 4 else self.OUTSIDE
-        if sn_le(cmdsn, self.max_cmdsn):
+        if (self.max_cmdsn - cmdsn) % MOD < HALF:    # sn_le(cmdsn, MaxCmdSN)
             return self.OK
         return self.OUTSIDE
 
@@ -77,13 +81,23 @@ class CmdWindow:
         verdict = self.classify(cmdsn)
         if verdict != self.OK:
             return verdict, []
+        return verdict, list(self.accept(cmdsn, item))
+
+    def accept(self, cmdsn: int, item: Any) -> list[Any] | tuple[Any]:
+        """``submit`` for a command ``classify`` found OK: the items now
+        deliverable, in CmdSN order."""
+        if cmdsn == self.exp_cmdsn and not self._pending:
+            # the common case: the next command, nothing held back
+            self.exp_cmdsn = (cmdsn + 1) % MOD
+            self.inflight += 1
+            return (item,)
         self._pending[cmdsn] = item
         out = []
         while self.exp_cmdsn in self._pending:
             out.append(self._pending.pop(self.exp_cmdsn))
             self.exp_cmdsn = sn_add(self.exp_cmdsn, 1)
             self.inflight += 1
-        return verdict, out
+        return out
 
     def complete(self, n: int = 1) -> None:
         self.inflight -= n

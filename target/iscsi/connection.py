@@ -193,10 +193,15 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def write_paused(self) -> bool:
         return self._paused
 
-    async def drain(self) -> None:
+    def behind(self) -> bool:
+        """Is the peer behind in reading our output (so drain() would
+        wait)? A big corked backlog is handed to the transport first."""
         if self._wbytes >= FLUSH_BYTES:
             self.flush()          # let the transport see the backlog (pause_writing)
-        if self._paused and not self.closing:
+        return self._paused and not self.closing
+
+    async def drain(self) -> None:
+        if self.behind():
             f = self.loop.create_future()
             self._drain_waiters.append(f)
             await f
@@ -262,7 +267,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
             bhs = bytes(mv[s:s + P.BHS_LEN])
             ahs = bytes(mv[s + P.BHS_LEN:s + P.BHS_LEN + ahs_len]) if ahs_len else b""
             d0 = s + hlen
-            data = mv[d0:d0 + dlen]
+            data = mv[d0:d0 + dlen] if dlen else b""
             if self.data_digest and dlen:
                 pend = d0 + dlen + ((-dlen) & 3)
                 if P.digest_bytes(mv[d0:pend]) != buf[pend:pend + P.DIGEST_LEN]:
@@ -276,7 +281,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
             self.start = s + total
             self.pdus_in += 1
             try:
-                self._dispatch(P.Pdu(bhs, ahs, data))
+                if self.session is not None:
+                    self.session.handle(P.Pdu(bhs, ahs, data))
+                else:
+                    self._login_pdu(P.Pdu(bhs, ahs, data))
             except ProtocolViolation as e:
                 self.protocol_error(str(e), bhs)     # Reject with the offending header, then close
                 return
@@ -333,10 +341,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
             return False
         return True
 
-    def _dispatch(self, pdu: P.Pdu) -> None:
-        if self.session is not None:
-            self.session.handle(pdu)
-            return
+    def _login_pdu(self, pdu: P.Pdu) -> None:
+        """A PDU before the session exists: the login phase's."""
         if self.login is None:
             return                     # a throttled login failure is being held back
         step = self.login.process(pdu)

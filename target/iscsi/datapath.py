@@ -9,7 +9,7 @@ import mmap
 from typing import Callable
 
 from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse,
-                             submitter)
+                             Submitted, submitter)
 
 from .. import eager
 from ..logsafe import RateLimitedLog
@@ -46,6 +46,8 @@ def write_buffer(nbytes: int) -> bytearray | mmap.mmap:
 class DataPathMixin:
     # -- SCSI commands ---------------------------------------------------------
     def _prepare_scsi(self, pdu: P.Pdu) -> Callable[[bool], None]:
+        """Check and admit a SCSI Command PDU; returns what delivers it
+        when its CmdSN comes up (or a no-op if it was rejected)."""
         itt = pdu.itt
         cdb = bytes(pdu.bhs[32:48])
         if pdu.ahs:
@@ -98,25 +100,30 @@ class DataPathMixin:
             self._refuse(task, TASK_SET_FULL if self.budget.over_session_limit(COMMAND_COST) else BUSY)
         if pdu.immediate:
             self.immediate_inflight += 1
+        if not self.tasks:
+            self.idle.clear()          # set only while no task is in (see _retire, _finish)
         self.tasks[itt] = task
-        self.idle.clear()
         self.commands += 1
 
-        def deliver(counted: bool) -> None:
-            task.counted = counted
-            if task.aborted:
-                if task.notify_abort and not self.closed:
-                    self._retire(task)
-                    self._send_status(task, TASK_ABORTED, b"")
-                self._finish(task)
-                return
-            task.state = "data"
+        return task.deliver
+
+    def _deliver(self, task: Task, counted: bool) -> None:
+        """The command's turn has come (CmdSN order): run it."""
+        task.counted = counted
+        if task.aborted:
+            if task.notify_abort and not self.closed:
+                self._retire(task)
+                self._send_status(task, TASK_ABORTED, b"")
+            self._finish(task)
+            return
+        task.state = "data"
+        if task.attr == ATTR_ORDERED or self._ordered:     # else nothing to wait for
             task.wait_for = self._ordering_deps(task)
+        if not self._run_now(task):
             # runs now; a Task only if it has to wait (None once it is done).
             # The loop is passed: asyncio.get_running_loop() costs a getpid()
             # system call, a real share of a command that waits (RBD).
             task.aio = eager.start(self._run(task), self.conn.loop)
-        return deliver
 
     def _admit_write(self, task: Task, immediate: memoryview) -> None:
         """Charge a write and give it its buffer. All of its data if that
@@ -128,6 +135,9 @@ class DataPathMixin:
         budget = self.budget
         if edtl <= EAGER_WRITE and budget.try_take(COMMAND_COST + edtl):
             task.charged, task.paid_to = COMMAND_COST + edtl, edtl
+            if len(immediate) == edtl:
+                task.buf = bytearray(immediate)      # all of it came with the command
+                return
             task.buf = bytearray(edtl)
         else:
             part = edtl if edtl <= SMALL_WRITE else task.unsol_end
@@ -299,52 +309,118 @@ class DataPathMixin:
             task.r2tsn += 1
             task.r2t_next += length
 
-    async def _run(self, task: Task) -> None:
+    def _run_now(self, task: Task) -> bool:
+        """The common case without a coroutine: a command that waits for
+        nothing (all its data is in, no ordering dependency, its budget
+        at hand, the socket keeping up) is executed and, when the SCSI
+        layer answers at once, answered right here. Returns False, having
+        done nothing, if it must wait first (then _run does it all)."""
+        if task.wait_for or task.error_sense is not None or self.conn.write_paused:
+            return False
+        if task.read:
+            # the data it will produce, held until the socket took it
+            n = task.edtl if task.edtl < self.server.max_cmd_data else self.server.max_cmd_data
+            if not self.budget.try_take(n):
+                return False
+            task.charged += n
+        elif task.write and task.received < task.edtl:
+            return False
+        rsp = self._execute(task)
+        if rsp.__class__ is not ScsiResponse:
+            task.aio = eager.start(self._run(task, rsp), self.conn.loop)
+            return True
+        if task.aborted or self.closed:
+            self._finish(task)
+            return True
+        task.state = "done"
+        self._retire(task)
+        self._send_result(task, rsp)
+        conn = self.conn
+        if conn.behind():
+            # the charge stands for the unsent answer until the peer took it
+            task.aio = eager.start(self._drained(task), conn.loop)
+        else:
+            self._finish(task)
+        return True
+
+    def _execute(self, task: Task) -> Submitted:
+        """Hand the command to the SCSI layer: its response, or what to
+        await for it. Never raises (but cancellation, when awaited)."""
+        task.state = "exec"
+        cmd = ScsiCommand(task.cdb, task.lun, self.nexus,
+                          memoryview(task.buf) if task.buf is not None else None,
+                          task.edtl if task.read else 0, task.itt, task.attr)
         try:
-            if task.write and task.received < task.edtl and task.error_sense is None:
-                if task.paid_to < task.edtl:
-                    # all of it at once: a write holding part of its data can
-                    # never block another that holds the rest
-                    await self._charge(task, task.edtl - task.paid_to)
-                    task.paid_to = task.edtl
-                    if task.buf is None and task.error_sense is None:
-                        task.buf = write_buffer(task.edtl)
-                if task.received < task.edtl and task.error_sense is None:
-                    task.data_ready = asyncio.Event()
-                    self._send_r2ts(task)
-                    await task.data_ready.wait()
-                    task.data_ready = None
-            if task.wait_for:
-                # SAM task attributes: an ORDERED command runs after every
-                # command delivered before it, and later SIMPLE ones after it
-                deps = [t.aio for t in task.wait_for if t.aio is not None and not t.aio.done()]
-                task.wait_for = None
-                if deps:
-                    await asyncio.wait(deps)
-            if task.error_sense is not None:
-                task.state = "exec"
-                self._retire(task)
-                self._send_status(task, task.error_status, task.error_sense)
-                return
-            if task.read:
-                # the data it will produce, held until the socket took it
-                await self._charge(task, min(task.edtl, self.server.max_cmd_data))
-                if task.aborted or self.closed:
+            return self._submitter()(cmd)
+        except Exception:
+            log.exception("session %s: SCSI layer failed on CDB %s", self.tsih, task.cdb[:1].hex())
+            return ScsiResponse(CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
+
+    def _submitter(self) -> Callable[[ScsiCommand], Submitted]:
+        # looked up per command (the target's LUN set may be replaced while
+        # a session runs), but resolved only when it changed
+        st = self.target.scsi_target
+        if st is not self._scsi_target:
+            self._scsi_target = st
+            self._scsi_submit = submitter(st)
+        return self._scsi_submit
+
+    async def _drained(self, task: Task) -> None:
+        """A command answered at once whose answer the peer has not read
+        yet: its charge is given back when it has."""
+        try:
+            await self.conn.drain()
+        finally:
+            self._finish(task)
+
+    async def _run(self, task: Task, pending: Submitted | None = None) -> None:
+        """A command that waits: for its data, budget or ordering (then it
+        is executed here), or, with ``pending``, for the SCSI layer."""
+        try:
+            if pending is None:
+                if task.write and task.received < task.edtl and task.error_sense is None:
+                    if task.paid_to < task.edtl:
+                        # all of it at once: a write holding part of its data can
+                        # never block another that holds the rest
+                        await self._charge(task, task.edtl - task.paid_to)
+                        task.paid_to = task.edtl
+                        if task.buf is None and task.error_sense is None:
+                            task.buf = write_buffer(task.edtl)
+                    if task.received < task.edtl and task.error_sense is None:
+                        task.data_ready = asyncio.Event()
+                        self._send_r2ts(task)
+                        await task.data_ready.wait()
+                        task.data_ready = None
+                if task.wait_for:
+                    # SAM task attributes: an ORDERED command runs after every
+                    # command delivered before it, and later SIMPLE ones after it
+                    deps = [t.aio for t in task.wait_for if t.aio is not None and not t.aio.done()]
+                    task.wait_for = None
+                    if deps:
+                        await asyncio.wait(deps)
+                if task.error_sense is not None:
+                    task.state = "exec"
+                    self._retire(task)
+                    self._send_status(task, task.error_status, task.error_sense)
                     return
-            task.state = "exec"
-            data_out = memoryview(task.buf) if task.buf is not None else None
-            cmd = ScsiCommand(cdb=task.cdb, lun=task.lun, nexus=self.nexus, data_out=data_out,
-                              expected_in=task.edtl if task.read else 0, task_tag=task.itt,
-                              task_attr=task.attr)
-            try:
-                rsp = submitter(self.scsi)(cmd)
-                if rsp.__class__ is not ScsiResponse:
-                    rsp = await rsp
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("session %s: SCSI layer failed on CDB %s", self.tsih, task.cdb[:1].hex())
-                rsp = ScsiResponse(CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
+                if task.read:
+                    # the data it will produce, held until the socket took it
+                    await self._charge(task, min(task.edtl, self.server.max_cmd_data))
+                    if task.aborted or self.closed:
+                        return
+                pending = self._execute(task)
+            if pending.__class__ is ScsiResponse:
+                rsp = pending
+            else:
+                try:
+                    rsp = await pending
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("session %s: SCSI layer failed on CDB %s", self.tsih,
+                                  task.cdb[:1].hex())
+                    rsp = ScsiResponse(CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
+            pending = None
             if task.aborted or self.closed:
                 return
             if self.conn.write_paused:
@@ -356,8 +432,9 @@ class DataPathMixin:
             self._send_result(task, rsp)
             # the transport holds (a copy of) what is unsent; the charge now
             # stands for that until drain() says the peer took it
-            rsp = cmd = None
-            await self.conn.drain()
+            rsp = None
+            if self.conn.behind():             # (no drain() coroutine when not)
+                await self.conn.drain()
         except asyncio.CancelledError:
             if task.notify_abort and not self.closed:
                 self._retire(task)
@@ -396,9 +473,10 @@ class DataPathMixin:
         self._release_window(task)
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]
-        for ttt in list(task.r2ts):
-            self.ttts.pop(ttt, None)
-        task.r2ts.clear()
+        if task.r2ts:
+            for ttt in task.r2ts:
+                self.ttts.pop(ttt, None)
+            task.r2ts.clear()
         task.buf = None
         if not self.tasks:
             self.idle.set()
@@ -414,6 +492,22 @@ class DataPathMixin:
         self.conn.send(bhs, data)
 
     def _send_result(self, task: Task, rsp: ScsiResponse) -> None:
+        if task.read:
+            raw = rsp.data_in
+            n = len(raw)
+            if (0 < n == task.edtl and n <= self.single_data_in and not rsp.sense
+                    and rsp.transfer_length is None
+                    and (raw.__class__ is bytearray or raw.__class__ is bytes)):
+                # the common answer (a 4 KiB read): all the data the initiator
+                # asked for in one Data-In that carries the status, its
+                # header packed in one go with its length
+                conn = self.conn
+                bhs = P.pack_bhs(P.OP_DATA_IN, P.FLAG_FINAL | P.DATAIN_STATUS, 0, rsp.status, b"",
+                                 task.itt, P.ALL_ONES, conn.next_statsn(), self.window.exp_cmdsn,
+                                 self.window.max_cmdsn, 0, 0, 0, dlen=n)
+                conn.write_buffers([bhs, raw] if not n & 3 else [bhs, raw, P.padding(n)], n)
+                self.bytes_out += n
+                return
         prm = self.params
         conn = self.conn
         status = rsp.status

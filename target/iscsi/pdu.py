@@ -199,21 +199,29 @@ def decode_lun(field: bytes) -> int:
 
 # -- received PDU ---------------------------------------------------------------
 
-class Pdu:
-    """A received (or test-built) PDU. Field accessors read the BHS."""
+# bytes 0..27 of a BHS: opcode byte, flags, (2 opcode-specific), TotalAHSLength
+# + DataSegmentLength as one word, LUN, ITT, and the words at 20 and 24
+_HEAD = struct.Struct(">BB2xI8sIII")
 
-    __slots__ = ("bhs", "ahs", "data", "opcode", "immediate", "flags", "itt", "dlen")
+
+class Pdu:
+    """A received (or test-built) PDU. The fields every PDU has are decoded
+    at once (one struct unpack; read per command); ``u32``/``u16`` read others."""
+
+    __slots__ = ("bhs", "ahs", "data", "opcode", "immediate", "flags", "itt", "dlen", "raw_lun",
+                 "ttt", "cmdsn")
 
     def __init__(self, bhs: bytes, ahs: bytes = b"", data=b"") -> None:
         self.bhs = bhs
         self.ahs = ahs
         self.data = data
-        b0 = bhs[0]
+        b0, self.flags, lengths, self.raw_lun, self.itt, self.ttt, self.cmdsn = _HEAD.unpack_from(bhs)
         self.opcode = b0 & 0x3F
         self.immediate = bool(b0 & FLAG_IMMEDIATE)
-        self.flags = bhs[1]
-        self.itt = _U32.unpack_from(bhs, 16)[0]
-        self.dlen = (bhs[5] << 16) | (bhs[6] << 8) | bhs[7]
+        self.dlen = lengths & 0xFFFFFF
+        # ttt: bytes 20..23, the Target Transfer Tag of Data-Out / NOP-Out
+        # (the Expected Data Transfer Length of a SCSI Command, see u32(20));
+        # cmdsn: bytes 24..27 of the PDUs that carry one
 
     @property
     def final(self) -> bool:
@@ -227,24 +235,11 @@ class Pdu:
 
     @property
     def lun(self) -> int:
-        return decode_lun(self.bhs[8:16])
-
-    @property
-    def raw_lun(self) -> bytes:
-        return bytes(self.bhs[8:16])
-
-    # fields shared by most initiator PDUs
-    @property
-    def cmdsn(self) -> int:
-        return self.u32(24)
+        return decode_lun(self.raw_lun)
 
     @property
     def exp_statsn(self) -> int:
         return self.u32(28)
-
-    @property
-    def ttt(self) -> int:
-        return self.u32(20)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return (f"<Pdu {OPCODE_NAMES.get(self.opcode, hex(self.opcode))} itt=0x{self.itt:08x} "
@@ -352,10 +347,14 @@ _ZERO_LUN = bytes(8)
 
 def pack_bhs(opcode: int, flags: int, b2: int, b3: int, lun: bytes, itt: int, f20: int = 0,
              f24: int = 0, f28: int = 0, f32: int = 0, f36: int = 0, f40: int = 0,
-             f44: int = 0) -> bytearray:
+             f44: int = 0, dlen: int = 0) -> bytearray:
     """Fast path of build_bhs for the hot target PDUs (Data-In, SCSI Response,
-    R2T): one struct pack; lengths are filled in by encode()."""
-    return bytearray(_BHS48.pack(opcode, flags, b2, b3, 0, lun or _ZERO_LUN, itt, f20, f24, f28,
+    R2T): one struct pack. The data segment length is either given here
+    (a header sent as is, no AHS) or filled in by encode()."""
+    if dlen > MAX_DSL:
+        raise ValueError("data segment too long")
+    # bytes 4..7: TotalAHSLength (0) and the 24-bit DataSegmentLength, as one word
+    return bytearray(_BHS48.pack(opcode, flags, b2, b3, dlen, lun or _ZERO_LUN, itt, f20, f24, f28,
                                  f32, f36, f40, f44))
 
 

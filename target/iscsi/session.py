@@ -5,9 +5,12 @@ teardown. The SCSI data path lives in ``datapath`` and task management in
 
 Handlers run synchronously from the connection's receive path; a PDU's data
 segment is a view into the receive buffer and is copied before returning.
-Each delivered SCSI command starts at once (target.eager) and becomes its
-own asyncio task only if it has to wait, so commands are handed to the SCSI
-layer in CmdSN order but execute concurrently.
+Each delivered SCSI command runs at once: one that waits for nothing is
+executed and, if the SCSI layer answers at once, answered right there
+without a coroutine (DataPathMixin._run_now); one that must wait starts
+eagerly (target.eager) and becomes its own asyncio task only when it
+suspends. So commands are handed to the SCSI layer in CmdSN order but
+execute concurrently.
 """
 from __future__ import annotations
 
@@ -88,6 +91,13 @@ class Session(DataPathMixin, TaskManagementMixin):
             # not from inside another command's budget request: on the next turn
             evict=lambda: conn.loop.call_soon(conn.abort, "over its memory budget"))
         self.immediate_inflight = 0
+        # the most Data-In one PDU may carry (0 with digests: those answers
+        # take the general path)
+        prm = self.params
+        self.single_data_in = (0 if prm.header_digest or prm.data_digest
+                               else min(prm.initiator_mrdsl, prm.max_burst_length))
+        self._scsi_target = None                # the ScsiTarget _scsi_submit is for
+        self._scsi_submit = None
 
     # -- helpers ---------------------------------------------------------------
     @property
@@ -165,8 +175,7 @@ class Session(DataPathMixin, TaskManagementMixin):
         if pdu.immediate:
             action(False)
         else:
-            verdict, ready = self.window.submit(pdu.cmdsn, action)
-            for a in ready:
+            for a in self.window.accept(pdu.cmdsn, action):
                 a(True)
 
     def _noop(self, counted: bool) -> None:

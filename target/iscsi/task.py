@@ -64,10 +64,11 @@ class Task:
         self.raw_lun = pdu.raw_lun
         self.lun = pdu.lun
         self.cdb = cdb
-        self.edtl = pdu.u32(20)
-        self.read = bool(pdu.flags & P.FLAG_READ)
-        self.write = bool(pdu.flags & P.FLAG_WRITE)
-        self.attr = pdu.flags & P.ATTR_MASK
+        self.edtl = pdu.ttt              # bytes 20..23 of a SCSI Command: its EDTL
+        flags = pdu.flags
+        self.read = bool(flags & P.FLAG_READ)
+        self.write = bool(flags & P.FLAG_WRITE)
+        self.attr = flags & P.ATTR_MASK
         self.cmdsn = pdu.cmdsn
         self.immediate = pdu.immediate
         self.counted = False
@@ -91,6 +92,10 @@ class Task:
         self.paid_to = 0                  # write data up to this offset is charged
         self.finished = False
         self.wait_for: list[Task] | None = None
+
+    def deliver(self, counted: bool) -> None:
+        """Its CmdSN came up (``counted``: it holds a CmdSN window slot)."""
+        self.session._deliver(self, counted)
 
     @property
     def data_complete(self) -> bool:

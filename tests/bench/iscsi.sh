@@ -11,6 +11,9 @@
 # Both LUNs are filled with data first, so reads hit real blocks. Prints a
 # table and ratios (ours/tgtd); the last line is one JSON object. Goals
 # (reported, not asserted): >= 0.5 for 4 KiB, >= 0.8 for 1 MiB.
+# Per-command CPU of each target during the 4 KiB random reads (process CPU
+# seconds from /proc, all threads, / commands completed) is reported beside
+# them: it is what the target costs the machine, whatever the initiator gets.
 #
 # Env: ROUNDS (2), SECS (iscsi-perf seconds per run, 6), SIZE_MB (1024),
 #      RAND_WRITES (4K writes per run, 60000), PYSPY_OUT (file: profile the
@@ -96,14 +99,23 @@ if [ -n "${PYSPY_OUT:-}" ] && [ -x "$PYSPY" ]; then
   SPID=$!
 fi
 
-# -- measurements: each prints "<IOPS> <MB/s>" -------------------------------------
-perf() {   # URL BLOCKS(512 B) RANDOM(0/1)
-  local r=() out
+# -- measurements: each prints "<IOPS> <MB/s>" (perf: "<IOPS> <MB/s> <CPU us/command>")
+TICK=$(getconf CLK_TCK)
+cpu_ticks() {   # PID: user + system clock ticks of the whole process
+  # the fields after the ")" that ends the command name: utime is the 12th, stime the 13th
+  local s; s=$(</proc/"$1"/stat); s=${s##*) }
+  awk '{ print $12 + $13 }' <<<"$s"
+}
+perf() {   # URL BLOCKS(512 B) RANDOM(0/1) TARGET-PID
+  local r=() out c0 c1
   [ "$3" = 1 ] && r=(-r)
+  c0=$(cpu_ticks "$4")
   out=$(timeout $((SECS + 30)) iscsi-perf -m 32 -b "$2" -t "$SECS" "${r[@]}" "$1" 2>&1 | tr '\r' '\n') \
     || { echo "iscsi-perf failed on $1: $(tail -c 500 <<<"$out")" >&2; return 1; }
-  awk '/iops average/ { for (i = 1; i <= NF; i++) if ($i == "average") { iops = $(i+1); mb = $(i+2) } }
-       END { gsub(/\(/, "", mb); printf "%d %d\n", iops, mb }' <<<"$out"
+  c1=$(cpu_ticks "$4")
+  awk -v c="$((c1 - c0))" -v tick="$TICK" -v secs="$SECS" '
+       /iops average/ { for (i = 1; i <= NF; i++) if ($i == "average") { iops = $(i+1); mb = $(i+2) } }
+       END { gsub(/\(/, "", mb); printf "%d %d %.1f\n", iops, mb, (iops > 0 ? c / tick / (iops * secs) * 1e6 : 0) }' <<<"$out"
 }
 qbench() {   # URL SIZE COUNT STEP [extra]
   local out
@@ -121,20 +133,23 @@ qbench "$OURS" 1M "$ONE_MB_COUNT" 1M >/dev/null
 
 declare -A SUM CNT
 add() { SUM[$1]=$(awk -v a="${SUM[$1]:-0}" -v b="$2" 'BEGIN { print a + b }'); CNT[$1]=$(( ${CNT[$1]:-0} + 1 )); }
-run_one() {   # TARGET-LABEL URL
+run_one() {   # TARGET-LABEL URL PID
   local l=$1 u=$2 v
-  v=$(perf "$u" 8 1);                                   add "$l.rand4k_read" "${v% *}";  add "$l.rand4k_read.mb" "${v#* }"
+  v=$(perf "$u" 8 1 "$3");                              add "$l.rand4k_read" "${v%% *}"; v=${v#* }
+  add "$l.rand4k_read.mb" "${v% *}";                    add "$l.rand4k_read.cpu_us" "${v#* }"
   v=$(qbench "$u" 4k "$RAND_WRITES" "$STRIDE");         add "$l.rand4k_write" "${v% *}"; add "$l.rand4k_write.mb" "${v#* }"
-  v=$(perf "$u" 2048 0);                                add "$l.seq1m_read" "${v% *}";   add "$l.seq1m_read.mb" "${v#* }"
+  v=$(perf "$u" 2048 0 "$3");                           add "$l.seq1m_read" "${v%% *}";  v=${v#* }
+  add "$l.seq1m_read.mb" "${v% *}"
   v=$(qbench "$u" 1M "$ONE_MB_COUNT" 1M);               add "$l.seq1m_write" "${v% *}";  add "$l.seq1m_write.mb" "${v#* }"
   echo "  round $r $l done" >&2
 }
 for r in $(seq "$ROUNDS"); do
-  if (( r % 2 )); then run_one tgtd "$TGT"; run_one ours "$OURS"
-  else run_one ours "$OURS"; run_one tgtd "$TGT"; fi
+  if (( r % 2 )); then run_one tgtd "$TGT" "$TPID"; run_one ours "$OURS" "$DPID"
+  else run_one ours "$OURS" "$DPID"; run_one tgtd "$TGT" "$TPID"; fi
 done
 
 avg() { awk -v s="${SUM[$1]}" -v n="${CNT[$1]}" 'BEGIN { printf "%.0f", s / n }'; }
+avg1() { awk -v s="${SUM[$1]}" -v n="${CNT[$1]}" 'BEGIN { printf "%.1f", s / n }'; }
 ratio() { awk -v a="$(avg "ours.$1")" -v b="$(avg "tgtd.$1")" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }'; }
 
 printf '\n%-14s %12s %10s %12s %10s %8s %6s\n' test "tgtd IOPS" "tgtd MB/s" "ours IOPS" "ours MB/s" ratio goal
@@ -143,6 +158,9 @@ for k in rand4k_read rand4k_write seq1m_read seq1m_write; do
   printf '%-14s %12s %10s %12s %10s %8s %6s\n' "$k" "$(avg tgtd.$k)" "$(avg tgtd.$k.mb)" \
     "$(avg ours.$k)" "$(avg ours.$k.mb)" "$(ratio $k)" ">=$goal"
 done
+printf 'rand4k_read CPU per command: tgtd %s us, ours %s us\n' \
+  "$(avg1 tgtd.rand4k_read.cpu_us)" "$(avg1 ours.rand4k_read.cpu_us)"
 echo "(mean of $ROUNDS interleaved rounds; 512 B blocks; 32 in flight; ${SIZE_MB} MiB LUNs)"
-printf '{"rand4k_read_ratio": %s, "rand4k_write_ratio": %s, "seq1m_read_ratio": %s, "seq1m_write_ratio": %s}\n' \
-  "$(ratio rand4k_read)" "$(ratio rand4k_write)" "$(ratio seq1m_read)" "$(ratio seq1m_write)"
+printf '{"rand4k_read_ratio": %s, "rand4k_write_ratio": %s, "seq1m_read_ratio": %s, "seq1m_write_ratio": %s, "rand4k_read_cpu_us_ours": %s, "rand4k_read_cpu_us_tgtd": %s}\n' \
+  "$(ratio rand4k_read)" "$(ratio rand4k_write)" "$(ratio seq1m_read)" "$(ratio seq1m_write)" \
+  "$(avg1 ours.rand4k_read.cpu_us)" "$(avg1 tgtd.rand4k_read.cpu_us)"

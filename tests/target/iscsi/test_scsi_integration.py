@@ -132,3 +132,30 @@ def test_lun_reset_through_lunset(tmp_path):
         finally:
             await srv.stop()
     run(main())
+
+
+def test_commands_answered_at_once_leave_nothing_behind(tmp_path):
+    """4 KiB reads and writes the SCSI layer completes at once take the data
+    path's synchronous way (no coroutine): every answer is right (an odd
+    length one padded), and once all are answered the session holds no
+    budget, no task and no CmdSN slot."""
+    async def main():
+        srv, _ = await start(tmp_path)
+        try:
+            i = Initiator(*srv.addresses[0])
+            await i.login(IQN, immediate_data=True, initial_r2t=False, first_burst=65536)
+            await ready(i, 0)
+            blocks = {lba: os.urandom(4096) for lba in range(0, 512, 8)}
+            await asyncio.gather(*(i.write(0, lba, d) for lba, d in blocks.items()))
+            got = await asyncio.gather(*(i.read(0, lba, 8) for lba in blocks))
+            assert got == list(blocks.values())
+            r = await i.scsi(0, bytes((0x12, 0, 0, 0, 5, 0)), read_len=5)     # INQUIRY, 5 bytes
+            assert r.status == 0 and len(r.data) == 5 and r.data[0] == 0
+            (s,) = srv.sessions.values()
+            assert s.budget.used == 0 and srv.memory.used == 0
+            assert not s.tasks and s.window.inflight == 0
+            assert s.window.max_cmdsn == (s.window.exp_cmdsn + s.window.depth - 1) % (1 << 32)
+            await i.close()
+        finally:
+            await srv.stop()
+    run(main())
