@@ -248,11 +248,12 @@ class Copier:
                         await asyncio.sleep(min(wait, self.hosts.window(th.host_window)))
                         continue
                 # Hosts busy: copies by background I/O, so a host command
-                # never waits behind copy work on the loop; as many in
-                # flight as idle, or slow copies (a loaded machine) could
-                # not keep up with the floor.
+                # never waits behind copy work on the loop, and one at a
+                # time: two copies could take both CPUs of a small machine
+                # from the hosts at once, and one stream (copy_file_range:
+                # hundreds of MB/s) keeps well above the floor.
                 span = th.batch_extents
-                while len(tasks) >= th.depth:
+                while len(tasks) >= (1 if busy else th.depth):
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         tasks.discard(t)
