@@ -86,18 +86,13 @@ class Copier:
         stores' background I/O (off the event loop, behind host I/O)."""
         off, length = self._range(a, b)
         p = self.pair
-        buf = self.buffers.take(length)
-        try:
-            view = memoryview(buf)[:length]
-            src = self.src
-            await (src.readinto_background if background else src.readinto)(off, view)
-            if (self.before_overwrite is not None and p.job is not None
-                    and p.job.kind is JobKind.RESTORE):
-                await self.before_overwrite(a, b)     # keep-undo: save the old data first
-            dst = self.dst
-            await (dst.write_background if background else dst.write)(off, view)
-        finally:
-            self.buffers.give(buf)
+        saves_undo = (self.before_overwrite is not None and p.job is not None
+                      and p.job.kind is JobKind.RESTORE)
+        # The stores copy between themselves where they can (one worker job,
+        # no buffer through Python: cheaper for hosts sharing the CPU); a
+        # keep-undo restore saves the old data between read and write.
+        if saves_undo or not await self.src.copy_range_to(self.dst, off, length, background):
+            await self._copy_by_buffer(a, b, off, length, background, saves_undo)
         job = p.job
         settle = p.maps.mark_copied(a, b, lambda: p.job is job)   # not a job stopped since
         # Both sides must be durable before "copied" is: the source of the
@@ -106,6 +101,21 @@ class Copier:
         self.committer.note_landed((self.dst, self.src), settle)
         p.note_copied(length, b - a)
         return length
+
+    async def _copy_by_buffer(self, a: int, b: int, off: int, length: int, background: bool,
+                              saves_undo: bool) -> None:
+        buf = self.buffers.take(length)
+        try:
+            view = memoryview(buf)[:length]
+            src = self.src
+            await (src.readinto_background if background else src.readinto)(off, view)
+            if saves_undo:
+                assert self.before_overwrite is not None
+                await self.before_overwrite(a, b)     # keep-undo: save the old data first
+            dst = self.dst
+            await (dst.write_background if background else dst.write)(off, view)
+        finally:
+            self.buffers.give(buf)
 
     async def _copy_claimed(self, extents: list[int]) -> None:
         """Copy claimed extents, merging adjacent ones into one I/O."""
@@ -238,11 +248,12 @@ class Copier:
                         await asyncio.sleep(min(wait, self.hosts.window(th.host_window)))
                         continue
                 # Hosts busy: copies by background I/O, so a host command
-                # never waits behind copy work on the loop; as many in
-                # flight as idle, or slow copies (a loaded machine) could
-                # not keep up with the floor.
+                # never waits behind copy work on the loop, and one at a
+                # time: two copies could take both CPUs of a small machine
+                # from the hosts at once, and one stream (copy_file_range:
+                # hundreds of MB/s) keeps well above the floor.
                 span = th.batch_extents
-                while len(tasks) >= th.depth:
+                while len(tasks) >= (1 if busy else th.depth):
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         tasks.discard(t)

@@ -27,6 +27,10 @@ from ..blockstore import BlockStore, BlockStoreError
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+# copy_file_range cannot copy between these two files (other file systems
+# before Linux 5.19 or of other types, block devices, no support): copy
+# through a buffer instead
+_NO_COPY_RANGE = frozenset((errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS))
 # Inline (on-loop) syscalls: one slower than INLINE_SLOW_S counts a strike,
 # INLINE_STRIKES strikes in a row (or one call over INLINE_BLOCKED_S) send
 # that kind of I/O to the threads for a backoff. Seen from the loop, a call
@@ -158,6 +162,9 @@ class FileBlockStore(BlockStore):
         self._flushed = 0
         self._flushing: asyncio.Future[None] | None = None
         self.fdatasyncs = 0
+        # devices of destinations copy_file_range refused (another file
+        # system, one that cannot): those copies go through a buffer
+        self._no_copy_range: set[int] = set()
 
     def _open_checks(self, path: str, size: int | None, readonly: bool) -> int:
         """Lock the open image and return its size; raise if it is not usable."""
@@ -316,6 +323,41 @@ class FileBlockStore(BlockStore):
     async def write_background(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.check_range(offset, len(data))
         await self._write_in(background_executor(), offset, data)
+
+    async def copy_range_to(self, dst: BlockStore, offset: int, length: int,
+                            background: bool) -> bool:
+        """copy_file_range in one worker job: the kernel copies page cache
+        to page cache with the GIL released; no read-then-write hop back to
+        the loop in between. Flushed like a write (counted in ``dst``)."""
+        if not isinstance(dst, FileBlockStore) or dst.identity[0] in self._no_copy_range:
+            return False
+        self.check_range(offset, length)
+        dst.check_range(offset, length)
+        pool = background_executor() if background else io_executor()
+        try:
+            copied = await asyncio.get_running_loop().run_in_executor(
+                pool, self._copy_range_sync, dst, offset, length)
+        except OSError as e:
+            raise BlockStoreError(f"{self.name}: copy to {dst.name} failed at {offset}: {e}",
+                                  offset) from e
+        if copied:
+            dst._written += 1
+        return copied
+
+    def _copy_range_sync(self, dst: "FileBlockStore", offset: int, length: int) -> bool:
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(self._fd, dst._fd, length - done, offset + done, offset + done)
+            except OSError as e:
+                if done == 0 and e.errno in _NO_COPY_RANGE:
+                    self._no_copy_range.add(dst.identity[0])
+                    return False
+                raise
+            if n == 0:
+                raise BlockStoreError(f"{self.name}: short read at {offset + done}", offset + done)
+            done += n
+        return True
 
     async def _readinto_in(self, pool: ThreadPoolExecutor, offset: int, buf: memoryview) -> None:
         try:

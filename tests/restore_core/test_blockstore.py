@@ -1,4 +1,5 @@
 import asyncio
+import errno
 import os
 import threading
 
@@ -243,4 +244,59 @@ def test_background_io_runs_in_its_own_threads_never_on_the_loop(tmp_path):
         with pytest.raises(BlockStoreError):
             await s.readinto_background((1 << 20) - 10, memoryview(bytearray(4096)))
         s.close()
+    asyncio.run(go())
+
+
+def test_copy_range_between_files_is_one_background_job_and_counts_for_the_flush(tmp_path):
+    """The copier's fast path: copy_file_range in one worker job (the
+    background pool while hosts are busy), flushed like a write."""
+    async def go() -> None:
+        a = FileBlockStore(str(tmp_path / "a.img"), 1 << 20, create=True)
+        b = FileBlockStore(str(tmp_path / "b.img"), 1 << 20, create=True)
+        data = os.urandom(1 << 20)
+        await a.write(0, data)
+        where: list[str] = []
+        plain = a._copy_range_sync
+
+        def noting_thread(dst, offset, length):
+            where.append(threading.current_thread().name)
+            return plain(dst, offset, length)
+
+        a._copy_range_sync = noting_thread
+        assert await a.copy_range_to(b, 4096, 256 << 10, background=True)
+        assert await a.copy_range_to(b, 0, 4096, background=False)
+        assert where[0].startswith("lr-bg") and where[1].startswith("lr-io"), where
+        got = await b.read(0, (256 << 10) + 4096)
+        assert bytes(got) == data[:(256 << 10) + 4096]
+        await b.flush()
+        assert b.fdatasyncs == 1
+        assert not await a.copy_range_to(MemoryBlockStore(1 << 20), 0, 4096, background=True)
+        with pytest.raises(BlockStoreError):
+            await a.copy_range_to(b, (1 << 20) - 10, 4096, background=True)
+        a.close()
+        b.close()
+    asyncio.run(go())
+
+
+def test_copy_range_refused_by_the_kernel_falls_back_once_and_for_all(tmp_path, monkeypatch):
+    """Files copy_file_range cannot join (another file system, EXDEV):
+    nothing is written, the caller copies through a buffer, and later
+    copies to that device do not ask the kernel again."""
+    async def go() -> None:
+        a = FileBlockStore(str(tmp_path / "a.img"), 1 << 20, create=True)
+        b = FileBlockStore(str(tmp_path / "b.img"), 1 << 20, create=True)
+        await a.write(0, b"y" * 8192)
+        calls = []
+
+        def exdev(*args):
+            calls.append(args)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", exdev)
+        assert not await a.copy_range_to(b, 0, 8192, background=True)
+        assert not await a.copy_range_to(b, 0, 8192, background=False)
+        assert len(calls) == 1
+        assert bytes(await b.read(0, 8192)) == bytes(8192)
+        a.close()
+        b.close()
     asyncio.run(go())

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from restore_core.blockstore import MemoryBlockStore
-from restore_core.hostyield import FLOOR_AHEAD_S, FLOOR_OWED_S, MIN_WINDOW_S, HostYield
+from restore_core.hostyield import FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_OWED_S, MIN_WINDOW_S, HostYield
 from restore_core.pair import Throttle
 
 from .util import ES, Rig, pattern
@@ -47,18 +47,23 @@ def busy_copy_rate(h: HostYield, start: float, secs: float, n: int, copy_s: floa
     return copied / secs
 
 
-def test_busy_copies_keep_the_minimum_progress_rate():
+def test_busy_copies_keep_the_minimum_progress_rate_of_an_idle_rate_above_the_estimate():
+    """Idle moments between host bursts can read low (0.88x the bench's
+    idle restore in a traced run): 10% of the estimate alone was 7.6-9.3% of
+    the idle rate. The copier aims above the floor by that error."""
     h = HostYield()
     idle_measured(h, 100 << 20)
     assert h.idle_rate == pytest.approx(100 << 20)
-    assert h.floor_rate(10) == pytest.approx(10 << 20)
+    true_idle_rate = (100 << 20) / 0.88
     rate = busy_copy_rate(h, 61.0, 4.0, 1 << 20, 0.001)
-    assert (10 << 20) * 0.95 <= rate <= (10 << 20) * 1.05
+    assert rate >= true_idle_rate * 0.10 * 1.05
+    assert rate <= (100 << 20) * 0.10 * FLOOR_AIM * 1.05     # and no more than aimed at
 
 
 def test_the_floor_is_a_budget_copies_while_hosts_paused_count_for_a_while():
     h = HostYield()
-    h.idle_rate = 100 << 20                           # floor 10 MiB/s
+    h.idle_rate = 100 << 20                           # floor 10 MiB/s, aimed above
+    floor = h.floor_rate(10)
     h.note_started(0.0, 0, 10)
     for i in range(50):                               # a host pause: 50 MiB in 0.5 s
         h.note_started(i * 0.01, 1 << 20, 10)
@@ -73,7 +78,7 @@ def test_the_floor_is_a_budget_copies_while_hosts_paused_count_for_a_while():
     while h.floor_wait(3.5, 10) == 0.0:
         h.note_started(3.5, 1 << 20, 10)
         burst += 1 << 20
-    assert (10 << 20) * FLOOR_OWED_S <= burst <= (10 << 20) * FLOOR_OWED_S + (1 << 20)
+    assert floor * FLOOR_OWED_S <= burst <= floor * FLOOR_OWED_S + (1 << 20)
 
 
 def test_a_stretch_on_a_loaded_machine_lowers_the_idle_rate_slowly():
@@ -84,9 +89,11 @@ def test_a_stretch_on_a_loaded_machine_lowers_the_idle_rate_slowly():
         h.note_copy(1 << 20, 0.02, busy=False, now=100.0 + (i + 1) * 0.02)
     assert h.busy(100.3, 100.3, 8)
     assert (100 << 20) * 0.9 <= h.idle_rate < 100 << 20
-    # one idle copy's own rate is the better measure when it is higher
+    # one idle copy's own rate is no throughput: not taken over a stretch's
     h.idle_copy_rate = 200 << 20
-    assert h.floor_rate(10) == pytest.approx(20 << 20)
+    assert h.floor_rate(10) == pytest.approx(h.idle_rate / 10 * FLOOR_AIM)
+    h.idle_rate = None
+    assert h.floor_rate(10) == pytest.approx((20 << 20) * FLOOR_AIM)
 
 
 def test_the_idle_rate_counts_only_time_with_a_copy_in_flight():
@@ -108,7 +115,7 @@ def test_floor_before_an_idle_rate_was_measured_uses_one_copy_streams_rate():
     assert h.floor_rate(10) == 0.0                    # nothing timed: the first copy goes now
     assert h.floor_wait(0.0, 10) == 0.0
     h.note_copy(64 << 10, 0.001, busy=True)
-    assert h.floor_rate(10) == pytest.approx((64 << 10) / 0.001 / 10)
+    assert h.floor_rate(10) == pytest.approx((64 << 10) / 0.001 / 10 * FLOOR_AIM)
 
 
 class CountingStore(MemoryBlockStore):
