@@ -134,6 +134,11 @@ class RbdStore(BlockStore):
         c.conf_set("rbd_cache", "false")
         c.conf_set("rbd_skip_partial_discard", "false")
         c.conf_set("rbd_non_blocking_aio", "false")    # dispatch on our submitter thread
+        # rbd_disable_zero_copy_writes stays true (librbd copies each write):
+        # without the copy, a write in flight when this client is
+        # blocklisted never completes (librbd holds the completion until it
+        # drops the caller's buffer), so fencing hung instead of refusing
+        # it; tried, 1 MiB writes at QD32 were 864 vs 669 MiB/s
         c.conf_set("client_mount_timeout", str(CONNECT_TIMEOUT_S))
         for key, default in (("rados_osd_op_timeout", OSD_OP_TIMEOUT_S),
                              ("rados_mon_op_timeout", MON_OP_TIMEOUT_S)):
