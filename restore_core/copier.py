@@ -242,7 +242,7 @@ class Copier:
                 # flight as idle, or slow copies (a loaded machine) could
                 # not keep up with the floor.
                 span = th.batch_extents
-                while len(tasks) >= th.depth:
+                while len(tasks) >= max(th.depth, self.src.copy_depth, self.dst.copy_depth):
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         tasks.discard(t)

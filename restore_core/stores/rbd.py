@@ -95,6 +95,10 @@ class RbdStore(BlockStore):
     client leaves the other volumes' clients alone)."""
 
     kind = "rbd"
+    #: 256 MiB restored from an RBD clone (1 MiB copies, file source), vs a
+    #: plain sequential copy: 0.85 at depth 2, 0.91 at 4, 0.97 at 8 (medians
+    #: of 8 interleaved rounds, load ~5)
+    copy_depth = 8
 
     def __init__(self, spec: RbdSpec, size: int | None = None, *, create: bool = False,
                  stale_owner: str | None = None) -> None:
