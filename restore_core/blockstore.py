@@ -31,6 +31,11 @@ class BlockStore(ABC):
     name: str = "?"
     #: what a volume record persists as its kind ("file", "blockdev", "rbd")
     kind: str = "memory"
+    #: copy I/Os the store needs in flight to stream at its rate: a local
+    #: disk streams from few (the copier's default depth suits it), a
+    #: network store pays a round trip per I/O and needs more; the copier
+    #: runs at least this many on a pair with this store on either side
+    copy_depth: int = 1
 
     @property
     @abstractmethod

@@ -253,7 +253,11 @@ class Copier:
                 # from the hosts at once, and one stream (copy_file_range:
                 # hundreds of MB/s) keeps well above the floor.
                 span = th.batch_extents
-                while len(tasks) >= (1 if busy else th.depth):
+                # A store that pays a round trip per I/O (RBD) needs its
+                # copy depth even while hosts are busy, or it falls under
+                # the floor.
+                store_depth = max(self.src.copy_depth, self.dst.copy_depth)
+                while len(tasks) >= (store_depth if busy else max(th.depth, store_depth)):
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         tasks.discard(t)

@@ -45,6 +45,19 @@ INLINE_BLOCKED_S = 0.02
 INLINE_STRIKES = 3
 INLINE_BACKOFF_MIN_S = 0.05
 INLINE_BACKOFF_MAX_S = 1.0
+#: Writes at least this big (a copier's extents, a host's streaming writes)
+#: start their own writeback at once (sync_file_range, not waiting for it):
+#: else a restore's dirty data all waits for the final flush, which then
+#: writes the whole image back while nothing else happens (measured: 256
+#: MiB restored from RBD, that flush 97-118 ms of a 0.59 s restore; 0-12 ms
+#: with write-behind). Durability is unchanged: a flush still fdatasyncs.
+WRITE_BEHIND_MIN = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 
@@ -272,6 +285,13 @@ class FileBlockStore(BlockStore):
         while done < len(view):
             done += os.pwritev(self._fd, [view[done:]], offset + done)
 
+    def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """write_sync, then (big writes) start writing it back: see WRITE_BEHIND_MIN."""
+        self.write_sync(offset, data)
+        if len(data) >= WRITE_BEHIND_MIN and _sync_file_range is not None:
+            # advisory: a writeback error surfaces at the next flush
+            _sync_file_range(self._fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
+
     def flush_sync(self) -> None:
         os.fdatasync(self._fd)
 
@@ -368,7 +388,7 @@ class FileBlockStore(BlockStore):
     async def _write_in(self, pool: ThreadPoolExecutor, offset: int,
                         data: bytes | bytearray | memoryview) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(pool, self.write_sync, offset, data)
+            await asyncio.get_running_loop().run_in_executor(pool, self.write_behind, offset, data)
         except OSError as e:
             raise BlockStoreError(f"{self.name}: write error at {offset}: {e}", offset) from e
         self._written += 1
@@ -423,9 +443,8 @@ class FileBlockStore(BlockStore):
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-    rc = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(punch),
+    rc = _libc.fallocate(ctypes.c_int(fd), ctypes.c_int(punch),
                         ctypes.c_longlong(offset), ctypes.c_longlong(length))
     if rc != 0:
         err = ctypes.get_errno()

@@ -19,6 +19,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import select
+import time
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_ssize_t, c_uint8, c_uint64, c_void_p
 from typing import Callable
 
@@ -166,6 +168,10 @@ class Image:
         _check(_api.open(cluster.ioctx, name.encode(), byref(self._h), None), f"open {name}")
         self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._polled = (c_void_p * POLL_BATCH)()
+        # completions of aio started / taken by poll (and released): each
+        # counter is written by one thread only (the submitter, the loop)
+        self.started = 0
+        self.taken = 0
         try:
             _check(_api.set_image_notification(self._h, self.eventfd, _EVENT_TYPE_EVENTFD),
                    "completion notification")
@@ -234,6 +240,7 @@ class Image:
         if r < 0:
             _api.aio_release(comp)
             raise RbdError(-r, what)
+        self.started += 1
 
     def aio_read(self, offset: int, length: int, address: int, token: int) -> None:
         comp = self._completion(token)
@@ -266,8 +273,26 @@ class Image:
                 c = comps[i]
                 out.append((_api.aio_get_arg(c), _api.aio_get_return_value(c)))
                 _api.aio_release(c)
+            self.taken += n
             if n < POLL_BATCH:
                 return out
+
+    def drain(self, timeout: float) -> list[tuple[int, int]]:
+        """Wait (blocking, at most ``timeout`` s) until every aio started
+        has completed and poll them all: a completion nobody polls is
+        never released, and once the image is closed nobody can. Call
+        when nothing starts aio any more; returns what poll would."""
+        out: list[tuple[int, int]] = []
+        waiter = select.poll()
+        waiter.register(self.eventfd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while self.taken < self.started:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            waiter.poll(left * 1000)
+            out += self.poll()
+        return out
 
     def close(self) -> None:
         """Waits for the aio in flight (librbd does), then closes."""

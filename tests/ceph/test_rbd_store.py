@@ -138,3 +138,26 @@ def test_a_cancelled_io_ends_only_after_librbd_let_go_of_its_buffer(ceph):
             assert buf == b"\xff" * len(buf)         # nothing landed in it after
     asyncio.run(go())
     s.close()
+
+
+def test_close_with_io_in_flight_releases_every_completion(ceph):
+    """librbd queues each completion for our poll; closing an image with I/O
+    in flight must still take (and release) every one, and its waiters get
+    the real outcome, not a hang or a lost completion."""
+    spec = ceph.spec()
+    s = open_store(spec, 32 * MiB, create=True)
+
+    async def go():
+        await s.write(0, b"\x5a" * MiB)
+        img = s._image
+        bufs = [bytearray(MiB) for _ in range(32)]
+        reads = [asyncio.ensure_future(s.readinto(0, memoryview(b))) for b in bufs]
+        writes = [asyncio.ensure_future(s.write((i + 1) * MiB, b"\xa5" * MiB)) for i in range(16)]
+        await asyncio.sleep(0)                       # all queued for librbd
+        s.close()                                    # while they are in flight
+        assert img.started == 49 and img.taken == img.started
+        outcomes = await asyncio.gather(*reads, *writes, return_exceptions=True)
+        assert outcomes == [None] * 48
+        assert all(b == b"\x5a" * MiB for b in bufs)
+    asyncio.run(go())
+    assert read_image(spec, 16 * MiB, 4096) == b"\xa5" * 4096

@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from restore_core.blockstore import BlockStoreError, MemoryBlockStore
+from restore_core.stores import file as file_store
 from restore_core.stores.file import FileBlockStore
 
 
@@ -300,3 +301,29 @@ def test_copy_range_refused_by_the_kernel_falls_back_once_and_for_all(tmp_path, 
         a.close()
         b.close()
     asyncio.run(go())
+
+
+def test_big_writes_start_their_writeback_at_once(tmp_path, monkeypatch):
+    """A restore's copies (and streaming host writes) must not leave all
+    their data for the final flush: each big write starts its writeback."""
+    calls: list[tuple[int, int, int, int]] = []
+    real = file_store._sync_file_range
+    assert real is not None
+
+    def record(fd: int, offset: int, length: int, flags: int) -> int:
+        calls.append((fd, offset, length, flags))
+        return real(fd, offset, length, flags)
+    monkeypatch.setattr(file_store, "_sync_file_range", record)
+    s = FileBlockStore(str(tmp_path / "a.img"), 8 << 20, create=True)
+    big = file_store.WRITE_BEHIND_MIN
+
+    async def go():
+        await s.write(1 << 20, b"\x11" * big)
+        await s.write_background(4 << 20, b"\x22" * big)
+        await s.write(0, b"\x33" * 65536)             # small: left to the kernel
+        await s.flush()
+        assert bytes(await s.read(1 << 20, 4)) == b"\x11" * 4
+    asyncio.run(go())
+    s.close()
+    assert [(o, n) for _, o, n, _ in calls] == [(1 << 20, big), (4 << 20, big)]
+    assert all(flags == 2 for *_, flags in calls)      # SYNC_FILE_RANGE_WRITE: no waiting

@@ -225,3 +225,35 @@ def test_restart_loads_write_intent_regions_at_their_own_size():
         assert p2.maps.intent.nbits == 3 and p2.maps.delta.test(300)
         await eng2.close()
     run(go())
+
+
+def test_a_network_store_gets_the_copy_depth_it_needs():
+    """A store whose I/Os each pay a round trip (RBD) says how many copies
+    it needs in flight; the copier runs at least that many, whatever the
+    pair's (local-disk) depth."""
+    async def go():
+        r = Rig(64)
+        eng = await r.boot()
+        p = await r.fractured_pair()
+        await r.sio.write(0, pattern(5, 64 * ES))
+        await eng.set_throttle(p.id, batch_extents=1, depth=1)
+        r.cln.copy_depth = 6
+        now = peak = 0
+        read = r.cln.readinto
+
+        async def slow_read(offset, buf):
+            nonlocal now, peak
+            now += 1
+            peak = max(peak, now)
+            try:
+                await asyncio.sleep(0.002)          # a round trip
+                await read(offset, buf)
+            finally:
+                now -= 1
+        r.cln.readinto = slow_read
+        await eng.restore(p.id)
+        await eng.wait_job(p.id, 10)
+        assert bytes(r.src.current) == bytes(r.cln.current)
+        assert peak == 6
+        await eng.close()
+    run(go())
