@@ -123,11 +123,15 @@ class UndoSaver:
     async def before_overwrite(self, a: int, b: int) -> None:
         """Returns once extents [a, b) are saved (their bits durable)."""
         maps = self.pair.maps
-        while not maps.saved.all(a, b):
+        while True:
+            # Being saved first: a save sets its saved bits before they are
+            # durable, and only its end says they are.
             busy = {self._saving[e] for e in range(a, b) if e in self._saving}
             if busy:
                 await asyncio.wait([asyncio.shield(f) for f in busy])
                 continue
+            if maps.saved.all(a, b):
+                break
             await self._save([e for e in range(a, b) if not maps.saved.test(e)]
                              + self._unsaved(b))
         self._save_ahead(b)

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from restore_core import undo
 from restore_core.blockstore import MemoryBlockStore
 from restore_core.committer import load_map
 from restore_core.engine import EngineError
@@ -90,12 +91,21 @@ def test_abort_after_restore_and_commit():
     asyncio.run(main())
 
 
-def test_undo_ordering_saved_before_overwrite():
+@pytest.mark.parametrize("batch", [None, 3], ids=["default", "small-batches"])
+def test_undo_ordering_saved_before_overwrite(batch, monkeypatch):
     """At every store write of the source during a keep-undo restore, every
     extent it overwrites has its old data durable in the undo image and its
-    saved bit durable in the metadata store."""
+    saved bit durable in the metadata store (small batches: the copier
+    meets batches still being saved or committed)."""
+    n = N
+    if batch is not None:
+        n = 64
+        monkeypatch.setattr(undo, "SAVE_BATCH", batch, raising=False)
+        monkeypatch.setattr(undo, "SAVE_AHEAD", batch)
+        monkeypatch.setattr(undo, "SAVE_IO_EXTENTS", 2)
+
     async def main():
-        rig = Rig(N)
+        rig = Rig(n)
         eng, pair, pre = await restored_with_undo(rig, paused=True)
         undo = rig.undo_images.images[f"undo-{pair.id}"]
         src_write = rig.src.write
@@ -104,16 +114,32 @@ def test_undo_ordering_saved_before_overwrite():
         async def checked_write(off, data):
             for e in range(off // ES, (off + len(data) - 1) // ES + 1):
                 chunks = rig.meta.load().maps.get(f"{pair.id}/saved", {})
-                saved = load_map(N, chunks)
+                saved = load_map(n, chunks)
                 assert saved.test(e), f"extent {e} overwritten before its saved bit is durable"
                 assert undo.durable[e * ES:(e + 1) * ES] == pre[e * ES:(e + 1) * ES], \
                     f"extent {e} overwritten before its undo data is durable"
                 checked.append(e)
             await src_write(off, data)
         rig.src.write = checked_write
+        if batch is not None:
+            # a wide window between a saved bit set and durable
+            wait_durable = eng.committer.wait_durable
+
+            async def slow_wait_durable(batch_id: int) -> None:
+                await asyncio.sleep(0.005)
+                await wait_durable(batch_id)
+            eng.committer.wait_durable = slow_wait_durable
+            # and a copier that comes to saved extents while they settle
+            clone_readinto = rig.cln.readinto
+
+            async def slow_readinto(off, buf):
+                await asyncio.sleep(0.002)
+                await clone_readinto(off, buf)
+            rig.cln.readinto = slow_readinto
+            pair.throttle.batch_extents = 1
         await eng.resume(pair.id)
         await eng.wait_job(pair.id, 30)
-        assert sorted(set(checked)) == list(range(N))
+        assert sorted(set(checked)) == list(range(n))
         await eng.close()
     asyncio.run(main())
 
