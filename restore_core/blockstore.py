@@ -74,6 +74,14 @@ class BlockStore(ABC):
     async def write_background(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         await self.write(offset, data)
 
+    async def copy_to(self, dst: "BlockStore", offset: int, buf: memoryview) -> None:
+        """Copy len(buf) bytes at ``offset`` to the same offset of ``dst``
+        (volatile there until ``dst.flush()``). ``buf`` is scratch space for
+        stores that copy through memory; a store that can copy to ``dst``
+        without it (file to file in the kernel) does so."""
+        await self.readinto(offset, buf)
+        await dst.write(offset, buf)
+
     async def discard(self, offset: int, length: int) -> None:
         """Deallocate a range; it must read back as zeros afterwards."""
         chunk = 1 << 20

@@ -27,6 +27,9 @@ from ..blockstore import BlockStore, BlockStoreError
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+# copy_file_range errors that mean "not here" (no such syscall, across file
+# systems on old kernels, a file system without it), not an I/O error
+_NO_COPY_FILE_RANGE = frozenset({errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP})
 # Inline (on-loop) syscalls: one slower than INLINE_SLOW_S counts a strike,
 # INLINE_STRIKES strikes in a row (or one call over INLINE_BLOCKED_S) send
 # that kind of I/O to the threads for a backoff. Seen from the loop, a call
@@ -151,6 +154,9 @@ class FileBlockStore(BlockStore):
         # block); where it is not supported (tmpfs and overlayfs before
         # Linux 6.6...) small reads go inline while they stay fast, as writes
         self.inline_read_max = 0 if self._is_blockdev else 128 * 1024
+        # copy_file_range between two such files (not block devices: the
+        # kernel refuses them); off once the kernel says it cannot
+        self._copy_in_kernel = not self._is_blockdev and hasattr(os, "copy_file_range")
         self.write_guard = InlineGuard()
         self.read_guard = InlineGuard()
         # Flush coalescing: writes completed / covered by a finished flush.
@@ -354,6 +360,35 @@ class FileBlockStore(BlockStore):
                     self._flushing = None
             else:
                 await asyncio.shield(self._flushing)
+
+    async def copy_to(self, dst: BlockStore, offset: int, buf: memoryview) -> None:
+        """File to file: copy_file_range, in the kernel, with no pass through
+        a Python buffer (twice as fast as preadv + pwritev on a cached
+        source: a keep-undo restore's save costs as much as its copy)."""
+        if not (isinstance(dst, FileBlockStore) and self._copy_in_kernel and dst._copy_in_kernel):
+            await super().copy_to(dst, offset, buf)
+            return
+        self.check_range(offset, len(buf))
+        dst.check_range(offset, len(buf))
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                io_executor(), self._copy_file_range_all, dst, offset, len(buf))
+        except OSError as e:
+            if e.errno not in _NO_COPY_FILE_RANGE:
+                raise BlockStoreError(f"{self.name}: copy to {dst.name} failed at {offset}: {e}",
+                                      offset) from e
+            self._copy_in_kernel = False    # this kernel or file system cannot: from now on, memory
+            await super().copy_to(dst, offset, buf)
+            return
+        dst._written += 1
+
+    def _copy_file_range_all(self, dst: FileBlockStore, offset: int, length: int) -> None:
+        done = 0
+        while done < length:
+            n = os.copy_file_range(self._fd, dst._fd, length - done, offset + done, offset + done)
+            if n == 0:
+                raise BlockStoreError(f"{self.name}: short read at {offset + done}", offset + done)
+            done += n
 
     async def discard(self, offset: int, length: int) -> None:
         self.check_range(offset, length)

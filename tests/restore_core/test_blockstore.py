@@ -1,4 +1,5 @@
 import asyncio
+import errno
 import os
 import threading
 
@@ -244,3 +245,39 @@ def test_background_io_runs_in_its_own_threads_never_on_the_loop(tmp_path):
             await s.readinto_background((1 << 20) - 10, memoryview(bytearray(4096)))
         s.close()
     asyncio.run(go())
+
+
+def test_copy_to_file_in_the_kernel_and_through_memory_elsewhere(tmp_path, monkeypatch):
+    """copy_to: file to file by copy_file_range (the destination's next flush
+    covers it); to another kind of store, or where the kernel says it
+    cannot, through the buffer; the same bytes either way."""
+    async def main():
+        src = FileBlockStore(str(tmp_path / "s.img"), 1 << 20, create=True)
+        data = os.urandom(1 << 20)
+        await src.write(0, data)
+        dst = FileBlockStore(str(tmp_path / "d.img"), 1 << 20, create=True)
+        mem = MemoryBlockStore(1 << 20)
+        buf = memoryview(bytearray(256 << 10))
+        calls = []
+        real = os.copy_file_range
+        monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a) or real(*a))
+        await src.copy_to(dst, 0, buf)
+        assert calls and dst.fdatasyncs == 0
+        await dst.flush()
+        assert dst.fdatasyncs == 1          # the copy counts as a write to sync
+        await src.copy_to(mem, 256 << 10, buf)
+        assert len(calls) == 1 and mem.current[256 << 10:512 << 10] == data[256 << 10:512 << 10]
+
+        def cannot(*a):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", cannot)
+        await src.copy_to(dst, 512 << 10, buf)          # falls back, and stays so
+        await src.copy_to(dst, 768 << 10, buf)
+        got = bytearray(1 << 20)
+        dst.readinto_sync(0, memoryview(got))
+        assert got[:256 << 10] == data[:256 << 10] and got[512 << 10:] == data[512 << 10:]
+        with pytest.raises(BlockStoreError, match="outside"):
+            await src.copy_to(dst, (1 << 20) - 4096, buf)
+        src.close()
+        dst.close()
+    asyncio.run(main())

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from restore_core import undo
-from restore_core.blockstore import MemoryBlockStore
+from restore_core.blockstore import BlockStoreError, MemoryBlockStore
 from restore_core.committer import load_map
 from restore_core.engine import EngineError
 from restore_core.pair import PairState
@@ -100,7 +100,7 @@ def test_undo_ordering_saved_before_overwrite(batch, monkeypatch):
     n = N
     if batch is not None:
         n = 64
-        monkeypatch.setattr(undo, "SAVE_BATCH", batch, raising=False)
+        monkeypatch.setattr(undo, "SAVE_BATCH", batch)
         monkeypatch.setattr(undo, "SAVE_AHEAD", batch)
         monkeypatch.setattr(undo, "SAVE_IO_EXTENTS", 2)
 
@@ -140,6 +140,34 @@ def test_undo_ordering_saved_before_overwrite(batch, monkeypatch):
         await eng.resume(pair.id)
         await eng.wait_job(pair.id, 30)
         assert sorted(set(checked)) == list(range(n))
+        await eng.close()
+    asyncio.run(main())
+
+
+def test_failed_save_ahead_is_saved_again_by_the_copy(monkeypatch):
+    """A batch saved ahead whose undo flush fails leaves its extents unsaved
+    and released (not waited for forever): the copies save them again."""
+    monkeypatch.setattr(undo, "SAVE_BATCH", 2)
+    monkeypatch.setattr(undo, "SAVE_AHEAD", 8)
+
+    async def main():
+        rig = Rig(32)
+        eng, pair, pre = await restored_with_undo(rig, paused=True)
+        image = rig.undo_images.images[f"undo-{pair.id}"]
+        flush = image.flush
+        fails = [3]         # the third flush: a batch saved ahead, with the next one copied
+
+        async def failing_flush() -> None:
+            fails[0] -= 1
+            if fails[0] == 0:
+                raise BlockStoreError("injected undo flush failure")
+            await flush()
+        image.flush = failing_flush
+        pair.throttle.batch_extents = 1
+        await eng.resume(pair.id)
+        await eng.wait_job(pair.id, 10)
+        assert fails[0] < 0 and pair.state is PairState.FRACTURED and pair.maps.saved.all(0, 32)
+        assert bytes(image.durable) == pre
         await eng.close()
     asyncio.run(main())
 
