@@ -1,0 +1,100 @@
+"""Keep-undo restores of an RBD source on a real cluster: the undo image is
+an RBD image ``<image>.undo`` beside the source; an abort puts the
+pre-restore data back as another client of the cluster reads it, a commit
+removes the image, and one a crash left behind is removed at the next start
+-- never an image this daemon did not make."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+from restore_core.stores.spec import RbdSpec, spec_of_record
+from target.service import Service
+from tests.ceph.util import create_image, other_client, read_image
+from tests.support import free_port
+
+import rbd
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZE = 4 * MiB
+ES = 64 * KiB
+
+
+async def started(tmp_path) -> Service:
+    s = Service(str(tmp_path / "state"), init=True, portals=[("127.0.0.1", free_port())],
+                backend="embedded")
+    await s.start()
+    return s
+
+
+def images(spec: RbdSpec) -> set[str]:
+    with other_client(spec) as io:
+        return set(rbd.RBD().list(io))
+
+
+def undo_of(spec: RbdSpec) -> RbdSpec:
+    return RbdSpec(spec.pool, spec.image + ".undo", spec.conf, spec.client_id)
+
+
+async def restored_source(s: Service, ceph, tmp_path) -> tuple[RbdSpec, bytes, bytes]:
+    """An RBD source paired with a file clone, fractured, then written all
+    over: returns the source's spec, its (pre-restore) bytes and the clone's."""
+    rnd = random.Random(13)
+    src = await s.volume_create("src", size=SIZE, rbd=ceph.spec().image_name, ceph_conf=ceph.conf)
+    await s.volume_create("cl", path=str(tmp_path / "cl.img"), size=SIZE)
+    lun = s.devices["src"].lunio
+    await lun.write(0, rnd.randbytes(SIZE), fua=True)
+    await s.pair_create("src", "cl", extent_size="64K")
+    await s.pair_wait("cl", timeout=60)
+    await s.pair_fracture("cl")
+    clone = bytes(await s.devices["cl"].lunio.read(0, SIZE))
+    pre = rnd.randbytes(SIZE)             # every extent differs from the clone
+    await lun.write(0, pre, fua=True)
+    return spec_of_record("rbd", src["path"]), pre, clone
+
+
+def test_keep_undo_restore_of_rbd_source_abort_and_commit(ceph, tmp_path):
+    """Hosts write during a keep-undo restore, which is then aborted: the
+    source, read by another client, is the pre-restore data except where
+    hosts wrote. A second one, finished and committed, leaves no image."""
+    async def go():
+        s = await started(tmp_path)
+        try:
+            spec, pre, clone = await restored_source(s, ceph, tmp_path)
+            await s.pair_throttle("cl", rate=2 * MiB)       # slow: hosts write mid-restore
+            await s.pair_restore("cl", keep_undo=True)
+            assert s.pair_show("cl")["undo_image"] == undo_of(spec).location
+            lun = s.devices["src"].lunio
+            expect = bytearray(pre)
+            # a whole extent (no copy first), and part of one (copied on demand)
+            whole, part = 40 * ES, 50 * ES + 4 * KiB
+            await lun.write(whole, b"\x11" * ES, fua=True)
+            await lun.write(part, b"\x22" * 8 * KiB, fua=True)
+            expect[whole:whole + ES] = b"\x11" * ES
+            expect[50 * ES:51 * ES] = clone[50 * ES:51 * ES]
+            expect[part:part + 8 * KiB] = b"\x22" * 8 * KiB
+            await asyncio.sleep(0.3)                         # some extents restored
+            progress = s.pair_show("cl")["progress"]
+            # mid-restore: some extents restored (the abort has work), not all
+            assert s.pair_show("cl")["state"] == "restoring", progress
+            assert 2 < progress["extents_done"] < progress["extents_total"] // 2, progress
+            assert undo_of(spec).image in images(spec)
+            await s.pair_abort("cl")
+            await s.pair_throttle("cl", rate=0)
+            await s.pair_wait("cl", timeout=60)
+            assert s.pair_show("cl")["state"] == "fractured"
+            got = read_image(spec, 0, SIZE)
+            bad = [e for e in range(SIZE // ES) if got[e * ES:(e + 1) * ES] != expect[e * ES:(e + 1) * ES]]
+            assert not bad, f"extents {bad} differ from pre-restore + host writes"
+            assert undo_of(spec).image not in images(spec)   # an abort discards it too
+
+            await s.pair_restore("cl", keep_undo=True)       # restored, then kept
+            await s.pair_wait("cl", timeout=60)
+            assert read_image(spec, 0, SIZE) == clone
+            assert undo_of(spec).image in images(spec)
+            assert read_image(undo_of(spec), 0, SIZE)[:ES] == bytes(expect[:ES])
+            await s.pair_commit("cl")
+            assert undo_of(spec).image not in images(spec)
+        finally:
+            await s.stop()
+    asyncio.run(go())
