@@ -8,7 +8,12 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
+from restore_core.blockstore import BlockStoreError
+from restore_core.stores.rbd import RbdStore
 from restore_core.stores.spec import RbdSpec, spec_of_record
+from restore_core.stores.undo_images import RBD_MARK_SUFFIX, StoreUndoImages
 from target.service import Service
 from tests.ceph.util import create_image, other_client, read_image
 from tests.support import free_port
@@ -27,7 +32,7 @@ async def started(tmp_path) -> Service:
     return s
 
 
-def images(spec: RbdSpec) -> set[str]:
+def pool_images(spec: RbdSpec) -> set[str]:
     with other_client(spec) as io:
         return set(rbd.RBD().list(io))
 
@@ -78,7 +83,7 @@ def test_keep_undo_restore_of_rbd_source_abort_and_commit(ceph, tmp_path):
             # mid-restore: some extents restored (the abort has work), not all
             assert s.pair_show("cl")["state"] == "restoring", progress
             assert 2 < progress["extents_done"] < progress["extents_total"] // 2, progress
-            assert undo_of(spec).image in images(spec)
+            assert undo_of(spec).image in pool_images(spec)
             await s.pair_abort("cl")
             await s.pair_throttle("cl", rate=0)
             await s.pair_wait("cl", timeout=60)
@@ -86,15 +91,69 @@ def test_keep_undo_restore_of_rbd_source_abort_and_commit(ceph, tmp_path):
             got = read_image(spec, 0, SIZE)
             bad = [e for e in range(SIZE // ES) if got[e * ES:(e + 1) * ES] != expect[e * ES:(e + 1) * ES]]
             assert not bad, f"extents {bad} differ from pre-restore + host writes"
-            assert undo_of(spec).image not in images(spec)   # an abort discards it too
+            assert undo_of(spec).image not in pool_images(spec)   # an abort discards it too
 
             await s.pair_restore("cl", keep_undo=True)       # restored, then kept
             await s.pair_wait("cl", timeout=60)
             assert read_image(spec, 0, SIZE) == clone
-            assert undo_of(spec).image in images(spec)
+            assert undo_of(spec).image in pool_images(spec)
             assert read_image(undo_of(spec), 0, SIZE)[:ES] == bytes(expect[:ES])
             await s.pair_commit("cl")
-            assert undo_of(spec).image not in images(spec)
+            assert undo_of(spec).image not in pool_images(spec)
+        finally:
+            await s.stop()
+    asyncio.run(go())
+
+
+def test_only_rbd_undo_images_this_daemon_made_are_used_and_swept(ceph, tmp_path):
+    undo_dir = tmp_path / "undo"
+    made = StoreUndoImages(str(undo_dir))
+    src = RbdStore(ceph.spec(), MiB, create=True)
+    other = RbdStore(ceph.spec(), MiB, create=True)
+    try:
+        store, rec = made.create("p1", src)
+        store.close()
+        assert rec == {"kind": "rbd", "path": undo_of(src.spec).location}
+        assert made.sweep([rec]) == [] and undo_of(src.spec).image in pool_images(src.spec)
+        # a crash between forgetting the image and removing it: no record keeps it
+        assert made.sweep([]) == [rec["path"]]
+        assert undo_of(src.spec).image not in pool_images(src.spec)
+        assert not list(undo_dir.glob("*" + RBD_MARK_SUFFIX))
+        # an image of that name someone else made: never used, never removed
+        create_image(undo_of(other.spec), MiB)
+        with pytest.raises(BlockStoreError, match="no undo image this daemon made"):
+            made.create("p2", other)
+        assert made.sweep([]) == [] and undo_of(other.spec).image in pool_images(other.spec)
+        # removed, but a crash kept its mark: the mark goes quietly
+        store, rec = made.create("p3", src)
+        store.close()
+        with other_client(src.spec) as io:
+            rbd.RBD().remove(io, undo_of(src.spec).image)
+        assert made.sweep([]) == [rec["path"]] and not list(undo_dir.glob("*"))
+    finally:
+        src.close()
+        other.close()
+
+
+def test_undo_image_left_by_a_crash_is_removed_at_start(ceph, tmp_path, monkeypatch):
+    """The pair forgot its undo image (commit) but the daemon died before
+    removing it: the next start removes it."""
+    async def go():
+        s = await started(tmp_path)
+        try:
+            spec, pre, clone = await restored_source(s, ceph, tmp_path)
+            await s.pair_restore("cl", keep_undo=True)
+            await s.pair_wait("cl", timeout=60)
+            with monkeypatch.context() as m:       # as if killed right after the commit
+                m.setattr(StoreUndoImages, "discard", lambda self, rec, store: store.close())
+                await s.pair_commit("cl")
+            assert undo_of(spec).image in pool_images(spec)
+        finally:
+            await s.stop()
+        s = await started(tmp_path)
+        try:
+            assert undo_of(spec).image not in pool_images(spec)
+            assert s.pair_show("cl")["undo_image"] is None
         finally:
             await s.stop()
     asyncio.run(go())
