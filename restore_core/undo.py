@@ -127,7 +127,7 @@ class UndoSaver:
     async def before_overwrite(self, a: int, b: int) -> None:
         """Returns once extents [a, b) are saved (their bits durable)."""
         maps = self.pair.maps
-        self._reach = max(self._reach, b)
+        self._reach = b      # the latest copy: mostly the walk, a host's between
         self._save_ahead()
         while True:
             # Being saved first: a save sets its saved bits before they are
@@ -142,11 +142,15 @@ class UndoSaver:
 
     def _unsaved(self) -> list[int]:
         """The next batch: extents ahead of the copier's walk still to
-        restore, not saved and not being saved."""
+        restore, not saved and not being saved -- none while what is saved
+        ahead still reaches SAVE_AHEAD - SAVE_BATCH past the copier (else
+        each copy would start a batch of the few extents it moved on)."""
         p = self.pair
         out: list[int] = []
         for e in p.maps.todo_in(self._reach, min(self._reach + SAVE_AHEAD, p.nextents)):
             if not p.maps.saved.test(e) and e not in self._saving:
+                if not out and e >= self._reach + SAVE_AHEAD - SAVE_BATCH:
+                    return out
                 out.append(e)
                 if len(out) == SAVE_BATCH:
                     break

@@ -172,6 +172,28 @@ def test_failed_save_ahead_is_saved_again_by_the_copy(monkeypatch):
     asyncio.run(main())
 
 
+def test_saver_stays_ahead_of_the_walk_after_a_host_write_far_ahead(monkeypatch):
+    """A host write copied on demand near the end of the LU does not carry
+    the save-ahead away from the background walk: the walk's copies still
+    find their extents saved in batches (one undo flush per batch, not one
+    per copy)."""
+    monkeypatch.setattr(undo, "SAVE_BATCH", 16)
+    monkeypatch.setattr(undo, "SAVE_AHEAD", 32)
+
+    async def main():
+        rig = Rig(256)
+        eng, pair, pre = await restored_with_undo(rig, paused=True)
+        image = rig.undo_images.images[f"undo-{pair.id}"]
+        pair.throttle.batch_extents = 1
+        await rig.sio.write(255 * ES, b"h" * 512)   # copied on demand: saved first
+        await eng.resume(pair.id)
+        await eng.wait_job(pair.id, 30)
+        assert bytes(image.durable) == pre
+        assert image.flushes <= 256 // 16 + 8, f"{image.flushes} undo flushes for 16 batches"
+        await eng.close()
+    asyncio.run(main())
+
+
 def test_undo_volume_named_by_admin_and_refusals():
     async def main():
         rig = Rig(N)
