@@ -79,7 +79,7 @@ class MemoryUndoImages(UndoImages):
 # How far ahead of the copier's walk the saver keeps the source saved, and
 # the batch one undo flush and one map commit cover (at the default 64 KiB
 # extent size: 64 MiB and 16 MiB). The saver runs on its own, batch after
-# batch, so the copier finds its extents saved and never waits; batches, not
+# batch, so the copier finds its extents saved and seldom waits; batches, not
 # one save per copy, keep the flushes and commits few. Saving only what each
 # copy overwrites ran at 0.14 of a plain restore, one window saved at a time
 # behind the copier at 0.47-0.53 (tests/bench/restore.py keep_undo).
@@ -121,13 +121,13 @@ class UndoSaver:
         self.buffers = buffers
         self._saving: dict[int, asyncio.Future[None]] = {}   # extent -> its save
         self._ahead: asyncio.Task[None] | None = None
-        self._reach = 0         # where the copier's walk has come to
+        self._reach = 0         # the end of the latest copy (mostly the walk's)
         self._closing = False
 
     async def before_overwrite(self, a: int, b: int) -> None:
         """Returns once extents [a, b) are saved (their bits durable)."""
         maps = self.pair.maps
-        self._reach = b      # the latest copy: mostly the walk, a host's between
+        self._reach = b      # not the furthest: a host's copy far ahead must not take it
         self._save_ahead()
         while True:
             # Being saved first: a save sets its saved bits before they are
