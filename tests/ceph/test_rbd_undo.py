@@ -9,6 +9,7 @@ import asyncio
 import random
 
 import pytest
+import rbd
 
 from restore_core.blockstore import BlockStoreError
 from restore_core.stores.rbd import RbdStore
@@ -17,8 +18,6 @@ from restore_core.stores.undo_images import RBD_MARK_SUFFIX, StoreUndoImages
 from target.service import Service
 from tests.ceph.util import create_image, other_client, read_image
 from tests.support import free_port
-
-import rbd
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 4 * MiB
