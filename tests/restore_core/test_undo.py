@@ -34,6 +34,20 @@ async def restored_with_undo(rig: Rig, *, paused: bool = False, finished: bool =
     return eng, pair, pre
 
 
+def save_in_batches(monkeypatch, batch: int, ahead: int) -> None:
+    """Save batches small enough for a small LU to have several."""
+    monkeypatch.setattr(undo, "SAVE_BATCH", batch)
+    monkeypatch.setattr(undo, "SAVE_AHEAD", ahead)
+
+
+async def paused_one_by_one(rig: Rig):
+    """restored_with_undo, paused, copying one extent at a time; returns
+    (engine, pair, pre-restore source bytes, undo image)."""
+    eng, pair, pre = await restored_with_undo(rig, paused=True)
+    pair.throttle.batch_extents = 1
+    return eng, pair, pre, rig.undo_images.images[f"undo-{pair.id}"]
+
+
 def test_abort_during_restore_keeps_host_writes():
     async def main():
         rig = Rig(N)
@@ -100,8 +114,7 @@ def test_undo_ordering_saved_before_overwrite(batch, monkeypatch):
     n = N
     if batch is not None:
         n = 64
-        monkeypatch.setattr(undo, "SAVE_BATCH", batch)
-        monkeypatch.setattr(undo, "SAVE_AHEAD", batch)
+        save_in_batches(monkeypatch, batch, 2 * batch)
         monkeypatch.setattr(undo, "SAVE_IO_EXTENTS", 2)
 
     async def main():
@@ -147,13 +160,11 @@ def test_undo_ordering_saved_before_overwrite(batch, monkeypatch):
 def test_failed_save_ahead_is_saved_again_by_the_copy(monkeypatch):
     """A batch saved ahead whose undo flush fails leaves its extents unsaved
     and released (not waited for forever): the copies save them again."""
-    monkeypatch.setattr(undo, "SAVE_BATCH", 2)
-    monkeypatch.setattr(undo, "SAVE_AHEAD", 8)
+    save_in_batches(monkeypatch, 2, 8)
 
     async def main():
         rig = Rig(32)
-        eng, pair, pre = await restored_with_undo(rig, paused=True)
-        image = rig.undo_images.images[f"undo-{pair.id}"]
+        eng, pair, pre, image = await paused_one_by_one(rig)
         flush = image.flush
         fails = [3]         # the third flush: a batch saved ahead, with the next one copied
 
@@ -163,7 +174,6 @@ def test_failed_save_ahead_is_saved_again_by_the_copy(monkeypatch):
                 raise BlockStoreError("injected undo flush failure")
             await flush()
         image.flush = failing_flush
-        pair.throttle.batch_extents = 1
         await eng.resume(pair.id)
         await eng.wait_job(pair.id, 10)
         assert fails[0] < 0 and pair.state is PairState.FRACTURED and pair.maps.saved.all(0, 32)
@@ -177,14 +187,11 @@ def test_saver_stays_ahead_of_the_walk_after_a_host_write_far_ahead(monkeypatch)
     the save-ahead away from the background walk: the walk's copies still
     find their extents saved in batches (one undo flush per batch, not one
     per copy)."""
-    monkeypatch.setattr(undo, "SAVE_BATCH", 16)
-    monkeypatch.setattr(undo, "SAVE_AHEAD", 32)
+    save_in_batches(monkeypatch, 16, 32)
 
     async def main():
         rig = Rig(256)
-        eng, pair, pre = await restored_with_undo(rig, paused=True)
-        image = rig.undo_images.images[f"undo-{pair.id}"]
-        pair.throttle.batch_extents = 1
+        eng, pair, pre, image = await paused_one_by_one(rig)
         await rig.sio.write(255 * ES, b"h" * 512)   # copied on demand: saved first
         await eng.resume(pair.id)
         await eng.wait_job(pair.id, 30)
