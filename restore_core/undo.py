@@ -84,7 +84,7 @@ class MemoryUndoImages(UndoImages):
 # copy overwrites ran at 0.14 of a plain restore, one window saved at a time
 # behind the copier at 0.47-0.53 (tests/bench/restore.py keep_undo).
 SAVE_AHEAD = 1024
-SAVE_BATCH = 256
+SAVE_BATCH = 256        # well under SAVE_AHEAD: a batch starts once the lead is one short
 # Largest copy of a save (the copier's own I/O size at 64 KiB extents), and
 # how many of them are in flight at once.
 SAVE_IO_EXTENTS = 16
