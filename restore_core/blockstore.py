@@ -79,15 +79,19 @@ class BlockStore(ABC):
     async def write_background(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         await self.write(offset, data)
 
-    # A copy of a range to the same offset of another store, done by the
-    # stores themselves (the copier's fast path): no buffer passes through
-    # Python and no host command waits behind it on the event loop.
-    # ``background``: behind host I/O, as readinto_background. Returns False
-    # having written nothing when these two stores cannot (the caller then
-    # reads and writes); errors raise BlockStoreError.
-    async def copy_range_to(self, dst: "BlockStore", offset: int, length: int,
-                            background: bool) -> bool:
-        return False
+    async def copy_to(self, dst: "BlockStore", offset: int, buf: memoryview,
+                      background: bool = False) -> None:
+        """Copy len(buf) bytes at ``offset`` to the same offset of ``dst``
+        (volatile there until ``dst.flush()``); ``background``: behind host
+        I/O, as readinto_background. ``buf`` is scratch space for stores that
+        copy through memory; a pair of stores that can copy without it (file
+        to file in the kernel) does so, and ``buf`` is then left as it was."""
+        if background:
+            await self.readinto_background(offset, buf)
+            await dst.write_background(offset, buf)
+        else:
+            await self.readinto(offset, buf)
+            await dst.write(offset, buf)
 
     async def discard(self, offset: int, length: int) -> None:
         """Deallocate a range; it must read back as zeros afterwards."""

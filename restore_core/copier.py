@@ -86,13 +86,17 @@ class Copier:
         stores' background I/O (off the event loop, behind host I/O)."""
         off, length = self._range(a, b)
         p = self.pair
-        saves_undo = (self.before_overwrite is not None and p.job is not None
-                      and p.job.kind is JobKind.RESTORE)
-        # The stores copy between themselves where they can (one worker job,
-        # no buffer through Python: cheaper for hosts sharing the CPU); a
-        # keep-undo restore saves the old data between read and write.
-        if saves_undo or not await self.src.copy_range_to(self.dst, off, length, background):
-            await self._copy_by_buffer(a, b, off, length, background, saves_undo)
+        if (self.before_overwrite is not None and p.job is not None
+                and p.job.kind is JobKind.RESTORE):
+            await self.before_overwrite(a, b)     # keep-undo: save the old data first
+        # The stores copy between themselves where they can (file to file:
+        # one worker job, no buffer through Python, cheaper for hosts
+        # sharing the CPU), else through one of our buffers.
+        buf = self.buffers.take(length)
+        try:
+            await self.src.copy_to(self.dst, off, memoryview(buf)[:length], background)
+        finally:
+            self.buffers.give(buf)
         job = p.job
         settle = p.maps.mark_copied(a, b, lambda: p.job is job)   # not a job stopped since
         # Both sides must be durable before "copied" is: the source of the
@@ -101,21 +105,6 @@ class Copier:
         self.committer.note_landed((self.dst, self.src), settle)
         p.note_copied(length, b - a)
         return length
-
-    async def _copy_by_buffer(self, a: int, b: int, off: int, length: int, background: bool,
-                              saves_undo: bool) -> None:
-        buf = self.buffers.take(length)
-        try:
-            view = memoryview(buf)[:length]
-            src = self.src
-            await (src.readinto_background if background else src.readinto)(off, view)
-            if saves_undo:
-                assert self.before_overwrite is not None
-                await self.before_overwrite(a, b)     # keep-undo: save the old data first
-            dst = self.dst
-            await (dst.write_background if background else dst.write)(off, view)
-        finally:
-            self.buffers.give(buf)
 
     async def _copy_claimed(self, extents: list[int]) -> None:
         """Copy claimed extents, merging adjacent ones into one I/O."""

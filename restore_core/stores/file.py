@@ -344,25 +344,28 @@ class FileBlockStore(BlockStore):
         self.check_range(offset, len(data))
         await self._write_in(background_executor(), offset, data)
 
-    async def copy_range_to(self, dst: BlockStore, offset: int, length: int,
-                            background: bool) -> bool:
-        """copy_file_range in one worker job: the kernel copies page cache
-        to page cache with the GIL released; no read-then-write hop back to
-        the loop in between. Flushed like a write (counted in ``dst``)."""
-        if not isinstance(dst, FileBlockStore) or dst.identity[0] in self._no_copy_range:
-            return False
-        self.check_range(offset, length)
-        dst.check_range(offset, length)
-        pool = background_executor() if background else io_executor()
-        try:
-            copied = await asyncio.get_running_loop().run_in_executor(
-                pool, self._copy_range_sync, dst, offset, length)
-        except OSError as e:
-            raise BlockStoreError(f"{self.name}: copy to {dst.name} failed at {offset}: {e}",
-                                  offset) from e
-        if copied:
-            dst._written += 1
-        return copied
+    async def copy_to(self, dst: BlockStore, offset: int, buf: memoryview,
+                      background: bool = False) -> None:
+        """File to file: copy_file_range in one worker job, so the kernel
+        copies page cache to page cache with the GIL released, no buffer
+        through Python and no hop back to the loop between read and write
+        (twice as fast as preadv + pwritev on a cached source). Elsewhere,
+        or where the kernel cannot join these two files, through ``buf``."""
+        length = len(buf)
+        if isinstance(dst, FileBlockStore) and dst.identity[0] not in self._no_copy_range:
+            self.check_range(offset, length)
+            dst.check_range(offset, length)
+            pool = background_executor() if background else io_executor()
+            try:
+                copied = await asyncio.get_running_loop().run_in_executor(
+                    pool, self._copy_range_sync, dst, offset, length)
+            except OSError as e:
+                raise BlockStoreError(f"{self.name}: copy to {dst.name} failed at {offset}: {e}",
+                                      offset) from e
+            if copied:
+                dst._written += 1
+                return
+        await super().copy_to(dst, offset, buf, background)
 
     def _copy_range_sync(self, dst: "FileBlockStore", offset: int, length: int) -> bool:
         done = 0
@@ -377,6 +380,9 @@ class FileBlockStore(BlockStore):
             if n == 0:
                 raise BlockStoreError(f"{self.name}: short read at {offset + done}", offset + done)
             done += n
+        if length >= WRITE_BEHIND_MIN and _sync_file_range is not None:
+            # as write_behind: a restore's final flush must not find it all
+            _sync_file_range(dst._fd, offset, length, _SYNC_FILE_RANGE_WRITE)
         return True
 
     async def _readinto_in(self, pool: ThreadPoolExecutor, offset: int, buf: memoryview) -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 
-def read_owner(path: str) -> str | None:
+def read_owner(path: str, limit: int = 256) -> str | None:
     try:
         with open(path) as f:
-            text = f.read(256).strip()
+            text = f.read(limit).strip()
     except OSError:
         return None
     return text or None

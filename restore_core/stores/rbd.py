@@ -70,6 +70,10 @@ _FENCED = {errno.ESHUTDOWN: "this daemon's Ceph client was blocklisted (another 
            errno.EROFS: "the image's exclusive lock was lost to another client"}
 
 
+class ImageMissingError(BlockStoreError):
+    """The RBD image does not exist (removing it has nothing to do)."""
+
+
 def remove_image(spec: RbdSpec) -> None:
     """Delete an RBD image (undoing a create); BlockStoreError if it cannot."""
     store = RbdStore(spec)          # takes the lock: refuses an image in use
@@ -171,7 +175,7 @@ class RbdStore(BlockStore):
         except RbdError as e:
             if e.errno == errno.ENOENT:
                 hint = ": give a size to create it" if create else ""
-                raise BlockStoreError(f"{self.name} does not exist{hint}") from None
+                raise ImageMissingError(f"{self.name} does not exist{hint}") from None
             raise BlockStoreError(f"{self.name}: cannot open: {e}") from e
         try:
             self._size = img.size()

@@ -345,7 +345,7 @@ async def bench_restore_vs_copy(root: str, reps: int = 5) -> dict[str, float]:
             "restore_s": rest_s, "copy_s": copy_s}
 
 
-async def bench_keep_undo(root: str, reps: int = 3) -> dict[str, Any]:
+async def bench_keep_undo(root: str, reps: int = 5) -> dict[str, Any]:
     """Full restores with and without --keep-undo, alternating (P U U P)."""
     size = 256 * MiB
     d, clone_path = clone_image(root, "undo", size)

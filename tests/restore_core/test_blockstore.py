@@ -248,9 +248,10 @@ def test_background_io_runs_in_its_own_threads_never_on_the_loop(tmp_path):
     asyncio.run(go())
 
 
-def test_copy_range_between_files_is_one_background_job_and_counts_for_the_flush(tmp_path):
-    """The copier's fast path: copy_file_range in one worker job (the
-    background pool while hosts are busy), flushed like a write."""
+def test_copy_between_files_is_one_kernel_job_and_counts_for_the_flush(tmp_path, monkeypatch):
+    """copy_to file to file: copy_file_range in one worker job (the
+    background pool while hosts are busy), flushed like a write, big copies
+    start their writeback; to another kind of store, through the buffer."""
     async def go() -> None:
         a = FileBlockStore(str(tmp_path / "a.img"), 1 << 20, create=True)
         b = FileBlockStore(str(tmp_path / "b.img"), 1 << 20, create=True)
@@ -264,25 +265,35 @@ def test_copy_range_between_files_is_one_background_job_and_counts_for_the_flush
             return plain(dst, offset, length)
 
         a._copy_range_sync = noting_thread
-        assert await a.copy_range_to(b, 4096, 256 << 10, background=True)
-        assert await a.copy_range_to(b, 0, 4096, background=False)
+        writeback: list[int] = []
+        monkeypatch.setattr(file_store, "_sync_file_range",
+                            lambda fd, off, n, flags: writeback.append(n) or 0)
+        buf = memoryview(bytearray(1 << 20))
+        await a.copy_to(b, 4096, buf[:256 << 10], background=True)
+        await a.copy_to(b, 0, buf[:4096], background=False)
         assert where[0].startswith("lr-bg") and where[1].startswith("lr-io"), where
+        assert bytes(buf[:4096]) == bytes(4096)          # the kernel copied, not the buffer
         got = await b.read(0, (256 << 10) + 4096)
         assert bytes(got) == data[:(256 << 10) + 4096]
         await b.flush()
         assert b.fdatasyncs == 1
-        assert not await a.copy_range_to(MemoryBlockStore(1 << 20), 0, 4096, background=True)
+        assert writeback == []
+        await a.copy_to(b, 0, buf, background=True)
+        assert writeback == [1 << 20]                    # as a big write: see WRITE_BEHIND_MIN
+        mem = MemoryBlockStore(1 << 20)
+        await a.copy_to(mem, 0, buf[:4096], background=True)
+        assert mem.current[:4096] == data[:4096] and len(where) == 3
         with pytest.raises(BlockStoreError):
-            await a.copy_range_to(b, (1 << 20) - 10, 4096, background=True)
+            await a.copy_to(b, (1 << 20) - 10, buf[:4096], background=True)
         a.close()
         b.close()
     asyncio.run(go())
 
 
-def test_copy_range_refused_by_the_kernel_falls_back_once_and_for_all(tmp_path, monkeypatch):
-    """Files copy_file_range cannot join (another file system, EXDEV):
-    nothing is written, the caller copies through a buffer, and later
-    copies to that device do not ask the kernel again."""
+def test_copy_refused_by_the_kernel_goes_through_the_buffer_once_and_for_all(tmp_path, monkeypatch):
+    """Files copy_file_range cannot join (another file system, EXDEV): the
+    copy goes through the buffer, and later copies to that device do not ask
+    the kernel again."""
     async def go() -> None:
         a = FileBlockStore(str(tmp_path / "a.img"), 1 << 20, create=True)
         b = FileBlockStore(str(tmp_path / "b.img"), 1 << 20, create=True)
@@ -294,10 +305,11 @@ def test_copy_range_refused_by_the_kernel_falls_back_once_and_for_all(tmp_path, 
             raise OSError(errno.EXDEV, "Invalid cross-device link")
 
         monkeypatch.setattr(os, "copy_file_range", exdev)
-        assert not await a.copy_range_to(b, 0, 8192, background=True)
-        assert not await a.copy_range_to(b, 0, 8192, background=False)
+        buf = memoryview(bytearray(8192))
+        await a.copy_to(b, 0, buf, background=True)
+        await a.copy_to(b, 0, buf, background=False)
         assert len(calls) == 1
-        assert bytes(await b.read(0, 8192)) == bytes(8192)
+        assert bytes(await b.read(0, 8192)) == b"y" * 8192
         a.close()
         b.close()
     asyncio.run(go())

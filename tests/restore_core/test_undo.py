@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from restore_core.blockstore import MemoryBlockStore
+from restore_core import undo
+from restore_core.blockstore import BlockStoreError, MemoryBlockStore
 from restore_core.committer import load_map
 from restore_core.engine import EngineError
 from restore_core.pair import PairState
@@ -31,6 +32,20 @@ async def restored_with_undo(rig: Rig, *, paused: bool = False, finished: bool =
     if finished:
         await eng.wait_job(pair.id, 30)
     return eng, pair, pre
+
+
+def save_in_batches(monkeypatch, batch: int, ahead: int) -> None:
+    """Save batches small enough for a small LU to have several."""
+    monkeypatch.setattr(undo, "SAVE_BATCH", batch)
+    monkeypatch.setattr(undo, "SAVE_AHEAD", ahead)
+
+
+async def paused_one_by_one(rig: Rig):
+    """restored_with_undo, paused, copying one extent at a time; returns
+    (engine, pair, pre-restore source bytes, undo image)."""
+    eng, pair, pre = await restored_with_undo(rig, paused=True)
+    pair.throttle.batch_extents = 1
+    return eng, pair, pre, rig.undo_images.images[f"undo-{pair.id}"]
 
 
 def test_abort_during_restore_keeps_host_writes():
@@ -90,12 +105,20 @@ def test_abort_after_restore_and_commit():
     asyncio.run(main())
 
 
-def test_undo_ordering_saved_before_overwrite():
+@pytest.mark.parametrize("batch", [None, 3], ids=["default", "small-batches"])
+def test_undo_ordering_saved_before_overwrite(batch, monkeypatch):
     """At every store write of the source during a keep-undo restore, every
     extent it overwrites has its old data durable in the undo image and its
-    saved bit durable in the metadata store."""
+    saved bit durable in the metadata store (small batches: the copier
+    meets batches still being saved or committed)."""
+    n = N
+    if batch is not None:
+        n = 64
+        save_in_batches(monkeypatch, batch, 2 * batch)
+        monkeypatch.setattr(undo, "SAVE_IO_EXTENTS", 2)
+
     async def main():
-        rig = Rig(N)
+        rig = Rig(n)
         eng, pair, pre = await restored_with_undo(rig, paused=True)
         undo = rig.undo_images.images[f"undo-{pair.id}"]
         src_write = rig.src.write
@@ -104,16 +127,76 @@ def test_undo_ordering_saved_before_overwrite():
         async def checked_write(off, data):
             for e in range(off // ES, (off + len(data) - 1) // ES + 1):
                 chunks = rig.meta.load().maps.get(f"{pair.id}/saved", {})
-                saved = load_map(N, chunks)
+                saved = load_map(n, chunks)
                 assert saved.test(e), f"extent {e} overwritten before its saved bit is durable"
                 assert undo.durable[e * ES:(e + 1) * ES] == pre[e * ES:(e + 1) * ES], \
                     f"extent {e} overwritten before its undo data is durable"
                 checked.append(e)
             await src_write(off, data)
         rig.src.write = checked_write
+        if batch is not None:
+            # a wide window between a saved bit set and durable
+            wait_durable = eng.committer.wait_durable
+
+            async def slow_wait_durable(batch_id: int) -> None:
+                await asyncio.sleep(0.005)
+                await wait_durable(batch_id)
+            eng.committer.wait_durable = slow_wait_durable
+            # and a copier that comes to saved extents while they settle
+            clone_readinto = rig.cln.readinto
+
+            async def slow_readinto(off, buf):
+                await asyncio.sleep(0.002)
+                await clone_readinto(off, buf)
+            rig.cln.readinto = slow_readinto
+            pair.throttle.batch_extents = 1
         await eng.resume(pair.id)
         await eng.wait_job(pair.id, 30)
-        assert sorted(set(checked)) == list(range(N))
+        assert sorted(set(checked)) == list(range(n))
+        await eng.close()
+    asyncio.run(main())
+
+
+def test_failed_save_ahead_is_saved_again_by_the_copy(monkeypatch):
+    """A batch saved ahead whose undo flush fails leaves its extents unsaved
+    and released (not waited for forever): the copies save them again."""
+    save_in_batches(monkeypatch, 2, 8)
+
+    async def main():
+        rig = Rig(32)
+        eng, pair, pre, image = await paused_one_by_one(rig)
+        flush = image.flush
+        fails = [3]         # the third flush: a batch saved ahead, with the next one copied
+
+        async def failing_flush() -> None:
+            fails[0] -= 1
+            if fails[0] == 0:
+                raise BlockStoreError("injected undo flush failure")
+            await flush()
+        image.flush = failing_flush
+        await eng.resume(pair.id)
+        await eng.wait_job(pair.id, 10)
+        assert fails[0] < 0 and pair.state is PairState.FRACTURED and pair.maps.saved.all(0, 32)
+        assert bytes(image.durable) == pre
+        await eng.close()
+    asyncio.run(main())
+
+
+def test_saver_stays_ahead_of_the_walk_after_a_host_write_far_ahead(monkeypatch):
+    """A host write copied on demand near the end of the LU does not carry
+    the save-ahead away from the background walk: the walk's copies still
+    find their extents saved in batches (one undo flush per batch, not one
+    per copy)."""
+    save_in_batches(monkeypatch, 16, 32)
+
+    async def main():
+        rig = Rig(256)
+        eng, pair, pre, image = await paused_one_by_one(rig)
+        await rig.sio.write(255 * ES, b"h" * 512)   # copied on demand: saved first
+        await eng.resume(pair.id)
+        await eng.wait_job(pair.id, 30)
+        assert bytes(image.durable) == pre
+        assert image.flushes <= 256 // 16 + 8, f"{image.flushes} undo flushes for 16 batches"
         await eng.close()
     asyncio.run(main())
 
