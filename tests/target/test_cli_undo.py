@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 
 from tests.support import LR, ROOT, Daemon
@@ -70,6 +71,11 @@ def test_waiting_on_a_restore_that_gets_aborted_exits_5(daemon):
     w = subprocess.Popen([*LR, "--socket", daemon.sock, "pair", "wait", "db-clone"], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        # abort only once the waiter follows the restore (its first progress
+        # line): a waiter that starts after the abort began follows the abort
+        assert select.select([w.stdout], [], [], 30)[0], "pair wait printed nothing in 30 s"
+        first = w.stdout.readline()
+        assert "restore" in first, first
         daemon.cli("pair", "abort", "db-clone")
         out, err = w.communicate(timeout=60)
     finally:
