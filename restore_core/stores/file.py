@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import stat
 import threading
@@ -380,10 +381,17 @@ class FileBlockStore(BlockStore):
             self._fd = -1
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc, looked up once: find_library runs ``ldconfig -p`` in a child
+    process (3 ms here, far more in a TCG guest), which per UNMAP made
+    libiscsi's Unmap/WriteSame suites take minutes in the vm tier."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def _punch_hole(fd: int, offset: int, length: int) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-    rc = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(punch),
+    rc = _libc().fallocate(ctypes.c_int(fd), ctypes.c_int(punch),
                         ctypes.c_longlong(offset), ctypes.c_longlong(length))
     if rc != 0:
         err = ctypes.get_errno()
