@@ -1,4 +1,5 @@
 import asyncio
+import ctypes.util
 import errno
 import os
 import threading
@@ -71,6 +72,24 @@ def test_memory_store_power_cut_keeps_only_flushed():
     run(m.write(0, b"d"))
     m.power_cut(keep=[0])
     assert m.current[0:1] == b"d"
+
+
+def test_hole_punches_look_libc_up_once(tmp_path, monkeypatch):
+    """find_library forks ``ldconfig -p``: once per process (at import),
+    not per UNMAP."""
+    calls = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: calls.append(name) or real(name))
+    s = FileBlockStore(str(tmp_path / "p.img"), 1 << 20, create=True)
+
+    async def go():
+        await s.write(0, b"\xff" * (1 << 20))
+        for i in range(3):
+            await s.discard(i * 65536, 4096)
+        assert bytes(await s.read(65536, 4096)) == bytes(4096)
+    run(go())
+    s.close()
+    assert calls == []
 
 
 def test_medium_error_injection_names_offset():

@@ -44,7 +44,7 @@ def main() -> int:
         g.lr("export", "create", g.IQN_SPARE, "--lun", "0=spare")
         runner = g.start_peers()
         try:
-            summary = g.fio_compare(d.pid)
+            summary = g.fio_compare(d.pid, runner.pid)
         finally:
             g.stop_peers(runner)
     finally:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,11 +303,13 @@ FIO_ROUNDS = 2
 FIO_SECS = 8
 
 
-def fio(dev: str, rw: str, bs: str, depth: int, secs: int) -> float:
+def fio(dev: str, rw: str, bs: str, depth: int, secs: int) -> tuple[float, float]:
+    """Bytes per second of the job and the I/Os per second it completed."""
     p = sh(f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio --rw={rw} --bs={bs} --iodepth={depth} "
            f"--runtime={secs} --time_based --ramp_time=2 --size={SPARE} --output-format=json", timeout=secs + 120)
     j = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
-    return float(j["read"]["bw_bytes"]) + float(j["write"]["bw_bytes"])
+    return (float(j["read"]["bw_bytes"]) + float(j["write"]["bw_bytes"]),
+            float(j["read"]["iops"]) + float(j["write"]["iops"]))
 
 
 def cpu_times(pid: int | None) -> tuple[float, float] | None:
@@ -319,23 +322,104 @@ def cpu_times(pid: int | None) -> tuple[float, float] | None:
     return int(fields[11]) / hz, int(fields[12]) / hz
 
 
-def fio_compare(daemon_pid: int | None = None) -> dict:
+def guest_busy() -> float:
+    """CPU seconds all the guest's vCPUs spent not idle, so far."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")      # minus idle, iowait
+
+
+class CpuPerIo:
+    """Where one fio job's CPU went, per I/O: the whole guest (fio, the
+    initiator, LIO, the handler; with the share of the vCPUs it kept busy:
+    a guest short of 100% waited for something) and the handler process
+    (ours or tcmu-runner; none for fileio, which is all kernel)."""
+
+    def __init__(self, handler_pid: int | None) -> None:
+        self.pid = handler_pid
+        self.t0 = time.time()
+        self.guest0 = guest_busy()
+        self.proc0 = cpu_times(handler_pid)
+        self.us: dict[str, float] = {}          # guest / handler_user / handler_system, per I/O
+        self.busy = 0.0                         # of all vCPUs
+        self.handler_share = 0.0                # of one CPU
+
+    def stop(self, iops: float) -> "CpuPerIo":
+        wall = time.time() - self.t0
+        n = iops * wall                     # the ramp's I/Os counted at the measured rate
+        guest = guest_busy() - self.guest0
+        self.us["guest"] = guest / n * 1e6
+        self.busy = guest / wall / os.cpu_count()
+        if self.proc0 is not None:
+            u1, s1 = cpu_times(self.pid)
+            u, s = u1 - self.proc0[0], s1 - self.proc0[1]
+            self.us["handler_user"], self.us["handler_system"] = u / n * 1e6, s / n * 1e6
+            self.handler_share = (u + s) / wall
+        return self
+
+    def line(self) -> str:
+        out = f"guest CPU {self.us['guest']:.0f} us/IO ({self.busy:.0%} of {os.cpu_count()} vCPUs)"
+        if "handler_user" in self.us:
+            out += (f", handler user {self.us['handler_user']:.0f} + system {self.us['handler_system']:.0f} "
+                    f"us/IO ({self.handler_share:.0%} of a CPU)")
+        return out
+
+
+PERF_EVENTS = ("raw_syscalls:sys_enter", "context-switches", "page-faults", "cpu-migrations")
+
+
+def perf_stat(pid: int, out: str) -> subprocess.Popen | None:
+    """Counts (no sampling: the handler runs at its usual speed, unlike
+    under strace's ptrace stops) of what a handler process asks of the
+    kernel, until SIGINT; the syscall tracepoint needs tracefs. None
+    (and a note) without perf (Debian: linux-perf)."""
+    if shutil.which("perf") is None:
+        log("LR_PERF=1 but no perf here (Debian package linux-perf): no counts")
+        return None
+    sh("mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing", check=False)
+    p = subprocess.Popen(["perf", "stat", "-x", ",", "-e", ",".join(PERF_EVENTS), "-p", str(pid), "-o", out],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    time.sleep(1)                   # attached before fio starts
+    return p
+
+
+def perf_per_io(path: str, iops: float) -> str:
+    """perf stat's CSV counts as per-I/O figures (the I/Os of the fio run,
+    its ramp included, at the measured rate)."""
+    n = iops * (FIO_SECS + 2)
+    per = []
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        return f"perf stat: {e}"
+    for line in lines:
+        f = line.split(",")
+        if len(f) > 2 and f[2] in PERF_EVENTS:
+            per.append(f"{f[2]} {float(f[0]) / n:.2f}/IO" if f[0].replace(".", "").isdigit() else f"{f[2]} {f[0]}")
+    return "perf: " + ", ".join(per) if per else "perf stat: no counts: " + " | ".join(lines[-3:])
+
+
+def fio_compare(daemon_pid: int | None = None, runner_pid: int | None = None) -> dict:
     """fio 4K random read/write and 1M sequential through LIO: our spare LU
     vs tcmu-runner's qcow handler vs LIO fileio (all logged in here), the
     same job on each (128 MiB written in full first, direct=1, QD16 / QD4).
     TCG's speed follows the host's load, so the LUs take turns, in reversed
     order each round, and each figure is the mean over the rounds: a load
-    change during the run weighs on all three alike. With ``daemon_pid``
-    and LR_PYSPY=1, py-spy records our daemon during our first 4K run into
+    change during the run weighs on all three alike. Each 4K run also says
+    what CPU it cost per I/O (CpuPerIo; the handlers' share with
+    ``daemon_pid`` / ``runner_pid``). With ``daemon_pid`` and LR_PYSPY=1,
+    py-spy records our daemon during our first 4K run into
     RUN/pyspy-4k.txt (collapsed stacks)."""
     for iqn in (IQN_SPARE, IQN_FILEIO, IQN_QCOW):
         login(iqn)
     devs = {tag: disks_of(iqn, 1)[0] for tag, iqn in (("ours", IQN_SPARE), ("fileio", IQN_FILEIO),
                                                       ("qcow", IQN_QCOW))}
+    handler_pid = {"ours": daemon_pid, "fileio": None, "qcow": runner_pid}
     log(f"bench devices {devs}")
     for dev in devs.values():
         sh(f"dd if=/dev/zero of={dev} bs=1M count={SPARE >> 20} oflag=direct status=none", timeout=300)   # allocate
     runs: dict[str, dict[str, list[float]]] = {tag: {"4k": [], "1m": []} for tag in devs}
+    cpu_us: dict[str, dict[str, list[float]]] = {tag: {} for tag in devs}      # per 4K I/O, by round
     for rnd in range(FIO_ROUNDS):
         for tag in (list(devs) if rnd % 2 == 0 else list(reversed(devs))):
             spy = None
@@ -344,19 +428,24 @@ def fio_compare(daemon_pid: int | None = None) -> dict:
                                         str(daemon_pid), "-r", "100", "-f", "raw", "-d", str(FIO_SECS + 2),
                                         "-o", os.path.join(RUN, "pyspy-4k.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            cpu0, t0 = cpu_times(daemon_pid) if tag == "ours" else None, time.time()
-            runs[tag]["4k"].append(fio(devs[tag], "randrw", "4k", 16, FIO_SECS))
-            if cpu0 is not None:
-                # where our handler's time goes: Python (user) or syscalls
-                # and the kernel's TCMU work done in them (system)
-                cpu1, wall = cpu_times(daemon_pid), time.time() - t0
-                n = runs[tag]["4k"][-1] / 4096 * (FIO_SECS + 2)
-                print(f"BENCH round {rnd} ours 4K: daemon CPU user {(cpu1[0] - cpu0[0]) / n * 1e6:.0f} us/cmd, "
-                      f"system {(cpu1[1] - cpu0[1]) / n * 1e6:.0f} us/cmd, "
-                      f"{(cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]) / wall:.0%} of a CPU", flush=True)
+            trace = None
+            if rnd == 0 and handler_pid[tag] and os.environ.get("LR_PERF") == "1":
+                trace = perf_stat(handler_pid[tag], os.path.join(RUN, f"perf-{tag}-4k.txt"))
+            cpu = CpuPerIo(handler_pid[tag])
+            bw, iops = fio(devs[tag], "randrw", "4k", 16, FIO_SECS)
+            runs[tag]["4k"].append(bw)
+            cpu.stop(iops)
+            for k, v in cpu.us.items():
+                cpu_us[tag].setdefault(k, []).append(v)
+            print(f"BENCH round {rnd} {tag} 4K: {cpu.line()}", flush=True)
+            if trace is not None:
+                trace.send_signal(signal.SIGINT)
+                trace.wait(timeout=60)
+                print(f"BENCH round {rnd} {tag} 4K: {perf_per_io(os.path.join(RUN, f'perf-{tag}-4k.txt'), iops)}",
+                      flush=True)
             if spy is not None:
                 spy.wait(timeout=60)
-            runs[tag]["1m"].append(fio(devs[tag], "rw", "1M", 4, FIO_SECS))
+            runs[tag]["1m"].append(fio(devs[tag], "rw", "1M", 4, FIO_SECS)[0])
             print(f"BENCH round {rnd} {tag} ({devs[tag]}): 4K randrw {runs[tag]['4k'][-1] / 4096:.0f} IOPS, "
                   f"1M seq rw {runs[tag]['1m'][-1] / 1e6:.1f} MB/s", flush=True)
     bench = {tag: {k: sum(v) / len(v) for k, v in r.items()} for tag, r in runs.items()}
@@ -365,7 +454,11 @@ def fio_compare(daemon_pid: int | None = None) -> dict:
                "vs_fileio_4k": round(bench["ours"]["4k"] / bench["fileio"]["4k"], 3),
                "vs_fileio_1m": round(bench["ours"]["1m"] / bench["fileio"]["1m"], 3),
                "iops_4k": {k: round(v["4k"] / 4096) for k, v in bench.items()},
-               "mbps_1m": {k: round(v["1m"] / 1e6, 1) for k, v in bench.items()}}
+               "mbps_1m": {k: round(v["1m"] / 1e6, 1) for k, v in bench.items()},
+               # CPU microseconds per 4K I/O (mean over the rounds): what the
+               # IOPS ratio follows when the guest is CPU-bound
+               "cpu_us_per_io_4k": {tag: {k: round(sum(v) / len(v)) for k, v in c.items()}
+                                    for tag, c in cpu_us.items()}}
     print(f"BENCH ratios: ours/tcmu-runner(qcow) 4K {summary['vs_tcmu_runner_4k']} (goal >= 1.0), "
           f"1M {summary['vs_tcmu_runner_1m']} (goal >= 0.8); ours/fileio 4K {summary['vs_fileio_4k']}, "
           f"1M {summary['vs_fileio_1m']}", flush=True)
@@ -395,7 +488,7 @@ def stop_peers(runner: subprocess.Popen) -> None:
         runner.kill()
 
 
-def benchmarks_and_libiscsi() -> dict:
+def benchmarks_and_libiscsi(daemon_pid: int) -> dict:
     # -- 5. libiscsi against our spare LU and a LIO fileio LU ---------------------------------
     runner = start_peers()
     print(f"LIBISCSI subset (the full 750-test suite does not fit the tier's budget in TCG): {LIBISCSI_TESTS}",
@@ -410,7 +503,7 @@ def benchmarks_and_libiscsi() -> dict:
            f"ours {ours['passed']}/{ours['ran']}, fileio {fileio['passed']}/{fileio['ran']}")
 
     # -- 6. fio: ours vs tcmu-runner qcow vs LIO fileio -------------------------------------------
-    summary = fio_compare()
+    summary = fio_compare(daemon_pid, runner.pid)
     summary["libiscsi"] = {"ours_passed": ours["passed"], "ours_ran": ours["ran"],
                            "fileio_passed": fileio["passed"], "fileio_ran": fileio["ran"], "subset": True}
     stop_peers(runner)
@@ -423,7 +516,7 @@ def main() -> int:
     d = restore_scenario()
     summary = None
     try:
-        summary = benchmarks_and_libiscsi()
+        summary = benchmarks_and_libiscsi(d.pid)
     finally:
         d.send_signal(signal.SIGTERM)
         try:
