@@ -46,6 +46,16 @@ class BufferPool:
         if len(self._free) < self.keep:
             self._free.append(buf)
 
+    async def copy(self, src: BlockStore, dst: BlockStore, offset: int, length: int,
+                   background: bool = False) -> None:
+        """``src.copy_to(dst)`` with one of these buffers as its scratch
+        space (stores that copy between themselves leave it unused)."""
+        buf = self.take(length)
+        try:
+            await src.copy_to(dst, offset, memoryview(buf)[:length], background)
+        finally:
+            self.give(buf)
+
 
 class Copier:
     def __init__(self, pair: Pair, committer: Committer, hosts: HostYield | None = None) -> None:
@@ -92,11 +102,7 @@ class Copier:
         # The stores copy between themselves where they can (file to file:
         # one worker job, no buffer through Python, cheaper for hosts
         # sharing the CPU), else through one of our buffers.
-        buf = self.buffers.take(length)
-        try:
-            await self.src.copy_to(self.dst, off, memoryview(buf)[:length], background)
-        finally:
-            self.buffers.give(buf)
+        await self.buffers.copy(self.src, self.dst, off, length, background)
         job = p.job
         settle = p.maps.mark_copied(a, b, lambda: p.job is job)   # not a job stopped since
         # Both sides must be durable before "copied" is: the source of the

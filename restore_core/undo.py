@@ -232,11 +232,7 @@ class UndoSaver:
         p = self.pair
         off = a * p.extent_size
         length = min(b * p.extent_size, p.size) - off
-        buf = self.buffers.take(length)
-        try:
-            await p.source_store.copy_to(p.undo_store, off, memoryview(buf)[:length])
-        finally:
-            self.buffers.give(buf)
+        await self.buffers.copy(p.source_store, p.undo_store, off, length)
 
     async def close(self) -> None:
         """Stop saving ahead: wait for the batch being saved (before the

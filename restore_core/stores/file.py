@@ -60,6 +60,12 @@ if _sync_file_range is not None:
     _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing back a big write's data, not waiting for it (see
+    WRITE_BEHIND_MIN); advisory: a writeback error surfaces at the next flush."""
+    if length >= WRITE_BEHIND_MIN and _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
 
 # One shared pool for blocking I/O: file reads/writes release the GIL, so a
 # few threads keep several requests in flight on the device. Background
@@ -288,9 +294,7 @@ class FileBlockStore(BlockStore):
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """write_sync, then (big writes) start writing it back: see WRITE_BEHIND_MIN."""
         self.write_sync(offset, data)
-        if len(data) >= WRITE_BEHIND_MIN and _sync_file_range is not None:
-            # advisory: a writeback error surfaces at the next flush
-            _sync_file_range(self._fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
+        _start_writeback(self._fd, offset, len(data))
 
     def flush_sync(self) -> None:
         os.fdatasync(self._fd)
@@ -380,9 +384,7 @@ class FileBlockStore(BlockStore):
             if n == 0:
                 raise BlockStoreError(f"{self.name}: short read at {offset + done}", offset + done)
             done += n
-        if length >= WRITE_BEHIND_MIN and _sync_file_range is not None:
-            # as write_behind: a restore's final flush must not find it all
-            _sync_file_range(dst._fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        _start_writeback(dst._fd, offset, length)     # as write_behind
         return True
 
     async def _readinto_in(self, pool: ThreadPoolExecutor, offset: int, buf: memoryview) -> None:
