@@ -20,6 +20,15 @@ floor rate (copying done long ago does not excuse copying now), what it may
 owe by ``FLOOR_OWED_S`` (copies stalled by a loaded machine are made up for
 afterwards, by background I/O, but not without end).
 
+Busy copies run as background I/O, on a file store in threads of idle CPU
+priority: a host command's thread preempts them, and they copy on CPU time
+hosts leave. On a machine whose every CPU is busy they may get none, so the
+floor does not trust them: owing more than ``FLOOR_BEHIND_S`` of the floor
+the copier is *behind*, and copies at normal priority until it is not. A
+background copy's time measures the spare CPU, not the store: it is not
+taken as a rate (the floor, a share of such rates, fell with each stall).
+The budget starts afresh whenever a walk starts or resumes.
+
 The idle rate is the copier's throughput over stretches with no host I/O
 -- bytes per second with a copy in flight: a gap in which the loop or the
 copy threads waited for a CPU, or for a commit, is no copying time (with
@@ -66,6 +75,11 @@ FLOOR_OWED_S = 1.0
 # What the copier aims at while hosts are busy, in floors: room for the
 # idle-rate estimate's error (see above).
 FLOOR_AIM = 1.25
+# Busy copies run as background I/O (a file store: threads of idle CPU
+# priority), which may not get a CPU while hosts keep every CPU busy.
+# Owing more than this many seconds of the floor, the copier is behind:
+# its next copy goes at normal priority, beside the stalled one.
+FLOOR_BEHIND_S = 0.05
 EWMA = 0.25
 FALL = 0.05
 
@@ -106,8 +120,15 @@ class HostYield:
             self._idle_copied_until = now
         return busy
 
-    def note_copy(self, nbytes: int, seconds: float, busy: bool, now: float | None = None) -> None:
-        """A copy of ``nbytes`` took ``seconds`` (read and write), ending ``now``."""
+    def note_copy(self, nbytes: int, seconds: float, busy: bool, now: float | None = None,
+                  background: bool = False) -> None:
+        """A copy of ``nbytes`` took ``seconds`` (read and write), ending
+        ``now``. A ``background`` copy's time is not taken: at idle CPU
+        priority it measures the CPU time hosts left, not the store, and a
+        floor made a share of it would fall with every stalled copy until
+        the restore crawled."""
+        if background:
+            return
         if seconds > 0:
             self.rtt = seconds if self.rtt is None else self.rtt + EWMA * (seconds - self.rtt)
             r = nbytes / seconds
@@ -131,16 +152,29 @@ class HostYield:
             self.idle_rate = _rise_fast(self.idle_rate, self._idle_bytes / self._idle_copying)
         self._idle_since = None
 
+    def idle_estimate(self) -> float | None:
+        """Bytes/s the copier makes with no host I/O, as best known (None:
+        nothing timed yet)."""
+        return next((r for r in (self.idle_rate, self.idle_copy_rate, self.stream_rate)
+                     if r is not None), None)
+
     def floor_rate(self, min_progress_pct: int) -> float:
         """Bytes/s the copier keeps up while hosts are busy: the floor, and
         the room for its estimate's error."""
-        base = next((r for r in (self.idle_rate, self.idle_copy_rate, self.stream_rate)
-                     if r is not None), None)
+        base = self.idle_estimate()
         if base is None:
             return 0.0          # nothing timed yet: the first copy goes now
         return base * min_progress_pct / 100 * FLOOR_AIM
 
     # -- the floor's budget ---------------------------------------------------
+    def start_budget(self) -> None:
+        """A walk starts or resumes: nothing owed, nothing paid ahead. The
+        floor is owed while a walk runs, not across an operator's pause or
+        since an earlier job (a debt from then made the copier start behind:
+        copies at normal priority the moment hosts needed the CPUs)."""
+        self._owed = 0.0
+        self._owed_at = None
+
     def _owed_now(self, now: float, rate: float) -> float:
         if self._owed_at is not None:
             self._owed += (now - self._owed_at) * rate
@@ -153,6 +187,13 @@ class HostYield:
         towards the floor."""
         self._owed_now(now, self.floor_rate(min_progress_pct))
         self._owed -= nbytes
+
+    def behind(self, now: float, min_progress_pct: int) -> bool:
+        """The floor's copies are late by more than FLOOR_BEHIND_S: busy
+        copies must not wait for spare CPU time now. Also while nothing was
+        timed: the next copy is timed at normal priority, the floor's base."""
+        rate = self.floor_rate(min_progress_pct)
+        return rate <= 0 or self._owed_now(now, rate) > rate * FLOOR_BEHIND_S
 
     def floor_wait(self, now: float, min_progress_pct: int) -> float:
         """Seconds until the floor asks for the next busy copy: 0 while the

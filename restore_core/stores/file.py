@@ -69,8 +69,8 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 # One shared pool for blocking I/O: file reads/writes release the GIL, so a
 # few threads keep several requests in flight on the device. Background
-# copies have a small pool of their own: a host read that misses the page
-# cache never queues behind them.
+# copies have a small pool of their own, at idle CPU priority: a host read
+# that misses the page cache never queues behind them, nor waits for a CPU.
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _background_pool: ThreadPoolExecutor | None = None
@@ -85,6 +85,23 @@ def _name_thread(name: bytes) -> None:
     Python's thread names stay inside Python, and CPU per pool is what the
     latency bench's accounting (and an operator) reads."""
     _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
+def _background_thread() -> None:
+    """A background pool thread: named, and at the lowest CPU priority
+    (SCHED_IDLE, this thread only): a copy made while hosts are busy runs
+    on the CPU time hosts leave, and a host command's thread (the event
+    loop, an initiator) preempts it at once. copy_file_range does its
+    memcpy in the calling thread, so at normal priority a copy took a CPU
+    from the loop on a 2-core machine: QD1 read p99 1.6x idle during a
+    restore, 1.24x with this. Such a thread may starve while hosts keep
+    every CPU busy: the copier makes its floor's copies at normal priority
+    (not as background I/O) once behind (restore_core.hostyield)."""
+    _name_thread(b"lr-bg")
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass            # not Linux, or not allowed: background I/O at normal priority
 
 
 def io_executor() -> ThreadPoolExecutor:
@@ -102,7 +119,7 @@ def background_executor() -> ThreadPoolExecutor:
         if _background_pool is None:
             _background_pool = ThreadPoolExecutor(max_workers=BACKGROUND_THREADS,
                                                   thread_name_prefix="lr-bg",
-                                                  initializer=_name_thread, initargs=(b"lr-bg",))
+                                                  initializer=_background_thread)
         return _background_pool
 
 
