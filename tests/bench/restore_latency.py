@@ -92,6 +92,7 @@ SRC, CLONES = "src", ("c1", "c2")   # volume names; a pair's id is its clone's n
 TOOLS = ("qemu-io", "qemu-img")
 OPS_RE = re.compile(rb"and ([0-9.]+) ops/sec")
 RUN_RE = re.compile(rb"Run completed in ([0-9.]+) seconds")
+ESTIMATE_RE = re.compile(rb"copier's idle rate estimate ([0-9.]+) MB/s")
 STRIDE = 104729 * BLK          # QD32 reads this far apart: a prime number of blocks
 
 
@@ -254,6 +255,16 @@ class Rig:
             except subprocess.TimeoutExpired:
                 d.stop(signal.SIGKILL)
 
+    def idle_estimates(self) -> list[float]:
+        """The copier's idle-rate estimate (MB/s) at the end of each restore,
+        from the daemon's log: the floor is a share of it, and the bench's
+        idle restores say what it should have been."""
+        try:
+            with open(os.path.join(self.root, "daemon.log"), "rb") as f:
+                return [float(x) for x in ESTIMATE_RE.findall(f.read())]
+        except OSError:
+            return []
+
     def log_tail(self) -> str:
         try:
             with open(os.path.join(self.root, "daemon.log"), "rb") as f:
@@ -392,6 +403,7 @@ def run(root: str, args: argparse.Namespace) -> dict[str, Any]:
         os.unlink(dst)
         rig.check_restored()
         throttle = rig.show()["throttle"]
+        estimates = rig.idle_estimates()
     except BenchError:
         tail = rig.log_tail()
         if tail:
@@ -402,7 +414,8 @@ def run(root: str, args: argparse.Namespace) -> dict[str, Any]:
 
     print_windows(idle + busy)
     print_cpu(idle, [w for w in busy if w.valid])
-    return summarise(size, idle, busy, busy_restore_s, rest_s, copy_s, io_size, gen_s, throttle)
+    return {**summarise(size, idle, busy, busy_restore_s, rest_s, copy_s, io_size, gen_s, throttle),
+            "idle_estimate_MBps": estimates}
 
 
 def print_windows(ws: list[Window]) -> None:
@@ -547,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         "restore_idle_s": [round(x, 3) for x in res["restore_idle_s"]],
         "busy_restore_s": [round(x, 3) for x in res["busy_restore_s"]],
         "copy_s": [round(x, 3) for x in res["copy_s"]],
+        "idle_estimate_MBps": res["idle_estimate_MBps"],     # busy restores first, then idle ones
         "run_s": round(elapsed, 1),
     }
     print(json.dumps(out))
