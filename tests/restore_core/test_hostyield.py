@@ -176,26 +176,34 @@ async def differing_pair(n: int, store: type[CountingStore] = CountingStore):
     return r, c, eng, p
 
 
+async def restore_under_a_busy_host(r, eng, p, counting: CountingStore) -> float:
+    """Restore the pair while a host reads back to back (QD1, never
+    pausing); the seconds from the copier's start to the job's end."""
+    await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
+    stop = asyncio.Event()
+
+    async def host() -> None:
+        while not stop.is_set():
+            await r.sio.read(0, 512)
+            await asyncio.sleep(0.0001)
+
+    await eng.restore(p.id, paused=True)
+    h = asyncio.ensure_future(host())
+    await asyncio.sleep(0.05)                      # the host is at it
+    counting.sizes.clear()
+    t0 = time.monotonic()
+    await eng.resume(p.id)
+    await eng.wait_job(p.id, 60)                   # the floor lets it finish
+    took = time.monotonic() - t0
+    stop.set()
+    await h
+    return took
+
+
 def test_a_restore_under_a_host_that_never_pauses_still_finishes_by_background_io():
     async def go():
-        n = 256
-        r, counting, eng, p = await differing_pair(n)
-        await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
-        stop = asyncio.Event()
-
-        async def host() -> None:                      # QD1 reads, back to back
-            while not stop.is_set():
-                await r.sio.read(0, 512)
-                await asyncio.sleep(0.0001)
-
-        await eng.restore(p.id, paused=True)
-        h = asyncio.ensure_future(host())
-        await asyncio.sleep(0.05)                      # the host is at it
-        counting.sizes.clear()
-        await eng.resume(p.id)
-        await eng.wait_job(p.id, 60)                   # the floor lets it finish
-        stop.set()
-        await h
+        r, counting, eng, p = await differing_pair(256)
+        await restore_under_a_busy_host(r, eng, p, counting)
         # Under host load the copies are background I/O (off the loop on a
         # file); a shared machine's stalls may let a few go as idle copies.
         assert len(counting.background) > len(counting.sizes), \
@@ -217,26 +225,9 @@ def test_copies_stalled_at_idle_priority_do_not_hold_up_the_floor():
     """Behind the floor, the copier copies at normal priority beside the
     stalled background copy: 16 copies that each stalled 0.5 s took 8 s."""
     async def go():
-        n = 256
-        r, stalling, eng, p = await differing_pair(n, StallingStore)
-        await asyncio.sleep(0.2)                        # the writes above are history
-        await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
-        stop = asyncio.Event()
-
-        async def host() -> None:                      # QD1 reads, back to back
-            while not stop.is_set():
-                await r.sio.read(0, 512)
-                await asyncio.sleep(0.0001)
-
-        await eng.restore(p.id, paused=True)
-        h = asyncio.ensure_future(host())
-        await asyncio.sleep(0.05)                      # the host is at it
-        t0 = time.monotonic()
-        await eng.resume(p.id)
-        await eng.wait_job(p.id, 60)
-        took = time.monotonic() - t0
-        stop.set()
-        await h
+        r, stalling, eng, p = await differing_pair(256, StallingStore)
+        await asyncio.sleep(0.2)                   # the writes above are history
+        took = await restore_under_a_busy_host(r, eng, p, stalling)
         assert took < 3.0, f"restore took {took:.1f} s, {len(stalling.background)} background copies"
         await eng.close()
     asyncio.run(go())
