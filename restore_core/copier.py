@@ -245,12 +245,12 @@ class Copier:
                         await asyncio.sleep(min(wait, self.hosts.window(th.host_window)))
                         continue
                 # Hosts busy: copies by background I/O (a file store: at
-                # idle CPU priority), so a host command never waits behind
+                # low CPU priority), so a host command never waits behind
                 # copy work, on the loop or for a CPU; and one at a time:
                 # two copies could take both CPUs of a small machine from
                 # the hosts at once, and one stream (copy_file_range:
                 # hundreds of MB/s) keeps well above the floor. Behind the
-                # floor (idle priority got no CPU: hosts keep them all
+                # floor (low priority got too little CPU: hosts keep them all
                 # busy), one more copy, at normal priority: the floor is a
                 # guarantee.
                 behind = busy and self.hosts.behind(now, th.min_progress_pct)
