@@ -71,8 +71,9 @@ class BlockStore(ABC):
 
     # Background I/O (the copier while hosts are busy): the same I/O, but
     # never run on the event loop, where it would hold up host commands, and
-    # queued behind host I/O wherever the store queues. Stores with no such
-    # distinction do the plain I/O.
+    # queued behind host I/O wherever the store queues (a file store: in
+    # threads of low CPU priority, which may wait long on a busy machine).
+    # Stores with no such distinction do the plain I/O.
     async def readinto_background(self, offset: int, buf: memoryview) -> None:
         await self.readinto(offset, buf)
 

@@ -221,6 +221,7 @@ class Copier:
         self._last_commit = time.monotonic()
         due = time.monotonic()     # token bucket: when the next copy may start
         commit: asyncio.Task[None] | None = None   # at most one in flight
+        self.hosts.start_budget()
         try:
             while not self._stopping:
                 if p.job is None:
@@ -230,6 +231,7 @@ class Copier:
                     tasks.clear()
                     self.resume_event.clear()
                     await self.resume_event.wait()
+                    self.hosts.start_budget()
                     continue
                 commit = self._commit_due(commit)
                 th = p.throttle
@@ -242,21 +244,30 @@ class Copier:
                     if wait > 0:
                         await asyncio.sleep(min(wait, self.hosts.window(th.host_window)))
                         continue
-                # Hosts busy: copies by background I/O, so a host command
-                # never waits behind copy work on the loop, and one at a
-                # time: two copies could take both CPUs of a small machine
-                # from the hosts at once, and one stream (copy_file_range:
-                # hundreds of MB/s) keeps well above the floor.
+                # Hosts busy: copies by background I/O (a file store: at
+                # low CPU priority), so a host command never waits behind
+                # copy work, on the loop or for a CPU; and one at a time:
+                # two copies could take both CPUs of a small machine from
+                # the hosts at once, and one stream (copy_file_range:
+                # hundreds of MB/s) keeps well above the floor. Behind the
+                # floor (low priority got too little CPU: hosts keep them all
+                # busy), one more copy, at normal priority: the floor is a
+                # guarantee.
+                behind = busy and self.hosts.behind(now, th.min_progress_pct)
                 span = th.batch_extents
                 # A store that pays a round trip per I/O (RBD) needs its
                 # copy depth even while hosts are busy, or it falls under
                 # the floor.
                 store_depth = max(self.src.copy_depth, self.dst.copy_depth)
-                while len(tasks) >= (store_depth if busy else max(th.depth, store_depth)):
-                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if len(tasks) >= (store_depth + (1 if behind else 0) if busy else max(th.depth, store_depth)):
+                    # busy: look again within the window (behind yet?)
+                    done, _ = await asyncio.wait(
+                        tasks, timeout=self.hosts.window(th.host_window) if busy else None,
+                        return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         tasks.discard(t)
                         t.result()  # re-raise copy errors
+                    continue
                 run = p.maps.next_todo_run(pos, span)
                 if run is None:
                     if tasks:
@@ -280,7 +291,8 @@ class Copier:
                     continue
                 pos = b
                 self.hosts.note_started(time.monotonic(), self._range(e, b)[1], th.min_progress_pct)
-                tasks.add(asyncio.get_running_loop().create_task(self._copy_and_release(e, b, busy)))
+                tasks.add(asyncio.get_running_loop().create_task(
+                    self._copy_and_release(e, b, busy, background=busy and not behind)))
                 # Rate limit (token bucket, at most 1 s of saved-up credit):
                 # each copy pushes the next one's start by its size / rate.
                 # A throttle change wakes the wait and starts a new bucket.
@@ -305,6 +317,9 @@ class Copier:
             await self.committer.commit()
             if self._stopping:      # drained while the last commit ran
                 return
+            est = self.hosts.idle_estimate()
+            if est is not None:     # what the floor was a share of (the bench compares)
+                log.info("pair %s: copier's idle rate estimate %.0f MB/s", p.id, est / 1e6)
             if self.on_finished is not None:
                 self._finishing = True
                 try:
@@ -342,11 +357,11 @@ class Copier:
         self._last_commit = time.monotonic()
         return asyncio.get_running_loop().create_task(self.committer.commit())
 
-    async def _copy_and_release(self, a: int, b: int, busy: bool) -> int:
+    async def _copy_and_release(self, a: int, b: int, busy: bool, background: bool) -> int:
         try:
             t0 = time.monotonic()
-            n = await self.copy_run(a, b, background=busy)
-            self.hosts.note_copy(n, time.monotonic() - t0, busy)
+            n = await self.copy_run(a, b, background=background)
+            self.hosts.note_copy(n, time.monotonic() - t0, busy, background=background)
             return n
         finally:
             self.pair.inflight.release_all(range(a, b))

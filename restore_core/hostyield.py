@@ -20,7 +20,18 @@ floor rate (copying done long ago does not excuse copying now), what it may
 owe by ``FLOOR_OWED_S`` (copies stalled by a loaded machine are made up for
 afterwards, by background I/O, but not without end).
 
+Busy copies run as background I/O, on a file store in threads of low CPU
+priority: a host command's thread preempts them, and they copy on CPU time
+hosts leave. On a machine whose every CPU is busy they may get little, so the
+floor does not trust them: owing more than ``FLOOR_BEHIND_S`` of the floor
+the copier is *behind*, and copies at normal priority until it is not. A
+background copy's time measures the spare CPU, not the store: it is not
+taken as a rate (the floor, a share of such rates, fell with each stall).
+The budget starts afresh whenever a walk starts or resumes.
+
 The idle rate is the copier's throughput over stretches with no host I/O
+(the first, on an LU whose hosts never paused, a full-speed window at the
+first job's start: see _calibrating)
 -- bytes per second with a copy in flight: a gap in which the loop or the
 copy threads waited for a CPU, or for a commit, is no copying time (with
 stretches timed from their start, a quiet 2 GiB bench run restored at 6.5%
@@ -57,6 +68,9 @@ MAX_WINDOW_S = 0.1
 # An idle stretch must have had copies in flight this long to count as a
 # rate measurement.
 IDLE_SAMPLE_S = 0.02
+# An LU whose idle rate was never measured copies at full speed whatever the
+# hosts do until it was (IDLE_SAMPLE_S of copying), for this long at most.
+CALIBRATE_S = 0.2
 # The floor's budget: at most this many seconds of the floor rate paid
 # ahead, or owed. Owing may go further: with a bound as short as the one
 # ahead, the floor was missed (9% in QD32 windows) whenever the copy
@@ -66,6 +80,11 @@ FLOOR_OWED_S = 1.0
 # What the copier aims at while hosts are busy, in floors: room for the
 # idle-rate estimate's error (see above).
 FLOOR_AIM = 1.25
+# Busy copies run as background I/O (a file store: threads of low CPU
+# priority), which may get little CPU while hosts keep every CPU busy.
+# Owing more than this many seconds of the floor, the copier is behind:
+# its next copy goes at normal priority, beside the stalled one.
+FLOOR_BEHIND_S = 0.05
 EWMA = 0.25
 FALL = 0.05
 
@@ -86,6 +105,7 @@ class HostYield:
         self._idle_copying = 0.0                 # seconds of the stretch with a copy in flight
         self._idle_copied_until = 0.0            # when the stretch's last copy ended
         self._idle_bytes = 0
+        self._calibrated = False                 # the full-speed window was had
         self._owed = 0.0                         # bytes the floor asks for by now
         self._owed_at: float | None = None
 
@@ -95,8 +115,10 @@ class HostYield:
 
     def busy(self, now: float, last_host_io: float, host_window: int) -> bool:
         """A host command was seen within the window (``host_window`` 0:
-        never busy, the copier ignores hosts). Ends an idle stretch."""
-        busy = host_window > 0 and now - last_host_io < self.window(host_window)
+        never busy, the copier ignores hosts), and the idle rate is known
+        (see _calibrating). Ends an idle stretch."""
+        busy = host_window > 0 and now - last_host_io < self.window(host_window) \
+            and not self._calibrating(now)
         if busy:
             self._end_idle(now)
         elif self._idle_since is None:
@@ -106,8 +128,30 @@ class HostYield:
             self._idle_copied_until = now
         return busy
 
-    def note_copy(self, nbytes: int, seconds: float, busy: bool, now: float | None = None) -> None:
-        """A copy of ``nbytes`` took ``seconds`` (read and write), ending ``now``."""
+    def _calibrating(self, now: float) -> bool:
+        """No idle stretch was ever measured on this LU: its first
+        IDLE_SAMPLE_S of copying (CALIBRATE_S at most) is an idle stretch
+        whatever the hosts do, once. Without it a restore under hosts that
+        never paused took its floor from one busy copy stream: 0.68 GB/s
+        against an idle restore's 2.2, its floor under a third of the
+        promised one (a 2 GiB bench restore under load took 47 s)."""
+        if self.idle_rate is not None or self._calibrated:
+            return False
+        since = self._idle_since
+        if since is not None and (self._idle_copying >= IDLE_SAMPLE_S or now - since >= CALIBRATE_S):
+            self._calibrated = True
+            return False
+        return True
+
+    def note_copy(self, nbytes: int, seconds: float, busy: bool, now: float | None = None,
+                  background: bool = False) -> None:
+        """A copy of ``nbytes`` took ``seconds`` (read and write), ending
+        ``now``. A ``background`` copy's time is not taken: at low CPU
+        priority it measures the CPU time hosts left, not the store, and a
+        floor made a share of it would fall with every stalled copy until
+        the restore crawled."""
+        if background:
+            return
         if seconds > 0:
             self.rtt = seconds if self.rtt is None else self.rtt + EWMA * (seconds - self.rtt)
             r = nbytes / seconds
@@ -131,16 +175,29 @@ class HostYield:
             self.idle_rate = _rise_fast(self.idle_rate, self._idle_bytes / self._idle_copying)
         self._idle_since = None
 
+    def idle_estimate(self) -> float | None:
+        """Bytes/s the copier makes with no host I/O, as best known (None:
+        nothing timed yet)."""
+        return next((r for r in (self.idle_rate, self.idle_copy_rate, self.stream_rate)
+                     if r is not None), None)
+
     def floor_rate(self, min_progress_pct: int) -> float:
         """Bytes/s the copier keeps up while hosts are busy: the floor, and
         the room for its estimate's error."""
-        base = next((r for r in (self.idle_rate, self.idle_copy_rate, self.stream_rate)
-                     if r is not None), None)
+        base = self.idle_estimate()
         if base is None:
             return 0.0          # nothing timed yet: the first copy goes now
         return base * min_progress_pct / 100 * FLOOR_AIM
 
     # -- the floor's budget ---------------------------------------------------
+    def start_budget(self) -> None:
+        """A walk starts or resumes: nothing owed, nothing paid ahead. The
+        floor is owed while a walk runs, not across an operator's pause or
+        since an earlier job (a debt from then made the copier start behind:
+        copies at normal priority the moment hosts needed the CPUs)."""
+        self._owed = 0.0
+        self._owed_at = None
+
     def _owed_now(self, now: float, rate: float) -> float:
         if self._owed_at is not None:
             self._owed += (now - self._owed_at) * rate
@@ -153,6 +210,13 @@ class HostYield:
         towards the floor."""
         self._owed_now(now, self.floor_rate(min_progress_pct))
         self._owed -= nbytes
+
+    def behind(self, now: float, min_progress_pct: int) -> bool:
+        """The floor's copies are late by more than FLOOR_BEHIND_S: busy
+        copies must not wait for spare CPU time now. Also while nothing was
+        timed: the next copy is timed at normal priority, the floor's base."""
+        rate = self.floor_rate(min_progress_pct)
+        return rate <= 0 or self._owed_now(now, rate) > rate * FLOOR_BEHIND_S
 
     def floor_wait(self, now: float, min_progress_pct: int) -> float:
         """Seconds until the floor asks for the next busy copy: 0 while the

@@ -46,6 +46,9 @@ PERSISTED_MAPS = ("delta", "done", "marks", "intent", "saved", "written")
 
 Settle = Callable[[], None]
 
+# RestoreMaps.left_in: how much of a range is still to copy
+LEFT_NONE, LEFT_SOME, LEFT_ALL = 0, 1, 2
+
 
 class RestoreMaps:
     def __init__(self, nextents: int) -> None:
@@ -94,6 +97,17 @@ class RestoreMaps:
     def is_restored(self, a: int, b: int) -> bool:
         """No extent of [a, b) is still to copy."""
         return not self.todo.any(a, b)
+
+    def left_in(self, a: int, b: int) -> int:
+        """How much of [a, b) is still to copy: LEFT_NONE, LEFT_SOME or
+        LEFT_ALL. One bit test for one extent (a host read's usual case:
+        this runs for every read of a restoring LU)."""
+        bits = self.todo.bits
+        if b - a == 1:
+            return LEFT_ALL if bits[a] else LEFT_NONE
+        if bits.find(1, a, b) < 0:
+            return LEFT_NONE
+        return LEFT_ALL if bits.find(0, a, b) < 0 else LEFT_SOME
 
     def todo_in(self, a: int, b: int) -> list[int]:
         return self.todo.set_in(a, b)

@@ -79,6 +79,7 @@ if __package__ in (None, ""):   # run as a script: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from target.control import Client  # noqa: E402
+from tests.bench.cpuacct import CpuSample  # noqa: E402
 from tests.bench.restore import CHUNK, BenchError, fmt, med, pct, plain_copy  # noqa: E402
 from tests.support import IQN, Daemon  # noqa: E402
 
@@ -91,6 +92,7 @@ SRC, CLONES = "src", ("c1", "c2")   # volume names; a pair's id is its clone's n
 TOOLS = ("qemu-io", "qemu-img")
 OPS_RE = re.compile(rb"and ([0-9.]+) ops/sec")
 RUN_RE = re.compile(rb"Run completed in ([0-9.]+) seconds")
+ESTIMATE_RE = re.compile(rb"copier's idle rate estimate ([0-9.]+) MB/s")
 STRIDE = 104729 * BLK          # QD32 reads this far apart: a prime number of blocks
 
 
@@ -253,6 +255,16 @@ class Rig:
             except subprocess.TimeoutExpired:
                 d.stop(signal.SIGKILL)
 
+    def idle_estimates(self) -> list[float]:
+        """The copier's idle-rate estimate (MB/s) at the end of each restore,
+        from the daemon's log: the floor is a share of it, and the bench's
+        idle restores say what it should have been."""
+        try:
+            with open(os.path.join(self.root, "daemon.log"), "rb") as f:
+                return [float(x) for x in ESTIMATE_RE.findall(f.read())]
+        except OSError:
+            return []
+
     def log_tail(self) -> str:
         try:
             with open(os.path.join(self.root, "daemon.log"), "rb") as f:
@@ -271,14 +283,18 @@ class Window:
     iops: float = 0.0            # qd32
     restored: int = 0            # bytes the restore finished during the window
     valid: bool = True           # busy: the restore still ran when the window ended
+    ops: int = 0                 # host commands
+    cpu: dict[str, float] = field(default_factory=dict)   # CPU seconds by consumer (cpuacct)
 
 
 class Load:
     """The host: QD1 windows of a fixed number of reads, QD32 windows of
     about ``qd32_secs`` (the count follows the last window's IOPS)."""
 
-    def __init__(self, url: str, size: int, qd1_reads: int, qd32_secs: float, seed: int) -> None:
+    def __init__(self, url: str, size: int, qd1_reads: int, qd32_secs: float, seed: int,
+                 daemon_pid: int) -> None:
         self.url = url
+        self.daemon_pid = daemon_pid
         self.nblk = size // BLK
         self.qd1_count = qd1_reads
         self.qd32_secs = qd32_secs
@@ -287,13 +303,16 @@ class Load:
 
     def run(self, kind: str) -> Window:
         w = Window(kind)
+        cpu0 = CpuSample.take(self.daemon_pid)
         if kind == "qd1":
+            w.ops = self.qd1_count
             w.lat = qd1_reads(self.url, [self.rnd.randrange(self.nblk) * BLK
                                          for _ in range(self.qd1_count)])
         else:
-            count = max(1000, int(self.qd32_rate * self.qd32_secs))
-            w.iops = self.qd32_rate = qd32_reads(self.url, count,
+            w.ops = max(1000, int(self.qd32_rate * self.qd32_secs))
+            w.iops = self.qd32_rate = qd32_reads(self.url, w.ops,
                                                  self.rnd.randrange(self.nblk) * BLK, STRIDE)
+        w.cpu = CpuSample.take(self.daemon_pid).since(cpu0)
         return w
 
 
@@ -357,7 +376,8 @@ def run(root: str, args: argparse.Namespace) -> dict[str, Any]:
         rig.start()
         show = rig.show()
         io_size = show["throttle"].get("batch_extents", CHUNK // show["extent_size"]) * show["extent_size"]
-        load = Load(rig.url, size, args.qd1_reads, args.qd32_secs, args.seed)
+        assert rig.daemon is not None and rig.daemon.proc is not None
+        load = Load(rig.url, size, args.qd1_reads, args.qd32_secs, args.seed, rig.daemon.proc.pid)
 
         # idle, busy, idle, busy, ..., idle: both sides see the same spells
         # of other processes' load on this shared machine
@@ -383,6 +403,7 @@ def run(root: str, args: argparse.Namespace) -> dict[str, Any]:
         os.unlink(dst)
         rig.check_restored()
         throttle = rig.show()["throttle"]
+        estimates = rig.idle_estimates()
     except BenchError:
         tail = rig.log_tail()
         if tail:
@@ -392,7 +413,9 @@ def run(root: str, args: argparse.Namespace) -> dict[str, Any]:
         rig.close()
 
     print_windows(idle + busy)
-    return summarise(size, idle, busy, busy_restore_s, rest_s, copy_s, io_size, gen_s, throttle)
+    print_cpu(idle, [w for w in busy if w.valid])
+    return {**summarise(size, idle, busy, busy_restore_s, rest_s, copy_s, io_size, gen_s, throttle),
+            "idle_estimate_MBps": estimates}
 
 
 def print_windows(ws: list[Window]) -> None:
@@ -405,6 +428,29 @@ def print_windows(ws: list[Window]) -> None:
         iops = f"{w.iops:>9.0f}" if w.kind == "qd32" else " " * 9
         print(f"{w.phase:<6}{w.kind:<6}{'yes' if w.valid else 'no':<7}{w.secs:>7.2f}{lat}{iops}"
               f"{w.restored / 1e6:>13.1f}")
+
+
+def cpu_per_command(ws: list[Window]) -> dict[str, float]:
+    """Microseconds of CPU per host command, by consumer (cpuacct), over
+    the windows ``ws``."""
+    ops = sum(w.ops for w in ws)
+    out: dict[str, float] = {}
+    for w in ws:
+        for k, v in w.cpu.items():
+            out[k] = out.get(k, 0.0) + v
+    return {k: round(v / ops * 1e6, 1) for k, v in sorted(out.items())} if ops else {}
+
+
+def print_cpu(idle: list[Window], busy: list[Window]) -> None:
+    """CPU per host command, idle vs busy: what a restore costs the host
+    beside its copies (the daemon's loop, its copy threads, the kernel)."""
+    for kind in ("qd1", "qd32"):
+        sides = {ph: cpu_per_command([w for w in ws if w.kind == kind])
+                 for ph, ws in (("idle", idle), ("busy", busy))}
+        names = sorted(set(sides["idle"]) | set(sides["busy"]))
+        print(f"{kind} CPU us/command " + "  ".join(
+            f"{n} {sides['idle'].get(n, 0.0):.1f}/{sides['busy'].get(n, 0.0):.1f}" for n in names)
+            + "  (idle/busy)")
 
 
 def summarise(size: int, idle: list[Window], busy: list[Window], busy_restore_s: list[float],
@@ -444,6 +490,8 @@ def summarise(size: int, idle: list[Window], busy: list[Window], busy_restore_s:
         "copy_MBps": copy_rate / 1e6, "copy_io_KiB": io_size // KiB,
         "restore_idle_s": rest_s, "copy_s": copy_s, "generate_s": gen_s,
         "throttle": throttle,
+        "qd32_cpu_us_idle": cpu_per_command([w for w in idle if w.kind == "qd32"]),
+        "qd32_cpu_us_busy": cpu_per_command([w for w in valid if w.kind == "qd32"]),
     }
 
 
@@ -512,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         "restore_idle_s": [round(x, 3) for x in res["restore_idle_s"]],
         "busy_restore_s": [round(x, 3) for x in res["busy_restore_s"]],
         "copy_s": [round(x, 3) for x in res["copy_s"]],
+        "idle_estimate_MBps": res["idle_estimate_MBps"],     # busy restores first, then idle ones
         "run_s": round(elapsed, 1),
     }
     print(json.dumps(out))

@@ -1,10 +1,12 @@
 """The copier yields to hosts over a time window, with a minimum progress rate."""
 import asyncio
+import time
 
 import pytest
 
 from restore_core.blockstore import MemoryBlockStore
-from restore_core.hostyield import FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_OWED_S, MIN_WINDOW_S, HostYield
+from restore_core.hostyield import (CALIBRATE_S, FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S,
+                                    FLOOR_OWED_S, IDLE_SAMPLE_S, MIN_WINDOW_S, HostYield)
 from restore_core.pair import Throttle
 
 from .util import ES, Rig, pattern
@@ -12,6 +14,7 @@ from .util import ES, Rig, pattern
 
 def test_busy_is_a_window_of_round_trips_not_an_in_flight_count():
     h = HostYield()
+    h.idle_rate = 100 << 20                           # measured (no full-speed window first)
     h.note_copy(64 << 10, 0.002, busy=False)          # one copy: 2 ms round trip
     assert h.window(8) == pytest.approx(0.016)
     # a QD1 host: nothing in flight right now, its last command 5 ms ago
@@ -118,6 +121,54 @@ def test_floor_before_an_idle_rate_was_measured_uses_one_copy_streams_rate():
     assert h.floor_rate(10) == pytest.approx((64 << 10) / 0.001 / 10 * FLOOR_AIM)
 
 
+def test_an_lu_whose_hosts_never_pause_measures_its_idle_rate_in_a_full_speed_window():
+    """Else its floor came from one busy copy stream (a bench restore:
+    0.68 GB/s against an idle restore's 2.2)."""
+    h = HostYield()
+    t = 0.0
+    while not h.busy(t, t, 8):                        # a host command right now, always
+        for _ in range(2):                            # two copies in flight, 2 ms each
+            h.note_copy(1 << 20, 0.002, busy=False, now=t + 0.002)
+        t += 0.002
+        assert t < 1.0, "the full-speed window never ends"
+    assert t == pytest.approx(IDLE_SAMPLE_S, abs=0.0021)
+    assert h.idle_rate == pytest.approx((2 << 20) / 0.002)
+    assert h.busy(t + 1.0, t + 1.0, 8)                # once: hosts first from now on
+
+
+def test_the_full_speed_window_is_bounded_when_copies_stall():
+    h = HostYield()
+    assert not h.busy(0.0, 0.0, 8)
+    assert not h.busy(CALIBRATE_S * 0.9, CALIBRATE_S * 0.9, 8)
+    assert h.busy(CALIBRATE_S, CALIBRATE_S, 8)        # nothing copied: hosts first anyway
+    assert h.idle_rate is None
+    assert h.busy(CALIBRATE_S + 1.0, CALIBRATE_S + 1.0, 8)
+
+
+def test_copies_at_low_priority_do_not_time_the_store():
+    """A background copy (low CPU priority on a file store) that waited
+    long for a CPU says nothing about the store: taken as a copy rate, each
+    stall lowered the floor, so the next copies stalled longer."""
+    h = HostYield()
+    assert h.behind(0.0, 10)       # nothing timed: the first copy goes at normal priority
+    h.note_copy(1 << 20, 0.001, busy=True)
+    floor = h.floor_rate(10)
+    rtt = h.rtt
+    for _ in range(20):            # hosts keep every CPU busy: 200 ms per copy
+        h.note_copy(1 << 20, 0.2, busy=True, background=True)
+    assert h.floor_rate(10) == floor and h.rtt == rtt
+
+
+def test_behind_the_floor_by_more_than_a_little_is_behind():
+    h = HostYield()
+    h.idle_rate = 100 << 20
+    h.note_started(0.0, 1 << 20, 10)                  # pays ahead
+    assert not h.behind(0.0, 10)
+    late = (1 << 20) / h.floor_rate(10) + FLOOR_BEHIND_S
+    assert not h.behind(late * 0.9, 10)
+    assert h.behind(late * 1.1, 10)
+
+
 class CountingStore(MemoryBlockStore):
     """Notes each write's size and whether it was background I/O."""
 
@@ -135,11 +186,11 @@ class CountingStore(MemoryBlockStore):
         await super().write(offset, data)
 
 
-async def differing_pair(n: int):
+async def differing_pair(n: int, store: type[CountingStore] = CountingStore):
     """A fractured pair whose every extent differs, its source counting
     the sizes of the writes it gets."""
     r = Rig(n)
-    c = CountingStore(r.size, "src")
+    c = store(r.size, "src")
     c.current[:] = r.src.current
     c.durable[:] = r.src.durable
     r.src = c
@@ -150,30 +201,61 @@ async def differing_pair(n: int):
     return r, c, eng, p
 
 
+async def restore_under_a_busy_host(r, eng, p, counting: CountingStore) -> float:
+    """Restore the pair while a host reads back to back (QD1, never
+    pausing) on an LU whose idle rate is known (no full-speed window
+    first); the seconds from the copier's start to the job's end."""
+    eng.volumes["src"].hosts.idle_rate = 100 << 20
+    await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
+    stop = asyncio.Event()
+
+    async def host() -> None:
+        while not stop.is_set():
+            await r.sio.read(0, 512)
+            await asyncio.sleep(0.0001)
+
+    await eng.restore(p.id, paused=True)
+    h = asyncio.ensure_future(host())
+    await asyncio.sleep(0.05)                      # the host is at it
+    counting.sizes.clear()
+    t0 = time.monotonic()
+    await eng.resume(p.id)
+    await eng.wait_job(p.id, 60)                   # the floor lets it finish
+    took = time.monotonic() - t0
+    stop.set()
+    await h
+    return took
+
+
 def test_a_restore_under_a_host_that_never_pauses_still_finishes_by_background_io():
     async def go():
-        n = 256
-        r, counting, eng, p = await differing_pair(n)
-        await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
-        stop = asyncio.Event()
-
-        async def host() -> None:                      # QD1 reads, back to back
-            while not stop.is_set():
-                await r.sio.read(0, 512)
-                await asyncio.sleep(0.0001)
-
-        await eng.restore(p.id, paused=True)
-        h = asyncio.ensure_future(host())
-        await asyncio.sleep(0.05)                      # the host is at it
-        counting.sizes.clear()
-        await eng.resume(p.id)
-        await eng.wait_job(p.id, 60)                   # the floor lets it finish
-        stop.set()
-        await h
+        r, counting, eng, p = await differing_pair(256)
+        await restore_under_a_busy_host(r, eng, p, counting)
         # Under host load the copies are background I/O (off the loop on a
         # file); a shared machine's stalls may let a few go as idle copies.
         assert len(counting.background) > len(counting.sizes), \
             f"background {counting.background}, loop {counting.sizes}"
+        await eng.close()
+    asyncio.run(go())
+
+
+class StallingStore(CountingStore):
+    """Background writes wait 0.5 s first: low CPU priority on a machine
+    whose hosts keep every CPU busy."""
+
+    async def write_background(self, offset, data):
+        await asyncio.sleep(0.5)
+        await super().write_background(offset, data)
+
+
+def test_copies_stalled_at_low_priority_do_not_hold_up_the_floor():
+    """Behind the floor, the copier copies at normal priority beside the
+    stalled background copy: 16 copies that each stalled 0.5 s took 8 s."""
+    async def go():
+        r, stalling, eng, p = await differing_pair(256, StallingStore)
+        await asyncio.sleep(0.2)                   # the writes above are history
+        took = await restore_under_a_busy_host(r, eng, p, stalling)
+        assert took < 3.0, f"restore took {took:.1f} s, {len(stalling.background)} background copies"
         await eng.close()
     asyncio.run(go())
 
