@@ -116,7 +116,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
             return d.dest[d.have:]           # the kernel writes straight into the command buffer
         if self.end >= len(self.buf):
             self._compact()
-        return self.mv[self.end:]
+        # at most MIN_BUFFER per read, even into a grown buffer: a big payload
+        # behind the headers read is received in place (_start_direct), not
+        # here and copied
+        return self.mv[self.end:self.end + MIN_BUFFER]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_rx = self.loop.time()
@@ -250,9 +253,9 @@ class IscsiConnection(asyncio.BufferedProtocol):
             total = hlen + dtotal
             mv = self.mv
             if avail < total:
-                if (dlen >= DIRECT_MIN and avail >= hlen and avail - hlen < dlen
-                        and (buf[s] & 0x3F) == P.OP_DATA_OUT and self.session is not None
-                        and self._start_direct(s, hlen, ahs_len, dlen, avail)):
+                if (dlen >= DIRECT_MIN and avail >= hlen and avail - hlen < dlen and not ahs_len
+                        and self.session is not None
+                        and self._start_direct(s, hlen, dlen, avail)):
                     continue
                 self._ensure_capacity(total)
                 buf = self.buf
@@ -291,20 +294,26 @@ class IscsiConnection(asyncio.BufferedProtocol):
             buf = self.buf
         if self.start == self.end:
             self.start = self.end = 0
+            if len(self.buf) > MIN_BUFFER:
+                # grown for one big PDU (a NOP or text payload, Data-Out of
+                # no command): idle connections keep a small buffer
+                self.buf = bytearray(MIN_BUFFER)
+                self.mv = memoryview(self.buf)
 
-    # -- direct placement of large Data-Out payloads ------------------------------
-    # Once the header of a big Data-Out is in, the rest of its payload is read
-    # by the kernel straight into the write command's buffer (get_buffer hands
-    # out that slice), so the payload is never copied in user space. The PDU
-    # is validated as usual when complete; on any doubt the normal path runs.
-    def _start_direct(self, s: int, hlen: int, ahs_len: int, dlen: int, avail: int) -> bool:
+    # -- direct placement of large payloads -----------------------------------------
+    # Once the header of a big Data-Out or write command is in, the rest of
+    # its payload is read by the kernel straight into the write's buffer
+    # (get_buffer hands out that slice), so it is copied in user space at
+    # most for the part that came with the header. The PDU is validated as
+    # usual when complete; on any doubt the normal path runs.
+    def _start_direct(self, s: int, hlen: int, dlen: int, avail: int) -> bool:
         mv = self.mv
         if self.header_digest:
-            hend = s + P.BHS_LEN + ahs_len
+            hend = s + P.BHS_LEN
             if P.digest_bytes(mv[s:hend]) != self.buf[hend:hend + P.DIGEST_LEN]:
                 return False               # the normal path reports it once the PDU is in
         bhs = bytes(mv[s:s + P.BHS_LEN])
-        dest = self.session.data_out_destination(bhs, dlen)
+        dest = self.session.payload_destination(bhs, dlen)
         if dest is None:
             return False
         have = avail - hlen

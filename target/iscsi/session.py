@@ -161,7 +161,7 @@ class Session(DataPathMixin, TaskManagementMixin):
                                 self.window.exp_cmdsn, self.window.max_cmdsn)
                 return
         if op == P.OP_SCSI_CMD:
-            action = self._prepare_scsi(pdu)
+            action = self._prepare_scsi(pdu, placed)
         elif op == P.OP_NOP_OUT:
             data = bytes(pdu.data[:self.params.initiator_mrdsl])
             action = lambda counted: self._nop(pdu, data, counted)     # noqa: E731
