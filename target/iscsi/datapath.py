@@ -46,11 +46,11 @@ def write_buffer(nbytes: int) -> bytearray | mmap.mmap:
 
 class DataPathMixin:
     # -- SCSI commands ---------------------------------------------------------
-    def _prepare_scsi(self, pdu: P.Pdu, placed: bool = False) -> Callable[[bool], None]:
+    def _prepare_scsi(self, pdu: P.Pdu, placed: bool = False) -> Task | None:
         """Check and admit a SCSI Command PDU (``placed``: its immediate data
         was received into the buffer _immediate_destination gave); returns
-        what delivers it when its CmdSN comes up (or a no-op if it was
-        rejected)."""
+        its task, to deliver when its CmdSN comes up, or None if it was
+        rejected."""
         itt = pdu.itt
         cdb = bytes(pdu.bhs[32:48])
         if pdu.ahs:
@@ -60,24 +60,24 @@ class DataPathMixin:
                         cdb = cdb + spec[1:]
             except P.PduError:
                 self.reject(pdu.bhs, P.REJECT_INVALID_PDU_FIELD)
-                return self._noop
+                return None
         if itt == P.ALL_ONES or itt in self.tasks:
             self.reject(pdu.bhs, P.REJECT_TASK_IN_PROGRESS if itt in self.tasks
                         else P.REJECT_INVALID_PDU_FIELD)
-            return self._noop
+            return None
         task = Task(self, pdu, cdb)
         dlen = len(pdu.data)
         prm = self.params
         if dlen and not task.write:
             self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
-            return self._noop
+            return None
         if dlen and not prm.immediate_data:
             self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
-            return self._noop
+            return None
         if task.write:
             if dlen > task.edtl or dlen > prm.first_burst_length:
                 self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
-                return self._noop
+                return None
             if task.edtl > self.server.max_cmd_data:
                 task.error_sense = SENSE_INVALID_FIELD_CDB
             task.received = dlen
@@ -107,8 +107,7 @@ class DataPathMixin:
             self.idle.clear()          # set only while no task is in (see _retire, _finish)
         self.tasks[itt] = task
         self.commands += 1
-
-        return task.deliver
+        return task
 
     def _deliver(self, task: Task, counted: bool) -> None:
         """The command's turn has come (CmdSN order): run it."""
@@ -534,9 +533,11 @@ class DataPathMixin:
                 # asked for in one Data-In that carries the status, its
                 # header packed in one go with its length
                 conn = self.conn
-                bhs = P.pack_bhs(P.OP_DATA_IN, P.FLAG_FINAL | P.DATAIN_STATUS, 0, rsp.status, b"",
-                                 task.itt, P.ALL_ONES, conn.next_statsn(), self.window.exp_cmdsn,
-                                 self.window.max_cmdsn, 0, 0, 0, dlen=n)
+                window = self.window
+                # (n <= single_data_in: within DataSegmentLength's 24 bits)
+                bhs = P.BHS_WORDS.pack(P.OP_DATA_IN, P.FLAG_FINAL | P.DATAIN_STATUS, 0, rsp.status, n,
+                                       P.ZERO_LUN, task.itt, P.ALL_ONES, conn.next_statsn(),
+                                       window.exp_cmdsn, window.max_cmdsn, 0, 0, 0)
                 conn.write_buffers([bhs, raw] if not n & 3 else [bhs, raw, P.padding(n)], n)
                 self.bytes_out += n
                 return
