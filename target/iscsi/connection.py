@@ -415,27 +415,19 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def send(self, bhs: bytearray, data=b"") -> None:
         if self.closing or self.transport is None:
             return
-        self.pdus_out += 1
-        self._wbuf += P.encode(bhs, data, header_digest=self.header_digest,
-                               data_digest=self.data_digest)
-        self._wbytes += 48 + len(data)
-        self._schedule_flush()
+        self.write_buffers(P.encode(bhs, data, header_digest=self.header_digest,
+                                    data_digest=self.data_digest), 48 + len(data))
 
     def write_buffers(self, buffers: list, nbytes: int) -> None:
+        """Queue one PDU's buffers (encoded, digests included)."""
         if self.closing or self.transport is None:
             return
         self.pdus_out += 1
         self._wbuf += buffers
         self._wbytes += nbytes
-        if not self._flush_scheduled:          # _schedule_flush, inline: once per command
-            self._flush_scheduled = True
-            if not self._receiving:
-                self.loop.call_soon(self.flush)
-
-    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            if not self._receiving:
+            if not self._receiving:          # (else _parse_guarded flushes at its end)
                 self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
