@@ -63,6 +63,12 @@ class WriteBuffers:
             return free.pop()
         return bytearray(n)
 
+    def take_idle(self, n: int) -> bytearray | None:
+        """An idle buffer of ``n`` bytes, or None: never a new one (for a
+        buffer needed before any budget is charged for it)."""
+        free = self._free.get(n)
+        return self.take(n) if free else None
+
     def give(self, buf: object) -> None:
         """Keep ``buf`` (the caller drops its reference) for a later take()
         of its size, if it is a bytearray no view of which is alive and it

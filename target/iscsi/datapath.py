@@ -198,15 +198,19 @@ class DataPathMixin:
         return None
 
     def _immediate_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
-        """A write command's immediate data goes to the start of a pooled
-        buffer as big as all its data, which the command then takes as its
-        own (_admit_write) rather than copying it there."""
+        """A write command's immediate data goes to the start of an idle
+        pooled buffer as big as all its data, which the command then takes
+        as its own (_admit_write) rather than copying it there. Only an idle
+        one: nothing is charged for it yet (the command is not even whole),
+        so a peer that never completes the PDU holds no memory that was not
+        held already."""
         edtl = int.from_bytes(bhs[20:24], "big")
         if ((bhs[1] & (P.FLAG_READ | P.FLAG_WRITE)) != P.FLAG_WRITE or self.discovery
                 or not self.params.immediate_data or dlen > self.params.first_burst_length
                 or not dlen <= edtl <= EAGER_WRITE or edtl > self.server.max_cmd_data):
             return None
-        return memoryview(self.server.buffers.take(edtl))[:dlen]
+        buf = self.server.buffers.take_idle(edtl)
+        return None if buf is None else memoryview(buf)[:dlen]
 
     def _data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
         """Where the payload of this Data-Out belongs, if it plainly continues

@@ -26,6 +26,14 @@ def test_a_buffer_comes_back_only_when_no_view_of_it_is_alive():
     assert len(buf) == MiB                   # the probe left it as it was
 
 
+def test_take_idle_never_allocates():
+    pool = WriteBuffers(8 * MiB)
+    assert pool.take_idle(MiB) is None
+    buf = pool.take(MiB)
+    pool.give(buf)
+    assert pool.take_idle(MiB) is buf and pool.take_idle(MiB) is None
+
+
 def test_the_pool_is_bounded_and_keeps_no_small_or_foreign_buffers():
     pool = WriteBuffers(3 * MiB)
     pool.give(bytearray(POOL_MIN - 1))
@@ -83,12 +91,13 @@ def test_immediate_data_is_received_in_place_into_the_writes_buffer():
                                 header_digest="CRC32C", data_digest="CRC32C")
             conn = next(iter(srv.connections))
             for n in range(4):
-                data = os.urandom(MiB - 512 * n)           # odd sizes: padding
+                data = os.urandom(MiB - 512)               # (padding on the last Data-Out)
                 await i.write(0, 4096 * n, data)
                 assert fake.luns_map[0].data[4096 * n * 512:4096 * n * 512 + len(data)] == data
-            # each command's 256 KiB of immediate data and each 256 KiB Data-Out
-            # arrived in pieces (MIN_BUFFER per read) and went in place
-            assert conn.direct_pdus >= 4 * 4
-            assert len(conn.buf) <= 64 * 1024            # the receive buffer never grew
+            # each 256 KiB Data-Out arrived in pieces (MIN_BUFFER per read) and
+            # went in place; so did the 256 KiB of immediate data of every
+            # command that found the previous one's buffer idle in the pool
+            assert conn.direct_pdus >= 4 * 3 + 3
+            assert srv.buffers.reused >= 3
             await i.close()
     run(main())
