@@ -81,11 +81,6 @@ class MemoryBudget:
         sb.used += n
         self.used += n
 
-    def _give(self, sb: "SessionBudget", n: int) -> None:
-        sb.used -= n
-        self.used -= n
-        self._grant_waiters()
-
     def _grant_waiters(self) -> None:
         if not self._waiters:
             return
@@ -182,8 +177,12 @@ class SessionBudget:
 
     def give(self, n: int) -> None:
         if n and not self.closed:
-            self.progress_at = self.server.clock()
-            self.server._give(self, n)
+            srv = self.server
+            self.progress_at = srv.clock()
+            self.used -= n             # _give, inline: once per command
+            srv.used -= n
+            if srv._waiters:
+                srv._grant_waiters()
 
     def close(self) -> None:
         """The session is gone: all it held goes back, its waiters are dropped."""

@@ -83,6 +83,16 @@ class CmdWindow:
             return verdict, []
         return verdict, list(self.accept(cmdsn, item))
 
+    def take_next(self, cmdsn: int) -> bool:
+        """``classify`` and ``accept`` at once for the common case: ``cmdsn``
+        is ExpCmdSN, nothing is held back and the window is open; then it
+        is in flight (True). Else nothing changed (False)."""
+        if cmdsn != self.exp_cmdsn or self._pending or (self.max_cmdsn - cmdsn) % MOD >= HALF:
+            return False
+        self.exp_cmdsn = (cmdsn + 1) % MOD
+        self.inflight += 1
+        return True
+
     def accept(self, cmdsn: int, item: Any) -> list[Any] | tuple[Any]:
         """``submit`` for a command ``classify`` found OK: the items now
         deliverable, in CmdSN order."""

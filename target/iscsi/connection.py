@@ -34,6 +34,7 @@ MAX_WRITE_BACKLOG = 1 << 30    # unsent bytes beyond this: the peer is not readi
 # read its answers, so a client that never reads cannot make us produce more.
 INPUT_PAUSE_BYTES = 256 * 1024
 DIRECT_MIN = 16 * 1024       # Data-Out payloads at least this big are received in place
+BHS_LEN, DIGEST_LEN = P.BHS_LEN, P.DIGEST_LEN     # (read per PDU)
 
 
 class _Direct:
@@ -74,7 +75,8 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self._fd = -1                # socket fd for gather writes (plain selector transports only)
         self._direct: _Direct | None = None
         self._wbytes = 0
-        self._flush_scheduled = False
+        self._flush_scheduled = False     # output corked: a flush is due
+        self._receiving = False           # in _parse_guarded, which flushes at its end
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.t_start = loop.time()
@@ -116,7 +118,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
             return d.dest[d.have:]           # the kernel writes straight into the command buffer
         if self.end >= len(self.buf):
             self._compact()
-        return self.mv[self.end:]
+        # at most MIN_BUFFER per read, even into a grown buffer: a big payload
+        # behind the headers read is received in place (_start_direct), not
+        # here and copied
+        return self.mv[self.end:self.end + MIN_BUFFER]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_rx = self.loop.time()
@@ -132,7 +137,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
 
     def _parse_guarded(self) -> None:
         """Parse what is buffered; a protocol violation or a bug ends this
-        connection only, never the server."""
+        connection only, never the server. The answers of the commands it
+        completes go out at the end, with one write: not on the next turn
+        of the event loop, which would take one more turn per batch."""
+        self._receiving = True
         try:
             self._parse()
         except ProtocolViolation as e:
@@ -140,6 +148,10 @@ class IscsiConnection(asyncio.BufferedProtocol):
         except Exception:
             log.exception("connection %s: internal error while handling a PDU", self.peer)
             self.abort("internal error")
+        finally:
+            self._receiving = False
+        if self._flush_scheduled:
+            self.flush()
 
     def eof_received(self):
         log.debug("connection %s: EOF", self.peer)
@@ -230,6 +242,11 @@ class IscsiConnection(asyncio.BufferedProtocol):
 
     def _parse(self) -> None:
         buf = self.buf
+        mv = self.mv
+        # what login settles, read once per call (refreshed after a login PDU)
+        hd, dd, max_recv = self.header_digest, self.data_digest, self.max_recv
+        hd_len = DIGEST_LEN if hd else 0
+        Pdu = P.Pdu
         while not self.closing and not self._reading_paused:
             if self._direct is not None:
                 if not self._finish_direct():
@@ -237,40 +254,38 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 continue
             s = self.start
             avail = self.end - s
-            if avail < P.BHS_LEN:
+            if avail < BHS_LEN:
                 break
             ahs_len = buf[s + 4] * 4
             dlen = (buf[s + 5] << 16) | (buf[s + 6] << 8) | buf[s + 7]
-            hlen = P.BHS_LEN + ahs_len + (P.DIGEST_LEN if self.header_digest else 0)
-            if dlen > self.max_recv:
+            hlen = BHS_LEN + ahs_len + hd_len
+            if dlen > max_recv:
                 self.protocol_error(f"data segment of {dlen} bytes > MaxRecvDataSegmentLength "
-                                    f"{self.max_recv}", bytes(self.mv[s:s + P.BHS_LEN]))
+                                    f"{max_recv}", bytes(mv[s:s + BHS_LEN]))
                 return
-            dtotal = dlen + ((-dlen) & 3) + (P.DIGEST_LEN if self.data_digest and dlen else 0)
+            dtotal = dlen + ((-dlen) & 3) + (DIGEST_LEN if dd and dlen else 0)
             total = hlen + dtotal
-            mv = self.mv
             if avail < total:
-                if (dlen >= DIRECT_MIN and avail >= hlen and avail - hlen < dlen
-                        and (buf[s] & 0x3F) == P.OP_DATA_OUT and self.session is not None
-                        and self._start_direct(s, hlen, ahs_len, dlen, avail)):
+                if (dlen >= DIRECT_MIN and avail >= hlen and avail - hlen < dlen and not ahs_len
+                        and self.session is not None
+                        and self._start_direct(s, hlen, dlen, avail)):
                     continue
                 self._ensure_capacity(total)
-                buf = self.buf
                 break
-            if self.header_digest:
-                hend = s + P.BHS_LEN + ahs_len
-                if P.digest_bytes(mv[s:hend]) != buf[hend:hend + P.DIGEST_LEN]:
+            if hd:
+                hend = s + BHS_LEN + ahs_len
+                if P.digest_bytes(mv[s:hend]) != buf[hend:hend + DIGEST_LEN]:
                     ratelog.warning("digest", "connection %s: header digest error, dropping connection",
                                     self.peer)
                     self.abort("header digest error")
                     return
-            bhs = bytes(mv[s:s + P.BHS_LEN])
-            ahs = bytes(mv[s + P.BHS_LEN:s + P.BHS_LEN + ahs_len]) if ahs_len else b""
+            bhs = bytes(mv[s:s + BHS_LEN])
+            ahs = bytes(mv[s + BHS_LEN:s + BHS_LEN + ahs_len]) if ahs_len else b""
             d0 = s + hlen
             data = mv[d0:d0 + dlen] if dlen else b""
-            if self.data_digest and dlen:
+            if dd and dlen:
                 pend = d0 + dlen + ((-dlen) & 3)
-                if P.digest_bytes(mv[d0:pend]) != buf[pend:pend + P.DIGEST_LEN]:
+                if P.digest_bytes(mv[d0:pend]) != buf[pend:pend + DIGEST_LEN]:
                     self.start = s + total
                     ratelog.warning("digest", "connection %s: data digest error", self.peer)
                     if self.session is not None:
@@ -280,31 +295,39 @@ class IscsiConnection(asyncio.BufferedProtocol):
                     return
             self.start = s + total
             self.pdus_in += 1
+            session = self.session
             try:
-                if self.session is not None:
-                    self.session.handle(P.Pdu(bhs, ahs, data))
+                if session is not None:
+                    session.handle(Pdu(bhs, ahs, data))
                 else:
-                    self._login_pdu(P.Pdu(bhs, ahs, data))
+                    self._login_pdu(Pdu(bhs, ahs, data))
+                    hd, dd, max_recv = self.header_digest, self.data_digest, self.max_recv
+                    hd_len = DIGEST_LEN if hd else 0
             except ProtocolViolation as e:
                 self.protocol_error(str(e), bhs)     # Reject with the offending header, then close
                 return
-            buf = self.buf
         if self.start == self.end:
             self.start = self.end = 0
+            if len(self.buf) > MIN_BUFFER:
+                # grown for one big PDU (a NOP or text payload, Data-Out of
+                # no command): idle connections keep a small buffer
+                self.buf = bytearray(MIN_BUFFER)
+                self.mv = memoryview(self.buf)
 
-    # -- direct placement of large Data-Out payloads ------------------------------
-    # Once the header of a big Data-Out is in, the rest of its payload is read
-    # by the kernel straight into the write command's buffer (get_buffer hands
-    # out that slice), so the payload is never copied in user space. The PDU
-    # is validated as usual when complete; on any doubt the normal path runs.
-    def _start_direct(self, s: int, hlen: int, ahs_len: int, dlen: int, avail: int) -> bool:
+    # -- direct placement of large payloads -----------------------------------------
+    # Once the header of a big Data-Out or write command is in, the rest of
+    # its payload is read by the kernel straight into the write's buffer
+    # (get_buffer hands out that slice), so it is copied in user space at
+    # most for the part that came with the header. The PDU is validated as
+    # usual when complete; on any doubt the normal path runs.
+    def _start_direct(self, s: int, hlen: int, dlen: int, avail: int) -> bool:
         mv = self.mv
         if self.header_digest:
-            hend = s + P.BHS_LEN + ahs_len
+            hend = s + P.BHS_LEN
             if P.digest_bytes(mv[s:hend]) != self.buf[hend:hend + P.DIGEST_LEN]:
                 return False               # the normal path reports it once the PDU is in
         bhs = bytes(mv[s:s + P.BHS_LEN])
-        dest = self.session.data_out_destination(bhs, dlen)
+        dest = self.session.payload_destination(bhs, dlen)
         if dest is None:
             return False
         have = avail - hlen
@@ -392,24 +415,20 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def send(self, bhs: bytearray, data=b"") -> None:
         if self.closing or self.transport is None:
             return
-        self.pdus_out += 1
-        self._wbuf += P.encode(bhs, data, header_digest=self.header_digest,
-                               data_digest=self.data_digest)
-        self._wbytes += 48 + len(data)
-        self._schedule_flush()
+        self.write_buffers(P.encode(bhs, data, header_digest=self.header_digest,
+                                    data_digest=self.data_digest), 48 + len(data))
 
     def write_buffers(self, buffers: list, nbytes: int) -> None:
+        """Queue one PDU's buffers (encoded, digests included)."""
         if self.closing or self.transport is None:
             return
         self.pdus_out += 1
         self._wbuf += buffers
         self._wbytes += nbytes
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
+            if not self._receiving:          # (else _parse_guarded flushes at its end)
+                self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False

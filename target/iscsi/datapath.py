@@ -15,6 +15,7 @@ from .. import eager
 from ..logsafe import RateLimitedLog
 from . import pdu as P
 from .budget import COMMAND_COST, SMALL_WRITE
+from .buffers import POOL_MIN
 from .residual import residual_count
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
                    SENSE_INTERNAL_FAILURE, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_TTT,
@@ -45,9 +46,11 @@ def write_buffer(nbytes: int) -> bytearray | mmap.mmap:
 
 class DataPathMixin:
     # -- SCSI commands ---------------------------------------------------------
-    def _prepare_scsi(self, pdu: P.Pdu) -> Callable[[bool], None]:
-        """Check and admit a SCSI Command PDU; returns what delivers it
-        when its CmdSN comes up (or a no-op if it was rejected)."""
+    def _prepare_scsi(self, pdu: P.Pdu, placed: bool = False) -> Task | None:
+        """Check and admit a SCSI Command PDU (``placed``: its immediate data
+        was received into the buffer _immediate_destination gave); returns
+        its task, to deliver when its CmdSN comes up, or None if it was
+        rejected."""
         itt = pdu.itt
         cdb = bytes(pdu.bhs[32:48])
         if pdu.ahs:
@@ -57,24 +60,24 @@ class DataPathMixin:
                         cdb = cdb + spec[1:]
             except P.PduError:
                 self.reject(pdu.bhs, P.REJECT_INVALID_PDU_FIELD)
-                return self._noop
+                return None
         if itt == P.ALL_ONES or itt in self.tasks:
             self.reject(pdu.bhs, P.REJECT_TASK_IN_PROGRESS if itt in self.tasks
                         else P.REJECT_INVALID_PDU_FIELD)
-            return self._noop
+            return None
         task = Task(self, pdu, cdb)
         dlen = len(pdu.data)
         prm = self.params
         if dlen and not task.write:
             self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
-            return self._noop
+            return None
         if dlen and not prm.immediate_data:
             self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
-            return self._noop
+            return None
         if task.write:
             if dlen > task.edtl or dlen > prm.first_burst_length:
                 self.reject(pdu.bhs, P.REJECT_PROTOCOL_ERROR)
-                return self._noop
+                return None
             if task.edtl > self.server.max_cmd_data:
                 task.error_sense = SENSE_INVALID_FIELD_CDB
             task.received = dlen
@@ -93,7 +96,7 @@ class DataPathMixin:
         if pdu.immediate and self.immediate_inflight >= IMMEDIATE_LIMIT:
             self._refuse(task, TASK_SET_FULL)
         elif task.write and task.error_sense is None:
-            self._admit_write(task, pdu.data)
+            self._admit_write(task, pdu.data, placed)
         elif self.budget.try_take(COMMAND_COST):
             task.charged = COMMAND_COST
         else:
@@ -104,8 +107,7 @@ class DataPathMixin:
             self.idle.clear()          # set only while no task is in (see _retire, _finish)
         self.tasks[itt] = task
         self.commands += 1
-
-        return task.deliver
+        return task
 
     def _deliver(self, task: Task, counted: bool) -> None:
         """The command's turn has come (CmdSN order): run it."""
@@ -125,20 +127,26 @@ class DataPathMixin:
             # system call, a real share of a command that waits (RBD).
             task.aio = eager.start(self._run(task), self.conn.loop)
 
-    def _admit_write(self, task: Task, immediate: memoryview) -> None:
+    def _admit_write(self, task: Task, immediate: memoryview, placed: bool) -> None:
         """Charge a write and give it its buffer. All of its data if that
-        fits and it is not huge (the buffer is allocated at once); else what
-        is on its way anyway (immediate and unsolicited data: a big buffer
-        is then a lazy mapping, and the rest is charged before its R2Ts go
-        out, see _run); else the command is refused."""
+        fits and it is not huge (the buffer is allocated at once, or is the
+        one its immediate data was ``placed`` in); else what is on its way
+        anyway (immediate and unsolicited data: a big buffer is then a lazy
+        mapping, and the rest is charged before its R2Ts go out, see _run);
+        else the command is refused."""
         edtl = task.edtl
         budget = self.budget
         if edtl <= EAGER_WRITE and budget.try_take(COMMAND_COST + edtl):
             task.charged, task.paid_to = COMMAND_COST + edtl, edtl
-            if len(immediate) == edtl:
+            if placed:
+                task.buf = immediate.obj        # the pooled buffer of _immediate_destination
+                return
+            if edtl < POOL_MIN and len(immediate) == edtl:
                 task.buf = bytearray(immediate)      # all of it came with the command
                 return
-            task.buf = bytearray(edtl)
+            # Data-Out (or the immediate data, below) fills every byte of it
+            # before the write executes
+            task.buf = self.server.buffers.take(edtl)
         else:
             part = edtl if edtl <= SMALL_WRITE else task.unsol_end
             if not budget.try_take(COMMAND_COST + part):
@@ -178,11 +186,35 @@ class DataPathMixin:
             return
         await fut
 
-    def data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
-        """Where the payload of this (not yet complete) Data-Out belongs, if it
-        plainly continues one of the task's data sequences; else None."""
-        if (bhs[0] & 0x3F) != P.OP_DATA_OUT:
+    def payload_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
+        """Where the payload of this (not yet complete) PDU is to be received
+        (``handle(pdu, placed=True)`` follows when it is in); None: in the
+        connection's buffer, as usual."""
+        op = bhs[0] & 0x3F
+        if op == P.OP_DATA_OUT:
+            return self._data_out_destination(bhs, dlen)
+        if op == P.OP_SCSI_CMD:
+            return self._immediate_destination(bhs, dlen)
+        return None
+
+    def _immediate_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
+        """A write command's immediate data goes to the start of an idle
+        pooled buffer as big as all its data, which the command then takes
+        as its own (_admit_write) rather than copying it there. Only an idle
+        one: nothing is charged for it yet (the command is not even whole),
+        so a peer that never completes the PDU holds no memory that was not
+        held already."""
+        edtl = int.from_bytes(bhs[20:24], "big")
+        if ((bhs[1] & (P.FLAG_READ | P.FLAG_WRITE)) != P.FLAG_WRITE or self.discovery
+                or not self.params.immediate_data or dlen > self.params.first_burst_length
+                or not dlen <= edtl <= EAGER_WRITE or edtl > self.server.max_cmd_data):
             return None
+        buf = self.server.buffers.take_idle(edtl)
+        return None if buf is None else memoryview(buf)[:dlen]
+
+    def _data_out_destination(self, bhs: bytes, dlen: int) -> memoryview | None:
+        """Where the payload of this Data-Out belongs, if it plainly continues
+        one of the task's data sequences; else None."""
         itt, ttt = int.from_bytes(bhs[16:20], "big"), int.from_bytes(bhs[20:24], "big")
         off = int.from_bytes(bhs[40:44], "big")
         task = self.tasks.get(itt)
@@ -477,7 +509,10 @@ class DataPathMixin:
             for ttt in task.r2ts:
                 self.ttts.pop(ttt, None)
             task.r2ts.clear()
-        task.buf = None
+        buf = task.buf
+        if buf is not None:
+            task.buf = None
+            self.server.buffers.give(buf)      # unless something still uses it (buffers)
         if not self.tasks:
             self.idle.set()
 
@@ -502,9 +537,11 @@ class DataPathMixin:
                 # asked for in one Data-In that carries the status, its
                 # header packed in one go with its length
                 conn = self.conn
-                bhs = P.pack_bhs(P.OP_DATA_IN, P.FLAG_FINAL | P.DATAIN_STATUS, 0, rsp.status, b"",
-                                 task.itt, P.ALL_ONES, conn.next_statsn(), self.window.exp_cmdsn,
-                                 self.window.max_cmdsn, 0, 0, 0, dlen=n)
+                window = self.window
+                # (n <= single_data_in: within DataSegmentLength's 24 bits)
+                bhs = P.BHS_WORDS.pack(P.OP_DATA_IN, P.FLAG_FINAL | P.DATAIN_STATUS, 0, rsp.status, n,
+                                       P.ZERO_LUN, task.itt, P.ALL_ONES, conn.next_statsn(),
+                                       window.exp_cmdsn, window.max_cmdsn, 0, 0, 0)
                 conn.write_buffers([bhs, raw] if not n & 3 else [bhs, raw, P.padding(n)], n)
                 self.bytes_out += n
                 return

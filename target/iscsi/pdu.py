@@ -341,8 +341,10 @@ def build_bhs(opcode: int, flags: int = 0, *, immediate: bool = False, b2: int =
     return bhs
 
 
-_BHS48 = struct.Struct(">BBBBI8s8I")
-_ZERO_LUN = bytes(8)
+# a whole BHS without AHS: opcode, flags, bytes 2-3, TotalAHSLength (0) and
+# DataSegmentLength as one word, LUN, ITT and the eight words at 20..44
+BHS_WORDS = struct.Struct(">BBBBI8s8I")
+ZERO_LUN = bytes(8)
 
 
 def pack_bhs(opcode: int, flags: int, b2: int, b3: int, lun: bytes, itt: int, f20: int = 0,
@@ -354,7 +356,7 @@ def pack_bhs(opcode: int, flags: int, b2: int, b3: int, lun: bytes, itt: int, f2
     if dlen > MAX_DSL:
         raise ValueError("data segment too long")
     # bytes 4..7: TotalAHSLength (0) and the 24-bit DataSegmentLength, as one word
-    return bytearray(_BHS48.pack(opcode, flags, b2, b3, dlen, lun or _ZERO_LUN, itt, f20, f24, f28,
+    return bytearray(BHS_WORDS.pack(opcode, flags, b2, b3, dlen, lun or ZERO_LUN, itt, f20, f24, f28,
                                  f32, f36, f40, f44))
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 from ..logsafe import NAME_CLIP, RateLimitedLog, clip
 from .admission import LoginThrottle, SourceLimits, source_of
 from .budget import DEFAULT_MEMORY_LIMIT, MemoryBudget
+from .buffers import POOL_SHARE, WriteBuffers
 from .chap import ChallengeRegistry
 from .connection import IscsiConnection
 from .login import LoginMachine
@@ -104,6 +105,9 @@ class IscsiServer:
         self.login_timeout = login_timeout
         self.memory = MemoryBudget(memory_limit)
         self.max_cmd_data = min(max_cmd_data, self.memory.max_command_data)
+        # idle command data buffers kept for reuse: out of the three quarters
+        # of the memory limit that the data budget leaves to the rest
+        self.buffers = WriteBuffers(memory_limit // POOL_SHARE)
         self.output_timeout = output_timeout     # drop a peer that has not read our output for this long
         self.max_sessions = max_sessions
         self.max_connections = max_connections

@@ -136,6 +136,16 @@ class Session(DataPathMixin, TaskManagementMixin):
     # -- dispatch ----------------------------------------------------------------
     def handle(self, pdu: P.Pdu, placed: bool = False) -> None:
         op = pdu.opcode
+        if (op == P.OP_SCSI_CMD and not pdu.immediate and not self.discovery
+                and not self.logging_out and self.window.take_next(pdu.cmdsn)):
+            # the common case first: the next command in CmdSN order, which
+            # runs now (what the general path below comes to for it)
+            task = self._prepare_scsi(pdu, placed)
+            if task is None:
+                self._noop(True)
+            else:
+                self._deliver(task, True)
+            return
         if op == P.OP_DATA_OUT:
             self._data_out(pdu, placed)
             return
@@ -161,7 +171,8 @@ class Session(DataPathMixin, TaskManagementMixin):
                                 self.window.exp_cmdsn, self.window.max_cmdsn)
                 return
         if op == P.OP_SCSI_CMD:
-            action = self._prepare_scsi(pdu)
+            task = self._prepare_scsi(pdu, placed)
+            action = self._noop if task is None else task.deliver
         elif op == P.OP_NOP_OUT:
             data = bytes(pdu.data[:self.params.initiator_mrdsl])
             action = lambda counted: self._nop(pdu, data, counted)     # noqa: E731

@@ -61,8 +61,9 @@ class Task:
     def __init__(self, session: "Session", pdu: P.Pdu, cdb: bytes) -> None:
         self.session = session
         self.itt = pdu.itt
-        self.raw_lun = pdu.raw_lun
-        self.lun = pdu.lun
+        raw_lun = self.raw_lun = pdu.raw_lun
+        # peripheral addressing of LUN < 256, the usual one, decoded inline
+        self.lun = raw_lun[1] if raw_lun[0] == 0 else P.decode_lun(raw_lun)
         self.cdb = cdb
         self.edtl = pdu.ttt              # bytes 20..23 of a SCSI Command: its EDTL
         flags = pdu.flags

@@ -11,9 +11,9 @@
 # Both LUNs are filled with data first, so reads hit real blocks. Prints a
 # table and ratios (ours/tgtd); the last line is one JSON object. Goals
 # (reported, not asserted): >= 0.5 for 4 KiB, >= 0.8 for 1 MiB.
-# Per-command CPU of each target during the 4 KiB random reads (process CPU
-# seconds from /proc, all threads, / commands completed) is reported beside
-# them: it is what the target costs the machine, whatever the initiator gets.
+# Per-command CPU of each target in every test (process CPU seconds from
+# /proc, all threads, / commands completed) is reported beside them: it is
+# what the target costs the machine, whatever the initiator gets.
 #
 # Env: ROUNDS (2), SECS (iscsi-perf seconds per run, 6), SIZE_MB (1024),
 #      RAND_WRITES (4K writes per run, 60000), PYSPY_OUT (file: profile the
@@ -117,30 +117,35 @@ perf() {   # URL BLOCKS(512 B) RANDOM(0/1) TARGET-PID
        /iops average/ { for (i = 1; i <= NF; i++) if ($i == "average") { iops = $(i+1); mb = $(i+2) } }
        END { gsub(/\(/, "", mb); printf "%d %d %.1f\n", iops, mb, (iops > 0 ? c / tick / (iops * secs) * 1e6 : 0) }' <<<"$out"
 }
-qbench() {   # URL SIZE COUNT STEP [extra]
-  local out
+qbench() {   # URL SIZE COUNT STEP TARGET-PID
+  local out c0 c1
+  c0=$(cpu_ticks "$5")
   out=$(timeout 120 qemu-img bench -f raw -t none -w -c "$3" -d 32 -s "$2" -S "$4" \
         --pattern=0x5a "$1" 2>&1) || { echo "qemu-img bench failed on $1: $out" >&2; return 1; }
+  c1=$(cpu_ticks "$5")
   local secs; secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out")
   local bytes; bytes=$(numfmt --from=iec "${2^^}")
-  awk -v n="$3" -v s="$secs" -v b="$bytes" 'BEGIN { printf "%d %d\n", n / s, n * b / s / 1048576 }'
+  awk -v n="$3" -v s="$secs" -v b="$bytes" -v c="$((c1 - c0))" -v tick="$TICK" \
+      'BEGIN { printf "%d %d %.1f\n", n / s, n * b / s / 1048576, c / tick / n * 1e6 }'
 }
 
 ONE_MB_COUNT=$SIZE_MB
 echo "filling both LUNs (${SIZE_MB} MiB each) ..." >&2
-qbench "$TGT" 1M "$ONE_MB_COUNT" 1M >/dev/null
-qbench "$OURS" 1M "$ONE_MB_COUNT" 1M >/dev/null
+qbench "$TGT" 1M "$ONE_MB_COUNT" 1M "$TPID" >/dev/null
+qbench "$OURS" 1M "$ONE_MB_COUNT" 1M "$DPID" >/dev/null
 
 declare -A SUM CNT
 add() { SUM[$1]=$(awk -v a="${SUM[$1]:-0}" -v b="$2" 'BEGIN { print a + b }'); CNT[$1]=$(( ${CNT[$1]:-0} + 1 )); }
+record() {   # TARGET-LABEL TEST "<IOPS> <MB/s> <CPU us/command>"
+  local v=$3
+  add "$1.$2" "${v%% *}"; v=${v#* }; add "$1.$2.mb" "${v%% *}"; add "$1.$2.cpu_us" "${v#* }"
+}
 run_one() {   # TARGET-LABEL URL PID
   local l=$1 u=$2 v
-  v=$(perf "$u" 8 1 "$3");                              add "$l.rand4k_read" "${v%% *}"; v=${v#* }
-  add "$l.rand4k_read.mb" "${v% *}";                    add "$l.rand4k_read.cpu_us" "${v#* }"
-  v=$(qbench "$u" 4k "$RAND_WRITES" "$STRIDE");         add "$l.rand4k_write" "${v% *}"; add "$l.rand4k_write.mb" "${v#* }"
-  v=$(perf "$u" 2048 0 "$3");                           add "$l.seq1m_read" "${v%% *}";  v=${v#* }
-  add "$l.seq1m_read.mb" "${v% *}"
-  v=$(qbench "$u" 1M "$ONE_MB_COUNT" 1M);               add "$l.seq1m_write" "${v% *}";  add "$l.seq1m_write.mb" "${v#* }"
+  v=$(perf "$u" 8 1 "$3");                              record "$l" rand4k_read "$v"
+  v=$(qbench "$u" 4k "$RAND_WRITES" "$STRIDE" "$3");    record "$l" rand4k_write "$v"
+  v=$(perf "$u" 2048 0 "$3");                           record "$l" seq1m_read "$v"
+  v=$(qbench "$u" 1M "$ONE_MB_COUNT" 1M "$3");          record "$l" seq1m_write "$v"
   echo "  round $r $l done" >&2
 }
 for r in $(seq "$ROUNDS"); do
@@ -152,15 +157,19 @@ avg() { awk -v s="${SUM[$1]}" -v n="${CNT[$1]}" 'BEGIN { printf "%.0f", s / n }'
 avg1() { awk -v s="${SUM[$1]}" -v n="${CNT[$1]}" 'BEGIN { printf "%.1f", s / n }'; }
 ratio() { awk -v a="$(avg "ours.$1")" -v b="$(avg "tgtd.$1")" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }'; }
 
-printf '\n%-14s %12s %10s %12s %10s %8s %6s\n' test "tgtd IOPS" "tgtd MB/s" "ours IOPS" "ours MB/s" ratio goal
+printf '\n%-14s %10s %9s %8s %10s %9s %8s %7s %6s\n' test "tgtd IOPS" "tgtd MB/s" "tgtd us" \
+  "ours IOPS" "ours MB/s" "ours us" ratio goal
 for k in rand4k_read rand4k_write seq1m_read seq1m_write; do
   goal=0.5; [[ $k == seq1m* ]] && goal=0.8
-  printf '%-14s %12s %10s %12s %10s %8s %6s\n' "$k" "$(avg tgtd.$k)" "$(avg tgtd.$k.mb)" \
-    "$(avg ours.$k)" "$(avg ours.$k.mb)" "$(ratio $k)" ">=$goal"
+  printf '%-14s %10s %9s %8s %10s %9s %8s %7s %6s\n' "$k" "$(avg tgtd.$k)" "$(avg tgtd.$k.mb)" \
+    "$(avg1 tgtd.$k.cpu_us)" "$(avg ours.$k)" "$(avg ours.$k.mb)" "$(avg1 ours.$k.cpu_us)" \
+    "$(ratio $k)" ">=$goal"
 done
-printf 'rand4k_read CPU per command: tgtd %s us, ours %s us\n' \
-  "$(avg1 tgtd.rand4k_read.cpu_us)" "$(avg1 ours.rand4k_read.cpu_us)"
+echo "(us: the target process's CPU time per command, all threads, user + system)"
 echo "(mean of $ROUNDS interleaved rounds; 512 B blocks; 32 in flight; ${SIZE_MB} MiB LUNs)"
-printf '{"rand4k_read_ratio": %s, "rand4k_write_ratio": %s, "seq1m_read_ratio": %s, "seq1m_write_ratio": %s, "rand4k_read_cpu_us_ours": %s, "rand4k_read_cpu_us_tgtd": %s}\n' \
-  "$(ratio rand4k_read)" "$(ratio rand4k_write)" "$(ratio seq1m_read)" "$(ratio seq1m_write)" \
-  "$(avg1 ours.rand4k_read.cpu_us)" "$(avg1 tgtd.rand4k_read.cpu_us)"
+json=""
+for k in rand4k_read rand4k_write seq1m_read seq1m_write; do
+  json+="\"${k}_ratio\": $(ratio $k), \"${k}_cpu_us_ours\": $(avg1 ours.$k.cpu_us), "
+  json+="\"${k}_cpu_us_tgtd\": $(avg1 tgtd.$k.cpu_us), "
+done
+printf '{%s}\n' "${json%, }"

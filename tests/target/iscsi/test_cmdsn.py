@@ -86,3 +86,22 @@ def test_window_model(start, depth, data):
         w.complete()
     assert w.max_cmdsn == (start + n + depth - 1) % (1 << 32)
     assert not sn_lt(w.max_cmdsn, before)
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.integers(0, (1 << 32) - 1), depth=st.integers(1, 8), data=st.data())
+def test_take_next_is_submit_for_the_next_command(start, depth, data):
+    """The receive path's shortcut (take_next, else submit) moves the window
+    exactly as submit alone does, whatever the arrivals and completions."""
+    short, plain = CmdWindow(start, queue_depth=depth), CmdWindow(start, queue_depth=depth)
+    for _ in range(data.draw(st.integers(1, 40))):
+        if data.draw(st.booleans()) and plain.inflight:
+            short.complete()
+            plain.complete()
+            continue
+        sn = (short.exp_cmdsn + data.draw(st.integers(-2, depth + 1))) % (1 << 32)
+        taken = short.take_next(sn)
+        got = [sn] if taken else short.submit(sn, sn)[1]
+        assert got == plain.submit(sn, sn)[1]
+        assert (short.exp_cmdsn, short.inflight, short.max_cmdsn) == \
+            (plain.exp_cmdsn, plain.inflight, plain.max_cmdsn)

@@ -1,10 +1,13 @@
-"""Connection internals: gather-write remainder handling, receive buffer."""
+"""Connection internals: gather-write remainder handling, receive buffer,
+when answers are written."""
 from __future__ import annotations
 
 import asyncio
 import os
+import struct
 
 from target.iscsi import connection as C
+from target.iscsi import pdu as P
 
 from .fake_scsi import FakeScsiTarget, MemLun
 from .test_live import logged_in, run, serving
@@ -42,3 +45,30 @@ def test_huge_read_through_partial_writes():
             assert got[0] == pattern and got[1] == pattern[:1 << 20]
             await i.close()
     run(main(), timeout=120)
+
+
+def test_answers_of_commands_done_in_the_receive_path_go_out_in_one_write_before_it_returns():
+    """A batch of reads that complete while they are parsed is answered with
+    one write at the end of that same receive: not a turn of the event loop
+    later (one more loop turn, epoll_wait included, per batch)."""
+    async def main():
+        async with serving() as (srv, fake):
+            i = await logged_in(srv)
+            conn = next(iter(srv.connections))
+            writes: list[list] = []
+            conn._fd = -1                                    # through transport.writelines
+            conn.transport.writelines = lambda bufs: writes.append(list(bufs))
+            batch = bytearray()
+            for k in range(8):
+                bhs = P.build_bhs(P.OP_SCSI_CMD, P.FLAG_FINAL | P.FLAG_READ | 1, lun=0,
+                                  itt=0x100 + k, fields={20: 4096, 24: i.cmdsn + k, 28: 0},
+                                  raw={32: struct.pack(">BBIBHB", 0x28, 0, 8 * k, 0, 8, 0)})
+                batch += bhs
+            dest = conn.get_buffer(len(batch))
+            dest[:len(batch)] = batch
+            conn.buffer_updated(len(batch))
+            assert len(writes) == 1
+            heads = [bytes(b) for b in writes[0] if len(b) == P.BHS_LEN]
+            assert [h[0] for h in heads] == [P.OP_DATA_IN] * 8 and all(h[1] & P.DATAIN_STATUS for h in heads)
+            await i.close()
+    run(main())
