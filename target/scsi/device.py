@@ -90,6 +90,20 @@ class ScsiDevice:
     def read_only(self) -> bool:
         return self.options.read_only or self.lunio.access_state().access is Access.READ_ONLY
 
+    def direct_ok(self, nexus: Nexus) -> bool:
+        """Whether this nexus's plain READ/WRITEs need no check here beyond
+        their own CDB fields right now (a transport that answers them itself
+        asks): no unit attention to report, no reservation, writable with the
+        write cache on, no COMPARE AND WRITE holding a range, and no LunIO
+        change for dispatch to notice first. The LunIO's own say is its
+        direct lease."""
+        lunio = self.lunio
+        return (not self.ua.pending(nexus.key) and nexus.key in self.ua.nexuses()
+                and self.pr.holder is None and not self.pr.registrations
+                and self.pr.spc2_holder is None and not self.options.read_only
+                and self.mode.write_cache and not self.range_lock.exclusive_pending
+                and lunio.generation == self._generation and lunio.size == self._size)
+
     # -- transport-facing ----------------------------------------------------------
     def submit(self, cmd: ScsiCommand) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
         """Run one command along one path: the CDB decoded once, the checks

@@ -1,0 +1,9 @@
+"""Only the native part of the build; the project metadata is in setup.cfg."""
+from setuptools import Extension, setup
+
+setup(ext_modules=[
+    # The TCMU ring loop in a native thread (target/tcmu/native/nativering.c;
+    # why a CPython extension and not cffi/ctypes: see setup.cfg).
+    Extension("target.tcmu._nativering", ["target/tcmu/native/nativering.c"],
+              extra_compile_args=["-O2", "-Wall"]),
+])
