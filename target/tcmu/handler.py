@@ -160,6 +160,10 @@ class TcmuHandler:
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.device_factory is TcmuDevice and not NATIVE_AVAILABLE:
+            log.warning("the native TCMU ring loop was not built (install gcc, libc6-dev and "
+                        "python3-dev, then reinstall): serving rings in Python, at a fraction "
+                        "of the IOPS")
         if self.use_netlink:
             try:
                 self._nl = TcmuNetlink()
