@@ -59,9 +59,6 @@ class NativeRingView:
     def out_of_order(self) -> int:
         return self.native.stats()["out_of_order"]
 
-    def in_flight(self) -> int:
-        return self.native.in_flight()
-
     def complete(self, req: Request, status: int, sense: bytes = b"", *,
                  read_len: int | None = None, unknown_op: bool = False) -> None:
         self.native.complete(req.slot, req.cmd_id, status, bytes(sense),

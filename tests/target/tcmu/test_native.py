@@ -263,7 +263,7 @@ def test_concurrent_mix_of_native_and_python_commands(tmp_path, ooo):
                     assert c.status == CHECK_CONDITION and c.sense[12] == 0x21
                 else:
                     assert c.status == GOOD, (kind, c)
-        assert not want and k.tail == k.head
+        assert not want and k.tail == k.head and dev.native.in_flight() == 0
         st = dev.native.stats()
         assert st["handed"] >= 3 * 20
         await dev.close()
