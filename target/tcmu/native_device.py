@@ -9,7 +9,7 @@ the native ring (one owner of the ring state: its lock).
 The routing decision is published, not re-made: the LU is direct while this
 device holds the LunIO's :class:`~restore_core.direct.DirectLease` and the
 SCSI device says its READ/WRITEs need no check beyond their CDB
-(``ScsiDevice.direct_ok``). Both are re-checked after every batch Python runs
+(``ScsiDevice.direct_refusal``). Both are re-checked after every batch Python runs
 and every ``ROUTE_CHECK_S``; when either turns False the native side is told
 first (``set_direct(-1)`` returns once no direct command runs) and then the
 lease is released, so a state change behind the gate never overlaps a
@@ -74,6 +74,7 @@ class NativeTcmuDevice(TcmuDevice):
         self.ring = NativeRingView(self.native, mv)
         self._mv = mv
         self._lease: DirectLease | None = None
+        self._route: str | None = "not checked yet"
         self._writes_seen = 0
         self._loop.add_reader(self.native.handoff_fd, self._on_handoff)
         self._watching = True
@@ -127,21 +128,26 @@ class NativeTcmuDevice(TcmuDevice):
         """Publish the LU direct when its LunIO and SCSI device both allow it;
         take it back as soon as either does not."""
         dev = self._scsi_device()
-        ok = dev is not None and dev.direct_ok(self.nexus)
+        why = "no ScsiDevice" if dev is None else dev.direct_refusal(self.nexus)
         lease = self._lease
         if lease is not None:
-            if ok and lease.valid():
+            if why is None and lease.valid():
                 return
             self._revoke()
-        if not ok or self.gone or self._closed:
+            self._note_route(why or "the LunIO's lease ended")
+        if why is not None or self.gone or self._closed:
+            self._note_route(why or "device stopped")
             return
         get = getattr(dev.lunio, "direct_lease", None)
         lease = get() if get is not None else None
         if lease is None:
+            self._note_route("the LunIO routes I/O through work")
             return
         if not isinstance(lease.store, FileBlockStore) or lease.store.size < dev.num_blocks * dev.block_size:
             lease.release()             # only a file's descriptor serves preadv/pwritev as is
+            self._note_route("not a file store")
             return
+        self._note_route("direct")
         self._lease = lease
         # a descriptor of our own: the store closing its fd (a volume deleted
         # under a backstore) cannot make ours name another file before the
@@ -149,6 +155,13 @@ class NativeTcmuDevice(TcmuDevice):
         self._direct_fd = os.dup(lease.store.fd)
         self.native.set_direct(self._direct_fd, dev.block_size, dev.num_blocks,
                                dev.limits.max_transfer)
+
+    def _note_route(self, why: str | None) -> None:
+        """One debug line per change of route (and why), not per check."""
+        if why != self._route:
+            self._route = why
+            log.debug("%s: READ/WRITE route: %s", self.name, why)
+            self.stats["route"] = why
 
     def _revoke(self) -> None:
         if self._lease is None:

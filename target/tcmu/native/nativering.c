@@ -25,6 +25,7 @@
  * The layout is target_core_user.h's (see abi.py for the offsets and why
  * req.cdb_off sits at 24 and req.iov[] at 48).
  */
+#define _GNU_SOURCE             /* preadv2, RWF_NOWAIT */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -108,6 +109,8 @@ typedef struct {
 
     pthread_mutex_t direct_mu;    /* held while a direct command runs */
     int store_fd;                 /* -1: nothing is direct */
+    int nowait;                   /* reads try RWF_NOWAIT */
+    uint64_t would_block;         /* reads handed over because they would wait */
     uint32_t block_size;
     uint64_t num_blocks, max_blocks;
 
@@ -402,7 +405,11 @@ static int direct_kind(NativeRing *r, const fetched *f, uint64_t *offset, uint64
     return write;
 }
 
-/* Do it: 1 when done, 0 when it failed (Python redoes it and reports). */
+/* Do it: 1 when done, 0 when not (Python does it, and reports an error).
+ * Reads ask RWF_NOWAIT: this one thread runs the commands one after the
+ * other, so a read that would wait for the disk goes to Python, whose
+ * threads keep several such reads in flight (a filesystem without
+ * RWF_NOWAIT gets plain reads: r->nowait turns 0). */
 static int direct_io(NativeRing *r, const fetched *f, int write, uint64_t offset, uint64_t bytes) {
     struct iovec iov[MAX_DIRECT_IOVS];
     uint32_t n = f->n_iov;
@@ -412,9 +419,19 @@ static int direct_io(NativeRing *r, const fetched *f, int write, uint64_t offset
     }
     ssize_t got;
     do {
-        got = write ? pwritev(r->store_fd, iov, (int)n, (off_t)offset)
-                    : preadv(r->store_fd, iov, (int)n, (off_t)offset);
+        if (write)
+            got = pwritev(r->store_fd, iov, (int)n, (off_t)offset);
+        else if (r->nowait) {
+            got = preadv2(r->store_fd, iov, (int)n, (off_t)offset, RWF_NOWAIT);
+            if (got < 0 && (errno == EOPNOTSUPP || errno == EINVAL)) {
+                r->nowait = 0;
+                errno = EINTR;          /* once more, plainly */
+            }
+        } else
+            got = preadv(r->store_fd, iov, (int)n, (off_t)offset);
     } while (got < 0 && errno == EINTR);
+    if (got < 0 && errno == EAGAIN)
+        __atomic_fetch_add(&r->would_block, 1, __ATOMIC_RELAXED);
     return got == (ssize_t)bytes;
 }
 
@@ -663,6 +680,8 @@ static PyObject *NR_set_direct(NativeRing *r, PyObject *args) {
      * setting once this returns */
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&r->direct_mu);
+    if (fd != r->store_fd)
+        r->nowait = 1;              /* another file: try again */
     r->store_fd = fd;
     r->block_size = bs;
     r->num_blocks = blocks;
@@ -749,7 +768,8 @@ static PyObject *kind_dict(const kind_stats *k, int n_bounds) {
 static PyObject *NR_stats(NativeRing *r, PyObject *unused) {
     pthread_mutex_lock(&r->q_mu);
     PyObject *out = Py_BuildValue(
-        "{sKsKsKsKsKsKsssi}", "handed", (unsigned long long)r->handed_n,
+        "{sKsKsKsKsKsKsKsssi}", "handed", (unsigned long long)r->handed_n,
+        "would_block", (unsigned long long)r->would_block,
         "wakeups", (unsigned long long)r->wakeups, "notifies", (unsigned long long)r->notifies,
         "tmr", (unsigned long long)r->tmr, "writes_done", (unsigned long long)r->writes_done,
         "out_of_order", (unsigned long long)r->out_of_order, "error", r->error, "gone", r->gone);

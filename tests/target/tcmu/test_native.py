@@ -4,6 +4,7 @@ real file stores."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 
 import pytest
@@ -93,6 +94,29 @@ def test_reads_and_writes_of_a_direct_lu_are_answered_by_the_native_loop(tmp_pat
         lu = target.device(0).stats                           # the LU's metrics count them
         assert (lu.commands[0], lu.commands[1]) == (2, 2)
         assert (lu.bytes[0], lu.bytes[1]) == (5120, 5120)
+        store.close()
+        k.close()
+    run(main())
+
+
+def test_a_read_that_would_wait_for_the_disk_goes_to_python(tmp_path):
+    """The native thread runs commands one at a time: a read missing the page
+    cache (RWF_NOWAIT says it would block) goes to Python's threads instead
+    of holding up every command behind it."""
+    async def main():
+        store, target = file_lu(tmp_path)
+        data = os.urandom(8 * BS)
+        os.pwrite(store.fd, data, 40 * BS)
+        os.fsync(store.fd)
+        os.posix_fadvise(store.fd, 0, 0, os.POSIX_FADV_DONTNEED)   # clean pages leave the cache
+        k = FakeKernel()
+        dev = await serve(k, target)
+        await direct_on(k, dev)
+        n0, b0 = handed(dev), dev.native.stats()["would_block"]
+        c = await one(k, rw10(0x28, 40, 8), data_in=8 * BS)
+        assert (c.status, c.data_in) == (GOOD, data)
+        assert (handed(dev) - n0, dev.native.stats()["would_block"] - b0) == (1, 1)
+        await dev.close()
         store.close()
         k.close()
     run(main())
