@@ -146,7 +146,7 @@ def test_ring_model(ops, ooo, ring_size):
     check_model(PythonModel, ops, ooo, ring_size)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(ops=ops, ooo=st.booleans(), ring_size=st.sampled_from([512, 1000, 2048]))
 def test_native_ring_model(ops, ooo, ring_size):
     check_model(NativeModel, ops, ooo, ring_size)
