@@ -6,6 +6,7 @@ No pair, no tracking: for tests, the stand-alone transports
 from __future__ import annotations
 
 from .blockstore import BlockStore, BlockStoreError
+from .direct import DirectLease
 from .lunio import READ_WRITE, Access, AccessState, ReadWork, WriteProtectedError, WriteWork
 from .store_errors import host_error
 
@@ -32,6 +33,10 @@ class PlainLunIO:
             return await self.store.read(offset, length)
         except BlockStoreError as e:
             raise host_error(e) from e
+
+    def direct_lease(self) -> DirectLease | None:
+        """Every read and non-FUA write goes straight to the store, unless read-only."""
+        return None if self.read_only else DirectLease(self.store, lambda: not self.read_only)
 
     def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
         if self.store.try_readinto(offset, into):

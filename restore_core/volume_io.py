@@ -27,6 +27,7 @@ from typing import Awaitable, Callable, Mapping
 
 from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
+from .direct import DirectLease
 from .extentmap import extents_of, whole_extents_of
 from .lunio import (READ_WRITE, Access, AccessState, LunIO, MediumError, NotReadyError,
                     ReadWork, WriteProtectedError, WriteWork)
@@ -161,6 +162,27 @@ class VolumeIO(LunIO):
     def try_write(self, offset: int, bufs: list) -> bool:
         data = memoryview(bufs[0]) if len(bufs) == 1 else memoryview(b"".join(bufs))
         return _done(self.route_write(offset, data, False))
+
+    def direct_lease(self) -> DirectLease | None:
+        """Leave to serve every host read and non-FUA write of this LU straight
+        from its store from outside the loop, while it stays what route_read /
+        route_write decide for any range; None when they would not."""
+        vol = self.vol
+        if not self._whole_lu_direct() or not vol.gate.try_enter():
+            return None
+        store = vol.store
+        return DirectLease(store, lambda: vol.store is store and self._serves(vol)
+                           and self._whole_lu_direct(), vol.gate.leave)
+
+    def _serves(self, vol: VolumeRuntime) -> bool:
+        """The volume is still the engine's (not removed)."""
+        return self.volumes.get(vol.name, vol) is vol
+
+    def _whole_lu_direct(self) -> bool:
+        """No pair tracks this volume and nothing blocks the direct path: any
+        range's read or non-FUA write goes straight to the store."""
+        vol = self.vol
+        return vol.as_clone is None and not vol.as_source and not self._direct_blocked()
 
     def _direct_blocked(self) -> bool:
         """A state change is under way or the LU cannot serve I/O: the work

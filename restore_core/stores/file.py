@@ -431,6 +431,11 @@ class FileBlockStore(BlockStore):
             raise BlockStoreError(f"{self.name}: write error at {offset}: {e}", offset) from e
         self._written += 1
 
+    def note_written(self, count: int) -> None:
+        """``count`` writes were made on our descriptor by someone else (the
+        native TCMU ring loop): the next flush must cover them."""
+        self._written += count
+
     async def flush(self) -> None:
         """Group flush: one fdatasync covers every write completed before it
         starts, so concurrent durable writes share it instead of queueing

@@ -90,6 +90,29 @@ class ScsiDevice:
     def read_only(self) -> bool:
         return self.options.read_only or self.lunio.access_state().access is Access.READ_ONLY
 
+    def direct_refusal(self, nexus: Nexus) -> str | None:
+        """Why this nexus's plain READ/WRITEs need a check here beyond their
+        own CDB fields right now, or None when they do not (a transport that
+        answers them itself asks): a unit attention to report, a reservation,
+        read-only, the write cache off, a COMPARE AND WRITE holding a range,
+        or a LunIO change for dispatch to notice first. The LunIO's own say
+        is its direct lease."""
+        key = nexus.key
+        lunio = self.lunio
+        if key not in self.ua.nexuses() or self.ua.pending(key):
+            return "unit attention"
+        if self.pr.holder is not None or self.pr.registrations or self.pr.spc2_holder is not None:
+            return "reservation"
+        if self.options.read_only:
+            return "read-only"
+        if not self.mode.write_cache:
+            return "write cache off"
+        if self.range_lock.exclusive_pending:
+            return "COMPARE AND WRITE"
+        if lunio.generation != self._generation or lunio.size != self._size:
+            return "LU changed"
+        return None
+
     # -- transport-facing ----------------------------------------------------------
     def submit(self, cmd: ScsiCommand) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:
         """Run one command along one path: the CDB decoded once, the checks

@@ -23,6 +23,12 @@ device opened gets ``action/reset_ring = 1`` first: commands a previous
 handler left uncompleted are answered BUSY by the kernel and retried by the
 initiator. The kernel fails commands that stay on the ring longer than the
 backstore's ``cmd_time_out`` (30 s by default), so a restart must be quicker.
+
+Each device's ring runs in a native thread when the install built
+``target.tcmu._nativering`` (setup.py): it answers the READ/WRITEs of an LU
+whose route goes straight to a file store itself and hands every other
+command to the Python path (native_device.py); else the Python ring loop
+(device.py) serves every command.
 """
 from .device import TcmuDevice
 from .handler import TcmuHandler, as_scsi_target, scan_uio

@@ -98,11 +98,15 @@ class TcmuDevice:
                 log.warning("%s: ring holds uncompleted entries of an earlier handler "
                             "(cmd_tail %d, cmd_head %d): resetting", self.name, tail, head)
             self._reset_ring()
+        self._submit = submitter(self.target)
+        self._serve()
+
+    def _serve(self) -> None:
+        """Run the ring: fetch on every doorbell, starting with whatever is
+        already on it (no interrupt may come for that)."""
         self.ring = Ring(self.buf, ooo=self._ooo)
         self._mv = self.ring.mv
-        self._submit = submitter(self.target)
         self._loop.add_reader(self.fd, self._on_doorbell)
-        # whatever is already on the ring (no interrupt may come for it)
         self._process()
 
     async def close(self, drain: float = 0.0) -> None:
@@ -112,8 +116,7 @@ class TcmuDevice:
         next opener resets the ring, the kernel answers them BUSY)."""
         if self._closed:
             return
-        if self._loop is not None and self.fd is not None and not self.gone:
-            self._loop.remove_reader(self.fd)
+        self._stop_fetching()
         self.gone = True                       # no more fetching
         if drain > 0 and self._tasks:
             await asyncio.wait(list(self._tasks), timeout=drain)
@@ -126,7 +129,7 @@ class TcmuDevice:
         self._mv = None
         if self.ring is not None:
             self.stats["out_of_order"] = self.ring.out_of_order
-            self.ring.mv.release()
+            self._release_ring()
             self.ring = None
         if self._own_fd:
             if isinstance(self.buf, mmap.mmap):
@@ -137,6 +140,13 @@ class TcmuDevice:
             if self.fd is not None:
                 os.close(self.fd)
         self.fd = None
+
+    def _stop_fetching(self) -> None:
+        if self._loop is not None and self.fd is not None and not self.gone:
+            self._loop.remove_reader(self.fd)
+
+    def _release_ring(self) -> None:
+        self.ring.mv.release()
 
     # -- kernel -> us --------------------------------------------------------------
     def _on_doorbell(self) -> None:
@@ -170,6 +180,9 @@ class TcmuDevice:
         for tmr in self.ring.tmr:
             log.info("%s: TMR %d for cmd ids %s", self.name, tmr.tmr_type, tmr.cmd_ids)
         self.ring.tmr.clear()
+        self._run_batch(reqs)
+
+    def _run_batch(self, reqs: list[Request]) -> None:
         self.stats["commands"] += len(reqs)
         # One kick for the whole batch, right after it: the commands done at
         # once and the PAD/TMR entries passed (a later loop iteration would

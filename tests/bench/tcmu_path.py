@@ -10,9 +10,17 @@ run, to a bare loop that moves the same bytes between the ring and the file
 with preadv/pwritev and completes the entries (the floor: what any Python
 handler pays for the ring and the syscalls).
 
-Prints IOPS of both and, last, one JSON object:
+The same load also goes to the native ring loop (target/tcmu/native_device.py: a C
+thread answers the READ/WRITEs the LU's route sends straight to the store).
+
+Prints IOPS of all three and, last, one JSON object:
   path_vs_floor_read / _write   our IOPS / the floor's (higher is better)
   us_per_cmd_read / _write      our CPU microseconds per command
+  native_vs_floor_read / _write the native loop's IOPS / the floor's
+  native_us_per_cmd_read / _write
+                                CPU microseconds per command of the native
+                                loop's thread (the fake kernel's Python, in
+                                the main thread, is left out)
   bytecodes_per_cmd_read / _write, py_calls_per_cmd_read / _write
                                 Python bytecodes and calls per command of our
                                 stack (loop included), counted, not timed:
@@ -46,6 +54,7 @@ from target.scsi import ScsiDevice  # noqa: E402
 from target.scsi.api import GOOD  # noqa: E402
 from target.tcmu.device import TcmuDevice  # noqa: E402
 from target.tcmu.handler import identity_for  # noqa: E402
+from target.tcmu.native_device import NativeTcmuDevice  # noqa: E402
 from target.tcmu.ring import Ring  # noqa: E402
 from tests.target.tcmu.fake_kernel import FakeKernel  # noqa: E402
 
@@ -76,7 +85,7 @@ class Load:
     async def run(self) -> tuple[float, float]:
         for i in range(self.depth):
             self.submit(i == self.depth - 1)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
         end = t0 + self.secs
         while True:
             await self.k.wait_doorbell(10)
@@ -91,6 +100,7 @@ class Load:
             for i in range(len(got)):
                 self.submit(i == len(got) - 1)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        others = cpu - (time.thread_time() - m0)     # threads but this one (the native loop's)
         # let what is still in flight finish before the device goes away
         left = self.depth - 0
         for _ in range(100):
@@ -99,7 +109,7 @@ class Load:
             await self.k.wait_doorbell(10)
             self.k.reap()
         del left
-        return self.done / wall, cpu / max(self.done, 1) * 1e6
+        return self.done / wall, cpu / max(self.done, 1) * 1e6, others / max(self.done, 1) * 1e6
 
 
 class FloorDevice:
@@ -137,7 +147,7 @@ class FloorDevice:
 
 
 async def one(kind: str, write: bool, path: str, depth: int, secs: float,
-              prof: cProfile.Profile | None) -> tuple[float, float]:
+              prof: cProfile.Profile | None) -> tuple[float, float, float]:
     k = FakeKernel(cmdr_size=1 << 20, data_size=16 << 20)
     try:
         if kind == "floor":
@@ -153,7 +163,8 @@ async def one(kind: str, write: bool, path: str, depth: int, secs: float,
         vio = eng.add_volume("bench", store)
         await eng.start()
         sdev = ScsiDevice(vio, identity_for("bench"), block_size=512)
-        tdev = TcmuDevice("bench", sdev, fd=k.user_sock.fileno(), buf=k.map)
+        cls = NativeTcmuDevice if kind == "native" else TcmuDevice
+        tdev = cls("bench", sdev, fd=k.user_sock.fileno(), buf=k.map)
         tdev.open()
         try:
             if prof is not None:
@@ -239,17 +250,17 @@ def main() -> int:
         with open(path, "wb") as f:          # allocated, so reads hit data
             for _ in range(SIZE >> 20):
                 f.write(os.urandom(1 << 20))
-        res: dict[str, list[tuple[float, float]]] = {}
+        res: dict[str, list[tuple[float, float, float]]] = {}
         for r in range(a.rounds):
             for write in (False, True):
-                for kind in ("ours", "floor") if r % 2 == 0 else ("floor", "ours"):
+                kinds = ("ours", "floor", "native")
+                for kind in kinds if r % 2 == 0 else kinds[::-1]:
                     key = f"{kind}_{'write' if write else 'read'}"
                     v = asyncio.run(one(kind, write, path, a.depth, a.secs, prof))
                     res.setdefault(key, []).append(v)
                     print(f"round {r} {key:12s} {v[0]:9.0f} IOPS {v[1]:7.1f} us CPU/cmd", flush=True)
         counts = {rw: asyncio.run(count_per_command(path, rw == "write", a.depth)) for rw in ("read", "write")}
-    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
-           for k, v in res.items()}
+    med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in res.items()}
     if prof is not None:
         prof.dump_stats(a.profile)
     out = {}
@@ -257,6 +268,8 @@ def main() -> int:
         out[f"path_vs_floor_{rw}"] = round(med[f"ours_{rw}"][0] / med[f"floor_{rw}"][0], 3)
         out[f"us_per_cmd_{rw}"] = round(med[f"ours_{rw}"][1], 1)
         out[f"floor_us_per_cmd_{rw}"] = round(med[f"floor_{rw}"][1], 1)
+        out[f"native_vs_floor_{rw}"] = round(med[f"native_{rw}"][0] / med[f"floor_{rw}"][0], 3)
+        out[f"native_us_per_cmd_{rw}"] = round(med[f"native_{rw}"][2], 2)
         out[f"bytecodes_per_cmd_{rw}"] = round(counts[rw][0])
         out[f"py_calls_per_cmd_{rw}"] = round(counts[rw][1], 1)
     print(json.dumps(out))
