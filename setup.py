@@ -2,10 +2,10 @@
 from setuptools import Extension, setup
 
 setup(ext_modules=[
-    # The TCMU ring loop in a native thread (target/tcmu/native/nativering.c;
+    # The TCMU ring loop in a native thread (target/tcmu/_nativering.c;
     # why a CPython extension and not cffi/ctypes: see setup.cfg).
     # optional: without a compiler the install still works and the handler
     # runs the Python ring loop (it logs a warning saying so)
-    Extension("target.tcmu._nativering", ["target/tcmu/native/nativering.c"],
+    Extension("target.tcmu._nativering", ["target/tcmu/_nativering.c"],
               extra_compile_args=["-O2", "-Wall"], optional=True),
 ])

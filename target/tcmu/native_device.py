@@ -1,4 +1,4 @@
-"""A TCMU device whose ring a native thread runs (native/nativering.c).
+"""A TCMU device whose ring a native thread runs (_nativering.c).
 
 The thread fetches every entry, answers the READ/WRITEs the routing
 decision sends straight to a file store by itself (preadv/pwritev, GIL
