@@ -3,6 +3,7 @@ rules, the exclusive lock, and fencing."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 
 import pytest
@@ -10,6 +11,7 @@ import rbd
 
 from restore_core.blockstore import BlockStoreError
 from restore_core.stores import open_store
+from restore_core.stores.librbd import buffer_address
 from restore_core.stores.rbd import FEATURES, RbdStore
 from tests.ceph.util import create_image, read_image, take_over
 
@@ -161,3 +163,27 @@ def test_close_with_io_in_flight_releases_every_completion(ceph):
         assert all(b == b"\x5a" * MiB for b in bufs)
     asyncio.run(go())
     assert read_image(spec, 16 * MiB, 4096) == b"\xa5" * 4096
+
+
+def test_buffer_address_points_at_the_bytes_and_pins_the_buffer():
+    """librbd reads into / writes from the address while the aio is in
+    flight: it must be the buffer's own first byte (a slice's too), and what
+    is kept must keep a bytearray from being freed or moved (resized)."""
+    data = bytearray(b"0123456789" * 100)
+    view = memoryview(data)[10:20]
+    addr, keep = buffer_address(view, True)
+    ctypes.memmove(addr, b"abcdefghij", 10)                  # as librbd's read would
+    assert data[10:20] == b"abcdefghij" and data[:10] == b"0123456789"
+    del view
+    with pytest.raises(BufferError):
+        data.extend(b"x")                                    # pinned while kept
+    del keep
+    data.extend(b"x")
+    frozen = b"written as is"
+    addr, keep = buffer_address(frozen, False)
+    assert keep is frozen and ctypes.string_at(addr, len(frozen)) == frozen
+    ro = memoryview(b"read-only view")
+    addr, keep = buffer_address(ro, False)                   # a write: copied
+    assert ctypes.string_at(addr, len(ro)) == b"read-only view"
+    with pytest.raises(TypeError):
+        buffer_address(ro, True)                             # a read needs a writable buffer
