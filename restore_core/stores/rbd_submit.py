@@ -23,14 +23,14 @@ from typing import Callable
 from .librbd import Image, RbdError
 
 READ, WRITE, DISCARD, FLUSH = range(4)
-#: (op, offset, length, buffer address, token)
+#: (op, offset, length, buffer address, completion)
 Request = tuple[int, int, int, int, int]
 
 
 class Submitter:
     def __init__(self, image: Image, name: str, failed: Callable[[int, int], None]) -> None:
-        """``failed(token, errno)``: a call librbd refused at once (on this
-        thread; the callee hands it to the loop)."""
+        """``failed(completion, errno)``: a call librbd refused at once (on
+        this thread; the callee hands it to the loop, which releases it)."""
         self._image = image
         self._failed = failed
         self._queue: collections.deque[Request | None] = collections.deque()
@@ -66,16 +66,16 @@ class Submitter:
                 req = queue.popleft()
                 if req is None:
                     return
-                op, offset, length, addr, token = req
+                op, offset, length, addr, comp = req
                 try:
                     if op <= WRITE:
-                        starts[op](offset, length, addr, token)
+                        starts[op](offset, length, addr, comp)
                     elif op == DISCARD:
-                        img.aio_discard(offset, length, token)
+                        img.aio_discard(offset, length, comp)
                     else:
-                        img.aio_flush(token)
+                        img.aio_flush(comp)
                 except RbdError as e:
-                    self._failed(token, e.errno)
+                    self._failed(comp, e.errno)
             self._idle = True
             if queue:               # raced with a put that saw us busy
                 self._idle = False

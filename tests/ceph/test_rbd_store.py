@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 
 import pytest
 import rbd
 
 from restore_core.blockstore import BlockStoreError
-from restore_core.stores import open_store
+from restore_core.stores import librbd, open_store
 from restore_core.stores.librbd import buffer_address
 from restore_core.stores.rbd import FEATURES, RbdStore
 from tests.ceph.util import create_image, read_image, take_over
@@ -187,3 +188,29 @@ def test_buffer_address_points_at_the_bytes_and_pins_the_buffer():
     assert ctypes.string_at(addr, len(ro)) == b"read-only view"
     with pytest.raises(TypeError):
         buffer_address(ro, True)                             # a read needs a writable buffer
+
+
+def test_a_call_librbd_refuses_at_once_fails_and_releases_its_completion(ceph, monkeypatch):
+    """The loop makes each completion and names the call by its address; a
+    call refused at start never reaches poll, so the loop must release its
+    completion and fail the call (not hang it), and the store goes on."""
+    spec = ceph.spec()
+    s = open_store(spec, 4 * MiB, create=True)
+    api = librbd._api
+    real_read, real_release = api.aio_read2, librbd.release_completion
+    released: list[int] = []
+    monkeypatch.setattr(api, "aio_read2", lambda *a: -errno.EIO)
+    monkeypatch.setattr(librbd, "release_completion",
+                        lambda comp: (released.append(comp), real_release(comp)))
+
+    async def go():
+        await s.write(0, b"\x11" * 4096)
+        with pytest.raises(BlockStoreError, match="read failed: EIO"):
+            await asyncio.wait_for(s.readinto(0, memoryview(bytearray(4096))), 10)
+        assert len(released) == 1 and s._pending == {}
+        monkeypatch.setattr(api, "aio_read2", real_read)
+        buf = bytearray(4096)
+        await s.readinto(0, memoryview(buf))
+        assert buf == b"\x11" * 4096 and s.lost() is None
+    asyncio.run(go())
+    s.close()
