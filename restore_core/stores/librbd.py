@@ -96,6 +96,7 @@ class _Api:
         self.aio_create_completion = fn(rbd, "rbd_aio_create_completion", c_int, p, p, POINTER(p))
         self.aio_release = fn(rbd, "rbd_aio_release", None, p)
         self.aio_get_return_value = fn(rbd, "rbd_aio_get_return_value", c_ssize_t, p)
+        self.aio_get_arg = fn(rbd, "rbd_aio_get_arg", p, p)
         self.aio_read2 = fn(rbd, "rbd_aio_read2", c_int, p, c_uint64, c_size_t, p, p, c_int)
         self.aio_write2 = fn(rbd, "rbd_aio_write2", c_int, p, c_uint64, c_size_t, p, p, c_int)
         self.aio_discard = fn(rbd, "rbd_aio_discard", c_int, p, c_uint64, c_uint64, p)
@@ -229,36 +230,36 @@ class Image:
                "diff")
         return out
 
-    # -- aio: each call takes a completion from ``completion()``; its address
-    # comes back from ``poll`` with the result --------------------------------------
-    def completion(self) -> int:
-        """A new completion, made on the thread that polls: its address then
-        names the call until poll hands it back (and releases it), so no
-        argument needs reading back per completion."""
+    # -- aio: ``token`` (an int > 0) comes back from poll with the result -------------
+    def _completion(self, token: int) -> c_void_p:
         comp = c_void_p()
-        _check(_api.aio_create_completion(None, None, byref(comp)), "completion")
-        return comp.value or 0
+        _check(_api.aio_create_completion(token, None, byref(comp)), "completion")
+        return comp
 
-    def _start(self, r: int, what: str) -> None:
-        if r < 0:       # refused at once: the completion stays the caller's to release
+    def _start(self, r: int, comp: c_void_p, what: str) -> None:
+        if r < 0:
+            _api.aio_release(comp)
             raise RbdError(-r, what)
         self.started += 1
 
-    def aio_read(self, offset: int, length: int, address: int, comp: int) -> None:
-        self._start(_api.aio_read2(self._h, offset, length, address, comp, 0), "read")
+    def aio_read(self, offset: int, length: int, address: int, token: int) -> None:
+        comp = self._completion(token)
+        self._start(_api.aio_read2(self._h, offset, length, address, comp, 0), comp, "read")
 
-    def aio_write(self, offset: int, length: int, address: int, comp: int) -> None:
-        self._start(_api.aio_write2(self._h, offset, length, address, comp, 0), "write")
+    def aio_write(self, offset: int, length: int, address: int, token: int) -> None:
+        comp = self._completion(token)
+        self._start(_api.aio_write2(self._h, offset, length, address, comp, 0), comp, "write")
 
-    def aio_discard(self, offset: int, length: int, comp: int) -> None:
-        self._start(_api.aio_discard(self._h, offset, length, comp), "discard")
+    def aio_discard(self, offset: int, length: int, token: int) -> None:
+        comp = self._completion(token)
+        self._start(_api.aio_discard(self._h, offset, length, comp), comp, "discard")
 
-    def aio_flush(self, comp: int) -> None:
-        self._start(_api.aio_flush(self._h, comp), "flush")
+    def aio_flush(self, token: int) -> None:
+        comp = self._completion(token)
+        self._start(_api.aio_flush(self._h, comp), comp, "flush")
 
     def poll(self) -> list[tuple[int, int]]:
-        """(completion, return value) of every completion queued so far,
-        each released (its address may be reused from then on); clears
+        """(token, return value) of every completion queued so far; clears
         the eventfd first, so a completion queued meanwhile wakes it again."""
         try:
             os.eventfd_read(self.eventfd)
@@ -270,7 +271,7 @@ class Image:
             n = _api.poll_io_events(self._h, comps, POLL_BATCH)
             for i in range(n):
                 c = comps[i]
-                out.append((c, _api.aio_get_return_value(c)))
+                out.append((_api.aio_get_arg(c), _api.aio_get_return_value(c)))
                 _api.aio_release(c)
             self.taken += n
             if n < POLL_BATCH:
@@ -300,12 +301,6 @@ class Image:
             self._h = c_void_p()
             os.close(self.eventfd)
             _check(r, "close")
-
-
-def release_completion(comp: int) -> None:
-    """Release a completion whose call librbd refused (never polled)."""
-    assert _api is not None
-    _api.aio_release(comp)
 
 
 def buffer_address(buf: object, writable: bool) -> tuple[int, object]:

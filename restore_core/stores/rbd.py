@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 from typing import Callable
 
@@ -123,6 +124,7 @@ class RbdStore(BlockStore):
         self._cluster: librbd.Cluster | None = None
         self._image: librbd.Image | None = None
         self._pending: dict[int, _Pending] = {}
+        self._tokens = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None   # the one watching the eventfd
         self._submitter: Submitter | None = None
         try:
@@ -259,23 +261,17 @@ class RbdStore(BlockStore):
     def _complete(self) -> None:
         """Every completion queued since the last wake-up settles its future."""
         if self._image is not None:
-            for comp, rc in self._image.poll():
-                self._settle(comp, rc)
+            for token, rc in self._image.poll():
+                self._settle(token, rc)
 
-    def _start_failed(self, comp: int, err: int) -> None:
+    def _start_failed(self, token: int, err: int) -> None:
         """On the submitter: librbd refused a call at once."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._refused, comp, err)
+            loop.call_soon_threadsafe(self._settle, token, -err)
 
-    def _refused(self, comp: int, err: int) -> None:
-        # released on the loop, the only thread making completions: its
-        # address cannot name a newer call before this one is settled
-        librbd.release_completion(comp)
-        self._settle(comp, -err)
-
-    def _settle(self, comp: int, rc: int) -> None:
-        p = self._pending.pop(comp, None)
+    def _settle(self, token: int, rc: int) -> None:
+        p = self._pending.pop(token, None)
         if p is None or p.fut.done() or p.fut.get_loop().is_closed():
             return
         if rc < 0:
@@ -294,19 +290,15 @@ class RbdStore(BlockStore):
                                    offset)
         addr, keep = (0, None) if buf is None else librbd.buffer_address(buf, op == READ)
         loop = self._watch()
-        assert self._image is not None
-        try:
-            comp = self._image.completion()
-        except RbdError as e:
-            raise self._error(what, offset, e.errno) from None
+        token = next(self._tokens)
         fut: asyncio.Future[None] = loop.create_future()
-        pending = self._pending[comp] = _Pending(fut, what, offset, keep)
-        self._submitter.put((op, offset, length, addr, comp))
+        pending = self._pending[token] = _Pending(fut, what, offset, keep)
+        self._submitter.put((op, offset, length, addr, token))
         try:
             await fut
         except asyncio.CancelledError:
             # librbd owns the buffer until the call completes: wait for that
-            while comp in self._pending:
+            while token in self._pending:
                 pending.fut = loop.create_future()
                 try:
                     await pending.fut
@@ -395,8 +387,8 @@ class RbdStore(BlockStore):
         # aio in flight: wait for it here, so its completions are released
         # and its waiters get the real outcome (rbd_close waits for it too,
         # but leaves the completions queued for a poll that never comes)
-        for comp, rc in img.drain(DRAIN_TIMEOUT_S):
-            self._settle(comp, rc)
+        for token, rc in img.drain(DRAIN_TIMEOUT_S):
+            self._settle(token, rc)
         if img.taken < img.started:
             log.warning("%s: closed with %d I/Os still in flight after %s s", self.name,
                         img.started - img.taken, DRAIN_TIMEOUT_S)

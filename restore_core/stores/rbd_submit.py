@@ -23,14 +23,14 @@ from typing import Callable
 from .librbd import Image, RbdError
 
 READ, WRITE, DISCARD, FLUSH = range(4)
-#: (op, offset, length, buffer address, completion)
+#: (op, offset, length, buffer address, token)
 Request = tuple[int, int, int, int, int]
 
 
 class Submitter:
     def __init__(self, image: Image, name: str, failed: Callable[[int, int], None]) -> None:
-        """``failed(completion, errno)``: a call librbd refused at once (on
-        this thread; the callee hands it to the loop, which releases it)."""
+        """``failed(token, errno)``: a call librbd refused at once (on this
+        thread; the callee hands it to the loop)."""
         self._image = image
         self._failed = failed
         self._queue: collections.deque[Request | None] = collections.deque()
@@ -66,16 +66,16 @@ class Submitter:
                 req = queue.popleft()
                 if req is None:
                     return
-                op, offset, length, addr, comp = req
+                op, offset, length, addr, token = req
                 try:
                     if op <= WRITE:
-                        starts[op](offset, length, addr, comp)
+                        starts[op](offset, length, addr, token)
                     elif op == DISCARD:
-                        img.aio_discard(offset, length, comp)
+                        img.aio_discard(offset, length, token)
                     else:
-                        img.aio_flush(comp)
+                        img.aio_flush(token)
                 except RbdError as e:
-                    self._failed(comp, e.errno)
+                    self._failed(token, e.errno)
             self._idle = True
             if queue:               # raced with a put that saw us busy
                 self._idle = False
