@@ -305,15 +305,22 @@ class Image:
 
 def buffer_address(buf: object, writable: bool) -> tuple[int, object]:
     """The address of a buffer's bytes and the object that keeps it valid
-    (hold it until the aio completes). Read-only memoryviews are copied."""
+    (hold it until the aio completes). Read-only memoryviews are copied.
+
+    Once per I/O, so kept cheap: a ctypes view of the buffer's first byte
+    pins the whole buffer (it holds an export: a bytearray under it can
+    neither be freed nor resized) at half the cost of an array type of its
+    length, and bytes convert straight to their address."""
     if isinstance(buf, bytes) and not writable:
-        keep: object = buf
-        return ctypes.cast(c_char_p(buf), c_void_p).value or 0, keep
+        return ctypes.cast(buf, c_void_p).value or 0, buf
     try:
-        arr = (ctypes.c_char * len(buf)).from_buffer(buf)       # type: ignore[arg-type]
+        first = _char_from_buffer(buf)
     except TypeError:                                            # read-only
         if writable:
             raise
         copy = bytes(buf)                                        # type: ignore[call-overload]
-        return ctypes.cast(c_char_p(copy), c_void_p).value or 0, copy
-    return ctypes.addressof(arr), arr
+        return ctypes.cast(copy, c_void_p).value or 0, copy
+    return ctypes.addressof(first), first
+
+
+_char_from_buffer = ctypes.c_char.from_buffer

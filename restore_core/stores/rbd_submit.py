@@ -8,6 +8,11 @@ request and, when this thread is idle, wakes it once; this thread starts
 everything queued by then (ctypes releases the GIL around each call).
 Completions do not come back through here: librbd queues them for the
 loop's eventfd (restore_core.stores.librbd.Image.poll).
+
+Still cheaper than the loop starting each call itself with librbd's own
+queue doing the dispatch (``rbd_non_blocking_aio=true``, as fio does): 4
+KiB random reads through iSCSI at QD32, 12.0-12.5k IOPS with this thread
+vs 8.4k without it, same run, load ~5.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ Prints raw numbers and, as its last line, one JSON object:
   rbd_lu_1m_write_ratio     1 MiB sequential write MB/s, 32 in flight,
                             through iSCSI (qemu-img bench) / fio's rbd
                             engine (goal >= 0.8)
+  load_1min                 the 1-minute load average at start and end
   *_bound                   for reference, what the two ratios could be
                             if the daemon's iSCSI path and librbd's own
                             work (fio) simply added up on these cores:
@@ -191,6 +192,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             log(f"rbd bench: {tool} not found (bash .ci/install --test)")
             return 2
+    load_start = os.getloadavg()[0]     # the ratios follow the shared machine's load
     base = tempfile.mkdtemp(prefix="lr-rbd-bench-")
     cdir = os.path.join(base, "ceph")
     d = None
@@ -256,6 +258,7 @@ def main() -> int:
         "rbd_lu_4k_read_bound": round(bound(med(r["fio_4k_iops"]), med(r["file_4k_iops"])), 3),
         "rbd_lu_1m_write_bound": round(bound(med(r["fio_1m_mbs"]), med(r["file_1m_mbs"])), 3),
         "size_mib": SIZE >> 20, "rounds": ROUNDS, "restore_rounds": RESTORE_ROUNDS,
+        "load_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(result))
     return 0

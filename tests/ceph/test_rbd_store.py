@@ -3,13 +3,16 @@ rules, the exclusive lock, and fencing."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import logging
 
 import pytest
 import rbd
 
 from restore_core.blockstore import BlockStoreError
-from restore_core.stores import open_store
+from restore_core.stores import librbd, open_store
+from restore_core.stores.librbd import buffer_address
 from restore_core.stores.rbd import FEATURES, RbdStore
 from tests.ceph.util import create_image, read_image, take_over
 
@@ -161,3 +164,50 @@ def test_close_with_io_in_flight_releases_every_completion(ceph):
         assert all(b == b"\x5a" * MiB for b in bufs)
     asyncio.run(go())
     assert read_image(spec, 16 * MiB, 4096) == b"\xa5" * 4096
+
+
+def test_buffer_address_points_at_the_bytes_and_pins_the_buffer():
+    """librbd reads into / writes from the address while the aio is in
+    flight: it must be the buffer's own first byte (a slice's too), and what
+    is kept must keep a bytearray from being freed or moved (resized)."""
+    data = bytearray(b"0123456789" * 100)
+    view = memoryview(data)[10:20]
+    addr, keep = buffer_address(view, True)
+    ctypes.memmove(addr, b"abcdefghij", 10)                  # as librbd's read would
+    assert data[10:20] == b"abcdefghij" and data[:10] == b"0123456789"
+    del view
+    with pytest.raises(BufferError):
+        data.extend(b"x")                                    # pinned while kept
+    del keep
+    data.extend(b"x")
+    frozen = b"written as is"
+    addr, keep = buffer_address(frozen, False)
+    assert keep is frozen and ctypes.string_at(addr, len(frozen)) == frozen
+    ro = memoryview(b"read-only view")
+    addr, keep = buffer_address(ro, False)                   # a write: copied
+    assert ctypes.string_at(addr, len(ro)) == b"read-only view"
+    with pytest.raises(TypeError):
+        buffer_address(ro, True)                             # a read needs a writable buffer
+
+
+def test_a_call_librbd_refuses_at_once_fails_and_the_store_goes_on(ceph, monkeypatch):
+    """A call refused at start never reaches poll: the submitter hands the
+    refusal to the loop, which fails the call (not hang it), and the store
+    goes on serving."""
+    spec = ceph.spec()
+    s = open_store(spec, 4 * MiB, create=True)
+    api = librbd._api
+    real_read = api.aio_read2
+    monkeypatch.setattr(api, "aio_read2", lambda *a: -errno.EIO)
+
+    async def go():
+        await s.write(0, b"\x11" * 4096)
+        with pytest.raises(BlockStoreError, match="read failed: EIO"):
+            await asyncio.wait_for(s.readinto(0, memoryview(bytearray(4096))), 10)
+        assert s._pending == {}
+        monkeypatch.setattr(api, "aio_read2", real_read)
+        buf = bytearray(4096)
+        await s.readinto(0, memoryview(buf))
+        assert buf == b"\x11" * 4096 and s.lost() is None
+    asyncio.run(go())
+    s.close()
