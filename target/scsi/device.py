@@ -188,7 +188,9 @@ class ScsiDevice:
         return ScsiResponse(CHECK_CONDITION, sense=e.encode(self.mode.descriptor_sense))
 
     def _dispatch(self, cmd: ScsiCommand, d: Cdb) -> object:
-        """The checks, then the handler's result (or its coroutine)."""
+        """The checks, then the handler's result (or its coroutine). A check
+        that can hold for a plain READ/WRITE needs its condition in
+        direct_refusal too: the native TCMU ring loop skips these."""
         cdb, spec = d.raw, d.spec
         if not cdb:
             raise invalid_opcode()

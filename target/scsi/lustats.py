@@ -49,6 +49,16 @@ class LuStats:
         # per kind: commands per latency bucket (not cumulative), +Inf last
         self.buckets = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in KINDS]
 
+    def add(self, kind: int, commands: int, nbytes: int, seconds: float, buckets: list[int]) -> None:
+        """Counts of ``kind`` kept elsewhere (the native TCMU ring loop's, per
+        bucket of LATENCY_BUCKETS as here) folded in."""
+        self.commands[kind] += commands
+        self.bytes[kind] += nbytes
+        self.seconds[kind] += seconds
+        row = self.buckets[kind]
+        for i, n in enumerate(buckets):
+            row[i] += n
+
     def record(self, d: Cdb, cmd: ScsiCommand, resp: ScsiResponse, seconds: float) -> None:
         k = _KIND_BY_SPEC.get(id(d.spec), OTHER)
         self.commands[k] += 1

@@ -186,15 +186,9 @@ class NativeTcmuDevice(TcmuDevice):
         dev = self._scsi_device()
         if dev is None:
             return
-        lu = dev.stats
         for kind, k in ((READ, reads), (WRITE, writes)):
             if k["commands"]:
-                lu.commands[kind] += k["commands"]
-                lu.bytes[kind] += k["bytes"]
-                lu.seconds[kind] += k["seconds"]
-                row = lu.buckets[kind]
-                for i, n in enumerate(k["buckets"]):
-                    row[i] += n
+                dev.stats.add(kind, k["commands"], k["bytes"], k["seconds"], k["buckets"])
 
     # -- lifecycle -----------------------------------------------------------------
     def _unwatch(self) -> None:
