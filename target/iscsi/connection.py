@@ -415,11 +415,13 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def send(self, bhs: bytearray, data=b"") -> None:
         if self.closing or self.transport is None:
             return
-        self.write_buffers(P.encode(bhs, data, header_digest=self.header_digest,
-                                    data_digest=self.data_digest), 48 + len(data))
+        bufs = P.encode(bhs, data, header_digest=self.header_digest, data_digest=self.data_digest)
+        self.write_buffers(bufs, P.wire_len(bufs))
 
     def write_buffers(self, buffers: list, nbytes: int) -> None:
-        """Queue one PDU's buffers (encoded, digests included)."""
+        """Queue one PDU's buffers (encoded, digests included); ``nbytes``
+        is exactly their length in bytes (P.wire_len): flush() takes a
+        writev that wrote that many as having written all of them."""
         if self.closing or self.transport is None:
             return
         self.pdus_out += 1
@@ -434,13 +436,14 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         if self._wbuf:
             buf, self._wbuf = self._wbuf, []
-            self._wbytes = 0
+            nbytes, self._wbytes = self._wbytes, 0
             t = self.transport
             if t is not None and not t.is_closing():
                 if self._fd >= 0 and t.get_write_buffer_size() == 0:
-                    buf = self._writev(buf)
-                if buf:
-                    t.writelines(buf)
+                    buf = self._writev(buf, nbytes)
+                    if not buf:
+                        return         # all written: the transport's queue is still empty
+                t.writelines(buf)
                 if t.get_write_buffer_size() > INPUT_PAUSE_BYTES:
                     self._pause_reading()
                 if t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
@@ -450,17 +453,21 @@ class IscsiConnection(asyncio.BufferedProtocol):
                                 self.peer, t.get_write_buffer_size())
                     self.abort("write backlog")
 
-    def _writev(self, buf: list) -> list:
+    def _writev(self, buf: list, nbytes: int) -> list:
         """Gather-write straight from the PDU buffers (headers and memoryview
         payloads) with one writev: no join copy. Only called while the
         transport has nothing queued, so ordering is kept; what the socket
-        does not take is returned for the transport to queue."""
+        does not take is returned for the transport to queue. ``nbytes``:
+        the buffers' exact total (the usual outcome, all of it sent, is
+        known without walking them)."""
         try:
-            sent = os.writev(self._fd, buf[:IOV_MAX])
+            sent = os.writev(self._fd, buf if len(buf) <= IOV_MAX else buf[:IOV_MAX])
         except (BlockingIOError, InterruptedError):
             return buf
         except OSError:
             return buf             # let the transport see (and report) the error
+        if sent == nbytes:
+            return []
         if sent == 0:
             return buf
         for i, b in enumerate(buf):

@@ -542,7 +542,10 @@ class DataPathMixin:
                 bhs = P.BHS_WORDS.pack(P.OP_DATA_IN, P.FLAG_FINAL | P.DATAIN_STATUS, 0, rsp.status, n,
                                        P.ZERO_LUN, task.itt, P.ALL_ONES, conn.next_statsn(),
                                        window.exp_cmdsn, window.max_cmdsn, 0, 0, 0)
-                conn.write_buffers([bhs, raw] if not n & 3 else [bhs, raw, P.padding(n)], n)
+                if n & 3:
+                    conn.write_buffers([bhs, raw, P.padding(n)], P.BHS_LEN + n + ((-n) & 3))
+                else:
+                    conn.write_buffers([bhs, raw], P.BHS_LEN + n)
                 self.bytes_out += n
                 return
         prm = self.params
@@ -597,7 +600,7 @@ class DataPathMixin:
             offset += chunk
             datasn += 1
             seq_left = mbl if seq_end else seq_left - chunk
-        conn.write_buffers(buffers, n)
+        conn.write_buffers(buffers, P.wire_len(buffers))
         self.bytes_out += n
         if not collapse:
             self._send_status(task, status, sense, flags=res_flags, residual=residual, exp_datasn=datasn)
