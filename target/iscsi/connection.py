@@ -66,7 +66,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.session: Session | None = None
         self.closing = False
         self.closed_event = asyncio.Event()
-        self._paused = False
+        self.write_paused = False      # the transport asked us to stop writing
         self._reading_paused = False
         self._out_stuck_since: float | None = None   # output backlog that has not shrunk since
         self._out_backlog = 0
@@ -173,13 +173,13 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.closed_event.set()
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.write_paused = True
         if self._out_stuck_since is None:
             self._out_stuck_since = self.loop.time()
             self._out_backlog = self.transport.get_write_buffer_size() if self.transport else 0
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.write_paused = False
         self._out_stuck_since = None
         for f in self._drain_waiters:
             if not f.done():
@@ -201,16 +201,12 @@ class IscsiConnection(asyncio.BufferedProtocol):
             return
         self._parse_guarded()
 
-    @property
-    def write_paused(self) -> bool:
-        return self._paused
-
     def behind(self) -> bool:
         """Is the peer behind in reading our output (so drain() would
         wait)? A big corked backlog is handed to the transport first."""
         if self._wbytes >= FLUSH_BYTES:
             self.flush()          # let the transport see the backlog (pause_writing)
-        return self._paused and not self.closing
+        return self.write_paused and not self.closing
 
     async def drain(self) -> None:
         if self.behind():
