@@ -541,7 +541,8 @@ class DataPathMixin:
                                        P.ZERO_LUN, task.itt, P.ALL_ONES, conn.next_statsn(),
                                        window.exp_cmdsn, window.max_cmdsn, 0, 0, 0)
                 if n & 3:
-                    conn.write_buffers([bhs, raw, P.padding(n)], P.BHS_LEN + n + ((-n) & 3))
+                    pad = P.padding(n)
+                    conn.write_buffers([bhs, raw, pad], P.BHS_LEN + n + len(pad))
                 else:
                     conn.write_buffers([bhs, raw], P.BHS_LEN + n)
                 self.bytes_out += n
