@@ -14,43 +14,56 @@ start).
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 from typing import Any, Coroutine
 
 
-class _Resume:
-    """Awaitable that continues an already-started coroutine: yields the
-    future it was suspended on, then delegates as ``yield from`` would."""
+class _Resume(collections.abc.Coroutine):
+    """The rest of an already-started coroutine, driven by a Task directly
+    (it is a coroutine to asyncio): the Task's first step gets the future
+    the coroutine is suspended on, passed through untouched; every later
+    step, value or exception (cancellation included), goes straight to the
+    coroutine. No wrapper coroutine and no generator frame in between:
+    each resumption of a command that waits crosses two frames fewer."""
 
-    __slots__ = ("coro", "first")
+    __slots__ = ("coro", "first", "started")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
         self.coro = coro
-        self.first = first
+        self.first = first          # what the coroutine yielded (None: a bare yield)
+        self.started = False
 
-    def __await__(self):
-        coro = self.coro
-        out = self.first
+    def send(self, value: Any) -> Any:
+        if not self.started:
+            self.started = True
+            first, self.first = self.first, None
+            return first
+        return self.coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        # (cancelled before its first step: into the coroutine, where it waits)
+        self.started = True
         self.first = None
-        while True:
-            try:
-                value = yield out
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as e:  # noqa: BLE001 - cancellation, thrown in by the Task
-                try:
-                    out = coro.throw(e)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    out = coro.send(value)
-                except StopIteration as stop:
-                    return stop.value
+        if val is None and tb is None:
+            return self.coro.throw(typ)
+        return self.coro.throw(typ, val, tb)
 
+    def close(self) -> None:
+        self.first = None
+        self.coro.close()
 
-async def _continue(r: _Resume) -> Any:
-    return await r
+    def __await__(self) -> "_Resume":
+        return self
+
+    def __iter__(self) -> "_Resume":
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    @property
+    def cr_frame(self) -> Any:      # for Task.get_stack() and reprs
+        return getattr(self.coro, "cr_frame", None)
 
 
 def start(coro: Coroutine[Any, Any, Any],
@@ -65,4 +78,4 @@ def start(coro: Coroutine[Any, Any, Any],
         return None
     if loop is None:
         loop = asyncio.get_running_loop()
-    return loop.create_task(_continue(_Resume(coro, first)))
+    return loop.create_task(_Resume(coro, first))

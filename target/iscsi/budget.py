@@ -71,16 +71,6 @@ class MemoryBudget:
     def fair_share(self) -> int:
         return self.limit // max(1, len(self.sessions))
 
-    def _fits(self, sb: "SessionBudget", n: int) -> bool:
-        held = sb.used + n
-        if held > self.session_limit:
-            return False
-        return self.used + n <= self.limit or held <= self.fair_share()
-
-    def _take(self, sb: "SessionBudget", n: int) -> None:
-        sb.used += n
-        self.used += n
-
     def _grant_waiters(self) -> None:
         if not self._waiters:
             return
@@ -91,8 +81,7 @@ class MemoryBudget:
         granted = []
         for w in self._waiters:
             sb, n, cb = w
-            if not sb.closed and self._fits(sb, n):
-                self._take(sb, n)
+            if sb.try_take(n):
                 granted.append(cb)
             elif not sb.closed:
                 still.append(w)
@@ -152,11 +141,15 @@ class SessionBudget:
     def try_take(self, n: int) -> bool:
         """Charge ``n`` bytes now if they fit (requests that cannot wait)."""
         srv = self.server
-        if not self.closed and srv._fits(self, n):
-            self.used += n          # _take, inline: twice per command
-            srv.used += n
-            return True
-        return False
+        held = self.used + n
+        # within the session's limit, and within the server's or the
+        # session's fair share of it (MemoryBudget.fair_share, inline)
+        if self.closed or held > srv.session_limit or (
+                srv.used + n > srv.limit and held > srv.limit // max(1, len(srv.sessions))):
+            return False
+        self.used = held
+        srv.used += n
+        return True
 
     def over_session_limit(self, n: int) -> bool:
         """Would ``n`` more bytes break this session's own limit (rather

@@ -87,7 +87,9 @@ class CmdWindow:
         """``classify`` and ``accept`` at once for the common case: ``cmdsn``
         is ExpCmdSN, nothing is held back and the window is open; then it
         is in flight (True). Else nothing changed (False)."""
-        if cmdsn != self.exp_cmdsn or self._pending or (self.max_cmdsn - cmdsn) % MOD >= HALF:
+        # (fewer than depth in flight: MaxCmdSN >= ExpCmdSN without computing it)
+        if cmdsn != self.exp_cmdsn or self._pending or (
+                self.inflight >= self.depth and (self.max_cmdsn - cmdsn) % MOD >= HALF):
             return False
         self.exp_cmdsn = (cmdsn + 1) % MOD
         self.inflight += 1

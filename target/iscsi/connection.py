@@ -66,7 +66,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.session: Session | None = None
         self.closing = False
         self.closed_event = asyncio.Event()
-        self._paused = False
+        self.write_paused = False      # the transport asked us to stop writing
         self._reading_paused = False
         self._out_stuck_since: float | None = None   # output backlog that has not shrunk since
         self._out_backlog = 0
@@ -173,13 +173,13 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.closed_event.set()
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.write_paused = True
         if self._out_stuck_since is None:
             self._out_stuck_since = self.loop.time()
             self._out_backlog = self.transport.get_write_buffer_size() if self.transport else 0
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.write_paused = False
         self._out_stuck_since = None
         for f in self._drain_waiters:
             if not f.done():
@@ -201,16 +201,12 @@ class IscsiConnection(asyncio.BufferedProtocol):
             return
         self._parse_guarded()
 
-    @property
-    def write_paused(self) -> bool:
-        return self._paused
-
     def behind(self) -> bool:
         """Is the peer behind in reading our output (so drain() would
         wait)? A big corked backlog is handed to the transport first."""
         if self._wbytes >= FLUSH_BYTES:
             self.flush()          # let the transport see the backlog (pause_writing)
-        return self._paused and not self.closing
+        return self.write_paused and not self.closing
 
     async def drain(self) -> None:
         if self.behind():
@@ -415,11 +411,13 @@ class IscsiConnection(asyncio.BufferedProtocol):
     def send(self, bhs: bytearray, data=b"") -> None:
         if self.closing or self.transport is None:
             return
-        self.write_buffers(P.encode(bhs, data, header_digest=self.header_digest,
-                                    data_digest=self.data_digest), 48 + len(data))
+        bufs = P.encode(bhs, data, header_digest=self.header_digest, data_digest=self.data_digest)
+        self.write_buffers(bufs, P.wire_len(bufs))
 
     def write_buffers(self, buffers: list, nbytes: int) -> None:
-        """Queue one PDU's buffers (encoded, digests included)."""
+        """Queue one PDU's buffers (encoded, digests included); ``nbytes``
+        is exactly their length in bytes (P.wire_len): flush() takes a
+        writev that wrote that many as having written all of them."""
         if self.closing or self.transport is None:
             return
         self.pdus_out += 1
@@ -434,13 +432,14 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         if self._wbuf:
             buf, self._wbuf = self._wbuf, []
-            self._wbytes = 0
+            nbytes, self._wbytes = self._wbytes, 0
             t = self.transport
             if t is not None and not t.is_closing():
                 if self._fd >= 0 and t.get_write_buffer_size() == 0:
-                    buf = self._writev(buf)
-                if buf:
-                    t.writelines(buf)
+                    buf = self._writev(buf, nbytes)
+                    if not buf:
+                        return         # all written: the transport's queue is still empty
+                t.writelines(buf)
                 if t.get_write_buffer_size() > INPUT_PAUSE_BYTES:
                     self._pause_reading()
                 if t.get_write_buffer_size() > MAX_WRITE_BACKLOG:
@@ -450,17 +449,21 @@ class IscsiConnection(asyncio.BufferedProtocol):
                                 self.peer, t.get_write_buffer_size())
                     self.abort("write backlog")
 
-    def _writev(self, buf: list) -> list:
+    def _writev(self, buf: list, nbytes: int) -> list:
         """Gather-write straight from the PDU buffers (headers and memoryview
         payloads) with one writev: no join copy. Only called while the
         transport has nothing queued, so ordering is kept; what the socket
-        does not take is returned for the transport to queue."""
+        does not take is returned for the transport to queue. ``nbytes``:
+        the buffers' exact total (the usual outcome, all of it sent, is
+        known without walking them)."""
         try:
-            sent = os.writev(self._fd, buf[:IOV_MAX])
+            sent = os.writev(self._fd, buf if len(buf) <= IOV_MAX else buf[:IOV_MAX])
         except (BlockingIOError, InterruptedError):
             return buf
         except OSError:
             return buf             # let the transport see (and report) the error
+        if sent == nbytes:
+            return []
         if sent == 0:
             return buf
         for i, b in enumerate(buf):

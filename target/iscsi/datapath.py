@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
-from typing import Callable
 
 from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse,
                              Submitted, submitter)
@@ -382,20 +381,17 @@ class DataPathMixin:
         cmd = ScsiCommand(task.cdb, task.lun, self.nexus,
                           memoryview(task.buf) if task.buf is not None else None,
                           task.edtl if task.read else 0, task.itt, task.attr)
+        st = self.target.scsi_target
+        if st is not self._scsi_target:
+            # looked up per command (the target's LUN set may be replaced
+            # while a session runs), but resolved only when it changed
+            self._scsi_target = st
+            self._scsi_submit = submitter(st)
         try:
-            return self._submitter()(cmd)
+            return self._scsi_submit(cmd)
         except Exception:
             log.exception("session %s: SCSI layer failed on CDB %s", self.tsih, task.cdb[:1].hex())
             return ScsiResponse(CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
-
-    def _submitter(self) -> Callable[[ScsiCommand], Submitted]:
-        # looked up per command (the target's LUN set may be replaced while
-        # a session runs), but resolved only when it changed
-        st = self.target.scsi_target
-        if st is not self._scsi_target:
-            self._scsi_target = st
-            self._scsi_submit = submitter(st)
-        return self._scsi_submit
 
     async def _drained(self, task: Task) -> None:
         """A command answered at once whose answer the peer has not read
@@ -502,9 +498,13 @@ class DataPathMixin:
             task.charged = 0
             if task.immediate:
                 self.immediate_inflight -= 1
-        self._release_window(task)
-        if self.tasks.get(task.itt) is task:
-            del self.tasks[task.itt]
+        if not task.window_released:           # (else _retire did this and the rest)
+            self._release_window(task)
+            tasks = self.tasks
+            if tasks.get(task.itt) is task:
+                del tasks[task.itt]
+                if not tasks:
+                    self.idle.set()
         if task.r2ts:
             for ttt in task.r2ts:
                 self.ttts.pop(ttt, None)
@@ -513,8 +513,6 @@ class DataPathMixin:
         if buf is not None:
             task.buf = None
             self.server.buffers.give(buf)      # unless something still uses it (buffers)
-        if not self.tasks:
-            self.idle.set()
 
     def _send_status(self, task: Task, status: int, sense: bytes, *, flags: int = 0,
                      residual: int = 0, exp_datasn: int | None = None) -> None:
@@ -542,8 +540,24 @@ class DataPathMixin:
                 bhs = P.BHS_WORDS.pack(P.OP_DATA_IN, P.FLAG_FINAL | P.DATAIN_STATUS, 0, rsp.status, n,
                                        P.ZERO_LUN, task.itt, P.ALL_ONES, conn.next_statsn(),
                                        window.exp_cmdsn, window.max_cmdsn, 0, 0, 0)
-                conn.write_buffers([bhs, raw] if not n & 3 else [bhs, raw, P.padding(n)], n)
+                if n & 3:
+                    pad = P.padding(n)
+                    conn.write_buffers([bhs, raw, pad], P.BHS_LEN + n + len(pad))
+                else:
+                    conn.write_buffers([bhs, raw], P.BHS_LEN + n)
                 self.bytes_out += n
+                return
+        elif not rsp.sense and self.plain_pdus:
+            tl = rsp.transfer_length
+            if tl is None or tl == task.edtl:
+                # the common answer to a write (or a command without data):
+                # a status without sense or residual, no digests, its header
+                # packed in one go (what _send_status comes to for it)
+                conn = self.conn
+                window = self.window
+                conn.write_buffers([P.BHS_WORDS.pack(
+                    P.OP_SCSI_RSP, P.FLAG_FINAL, 0, rsp.status, 0, P.ZERO_LUN, task.itt, 0,
+                    conn.next_statsn(), window.exp_cmdsn, window.max_cmdsn, task.r2tsn, 0, 0)], P.BHS_LEN)
                 return
         prm = self.params
         conn = self.conn
@@ -597,7 +611,7 @@ class DataPathMixin:
             offset += chunk
             datasn += 1
             seq_left = mbl if seq_end else seq_left - chunk
-        conn.write_buffers(buffers, n)
+        conn.write_buffers(buffers, P.wire_len(buffers))
         self.bytes_out += n
         if not collapse:
             self._send_status(task, status, sense, flags=res_flags, residual=residual, exp_datasn=datasn)

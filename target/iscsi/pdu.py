@@ -389,5 +389,11 @@ def encode(bhs: bytearray, data=b"", *, ahs: bytes = b"", header_digest: bool = 
     return [bhs, data]
 
 
+def wire_len(buffers: list) -> int:
+    """The bytes a PDU's buffers put on the wire (memoryviews of any
+    format counted in bytes)."""
+    return sum(b.nbytes if b.__class__ is memoryview else len(b) for b in buffers)
+
+
 def encode_bytes(bhs: bytearray, data=b"", **kw) -> bytes:
     return b"".join(bytes(x) for x in encode(bhs, data, **kw))

@@ -91,11 +91,12 @@ class Session(DataPathMixin, TaskManagementMixin):
             # not from inside another command's budget request: on the next turn
             evict=lambda: conn.loop.call_soon(conn.abort, "over its memory budget"))
         self.immediate_inflight = 0
-        # the most Data-In one PDU may carry (0 with digests: those answers
-        # take the general path)
+        # no digests: the common answers' headers are packed as they go out
+        # (else they take the general path); the most Data-In one PDU may
+        # carry then
         prm = self.params
-        self.single_data_in = (0 if prm.header_digest or prm.data_digest
-                               else min(prm.initiator_mrdsl, prm.max_burst_length))
+        self.plain_pdus = not (prm.header_digest or prm.data_digest)
+        self.single_data_in = min(prm.initiator_mrdsl, prm.max_burst_length) if self.plain_pdus else 0
         self._scsi_target = None                # the ScsiTarget _scsi_submit is for
         self._scsi_submit = None
 

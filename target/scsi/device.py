@@ -77,16 +77,13 @@ class ScsiDevice:
         self.lun_list: Callable[[], list[int]] = lambda: [0]   # LunSet replaces it
         self._generation = lunio.generation
         self._size = lunio.size
+        # the capacity every command is checked against: the LunIO's size
+        # as the command's dispatch saw it (a change is noticed there, with
+        # its unit attention, before any handler runs); kept with _size
+        self.num_blocks = self._size // block_size
         self._last_access: Access | None = None
 
     # -- state the handlers read -------------------------------------------------
-    @property
-    def num_blocks(self) -> int:
-        # the capacity every command is checked against: the LunIO's size
-        # as the command's dispatch saw it (a change is noticed there, with
-        # its unit attention, before any handler runs)
-        return self._size // self.block_size
-
     def read_only(self) -> bool:
         return self.options.read_only or self.lunio.access_state().access is Access.READ_ONLY
 
@@ -210,7 +207,9 @@ class ScsiDevice:
                                  message="CDB shorter than its opcode requires")
         if cdb[spec.cdb_len - 1] & 0x04:
             raise invalid_cdb(spec.cdb_len - 1, 2)   # NACA: no ACA support
-        self.pr.check(key, spec.pr, spec.spc2_ok)
+        pr = self.pr
+        if pr.holder is not None or pr.spc2_holder is not None:     # (else nothing to check)
+            pr.check(key, spec.pr, spec.spc2_ok)
         if spec.needs_ready or spec.writes:
             st = lunio.access_state()
             if st.access is not self._last_access:
@@ -238,6 +237,7 @@ class ScsiDevice:
         size = self.lunio.size
         if size != self._size:
             self._size = size
+            self.num_blocks = size // self.block_size
             log.info("LU %s: capacity now %d bytes", self.identity.serial, size)
             self.ua.establish(c.ASC_CAPACITY_DATA_HAS_CHANGED)
 

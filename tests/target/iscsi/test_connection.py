@@ -25,11 +25,11 @@ def test_writev_partial_sends(monkeypatch):
                            (60, [b"d"]),
                            (61, [])]:
             monkeypatch.setattr(C.os, "writev", lambda fd, b, n=sent: n)
-            assert [bytes(x) for x in conn._writev(list(bufs))] == want
+            assert [bytes(x) for x in conn._writev(list(bufs), P.wire_len(bufs))] == want
         def blocked(fd, b):
             raise BlockingIOError
         monkeypatch.setattr(C.os, "writev", blocked)
-        assert conn._writev(list(bufs)) == bufs
+        assert conn._writev(list(bufs), P.wire_len(bufs)) == bufs
     asyncio.run(main())
 
 

@@ -159,3 +159,43 @@ def test_commands_answered_at_once_leave_nothing_behind(tmp_path):
         finally:
             await srv.stop()
     run(main())
+
+
+def test_queued_byte_count_is_exact_for_every_kind_of_answer(tmp_path):
+    """The connection takes a writev that wrote its queued byte count as
+    having written every queued buffer, so that count must be exact
+    whatever was queued: Data-In with status (padded or not), a read split
+    into several Data-In PDUs, R2Ts, SCSI Responses with and without sense,
+    NOP-In, with and without digests. An overcount would only cost a walk
+    of the buffers; an undercount would lose answers."""
+    from target.iscsi import pdu as P
+
+    async def main():
+        srv, _ = await start(tmp_path)
+        try:
+            for digest in ("None", "CRC32C"):
+                i = Initiator(*srv.addresses[0])
+                await i.login(IQN, header_digest=digest, data_digest=digest, mrdsl=8192,
+                              immediate_data=True, initial_r2t=False, first_burst=4096, max_burst=16384)
+                await ready(i, 0)
+                conn = next(c for c in srv.connections if c.session is not None and not c.closing)
+                flush = conn.flush
+                checked = []
+
+                def checking_flush():
+                    assert conn._wbytes == P.wire_len(conn._wbuf), digest
+                    checked.append(len(conn._wbuf))
+                    flush()
+                conn.flush = checking_flush
+                await i.write(0, 0, os.urandom(40960))                    # R2Ts, then a status
+                await asyncio.gather(i.read(0, 0, 8), i.read(0, 3, 1), i.read(0, 0, 80))
+                r = await i.scsi(0, struct.pack(">BBIBHB", 0x28, 0, 0xFFFFFFF0, 0, 8, 0), read_len=4096)
+                assert r.status == 0x02 and r.sense                       # with sense data
+                r = await i.scsi(0, bytes((0x12, 0, 0, 0, 5, 0)), read_len=5)   # padded Data-In
+                assert r.status == 0 and len(r.data) == 5
+                await i.nop(b"ping!")
+                assert sum(checked) >= 10
+                await i.close()
+        finally:
+            await srv.stop()
+    run(main())
