@@ -234,10 +234,11 @@ def main() -> int:
             r["fio_1m_mbs"].append(fio_rbd(conf, lu, "write", "1M")["mbs"])
             d.cli("volume", "create", "lu", "--rbd", lu.image_name, "--ceph-conf", conf)
             d.cli("export", "create", IQN, "--lun", "0=lu", "--lun", "1=flu")
+            fio_mib = r["fio_1m_mbs"][-1] * SECS            # what fio wrote in its round
             r["lu_4k_iops"].append(iscsi_perf_randread(url))
-            r["lu_1m_mbs"].append(qemu_bench_write(url, r["fio_1m_mbs"][-1] * SECS))
+            r["lu_1m_mbs"].append(qemu_bench_write(url, fio_mib))
             r["file_4k_iops"].append(iscsi_perf_randread(f"{d.url}/1"))
-            r["file_1m_mbs"].append(qemu_bench_write(f"{d.url}/1", r["fio_1m_mbs"][-1] * SECS))
+            r["file_1m_mbs"].append(qemu_bench_write(f"{d.url}/1", fio_mib))
             d.cli("export", "delete", IQN)
             d.cli("volume", "delete", "lu")
             log(f"  round {i}: 4k read LU {r['lu_4k_iops'][-1]:.0f} / fio {r['fio_4k_iops'][-1]:.0f}"

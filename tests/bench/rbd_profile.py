@@ -7,7 +7,8 @@ ways in one run against a throw-away single-node Ceph cluster:
   lu-file   the same tool on a file-backed LU of the same daemon
 
     python -m tests.bench.rbd_profile   (SECS, SIZE_MB, WORKLOAD=4k|1m env knobs;
-                                         PERF=FILE: perf record the daemon on lu-rbd)
+                                         PERF=FILE: perf record the daemon on lu-rbd,
+                                         PERF_CG=dwarf for stacks through libpython)
 
 Per side it prints the commands per second, then for each consumer (the
 daemon's threads by kernel name, the OSD, the mon/mgr, the tool, the rest
@@ -147,8 +148,9 @@ def main() -> int:
             url = f"{d.url}/{lun}"
             perf = None
             if os.environ.get("PERF") and lun == 0:     # perf record the daemon's RBD side
-                perf = subprocess.Popen(["perf", "record", "-q", "-F", "2000", "-g", "-p",
-                                         str(d.proc.pid), "-o", os.environ["PERF"]],
+                perf = subprocess.Popen(["perf", "record", "-q", "-F", "2000", "--call-graph",
+                                         os.environ.get("PERF_CG", "fp"), "-p", str(d.proc.pid),
+                                         "-o", os.environ["PERF"]],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
             if WORKLOAD == "4k":
