@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread group of process ``pid``: "loop" for the main
-    thread, else the thread's kernel name. Threads that ended are lost
-    (the daemon's pools keep theirs)."""
-    out: dict[str, float] = {}
+def threads(pid: int) -> list[tuple[int, str, float]]:
+    """(tid, kernel name, CPU seconds) of each live thread of ``pid``."""
+    out: list[tuple[int, str, float]] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -37,13 +35,22 @@ def _thread_cpu(pid: int) -> dict[str, float]:
         # "tid (comm) state ...": comm may hold spaces or parentheses
         comm = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
         fields = stat[stat.rindex(b")") + 2:].split()
-        secs = (int(fields[11]) + int(fields[12])) / _TICK      # utime + stime
-        name = "loop" if int(tid) == pid else comm
+        out.append((int(tid), comm, (int(fields[11]) + int(fields[12])) / _TICK))  # utime + stime
+    return out
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread group of process ``pid``: "loop" for the main
+    thread, else the thread's kernel name. Threads that ended are lost
+    (the daemon's pools keep theirs)."""
+    out: dict[str, float] = {}
+    for tid, comm, secs in threads(pid):
+        name = "loop" if tid == pid else comm
         out[name] = out.get(name, 0.0) + secs
     return out
 
 
-def _machine_busy() -> float:
+def machine_busy() -> float:
     """CPU seconds all cores spent busy (not idle, not waiting for I/O)."""
     with open("/proc/stat", "rb") as f:
         cpu = f.readline().split()[1:]
@@ -64,7 +71,7 @@ class CpuSample:
 
     @classmethod
     def take(cls, pid: int) -> "CpuSample":
-        return cls(_thread_cpu(pid), _children_cpu(), _machine_busy())
+        return cls(_thread_cpu(pid), _children_cpu(), machine_busy())
 
     def since(self, before: "CpuSample") -> dict[str, float]:
         """CPU seconds between ``before`` and this sample, by consumer:
