@@ -29,8 +29,13 @@ background copy's time measures the spare CPU, not the store: it is not
 taken as a rate (the floor, a share of such rates, fell with each stall).
 The budget starts afresh whenever a walk starts or resumes.
 
-The idle rate is the copier's throughput over stretches with no host I/O
-(the first, on an LU whose hosts never paused, a full-speed window at the
+The idle rate is measured first at each (big enough) job's start with the
+LU's host I/O held for CALIBRATE_HOLD_S (the copier, Copier._calibrate):
+the copier's throughput at full depth with the machine as an idle restore
+has it (measured between host bursts instead, the hosts' processes sharing
+the CPUs, it read 0.38-0.66 of the bench's idle restores). Later it is the
+copier's throughput over stretches with no host I/O (without a held
+measurement, on an LU whose hosts never paused, a full-speed window at the
 first job's start: see _calibrating)
 -- bytes per second with a copy in flight: a gap in which the loop or the
 copy threads waited for a CPU, or for a commit, is no copying time (with
@@ -68,6 +73,20 @@ MAX_WINDOW_S = 0.1
 # An idle stretch must have had copies in flight this long to count as a
 # rate measurement.
 IDLE_SAMPLE_S = 0.02
+# Each job starts by measuring the idle rate with the LU's host I/O held
+# (restore_core.copier: Copier._calibrate): full-speed copies for this long,
+# the hosts' commands waiting at the I/O gate. Once per job start, and the
+# job start itself holds them while its state change commits.
+CALIBRATE_HOLD_S = 0.05
+# Only a job this big is worth holding hosts for: a smaller one ends within
+# a second or so of copying, and its floor matters little. It goes without
+# (the full-speed window of _calibrating, once per LU).
+CALIBRATE_MIN_JOB = 256 << 20
+# A held measurement counts from its first copy's completion on (the first
+# copies pay a cold start), and only with at least this many completions
+# after it over at least this long.
+CALIBRATE_MIN_COPIES = 4
+CALIBRATE_MIN_S = 0.01
 # An LU whose idle rate was never measured copies at full speed whatever the
 # hosts do until it was (IDLE_SAMPLE_S of copying), for this long at most.
 CALIBRATE_S = 0.2
@@ -106,6 +125,7 @@ class HostYield:
         self._idle_copied_until = 0.0            # when the stretch's last copy ended
         self._idle_bytes = 0
         self._calibrated = False                 # the full-speed window was had
+        self.calibrate_hold_s = CALIBRATE_HOLD_S  # 0: no held calibration
         self._owed = 0.0                         # bytes the floor asks for by now
         self._owed_at: float | None = None
 
@@ -167,6 +187,25 @@ class HostYield:
             self._idle_copying += max(0.0, end - max(end - seconds, self._idle_copied_until))
             self._idle_copied_until = max(self._idle_copied_until, end)
             self._idle_bytes += nbytes
+
+    def calibrates(self, job_bytes: int) -> bool:
+        """A job copying ``job_bytes`` starts with a held calibration."""
+        return self.calibrate_hold_s > 0 and job_bytes >= CALIBRATE_MIN_JOB
+
+    def note_calibration(self, completions: list[tuple[float, int]]) -> float | None:
+        """The copies of a held calibration landed: (when, bytes) of each, in
+        order. Their throughput from the first completion on is the idle
+        rate: hosts were held and the copier ran at its full depth, exactly
+        what an idle restore does. It replaces what was learnt before (an
+        earlier job may have copied between other images). Returns the rate
+        taken, or None: too few copies to measure (a small job)."""
+        if len(completions) <= CALIBRATE_MIN_COPIES:
+            return None
+        span = completions[-1][0] - completions[0][0]
+        if span < CALIBRATE_MIN_S:
+            return None
+        self.idle_rate = sum(n for _, n in completions[1:]) / span
+        return self.idle_rate
 
     def _end_idle(self, now: float) -> None:
         if self._idle_since is None:

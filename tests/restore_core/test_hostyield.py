@@ -4,8 +4,9 @@ import time
 
 import pytest
 
+from restore_core import hostyield
 from restore_core.blockstore import MemoryBlockStore
-from restore_core.hostyield import (CALIBRATE_S, FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S,
+from restore_core.hostyield import (CALIBRATE_HOLD_S, CALIBRATE_S, FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S,
                                     FLOOR_OWED_S, IDLE_SAMPLE_S, MIN_WINDOW_S, HostYield)
 from restore_core.pair import Throttle
 
@@ -205,7 +206,9 @@ async def restore_under_a_busy_host(r, eng, p, counting: CountingStore) -> float
     """Restore the pair while a host reads back to back (QD1, never
     pausing) on an LU whose idle rate is known (no full-speed window
     first); the seconds from the copier's start to the job's end."""
-    eng.volumes["src"].hosts.idle_rate = 100 << 20
+    hosts = eng.volumes["src"].hosts
+    hosts.idle_rate = 100 << 20
+    hosts.calibrate_hold_s = 0.0       # no held calibration: it would replace that rate
     await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
     stop = asyncio.Event()
 
@@ -272,6 +275,54 @@ def test_with_no_host_io_the_copier_copies_in_batches_on_the_loop():
         assert max(counting.sizes) == 16 * ES
         assert len(counting.sizes) <= n // 16 + 2
         assert not counting.background
+        await eng.close()
+    asyncio.run(go())
+
+
+class SlowWrites(CountingStore):
+    """Each write takes 5 ms: the copier's idle rate is known."""
+
+    async def write(self, offset, data):
+        await asyncio.sleep(0.005)
+        await super().write(offset, data)
+
+
+def test_a_job_measures_its_idle_rate_first_with_the_hosts_held(monkeypatch):
+    """Measured between a host's commands the idle rate read 0.38-0.66 of
+    an idle restore's (tests/bench/restore_latency.py), and the floor, a
+    share of it, fell short. So a job starts with CALIBRATE_HOLD_S of
+    full-depth copying while host commands wait at the gate, and the rate
+    it measured is what progress shows."""
+    monkeypatch.setattr(hostyield, "CALIBRATE_MIN_JOB", 0)     # a test-sized LU
+
+    async def go():
+        n = 512
+        r, slow, eng, p = await differing_pair(n, SlowWrites)
+        await eng.set_throttle(p.id, batch_extents=16, depth=2)
+        eng.volumes["src"].hosts.idle_rate = 1.0     # what an earlier job learnt: replaced
+        answered: list[float] = []
+        stop = asyncio.Event()
+
+        async def host() -> None:          # QD1 reads, never pausing long
+            while not stop.is_set():
+                await r.sio.read((n - 1) * ES, 512)
+                answered.append(time.monotonic())
+                await asyncio.sleep(0.001)
+
+        h = asyncio.ensure_future(host())
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await eng.restore(p.id)
+        await asyncio.sleep(CALIBRATE_HOLD_S + 0.1)
+        stop.set()
+        await h
+        held = max(b - a for a, b in zip(answered, answered[1:]) if b > t0)
+        assert held >= CALIBRATE_HOLD_S * 0.9, f"hosts waited at most {held * 1e3:.1f} ms"
+        full_depth = 2 * (16 * ES) / 0.005          # two 16-extent copies per 5 ms write
+        rate = eng.progress(p.id).idle_rate
+        assert rate is not None and 0.5 * full_depth < rate < 1.2 * full_depth, \
+            f"idle rate {rate / 1e6:.0f} MB/s, full depth makes {full_depth / 1e6:.0f}"
+        await eng.wait_job(p.id, 60)
         await eng.close()
     asyncio.run(go())
 
