@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 # 2 GB/s a commit per 32 MiB forced a synchronous writeback 60 times a
 # second. A crash re-copies at most what landed since the last one.
 COMMIT_INTERVAL_S = 0.5
+# While hosts are busy the floor's copies are this big (at least a batch):
+# each copy costs the event loop a task, a thread hand-off, a completion
+# and its map marks, landing between host commands. Against 1 MiB (the
+# default batch) at the same floor (2 GiB bench, tests/bench/
+# restore_latency.py, 2 runs each, load 1.6-3.8): loop CPU per QD32 command
+# 26.4-28.3 -> 21.3-23.0 us, qd32_iops_ratio 0.67-0.69 -> 0.84-0.85, QD1
+# p99_ratio 2.7-3.0 -> 0.78-1.37; 4 MiB made 0.82-0.85 and 0.86-1.61. A
+# host write to an extent in such a copy waits for it: copies stay
+# bounded here, not a multiple of a batch that may itself be big.
+BUSY_COPY_BYTES = 8 << 20
 # Copy buffers kept for reuse (a fresh 1 MiB bytearray per copy costs an
 # mmap, 256 page faults and a munmap).
 KEEP_BUFFERS = 8
@@ -258,7 +268,8 @@ class Copier:
                 # busy), one more copy, at normal priority: the floor is a
                 # guarantee.
                 behind = busy and self.hosts.behind(now, th.min_progress_pct)
-                span = th.batch_extents
+                span = max(th.batch_extents, BUSY_COPY_BYTES // p.extent_size) if busy \
+                    else th.batch_extents
                 # A store that pays a round trip per I/O (RBD) needs its
                 # copy depth even while hosts are busy, or it falls under
                 # the floor.

@@ -6,6 +6,7 @@ import pytest
 
 from restore_core import hostyield
 from restore_core.blockstore import MemoryBlockStore
+from restore_core.copier import BUSY_COPY_BYTES
 from restore_core.hostyield import (CALIBRATE_HOLD_S, CALIBRATE_S, FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S,
                                     FLOOR_OWED_S, IDLE_SAMPLE_S, MIN_WINDOW_S, HostYield)
 from restore_core.pair import Throttle
@@ -238,6 +239,8 @@ def test_a_restore_under_a_host_that_never_pauses_still_finishes_by_background_i
         # file); a shared machine's stalls may let a few go as idle copies.
         assert len(counting.background) > len(counting.sizes), \
             f"background {counting.background}, loop {counting.sizes}"
+        # fewer, bigger copies than a batch (16 extents): less loop work per byte
+        assert max(counting.background) == min(BUSY_COPY_BYTES, 256 * ES), counting.background
         await eng.close()
     asyncio.run(go())
 
