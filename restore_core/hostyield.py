@@ -82,9 +82,8 @@ CALIBRATE_HOLD_S = 0.05
 # a second or so of copying, and its floor matters little. It goes without
 # (the full-speed window of _calibrating, once per LU).
 CALIBRATE_MIN_JOB = 256 << 20
-# A held measurement counts from its first copy's completion on (the first
-# copies pay a cold start), and only with at least this many completions
-# after it over at least this long.
+# A held measurement is the best of its parts, each at least this many
+# completions over at least this long (see HostYield.note_calibration).
 CALIBRATE_MIN_COPIES = 4
 CALIBRATE_MIN_S = 0.01
 # An LU whose idle rate was never measured copies at full speed whatever the
@@ -194,18 +193,26 @@ class HostYield:
 
     def note_calibration(self, completions: list[tuple[float, int]]) -> float | None:
         """The copies of a held calibration landed: (when, bytes) of each, in
-        order. Their throughput from the first completion on is the idle
-        rate: hosts were held and the copier ran at its full depth, exactly
-        what an idle restore does. It replaces what was learnt before (an
-        earlier job may have copied between other images). Returns the rate
-        taken, or None: too few copies to measure (a small job)."""
-        if len(completions) <= CALIBRATE_MIN_COPIES:
-            return None
-        span = completions[-1][0] - completions[0][0]
-        if span < CALIBRATE_MIN_S:
-            return None
-        self.idle_rate = sum(n for _, n in completions[1:]) / span
-        return self.idle_rate
+        order. Their throughput is the idle rate: hosts were held and the
+        copier ran at its full depth, exactly what an idle restore does. It
+        is the best of its parts of CALIBRATE_MIN_S (CALIBRATE_MIN_COPIES
+        copies at least), each timed from the completion before it: the
+        hosts' processes (an initiator logging in as the restore starts)
+        still take CPUs from the copier, and the rate is a capacity (as
+        _rise_fast). It replaces what was learnt before (an earlier job
+        may have copied between other images). Returns the rate taken, or
+        None: too few copies to measure (a small job)."""
+        best = None
+        start = 0       # the completion a part is timed from
+        for i in range(1, len(completions)):
+            span = completions[i][0] - completions[start][0]
+            if i - start >= CALIBRATE_MIN_COPIES and span >= CALIBRATE_MIN_S:
+                rate = sum(n for _, n in completions[start + 1:i + 1]) / span
+                best = rate if best is None else max(best, rate)
+                start = i
+        if best is not None:
+            self.idle_rate = best
+        return best
 
     def _end_idle(self, now: float) -> None:
         if self._idle_since is None:

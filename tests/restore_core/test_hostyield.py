@@ -7,7 +7,7 @@ import pytest
 from restore_core import hostyield
 from restore_core.blockstore import MemoryBlockStore
 from restore_core.copier import BUSY_COPY_BYTES
-from restore_core.hostyield import (CALIBRATE_HOLD_S, CALIBRATE_S, FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S,
+from restore_core.hostyield import (CALIBRATE_HOLD_S, CALIBRATE_MIN_COPIES, CALIBRATE_S, FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S,
                                     FLOOR_OWED_S, IDLE_SAMPLE_S, MIN_WINDOW_S, HostYield)
 from restore_core.pair import Throttle
 
@@ -280,6 +280,21 @@ def test_with_no_host_io_the_copier_copies_in_batches_on_the_loop():
         assert not counting.background
         await eng.close()
     asyncio.run(go())
+
+
+def test_a_held_calibration_takes_its_best_part():
+    """Hosts' processes (an initiator logging in as the restore starts)
+    still take CPUs from a held calibration: its rate is the best of its
+    parts, as the copier's capacity; too few copies measure nothing."""
+    h = HostYield()
+    mib = 1 << 20
+    # 20 ms at 1 GiB/s (1 MiB per ms), then 20 ms at half that
+    landed = [(0.001 * (i + 1), mib) for i in range(20)]
+    landed += [(0.02 + 0.002 * (i + 1), mib) for i in range(10)]
+    assert h.note_calibration(landed) == pytest.approx(1000 * mib, rel=0.01)
+    assert h.idle_rate == pytest.approx(1000 * mib, rel=0.01)
+    assert h.note_calibration(landed[:CALIBRATE_MIN_COPIES]) is None
+    assert h.idle_rate == pytest.approx(1000 * mib, rel=0.01)
 
 
 class SlowWrites(CountingStore):
