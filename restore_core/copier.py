@@ -361,8 +361,9 @@ class Copier:
 
     async def _calibrate(self) -> int:
         """Measure the idle rate, with the LU's host I/O held: copy at full
-        depth for ``hosts.calibrate_hold_s``, hosts' commands waiting at the volumes'
-        I/O gates (the job's start held them too, while it committed).
+        depth for ``hosts.calibrate_hold_s``, hosts' commands waiting at
+        the volumes' I/O gates (the job's start held them too, while it
+        committed).
         Returns where the walk goes on.
 
         The floor is a share of the idle rate, so the rate must be the one
@@ -387,8 +388,8 @@ class Copier:
             async with self.hold_hosts():
                 stop_at = time.monotonic() + self.hosts.calibrate_hold_s
                 while tasks or (not self._stopping and time.monotonic() < stop_at):
-                    run = None if len(tasks) >= depth or self._stopping \
-                        or time.monotonic() >= stop_at else p.maps.next_todo_run(pos, th.batch_extents)
+                    more = len(tasks) < depth and not self._stopping and time.monotonic() < stop_at
+                    run = p.maps.next_todo_run(pos, th.batch_extents) if more else None
                     if run is None:
                         if not tasks:
                             break           # nothing (unclaimed) left to copy
@@ -405,10 +406,13 @@ class Copier:
                     pos = b if b > e else e + 1
                     if b > e:
                         tasks.add(loop.create_task(self._copy_and_release(e, b, False, False)))
-        except BaseException:
+        except asyncio.CancelledError:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        except BaseException:
+            await asyncio.gather(*tasks, return_exceptions=True)    # as the walk: let them land
             raise
         rate = self.hosts.note_calibration(landed)
         if rate is not None:
