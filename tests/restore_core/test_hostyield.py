@@ -7,8 +7,9 @@ import pytest
 from restore_core import hostyield
 from restore_core.blockstore import MemoryBlockStore
 from restore_core.copier import BUSY_COPY_BYTES
-from restore_core.hostyield import (CALIBRATE_HOLD_S, CALIBRATE_MIN_COPIES, CALIBRATE_S, FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S,
-                                    FLOOR_OWED_S, IDLE_SAMPLE_S, MIN_WINDOW_S, HostYield)
+from restore_core.hostyield import (CALIBRATE_HOLD_S, CALIBRATE_MIN_COPIES, CALIBRATE_S,
+                                    FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S, FLOOR_OWED_S,
+                                    IDLE_SAMPLE_S, MIN_WINDOW_S, HostYield)
 from restore_core.pair import Throttle
 
 from .util import ES, Rig, pattern
@@ -53,15 +54,16 @@ def busy_copy_rate(h: HostYield, start: float, secs: float, n: int, copy_s: floa
 
 
 def test_busy_copies_keep_the_minimum_progress_rate_of_an_idle_rate_above_the_estimate():
-    """Idle moments between host bursts can read low (0.88x the bench's
-    idle restore in a traced run): 10% of the estimate alone was 7.6-9.3% of
-    the idle rate. The copier aims above the floor by that error."""
+    """An estimate can read low: idle moments between host bursts read
+    0.88x the bench's idle restore in a traced run (10% of the estimate
+    alone was 7.6-9.3% of the idle rate), a held calibration 0.87-1.21x in
+    eight. The copier aims above the floor by that error."""
     h = HostYield()
     idle_measured(h, 100 << 20)
     assert h.idle_rate == pytest.approx(100 << 20)
     true_idle_rate = (100 << 20) / 0.88
     rate = busy_copy_rate(h, 61.0, 4.0, 1 << 20, 0.001)
-    assert rate >= true_idle_rate * 0.10 * 1.05
+    assert rate >= true_idle_rate * 0.10
     assert rate <= (100 << 20) * 0.10 * FLOOR_AIM * 1.05     # and no more than aimed at
 
 
