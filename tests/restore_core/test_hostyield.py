@@ -6,7 +6,7 @@ import pytest
 
 from restore_core import hostyield
 from restore_core.blockstore import MemoryBlockStore
-from restore_core.copier import BUSY_COPY_BYTES
+from restore_core.copier import BUSY_COPY_BYTES, BUSY_LOOK_S
 from restore_core.hostyield import (CALIBRATE_HOLD_S, CALIBRATE_MIN_COPIES, CALIBRATE_S,
                                     FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S, FLOOR_OWED_S,
                                     IDLE_SAMPLE_S, MIN_WINDOW_S, HostYield)
@@ -264,6 +264,41 @@ def test_copies_stalled_at_low_priority_do_not_hold_up_the_floor():
         await asyncio.sleep(0.2)                   # the writes above are history
         took = await restore_under_a_busy_host(r, eng, p, stalling)
         assert took < 3.0, f"restore took {took:.1f} s, {len(stalling.background)} background copies"
+        await eng.close()
+    asyncio.run(go())
+
+
+def test_while_hosts_are_busy_the_copier_looks_again_at_most_every_busy_look():
+    """Each look (hosts gone? behind the floor?) is loop work between host
+    commands: every host window (2 ms here) it was hundreds a second."""
+    async def go():
+        r, counting, eng, p = await differing_pair(4096)
+        hosts = eng.volumes["src"].hosts
+        hosts.idle_rate = 1 << 20          # floor ~115 KiB/s: the copier mostly waits
+        hosts.calibrate_hold_s = 0.0
+        await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
+        looks = 0
+        busy = hosts.busy
+
+        def counted(*args):
+            nonlocal looks
+            looks += 1
+            return busy(*args)
+        hosts.busy = counted
+        stop = asyncio.Event()
+
+        async def host() -> None:
+            while not stop.is_set():
+                await r.sio.read(0, 512)
+                await asyncio.sleep(0.0001)
+
+        h = asyncio.ensure_future(host())
+        await asyncio.sleep(0.02)
+        await eng.restore(p.id)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await h
+        assert looks <= 0.5 / BUSY_LOOK_S * 1.5 + 10, f"{looks} looks in 0.5 s"
         await eng.close()
     asyncio.run(go())
 
