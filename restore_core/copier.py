@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import AbstractAsyncContextManager
 from typing import Awaitable, Callable
 
 from .blockstore import BlockStore, BlockStoreError
@@ -26,6 +27,24 @@ log = logging.getLogger(__name__)
 # 2 GB/s a commit per 32 MiB forced a synchronous writeback 60 times a
 # second. A crash re-copies at most what landed since the last one.
 COMMIT_INTERVAL_S = 0.5
+# While hosts are busy the floor's copies are this big (at least a batch):
+# each copy costs the event loop a task, a thread hand-off, a completion
+# and its map marks, landing between host commands. Against 1 MiB (the
+# default batch) at the same floor (2 GiB bench, tests/bench/
+# restore_latency.py, 2 runs each, load 1.6-3.8): loop CPU per QD32 command
+# 26.4-28.3 -> 21.3-23.0 us, qd32_iops_ratio 0.67-0.69 -> 0.84-0.85, QD1
+# p99_ratio 2.7-3.0 -> 0.78-1.37; 4 MiB made 0.82-0.85 and 0.86-1.61. A
+# host write to an extent in such a copy waits for it: copies stay
+# bounded here, not a multiple of a batch that may itself be big.
+BUSY_COPY_BYTES = 8 << 20
+# While hosts are busy the copier looks again (hosts gone? behind the
+# floor?) this often at most, not every host window (2-4 ms on a file: 200+
+# looks a second, each loop work between host commands). Noticing hosts gone
+# 20 ms later costs an idle stretch 20 ms of full speed; behind the floor
+# is FLOOR_BEHIND_S of it anyway. 2 GiB bench, 2 runs each, quiet machine:
+# loop CPU per QD32 command +2.7/+3.4 -> +2.0/+2.9 us over idle,
+# qd32_iops_ratio 0.80/0.82 -> 0.86/0.81 (within the noise, not beyond it).
+BUSY_LOOK_S = 0.02
 # Copy buffers kept for reuse (a fresh 1 MiB bytearray per copy costs an
 # mmap, 256 page faults and a munmap).
 KEEP_BUFFERS = 8
@@ -213,16 +232,19 @@ class Copier:
     # set by the engine for a keep-undo restore: async callable(a, b) that
     # returns once extents [a, b) of the source are saved (restore_core.undo)
     before_overwrite: Callable[[int, int], Awaitable[None]] | None = None
+    # set by the engine: holds the host I/O of the pair's volumes (their I/O
+    # gates closed) while entered; the copier measures its idle rate so
+    hold_hosts: Callable[[], AbstractAsyncContextManager[None]] | None = None
 
     async def _run(self) -> None:
         p = self.pair
         tasks: set[asyncio.Task[int]] = set()
-        pos = 0
         self._last_commit = time.monotonic()
         due = time.monotonic()     # token bucket: when the next copy may start
         commit: asyncio.Task[None] | None = None   # at most one in flight
-        self.hosts.start_budget()
         try:
+            pos = await self._calibrate()
+            self.hosts.start_budget()
             while not self._stopping:
                 if p.job is None:
                     return
@@ -242,7 +264,7 @@ class Copier:
                     # progress rate, else look again within the host window.
                     wait = self.hosts.floor_wait(now, th.min_progress_pct)
                     if wait > 0:
-                        await asyncio.sleep(min(wait, self.hosts.window(th.host_window)))
+                        await asyncio.sleep(min(wait, self._busy_look(th.host_window)))
                         continue
                 # Hosts busy: copies by background I/O (a file store: at
                 # low CPU priority), so a host command never waits behind
@@ -254,7 +276,8 @@ class Copier:
                 # busy), one more copy, at normal priority: the floor is a
                 # guarantee.
                 behind = busy and self.hosts.behind(now, th.min_progress_pct)
-                span = th.batch_extents
+                span = max(th.batch_extents, BUSY_COPY_BYTES // p.extent_size) if busy \
+                    else th.batch_extents
                 # A store that pays a round trip per I/O (RBD) needs its
                 # copy depth even while hosts are busy, or it falls under
                 # the floor.
@@ -262,7 +285,7 @@ class Copier:
                 if len(tasks) >= (store_depth + (1 if behind else 0) if busy else max(th.depth, store_depth)):
                     # busy: look again within the window (behind yet?)
                     done, _ = await asyncio.wait(
-                        tasks, timeout=self.hosts.window(th.host_window) if busy else None,
+                        tasks, timeout=self._busy_look(th.host_window) if busy else None,
                         return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         tasks.discard(t)
@@ -343,6 +366,73 @@ class Copier:
             log.exception("pair %s: copier stopped", p.id)
             if self.on_error is not None:
                 await self.on_error(p, f"{type(e).__name__}: {e}")
+
+    async def _calibrate(self) -> int:
+        """Measure the idle rate, with the LU's host I/O held: copy at full
+        depth for ``hosts.calibrate_hold_s``, hosts' commands waiting at
+        the volumes' I/O gates (the job's start held them too, while it
+        committed).
+        Returns where the walk goes on.
+
+        The floor is a share of the idle rate, so the rate must be the one
+        an idle restore makes. Measured between host bursts instead (the
+        hosts' processes and the loop sharing the CPUs) it read 0.38-0.66 of
+        the bench's idle restores, and the copier kept 5-8% of the idle rate
+        under load against a 10% floor. A hold is 50 ms once per job; a
+        job the hosts may not wait for (a rate limit: the copier never runs
+        at full speed; host_window 0: it never yields, so has no floor) or
+        a small one (HostYield.calibrates) measures nothing."""
+        p, th = self.pair, self.pair.throttle
+        if (self.hold_hosts is None or th.rate > 0 or th.host_window == 0
+                or p.job is None or p.job.paused or self._stopping
+                or not self.hosts.calibrates(p.maps.todo_left() * p.extent_size)):
+            return 0
+        loop = asyncio.get_running_loop()
+        depth = max(th.depth, self.src.copy_depth, self.dst.copy_depth)
+        tasks: set[asyncio.Task[int]] = set()
+        landed: list[tuple[float, int]] = []     # (when, bytes) of each copy
+        pos = 0
+        try:
+            async with self.hold_hosts():
+                stop_at = time.monotonic() + self.hosts.calibrate_hold_s
+                while tasks or (not self._stopping and time.monotonic() < stop_at):
+                    more = len(tasks) < depth and not self._stopping and time.monotonic() < stop_at
+                    run = p.maps.next_todo_run(pos, th.batch_extents) if more else None
+                    if run is None:
+                        if not tasks:
+                            break           # nothing (unclaimed) left to copy
+                        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                        now = time.monotonic()
+                        for t in done:
+                            tasks.discard(t)
+                            landed.append((now, t.result()))    # re-raise copy errors
+                        continue
+                    e, end = run
+                    b = e
+                    while b < end and p.inflight.try_claim(b):
+                        b += 1
+                    pos = b if b > e else e + 1
+                    if b > e:
+                        tasks.add(loop.create_task(self._copy_and_release(e, b, False, False)))
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        except BaseException:
+            await asyncio.gather(*tasks, return_exceptions=True)    # as the walk: let them land
+            raise
+        rate = self.hosts.note_calibration(landed)
+        if rate is not None:
+            log.info("pair %s: idle copy rate %.0f MB/s (measured with host I/O held)",
+                     p.id, rate / 1e6)
+        return pos
+
+    def _busy_look(self, host_window: int) -> float:
+        """How long the copier waits, hosts busy, before it looks again
+        (hosts gone? behind the floor?): a host window, BUSY_LOOK_S at least.
+        Each look is loop work between host commands."""
+        return max(self.hosts.window(host_window), BUSY_LOOK_S)
 
     def _commit_due(self, commit: asyncio.Task[None] | None) -> asyncio.Task[None] | None:
         """Bound the work a crash can lose and let progress reach disk -- in

@@ -26,6 +26,7 @@ from .blockstore import BlockStore, BlockStoreError
 from .committer import Committer
 from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
+from .gate import all_closed
 from .metadata import HOLD_FIELD, MetadataStore, Snapshot
 from .pair import Job, JobKind, Pair, PairState, Progress, Throttle, VolumeRuntime
 from .restoremaps import PERSISTED_MAPS
@@ -880,6 +881,8 @@ class Engine:
             pair.copier = Copier(pair, self.committer, self.volumes[pair.source].hosts)
             pair.copier.on_finished = self._job_finished
             pair.copier.on_error = self._job_failed
+            pair.copier.hold_hosts = lambda: all_closed(
+                self.volumes[pair.source].gate, self.volumes[pair.clone].gate)
         saver = None
         if pair.undo_store is not None:
             saver = self._savers.get(pair.id)

@@ -56,3 +56,12 @@ class IOGate:
             self._closed -= 1
             if not self._closed:
                 self._open.set()
+
+
+@contextlib.asynccontextmanager
+async def all_closed(*gates: IOGate) -> AsyncIterator[None]:
+    """Every one of ``gates`` closed, in the order given, while entered."""
+    async with contextlib.AsyncExitStack() as stack:
+        for g in gates:
+            await stack.enter_async_context(g.closed())
+        yield

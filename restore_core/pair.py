@@ -106,6 +106,9 @@ class Progress:
     # whether the pair's last restore was aborted (set until its next job)
     undo: bool = False
     aborted: bool = False
+    # bytes/s the copier makes with no host I/O, as it last measured (None:
+    # not yet); while hosts are busy it keeps min_progress_pct of this
+    idle_rate: float | None = None
 
 
 class Pair:
@@ -243,6 +246,7 @@ class Pair:
             error=job.error if job else None,
             delta_extents=self.maps.may_differ().count(),
             undo=self.undo is not None, aborted=self.aborted,
+            idle_rate=self.copier.hosts.idle_estimate() if self.copier is not None else None,
         )
 
 

@@ -92,9 +92,12 @@ def job_text(p: dict[str, Any]) -> str:
         text += f", WAITING: {p['offline']}"
     done, total = job_bytes(p)
     pct = 100 * done // total if total else 100
+    # the copier's measured idle rate: under host load it keeps the throttle's
+    # min_progress_pct of it
+    idle = f", idle rate {human(pr['idle_rate'])}/s" if pr.get("idle_rate") else ""
     return (f"{text}\n{pct}% {human(done)} of {human(total)} "
             f"({pr['extents_done']} of {plural(pr['extents_total'], 'extent')}), "
-            f"{human(pr['rate'])}/s, ETA {eta(pr['eta'])}")
+            f"{human(pr['rate'])}/s, ETA {eta(pr['eta'])}{idle}")
 
 
 def pair_fields(p: dict[str, Any]) -> list[Field]:
