@@ -80,13 +80,25 @@ class BlockStore(ABC):
     async def write_background(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         await self.write(offset, data)
 
+    def copies_within(self, dst: "BlockStore") -> bool:
+        """This pair of stores copies between themselves (copy_within), as
+        far as is known before trying: the copier sizes its copies by it."""
+        return False
+
+    async def copy_within(self, dst: "BlockStore", offset: int, length: int,
+                          background: bool = False) -> bool:
+        """Copy ``length`` bytes at ``offset`` to the same offset of ``dst``
+        without a buffer of ours, where this pair of stores can (file to file
+        in the kernel): True when done (volatile on ``dst`` until its
+        flush); False: they cannot, the caller copies through memory
+        (copy_to). ``background`` as in readinto_background."""
+        return False
+
     async def copy_to(self, dst: "BlockStore", offset: int, buf: memoryview,
                       background: bool = False) -> None:
         """Copy len(buf) bytes at ``offset`` to the same offset of ``dst``
-        (volatile there until ``dst.flush()``); ``background``: behind host
-        I/O, as readinto_background. ``buf`` is scratch space for stores that
-        copy through memory; a pair of stores that can copy without it (file
-        to file in the kernel) does so, and ``buf`` is then left as it was."""
+        through ``buf`` (volatile there until ``dst.flush()``);
+        ``background``: behind host I/O, as readinto_background."""
         if background:
             await self.readinto_background(offset, buf)
             await dst.write_background(offset, buf)

@@ -35,7 +35,10 @@ COMMIT_INTERVAL_S = 0.5
 # 26.4-28.3 -> 21.3-23.0 us, qd32_iops_ratio 0.67-0.69 -> 0.84-0.85, QD1
 # p99_ratio 2.7-3.0 -> 0.78-1.37; 4 MiB made 0.82-0.85 and 0.86-1.61. A
 # host write to an extent in such a copy waits for it: copies stay
-# bounded here, not a multiple of a batch that may itself be big.
+# bounded here, not a multiple of a batch that may itself be big. Only
+# between stores that copy within (one kernel job, no buffer): through
+# memory (RBD, at copy depth 8) such copies held 8 x 8 MiB of buffers per
+# pair, and each is as many I/Os as batches anyway.
 BUSY_COPY_BYTES = 8 << 20
 # While hosts are busy the copier looks again (hosts gone? behind the
 # floor?) this often at most, not every host window (2-4 ms on a file: 200+
@@ -67,8 +70,11 @@ class BufferPool:
 
     async def copy(self, src: BlockStore, dst: BlockStore, offset: int, length: int,
                    background: bool = False) -> None:
-        """``src.copy_to(dst)`` with one of these buffers as its scratch
-        space (stores that copy between themselves leave it unused)."""
+        """Copy ``length`` bytes at ``offset`` from ``src`` to ``dst``: by
+        the stores themselves where they can (no buffer), else through one
+        of these buffers."""
+        if await src.copy_within(dst, offset, length, background):
+            return
         buf = self.take(length)
         try:
             await src.copy_to(dst, offset, memoryview(buf)[:length], background)
@@ -276,8 +282,8 @@ class Copier:
                 # busy), one more copy, at normal priority: the floor is a
                 # guarantee.
                 behind = busy and self.hosts.behind(now, th.min_progress_pct)
-                span = max(th.batch_extents, BUSY_COPY_BYTES // p.extent_size) if busy \
-                    else th.batch_extents
+                span = max(th.batch_extents, BUSY_COPY_BYTES // p.extent_size) \
+                    if busy and self.src.copies_within(self.dst) else th.batch_extents
                 # A store that pays a round trip per I/O (RBD) needs its
                 # copy depth even while hosts are busy, or it falls under
                 # the floor.

@@ -378,28 +378,31 @@ class FileBlockStore(BlockStore):
         self.check_range(offset, len(data))
         await self._write_in(background_executor(), offset, data)
 
-    async def copy_to(self, dst: BlockStore, offset: int, buf: memoryview,
-                      background: bool = False) -> None:
+    def copies_within(self, dst: BlockStore) -> bool:
+        return isinstance(dst, FileBlockStore) and dst.identity[0] not in self._no_copy_range
+
+    async def copy_within(self, dst: BlockStore, offset: int, length: int,
+                          background: bool = False) -> bool:
         """File to file: copy_file_range in one worker job, so the kernel
         copies page cache to page cache with the GIL released, no buffer
         through Python and no hop back to the loop between read and write
-        (twice as fast as preadv + pwritev on a cached source). Elsewhere,
-        or where the kernel cannot join these two files, through ``buf``."""
-        length = len(buf)
-        if isinstance(dst, FileBlockStore) and dst.identity[0] not in self._no_copy_range:
-            self.check_range(offset, length)
-            dst.check_range(offset, length)
-            pool = background_executor() if background else io_executor()
-            try:
-                copied = await asyncio.get_running_loop().run_in_executor(
-                    pool, self._copy_range_sync, dst, offset, length)
-            except OSError as e:
-                raise BlockStoreError(f"{self.name}: copy to {dst.name} failed at {offset}: {e}",
-                                      offset) from e
-            if copied:
-                dst._written += 1
-                return
-        await super().copy_to(dst, offset, buf, background)
+        (twice as fast as preadv + pwritev on a cached source). False for
+        another kind of store or files the kernel cannot join."""
+        if not self.copies_within(dst):
+            return False
+        assert isinstance(dst, FileBlockStore)
+        self.check_range(offset, length)
+        dst.check_range(offset, length)
+        pool = background_executor() if background else io_executor()
+        try:
+            copied = await asyncio.get_running_loop().run_in_executor(
+                pool, self._copy_range_sync, dst, offset, length)
+        except OSError as e:
+            raise BlockStoreError(f"{self.name}: copy to {dst.name} failed at {offset}: {e}",
+                                  offset) from e
+        if copied:
+            dst._written += 1
+        return copied
 
     def _copy_range_sync(self, dst: "FileBlockStore", offset: int, length: int) -> bool:
         done = 0

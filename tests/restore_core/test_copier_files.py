@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from restore_core.blockstore import MemoryBlockStore
+from restore_core.copier import BufferPool
 from restore_core.stores.file import FileBlockStore
 
 from .util import ES, Rig, pattern
@@ -55,4 +57,30 @@ def test_a_restore_between_files_lands_every_extent(tmp_path, monkeypatch, kerne
         else:     # asked by the copies in flight then (depth 2), then through a buffer
             assert 1 <= len(copies) <= 2
         await eng.close()
+    asyncio.run(go())
+
+
+def test_stores_that_copy_within_take_no_buffer(tmp_path):
+    """File to file the kernel copies: the pool lends no buffer (it would be
+    a zero-filled bytearray of the copy's size, busy copies span 8 MiB, kept
+    for reuse); through memory the copy takes one."""
+    async def go():
+        size = 8 << 20
+        data = os.urandom(size)
+        pool = BufferPool()
+        taken: list[int] = []
+        plain = pool.take
+        pool.take = lambda n: taken.append(n) or plain(n)
+        fa = FileBlockStore(str(tmp_path / "a.img"), size, create=True)
+        fb = FileBlockStore(str(tmp_path / "b.img"), size, create=True)
+        await fa.write(0, data)
+        assert fa.copies_within(fb)
+        await pool.copy(fa, fb, 0, size)
+        assert taken == [] and pool._free == [] and bytes(await fb.read(0, size)) == data
+        mem = MemoryBlockStore(size)
+        assert not fa.copies_within(mem)
+        await pool.copy(fa, mem, 4096, 8192)
+        assert taken == [8192] and bytes(mem.current[4096:12288]) == data[4096:12288]
+        fa.close()
+        fb.close()
     asyncio.run(go())
