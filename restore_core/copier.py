@@ -312,9 +312,7 @@ class Copier:
                     pos = 0
                     continue
                 e, end = run
-                b = e
-                while b < end and p.inflight.try_claim(b):
-                    b += 1
+                b = self._claim(e, end)
                 if b == e:          # claimed by a copy-on-demand: skip past it
                     pos = e + 1
                     continue
@@ -414,9 +412,7 @@ class Copier:
                             landed.append((now, t.result()))    # re-raise copy errors
                         continue
                     e, end = run
-                    b = e
-                    while b < end and p.inflight.try_claim(b):
-                        b += 1
+                    b = self._claim(e, end)
                     pos = b if b > e else e + 1
                     if b > e:
                         tasks.add(loop.create_task(self._copy_and_release(e, b, False, False)))
@@ -433,6 +429,15 @@ class Copier:
             log.info("pair %s: idle copy rate %.0f MB/s (measured with host I/O held)",
                      p.id, rate / 1e6)
         return pos
+
+    def _claim(self, e: int, end: int) -> int:
+        """Claim the extents of todo run [e, end) from ``e`` on while no
+        copy-on-demand holds them: returns where the claimed ones end (``e``:
+        none, a copy-on-demand holds ``e``)."""
+        b = e
+        while b < end and self.pair.inflight.try_claim(b):
+            b += 1
+        return b
 
     def _busy_look(self, host_window: int) -> float:
         """How long the copier waits, hosts busy, before it looks again

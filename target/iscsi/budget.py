@@ -143,9 +143,9 @@ class SessionBudget:
         srv = self.server
         held = self.used + n
         # within the session's limit, and within the server's or the
-        # session's fair share of it (MemoryBudget.fair_share, inline)
+        # session's fair share of it (asked only when over the server's)
         if self.closed or held > srv.session_limit or (
-                srv.used + n > srv.limit and held > srv.limit // max(1, len(srv.sessions))):
+                srv.used + n > srv.limit and held > srv.fair_share()):
             return False
         self.used = held
         srv.used += n
