@@ -43,7 +43,7 @@ from typing import Callable
 from ..blockstore import BlockStore, BlockStoreError, StoreFencedError
 from . import librbd
 from .librbd import RbdError
-from .rbd_submit import DISCARD, FLUSH, READ, WRITE, Submitter
+from .rbd_submit import DISCARD, FLUSH, READ, WRITE, Submitter, drain, submitter
 from .spec import RbdSpec
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class RbdStore(BlockStore):
                                   "another client could write it unfenced: "
                                   f"rbd feature enable {spec.image_name} exclusive-lock")
         self._fast_diff = bool(features & librbd.FEATURE_FAST_DIFF)
-        self._submitter = Submitter(img, f"lr-rbd-{spec.image}", self._start_failed)
+        self._submitter = submitter(img, f"lr-rbd-{spec.image}")
         try:
             if stale_owner is not None and stale_owner in img.lock_owners():
                 log.warning("%s: breaking the lock this daemon's previous run held (%s)",
@@ -259,16 +259,11 @@ class RbdStore(BlockStore):
             loop.remove_reader(self._image.eventfd)
 
     def _complete(self) -> None:
-        """Every completion queued since the last wake-up settles its future."""
-        if self._image is not None:
-            for token, rc in self._image.poll():
+        """Every completion (or refused start) queued since the last
+        wake-up settles its future."""
+        if self._submitter is not None:
+            for token, rc in self._submitter.poll():
                 self._settle(token, rc)
-
-    def _start_failed(self, token: int, err: int) -> None:
-        """On the submitter: librbd refused a call at once."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._settle, token, -err)
 
     def _settle(self, token: int, rc: int) -> None:
         p = self._pending.pop(token, None)
@@ -293,7 +288,7 @@ class RbdStore(BlockStore):
         token = next(self._tokens)
         fut: asyncio.Future[None] = loop.create_future()
         pending = self._pending[token] = _Pending(fut, what, offset, keep)
-        self._submitter.put((op, offset, length, addr, token))
+        self._submitter.put(op, offset, length, addr, token)
         try:
             await fut
         except asyncio.CancelledError:
@@ -379,19 +374,20 @@ class RbdStore(BlockStore):
     def _close_image(self) -> None:
         if self._image is None:
             return
-        if self._submitter is not None:      # what was queued is started first
-            self._submitter.stop()
-            self._submitter = None
         self._unwatch()
         img, self._image = self._image, None
-        # aio in flight: wait for it here, so its completions are released
-        # and its waiters get the real outcome (rbd_close waits for it too,
-        # but leaves the completions queued for a poll that never comes)
-        for token, rc in img.drain(DRAIN_TIMEOUT_S):
-            self._settle(token, rc)
-        if img.taken < img.started:
-            log.warning("%s: closed with %d I/Os still in flight after %s s", self.name,
-                        img.started - img.taken, DRAIN_TIMEOUT_S)
+        sub, self._submitter = self._submitter, None
+        if sub is not None:
+            sub.stop()              # what was queued is started first
+            # aio in flight: wait for it here, so its completions are
+            # released and its waiters get the real outcome (rbd_close waits
+            # for it too, but leaves the completions queued for a poll that
+            # never comes)
+            for token, rc in drain(sub, img.eventfd, DRAIN_TIMEOUT_S):
+                self._settle(token, rc)
+            if sub.taken < sub.started:
+                log.warning("%s: closed with %d I/Os still in flight after %s s", self.name,
+                            sub.started - sub.taken, DRAIN_TIMEOUT_S)
         if self.fenced is None:
             try:
                 img.lock_release()

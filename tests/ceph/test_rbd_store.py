@@ -11,12 +11,23 @@ import pytest
 import rbd
 
 from restore_core.blockstore import BlockStoreError
-from restore_core.stores import librbd, open_store
+from restore_core.stores import librbd, open_store, rbd_submit
 from restore_core.stores.librbd import buffer_address
 from restore_core.stores.rbd import FEATURES, RbdStore
 from tests.ceph.util import create_image, read_image, take_over
 
 MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True, params=["native", "ctypes"])
+def submitter_kind(request, monkeypatch) -> str:
+    """Every store test runs with both submitters: the C extension (which
+    .ci/install builds: its absence fails here) and the ctypes fallback."""
+    if request.param == "native":
+        assert rbd_submit.NativeSubmitter is not None, "restore_core.stores._rbdaio is not built"
+    else:
+        monkeypatch.setattr(rbd_submit, "NativeSubmitter", None)
+    return request.param
 
 
 def test_create_write_read_discard_allocation(ceph):
@@ -152,13 +163,13 @@ def test_close_with_io_in_flight_releases_every_completion(ceph):
 
     async def go():
         await s.write(0, b"\x5a" * MiB)
-        img = s._image
+        sub = s._submitter
         bufs = [bytearray(MiB) for _ in range(32)]
         reads = [asyncio.ensure_future(s.readinto(0, memoryview(b))) for b in bufs]
         writes = [asyncio.ensure_future(s.write((i + 1) * MiB, b"\xa5" * MiB)) for i in range(16)]
         await asyncio.sleep(0)                       # all queued for librbd
         s.close()                                    # while they are in flight
-        assert img.started == 49 and img.taken == img.started
+        assert sub.started == 49 and sub.taken == sub.started
         outcomes = await asyncio.gather(*reads, *writes, return_exceptions=True)
         assert outcomes == [None] * 48
         assert all(b == b"\x5a" * MiB for b in bufs)
@@ -195,17 +206,30 @@ def test_a_call_librbd_refuses_at_once_fails_and_the_store_goes_on(ceph, monkeyp
     refusal to the loop, which fails the call (not hang it), and the store
     goes on serving."""
     spec = ceph.spec()
-    s = open_store(spec, 4 * MiB, create=True)
     api = librbd._api
     real_read = api.aio_read2
-    monkeypatch.setattr(api, "aio_read2", lambda *a: -errno.EIO)
+    refuse = [True]
+
+    # a C function (the C submitter takes librbd's by address) that refuses
+    # while asked to, else is librbd's
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+    def read2(*args):
+        return -errno.EIO if refuse[0] else real_read(*args)
+    monkeypatch.setattr(api, "aio_read2", read2)
+    s = open_store(spec, 4 * MiB, create=True)
 
     async def go():
         await s.write(0, b"\x11" * 4096)
+        t = asyncio.ensure_future(s.readinto(0, memoryview(bytearray(4096))))
+        await asyncio.wait([t], timeout=10)
+        if not t.done():
+            s.close()           # ends the wait (a cancelled read would wait on)
+            pytest.fail("a call librbd refused was never reported")
         with pytest.raises(BlockStoreError, match="read failed: EIO"):
-            await asyncio.wait_for(s.readinto(0, memoryview(bytearray(4096))), 10)
+            t.result()
         assert s._pending == {}
-        monkeypatch.setattr(api, "aio_read2", real_read)
+        refuse[0] = False
         buf = bytearray(4096)
         await s.readinto(0, memoryview(buf))
         assert buf == b"\x11" * 4096 and s.lost() is None
