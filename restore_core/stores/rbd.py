@@ -82,16 +82,23 @@ def remove_image(spec: RbdSpec) -> None:
 
 
 class _Pending:
-    """One aio in flight: who waits, and the buffer librbd reads or fills."""
+    """One aio in flight: who waits, the buffer librbd reads or fills, and
+    for a direct read (start_readinto) what its caller asked for."""
 
-    __slots__ = ("fut", "what", "offset", "keep")
+    __slots__ = ("fut", "what", "offset", "keep", "settled", "mapper")
 
     def __init__(self, fut: asyncio.Future[None], what: str, offset: int | None,
-                 keep: object) -> None:
+                 keep: object, settled: Callable[[], None] | None = None,
+                 mapper: Callable[[BlockStoreError], Exception] | None = None) -> None:
         self.fut = fut
         self.what = what
         self.offset = offset
         self.keep = keep
+        self.settled = settled
+        self.mapper = mapper
+
+    def fail(self, e: BlockStoreError) -> None:
+        self.fut.set_exception(e if self.mapper is None else self.mapper(e))
 
 
 class RbdStore(BlockStore):
@@ -267,14 +274,39 @@ class RbdStore(BlockStore):
 
     def _settle(self, token: int, rc: int) -> None:
         p = self._pending.pop(token, None)
-        if p is None or p.fut.done() or p.fut.get_loop().is_closed():
+        if p is None:
+            return
+        if p.settled is not None:
+            p.settled()
+        if p.fut.done() or p.fut.get_loop().is_closed():
             return
         if rc < 0:
-            p.fut.set_exception(self._error(p.what, p.offset, -rc))
+            p.fail(self._error(p.what, p.offset, -rc))
         elif self.fenced is not None:        # nothing is acknowledged once fenced
-            p.fut.set_exception(self._error(p.what, p.offset, 0))
+            p.fail(self._error(p.what, p.offset, 0))
         else:
             p.fut.set_result(None)
+
+    def start_readinto(self, offset: int, buf: memoryview, settled: Callable[[], None],
+                       error: Callable[[BlockStoreError], Exception]
+                       ) -> asyncio.Future[None] | None:
+        """A host read's direct route: into the command's own buffer, its
+        future settled by the completion poll. Cancelled, the future ends at
+        once, but ``buf`` stays pinned (_Pending.keep) and ``settled`` waits
+        until librbd let go of it. 4 KiB random reads through iSCSI at QD32
+        vs the coroutine path (a coroutine per layer, a bytearray, a copy
+        into the Data-In buffer): see the commit that added it."""
+        n = len(buf)
+        if (self.fenced is not None or self._submitter is None or not n or offset < 0
+                or offset + n > self._size or buf.readonly):
+            return None                        # the coroutine path reports it
+        addr, keep = librbd.buffer_address(buf, True)
+        loop = self._watch()
+        token = next(self._tokens)
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending[token] = _Pending(fut, "read", offset, keep, settled, error)
+        self._submitter.put(READ, offset, n, addr, token)
+        return fut
 
     async def _aio(self, what: str, op: int, offset: int, length: int,
                    buf: object = None) -> None:
@@ -397,11 +429,12 @@ class RbdStore(BlockStore):
             img.close()     # after the aio in flight completed
         except RbdError as e:
             log.warning("%s: close: %s", self.name, e)
-        for p in self._pending.values():
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if p.settled is not None:
+                p.settled()
             if not p.fut.done() and not p.fut.get_loop().is_closed():
-                p.fut.set_exception(StoreFencedError(f"{self.name}: {p.what} refused: closed",
-                                                     p.offset))
-        self._pending.clear()
+                p.fail(StoreFencedError(f"{self.name}: {p.what} refused: closed", p.offset))
 
     def _disconnect(self) -> None:
         if self._cluster is not None:

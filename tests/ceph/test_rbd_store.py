@@ -11,6 +11,8 @@ import pytest
 import rbd
 
 from restore_core.blockstore import BlockStoreError
+from restore_core.lunio import NotReadyError
+from restore_core.store_errors import host_error
 from restore_core.stores import librbd, open_store, rbd_submit
 from restore_core.stores.librbd import buffer_address
 from restore_core.stores.rbd import FEATURES, RbdStore
@@ -233,5 +235,49 @@ def test_a_call_librbd_refuses_at_once_fails_and_the_store_goes_on(ceph, monkeyp
         buf = bytearray(4096)
         await s.readinto(0, memoryview(buf))
         assert buf == b"\x11" * 4096 and s.lost() is None
+    asyncio.run(go())
+    s.close()
+
+
+def test_a_direct_read_lands_in_the_buffer_and_settles_only_when_librbd_let_go(ceph):
+    """start_readinto (a host read's direct route): straight into the
+    caller's buffer; cancelled, ``settled`` (the volume's gate) still waits
+    for librbd; once fenced, the mapped error (NOT READY), and none started."""
+    spec = ceph.spec()
+    s = open_store(spec, 32 * MiB, create=True)
+    settled: list[int] = []
+
+    async def go():
+        await s.write(MiB, b"\x77" * 4096)
+        buf = bytearray(4096)
+        fut = s.start_readinto(MiB, memoryview(buf), lambda: settled.append(1), host_error)
+        assert asyncio.isfuture(fut)
+        assert await fut is None and buf == b"\x77" * 4096 and settled == [1]
+        for _ in range(3):
+            big = bytearray(32 * MiB)
+            fut = s.start_readinto(0, memoryview(big), lambda: settled.append(2), host_error)
+            await asyncio.sleep(0)
+            fut.cancel()
+            assert settled.count(2) == 0             # librbd still owns the buffer
+            for _ in range(200):
+                if settled.count(2):
+                    break
+                await asyncio.sleep(0.05)
+            assert settled.count(2) == 1
+            settled.remove(2)
+            big[:] = b"\xff" * len(big)
+            await asyncio.sleep(0.1)
+            assert big == b"\xff" * len(big)        # nothing landed after it settled
+        img, close = take_over(spec)
+        try:
+            fut = s.start_readinto(0, memoryview(bytearray(4096)), lambda: settled.append(3),
+                                   host_error)
+            with pytest.raises(NotReadyError, match="blocklisted"):
+                await fut
+            assert settled == [1, 3]
+            assert s.start_readinto(0, memoryview(bytearray(4096)), settled.clear,
+                                    host_error) is None      # fenced: the coroutine reports it
+        finally:
+            close()
     asyncio.run(go())
     s.close()
