@@ -293,9 +293,11 @@ class RbdStore(BlockStore):
         """A host read's direct route: into the command's own buffer, its
         future settled by the completion poll. Cancelled, the future ends at
         once, but ``buf`` stays pinned (_Pending.keep) and ``settled`` waits
-        until librbd let go of it. 4 KiB random reads through iSCSI at QD32
-        vs the coroutine path (a coroutine per layer, a bytearray, a copy
-        into the Data-In buffer): see the commit that added it."""
+        until librbd let go of it. Instead of the coroutine path (a
+        coroutine per layer, a bytearray, a copy into the Data-In buffer):
+        with the C submitter, the loop's CPU per 4 KiB read at QD32 through
+        iSCSI went 41.5-42.0 -> 32.3-35.7 us (tests.bench.rbd_profile, two
+        runs each, load 2-2.5)."""
         n = len(buf)
         if (self.fenced is not None or self._submitter is None or not n or offset < 0
                 or offset + n > self._size or buf.readonly):
