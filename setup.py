@@ -8,4 +8,9 @@ setup(ext_modules=[
     # runs the Python ring loop (it logs a warning saying so)
     Extension("target.tcmu._nativering", ["target/tcmu/_nativering.c"],
               extra_compile_args=["-O2", "-Wall"], optional=True),
+    # An RBD image's aio submitter thread without the GIL
+    # (restore_core/stores/_rbdaio.c); optional the same way: without it
+    # the RBD store runs restore_core.stores.rbd_submit.PySubmitter
+    Extension("restore_core.stores._rbdaio", ["restore_core/stores/_rbdaio.c"],
+              extra_compile_args=["-O2", "-Wall"], optional=True),
 ])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from typing import Iterable
+from typing import Callable, Iterable
 class BlockStoreError(Exception):
     """An I/O error from a backing store (becomes a MEDIUM ERROR for hosts)."""
 
@@ -68,6 +68,18 @@ class BlockStore(ABC):
 
     def try_write(self, offset: int, bufs: list) -> bool:
         return False
+
+    # The asynchronous direct read (a store whose reads complete on the loop
+    # by themselves, RBD): start reading len(buf) bytes at offset straight
+    # into buf and return its future -- None once buf is filled, else the
+    # exception error(e) makes of the store's error -- with no coroutine and
+    # no buffer of its own; ``settled()`` runs once the store let go of buf
+    # (also when the future was cancelled first). None: nothing started,
+    # the caller uses the coroutine.
+    def start_readinto(self, offset: int, buf: memoryview, settled: Callable[[], None],
+                       error: Callable[[BlockStoreError], Exception]
+                       ) -> asyncio.Future[None] | None:
+        return None
 
     # Background I/O (the copier while hosts are busy): the same I/O, but
     # never run on the event loop, where it would hold up host commands, and

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Coroutine, Protocol, runtime_checkable
+from typing import Any, Awaitable, Coroutine, Protocol, runtime_checkable
 
 Data = bytes | bytearray | memoryview
 # The work a routing decision left to do: a coroutine not started yet (so a
-# caller that drops it undoes nothing), awaited for the data / completion.
-ReadWork = Coroutine[Any, Any, Data]
+# caller that drops it undoes nothing), awaited for the data / completion;
+# or, for a read, a store's read already under way straight into the
+# caller's buffers (BlockStore.start_readinto): a future of None.
+ReadWork = Coroutine[Any, Any, Data] | Awaitable[None]
 WriteWork = Coroutine[Any, Any, None]
 
 
@@ -96,7 +98,8 @@ class LunIO(Protocol):
 
     def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
         """Read len(into) bytes at offset into ``into`` (None: done), or the
-        work that returns them (``into`` is then not necessarily filled)."""
+        work that returns them (``into`` is then not necessarily filled), or
+        an awaitable of None that fills ``into``."""
         ...
 
     def route_write(self, offset: int, data: memoryview, fua: bool) -> WriteWork | None:

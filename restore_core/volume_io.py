@@ -137,6 +137,12 @@ class VolumeIO(LunIO):
     # have changed since the SCSI layer checked it, and cannot change while
     # the work holds the gate).
     def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
+        return self._route_read(offset, into, True)
+
+    def _route_read(self, offset: int, into: list[memoryview], start: bool) -> ReadWork | None:
+        """``start``: a store's asynchronous direct read may be started
+        (BlockStore.start_readinto): it holds the gate, as the work would,
+        until the store let go of the buffer."""
         length = sum(map(len, into))
         if self._direct_blocked():
             return self._read_work(offset, length)
@@ -144,8 +150,17 @@ class VolumeIO(LunIO):
         if src.__class__ is list:
             done = all(store.try_readinto(a, _slice(into, a - offset, b - offset))
                        for store, a, b in src)       # type: ignore[union-attr]
+        elif src.try_readinto(offset, into):         # type: ignore[union-attr]
+            return None
         else:
-            done = src.try_readinto(offset, into)    # type: ignore[union-attr]
+            done = False
+            gate = self.vol.gate
+            if start and len(into) == 1 and gate.try_enter():
+                started = src.start_readinto(offset, into[0], gate.leave,   # type: ignore[union-attr]
+                                             host_error)
+                if started is not None:
+                    return started
+                gate.leave()
         return None if done else self._read_work(offset, length)
 
     def route_write(self, offset: int, data: memoryview, fua: bool) -> WriteWork | None:
@@ -157,7 +172,7 @@ class VolumeIO(LunIO):
     # The direct path alone (tests drive it): True when route_* did the I/O,
     # False when it would need work, which is dropped unstarted.
     def try_readinto(self, offset: int, bufs: list[memoryview]) -> bool:
-        return _done(self.route_read(offset, bufs))
+        return _done(self._route_read(offset, bufs, False))
 
     def try_write(self, offset: int, bufs: list) -> bool:
         data = memoryview(bufs[0]) if len(bufs) == 1 else memoryview(b"".join(bufs))

@@ -19,8 +19,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import select
-import time
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_ssize_t, c_uint8, c_uint64, c_void_p
 from typing import Callable
 
@@ -115,6 +113,16 @@ class _Api:
 _api = _Api(_rados, _rbd) if _rados is not None and _rbd is not None else None
 
 
+def native_addresses() -> tuple[int, ...]:
+    """The librbd functions restore_core.stores._rbdaio calls, by address
+    (it is not linked against librbd), in the order it takes them."""
+    assert _api is not None
+    fns = (_api.aio_create_completion, _api.aio_read2, _api.aio_write2, _api.aio_discard,
+           _api.aio_flush, _api.aio_release, _api.poll_io_events, _api.aio_get_return_value,
+           _api.aio_get_arg)
+    return tuple(ctypes.cast(f, c_void_p).value or 0 for f in fns)
+
+
 def _check(r: int, what: str) -> int:
     if r < 0:
         raise RbdError(-r, what)
@@ -187,6 +195,11 @@ class Image:
         except RbdError:
             self.close()
             raise
+
+    @property
+    def handle(self) -> int:
+        """The rbd_image_t (for restore_core.stores._rbdaio)."""
+        return self._h.value or 0
 
     # -- management (blocking calls) ------------------------------------------------
     def size(self) -> int:
@@ -285,23 +298,6 @@ class Image:
             self.taken += n
             if n < POLL_BATCH:
                 return out
-
-    def drain(self, timeout: float) -> list[tuple[int, int]]:
-        """Wait (blocking, at most ``timeout`` s) until every aio started
-        has completed and poll them all: a completion nobody polls is
-        never released, and once the image is closed nobody can. Call
-        when nothing starts aio any more; returns what poll would."""
-        out: list[tuple[int, int]] = []
-        waiter = select.poll()
-        waiter.register(self.eventfd, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while self.taken < self.started:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            waiter.poll(left * 1000)
-            out += self.poll()
-        return out
 
     def close(self) -> None:
         """Waits for the aio in flight (librbd does), then closes."""

@@ -43,7 +43,7 @@ from typing import Callable
 from ..blockstore import BlockStore, BlockStoreError, StoreFencedError
 from . import librbd
 from .librbd import RbdError
-from .rbd_submit import DISCARD, FLUSH, READ, WRITE, Submitter
+from .rbd_submit import DISCARD, FLUSH, READ, WRITE, Submitter, drain, submitter
 from .spec import RbdSpec
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,23 @@ def remove_image(spec: RbdSpec) -> None:
 
 
 class _Pending:
-    """One aio in flight: who waits, and the buffer librbd reads or fills."""
+    """One aio in flight: who waits, the buffer librbd reads or fills, and
+    for a direct read (start_readinto) what its caller asked for."""
 
-    __slots__ = ("fut", "what", "offset", "keep")
+    __slots__ = ("fut", "what", "offset", "keep", "settled", "mapper")
 
     def __init__(self, fut: asyncio.Future[None], what: str, offset: int | None,
-                 keep: object) -> None:
+                 keep: object, settled: Callable[[], None] | None = None,
+                 mapper: Callable[[BlockStoreError], Exception] | None = None) -> None:
         self.fut = fut
         self.what = what
         self.offset = offset
         self.keep = keep
+        self.settled = settled
+        self.mapper = mapper
+
+    def fail(self, e: BlockStoreError) -> None:
+        self.fut.set_exception(e if self.mapper is None else self.mapper(e))
 
 
 class RbdStore(BlockStore):
@@ -193,7 +200,7 @@ class RbdStore(BlockStore):
                                   "another client could write it unfenced: "
                                   f"rbd feature enable {spec.image_name} exclusive-lock")
         self._fast_diff = bool(features & librbd.FEATURE_FAST_DIFF)
-        self._submitter = Submitter(img, f"lr-rbd-{spec.image}", self._start_failed)
+        self._submitter = submitter(img, f"lr-rbd-{spec.image}")
         try:
             if stale_owner is not None and stale_owner in img.lock_owners():
                 log.warning("%s: breaking the lock this daemon's previous run held (%s)",
@@ -259,27 +266,49 @@ class RbdStore(BlockStore):
             loop.remove_reader(self._image.eventfd)
 
     def _complete(self) -> None:
-        """Every completion queued since the last wake-up settles its future."""
-        if self._image is not None:
-            for token, rc in self._image.poll():
+        """Every completion (or refused start) queued since the last
+        wake-up settles its future."""
+        if self._submitter is not None:
+            for token, rc in self._submitter.poll():
                 self._settle(token, rc)
-
-    def _start_failed(self, token: int, err: int) -> None:
-        """On the submitter: librbd refused a call at once."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._settle, token, -err)
 
     def _settle(self, token: int, rc: int) -> None:
         p = self._pending.pop(token, None)
-        if p is None or p.fut.done() or p.fut.get_loop().is_closed():
+        if p is None:
+            return
+        if p.settled is not None:
+            p.settled()
+        if p.fut.done() or p.fut.get_loop().is_closed():
             return
         if rc < 0:
-            p.fut.set_exception(self._error(p.what, p.offset, -rc))
+            p.fail(self._error(p.what, p.offset, -rc))
         elif self.fenced is not None:        # nothing is acknowledged once fenced
-            p.fut.set_exception(self._error(p.what, p.offset, 0))
+            p.fail(self._error(p.what, p.offset, 0))
         else:
             p.fut.set_result(None)
+
+    def start_readinto(self, offset: int, buf: memoryview, settled: Callable[[], None],
+                       error: Callable[[BlockStoreError], Exception]
+                       ) -> asyncio.Future[None] | None:
+        """A host read's direct route: into the command's own buffer, its
+        future settled by the completion poll. Cancelled, the future ends at
+        once, but ``buf`` stays pinned (_Pending.keep) and ``settled`` waits
+        until librbd let go of it. Instead of the coroutine path (a
+        coroutine per layer, a bytearray, a copy into the Data-In buffer):
+        with the C submitter, the loop's CPU per 4 KiB read at QD32 through
+        iSCSI went 41.5-42.0 -> 32.3-35.7 us (tests.bench.rbd_profile, two
+        runs each, load 2-2.5)."""
+        n = len(buf)
+        if (self.fenced is not None or self._submitter is None or not n or offset < 0
+                or offset + n > self._size or buf.readonly):
+            return None                        # the coroutine path reports it
+        addr, keep = librbd.buffer_address(buf, True)
+        loop = self._watch()
+        token = next(self._tokens)
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending[token] = _Pending(fut, "read", offset, keep, settled, error)
+        self._submitter.put(READ, offset, n, addr, token)
+        return fut
 
     async def _aio(self, what: str, op: int, offset: int, length: int,
                    buf: object = None) -> None:
@@ -293,7 +322,7 @@ class RbdStore(BlockStore):
         token = next(self._tokens)
         fut: asyncio.Future[None] = loop.create_future()
         pending = self._pending[token] = _Pending(fut, what, offset, keep)
-        self._submitter.put((op, offset, length, addr, token))
+        self._submitter.put(op, offset, length, addr, token)
         try:
             await fut
         except asyncio.CancelledError:
@@ -379,19 +408,20 @@ class RbdStore(BlockStore):
     def _close_image(self) -> None:
         if self._image is None:
             return
-        if self._submitter is not None:      # what was queued is started first
-            self._submitter.stop()
-            self._submitter = None
         self._unwatch()
         img, self._image = self._image, None
-        # aio in flight: wait for it here, so its completions are released
-        # and its waiters get the real outcome (rbd_close waits for it too,
-        # but leaves the completions queued for a poll that never comes)
-        for token, rc in img.drain(DRAIN_TIMEOUT_S):
-            self._settle(token, rc)
-        if img.taken < img.started:
-            log.warning("%s: closed with %d I/Os still in flight after %s s", self.name,
-                        img.started - img.taken, DRAIN_TIMEOUT_S)
+        sub, self._submitter = self._submitter, None
+        if sub is not None:
+            sub.stop()              # what was queued is started first
+            # aio in flight: wait for it here, so its completions are
+            # released and its waiters get the real outcome (rbd_close waits
+            # for it too, but leaves the completions queued for a poll that
+            # never comes)
+            for token, rc in drain(sub, img.eventfd, DRAIN_TIMEOUT_S):
+                self._settle(token, rc)
+            if sub.taken < sub.started:
+                log.warning("%s: closed with %d I/Os still in flight after %s s", self.name,
+                            sub.started - sub.taken, DRAIN_TIMEOUT_S)
         if self.fenced is None:
             try:
                 img.lock_release()
@@ -401,11 +431,12 @@ class RbdStore(BlockStore):
             img.close()     # after the aio in flight completed
         except RbdError as e:
             log.warning("%s: close: %s", self.name, e)
-        for p in self._pending.values():
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if p.settled is not None:
+                p.settled()
             if not p.fut.done() and not p.fut.get_loop().is_closed():
-                p.fut.set_exception(StoreFencedError(f"{self.name}: {p.what} refused: closed",
-                                                     p.offset))
-        self._pending.clear()
+                p.fail(StoreFencedError(f"{self.name}: {p.what} refused: closed", p.offset))
 
     def _disconnect(self) -> None:
         if self._cluster is not None:

@@ -23,27 +23,87 @@ Waking this thread at the end of the loop's turn (call_soon) instead of
 at the first put, so it would not contend for the GIL while the loop
 parses a burst of commands: 62.4-76.6k vs 64.1-76.4k commands in 5 s, 3
 alternating runs each (load 2.0-2.5): no difference, not taken.
+
+Two implementations of the same thing: the C extension
+restore_core.stores._rbdaio (the thread never takes the GIL, and the
+loop's poll makes no ctypes call per completion) when it is built, and
+PySubmitter (ctypes) otherwise; ``submitter()`` picks one. Both report a
+call librbd refused at once through the image's eventfd, with the
+completions: ``poll()`` returns both as (token, return value).
 """
 from __future__ import annotations
 
 import collections
+import os
+import select
 import threading
-from typing import Callable
+import time
+from typing import Protocol
 
-from .librbd import Image, RbdError
+from .librbd import Image, RbdError, native_addresses
+
+try:
+    from ._rbdaio import Aio as NativeSubmitter
+except ImportError:      # not built (no compiler): the ctypes thread does the same
+    NativeSubmitter = None
 
 READ, WRITE, DISCARD, FLUSH = range(4)
 #: (op, offset, length, buffer address, token)
 Request = tuple[int, int, int, int, int]
 
 
-class Submitter:
-    def __init__(self, image: Image, name: str, failed: Callable[[int, int], None]) -> None:
-        """``failed(token, errno)``: a call librbd refused at once (on this
-        thread; the callee hands it to the loop)."""
+class Submitter(Protocol):
+    """What the RBD store needs from its submitter (both implementations)."""
+
+    @property
+    def started(self) -> int:
+        """aio calls librbd accepted (final once stopped)"""
+
+    @property
+    def taken(self) -> int:
+        """completions polled and released"""
+
+    def put(self, op: int, offset: int, length: int, addr: int, token: int) -> None:
+        """On the loop: queue one call; wakes the thread only when it sleeps."""
+
+    def stop(self) -> None:
+        """Start what is queued, then end the thread."""
+
+    def poll(self) -> list[tuple[int, int]]:
+        """On the loop: (token, return value) of every completion and every
+        refused start so far; clears the eventfd first."""
+
+
+def submitter(image: Image, name: str) -> Submitter:
+    """The image's submitter: the C one if it is built."""
+    if NativeSubmitter is not None:
+        return NativeSubmitter(image.handle, image.eventfd, native_addresses())
+    return PySubmitter(image, name)
+
+
+def drain(sub: Submitter, eventfd: int, timeout: float) -> list[tuple[int, int]]:
+    """Wait (blocking, at most ``timeout`` s) until every aio started has
+    completed and poll them all: a completion nobody polls is never
+    released, and once the image is closed nobody can. Call once the
+    submitter is stopped; returns what poll would."""
+    out = sub.poll()
+    waiter = select.poll()
+    waiter.register(eventfd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while sub.taken < sub.started:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        waiter.poll(left * 1000)
+        out += sub.poll()
+    return out
+
+
+class PySubmitter:
+    def __init__(self, image: Image, name: str) -> None:
         self._image = image
-        self._failed = failed
         self._queue: collections.deque[Request | None] = collections.deque()
+        self._failed: collections.deque[tuple[int, int]] = collections.deque()
         self._idle = False
         # a binary semaphore: a C lock is much cheaper to signal than
         # threading.Semaphore (a Condition); a second signal collapses
@@ -52,9 +112,18 @@ class Submitter:
         self._thread = threading.Thread(target=self._run, daemon=True, name=name[:15])
         self._thread.start()
 
-    def put(self, req: Request | None) -> None:
-        """On the loop: queue one call (None: stop); wakes the thread only
-        when it is idle."""
+    @property
+    def started(self) -> int:
+        return self._image.started
+
+    @property
+    def taken(self) -> int:
+        return self._image.taken
+
+    def put(self, op: int, offset: int, length: int, addr: int, token: int) -> None:
+        self._put((op, offset, length, addr, token))
+
+    def _put(self, req: Request | None) -> None:
         self._queue.append(req)
         if self._idle:
             self._idle = False
@@ -64,9 +133,15 @@ class Submitter:
                 pass
 
     def stop(self) -> None:
-        """Start what is queued, then end the thread."""
-        self.put(None)
+        self._put(None)
         self._thread.join()
+
+    def poll(self) -> list[tuple[int, int]]:
+        out = self._image.poll()
+        failed = self._failed
+        while failed:
+            out.append(failed.popleft())
+        return out
 
     def _run(self) -> None:
         img, queue = self._image, self._queue
@@ -85,7 +160,8 @@ class Submitter:
                     else:
                         img.aio_flush(token)
                 except RbdError as e:
-                    self._failed(token, e.errno)
+                    self._failed.append((token, -e.errno))
+                    os.eventfd_write(img.eventfd, 1)
             self._idle = True
             if queue:               # raced with a put that saw us busy
                 self._idle = False

@@ -49,11 +49,16 @@ def _check_transfer(dev: "ScsiDevice", blocks: int, field: int) -> None:
         raise invalid_cdb(field)
 
 
-async def _read_done(dev: "ScsiDevice", pending: Awaitable[Data], length: int, lba: int) -> Data:
+async def _read_done(dev: "ScsiDevice", pending: Awaitable[Data | None], length: int, lba: int,
+                     placed: object = None) -> Data:
+    """``placed``: what the READ answers when ``pending`` filled its
+    buffers itself (returned None; LunIO.route_read)."""
     try:
         data = await pending
     except MediumError as e:
         raise medium_error(e, dev.block_size, lba) from e
+    if data is None and placed is not None:
+        return placed                      # type: ignore[return-value]
     if len(data) != length:
         raise RuntimeError(f"LunIO.read returned {len(data)} bytes, wanted {length}")
     return data
@@ -124,7 +129,7 @@ def read(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> object:
     work = dev.lunio.route_read(lba * bs, bufs)
     if work is None:
         return out
-    return _read_done(dev, work, n, lba)
+    return _read_done(dev, work, n, lba, out)
 
 
 def write(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> object:

@@ -11,12 +11,25 @@ import pytest
 import rbd
 
 from restore_core.blockstore import BlockStoreError
-from restore_core.stores import librbd, open_store
+from restore_core.lunio import NotReadyError
+from restore_core.store_errors import host_error
+from restore_core.stores import librbd, open_store, rbd_submit
 from restore_core.stores.librbd import buffer_address
 from restore_core.stores.rbd import FEATURES, RbdStore
 from tests.ceph.util import create_image, read_image, take_over
 
 MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True, params=["native", "ctypes"])
+def submitter_kind(request, monkeypatch) -> str:
+    """Every store test runs with both submitters: the C extension (which
+    .ci/install builds: its absence fails here) and the ctypes fallback."""
+    if request.param == "native":
+        assert rbd_submit.NativeSubmitter is not None, "restore_core.stores._rbdaio is not built"
+    else:
+        monkeypatch.setattr(rbd_submit, "NativeSubmitter", None)
+    return request.param
 
 
 def test_create_write_read_discard_allocation(ceph):
@@ -152,13 +165,13 @@ def test_close_with_io_in_flight_releases_every_completion(ceph):
 
     async def go():
         await s.write(0, b"\x5a" * MiB)
-        img = s._image
+        sub = s._submitter
         bufs = [bytearray(MiB) for _ in range(32)]
         reads = [asyncio.ensure_future(s.readinto(0, memoryview(b))) for b in bufs]
         writes = [asyncio.ensure_future(s.write((i + 1) * MiB, b"\xa5" * MiB)) for i in range(16)]
         await asyncio.sleep(0)                       # all queued for librbd
         s.close()                                    # while they are in flight
-        assert img.started == 49 and img.taken == img.started
+        assert sub.started == 49 and sub.taken == sub.started
         outcomes = await asyncio.gather(*reads, *writes, return_exceptions=True)
         assert outcomes == [None] * 48
         assert all(b == b"\x5a" * MiB for b in bufs)
@@ -195,19 +208,76 @@ def test_a_call_librbd_refuses_at_once_fails_and_the_store_goes_on(ceph, monkeyp
     refusal to the loop, which fails the call (not hang it), and the store
     goes on serving."""
     spec = ceph.spec()
-    s = open_store(spec, 4 * MiB, create=True)
     api = librbd._api
     real_read = api.aio_read2
-    monkeypatch.setattr(api, "aio_read2", lambda *a: -errno.EIO)
+    refuse = [True]
+
+    # a C function (the C submitter takes librbd's by address) that refuses
+    # while asked to, else is librbd's
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+    def read2(*args):
+        return -errno.EIO if refuse[0] else real_read(*args)
+    monkeypatch.setattr(api, "aio_read2", read2)
+    s = open_store(spec, 4 * MiB, create=True)
 
     async def go():
         await s.write(0, b"\x11" * 4096)
+        t = asyncio.ensure_future(s.readinto(0, memoryview(bytearray(4096))))
+        await asyncio.wait([t], timeout=10)
+        if not t.done():
+            s.close()           # ends the wait (a cancelled read would wait on)
+            pytest.fail("a call librbd refused was never reported")
         with pytest.raises(BlockStoreError, match="read failed: EIO"):
-            await asyncio.wait_for(s.readinto(0, memoryview(bytearray(4096))), 10)
+            t.result()
         assert s._pending == {}
-        monkeypatch.setattr(api, "aio_read2", real_read)
+        refuse[0] = False
         buf = bytearray(4096)
         await s.readinto(0, memoryview(buf))
         assert buf == b"\x11" * 4096 and s.lost() is None
+    asyncio.run(go())
+    s.close()
+
+
+def test_a_direct_read_lands_in_the_buffer_and_settles_only_when_librbd_let_go(ceph):
+    """start_readinto (a host read's direct route): straight into the
+    caller's buffer; cancelled, ``settled`` (the volume's gate) still waits
+    for librbd; once fenced, the mapped error (NOT READY), and none started."""
+    spec = ceph.spec()
+    s = open_store(spec, 32 * MiB, create=True)
+    settled: list[int] = []
+
+    async def go():
+        await s.write(MiB, b"\x77" * 4096)
+        buf = bytearray(4096)
+        fut = s.start_readinto(MiB, memoryview(buf), lambda: settled.append(1), host_error)
+        assert asyncio.isfuture(fut)
+        assert await fut is None and buf == b"\x77" * 4096 and settled == [1]
+        for _ in range(3):
+            big = bytearray(32 * MiB)
+            fut = s.start_readinto(0, memoryview(big), lambda: settled.append(2), host_error)
+            await asyncio.sleep(0)
+            fut.cancel()
+            assert settled.count(2) == 0             # librbd still owns the buffer
+            for _ in range(200):
+                if settled.count(2):
+                    break
+                await asyncio.sleep(0.05)
+            assert settled.count(2) == 1
+            settled.remove(2)
+            big[:] = b"\xff" * len(big)
+            await asyncio.sleep(0.1)
+            assert big == b"\xff" * len(big)        # nothing landed after it settled
+        img, close = take_over(spec)
+        try:
+            fut = s.start_readinto(0, memoryview(bytearray(4096)), lambda: settled.append(3),
+                                   host_error)
+            with pytest.raises(NotReadyError, match="blocklisted"):
+                await fut
+            assert settled == [1, 3]
+            assert s.start_readinto(0, memoryview(bytearray(4096)), settled.clear,
+                                    host_error) is None      # fenced: the coroutine reports it
+        finally:
+            close()
     asyncio.run(go())
     s.close()

@@ -1,0 +1,392 @@
+/* An RBD image's aio submitter thread and completion poll, in C.
+ *
+ * restore_core/stores/rbd_submit.py explains the design (the loop queues
+ * each aio call, one thread starts them in order, librbd queues the
+ * completions for the loop's eventfd); PySubmitter there is the same in
+ * Python over ctypes, the fallback when this extension is not built. Here
+ * the thread never takes the GIL: a queued request costs the loop a mutex
+ * and (when the thread sleeps) a condition signal instead of the thread's
+ * Python bytecode and four ctypes calls, and a completion costs the loop
+ * no ctypes calls at all.
+ *
+ * librbd is not linked: the caller passes the addresses of the librbd
+ * functions it loaded (ctypes), so this builds without the Ceph headers
+ * and loads without librbd. A call librbd refuses at once is queued in
+ * `failed` and the eventfd bumped: the loop takes it with the completions.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+enum { OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH };
+#define POLL_BATCH 64
+
+typedef int (*create_fn)(void *arg, void *cb, void **comp);
+typedef int (*rw_fn)(void *img, uint64_t off, size_t len, void *buf, void *comp, int flags);
+typedef int (*discard_fn)(void *img, uint64_t off, uint64_t len, void *comp);
+typedef int (*flush_fn)(void *img, void *comp);
+typedef void (*release_fn)(void *comp);
+typedef int (*poll_fn)(void *img, void **comps, int n);
+typedef ssize_t (*retval_fn)(void *comp);
+typedef void *(*arg_fn)(void *comp);
+
+typedef struct {
+    int op;
+    uint64_t offset, length;
+    void *addr;
+    uintptr_t token;
+} Req;
+
+typedef struct {
+    Req *items;
+    size_t head, len, cap;          /* a ring */
+} Queue;
+
+typedef struct {
+    uintptr_t token;
+    int err;
+} Failed;
+
+typedef struct {
+    PyObject_HEAD
+    void *image;
+    int eventfd;
+    create_fn create;
+    rw_fn read, write;
+    discard_fn discard;
+    flush_fn flush;
+    release_fn release;
+    poll_fn poll;
+    retval_fn retval;
+    arg_fn arg;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    Queue q;
+    Failed *failed;
+    size_t nfailed, capfailed;
+    int inited, stopping, running, sleeping;
+    unsigned long long started;     /* written by the thread only */
+    unsigned long long taken;       /* written by the loop only */
+    pthread_t thread;
+} Aio;
+
+static int queue_push(Queue *q, const Req *r)
+{
+    if (q->len == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 64;
+        Req *n = malloc(cap * sizeof(Req));
+        if (n == NULL)
+            return -1;
+        for (size_t i = 0; i < q->len; i++)
+            n[i] = q->items[(q->head + i) % q->cap];
+        free(q->items);
+        q->items = n;
+        q->cap = cap;
+        q->head = 0;
+    }
+    q->items[(q->head + q->len) % q->cap] = *r;
+    q->len++;
+    return 0;
+}
+
+static void bump(int fd)
+{
+    uint64_t one = 1;
+    ssize_t r = write(fd, &one, sizeof one);
+    (void)r;                    /* a full counter still wakes the loop */
+}
+
+/* On the thread, mutex not held: start one call. */
+static void start(Aio *a, const Req *r)
+{
+    void *comp = NULL;
+    int rc = a->create((void *)r->token, NULL, &comp);
+    if (rc >= 0) {
+        switch (r->op) {
+        case OP_READ:
+            rc = a->read(a->image, r->offset, r->length, r->addr, comp, 0);
+            break;
+        case OP_WRITE:
+            rc = a->write(a->image, r->offset, r->length, r->addr, comp, 0);
+            break;
+        case OP_DISCARD:
+            rc = a->discard(a->image, r->offset, r->length, comp);
+            break;
+        default:
+            rc = a->flush(a->image, comp);
+        }
+        if (rc < 0)
+            a->release(comp);
+    }
+    if (rc >= 0) {
+        __atomic_add_fetch(&a->started, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    pthread_mutex_lock(&a->mu);
+    if (a->nfailed == a->capfailed) {
+        size_t cap = a->capfailed ? a->capfailed * 2 : 16;
+        Failed *n = realloc(a->failed, cap * sizeof(Failed));
+        if (n == NULL) {        /* cannot happen in practice; the waiter waits out the close */
+            pthread_mutex_unlock(&a->mu);
+            return;
+        }
+        a->failed = n;
+        a->capfailed = cap;
+    }
+    a->failed[a->nfailed].token = r->token;
+    a->failed[a->nfailed].err = -rc;
+    a->nfailed++;
+    pthread_mutex_unlock(&a->mu);
+    bump(a->eventfd);
+}
+
+static void *run(void *arg)
+{
+    Aio *a = arg;
+    Req batch[64];
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        while (a->q.len == 0 && !a->stopping) {
+            a->sleeping = 1;
+            pthread_cond_wait(&a->cv, &a->mu);
+        }
+        a->sleeping = 0;
+        if (a->q.len == 0)      /* stopping, and everything queued was started */
+            break;
+        size_t n = 0;
+        while (a->q.len && n < 64) {
+            batch[n++] = a->q.items[a->q.head];
+            a->q.head = (a->q.head + 1) % a->q.cap;
+            a->q.len--;
+        }
+        pthread_mutex_unlock(&a->mu);
+        for (size_t i = 0; i < n; i++)
+            start(a, &batch[i]);
+        pthread_mutex_lock(&a->mu);
+    }
+    pthread_mutex_unlock(&a->mu);
+    return NULL;
+}
+
+static void *address(PyObject *seq, Py_ssize_t i)
+{
+    return PyLong_AsVoidPtr(PyTuple_GET_ITEM(seq, i));
+}
+
+static int Aio_init(Aio *a, PyObject *args, PyObject *kw)
+{
+    unsigned long long image;
+    int fd;
+    PyObject *fns;
+    if (!PyArg_ParseTuple(args, "KiO!", &image, &fd, &PyTuple_Type, &fns))
+        return -1;
+    if (a->inited) {
+        PyErr_SetString(PyExc_RuntimeError, "already started");
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(fns) != 9) {
+        PyErr_SetString(PyExc_ValueError, "9 function addresses expected");
+        return -1;
+    }
+    a->image = (void *)(uintptr_t)image;
+    a->eventfd = fd;
+    a->create = (create_fn)address(fns, 0);
+    a->read = (rw_fn)address(fns, 1);
+    a->write = (rw_fn)address(fns, 2);
+    a->discard = (discard_fn)address(fns, 3);
+    a->flush = (flush_fn)address(fns, 4);
+    a->release = (release_fn)address(fns, 5);
+    a->poll = (poll_fn)address(fns, 6);
+    a->retval = (retval_fn)address(fns, 7);
+    a->arg = (arg_fn)address(fns, 8);
+    if (PyErr_Occurred())
+        return -1;
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_cond_init(&a->cv, NULL);
+    a->inited = 1;
+    int rc = pthread_create(&a->thread, NULL, run, a);
+    if (rc != 0) {
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    a->running = 1;
+    return 0;
+}
+
+static void stop_thread(Aio *a)
+{
+    if (!a->running)
+        return;
+    pthread_mutex_lock(&a->mu);
+    a->stopping = 1;
+    pthread_cond_signal(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(a->thread, NULL);
+    Py_END_ALLOW_THREADS
+    a->running = 0;
+}
+
+static PyObject *Aio_put(Aio *a, PyObject *args)
+{
+    Req r;
+    unsigned long long offset, length, addr, token;
+    if (!PyArg_ParseTuple(args, "iKKKK", &r.op, &offset, &length, &addr, &token))
+        return NULL;
+    if (!a->running || a->stopping) {
+        PyErr_SetString(PyExc_RuntimeError, "submitter stopped");
+        return NULL;
+    }
+    r.offset = offset;
+    r.length = length;
+    r.addr = (void *)(uintptr_t)addr;
+    r.token = (uintptr_t)token;
+    pthread_mutex_lock(&a->mu);
+    int rc = queue_push(&a->q, &r);
+    if (rc == 0 && a->sleeping) {
+        a->sleeping = 0;        /* one signal per sleep */
+        pthread_cond_signal(&a->cv);
+    }
+    pthread_mutex_unlock(&a->mu);
+    if (rc != 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *Aio_stop(Aio *a, PyObject *unused)
+{
+    stop_thread(a);
+    Py_RETURN_NONE;
+}
+
+static int append_pair(PyObject *out, unsigned long long token, long long rc)
+{
+    PyObject *t = Py_BuildValue("(KL)", token, rc);
+    if (t == NULL)
+        return -1;
+    int r = PyList_Append(out, t);
+    Py_DECREF(t);
+    return r;
+}
+
+/* Every completion queued so far and every refused start, as (token,
+ * return value); clears the eventfd first, so one queued meanwhile wakes
+ * it again. */
+static PyObject *Aio_poll(Aio *a, PyObject *unused)
+{
+    uint64_t v;
+    ssize_t r = read(a->eventfd, &v, sizeof v);
+    (void)r;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    void *comps[POLL_BATCH];
+    int n;
+    do {
+        n = a->poll(a->image, comps, POLL_BATCH);
+        for (int i = 0; i < n; i++) {
+            unsigned long long token = (uintptr_t)a->arg(comps[i]);
+            long long rc = a->retval(comps[i]);
+            a->release(comps[i]);
+            a->taken++;
+            if (append_pair(out, token, rc) < 0) {
+                /* the rest are released, and their waiters see the close */
+                for (int j = i + 1; j < n; j++, a->taken++)
+                    a->release(comps[j]);
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+    } while (n == POLL_BATCH);
+    pthread_mutex_lock(&a->mu);
+    Failed *failed = a->failed;
+    size_t nfailed = a->nfailed;
+    a->failed = NULL;
+    a->nfailed = a->capfailed = 0;
+    pthread_mutex_unlock(&a->mu);
+    for (size_t i = 0; i < nfailed; i++) {
+        if (append_pair(out, failed[i].token, -(long long)failed[i].err) < 0) {
+            free(failed);
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    free(failed);
+    return out;
+}
+
+static PyObject *Aio_get_started(Aio *a, void *unused)
+{
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&a->started, __ATOMIC_ACQUIRE));
+}
+
+static PyObject *Aio_get_taken(Aio *a, void *unused)
+{
+    return PyLong_FromUnsignedLongLong(a->taken);
+}
+
+static void Aio_dealloc(Aio *a)
+{
+    stop_thread(a);             /* starts what was queued: librbd owns those buffers */
+    if (a->inited) {
+        pthread_mutex_destroy(&a->mu);
+        pthread_cond_destroy(&a->cv);
+    }
+    free(a->q.items);
+    free(a->failed);
+    Py_TYPE(a)->tp_free((PyObject *)a);
+}
+
+static PyMethodDef Aio_methods[] = {
+    {"put", (PyCFunction)Aio_put, METH_VARARGS,
+     "put(op, offset, length, address, token): queue one call (on the loop)"},
+    {"stop", (PyCFunction)Aio_stop, METH_NOARGS, "start what is queued, then end the thread"},
+    {"poll", (PyCFunction)Aio_poll, METH_NOARGS,
+     "[(token, return value)] of the completions and refused starts so far"},
+    {NULL}
+};
+
+static PyGetSetDef Aio_getset[] = {
+    {"started", (getter)Aio_get_started, NULL, "aio calls librbd accepted", NULL},
+    {"taken", (getter)Aio_get_taken, NULL, "completions polled and released", NULL},
+    {NULL}
+};
+
+static PyTypeObject AioType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "restore_core.stores._rbdaio.Aio",
+    .tp_basicsize = sizeof(Aio),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Aio(image handle, eventfd, (librbd function addresses)): a submitter thread",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Aio_init,
+    .tp_dealloc = (destructor)Aio_dealloc,
+    .tp_methods = Aio_methods,
+    .tp_getset = Aio_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_rbdaio", "An RBD image's aio submitter thread in C.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__rbdaio(void)
+{
+    if (PyType_Ready(&AioType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&AioType);
+    if (PyModule_AddObject(m, "Aio", (PyObject *)&AioType) < 0) {
+        Py_DECREF(&AioType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
