@@ -17,6 +17,22 @@ from .regionlog import RegionLog
 from .restoremaps import RestoreMaps
 
 
+class RoutingEpoch:
+    """Counts changes of what decides a host command's access and route: a
+    pair's state or job, a volume's hold, offline reason, undo role or pair
+    membership (the setters below count them, so no change is missed). A
+    LU's host I/O path keeps its decision against this count
+    (restore_core.volume_io: VolumeIO._routing): recomputed once per change,
+    not for every command. Changes are rare; one count for every volume
+    keeps a volume's decision right when another volume (its clone) goes
+    offline."""
+    n = 0
+
+    @classmethod
+    def bump(cls) -> None:
+        cls.n += 1
+
+
 class PairState(str, enum.Enum):
     SYNCING = "syncing"              # copying source -> clone, host writes mirrored
     SYNCHRONIZED = "synchronized"    # in sync, host writes mirrored
@@ -119,13 +135,14 @@ class Pair:
         self.clone = clone
         self.size = size
         self.extent_size = extent_size
-        self.state = state
+        self._state = state
+        RoutingEpoch.bump()
         n = extent_count(size, extent_size)
         self.nextents = n
         self.maps = RestoreMaps(n)
         self.inflight = InFlightMap()     # the copy-on-demand map
         self.regionlog = RegionLog(self.maps)
-        self.job: Job | None = None
+        self._job: Job | None = None
         self.throttle = Throttle()
         self.created_at = time.time()
         self.hold: str | None = None       # refuses I/O and jobs until acknowledged
@@ -173,6 +190,25 @@ class Pair:
             raise ValueError(f"pair {p.id}: bad undo image record {undo!r}")
         p.undo = undo
         return p
+
+    # state and job decide host I/O routing: changes are counted (RoutingEpoch)
+    @property
+    def state(self) -> PairState:
+        return self._state
+
+    @state.setter
+    def state(self, state: PairState) -> None:
+        self._state = state
+        RoutingEpoch.bump()
+
+    @property
+    def job(self) -> Job | None:
+        return self._job
+
+    @job.setter
+    def job(self, job: Job | None) -> None:
+        self._job = job
+        RoutingEpoch.bump()
 
     def map_key(self, name: str) -> str:
         return f"{self.id}/{name}"
@@ -258,12 +294,61 @@ class VolumeRuntime:
         self.store = store
         self.gate = IOGate()
         self.generation = 0
-        self.held: str | None = None      # NOT READY reason while a pair of it is held
-        self.as_source: list[Pair] = []
-        self.as_clone: Pair | None = None
-        # Why the volume is offline (image missing, wrong size, deleted or
-        # replaced under us), or None. An offline volume answers NOT READY.
-        self.offline: str | None = None
+        self._held: str | None = None
+        # a tuple, replaced whole: the setter counts the change (RoutingEpoch)
+        self._as_source: tuple[Pair, ...] = ()
+        self._as_clone: Pair | None = None
+        self._offline: str | None = None
         self.hosts = HostYield()          # the copier's view of this LU's host activity
-        # the pair whose undo image this volume holds: NOT READY to hosts
-        self.undo_of: str | None = None
+        self._undo_of: str | None = None
+        RoutingEpoch.bump()
+
+    # What decides the LU's access and route: changes are counted (RoutingEpoch).
+    @property
+    def held(self) -> str | None:
+        """NOT READY reason while a pair of it is held."""
+        return self._held
+
+    @held.setter
+    def held(self, why: str | None) -> None:
+        self._held = why
+        RoutingEpoch.bump()
+
+    @property
+    def as_source(self) -> tuple[Pair, ...]:
+        return self._as_source
+
+    @as_source.setter
+    def as_source(self, pairs: tuple[Pair, ...]) -> None:
+        self._as_source = tuple(pairs)
+        RoutingEpoch.bump()
+
+    @property
+    def as_clone(self) -> Pair | None:
+        return self._as_clone
+
+    @as_clone.setter
+    def as_clone(self, pair: Pair | None) -> None:
+        self._as_clone = pair
+        RoutingEpoch.bump()
+
+    @property
+    def offline(self) -> str | None:
+        """Why the volume is offline (image missing, wrong size, deleted or
+        replaced under us), or None. An offline volume answers NOT READY."""
+        return self._offline
+
+    @offline.setter
+    def offline(self, why: str | None) -> None:
+        self._offline = why
+        RoutingEpoch.bump()
+
+    @property
+    def undo_of(self) -> str | None:
+        """The pair whose undo image this volume holds: NOT READY to hosts."""
+        return self._undo_of
+
+    @undo_of.setter
+    def undo_of(self, pair_id: str | None) -> None:
+        self._undo_of = pair_id
+        RoutingEpoch.bump()

@@ -293,6 +293,11 @@ def test_while_hosts_are_busy_the_copier_looks_again_at_most_every_busy_look():
     async def go():
         r, counting, eng, p = await differing_pair(4096)
         hosts = eng.volumes["src"].hosts
+        # End the idle stretch the pair's first sync left open: closed by
+        # the restore's first look, it raised the idle rate set below to
+        # the sync's (~800 MB/s: a copy per look) whenever the sync had
+        # copied for IDLE_SAMPLE_S (a loaded machine).
+        hosts.busy(time.monotonic(), time.monotonic(), 1)
         hosts.idle_rate = 1 << 20          # floor ~115 KiB/s: the copier mostly waits
         hosts.calibrate_hold_s = 0.0
         await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
