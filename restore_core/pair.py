@@ -136,7 +136,6 @@ class Pair:
         self.size = size
         self.extent_size = extent_size
         self._state = state
-        RoutingEpoch.bump()
         n = extent_count(size, extent_size)
         self.nextents = n
         self.maps = RestoreMaps(n)
@@ -301,7 +300,6 @@ class VolumeRuntime:
         self._offline: str | None = None
         self.hosts = HostYield()          # the copier's view of this LU's host activity
         self._undo_of: str | None = None
-        RoutingEpoch.bump()
 
     # What decides the LU's access and route: changes are counted (RoutingEpoch).
     @property
