@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .blockstore import BlockStore
 from .extentmap import extent_count
@@ -15,6 +15,8 @@ from .inflight import InFlightMap
 from .metadata import DAMAGED_FIELD, HOLD_FIELD, UNDO_FIELD
 from .regionlog import RegionLog
 from .restoremaps import RestoreMaps
+
+T = TypeVar("T")
 
 
 class RoutingEpoch:
@@ -31,6 +33,25 @@ class RoutingEpoch:
     @classmethod
     def bump(cls) -> None:
         cls.n += 1
+
+
+class RoutingField(Generic[T]):
+    """A field a LU's host I/O routing depends on: setting it counts the
+    change (RoutingEpoch). The value lives in the instance's ``_<name>``
+    (hot paths that must not pay for the descriptor read that)."""
+    __slots__ = ("attr",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> T:
+        if obj is None:
+            return self     # type: ignore[return-value]    (the class's own)
+        return obj.__dict__[self.attr]      # type: ignore[no-any-return]
+
+    def __set__(self, obj: Any, value: T) -> None:
+        obj.__dict__[self.attr] = value
+        RoutingEpoch.bump()
 
 
 class PairState(str, enum.Enum):
@@ -128,6 +149,10 @@ class Progress:
 
 
 class Pair:
+    # what decides host I/O routing: changes are counted (RoutingEpoch)
+    state: RoutingField[PairState] = RoutingField()
+    job: RoutingField["Job | None"] = RoutingField()
+
     def __init__(self, pair_id: str, source: str, clone: str, size: int,
                  extent_size: int, state: PairState) -> None:
         self.id = pair_id
@@ -135,13 +160,13 @@ class Pair:
         self.clone = clone
         self.size = size
         self.extent_size = extent_size
-        self._state = state
+        self.state = state
         n = extent_count(size, extent_size)
         self.nextents = n
         self.maps = RestoreMaps(n)
         self.inflight = InFlightMap()     # the copy-on-demand map
         self.regionlog = RegionLog(self.maps)
-        self._job: Job | None = None
+        self.job = None
         self.throttle = Throttle()
         self.created_at = time.time()
         self.hold: str | None = None       # refuses I/O and jobs until acknowledged
@@ -190,25 +215,6 @@ class Pair:
         p.undo = undo
         return p
 
-    # state and job decide host I/O routing: changes are counted (RoutingEpoch)
-    @property
-    def state(self) -> PairState:
-        return self._state
-
-    @state.setter
-    def state(self, state: PairState) -> None:
-        self._state = state
-        RoutingEpoch.bump()
-
-    @property
-    def job(self) -> Job | None:
-        return self._job
-
-    @job.setter
-    def job(self, job: Job | None) -> None:
-        self._job = job
-        RoutingEpoch.bump()
-
     def map_key(self, name: str) -> str:
         return f"{self.id}/{name}"
 
@@ -231,14 +237,15 @@ class Pair:
     @property
     def to_source(self) -> bool:
         """A job copies into the source under host I/O (restore, abort)."""
-        return self.state in (PairState.RESTORING, PairState.ABORTING)
+        return self._state in (PairState.RESTORING, PairState.ABORTING)
 
     @property
     def copy_from(self) -> BlockStore | None:
         """The store the job copies from: the undo image during an abort."""
-        if self.state is PairState.ABORTING:
+        state = self._state      # (read on every host read of a restoring LU)
+        if state is PairState.ABORTING:
             return self.undo_store
-        return self.clone_store if self.to_source else self.source_store
+        return self.clone_store if state is PairState.RESTORING else self.source_store
 
     @property
     def tracks_written(self) -> bool:
@@ -288,65 +295,24 @@ class Pair:
 class VolumeRuntime:
     """Per-volume runtime state shared by its pairs and its LU I/O path."""
 
+    # What decides the LU's access and route: changes are counted (RoutingEpoch).
+    held: RoutingField[str | None] = RoutingField()    # NOT READY reason while a pair of it is held
+    as_source: RoutingField["tuple[Pair, ...]"] = RoutingField()    # replaced whole, never changed
+    as_clone: RoutingField["Pair | None"] = RoutingField()
+    # Why the volume is offline (image missing, wrong size, deleted or
+    # replaced under us), or None. An offline volume answers NOT READY.
+    offline: RoutingField[str | None] = RoutingField()
+    # the pair whose undo image this volume holds: NOT READY to hosts
+    undo_of: RoutingField[str | None] = RoutingField()
+
     def __init__(self, name: str, store: BlockStore) -> None:
         self.name = name
         self.store = store
         self.gate = IOGate()
         self.generation = 0
-        self._held: str | None = None
-        # a tuple, replaced whole: the setter counts the change (RoutingEpoch)
-        self._as_source: tuple[Pair, ...] = ()
-        self._as_clone: Pair | None = None
-        self._offline: str | None = None
+        self.held = None
+        self.as_source = ()
+        self.as_clone = None
+        self.offline = None
         self.hosts = HostYield()          # the copier's view of this LU's host activity
-        self._undo_of: str | None = None
-
-    # What decides the LU's access and route: changes are counted (RoutingEpoch).
-    @property
-    def held(self) -> str | None:
-        """NOT READY reason while a pair of it is held."""
-        return self._held
-
-    @held.setter
-    def held(self, why: str | None) -> None:
-        self._held = why
-        RoutingEpoch.bump()
-
-    @property
-    def as_source(self) -> tuple[Pair, ...]:
-        return self._as_source
-
-    @as_source.setter
-    def as_source(self, pairs: tuple[Pair, ...]) -> None:
-        self._as_source = tuple(pairs)
-        RoutingEpoch.bump()
-
-    @property
-    def as_clone(self) -> Pair | None:
-        return self._as_clone
-
-    @as_clone.setter
-    def as_clone(self, pair: Pair | None) -> None:
-        self._as_clone = pair
-        RoutingEpoch.bump()
-
-    @property
-    def offline(self) -> str | None:
-        """Why the volume is offline (image missing, wrong size, deleted or
-        replaced under us), or None. An offline volume answers NOT READY."""
-        return self._offline
-
-    @offline.setter
-    def offline(self, why: str | None) -> None:
-        self._offline = why
-        RoutingEpoch.bump()
-
-    @property
-    def undo_of(self) -> str | None:
-        """The pair whose undo image this volume holds: NOT READY to hosts."""
-        return self._undo_of
-
-    @undo_of.setter
-    def undo_of(self, pair_id: str | None) -> None:
-        self._undo_of = pair_id
-        RoutingEpoch.bump()
+        self.undo_of = None
