@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeVar
 from .blockstore import BlockStore
 from .extentmap import extent_count
 from .gate import IOGate
-from .hostyield import HostYield
+from .hostyield import CALIBRATE_HOLD_S, MAX_CALIBRATE_MS, HostYield
 from .inflight import InFlightMap
 from .metadata import DAMAGED_FIELD, HOLD_FIELD, UNDO_FIELD
 from .regionlog import RegionLog
@@ -79,6 +79,11 @@ class Throttle:
     host_window copy round trips the LU is busy: the copier copies only
     while behind min_progress_pct percent of its idle rate, by background
     I/O (see restore_core.hostyield); host_window 0 turns yielding off.
+    calibrate_ms: each job of 256 MiB or more (hostyield.CALIBRATE_MIN_JOB)
+    starts by holding
+    the LU's host I/O this long to measure the idle rate the floor is a
+    share of (0: no hold; the floor's base is then measured between host
+    bursts, and reads low on a busy machine).
     """
 
     rate: int = 0
@@ -86,6 +91,7 @@ class Throttle:
     depth: int = 2
     host_window: int = 8
     min_progress_pct: int = 10
+    calibrate_ms: int = round(CALIBRATE_HOLD_S * 1000)
 
     def validate(self) -> None:
         if self.rate < 0:
@@ -98,6 +104,8 @@ class Throttle:
             raise ValueError("host_window must be 0..10000 copy round trips")
         if not 1 <= self.min_progress_pct <= 100:
             raise ValueError("min_progress_pct must be 1..100")
+        if not 0 <= self.calibrate_ms <= MAX_CALIBRATE_MS:
+            raise ValueError(f"calibrate_ms must be 0..{MAX_CALIBRATE_MS}")
 
 
 # Knobs of earlier versions, replaced by host_window and min_progress_pct:

@@ -227,8 +227,8 @@ async def restore_under_a_busy_host(r, eng, p, counting: CountingStore) -> float
     first); the seconds from the copier's start to the job's end."""
     hosts = eng.volumes["src"].hosts
     hosts.idle_rate = 100 << 20
-    hosts.calibrate_hold_s = 0.0       # no held calibration: it would replace that rate
-    await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
+    # no held calibration: it would replace that rate
+    await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10, calibrate_ms=0)
     stop = asyncio.Event()
 
     async def host() -> None:
@@ -299,8 +299,8 @@ def test_while_hosts_are_busy_the_copier_looks_again_at_most_every_busy_look():
         # copied for IDLE_SAMPLE_S (a loaded machine).
         hosts.busy(time.monotonic(), time.monotonic(), 1)
         hosts.idle_rate = 1 << 20          # floor ~115 KiB/s: the copier mostly waits
-        hosts.calibrate_hold_s = 0.0
-        await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
+        await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10,
+                               calibrate_ms=0)
         looks = 0
         busy = hosts.busy
 
@@ -404,6 +404,52 @@ def test_a_job_measures_its_idle_rate_first_with_the_hosts_held(monkeypatch):
         await eng.wait_job(p.id, 60)
         await eng.close()
     asyncio.run(go())
+
+
+def test_the_hold_is_the_pairs_calibrate_ms_and_0_holds_nothing(monkeypatch):
+    """calibrate_ms is the storage admin's: how long a job's start holds
+    the hosts to measure the idle rate, 0 for no hold at all."""
+    monkeypatch.setattr(hostyield, "CALIBRATE_MIN_JOB", 0)     # a test-sized LU
+
+    async def go(ms: int) -> tuple[float, int]:
+        n = 512
+        r, slow, eng, p = await differing_pair(n, SlowWrites)
+        # 4-extent copies, two per 5 ms: 320 ms of copying, longer than the hold
+        await eng.set_throttle(p.id, batch_extents=4, depth=2, calibrate_ms=ms)
+        gate = eng.volumes["src"].gate
+        closed, closures = gate.closed, []
+
+        def counted():
+            closures.append(time.monotonic())
+            return closed()
+        gate.closed = counted
+        answered: list[float] = []
+        stop = asyncio.Event()
+
+        async def host() -> None:          # QD1 reads, never pausing long
+            while not stop.is_set():
+                await r.sio.read((n - 1) * ES, 512)
+                answered.append(time.monotonic())
+                await asyncio.sleep(0.001)
+
+        h = asyncio.ensure_future(host())
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await eng.restore(p.id)
+        await asyncio.sleep(ms / 1000 + 0.1)
+        stop.set()
+        await h
+        held = max(b - a for a, b in zip(answered, answered[1:]) if b > t0)
+        await eng.wait_job(p.id, 60)
+        await eng.close()
+        return held, len(closures)
+
+    held, with_hold = asyncio.run(go(150))
+    assert held >= 0.135, f"hosts waited at most {held * 1e3:.1f} ms"
+    _, without = asyncio.run(go(0))
+    assert with_hold == without + 1        # the job start's own hold(s) only
+    with pytest.raises(ValueError, match="calibrate_ms"):
+        Throttle(calibrate_ms=-1).validate()
 
 
 def test_throttle_knobs_are_validated():
