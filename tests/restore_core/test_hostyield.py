@@ -366,6 +366,29 @@ class SlowWrites(CountingStore):
         await super().write(offset, data)
 
 
+async def restore_under_qd1_reads(r, eng, p, secs: float) -> float:
+    """Start the pair's restore under a host reading at QD1 (never pausing
+    long) and keep reading ``secs``; the longest the host waited for an
+    answer once the restore began."""
+    answered: list[float] = []
+    stop = asyncio.Event()
+
+    async def host() -> None:
+        while not stop.is_set():
+            await r.sio.read(r.size - 512, 512)
+            answered.append(time.monotonic())
+            await asyncio.sleep(0.001)
+
+    h = asyncio.ensure_future(host())
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await eng.restore(p.id)
+    await asyncio.sleep(secs)
+    stop.set()
+    await h
+    return max(b - a for a, b in zip(answered, answered[1:]) if b > t0)
+
+
 def test_a_job_measures_its_idle_rate_first_with_the_hosts_held(monkeypatch):
     """Measured between a host's commands the idle rate read 0.38-0.66 of
     an idle restore's (tests/bench/restore_latency.py), and the floor, a
@@ -379,23 +402,7 @@ def test_a_job_measures_its_idle_rate_first_with_the_hosts_held(monkeypatch):
         r, slow, eng, p = await differing_pair(n, SlowWrites)
         await eng.set_throttle(p.id, batch_extents=16, depth=2)
         eng.volumes["src"].hosts.idle_rate = 1.0     # what an earlier job learnt: replaced
-        answered: list[float] = []
-        stop = asyncio.Event()
-
-        async def host() -> None:          # QD1 reads, never pausing long
-            while not stop.is_set():
-                await r.sio.read((n - 1) * ES, 512)
-                answered.append(time.monotonic())
-                await asyncio.sleep(0.001)
-
-        h = asyncio.ensure_future(host())
-        await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        await eng.restore(p.id)
-        await asyncio.sleep(CALIBRATE_HOLD_S + 0.1)
-        stop.set()
-        await h
-        held = max(b - a for a, b in zip(answered, answered[1:]) if b > t0)
+        held = await restore_under_qd1_reads(r, eng, p, CALIBRATE_HOLD_S + 0.1)
         assert held >= CALIBRATE_HOLD_S * 0.9, f"hosts waited at most {held * 1e3:.1f} ms"
         full_depth = 2 * (16 * ES) / 0.005          # two 16-extent copies per 5 ms write
         rate = eng.progress(p.id).idle_rate
@@ -423,23 +430,7 @@ def test_the_hold_is_the_pairs_calibrate_ms_and_0_holds_nothing(monkeypatch):
             closures.append(time.monotonic())
             return closed()
         gate.closed = counted
-        answered: list[float] = []
-        stop = asyncio.Event()
-
-        async def host() -> None:          # QD1 reads, never pausing long
-            while not stop.is_set():
-                await r.sio.read((n - 1) * ES, 512)
-                answered.append(time.monotonic())
-                await asyncio.sleep(0.001)
-
-        h = asyncio.ensure_future(host())
-        await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        await eng.restore(p.id)
-        await asyncio.sleep(ms / 1000 + 0.1)
-        stop.set()
-        await h
-        held = max(b - a for a, b in zip(answered, answered[1:]) if b > t0)
+        held = await restore_under_qd1_reads(r, eng, p, ms / 1000 + 0.1)
         await eng.wait_job(p.id, 60)
         await eng.close()
         return held, len(closures)
