@@ -170,7 +170,10 @@ class VolumeIO(LunIO):
     # to the store, without a coroutine; anything else gets its work, which
     # enters the gate and re-checks the access state there (the state may
     # have changed since the SCSI layer checked it, and cannot change while
-    # the work holds the gate).
+    # the work holds the gate). What the decision rests on -- the access
+    # state, the pair restoring into the volume -- is decided once per state
+    # change (_routing), not per command: the SCSI layer's access check and
+    # the direct path's read the same kept decision.
     def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
         length = sum(map(len, into))
         if self._direct_blocked():
