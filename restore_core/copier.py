@@ -373,7 +373,7 @@ class Copier:
 
     async def _calibrate(self) -> int:
         """Measure the idle rate, with the LU's host I/O held: copy at full
-        depth for ``hosts.calibrate_hold_s``, hosts' commands waiting at
+        depth for the throttle's ``calibrate_ms``, hosts' commands waiting at
         the volumes' I/O gates (the job's start held them too, while it
         committed).
         Returns where the walk goes on.
@@ -387,9 +387,10 @@ class Copier:
         at full speed; host_window 0: it never yields, so has no floor) or
         a small one (HostYield.calibrates) measures nothing."""
         p, th = self.pair, self.pair.throttle
+        hold_s = th.calibrate_ms / 1000
         if (self.hold_hosts is None or th.rate > 0 or th.host_window == 0
                 or p.job is None or p.job.paused or self._stopping
-                or not self.hosts.calibrates(p.maps.todo_left() * p.extent_size)):
+                or not self.hosts.calibrates(p.maps.todo_left() * p.extent_size, hold_s)):
             return 0
         loop = asyncio.get_running_loop()
         depth = max(th.depth, self.src.copy_depth, self.dst.copy_depth)
@@ -398,7 +399,7 @@ class Copier:
         pos = 0
         try:
             async with self.hold_hosts():
-                stop_at = time.monotonic() + self.hosts.calibrate_hold_s
+                stop_at = time.monotonic() + hold_s
                 while tasks or (not self._stopping and time.monotonic() < stop_at):
                     more = len(tasks) < depth and not self._stopping and time.monotonic() < stop_at
                     run = p.maps.next_todo_run(pos, th.batch_extents) if more else None

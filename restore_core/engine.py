@@ -28,7 +28,7 @@ from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
 from .gate import all_closed
 from .metadata import HOLD_FIELD, MetadataStore, Snapshot
-from .pair import Job, JobKind, Pair, PairState, Progress, Throttle, VolumeRuntime
+from .pair import Job, JobKind, Pair, PairState, Progress, RoutingEpoch, Throttle, VolumeRuntime
 from .restoremaps import PERSISTED_MAPS
 from .undo import UndoImages, UndoSaver
 from .volume_io import VolumeIO
@@ -90,6 +90,7 @@ class Engine:
         vol = VolumeRuntime(name, store)
         vol.offline = offline
         self.volumes[name] = vol
+        RoutingEpoch.bump()          # a pair's other side may be this name
         io = VolumeIO(vol, self.committer, self.volumes, self.set_offline)
         self.ios[name] = io
         return io
@@ -169,6 +170,7 @@ class Engine:
                               f"commit or abort its restore first")
         del self.volumes[name]
         del self.ios[name]
+        RoutingEpoch.bump()
         return vol.store
 
     def volume_io(self, name: str) -> VolumeIO:
@@ -247,7 +249,7 @@ class Engine:
         pair.clone_store = cln.store
         if pair.undo is not None and pair.hold is None:
             self._open_undo(pair)
-        src.as_source.append(pair)
+        src.as_source = (*src.as_source, pair)
         cln.as_clone = pair
         self.pairs[pair.id] = pair
         pair.maps.attach(self.committer, pair.id)
@@ -798,7 +800,7 @@ class Engine:
         pair.maps.detach()
         src, cln = self.volumes[pair.source], self.volumes[pair.clone]
         if pair in src.as_source:
-            src.as_source.remove(pair)
+            src.as_source = tuple(p for p in src.as_source if p is not pair)
         if cln.as_clone is pair:
             cln.as_clone = None
         self.pairs.pop(pair.id, None)

@@ -30,7 +30,8 @@ taken as a rate (the floor, a share of such rates, fell with each stall).
 The budget starts afresh whenever a walk starts or resumes.
 
 The idle rate is measured first at each (big enough) job's start with the
-LU's host I/O held for CALIBRATE_HOLD_S (the copier, Copier._calibrate):
+LU's host I/O held for the pair's throttle calibrate_ms (CALIBRATE_HOLD_S by
+default; the copier, Copier._calibrate):
 the copier's throughput at full depth with the machine as an idle restore
 has it (measured between host bursts instead, the hosts' processes sharing
 the CPUs, it read 0.38-0.66 of the bench's idle restores). Later it is the
@@ -83,6 +84,9 @@ IDLE_SAMPLE_S = 0.02
 # runs on a machine loaded by other work (busy_vs_idle 0.141/0.126, p99_ratio
 # 1.28/2.25, qd32_iops_ratio 0.81/0.82) and hosts wait twice as long.
 CALIBRATE_HOLD_S = 0.05
+# The default of the pair's throttle knob calibrate_ms (0: no hold), and
+# its bound: hosts wait that long.
+MAX_CALIBRATE_MS = 1000
 # Only a job this big is worth holding hosts for: a smaller one ends within
 # a second or so of copying, and its floor matters little. It goes without
 # (the full-speed window of _calibrating, once per LU).
@@ -129,7 +133,6 @@ class HostYield:
         self._idle_copied_until = 0.0            # when the stretch's last copy ended
         self._idle_bytes = 0
         self._calibrated = False                 # the full-speed window was had
-        self.calibrate_hold_s = CALIBRATE_HOLD_S  # 0: no held calibration
         self._owed = 0.0                         # bytes the floor asks for by now
         self._owed_at: float | None = None
 
@@ -192,9 +195,11 @@ class HostYield:
             self._idle_copied_until = max(self._idle_copied_until, end)
             self._idle_bytes += nbytes
 
-    def calibrates(self, job_bytes: int) -> bool:
-        """A job copying ``job_bytes`` starts with a held calibration."""
-        return self.calibrate_hold_s > 0 and job_bytes >= CALIBRATE_MIN_JOB
+    @staticmethod
+    def calibrates(job_bytes: int, hold_s: float) -> bool:
+        """A job copying ``job_bytes`` starts with a held calibration of
+        ``hold_s`` (the pair's throttle: 0, none)."""
+        return hold_s > 0 and job_bytes >= CALIBRATE_MIN_JOB
 
     def note_calibration(self, completions: list[tuple[float, int]]) -> float | None:
         """The copies of a held calibration landed: (when, bytes) of each, in

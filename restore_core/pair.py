@@ -5,16 +5,53 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .blockstore import BlockStore
 from .extentmap import extent_count
 from .gate import IOGate
-from .hostyield import HostYield
+from .hostyield import CALIBRATE_HOLD_S, MAX_CALIBRATE_MS, HostYield
 from .inflight import InFlightMap
 from .metadata import DAMAGED_FIELD, HOLD_FIELD, UNDO_FIELD
 from .regionlog import RegionLog
 from .restoremaps import RestoreMaps
+
+T = TypeVar("T")
+
+
+class RoutingEpoch:
+    """Counts changes of what decides a host command's access and route: a
+    pair's state or job, a volume's hold, offline reason, undo role or pair
+    membership (the setters below count them, so no change is missed). A
+    LU's host I/O path keeps its decision against this count
+    (restore_core.volume_io: VolumeIO._routing): recomputed once per change,
+    not for every command. Changes are rare; one count for every volume
+    keeps a volume's decision right when another volume (its clone) goes
+    offline."""
+    n = 0
+
+    @classmethod
+    def bump(cls) -> None:
+        cls.n += 1
+
+
+class RoutingField(Generic[T]):
+    """A field a LU's host I/O routing depends on: setting it counts the
+    change (RoutingEpoch). The value lives in the instance's ``_<name>``
+    (hot paths that must not pay for the descriptor read that)."""
+    __slots__ = ("attr",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> T:
+        if obj is None:
+            return self     # type: ignore[return-value]    (the class's own)
+        return obj.__dict__[self.attr]      # type: ignore[no-any-return]
+
+    def __set__(self, obj: Any, value: T) -> None:
+        obj.__dict__[self.attr] = value
+        RoutingEpoch.bump()
 
 
 class PairState(str, enum.Enum):
@@ -42,6 +79,11 @@ class Throttle:
     host_window copy round trips the LU is busy: the copier copies only
     while behind min_progress_pct percent of its idle rate, by background
     I/O (see restore_core.hostyield); host_window 0 turns yielding off.
+    calibrate_ms: each job of 256 MiB or more (hostyield.CALIBRATE_MIN_JOB)
+    starts by holding
+    the LU's host I/O this long to measure the idle rate the floor is a
+    share of (0: no hold; the floor's base is then measured between host
+    bursts, and reads low on a busy machine).
     """
 
     rate: int = 0
@@ -49,6 +91,7 @@ class Throttle:
     depth: int = 2
     host_window: int = 8
     min_progress_pct: int = 10
+    calibrate_ms: int = round(CALIBRATE_HOLD_S * 1000)
 
     def validate(self) -> None:
         if self.rate < 0:
@@ -61,6 +104,8 @@ class Throttle:
             raise ValueError("host_window must be 0..10000 copy round trips")
         if not 1 <= self.min_progress_pct <= 100:
             raise ValueError("min_progress_pct must be 1..100")
+        if not 0 <= self.calibrate_ms <= MAX_CALIBRATE_MS:
+            raise ValueError(f"calibrate_ms must be 0..{MAX_CALIBRATE_MS}")
 
 
 # Knobs of earlier versions, replaced by host_window and min_progress_pct:
@@ -112,6 +157,10 @@ class Progress:
 
 
 class Pair:
+    # what decides host I/O routing: changes are counted (RoutingEpoch)
+    state: RoutingField[PairState] = RoutingField()
+    job: RoutingField["Job | None"] = RoutingField()
+
     def __init__(self, pair_id: str, source: str, clone: str, size: int,
                  extent_size: int, state: PairState) -> None:
         self.id = pair_id
@@ -125,7 +174,7 @@ class Pair:
         self.maps = RestoreMaps(n)
         self.inflight = InFlightMap()     # the copy-on-demand map
         self.regionlog = RegionLog(self.maps)
-        self.job: Job | None = None
+        self.job = None
         self.throttle = Throttle()
         self.created_at = time.time()
         self.hold: str | None = None       # refuses I/O and jobs until acknowledged
@@ -196,14 +245,15 @@ class Pair:
     @property
     def to_source(self) -> bool:
         """A job copies into the source under host I/O (restore, abort)."""
-        return self.state in (PairState.RESTORING, PairState.ABORTING)
+        return self._state in (PairState.RESTORING, PairState.ABORTING)
 
     @property
     def copy_from(self) -> BlockStore | None:
         """The store the job copies from: the undo image during an abort."""
-        if self.state is PairState.ABORTING:
+        state = self._state      # (read on every host read of a restoring LU)
+        if state is PairState.ABORTING:
             return self.undo_store
-        return self.clone_store if self.to_source else self.source_store
+        return self.clone_store if state is PairState.RESTORING else self.source_store
 
     @property
     def tracks_written(self) -> bool:
@@ -253,17 +303,24 @@ class Pair:
 class VolumeRuntime:
     """Per-volume runtime state shared by its pairs and its LU I/O path."""
 
+    # What decides the LU's access and route: changes are counted (RoutingEpoch).
+    held: RoutingField[str | None] = RoutingField()    # NOT READY reason while a pair of it is held
+    as_source: RoutingField["tuple[Pair, ...]"] = RoutingField()    # replaced whole, never changed
+    as_clone: RoutingField["Pair | None"] = RoutingField()
+    # Why the volume is offline (image missing, wrong size, deleted or
+    # replaced under us), or None. An offline volume answers NOT READY.
+    offline: RoutingField[str | None] = RoutingField()
+    # the pair whose undo image this volume holds: NOT READY to hosts
+    undo_of: RoutingField[str | None] = RoutingField()
+
     def __init__(self, name: str, store: BlockStore) -> None:
         self.name = name
         self.store = store
         self.gate = IOGate()
         self.generation = 0
-        self.held: str | None = None      # NOT READY reason while a pair of it is held
-        self.as_source: list[Pair] = []
-        self.as_clone: Pair | None = None
-        # Why the volume is offline (image missing, wrong size, deleted or
-        # replaced under us), or None. An offline volume answers NOT READY.
-        self.offline: str | None = None
+        self.held = None
+        self.as_source = ()
+        self.as_clone = None
+        self.offline = None
         self.hosts = HostYield()          # the copier's view of this LU's host activity
-        # the pair whose undo image this volume holds: NOT READY to hosts
-        self.undo_of: str | None = None
+        self.undo_of = None

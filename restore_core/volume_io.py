@@ -32,7 +32,7 @@ from .extentmap import extents_of, whole_extents_of
 from .lunio import (READ_WRITE, Access, AccessState, LunIO, MediumError, NotReadyError,
                     ReadWork, WriteProtectedError, WriteWork)
 from .metadata import MetadataError
-from .pair import Pair, PairState, VolumeRuntime
+from .pair import Pair, PairState, RoutingEpoch, VolumeRuntime
 from .restoremaps import LEFT_ALL, LEFT_NONE
 from .store_errors import host_error
 
@@ -54,6 +54,21 @@ def _slice(bufs: list[memoryview], start: int, end: int) -> list[memoryview]:
     return out
 
 
+class _Routing:
+    """What a LU's host commands are decided by, as of one RoutingEpoch."""
+    __slots__ = ("epoch", "access", "not_ready", "restoring", "paired")
+
+    def __init__(self, epoch: int, access: AccessState, restoring: Pair | None,
+                 paired: bool) -> None:
+        self.epoch = epoch
+        self.access = access
+        self.not_ready = access.access is Access.NOT_READY
+        # the pair restoring (or aborting) into this volume: reads of its
+        # extents still to restore come from its clone
+        self.restoring = restoring
+        self.paired = paired             # some pair tracks this volume's writes
+
+
 def _done(work: ReadWork | WriteWork | None) -> bool:
     if work is None:
         return True
@@ -71,6 +86,7 @@ class VolumeIO(LunIO):
         # offline), and whom to tell when this volume's image is gone
         self.volumes: Mapping[str, VolumeRuntime] = volumes if volumes is not None else {}
         self.on_lost = on_lost
+        self._route = _Routing(-1, READ_WRITE, None, False)     # decided on first use
 
     # -- LunIO properties ------------------------------------------------------
     @property
@@ -82,6 +98,25 @@ class VolumeIO(LunIO):
         return self.vol.generation
 
     def access_state(self) -> AccessState:
+        return self._routing().access
+
+    def _routing(self) -> _Routing:
+        """The LU's access and route as its pairs' and volumes' states
+        decide them: recomputed when one of those changed (RoutingEpoch),
+        not for every command."""
+        r = self._route
+        if r.epoch != RoutingEpoch.n:
+            r = self._route = self._decide()
+        return r
+
+    def _decide(self) -> _Routing:
+        epoch = RoutingEpoch.n
+        vol = self.vol
+        restoring = next((p for p in vol.as_source if p.to_source), None)
+        paired = vol.as_clone is not None or bool(vol.as_source)
+        return _Routing(epoch, self._access(), restoring, paired)
+
+    def _access(self) -> AccessState:
         vol = self.vol
         if vol.held is not None:
             return AccessState(Access.NOT_READY, vol.held)
@@ -135,7 +170,10 @@ class VolumeIO(LunIO):
     # to the store, without a coroutine; anything else gets its work, which
     # enters the gate and re-checks the access state there (the state may
     # have changed since the SCSI layer checked it, and cannot change while
-    # the work holds the gate).
+    # the work holds the gate). What the decision rests on -- the access
+    # state, the pair restoring into the volume -- is decided once per state
+    # change (_routing), not per command: the SCSI layer's access check and
+    # the direct path's read the same kept decision.
     def route_read(self, offset: int, into: list[memoryview]) -> ReadWork | None:
         return self._route_read(offset, into, True)
 
@@ -196,18 +234,12 @@ class VolumeIO(LunIO):
     def _whole_lu_direct(self) -> bool:
         """No pair tracks this volume and nothing blocks the direct path: any
         range's read or non-FUA write goes straight to the store."""
-        vol = self.vol
-        return vol.as_clone is None and not vol.as_source and not self._direct_blocked()
+        return not self._routing().paired and not self._direct_blocked()
 
     def _direct_blocked(self) -> bool:
         """A state change is under way or the LU cannot serve I/O: the work
         path waits for the gate and reports the error."""
-        vol = self.vol
-        if vol.gate.is_closed:
-            return True
-        if vol.as_clone is None and not vol.as_source:
-            return vol.held is not None or vol.offline is not None or vol.undo_of is not None
-        return self.access_state().access is Access.NOT_READY    # e.g. restoring from an offline clone
+        return self.vol.gate.is_closed or self._routing().not_ready
 
     def _ready_to_write(self, offset: int, length: int) -> bool:
         """Whether a write needs nothing done before it: for each pair, the
@@ -294,19 +326,19 @@ class VolumeIO(LunIO):
         in order, the extents still to restore coming from the clone. Notes
         the host I/O for the copier's host priority. Runs for every read of
         a restoring LU: a QD32 load's IOPS follow its cost."""
-        for pair in self.vol.as_source:
-            if not pair.to_source:
-                continue
-            pair.last_host_io = time.monotonic()
-            left = pair.maps.left_in(*extents_of(offset, length, pair.extent_size))
-            if left == LEFT_NONE:
-                break                 # one restore at a time per source
-            clone = pair.copy_from    # the undo image in an abort
-            assert clone is not None  # set when the pair was attached
-            if left == LEFT_ALL:
-                return clone
-            return self._pieces(pair, clone, offset, length)
-        return self.vol.store
+        pair = self._routing().restoring       # one restore at a time per source
+        if pair is None:
+            return self.vol.store
+        pair.last_host_io = time.monotonic()
+        es = pair.extent_size           # extents_of, inline: this runs for every read
+        left = pair.maps.left_in(offset // es, (offset + length - 1) // es + 1)
+        if left == LEFT_NONE:
+            return self.vol.store
+        clone = pair.copy_from    # the undo image in an abort
+        assert clone is not None  # set when the pair was attached
+        if left == LEFT_ALL:
+            return clone
+        return self._pieces(pair, clone, offset, length)
 
     def _pieces(self, pair: Pair, clone: BlockStore, offset: int, length: int) -> list[Piece]:
         """A read over restored and unrestored extents, split by store."""

@@ -363,7 +363,7 @@ def _logging(verbose: bool) -> None:
 
 def _throttle_kw(a: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(a, k) for k in ("rate", "batch_extents", "depth", "host_window",
-                                 "min_progress_pct")
+                                 "min_progress_pct", "calibrate_ms")
             if getattr(a, k, None) is not None}
 
 
@@ -556,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "trips (0: never yield)")
         sp.add_argument("--min-progress-pct", type=int,
                         help="while hosts are busy, copy at this %% of the idle rate (1-100)")
+        sp.add_argument("--calibrate-ms", type=int,
+                        help="a job of 256 MiB or more first holds host I/O this long to "
+                             "measure the idle rate (0-1000; 0: no hold)")
     p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "deleted",
                    lambda a: {"pair": a.pair, "force": a.force})
     p.add_argument("pair", help=PAIR_HELP)

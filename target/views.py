@@ -74,7 +74,9 @@ def throttle_text(t: dict[str, Any]) -> str:
     rate = "unlimited" if not t.get("rate") else f"{human(t['rate'])}/s"
     return (f"rate {rate}, {plural(t['batch_extents'], 'extent')} per copy, "
             f"depth {t['depth']}, host window {t['host_window']} copy round trips, "
-            f"min progress {t['min_progress_pct']}% of idle")
+            f"min progress {t['min_progress_pct']}% of idle"
+            + (f" (idle rate measured with hosts held {t['calibrate_ms']} ms)" if t.get("calibrate_ms")
+               else " (idle rate measured between host bursts)" if "calibrate_ms" in t else ""))
 
 
 def job_text(p: dict[str, Any]) -> str:

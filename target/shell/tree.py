@@ -26,7 +26,7 @@ from ..control import ControlError
 from ..fmt import SECRET, eta, human, plural
 from ..follow import Outcome
 
-THROTTLE = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct")
+THROTTLE = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct", "calibrate_ms")
 
 
 def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
@@ -367,7 +367,9 @@ class PairNode(Node):
                  "depth": "copy I/Os in flight at once",
                  "host_window": "hosts are busy while seen within this many copy round trips "
                                 "(0: never yield)",
-                 "min_progress_pct": "while hosts are busy, copy at this % of the idle rate"}
+                 "min_progress_pct": "while hosts are busy, copy at this % of the idle rate",
+                 "calibrate_ms": "a job of 256 MiB or more first holds host I/O this long to "
+                                 "measure the idle rate (0: no hold)"}
         for k in THROTTLE:
             self.define_config_group_param("throttle", k, "string" if k == "rate" else "number",
                                            descr[k])

@@ -341,10 +341,12 @@ def test_pair_states_sync_fracture_absent(env, daemon):
     rc, out = adhoc(env, "pair", {**pair, "state": "fractured"})
     assert rc == 0 and not out["changed"]
     rc, out = adhoc(env, "pair", {**pair, "state": "synchronized",
-                                  "throttle": {"depth": 8, "min_progress_pct": 20}})
+                                  "throttle": {"depth": 8, "min_progress_pct": 20,
+                                               "calibrate_ms": 0}})
     assert rc == 0 and out["actions"] == ["pair.throttle", "pair.sync"]
     assert out["pair"]["state"] == "synchronized" and out["pair"]["throttle"]["depth"] == 8
     assert out["pair"]["throttle"]["min_progress_pct"] == 20
+    assert out["pair"]["throttle"]["calibrate_ms"] == 0
     rc, out = adhoc(env, "pair", {**sock, "source": "x", "clone": "c"})
     assert rc != 0 and out["msg"] == "c is the clone of s, not of x"
     rc, out = adhoc(env, "pair", {**pair, "state": "absent"})

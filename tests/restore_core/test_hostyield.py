@@ -227,8 +227,8 @@ async def restore_under_a_busy_host(r, eng, p, counting: CountingStore) -> float
     first); the seconds from the copier's start to the job's end."""
     hosts = eng.volumes["src"].hosts
     hosts.idle_rate = 100 << 20
-    hosts.calibrate_hold_s = 0.0       # no held calibration: it would replace that rate
-    await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
+    # no held calibration: it would replace that rate
+    await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10, calibrate_ms=0)
     stop = asyncio.Event()
 
     async def host() -> None:
@@ -293,9 +293,14 @@ def test_while_hosts_are_busy_the_copier_looks_again_at_most_every_busy_look():
     async def go():
         r, counting, eng, p = await differing_pair(4096)
         hosts = eng.volumes["src"].hosts
+        # End the idle stretch the pair's first sync left open: closed by
+        # the restore's first look, it raised the idle rate set below to
+        # the sync's (~800 MB/s: a copy per look) whenever the sync had
+        # copied for IDLE_SAMPLE_S (a loaded machine).
+        hosts.busy(time.monotonic(), time.monotonic(), 1)
         hosts.idle_rate = 1 << 20          # floor ~115 KiB/s: the copier mostly waits
-        hosts.calibrate_hold_s = 0.0
-        await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10)
+        await eng.set_throttle(p.id, batch_extents=16, depth=2, min_progress_pct=10,
+                               calibrate_ms=0)
         looks = 0
         busy = hosts.busy
 
@@ -361,6 +366,29 @@ class SlowWrites(CountingStore):
         await super().write(offset, data)
 
 
+async def restore_under_qd1_reads(r, eng, p, secs: float) -> float:
+    """Start the pair's restore under a host reading at QD1 (never pausing
+    long) and keep reading ``secs``; the longest the host waited for an
+    answer once the restore began."""
+    answered: list[float] = []
+    stop = asyncio.Event()
+
+    async def host() -> None:
+        while not stop.is_set():
+            await r.sio.read(r.size - 512, 512)
+            answered.append(time.monotonic())
+            await asyncio.sleep(0.001)
+
+    h = asyncio.ensure_future(host())
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await eng.restore(p.id)
+    await asyncio.sleep(secs)
+    stop.set()
+    await h
+    return max(b - a for a, b in zip(answered, answered[1:]) if b > t0)
+
+
 def test_a_job_measures_its_idle_rate_first_with_the_hosts_held(monkeypatch):
     """Measured between a host's commands the idle rate read 0.38-0.66 of
     an idle restore's (tests/bench/restore_latency.py), and the floor, a
@@ -374,23 +402,7 @@ def test_a_job_measures_its_idle_rate_first_with_the_hosts_held(monkeypatch):
         r, slow, eng, p = await differing_pair(n, SlowWrites)
         await eng.set_throttle(p.id, batch_extents=16, depth=2)
         eng.volumes["src"].hosts.idle_rate = 1.0     # what an earlier job learnt: replaced
-        answered: list[float] = []
-        stop = asyncio.Event()
-
-        async def host() -> None:          # QD1 reads, never pausing long
-            while not stop.is_set():
-                await r.sio.read((n - 1) * ES, 512)
-                answered.append(time.monotonic())
-                await asyncio.sleep(0.001)
-
-        h = asyncio.ensure_future(host())
-        await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        await eng.restore(p.id)
-        await asyncio.sleep(CALIBRATE_HOLD_S + 0.1)
-        stop.set()
-        await h
-        held = max(b - a for a, b in zip(answered, answered[1:]) if b > t0)
+        held = await restore_under_qd1_reads(r, eng, p, CALIBRATE_HOLD_S + 0.1)
         assert held >= CALIBRATE_HOLD_S * 0.9, f"hosts waited at most {held * 1e3:.1f} ms"
         full_depth = 2 * (16 * ES) / 0.005          # two 16-extent copies per 5 ms write
         rate = eng.progress(p.id).idle_rate
@@ -399,6 +411,36 @@ def test_a_job_measures_its_idle_rate_first_with_the_hosts_held(monkeypatch):
         await eng.wait_job(p.id, 60)
         await eng.close()
     asyncio.run(go())
+
+
+def test_the_hold_is_the_pairs_calibrate_ms_and_0_holds_nothing(monkeypatch):
+    """calibrate_ms is the storage admin's: how long a job's start holds
+    the hosts to measure the idle rate, 0 for no hold at all."""
+    monkeypatch.setattr(hostyield, "CALIBRATE_MIN_JOB", 0)     # a test-sized LU
+
+    async def go(ms: int) -> tuple[float, int]:
+        n = 512
+        r, slow, eng, p = await differing_pair(n, SlowWrites)
+        # 4-extent copies, two per 5 ms: 320 ms of copying, longer than the hold
+        await eng.set_throttle(p.id, batch_extents=4, depth=2, calibrate_ms=ms)
+        gate = eng.volumes["src"].gate
+        closed, closures = gate.closed, []
+
+        def counted():
+            closures.append(time.monotonic())
+            return closed()
+        gate.closed = counted
+        held = await restore_under_qd1_reads(r, eng, p, ms / 1000 + 0.1)
+        await eng.wait_job(p.id, 60)
+        await eng.close()
+        return held, len(closures)
+
+    held, with_hold = asyncio.run(go(150))
+    assert held >= 0.135, f"hosts waited at most {held * 1e3:.1f} ms"
+    _, without = asyncio.run(go(0))
+    assert with_hold == without + 1        # the job start's own hold(s) only
+    with pytest.raises(ValueError, match="calibrate_ms"):
+        Throttle(calibrate_ms=-1).validate()
 
 
 def test_throttle_knobs_are_validated():

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from restore_core.lunio import NotReadyError
+from restore_core.lunio import Access, NotReadyError
 from restore_core.pair import PairState
 
 from .util import ES, Rig, pattern
@@ -167,9 +167,72 @@ def test_reads_during_a_restore_from_an_offline_clone_are_not_ready():
         p = await r.fractured_pair()
         await r.sio.write(0, pattern(1, 16 * ES))
         await eng.restore(p.id, paused=True)
+        # served from the clone at once: the source's routing is decided
+        # (and kept) before the clone goes offline, a change on another
+        # volume that must reach it (RoutingEpoch)
+        assert r.sio.try_readinto(3 * ES, [memoryview(bytearray(512))])
+        assert r.sio.access_state().access is Access.READ_WRITE
         eng.set_offline(r.cln.name, "image gone")
+        assert r.sio.access_state().access is Access.NOT_READY
         assert not r.sio.try_readinto(3 * ES, [memoryview(bytearray(512))])
         with pytest.raises(NotReadyError, match="offline"):
             await r.sio.read(3 * ES, 512)
         await eng.close()
     run(go())
+
+
+def test_each_state_change_reroutes_the_next_command_at_once():
+    """The LUs' access and route are decided once per state change, not per
+    command (RoutingEpoch): a decision made and kept before a change must
+    not outlive it, on the source (reads from the clone while restoring)
+    nor on the clone (NOT READY to hosts while it feeds a protected
+    restore)."""
+    async def go():
+        r = Rig(16)
+        eng = await r.boot()
+        p = await r.fractured_pair()
+        await r.sio.write(0, pattern(1, 16 * ES))
+        cio = r.cios[0]
+        buf = bytearray(ES)
+
+        def source_reads() -> bytes:
+            assert r.sio.try_readinto(2 * ES, [memoryview(buf)])
+            return bytes(buf)
+
+        assert source_reads() == pattern(1, ES)
+        assert cio.access_state().access is Access.READ_WRITE
+        await eng.restore(p.id, paused=True)
+        assert source_reads() == bytes(r.cln.current[2 * ES:3 * ES])    # from the clone
+        assert cio.access_state().access is Access.NOT_READY
+        await eng.resume(p.id)
+        await eng.wait_job(p.id, 10)
+        assert p.state is PairState.FRACTURED
+        await r.src.write(2 * ES, pattern(7, ES))        # behind the engine: the source's own
+        assert source_reads() == pattern(7, ES)
+        assert cio.access_state().access is Access.READ_WRITE
+        await eng.close()
+    run(go())
+
+
+def test_every_change_routing_depends_on_is_counted():
+    """What a LU's cached decision depends on cannot change uncounted: the
+    engine's own state changes happen to count other changes too (a hold
+    refreshed), which would hide a setter that forgot to."""
+    from restore_core.blockstore import MemoryBlockStore
+    from restore_core.pair import Job, JobKind, Pair, RoutingEpoch, VolumeRuntime
+
+    vol = VolumeRuntime("v", MemoryBlockStore(16 * ES))
+    pair = Pair("p", "v", "c", 16 * ES, ES, PairState.FRACTURED)
+    changes = [
+        lambda: setattr(pair, "state", PairState.RESTORING),
+        lambda: setattr(pair, "job", Job(JobKind.RESTORE)),
+        lambda: setattr(vol, "held", "held"),
+        lambda: setattr(vol, "offline", "gone"),
+        lambda: setattr(vol, "undo_of", "p"),
+        lambda: setattr(vol, "as_source", (pair,)),
+        lambda: setattr(vol, "as_clone", pair),
+    ]
+    for change in changes:
+        n = RoutingEpoch.n
+        change()
+        assert RoutingEpoch.n > n

@@ -79,8 +79,10 @@ def test_volume_pair_export_lifecycle_with_json(daemon):
     assert js(daemon, "pair", "fracture", "db1-clone")["state"] == "fractured"
     p = js(daemon, "pair", "throttle", "db1-clone", "--rate", "100M", "--depth", "4")
     assert p["throttle"]["rate"] == 100 << 20 and p["throttle"]["depth"] == 4
-    p = js(daemon, "pair", "throttle", "db1-clone", "--host-window", "4", "--min-progress-pct", "25")
+    p = js(daemon, "pair", "throttle", "db1-clone", "--host-window", "4", "--min-progress-pct", "25",
+           "--calibrate-ms", "0")
     assert p["throttle"]["host_window"] == 4 and p["throttle"]["min_progress_pct"] == 25
+    assert p["throttle"]["calibrate_ms"] == 0
     bad = daemon.cli("pair", "throttle", "db1-clone", "--min-progress-pct", "0", ok=False)
     assert bad.returncode != 0 and "min_progress_pct must be 1..100" in bad.stderr
     p = js(daemon, "pair", "restore", "db1/db1-clone", "--wait")

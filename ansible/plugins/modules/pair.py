@@ -91,6 +91,10 @@ options:
       min_progress_pct:
         description: While hosts are busy, copy at this percentage of the idle rate (1-100).
         type: int
+      calibrate_ms:
+        description: A sync or restore of 256 MiB or more first holds the LU's host I/O this
+          long to measure the idle rate I(min_progress_pct) is a share of (0-1000; C(0) no hold).
+        type: int
   force:
     description:
       - With I(state=absent), remove the pair even while a restore runs.
@@ -166,7 +170,8 @@ pair:
     state: fractured
     size: 10737418240
     extent_size: 65536
-    throttle: {rate: 0, batch_extents: 16, depth: 2, host_window: 8, min_progress_pct: 10}
+    throttle: {rate: 0, batch_extents: 16, depth: 2, host_window: 8, min_progress_pct: 10,
+               calibrate_ms: 50}
     progress: {state: fractured, job: null, extents_total: 0, extents_done: 0,
                delta_extents: 0, rate: 0.0, eta: null, error: null, paused: false,
                protected: null, bytes_copied: 0}
@@ -189,7 +194,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.liverestore.storage.plugins.module_utils.liverestore import (
     ActionRunner, common_argument_spec, find, parse_size, run_runner, wait_job)
 
-KNOBS = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct")
+KNOBS = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct", "calibrate_ms")
 
 
 class Runner(ActionRunner):
@@ -376,7 +381,8 @@ def main():
         extent_size=dict(type="str"),
         throttle=dict(type="dict", options=dict(
             rate=dict(type="str"), batch_extents=dict(type="int"), depth=dict(type="int"),
-            host_window=dict(type="int"), min_progress_pct=dict(type="int"))),
+            host_window=dict(type="int"), min_progress_pct=dict(type="int"),
+            calibrate_ms=dict(type="int"))),
         force=dict(type="bool", default=False),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)

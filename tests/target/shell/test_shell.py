@@ -92,8 +92,9 @@ def test_interactive_tree_cd_completion_and_a_restore_visible_in_ls(daemon, tmp_
         out = sh.run("set throttle rate=256K batch_extents=1 depth=1")
         assert "Parameter rate is now '262144'." in out
         assert "batch_extents=1" in sh.run("get throttle batch_extents")
-        sh.run("set throttle min_progress_pct=30 host_window=16")
+        sh.run("set throttle min_progress_pct=30 host_window=16 calibrate_ms=20")
         assert "min_progress_pct=30" in sh.run("get throttle min_progress_pct")
+        assert "calibrate_ms=20" in sh.run("get throttle calibrate_ms")
         assert "host_window=16" in sh.run("get throttle host_window")
         out = sh.run("restore")
         assert "Restoring db1/db1-clone: restoring" in out and "(protected)" in out
