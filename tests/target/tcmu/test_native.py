@@ -130,6 +130,25 @@ def test_a_batch_of_direct_commands_is_answered_with_one_kick(tmp_path):
     run(main())
 
 
+def test_the_lu_metrics_take_the_native_counts_while_it_serves(tmp_path):
+    """The native counters reach the LU's metrics every FOLD_EVERY_CHECKS
+    route checks, not only when the device closes."""
+    async def main():
+        store, target = file_lu(tmp_path)
+        k = FakeKernel()
+        dev = await serve(k, target)
+        await direct_on(k, dev)
+        for lba in (1, 2):
+            assert (await one(k, rw10(0x2A, lba, 1), data_out=b"m" * BS)).status == GOOD
+        lu = target.device(0).stats
+        await until(lambda: lu.commands[1] == 2, timeout=20 * native.FOLD_EVERY_CHECKS * native.ROUTE_CHECK_S)
+        assert lu.commands[1] == 2 and dev._lease is not None
+        await dev.close()
+        store.close()
+        k.close()
+    run(main())
+
+
 def test_a_read_that_would_wait_for_the_disk_goes_to_python(tmp_path):
     """The native thread runs commands one at a time: a read missing the page
     cache (RWF_NOWAIT says it would block) goes to Python's threads instead
