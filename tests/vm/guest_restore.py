@@ -312,14 +312,38 @@ def fio(dev: str, rw: str, bs: str, depth: int, secs: int) -> tuple[float, float
             float(j["read"]["iops"]) + float(j["write"]["iops"]))
 
 
+def stat_times(path: str) -> tuple[str, float, float]:
+    """The name and the user and system CPU seconds so far of the process
+    or thread whose /proc stat file is ``path``."""
+    with open(path) as f:
+        raw = f.read()
+    fields = raw.rsplit(")", 1)[1].split()
+    hz = os.sysconf("SC_CLK_TCK")
+    return raw[raw.index("(") + 1:raw.rindex(")")], int(fields[11]) / hz, int(fields[12]) / hz
+
+
 def cpu_times(pid: int | None) -> tuple[float, float] | None:
     """User and system CPU seconds of process ``pid`` so far (None: no pid)."""
     if not pid:
         return None
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    hz = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / hz, int(fields[12]) / hz
+    return stat_times(f"/proc/{pid}/stat")[1:]
+
+
+def thread_times(pid: int | None) -> dict[int, tuple[str, float, float]]:
+    """Name, user and system CPU seconds of each thread of process ``pid`` so
+    far: which thread of a handler spends the CPU (our ring thread, the
+    asyncio loop; tcmu-runner's cmdproc and I/O workers)."""
+    out: dict[int, tuple[str, float, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task") if pid else []
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out[int(tid)] = stat_times(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:
+            continue                    # the thread ended meanwhile
+    return out
 
 
 def guest_busy() -> float:
@@ -340,6 +364,8 @@ class CpuPerIo:
         self.t0 = time.time()
         self.guest0 = guest_busy()
         self.proc0 = cpu_times(handler_pid)
+        self.threads0 = thread_times(handler_pid)
+        self.threads: list[tuple[str, float, float]] = []  # (name, user, system us per I/O), busiest first
         self.us: dict[str, float] = {}          # guest / handler_user / handler_system, per I/O
         self.busy = 0.0                         # of all vCPUs
         self.handler_share = 0.0                # of one CPU
@@ -355,6 +381,11 @@ class CpuPerIo:
             u, s = u1 - self.proc0[0], s1 - self.proc0[1]
             self.us["handler_user"], self.us["handler_system"] = u / n * 1e6, s / n * 1e6
             self.handler_share = (u + s) / wall
+            busy = []
+            for tid, (name, tu, ts) in thread_times(self.pid).items():
+                _, tu0, ts0 = self.threads0.get(tid, (name, 0.0, 0.0))
+                busy.append((name, (tu - tu0) / n * 1e6, (ts - ts0) / n * 1e6))
+            self.threads = sorted((b for b in busy if b[1] + b[2] > 0), key=lambda b: -b[1] - b[2])[:4]
         return self
 
     def line(self) -> str:
@@ -362,6 +393,9 @@ class CpuPerIo:
         if "handler_user" in self.us:
             out += (f", handler user {self.us['handler_user']:.0f} + system {self.us['handler_system']:.0f} "
                     f"us/IO ({self.handler_share:.0%} of a CPU)")
+        if self.threads:
+            out += "; threads (user+system us/IO) " + ", ".join(f"{name} {u:.0f}+{s:.0f}"
+                                                               for name, u, s in self.threads)
         return out
 
 

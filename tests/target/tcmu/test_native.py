@@ -99,6 +99,56 @@ def test_reads_and_writes_of_a_direct_lu_are_answered_by_the_native_loop(tmp_pat
     run(main())
 
 
+def test_a_batch_of_direct_commands_is_answered_with_one_kick(tmp_path):
+    """The kernel publishes several commands with one interrupt: the thread
+    wakes once, answers them all and tells the kernel once (each uio write
+    is a syscall, and the kernel's completion pass, per batch); the LU's
+    metrics still count every command, with the batch's latency."""
+    async def main():
+        store, target = file_lu(tmp_path)
+        k = FakeKernel(cmdr_size=8192)
+        dev = await serve(k, target)
+        await direct_on(k, dev)
+        st0, n0 = dev.native.stats(), handed(dev)
+        for i in range(6):
+            k.submit(rw10(0x2A, 8 * i, 1), data_out=bytes([i]) * BS, notify=False)
+        for i in range(6):
+            k.submit(rw10(0x28, 8 * i, 1), data_in=BS, notify=False)
+        k.notify()
+        got = await k.wait_completions(12)
+        assert all(c.status == GOOD for c in got) and len(got) == 12
+        assert sorted(c.data_in for c in got if c.data_in) == [bytes([i]) * BS for i in range(6)]
+        st = dev.native.stats()
+        assert handed(dev) == n0
+        assert (st["wakeups"] - st0["wakeups"], st["notifies"] - st0["notifies"]) == (1, 1)
+        await dev.close()
+        lu = target.device(0).stats
+        assert (lu.commands[0], lu.commands[1]) == (6, 6)
+        assert sum(lu.buckets[0]) == 6 and sum(lu.buckets[1]) == 6
+        store.close()
+        k.close()
+    run(main())
+
+
+def test_the_lu_metrics_take_the_native_counts_while_it_serves(tmp_path):
+    """The native counters reach the LU's metrics every FOLD_EVERY_CHECKS
+    route checks, not only when the device closes."""
+    async def main():
+        store, target = file_lu(tmp_path)
+        k = FakeKernel()
+        dev = await serve(k, target)
+        await direct_on(k, dev)
+        for lba in (1, 2):
+            assert (await one(k, rw10(0x2A, lba, 1), data_out=b"m" * BS)).status == GOOD
+        lu = target.device(0).stats
+        await until(lambda: lu.commands[1] == 2, timeout=20 * native.FOLD_EVERY_CHECKS * native.ROUTE_CHECK_S)
+        assert lu.commands[1] == 2 and dev._lease is not None
+        await dev.close()
+        store.close()
+        k.close()
+    run(main())
+
+
 def test_a_read_that_would_wait_for_the_disk_goes_to_python(tmp_path):
     """The native thread runs commands one at a time: a read missing the page
     cache (RWF_NOWAIT says it would block) goes to Python's threads instead
