@@ -330,8 +330,7 @@ class VolumeIO(LunIO):
         if pair is None:
             return self.vol.store
         pair.last_host_io = time.monotonic()
-        es = pair.extent_size           # extents_of, inline: this runs for every read
-        left = pair.maps.left_in(offset // es, (offset + length - 1) // es + 1)
+        left = pair.maps.left_in(*extents_of(offset, length, pair.extent_size))
         if left == LEFT_NONE:
             return self.vol.store
         clone = pair.copy_from    # the undo image in an abort
