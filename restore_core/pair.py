@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from .blockstore import BlockStore
 from .extentmap import extent_count
@@ -27,12 +27,23 @@ class RoutingEpoch:
     (restore_core.volume_io: VolumeIO._routing): recomputed once per change,
     not for every command. Changes are rare; one count for every volume
     keeps a volume's decision right when another volume (its clone) goes
-    offline."""
+    offline. Who serves a LU's I/O from outside the loop (a direct lease's
+    holder) is told of each change (``watch``) instead of polling for it."""
     n = 0
+    _watchers: set[Callable[[], None]] = set()
 
     @classmethod
     def bump(cls) -> None:
         cls.n += 1
+        for fn in tuple(cls._watchers):
+            fn()
+
+    @classmethod
+    def watch(cls, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call ``fn`` (on the loop, where changes are made) after each
+        change; returns what stops it."""
+        cls._watchers.add(fn)
+        return lambda: cls._watchers.discard(fn)
 
 
 class RoutingField(Generic[T]):

@@ -224,8 +224,19 @@ class VolumeIO(LunIO):
         if not self._whole_lu_direct() or not vol.gate.try_enter():
             return None
         store = vol.store
-        return DirectLease(store, lambda: vol.store is store and self._serves(vol)
-                           and self._whole_lu_direct(), vol.gate.leave)
+        unwatch: list[Callable[[], None]] = []
+
+        def leave() -> None:
+            for stop in unwatch:
+                stop()
+            vol.gate.leave()
+        lease = DirectLease(store, lambda: vol.store is store and self._serves(vol)
+                            and self._whole_lu_direct(), leave)
+        # what can end it: the gate closing (every state change of this
+        # volume), a routing change (its clone going offline, a hold, the
+        # volume removed)
+        unwatch += (vol.gate.watch(lease.changed), RoutingEpoch.watch(lease.changed))
+        return lease
 
     def _serves(self, vol: VolumeRuntime) -> bool:
         """The volume is still the engine's (not removed)."""

@@ -9,8 +9,9 @@ the native ring (one owner of the ring state: its lock).
 The routing decision is published, not re-made: the LU is direct while this
 device holds the LunIO's :class:`~restore_core.direct.DirectLease` and the
 SCSI device says its READ/WRITEs need no check beyond their CDB
-(``ScsiDevice.direct_refusal``). Both are re-checked after every batch Python runs
-and every ``ROUTE_CHECK_S``; when either turns False the native side is told
+(``ScsiDevice.direct_refusal``). Both are re-checked after every batch Python runs,
+when the LunIO says the lease may have ended (DirectLease.on_change) and
+every ``ROUTE_CHECK_S``; when either turns False the native side is told
 first (``set_direct(-1)`` returns once no direct command runs) and then the
 lease is released, so a state change behind the gate never overlaps a
 direct command. What stays Python's: the first command of the nexus (its
@@ -41,23 +42,24 @@ except ImportError:             # not built (a source tree without the install's
 log = logging.getLogger(__name__)
 
 AVAILABLE = NativeRing is not None
-#: How often the published route is re-checked when Python sees no command:
-#: a state change (its gate closing) waits up to this long for direct I/O to stop.
-#: Each check wakes the loop: in the TCG guest of tests/bench/vm_fio.sh that
-#: is ~0.9 ms of CPU per check (an idle daemon: 87 ms/s per LU) and 42-56 us
-#: per 4K I/O. Measured at 0.1 s: the loop 6-7 us/IO, our 4K 2168 -> 2552
-#: IOPS (ours/fileio 0.78 -> 0.89). Not taken: changes that end a lease
-#: without closing the gate (Engine.set_offline, holds) would then wait up to
-#: 0.1 s; lengthening this needs them (and the gate closing) to tell the
-#: lease's holder instead of being polled.
-ROUTE_CHECK_S = 0.01
+#: How often the published route is re-checked when Python sees no command.
+#: The LunIO tells the lease's holder of every change that can end it (the
+#: gate closing, a routing change: DirectLease.on_change), so a state change
+#: waits one turn of the loop, not for this poll; the SCSI device's own state
+#: (a reservation, a unit attention, MODE SELECT) changes only by commands,
+#: which reach it through this ring (a volume has one export) and are
+#: followed by a check. The poll is the net under both. Each poll wakes the loop: in the TCG
+#: guest of tests/bench/vm_fio.sh ~0.9 ms of CPU per check; at 0.01 s that
+#: was 87 ms/s per idle LU and 42-56 us per 4K I/O, at 0.1 s the loop took
+#: 6-7 us per I/O and our 4K IOPS went 2168 -> 2552 (ours/fileio 0.78 -> 0.89).
+ROUTE_CHECK_S = 0.1
 #: The native side's counters go into the LU's metrics every this many route
-#: checks (0.25 s), not at each: in a TCG guest each fold (two dicts, two
-#: bucket lists, two LuStats.add) was the largest part of the 10 ms tick,
+#: checks (0.2 s), not more often: in a TCG guest each fold (two dicts, two
+#: bucket lists, two LuStats.add) was the largest part of a 10 ms tick,
 #: and the loop's ticks cost more CPU per I/O than the ring thread's own
 #: user time. The metrics lag the native I/O by this much at most; closing
 #: the device folds the rest.
-FOLD_EVERY_CHECKS = 25
+FOLD_EVERY_CHECKS = 2
 
 
 class NativeRingView:
@@ -91,6 +93,7 @@ class NativeTcmuDevice(TcmuDevice):
         self._route: str | None = "not checked yet"
         self._writes_seen = 0
         self._checks_to_fold = FOLD_EVERY_CHECKS
+        self._route_soon_due = False
         self._loop.add_reader(self.native.handoff_fd, self._on_handoff)
         self._watching = True
         self.native.start()
@@ -164,6 +167,7 @@ class NativeTcmuDevice(TcmuDevice):
             return
         self._note_route("direct")
         self._lease = lease
+        lease.on_change = self._route_soon
         # a descriptor of our own: the store closing its fd (a volume deleted
         # under a backstore) cannot make ours name another file before the
         # next check takes the route back
@@ -186,6 +190,19 @@ class NativeTcmuDevice(TcmuDevice):
         self._note_native_writes()
         self._lease.release()
         self._lease = None
+
+    def _route_soon(self) -> None:
+        """The lease may have ended (told by the LunIO, inside a state
+        change): check it on the loop's next turn; the change waits for it
+        at the gate."""
+        if not self._route_soon_due:
+            self._route_soon_due = True
+            self._loop.call_soon(self._route_now)
+
+    def _route_now(self) -> None:
+        self._route_soon_due = False
+        if not self._closed and self.native is not None:
+            self._check_route()
 
     def _route_tick(self) -> None:
         if self._closed or self.native is None:

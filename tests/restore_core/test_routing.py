@@ -236,3 +236,42 @@ def test_every_change_routing_depends_on_is_counted():
         n = RoutingEpoch.n
         change()
         assert RoutingEpoch.n > n
+
+
+def test_a_direct_lease_is_told_of_every_change_that_can_end_it():
+    """A direct lease's holder (the native TCMU ring) polls rarely: the LunIO
+    tells it when the volume's gate starts closing (a state change waits at
+    the gate for the holder to leave) and when routing changes without it
+    (a volume going offline), and tells a released lease nothing."""
+    async def go():
+        r = Rig(16, clones=2)
+        eng = await r.boot()
+        lease = r.sio.direct_lease()
+        assert lease is not None and lease.valid()
+        told: list[bool] = []
+        lease.on_change = lambda: told.append(lease.valid())
+        pairing = asyncio.ensure_future(eng.create_pair("src", "cln0", extent_size=ES))
+        for _ in range(100):
+            if False in told:
+                break
+            await asyncio.sleep(0.01)
+        assert False in told, "the gate closed and the holder was not told"
+        assert not pairing.done()              # waits at the gate for the holder
+        lease.release()
+        p = await asyncio.wait_for(pairing, 10)
+        await eng.wait_job(p.id, 30)
+        n = len(told)
+        eng.set_offline("cln1", "image gone")  # released: not told any more
+        assert len(told) == n
+
+        spare = Rig(4)
+        eng2 = await spare.boot()
+        lease2 = spare.sio.direct_lease()
+        seen: list[bool] = []
+        lease2.on_change = lambda: seen.append(lease2.valid())
+        eng2.set_offline("src", "image gone")  # no gate closes: a routing change
+        assert seen == [False]
+        lease2.release()
+        await eng2.close()
+        await eng.close()
+    run(go())

@@ -299,6 +299,29 @@ def test_a_state_change_takes_the_route_back_before_it_happens(tmp_path):
     run(main())
 
 
+def test_a_state_change_does_not_wait_for_the_route_poll(tmp_path, monkeypatch):
+    """The LunIO tells the lease's holder when the gate starts closing: the
+    state change goes ahead on the loop's next turns, not at the next
+    ROUTE_CHECK_S (made a minute here)."""
+    monkeypatch.setattr(native, "ROUTE_CHECK_S", 60.0)
+
+    async def main():
+        rig = _Pair()
+        await rig.start(tmp_path)
+        target = as_scsi_target(rig.sio, BS)
+        k = FakeKernel()
+        dev = await serve(k, target)
+        await direct_on(k, dev)
+        pair = await asyncio.wait_for(rig.fracture(), 10)
+        assert dev._lease is None and rig.sio.vol.gate.inflight == 0
+        assert (await one(k, rw10(0x2A, 8, 1), data_out=b"b" * BS)).status == GOOD
+        assert pair.maps.may_differ().test(1)
+        await dev.close()
+        await rig.stop()
+        k.close()
+    run(main())
+
+
 @pytest.mark.parametrize("ooo", [True, False], ids=["ooo", "in-order"])
 def test_concurrent_mix_of_native_and_python_commands(tmp_path, ooo):
     """Direct READ/WRITEs and handed-over commands (INQUIRY, out-of-range
