@@ -274,10 +274,16 @@ def test_a_fractured_volumes_write_is_marked_before_its_response(tmp_path):
     run(main())
 
 
-def test_a_state_change_takes_the_route_back_before_it_happens(tmp_path):
+@pytest.mark.parametrize("poll", [None, 60.0], ids=["default-poll", "poll-a-minute"])
+def test_a_state_change_takes_the_route_back_before_it_happens(tmp_path, monkeypatch, poll):
     """Creating a pair closes the volume's gate: the native loop stops
     answering before the pair exists, and the volume's writes go to Python
-    (and are tracked) from then on."""
+    (and are tracked) from then on. The LunIO tells the lease's holder when
+    the gate starts closing, so the change does not wait for the route poll
+    (ROUTE_CHECK_S made a minute)."""
+    if poll is not None:
+        monkeypatch.setattr(native, "ROUTE_CHECK_S", poll)
+
     async def main():
         rig = _Pair()
         await rig.start(tmp_path)
@@ -293,29 +299,6 @@ def test_a_state_change_takes_the_route_back_before_it_happens(tmp_path):
         assert (await one(k, rw10(0x2A, 16, 1), data_out=b"b" * BS)).status == GOOD
         assert handed(dev) == n0 + 1
         assert pair.maps.may_differ().test(2)
-        await dev.close()
-        await rig.stop()
-        k.close()
-    run(main())
-
-
-def test_a_state_change_does_not_wait_for_the_route_poll(tmp_path, monkeypatch):
-    """The LunIO tells the lease's holder when the gate starts closing: the
-    state change goes ahead on the loop's next turns, not at the next
-    ROUTE_CHECK_S (made a minute here)."""
-    monkeypatch.setattr(native, "ROUTE_CHECK_S", 60.0)
-
-    async def main():
-        rig = _Pair()
-        await rig.start(tmp_path)
-        target = as_scsi_target(rig.sio, BS)
-        k = FakeKernel()
-        dev = await serve(k, target)
-        await direct_on(k, dev)
-        pair = await asyncio.wait_for(rig.fracture(), 10)
-        assert dev._lease is None and rig.sio.vol.gate.inflight == 0
-        assert (await one(k, rw10(0x2A, 8, 1), data_out=b"b" * BS)).status == GOOD
-        assert pair.maps.may_differ().test(1)
         await dev.close()
         await rig.stop()
         k.close()
