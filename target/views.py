@@ -75,8 +75,8 @@ def throttle_text(t: dict[str, Any]) -> str:
     return (f"rate {rate}, {plural(t['batch_extents'], 'extent')} per copy, "
             f"depth {t['depth']}, host window {t['host_window']} copy round trips, "
             f"min progress {t['min_progress_pct']}% of idle"
-            + (f" (idle rate measured with hosts held {t['calibrate_ms']} ms)" if t.get("calibrate_ms")
-               else " (idle rate measured between host bursts)" if "calibrate_ms" in t else ""))
+            + (f", calibration hold {t['calibrate_ms']} ms" if t.get("calibrate_ms")
+               else ", no calibration hold" if "calibrate_ms" in t else ""))
 
 
 def job_text(p: dict[str, Any]) -> str:

@@ -17,7 +17,8 @@ def test_every_command_prints_human_text_without_json(daemon, tmp_path):
     d.cli("pair", "create", "db1", "db1-clone", "--no-sync")
     out = d.cli("pair", "throttle", "db1-clone", "--rate", "100M", "--depth", "4").stdout
     assert out.strip() == ("throttle of db1-clone: rate 100.0 MiB/s, 16 extents per copy, "
-                           "depth 4, host window 8 copy round trips, min progress 10% of idle"), out
+                           "depth 4, host window 8 copy round trips, min progress 10% of idle, "
+                           "calibration hold 50 ms"), out
     show = d.cli("pair", "show", "db1-clone").stdout
     fields = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in show.splitlines()
                   if re.match(r"\S", line))
