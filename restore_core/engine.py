@@ -28,8 +28,9 @@ from .copier import Copier
 from .extentmap import DEFAULT_EXTENT_SIZE
 from .gate import all_closed
 from .metadata import HOLD_FIELD, MetadataStore, Snapshot
-from .pair import Job, JobKind, Pair, PairState, Progress, RoutingEpoch, Throttle, VolumeRuntime
+from .pair import Job, JobKind, Pair, PairState, Progress, RoutingEpoch, VolumeRuntime
 from .restoremaps import PERSISTED_MAPS
+from .throttle import Throttle
 from .undo import UndoImages, UndoSaver
 from .volume_io import VolumeIO
 

@@ -10,11 +10,12 @@ from typing import Any, Callable, Generic, TypeVar
 from .blockstore import BlockStore
 from .extentmap import extent_count
 from .gate import IOGate
-from .hostyield import CALIBRATE_HOLD_S, MAX_CALIBRATE_MS, HostYield
+from .hostyield import HostYield
 from .inflight import InFlightMap
 from .metadata import DAMAGED_FIELD, HOLD_FIELD, UNDO_FIELD
 from .regionlog import RegionLog
 from .restoremaps import RestoreMaps
+from .throttle import Throttle
 
 T = TypeVar("T")
 
@@ -77,51 +78,6 @@ class JobKind(str, enum.Enum):
     SYNC = "sync"
     RESTORE = "restore"
     ABORT = "abort"                  # undo image -> source (restore_core.undo)
-
-
-@dataclass
-class Throttle:
-    """Background copier knobs.
-
-    rate: bytes/s, 0 for unlimited. batch_extents: adjacent extents merged
-    into one copy I/O and copied between map commits (dm-clone's
-    hydration_batch_size). depth: copy I/Os in flight at once (dm-clone's
-    hydration_threshold). While a host command was seen within the last
-    host_window copy round trips the LU is busy: the copier copies only
-    while behind min_progress_pct percent of its idle rate, by background
-    I/O (see restore_core.hostyield); host_window 0 turns yielding off.
-    calibrate_ms: each job of 256 MiB or more (hostyield.CALIBRATE_MIN_JOB)
-    starts by holding
-    the LU's host I/O this long to measure the idle rate the floor is a
-    share of (0: no hold; the floor's base is then measured between host
-    bursts, and reads low on a busy machine).
-    """
-
-    rate: int = 0
-    batch_extents: int = 16
-    depth: int = 2
-    host_window: int = 8
-    min_progress_pct: int = 10
-    calibrate_ms: int = round(CALIBRATE_HOLD_S * 1000)
-
-    def validate(self) -> None:
-        if self.rate < 0:
-            raise ValueError("throttle rate must be >= 0 bytes/s")
-        if not 1 <= self.batch_extents <= 4096:
-            raise ValueError("batch_extents must be 1..4096")
-        if not 1 <= self.depth <= 64:
-            raise ValueError("depth must be 1..64")
-        if not 0 <= self.host_window <= 10000:
-            raise ValueError("host_window must be 0..10000 copy round trips")
-        if not 1 <= self.min_progress_pct <= 100:
-            raise ValueError("min_progress_pct must be 1..100")
-        if not 0 <= self.calibrate_ms <= MAX_CALIBRATE_MS:
-            raise ValueError(f"calibrate_ms must be 0..{MAX_CALIBRATE_MS}")
-
-
-# Knobs of earlier versions, replaced by host_window and min_progress_pct:
-# a saved configuration may still carry them; they are accepted and ignored.
-RETIRED_THROTTLE_KNOBS = ("host_yield_ms", "host_pause_us")
 
 
 @dataclass

@@ -19,6 +19,8 @@ from typing import Any, Iterator
 
 import argcomplete
 
+from restore_core.throttle import KNOBS
+
 from .cli_events import add_parser as add_events_parser
 from .cli_exports import add_export_commands
 from .cli_group import add_parser as add_group_parser
@@ -362,9 +364,7 @@ def _logging(verbose: bool) -> None:
 
 
 def _throttle_kw(a: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(a, k) for k in ("rate", "batch_extents", "depth", "host_window",
-                                 "min_progress_pct", "calibrate_ms")
-            if getattr(a, k, None) is not None}
+    return {k.name: getattr(a, k.name) for k in KNOBS if getattr(a, k.name, None) is not None}
 
 
 def _version() -> str:
@@ -546,19 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_cmd(pr, "throttle", "background copy knobs", "pair.throttle", "throttle",
                    lambda a: {"pair": a.pair, **_throttle_kw(a)})
     p.add_argument("pair", help=PAIR_HELP)
-    for sp in (p,):
-        sp.add_argument("--rate", help="bytes/s, e.g. 200M (0: unlimited)")
-        sp.add_argument("--batch-extents", type=int,
-                        help="adjacent extents merged into one copy I/O (1-4096)")
-        sp.add_argument("--depth", type=int, help="copy I/Os in flight at once (1-64)")
-        sp.add_argument("--host-window", type=int,
-                        help="hosts count as busy while seen within this many copy round "
-                             "trips (0: never yield)")
-        sp.add_argument("--min-progress-pct", type=int,
-                        help="while hosts are busy, copy at this %% of the idle rate (1-100)")
-        sp.add_argument("--calibrate-ms", type=int,
-                        help="a job of 256 MiB or more first holds host I/O this long to "
-                             "measure the idle rate (0-1000; 0: no hold)")
+    for k in KNOBS:
+        # rate takes a size (200M); the daemon parses it, as it does the config's
+        p.add_argument("--" + k.name.replace("_", "-"), type=None if k.name == "rate" else int,
+                       help=k.help.replace("%", "%%"))
     p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "deleted",
                    lambda a: {"pair": a.pair, "force": a.force})
     p.add_argument("pair", help=PAIR_HELP)

@@ -16,8 +16,8 @@ from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import ValidationError, best_match
 
 from restore_core.engine import valid_volume_name
-from restore_core.pair import RETIRED_THROTTLE_KNOBS, Throttle
 from restore_core.stores.spec import FILE_KINDS, RBD_KIND, RbdSpec, SpecError
+from restore_core.throttle import KNOBS, RETIRED_THROTTLE_KNOBS, Knob
 
 from .errors import clip, one_line
 from .iscsi.names import valid_chap_name, valid_iscsi_name
@@ -80,6 +80,11 @@ PORTALS_SCHEMA: dict[str, Any] = {"type": "array", "minItems": 1,
 SETTINGS_SCHEMAS: dict[str, dict[str, Any]] = {"portals": PORTALS_SCHEMA}
 
 _SIZE = {"type": "integer", "minimum": 1}
+
+
+def _knob_schema(k: Knob) -> dict[str, Any]:
+    """A throttle knob's range, from the one table the engine checks too."""
+    return {"type": "integer", "minimum": k.lo, **({} if k.hi is None else {"maximum": k.hi})}
 DOCUMENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["version"],
@@ -106,9 +111,9 @@ DOCUMENT_SCHEMA: dict[str, Any] = {
                            "clone": {"type": "string", "format": "volume-name"},
                            "extent_size": _SIZE,
                            "throttle": {"type": "object", "additionalProperties": False,
-                                        "properties": {k: {"type": "integer", "minimum": 0}
-                                                       for k in (*Throttle.__dataclass_fields__,
-                                                                 *RETIRED_THROTTLE_KNOBS)}}}}},
+                                        "properties": {**{k.name: _knob_schema(k) for k in KNOBS},
+                                                       **{k: {"type": "integer", "minimum": 0}
+                                                          for k in RETIRED_THROTTLE_KNOBS}}}}}},
         # consistency groups: members are pair ids (clone names)
         "groups": {"type": "array", "items": {
             "type": "object", "required": ["name", "pairs"], "additionalProperties": False,

@@ -34,7 +34,8 @@ from restore_core.stores.undo_images import StoreUndoImages
 from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_name
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.groups import Groups
-from restore_core.pair import RETIRED_THROTTLE_KNOBS, Pair, Throttle
+from restore_core.pair import Pair
+from restore_core.throttle import RETIRED_THROTTLE_KNOBS, Throttle
 
 from .arguments import ArgumentError, Signature
 from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,

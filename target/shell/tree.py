@@ -20,13 +20,14 @@ from typing import Any
 from configshell import ConfigNode, ConfigShell, ExecutionError
 from pyparsing import ParseException
 
+from restore_core.throttle import KNOBS
+
 from ..cli_group import follow_members
 from ..cli_shared import client_path, wait_job, write_private
 from ..control import ControlError
 from ..fmt import SECRET, eta, human, plural
 from ..follow import Outcome
 
-THROTTLE = ("rate", "batch_extents", "depth", "host_window", "min_progress_pct", "calibrate_ms")
 
 
 def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
@@ -362,17 +363,9 @@ class Source(Node):
 class PairNode(Node):
     def __init__(self, name, parent, data=None):
         super().__init__(name, parent, data)
-        descr = {"rate": "background copy bytes/s, e.g. 200M (0: unlimited)",
-                 "batch_extents": "adjacent extents merged into one copy I/O",
-                 "depth": "copy I/Os in flight at once",
-                 "host_window": "hosts are busy while seen within this many copy round trips "
-                                "(0: never yield)",
-                 "min_progress_pct": "while hosts are busy, copy at this % of the idle rate",
-                 "calibrate_ms": "a job of 256 MiB or more first holds host I/O this long to "
-                                 "measure the idle rate (0: no hold)"}
-        for k in THROTTLE:
-            self.define_config_group_param("throttle", k, "string" if k == "rate" else "number",
-                                           descr[k])
+        for k in KNOBS:
+            self.define_config_group_param("throttle", k.name,
+                                           "string" if k.name == "rate" else "number", k.help)
         for k in ("state", "source", "clone", "size", "extent_size", "delta_extents"):
             self.define_config_group_param("pair", k, "string", f"the pair's {k}",
                                            writable=False)

@@ -557,3 +557,21 @@ def test_keep_undo_restore_abort_commit_idempotent_with_check_mode(env, daemon):
     rc, out = adhoc(env, "pair", {**sock, "source": "data", "clone": "data-clone",
                                   "state": "aborted"})
     assert rc == 0 and not out["changed"]
+
+
+def test_the_pair_modules_throttle_documentation_states_the_engines_ranges():
+    """DOCUMENTATION is static YAML (ansible-doc reads it without running
+    the module), so it restates each knob's range: held here to the one
+    table the engine, the CLI and the shell use."""
+    import ast
+    import yaml
+    from restore_core.throttle import KNOBS
+
+    src = open(os.path.join(COLLECTION, "plugins", "modules", "pair.py")).read()
+    doc = next(yaml.safe_load(n.value.value) for n in ast.parse(src).body
+               if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DOCUMENTATION")
+    sub = doc["options"]["throttle"]["suboptions"]
+    assert list(sub) == [k.name for k in KNOBS]
+    for k in KNOBS:
+        if k.hi is not None:
+            assert f"({k.lo}-{k.hi}" in " ".join(sub[k.name]["description"].split()), k.name

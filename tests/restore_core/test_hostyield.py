@@ -10,7 +10,7 @@ from restore_core.copier import BUSY_COPY_BYTES, BUSY_LOOK_S
 from restore_core.hostyield import (CALIBRATE_HOLD_S, CALIBRATE_MIN_COPIES, CALIBRATE_S,
                                     FLOOR_AHEAD_S, FLOOR_AIM, FLOOR_BEHIND_S, FLOOR_OWED_S,
                                     IDLE_SAMPLE_S, MIN_WINDOW_S, HostYield)
-from restore_core.pair import Throttle
+from restore_core.throttle import Throttle
 
 from .util import ES, Rig, pattern
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from restore_core.throttle import KNOBS
 from target.configdoc import InvalidConfig, check_document
 from target.control import Client, ControlError
 from tests.support import IQN, LR, ROOT, Daemon, free_port
@@ -168,3 +169,18 @@ def test_an_undecodable_stored_target_is_one_line_not_a_traceback(daemon) -> Non
     assert r is not None and r.returncode == 1 and "Traceback" not in r.stdout, r
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and f"target {IQN}" in lines[0] and "not valid JSON" in lines[0], lines
+
+
+def _pairs_doc(**throttle: int) -> dict:
+    return {"version": 1, "volumes": [], "pairs": [
+        {"source": "db", "clone": "db-clone", "throttle": throttle}]}
+
+
+@pytest.mark.parametrize("knob", [k for k in KNOBS if k.hi is not None], ids=lambda k: k.name)
+def test_a_throttle_knob_past_its_range_is_refused_before_anything_changes(knob):
+    """The schema takes each knob's range from the engine's table: the file
+    is refused up front, naming the knob, rather than half-way through
+    at the engine's own check."""
+    check_document(_pairs_doc(**{knob.name: knob.hi}))
+    with pytest.raises(InvalidConfig, match=f"throttle.{knob.name}: {knob.hi + 1} is greater"):
+        check_document(_pairs_doc(**{knob.name: knob.hi + 1}))

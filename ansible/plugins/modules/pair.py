@@ -86,7 +86,8 @@ options:
         type: int
       host_window:
         description: Hosts count as busy while a command was seen within this many copy round
-          trips; the copier then copies only to keep I(min_progress_pct) (C(0) never yields).
+          trips; the copier then copies only to keep I(min_progress_pct) (0-10000; C(0) never
+          yields).
         type: int
       min_progress_pct:
         description: While hosts are busy, copy at this percentage of the idle rate (1-100).
