@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+from asyncio import Future
+from functools import partial
 
 from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse,
                              Submitted, submitter)
@@ -357,12 +359,22 @@ class DataPathMixin:
         elif task.write and task.received < task.edtl:
             return False
         rsp = self._execute(task)
-        if rsp.__class__ is not ScsiResponse:
+        if rsp.__class__ is ScsiResponse:
+            self._answer(task, rsp)
+        elif rsp.__class__ is Future:
+            # answered from its done-callback (a read in flight in its
+            # store, ScsiDevice._answer_read): no coroutine, no Task
+            task.aio = rsp       # type: ignore[assignment]
+            rsp.add_done_callback(partial(self._answered, task))    # type: ignore[union-attr]
+        else:
             task.aio = eager.start(self._run(task, rsp), self.conn.loop)
-            return True
+        return True
+
+    def _answer(self, task: Task, rsp: ScsiResponse) -> None:
+        """Send a command's response, its socket keeping up."""
         if task.aborted or self.closed:
             self._finish(task)
-            return True
+            return
         task.state = "done"
         self._retire(task)
         self._send_result(task, rsp)
@@ -372,7 +384,25 @@ class DataPathMixin:
             task.aio = eager.start(self._drained(task), conn.loop)
         else:
             self._finish(task)
-        return True
+
+    def _answered(self, task: Task, answer: "Future[ScsiResponse]") -> None:
+        """The SCSI layer's answer came (or the command was aborted): what
+        _run does after its await, for an answer that came as a future."""
+        try:
+            if answer.cancelled():
+                if task.notify_abort and not self.closed:
+                    self._retire(task)
+                    self._send_status(task, TASK_ABORTED, b"")
+                self._finish(task)
+            elif self.conn.write_paused and not (task.aborted or self.closed):
+                # do not pile responses onto a slow reader: _run waits for it
+                task.aio = eager.start(self._run(task, answer.result()), self.conn.loop)
+            else:
+                self._answer(task, answer.result())
+        except Exception:
+            log.exception("session %s: task 0x%08x failed", self.tsih, task.itt)
+            self.conn.abort("internal error")
+            self._finish(task)
 
     def _execute(self, task: Task) -> Submitted:
         """Hand the command to the SCSI layer: its response, or what to

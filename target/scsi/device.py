@@ -25,6 +25,7 @@ between COMPARE AND WRITE and overlapping writes.
 from __future__ import annotations
 
 import logging
+from asyncio import Future
 from time import perf_counter
 from types import CoroutineType
 from typing import Any, Callable, Coroutine
@@ -42,7 +43,7 @@ from .modepages import ModePages
 from .ports import TargetPorts
 from .pr import MemoryReservationStore, ReservationStore, Reservations, nexus_key
 from .rangelock import RangeLock
-from .sbc import PLACED
+from .sbc import PLACED, ReadInFlight, read_failed
 from .sense import CheckCondition, ReservationConflict, invalid_cdb, invalid_opcode
 from .ua import UnitAttentions
 
@@ -127,6 +128,8 @@ class ScsiDevice:
             out = self._dispatch(cmd, d)
             if type(out) is CoroutineType:
                 return self._finish(out, cmd, d, t0)
+            if out.__class__ is ReadInFlight:
+                return self._answer_read(out, cmd, d, t0)   # type: ignore[arg-type]
             resp = self._respond(out, d)
         except Exception as e:  # noqa: BLE001 - the transport must never see it
             resp = self._failed(e, cmd, d)
@@ -145,6 +148,34 @@ class ScsiDevice:
             resp = self._failed(e, cmd, d)
         self.stats.record(d, cmd, resp, perf_counter() - t0)
         return resp
+
+    def _answer_read(self, read: ReadInFlight, cmd: ScsiCommand, d: Cdb,
+                     t0: float) -> Future[ScsiResponse]:
+        """The answer to a READ in flight in its store, as a future settled
+        from the store's done-callback: no coroutine and no Task per read
+        (through iSCSI on an RBD LU those were a third of the loop's CPU per
+        4 KiB read). Cancelled (an abort), it ends at once; the read itself
+        runs on, its buffer held by the store until librbd lets go."""
+        answer: Future[ScsiResponse] = read.work.get_loop().create_future()
+
+        def settled(work: Future[None]) -> None:
+            if answer.done():
+                return                          # cancelled: nobody waits for it
+            try:
+                if work.cancelled():
+                    answer.cancel()
+                    return
+                e = work.exception()
+                if e is None:
+                    resp = self._respond(read.data, d)
+                else:
+                    raise read_failed(self, e, read.lba)
+            except Exception as e:  # noqa: BLE001 - the transport must never see it
+                resp = self._failed(e, cmd, d)
+            self.stats.record(d, cmd, resp, perf_counter() - t0)
+            answer.set_result(resp)
+        read.work.add_done_callback(settled)
+        return answer
 
     @staticmethod
     def _respond(out: object, d: Cdb) -> ScsiResponse:
