@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
-from asyncio import Future
 from functools import partial
+from typing import Any, Callable
 
-from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse,
-                             Submitted, submitter)
+from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, Deferred, ScsiCommand,
+                             ScsiResponse, Submitted, submitter)
 
 from .. import eager
 from ..logsafe import RateLimitedLog
@@ -361,11 +361,11 @@ class DataPathMixin:
         rsp = self._execute(task)
         if rsp.__class__ is ScsiResponse:
             self._answer(task, rsp)
-        elif rsp.__class__ is Future:
-            # answered from its done-callback (a read in flight in its
-            # store, ScsiDevice._answer_read): no coroutine, no Task
-            task.aio = rsp       # type: ignore[assignment]
-            rsp.add_done_callback(partial(self._answered, task))    # type: ignore[union-attr]
+        elif rsp.__class__ is Deferred:
+            # answered from its future's done-callback (a read in flight in
+            # its store): no coroutine, no Task; an abort cancels the future
+            task.aio = rsp.future                                         # type: ignore[union-attr]
+            rsp.future.add_done_callback(partial(self._answered, task, rsp.finish))  # type: ignore[union-attr]
         else:
             task.aio = eager.start(self._run(task, rsp), self.conn.loop)
         return True
@@ -385,20 +385,21 @@ class DataPathMixin:
         else:
             self._finish(task)
 
-    def _answered(self, task: Task, answer: "Future[ScsiResponse]") -> None:
-        """The SCSI layer's answer came (or the command was aborted): what
-        _run does after its await, for an answer that came as a future."""
+    def _answered(self, task: Task, finish: Callable[[asyncio.Future[Any]], ScsiResponse],
+                  done: asyncio.Future[Any]) -> None:
+        """A Deferred answer's future is done (or was cancelled: the command
+        was aborted): what _run does after its await."""
         try:
-            if answer.cancelled():
+            if done.cancelled():
                 if task.notify_abort and not self.closed:
                     self._retire(task)
                     self._send_status(task, TASK_ABORTED, b"")
                 self._finish(task)
             elif self.conn.write_paused and not (task.aborted or self.closed):
                 # do not pile responses onto a slow reader: _run waits for it
-                task.aio = eager.start(self._run(task, answer.result()), self.conn.loop)
+                task.aio = eager.start(self._run(task, finish(done)), self.conn.loop)
             else:
-                self._answer(task, answer.result())
+                self._answer(task, finish(done))
         except Exception:
             log.exception("session %s: task 0x%08x failed", self.tsih, task.itt)
             self.conn.abort("internal error")

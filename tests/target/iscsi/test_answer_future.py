@@ -1,6 +1,6 @@
-"""A SCSI answer that comes as a future (ScsiDevice's answer to a READ in
-flight in its store, an RBD image's): the session answers it from the
-future's done-callback, no coroutine, with the same outcomes as the
+"""A Deferred SCSI answer (ScsiDevice's answer to a READ in flight in its
+store, an RBD image's): the session answers it from its future's
+done-callback, no coroutine, with the same outcomes as the
 coroutine path -- the data, TASK ABORTED or nothing for an aborted one, the
 command's memory charge given back either way."""
 from __future__ import annotations
@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 
 from target.iscsi import pdu as P
-from target.scsi.api import GOOD, ScsiCommand, ScsiResponse
+from target.scsi.api import GOOD, Deferred, ScsiCommand, ScsiResponse
 
 from .fake_scsi import FakeScsiTarget, MemLun
 from .test_live import logged_in, run, serving
 
 
 class FutureReads(FakeScsiTarget):
-    """READ(16)s are answered by futures the test settles."""
+    """READ(16)s are answered when futures the test settles are done."""
 
     def __init__(self) -> None:
         super().__init__({0: MemLun(1 << 20)})
@@ -24,14 +24,14 @@ class FutureReads(FakeScsiTarget):
     def submit(self, cmd: ScsiCommand):
         if cmd.cdb[0] != 0x88:
             return self.execute(cmd)
-        answer = asyncio.get_running_loop().create_future()
-        self.answers.append((answer, cmd))
-        return answer
+        done = asyncio.get_running_loop().create_future()
+        self.answers.append((done, cmd))
+        return Deferred(done, lambda f: ScsiResponse(GOOD, data_in=b"\x5a" * cmd.expected_in))
 
     def settle(self) -> None:
-        for answer, cmd in self.answers:
-            if not answer.done():
-                answer.set_result(ScsiResponse(GOOD, data_in=b"\x5a" * cmd.expected_in))
+        for done, cmd in self.answers:
+            if not done.done():
+                done.set_result(None)
         self.answers.clear()
 
 

@@ -1,14 +1,15 @@
 """A READ whose store reads straight into its buffer asynchronously
 (BlockStore.start_readinto, an RBD image's): ScsiDevice.submit answers it
-with a future settled from the store's completion -- no coroutine -- with
-the data, or the sense the coroutine path would give, and an aborted one
-(its answer cancelled) lets the store finish without anyone answering."""
+with a Deferred: the store's future and what makes the answer once it is
+done -- no coroutine -- the data, or the sense the coroutine path would
+give; an aborted one (its future cancelled) lets the store finish, and
+nothing is answered."""
 import asyncio
 
 from restore_core.blockstore import BlockStoreError, StoreFencedError
 from restore_core.plain_lunio import PlainLunIO
 from target.scsi import ScsiDevice
-from target.scsi.api import ScsiCommand, ScsiResponse
+from target.scsi.api import Deferred, ScsiCommand, ScsiResponse
 from tests.restore_core.test_direct_read import AsyncReadStore
 
 from .util import IDENT, NX_A, asynctest, cdb10, check, good, info_of
@@ -22,17 +23,17 @@ def _device() -> tuple[ScsiDevice, AsyncReadStore]:
     return ScsiDevice(PlainLunIO(store), IDENT, block_size=BS), store
 
 
-def _read(dev: ScsiDevice, lba: int, blocks: int) -> asyncio.Future:
+def _read(dev: ScsiDevice, lba: int, blocks: int) -> Deferred:
     cmd = ScsiCommand(cdb10(0x28, lba, blocks), 0, NX_A, None, blocks * BS)
     answer = dev.submit(cmd)
-    assert answer.__class__ is asyncio.Future, type(answer)     # not a coroutine
+    assert answer.__class__ is Deferred, type(answer)           # not a coroutine
     return answer
 
 
 async def _settled(dev: ScsiDevice, store: AsyncReadStore, lba: int, blocks: int,
                    fail: BlockStoreError | None = None) -> ScsiResponse:
     answer = _read(dev, lba, blocks)
-    assert not answer.done()
+    assert not answer.future.done()
     store.complete(fail)
     return await answer
 
@@ -68,9 +69,12 @@ async def test_an_aborted_read_in_flight_lets_the_store_finish_unanswered():
     errors: list[dict] = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
     answer = _read(dev, 0, 1)
-    answer.cancel()                                          # ABORT TASK
-    store.complete()
+    waiter = asyncio.ensure_future(answer)        # as a transport that awaits it (TCMU)
     await asyncio.sleep(0)
+    waiter.cancel()                               # ABORT TASK: cancels the store's future
     await asyncio.sleep(0)
-    assert answer.cancelled() and errors == []
+    assert answer.future.cancelled() and waiter.cancelled()
+    store.complete()                              # the store finishes: nobody answers
+    await asyncio.sleep(0)
+    assert errors == [] and dev.stats.commands[0] == 0
     assert good(await _settled(dev, store, 1, 1)) == bytes(store.current[BS:2 * BS])
