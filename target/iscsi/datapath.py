@@ -390,7 +390,9 @@ class DataPathMixin:
         """A Deferred answer's future is done (or was cancelled: the command
         was aborted): what _run does after its await."""
         try:
-            if done.cancelled():
+            # aborted after its future was done but before this ran: answered
+            # as an abort all the same (a Task would have been cancelled)
+            if done.cancelled() or task.aborted:
                 if task.notify_abort and not self.closed:
                     self._retire(task)
                     self._send_status(task, TASK_ABORTED, b"")

@@ -91,3 +91,25 @@ def test_an_aborted_answer_future_ends_the_task_and_nothing_is_sent_later():
             await i.close()
             await j.close()
     run(main())
+
+
+def test_an_abort_between_the_futures_end_and_its_answer_still_answers_task_aborted():
+    """The store's future is done, its callback not yet run, when a LUN
+    reset from another session aborts the command: it gets TASK ABORTED,
+    as a Task cancelled there would have sent, not silence."""
+    async def main():
+        fake = FutureReads()
+        async with serving(fake=fake) as (srv, _):
+            i = await logged_in(srv)
+            read = asyncio.ensure_future(i.scsi(0, bytes([0x88]) + bytes(9) + (1).to_bytes(4, "big")
+                                                + bytes(2), read_len=512))
+            await _until(lambda: fake.answers, "the read")
+            session = next(s for s in srv.sessions.values() if s.tasks)
+            tasks = list(session.tasks.values())
+            abort = session.abort_tasks(tasks, notify=True)
+            fake.settle()                       # done; its callback waits for the loop
+            await abort
+            assert (await asyncio.wait_for(read, 5)).status == 0x40     # TASK ABORTED
+            await _until(lambda: srv.memory.stats()["used"] == 0, "the charge given back")
+            await i.close()
+    run(main())
