@@ -43,6 +43,12 @@ async def _until(cond, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def _all_given_back(srv) -> None:
+    """Every command ended: its memory charge given back, none in flight."""
+    await _until(lambda: srv.memory.stats()["used"] == 0, "the charges given back")
+    assert srv.stats()["in_flight"] == 0
+
+
 def test_an_answer_future_is_sent_when_it_settles():
     async def main():
         fake = FutureReads()
@@ -53,8 +59,7 @@ def test_an_answer_future_is_sent_when_it_settles():
             assert not any(r.done() for r in reads)
             fake.settle()
             assert await asyncio.wait_for(asyncio.gather(*reads), 5) == [b"\x5a" * 4096] * 4
-            await _until(lambda: srv.memory.stats()["used"] == 0, "the charges given back")
-            assert srv.stats()["in_flight"] == 0
+            await _all_given_back(srv)
             await i.close()
     run(main())
 
@@ -73,8 +78,7 @@ def test_an_aborted_answer_future_ends_the_task_and_nothing_is_sent_later():
             done, _ = await asyncio.wait([read], timeout=0.3)
             assert not done                                # no response for an aborted task
             read.cancel()
-            await _until(lambda: srv.memory.stats()["used"] == 0, "the charge given back")
-            assert srv.stats()["in_flight"] == 0
+            await _all_given_back(srv)
             # a LUN reset aborts another session's read with TASK ABORTED
             j = await logged_in(srv)
             other = asyncio.ensure_future(j.scsi(0, bytes([0x88]) + bytes(9) + (1).to_bytes(4, "big")
@@ -83,7 +87,7 @@ def test_an_aborted_answer_future_ends_the_task_and_nothing_is_sent_later():
             assert await i.tmf(P.TMF_LUN_RESET, 0) == P.TMF_RSP_COMPLETE
             assert (await asyncio.wait_for(other, 5)).status == 0x40     # TASK ABORTED
             fake.settle()
-            await _until(lambda: srv.memory.stats()["used"] == 0, "the charges given back")
+            await _all_given_back(srv)
             again = asyncio.ensure_future(i.read(0, 0, 1))        # the session carries on
             await _until(lambda: fake.answers, "the next read")
             fake.settle()
@@ -110,6 +114,6 @@ def test_an_abort_between_the_futures_end_and_its_answer_still_answers_task_abor
             fake.settle()                       # done; its callback waits for the loop
             await abort
             assert (await asyncio.wait_for(read, 5)).status == 0x40     # TASK ABORTED
-            await _until(lambda: srv.memory.stats()["used"] == 0, "the charge given back")
+            await _all_given_back(srv)
             await i.close()
     run(main())
