@@ -40,7 +40,6 @@ typedef int (*discard_fn)(void *img, uint64_t off, uint64_t len, void *comp);
 typedef int (*flush_fn)(void *img, void *comp);
 typedef void (*release_fn)(void *comp);
 typedef ssize_t (*retval_fn)(void *comp);
-typedef void (*callback_fn)(void *comp, void *arg);
 
 typedef struct {
     int op;

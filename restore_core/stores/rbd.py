@@ -201,7 +201,10 @@ class RbdStore(BlockStore):
                                   "another client could write it unfenced: "
                                   f"rbd feature enable {spec.image_name} exclusive-lock")
         self._fast_diff = bool(features & librbd.FEATURE_FAST_DIFF)
-        self._submitter = submitter(img, f"lr-rbd-{spec.image}")
+        try:
+            self._submitter = submitter(img, f"lr-rbd-{spec.image}")
+        except RbdError as e:
+            raise BlockStoreError(f"{self.name}: {e}") from e
         try:
             if stale_owner is not None and stale_owner in img.lock_owners():
                 log.warning("%s: breaking the lock this daemon's previous run held (%s)",

@@ -309,3 +309,18 @@ def test_completions_bump_the_eventfd_once_until_the_loop_polls(ceph, submitter_
     assert sorted(got) == [(1000 + i, 4096) for i in range(16)]
     assert bumps == (1 if submitter_kind == "native" else 16)
     s.close()
+
+
+def test_completions_that_cannot_be_set_up_fail_the_open_with_a_store_error(ceph, monkeypatch,
+                                                                            submitter_kind):
+    """librbd refusing the ctypes submitter's completion notification is a
+    BlockStoreError naming the image (a CLI message), and leaves nothing."""
+    if submitter_kind == "native":
+        pytest.skip("the C submitter takes completions by callback, not by notification")
+    spec = ceph.spec()
+    monkeypatch.setattr(librbd._api, "set_image_notification", lambda *a: -errno.EIO)
+    with pytest.raises(BlockStoreError, match=rf"rbd:{spec.image_name}: .*notification"):
+        open_store(spec, 4 * MiB, create=True)
+    monkeypatch.undo()
+    with pytest.raises(BlockStoreError, match="does not exist"):
+        open_store(spec)                            # the failed create removed its image
