@@ -13,6 +13,15 @@
  * functions it loaded (ctypes), so this builds without the Ceph headers
  * and loads without librbd. A call librbd refuses at once is queued in
  * `failed` and the eventfd bumped: the loop takes it with the completions.
+ *
+ * Completions come back through a C callback, not librbd's own eventfd
+ * notification (rbd_set_image_notification + rbd_poll_io_events, which
+ * PySubmitter uses): librbd's thread queues (token, result) in `done` and
+ * bumps the eventfd only for the first completion since the loop last
+ * polled, where librbd writes the eventfd once per completion. `done` and
+ * its lock live in a Core shared by the Aio object and every call in
+ * flight (reference-counted), so a callback that comes after the Aio is
+ * gone (a close that gave up waiting) touches nothing freed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,16 +33,13 @@
 #include <unistd.h>
 
 enum { OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH };
-#define POLL_BATCH 64
 
 typedef int (*create_fn)(void *arg, void *cb, void **comp);
 typedef int (*rw_fn)(void *img, uint64_t off, size_t len, void *buf, void *comp, int flags);
 typedef int (*discard_fn)(void *img, uint64_t off, uint64_t len, void *comp);
 typedef int (*flush_fn)(void *img, void *comp);
 typedef void (*release_fn)(void *comp);
-typedef int (*poll_fn)(void *img, void **comps, int n);
 typedef ssize_t (*retval_fn)(void *comp);
-typedef void *(*arg_fn)(void *comp);
 
 typedef struct {
     int op;
@@ -53,6 +59,33 @@ typedef struct {
 } Failed;
 
 typedef struct {
+    uintptr_t token;
+    long long rc;
+} Result;
+
+typedef struct {
+    Result *items;
+    size_t len, cap;
+} Results;
+
+/* What librbd's completion callback uses: shared by the Aio object and
+ * each call in flight, freed by whichever lets go of it last. */
+typedef struct {
+    pthread_mutex_t mu;
+    Results done;               /* completions the loop has not polled */
+    int notified;               /* the eventfd was bumped since the last poll */
+    int eventfd;
+    int refs;                   /* atomic */
+    release_fn release;
+    retval_fn retval;
+} Core;
+
+typedef struct {
+    Core *core;
+    uintptr_t token;
+} Call;
+
+typedef struct {
     PyObject_HEAD
     void *image;
     int eventfd;
@@ -61,9 +94,8 @@ typedef struct {
     discard_fn discard;
     flush_fn flush;
     release_fn release;
-    poll_fn poll;
-    retval_fn retval;
-    arg_fn arg;
+    Core *core;
+    Results spare;              /* the loop's: swapped with core->done by poll */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     Queue q;
@@ -101,11 +133,67 @@ static void bump(int fd)
     (void)r;                    /* a full counter still wakes the loop */
 }
 
+static void core_put(Core *c)
+{
+    if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_destroy(&c->mu);
+        free(c->done.items);
+        free(c);
+    }
+}
+
+static int results_push(Results *r, uintptr_t token, long long rc)
+{
+    if (r->len == r->cap) {
+        size_t cap = r->cap ? r->cap * 2 : 64;
+        Result *n = realloc(r->items, cap * sizeof(Result));
+        if (n == NULL)
+            return -1;
+        r->items = n;
+        r->cap = cap;
+    }
+    r->items[r->len].token = token;
+    r->items[r->len].rc = rc;
+    r->len++;
+    return 0;
+}
+
+/* On a librbd thread: one call completed. */
+static void completed(void *comp, void *arg)
+{
+    Call *call = arg;
+    Core *c = call->core;
+    long long rc = c->retval(comp);
+    uintptr_t token = call->token;
+    c->release(comp);
+    free(call);
+    pthread_mutex_lock(&c->mu);
+    /* no memory for it (cannot happen in practice): its waiter waits out the close */
+    (void)results_push(&c->done, token, rc);
+    int wake = !c->notified;
+    c->notified = 1;
+    pthread_mutex_unlock(&c->mu);
+    if (wake)
+        bump(c->eventfd);
+    core_put(c);
+}
+
 /* On the thread, mutex not held: start one call. */
 static void start(Aio *a, const Req *r)
 {
     void *comp = NULL;
-    int rc = a->create((void *)r->token, NULL, &comp);
+    Call *call = malloc(sizeof *call);
+    int rc = -ENOMEM;
+    if (call != NULL) {
+        call->core = a->core;
+        call->token = r->token;
+        __atomic_add_fetch(&a->core->refs, 1, __ATOMIC_RELAXED);
+        rc = a->create(call, (void *)completed, &comp);
+        if (rc < 0) {
+            free(call);
+            core_put(a->core);
+        }
+    }
     if (rc >= 0) {
         switch (r->op) {
         case OP_READ:
@@ -120,8 +208,11 @@ static void start(Aio *a, const Req *r)
         default:
             rc = a->flush(a->image, comp);
         }
-        if (rc < 0)
+        if (rc < 0) {           /* never started: no callback comes */
             a->release(comp);
+            free(call);
+            core_put(a->core);
+        }
     }
     if (rc >= 0) {
         __atomic_add_fetch(&a->started, 1, __ATOMIC_RELEASE);
@@ -189,8 +280,8 @@ static int Aio_init(Aio *a, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "already started");
         return -1;
     }
-    if (PyTuple_GET_SIZE(fns) != 9) {
-        PyErr_SetString(PyExc_ValueError, "9 function addresses expected");
+    if (PyTuple_GET_SIZE(fns) != 7) {
+        PyErr_SetString(PyExc_ValueError, "7 function addresses expected");
         return -1;
     }
     a->image = (void *)(uintptr_t)image;
@@ -201,11 +292,19 @@ static int Aio_init(Aio *a, PyObject *args, PyObject *kw)
     a->discard = (discard_fn)address(fns, 3);
     a->flush = (flush_fn)address(fns, 4);
     a->release = (release_fn)address(fns, 5);
-    a->poll = (poll_fn)address(fns, 6);
-    a->retval = (retval_fn)address(fns, 7);
-    a->arg = (arg_fn)address(fns, 8);
+    retval_fn retval = (retval_fn)address(fns, 6);
     if (PyErr_Occurred())
         return -1;
+    a->core = calloc(1, sizeof(Core));
+    if (a->core == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    pthread_mutex_init(&a->core->mu, NULL);
+    a->core->eventfd = fd;
+    a->core->refs = 1;
+    a->core->release = a->release;
+    a->core->retval = retval;
     pthread_mutex_init(&a->mu, NULL);
     pthread_cond_init(&a->cv, NULL);
     a->inited = 1;
@@ -276,34 +375,31 @@ static int append_pair(PyObject *out, unsigned long long token, long long rc)
 }
 
 /* Every completion queued so far and every refused start, as (token,
- * return value); clears the eventfd first, so one queued meanwhile wakes
- * it again. */
+ * return value); clears the eventfd first, so a completion queued
+ * meanwhile wakes it again (it finds `notified` still set until the swap
+ * below, which then takes it). */
 static PyObject *Aio_poll(Aio *a, PyObject *unused)
 {
     uint64_t v;
     ssize_t r = read(a->eventfd, &v, sizeof v);
     (void)r;
+    Core *c = a->core;
+    pthread_mutex_lock(&c->mu);
+    Results got = c->done;
+    c->done = a->spare;         /* empty: the buffer the last poll read */
+    c->notified = 0;
+    pthread_mutex_unlock(&c->mu);
+    a->taken += got.len;
     PyObject *out = PyList_New(0);
-    if (out == NULL)
+    int lost = out == NULL;
+    for (size_t i = 0; i < got.len && !lost; i++)
+        lost = append_pair(out, got.items[i].token, got.items[i].rc) < 0;
+    got.len = 0;
+    a->spare = got;             /* for the next swap */
+    if (lost) {                 /* (no memory) the rest are lost; their waiters see the close */
+        Py_XDECREF(out);
         return NULL;
-    void *comps[POLL_BATCH];
-    int n;
-    do {
-        n = a->poll(a->image, comps, POLL_BATCH);
-        for (int i = 0; i < n; i++) {
-            unsigned long long token = (uintptr_t)a->arg(comps[i]);
-            long long rc = a->retval(comps[i]);
-            a->release(comps[i]);
-            a->taken++;
-            if (append_pair(out, token, rc) < 0) {
-                /* the rest are released, and their waiters see the close */
-                for (int j = i + 1; j < n; j++, a->taken++)
-                    a->release(comps[j]);
-                Py_DECREF(out);
-                return NULL;
-            }
-        }
-    } while (n == POLL_BATCH);
+    }
     pthread_mutex_lock(&a->mu);
     Failed *failed = a->failed;
     size_t nfailed = a->nfailed;
@@ -338,6 +434,9 @@ static void Aio_dealloc(Aio *a)
         pthread_mutex_destroy(&a->mu);
         pthread_cond_destroy(&a->cv);
     }
+    if (a->core != NULL)
+        core_put(a->core);      /* freed now, or by the last call's callback */
+    free(a->spare.items);
     free(a->q.items);
     free(a->failed);
     Py_TYPE(a)->tp_free((PyObject *)a);

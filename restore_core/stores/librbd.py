@@ -118,8 +118,7 @@ def native_addresses() -> tuple[int, ...]:
     (it is not linked against librbd), in the order it takes them."""
     assert _api is not None
     fns = (_api.aio_create_completion, _api.aio_read2, _api.aio_write2, _api.aio_discard,
-           _api.aio_flush, _api.aio_release, _api.poll_io_events, _api.aio_get_return_value,
-           _api.aio_get_arg)
+           _api.aio_flush, _api.aio_release, _api.aio_get_return_value)
     return tuple(ctypes.cast(f, c_void_p).value or 0 for f in fns)
 
 
@@ -176,8 +175,10 @@ class Cluster:
 
 
 class Image:
-    """An open image (rbd_image_t) whose aio completions are polled: each
-    completion bumps ``eventfd`` and is taken by ``poll``."""
+    """An open image (rbd_image_t). Its aio completions are polled
+    (``notify_completions``, then each bumps ``eventfd`` and is taken by
+    ``poll``) or, from the C submitter, come back through its callback,
+    which bumps the same ``eventfd``."""
 
     def __init__(self, cluster: Cluster, name: str) -> None:
         assert _api is not None
@@ -189,12 +190,13 @@ class Image:
         # counter is written by one thread only (the submitter, the loop)
         self.started = 0
         self.taken = 0
-        try:
-            _check(_api.set_image_notification(self._h, self.eventfd, _EVENT_TYPE_EVENTFD),
-                   "completion notification")
-        except RbdError:
-            self.close()
-            raise
+
+    def notify_completions(self) -> None:
+        """Have librbd queue every completion of this image's aio for
+        ``poll`` and bump ``eventfd`` for each (the ctypes submitter; the C
+        one takes its completions through a callback instead)."""
+        _check(_api.set_image_notification(self._h, self.eventfd, _EVENT_TYPE_EVENTFD),
+               "completion notification")
 
     @property
     def handle(self) -> int:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+from functools import partial
+from typing import Any, Callable
 
-from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, ScsiCommand, ScsiResponse,
-                             Submitted, submitter)
+from target.scsi.api import (BUSY, CHECK_CONDITION, TASK_ABORTED, TASK_SET_FULL, Deferred, ScsiCommand,
+                             ScsiResponse, Submitted, submitter)
 
 from .. import eager
 from ..logsafe import RateLimitedLog
@@ -357,12 +359,22 @@ class DataPathMixin:
         elif task.write and task.received < task.edtl:
             return False
         rsp = self._execute(task)
-        if rsp.__class__ is not ScsiResponse:
+        if rsp.__class__ is ScsiResponse:
+            self._answer(task, rsp)
+        elif rsp.__class__ is Deferred:
+            # answered from its future's done-callback (a read in flight in
+            # its store): no coroutine, no Task; an abort cancels the future
+            task.aio = rsp.future                                         # type: ignore[union-attr]
+            rsp.future.add_done_callback(partial(self._answered, task, rsp.finish))  # type: ignore[union-attr]
+        else:
             task.aio = eager.start(self._run(task, rsp), self.conn.loop)
-            return True
+        return True
+
+    def _answer(self, task: Task, rsp: ScsiResponse) -> None:
+        """Send a command's response, its socket keeping up."""
         if task.aborted or self.closed:
             self._finish(task)
-            return True
+            return
         task.state = "done"
         self._retire(task)
         self._send_result(task, rsp)
@@ -372,7 +384,28 @@ class DataPathMixin:
             task.aio = eager.start(self._drained(task), conn.loop)
         else:
             self._finish(task)
-        return True
+
+    def _answered(self, task: Task, finish: Callable[[asyncio.Future[Any]], ScsiResponse],
+                  done: asyncio.Future[Any]) -> None:
+        """A Deferred answer's future is done (or was cancelled: the command
+        was aborted): what _run does after its await."""
+        try:
+            # aborted after its future was done but before this ran: answered
+            # as an abort all the same (a Task would have been cancelled)
+            if done.cancelled() or task.aborted:
+                if task.notify_abort and not self.closed:
+                    self._retire(task)
+                    self._send_status(task, TASK_ABORTED, b"")
+                self._finish(task)
+            elif self.conn.write_paused and not (task.aborted or self.closed):
+                # do not pile responses onto a slow reader: _run waits for it
+                task.aio = eager.start(self._run(task, finish(done)), self.conn.loop)
+            else:
+                self._answer(task, finish(done))
+        except Exception:
+            log.exception("session %s: task 0x%08x failed", self.tsih, task.itt)
+            self.conn.abort("internal error")
+            self._finish(task)
 
     def _execute(self, task: Task) -> Submitted:
         """Hand the command to the SCSI layer: its response, or what to

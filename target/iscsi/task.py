@@ -82,7 +82,7 @@ class Task:
         self.r2tsn = 0
         self.r2ts: dict[int, R2TState] = {}
         self.data_ready: asyncio.Event | None = None
-        self.aio: asyncio.Task | None = None
+        self.aio: asyncio.Future | None = None     # a Task, or a Deferred answer's future (datapath._answered)
         self.aborted = False
         self.notify_abort = False
         self.state = "queued"

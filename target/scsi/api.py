@@ -8,8 +8,9 @@ sense layout are the SCSI layer's business.
 """
 from __future__ import annotations
 
+from asyncio import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol, Union
+from typing import Any, Awaitable, Callable, Generator, Protocol, Union
 
 GOOD = 0x00
 CHECK_CONDITION = 0x02
@@ -68,7 +69,31 @@ class ScsiResponse:
     data_in_placed: bool = False      # the Data-In went into ScsiCommand.into
 
 
-Submitted = Union[ScsiResponse, Awaitable[ScsiResponse]]
+class Deferred:
+    """An answer that comes when ``future`` (the store's own I/O) is done:
+    ``finish(future)`` makes it then. A transport may take it from the
+    future's done-callback (no coroutine, no Task: one loop step between
+    the store's completion and the answer) and abort it by cancelling the
+    future; awaited, it is the same."""
+
+    __slots__ = ("future", "finish")
+
+    def __init__(self, future: "Future[Any]", finish: Callable[["Future[Any]"], ScsiResponse]
+                 ) -> None:
+        self.future = future
+        self.finish = finish
+
+    def __await__(self) -> Generator[Any, None, ScsiResponse]:
+        try:
+            yield from self.future.__await__()
+        except CancelledError:
+            raise
+        except Exception:       # noqa: BLE001 - finish() answers it
+            pass
+        return self.finish(self.future)
+
+
+Submitted = Union[ScsiResponse, Deferred, Awaitable[ScsiResponse]]
 
 
 class ScsiTarget(Protocol):

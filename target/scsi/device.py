@@ -25,6 +25,8 @@ between COMPARE AND WRITE and overlapping writes.
 from __future__ import annotations
 
 import logging
+from asyncio import Future
+from functools import partial
 from time import perf_counter
 from types import CoroutineType
 from typing import Any, Callable, Coroutine
@@ -33,7 +35,8 @@ from restore_core.lunio import Access, LunIO
 from target.logsafe import NAME_CLIP, RateLimitedLog, clip
 
 from . import constants as c
-from .api import CHECK_CONDITION, GOOD, RESERVATION_CONFLICT, Nexus, ScsiCommand, ScsiResponse
+from .api import (CHECK_CONDITION, GOOD, RESERVATION_CONFLICT, Deferred, Nexus, ScsiCommand,
+                  ScsiResponse)
 from .commands import UA_EXEMPT, Cdb, CommandSpec, decode
 from .identity import DeviceIdentity, DeviceOptions, Limits
 from .lustats import LuStats
@@ -42,7 +45,7 @@ from .modepages import ModePages
 from .ports import TargetPorts
 from .pr import MemoryReservationStore, ReservationStore, Reservations, nexus_key
 from .rangelock import RangeLock
-from .sbc import PLACED
+from .sbc import PLACED, ReadInFlight, read_failed
 from .sense import CheckCondition, ReservationConflict, invalid_cdb, invalid_opcode
 from .ua import UnitAttentions
 
@@ -127,6 +130,12 @@ class ScsiDevice:
             out = self._dispatch(cmd, d)
             if type(out) is CoroutineType:
                 return self._finish(out, cmd, d, t0)
+            if out.__class__ is ReadInFlight:
+                # answered when the store's read is done, from its done-
+                # callback where the transport can: no coroutine and no Task
+                # per read (through iSCSI on an RBD LU those were a third of
+                # the loop's CPU per 4 KiB read)
+                return Deferred(out.work, partial(self._read_answer, out, cmd, d, t0))  # type: ignore[attr-defined]
             resp = self._respond(out, d)
         except Exception as e:  # noqa: BLE001 - the transport must never see it
             resp = self._failed(e, cmd, d)
@@ -141,6 +150,20 @@ class ScsiDevice:
                       d: Cdb, t0: float) -> ScsiResponse:
         try:
             resp = self._respond(await work, d)
+        except Exception as e:  # noqa: BLE001 - the transport must never see it
+            resp = self._failed(e, cmd, d)
+        self.stats.record(d, cmd, resp, perf_counter() - t0)
+        return resp
+
+    def _read_answer(self, read: ReadInFlight, cmd: ScsiCommand, d: Cdb, t0: float,
+                     work: Future[None]) -> ScsiResponse:
+        """The answer to a READ that was in flight in its store (the
+        Deferred's finish), once ``work`` is done and not cancelled."""
+        try:
+            e = work.exception()
+            if e is not None:
+                raise read_failed(self, e, read.lba)
+            resp = self._respond(read.data, d)
         except Exception as e:  # noqa: BLE001 - the transport must never see it
             resp = self._failed(e, cmd, d)
         self.stats.record(d, cmd, resp, perf_counter() - t0)

@@ -11,6 +11,7 @@ writes do not go straight to the store.
 from __future__ import annotations
 
 import struct
+from asyncio import Future
 from typing import TYPE_CHECKING, Any, Awaitable, Coroutine
 
 from restore_core.lunio import MediumError
@@ -39,6 +40,25 @@ class _Placed:
 PLACED = _Placed()
 
 
+class ReadInFlight:
+    """What a READ returns while its store reads straight into its buffer
+    (BlockStore.start_readinto, via LunIO.route_read): ScsiDevice.submit
+    answers it from ``work``'s done-callback with ``data`` (PLACED or the
+    buffer), or read_failed's error -- no coroutine and no Task per read."""
+
+    __slots__ = ("work", "data", "lba")
+
+    def __init__(self, work: "Future[None]", data: object, lba: int) -> None:
+        self.work = work
+        self.data = data
+        self.lba = lba
+
+
+def read_failed(dev: "ScsiDevice", e: BaseException, lba: int) -> BaseException:
+    """What a READ at ``lba`` reports for its LunIO's error."""
+    return medium_error(e, dev.block_size, lba) if isinstance(e, MediumError) else e
+
+
 def check_range(dev: "ScsiDevice", lba: int, blocks: int) -> None:
     if lba + blocks > dev.num_blocks:      # (blocks >= 0: covers lba beyond the end)
         raise lba_out_of_range()
@@ -56,7 +76,7 @@ async def _read_done(dev: "ScsiDevice", pending: Awaitable[Data | None], length:
     try:
         data = await pending
     except MediumError as e:
-        raise medium_error(e, dev.block_size, lba) from e
+        raise read_failed(dev, e, lba) from e
     if data is None and placed is not None:
         return placed                      # type: ignore[return-value]
     if len(data) != length:
@@ -108,8 +128,9 @@ async def read_capacity_16(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> byt
 
 def read(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> object:
     """READ(6/10/12/16): the data at once (PLACED: into the transport's
-    buffers) when the LunIO routes it straight from the store, else the
-    coroutine that waits for it."""
+    buffers) when the LunIO routes it straight from the store, a
+    ReadInFlight when the store reads it straight into the buffer
+    asynchronously, else the coroutine that waits for it."""
     cdb, lba, blocks = d.raw, d.lba, d.count
     if cdb[0] != c.READ_6 and cdb[1] & 0xE0:
         raise invalid_cdb(1, 7)            # RDPROTECT: no protection information
@@ -129,6 +150,8 @@ def read(dev: "ScsiDevice", cmd: ScsiCommand, d: "Cdb") -> object:
     work = dev.lunio.route_read(lba * bs, bufs)
     if work is None:
         return out
+    if work.__class__ is Future:
+        return ReadInFlight(work, out, lba)     # type: ignore[arg-type]
     return _read_done(dev, work, n, lba, out)
 
 

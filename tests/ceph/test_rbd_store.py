@@ -6,6 +6,9 @@ import asyncio
 import ctypes
 import errno
 import logging
+import os
+import select
+import time
 
 import pytest
 import rbd
@@ -281,3 +284,43 @@ def test_a_direct_read_lands_in_the_buffer_and_settles_only_when_librbd_let_go(c
             close()
     asyncio.run(go())
     s.close()
+
+
+def test_completions_bump_the_eventfd_once_until_the_loop_polls(ceph, submitter_kind):
+    """The C submitter's completions come back through its callback, which
+    wakes the loop for the first completion since the last poll only;
+    librbd's own notification (the ctypes submitter's) bumps the eventfd
+    once per completion. Either way poll takes every one."""
+    spec = ceph.spec()
+    s = open_store(spec, 4 * MiB, create=True)
+    img, sub = s._image, s._submitter
+    bufs = [bytearray(4096) for _ in range(16)]
+    kept = [buffer_address(memoryview(b), True) for b in bufs]
+    for i, (addr, _) in enumerate(kept):
+        sub.put(rbd_submit.READ, i * 4096, 4096, addr, 1000 + i)
+    for _ in range(1000):
+        if sub.started == 16:
+            break
+        time.sleep(0.01)
+    assert select.select([img.eventfd], [], [], 10)[0]
+    time.sleep(0.3)                                  # the rest complete meanwhile
+    bumps = os.eventfd_read(img.eventfd)
+    got = rbd_submit.drain(sub, img.eventfd, 10)
+    assert sorted(got) == [(1000 + i, 4096) for i in range(16)]
+    assert bumps == (1 if submitter_kind == "native" else 16)
+    s.close()
+
+
+def test_completions_that_cannot_be_set_up_fail_the_open_with_a_store_error(ceph, monkeypatch,
+                                                                            submitter_kind):
+    """librbd refusing the ctypes submitter's completion notification is a
+    BlockStoreError naming the image (a CLI message), and leaves nothing."""
+    if submitter_kind == "native":
+        pytest.skip("the C submitter takes completions by callback, not by notification")
+    spec = ceph.spec()
+    monkeypatch.setattr(librbd._api, "set_image_notification", lambda *a: -errno.EIO)
+    with pytest.raises(BlockStoreError, match=rf"rbd:{spec.image_name}: .*notification"):
+        open_store(spec, 4 * MiB, create=True)
+    monkeypatch.undo()
+    with pytest.raises(BlockStoreError, match="does not exist"):
+        open_store(spec)                            # the failed create removed its image
