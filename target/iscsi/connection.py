@@ -278,6 +278,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
                     continue
                 self._ensure_capacity(total)
                 if self._bulk and self._pull_header():
+                    buf, mv = self.buf, self.mv        # (_ensure_capacity may have grown it)
                     continue
                 break
             if hd:
