@@ -259,7 +259,9 @@ class IscsiConnection(asyncio.BufferedProtocol):
             s = self.start
             avail = self.end - s
             if avail < BHS_LEN:
-                if self._bulk and self._pull_header():
+                # just the header: a big payload behind it is then read
+                # straight into its buffer, none of it through this one
+                if self._bulk and self._pull_header(BHS_LEN - avail):
                     continue
                 break
             ahs_len = buf[s + 4] * 4
@@ -404,11 +406,12 @@ class IscsiConnection(asyncio.BufferedProtocol):
         d.have += n
         return d.have >= d.dlen or self._pull(d.dest[d.have:], d)
 
-    def _pull_header(self) -> bool:
-        """Read on into the receive buffer after a placed payload."""
-        if self.end >= len(self.buf):
+    def _pull_header(self, n: int = MIN_BUFFER) -> bool:
+        """Read on, up to ``n`` bytes, into the receive buffer after a
+        placed payload."""
+        if self.end + n > len(self.buf):
             self._compact()
-        return self._pull(self.mv[self.end:self.end + MIN_BUFFER], None)
+        return self._pull(self.mv[self.end:self.end + n], None)
 
     def _login_pdu(self, pdu: P.Pdu) -> None:
         """A PDU before the session exists: the login phase's."""
