@@ -287,6 +287,50 @@ def test_large_data_out_received_in_place(digests):
     run(main())
 
 
+def test_data_out_already_sent_is_read_on_without_a_loop_turn():
+    """A bulk writer is ahead of the target: the rest of a big payload (and
+    the next PDU) is read at once in the same wake-up (connection._pull),
+    at most PULL_READS reads per wake-up, and the data lands intact; the
+    header read on is read alone, so its payload is not copied."""
+    from target.iscsi import connection as C
+
+    async def main():
+        async with serving(fake=FakeScsiTarget({0: MemLun(16 << 20)})) as (srv, fake):
+            i = await logged_in(srv, immediate_data=False, initial_r2t=True, max_burst=1 << 20,
+                                max_outstanding_r2t=4)
+            conn = next(iter(srv.connections))
+            wakeups = most = 0
+            updated = conn.buffer_updated
+
+            def counted(nbytes: int) -> None:
+                nonlocal wakeups, most
+                wakeups += 1
+                before = conn.pulled_reads
+                updated(nbytes)
+                most = max(most, conn.pulled_reads - before)
+            conn.buffer_updated = counted
+            through_buffer = []           # payload bytes that came with their header
+            start_direct = conn._start_direct
+
+            def watched(s: int, hlen: int, dlen: int, avail: int) -> bool:
+                through_buffer.append(avail - hlen)
+                return start_direct(s, hlen, dlen, avail)
+            conn._start_direct = watched
+            for n in range(4):
+                data = os.urandom(4 << 20)
+                await i.write(0, n * 8192, data)
+                assert fake.luns_map[0].data[n * 8192 * 512:n * 8192 * 512 + len(data)] == data
+            assert conn.direct_pdus >= 64 and conn.pulled_reads > 0
+            # the rest of a payload and the next header came without a poll
+            assert wakeups < 2 * conn.direct_pdus
+            assert most <= C.PULL_READS          # the loop's other work is not starved
+            # read on after a placed payload, the next header comes alone: its
+            # payload then goes straight to its buffer, none copied from ours
+            assert through_buffer.count(0) >= len(through_buffer) // 2
+            await i.close()
+    run(main())
+
+
 def test_bad_data_digest_gets_reject_and_drop():
     async def main():
         async with serving() as (srv, fake):
