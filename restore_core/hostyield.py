@@ -61,6 +61,13 @@ qd32_iops_ratio 0.80/0.81), 0.136/0.109 aiming 1.1 (1.22/1.48, 0.83/0.81),
 0.82/0.79/0.80/0.82, the second run beside a test run; the third's held
 calibrations read 0.84 of its idle restores): a machine whose load swings between the busy restore and the
 idle one it is compared with moves these ratios more than the aim does.
+On a quiet machine (load 0.3-1.5, 2026-12-02) five runs aiming 1.15 restored
+0.150/0.144/0.111/0.103/0.092 of the idle rate: the bench's idle restores
+themselves ranged 2.1-3.3 GB/s against estimates of 2.2-3.2, so the
+estimate read 0.80-1.25 of them and the last run missed the floor. Aiming
+1.3 (covers an estimate as low as 0.77 of idle), five runs: 0.154/0.134/
+0.170/0.129/0.135, p99_ratio 1.17/1.43/1.35/1.27/1.28, qd32_iops_ratio
+0.847/0.847/0.858/0.833/0.859 (every goal in every run).
 """
 from __future__ import annotations
 
@@ -105,8 +112,8 @@ CALIBRATE_S = 0.2
 FLOOR_AHEAD_S = 0.25
 FLOOR_OWED_S = 1.0
 # What the copier aims at while hosts are busy, in floors: room for the
-# idle-rate estimate's error (see above).
-FLOOR_AIM = 1.15
+# idle-rate estimate's error (see above: it read 0.80-1.25 of idle).
+FLOOR_AIM = 1.3
 # Busy copies run as background I/O (a file store: threads of low CPU
 # priority), which may get little CPU while hosts keep every CPU busy.
 # Owing more than this many seconds of the floor, the copier is behind:
