@@ -24,28 +24,28 @@ class Knob:
     meaning: str            # what it does, without its range
     note: str = ""          # what a special value means: "0: unlimited"
     unit: str = ""          # for messages: "bytes/s", "copy round trips"
+    size: bool = False      # given as a size ("200M"), which the daemon parses
 
-    @property
-    def range_text(self) -> str:
+    def range_text(self, to: str = "-") -> str:
         """The allowed values as an admin reads them: 1-4096, >= 0."""
-        return f">= {self.lo}" if self.hi is None else f"{self.lo}-{self.hi}"
+        return f">= {self.lo}" if self.hi is None else f"{self.lo}{to}{self.hi}"
 
     @property
     def help(self) -> str:
         """The meaning, the range (unless unbounded) and the special value:
         "copy I/Os in flight at once (1-64)"."""
-        said = [self.range_text if self.hi is not None else "", self.note]
+        said = [self.range_text() if self.hi is not None else "", self.note]
         return f"{self.meaning} ({'; '.join(t for t in said if t)})"
 
     def check(self, value: int) -> None:
         if value < self.lo or (self.hi is not None and value > self.hi):
             unit = f" {self.unit}" if self.unit else ""
-            raise ValueError(f"{self.name} must be {self.range_text.replace('-', '..')}{unit}, "
-                             f"not {value}")
+            raise ValueError(f"{self.name} must be {self.range_text('..')}{unit}, not {value}")
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("rate", 0, None, "background copy bytes/s, e.g. 200M", "0: unlimited", "bytes/s"),
+    Knob("rate", 0, None, "background copy bytes/s, e.g. 200M", "0: unlimited", "bytes/s",
+         size=True),
     Knob("batch_extents", 1, 4096, "adjacent extents merged into one copy I/O"),
     Knob("depth", 1, 64, "copy I/Os in flight at once"),
     Knob("host_window", 0, 10000, "hosts count as busy while a command was seen within this "

@@ -547,8 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                    lambda a: {"pair": a.pair, **_throttle_kw(a)})
     p.add_argument("pair", help=PAIR_HELP)
     for k in KNOBS:
-        # rate takes a size (200M); the daemon parses it, as it does the config's
-        p.add_argument("--" + k.name.replace("_", "-"), type=None if k.name == "rate" else int,
+        p.add_argument("--" + k.name.replace("_", "-"), type=None if k.size else int,
                        help=k.help.replace("%", "%%"))
     p = client_cmd(pr, "delete", "remove the pairing (volumes stay)", "pair.delete", "deleted",
                    lambda a: {"pair": a.pair, "force": a.force})

@@ -85,6 +85,8 @@ _SIZE = {"type": "integer", "minimum": 1}
 def _knob_schema(k: Knob) -> dict[str, Any]:
     """A throttle knob's range, from the one table the engine checks too."""
     return {"type": "integer", "minimum": k.lo, **({} if k.hi is None else {"maximum": k.hi})}
+
+
 DOCUMENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["version"],

@@ -35,7 +35,7 @@ from restore_core.engine import NAME_HELP, Engine, EngineError, valid_volume_nam
 from restore_core.extentmap import DEFAULT_EXTENT_SIZE
 from restore_core.groups import Groups
 from restore_core.pair import Pair
-from restore_core.throttle import RETIRED_THROTTLE_KNOBS, Throttle
+from restore_core.throttle import KNOB, RETIRED_THROTTLE_KNOBS, Throttle
 
 from .arguments import ArgumentError, Signature
 from .configdoc import (CONFIG_VERSION, LUN_LIMIT, SECRET_MAX, SECRET_MIN, TPGT_MAX, TPGT_MIN, InvalidConfig,
@@ -168,15 +168,15 @@ def _undo_where(undo: dict[str, Any] | None) -> str | None:
 
 
 def _throttle_knobs(knobs: dict[str, Any]) -> dict[str, int]:
-    unknown = set(knobs) - set(Throttle.__dataclass_fields__)
+    unknown = set(knobs) - set(KNOB)
     if unknown:
         raise ServiceError(f"unknown throttle setting(s): {', '.join(sorted(unknown))}; "
-                           f"known: {', '.join(Throttle.__dataclass_fields__)}")
+                           f"known: {', '.join(KNOB)}")
     out: dict[str, int] = {}
     for k, v in knobs.items():
         if v is None:
             continue
-        if k == "rate":
+        if KNOB[k].size:
             out[k] = _size(v)
             continue
         try:

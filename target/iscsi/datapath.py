@@ -397,7 +397,7 @@ class DataPathMixin:
                     self._retire(task)
                     self._send_status(task, TASK_ABORTED, b"")
                 self._finish(task)
-            elif self.conn.write_paused and not (task.aborted or self.closed):
+            elif self.conn.write_paused and not self.closed:
                 # do not pile responses onto a slow reader: _run waits for it
                 task.aio = eager.start(self._run(task, finish(done)), self.conn.loop)
             else:

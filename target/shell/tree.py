@@ -29,7 +29,6 @@ from ..fmt import SECRET, eta, human, plural
 from ..follow import Outcome
 
 
-
 def pair_summary(p: dict[str, Any]) -> tuple[str, bool | None]:
     """'restoring 37% 190/512 extents, 2.0 MiB/s, eta 0:00:12 (protected)'."""
     pr = p["progress"]
@@ -365,7 +364,7 @@ class PairNode(Node):
         super().__init__(name, parent, data)
         for k in KNOBS:
             self.define_config_group_param("throttle", k.name,
-                                           "string" if k.name == "rate" else "number", k.help)
+                                           "string" if k.size else "number", k.help)
         for k in ("state", "source", "clone", "size", "extent_size", "delta_extents"):
             self.define_config_group_param("pair", k, "string", f"the pair's {k}",
                                            writable=False)
