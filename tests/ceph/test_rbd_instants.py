@@ -1,0 +1,145 @@
+"""The fracture snapshot of an RBD clone (restore_core.instants) against a
+real cluster: the store's snapshot calls, fencing, and a kill -9 after host
+writes whose exact delta bits never reached disk."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import rbd
+
+from restore_core.blockstore import BlockStoreError, StoreFencedError
+from restore_core.engine import Engine
+from restore_core.metadata import MemoryMetadataStore
+from restore_core.restoremaps import INTENT_EXTENTS
+from restore_core.stores import open_store
+from restore_core.stores.file import FileBlockStore
+from tests.ceph import instant_worker as w
+from tests.ceph.util import other_client, read_image, take_over
+
+MiB = 1 << 20
+
+
+def snapshots(spec) -> list[str]:
+    with other_client(spec) as io, rbd.Image(io, spec.image, read_only=True) as img:
+        return [s["name"] for s in img.list_snaps()]
+
+
+def test_snapshot_calls_on_an_image(ceph):
+    spec = ceph.spec()
+    s = open_store(spec, 16 * MiB, create=True)
+
+    async def go():
+        await s.write(0, os.urandom(16 * MiB))
+        tok = await s.mark_instant("liverestore.1.c")
+        assert tok.startswith("liverestore.1.c@") and snapshots(spec) == ["liverestore.1.c"]
+        await s.write(3 * MiB + 100, b"x" * 1000)
+        await s.discard(9 * MiB, 65536)
+        # exact byte ranges, only within the ranges asked about
+        assert sorted(await s.changed_since(tok, [(0, 8 * MiB), (8 * MiB, 8 * MiB)])) == [
+            (3 * MiB + 100, 1000), (9 * MiB, 65536)]
+        assert await s.changed_since(tok, [(0, MiB)]) == []
+        assert await s.instants("liverestore.") == [tok]
+        await s.drop_instant(tok)
+        await s.drop_instant(tok)                   # gone already: nothing to do
+        assert snapshots(spec) == []
+        with pytest.raises(BlockStoreError, match="is gone"):
+            await s.changed_since(tok, [(0, MiB)])
+        # same name again: a new id, so the old token does not name it
+        tok2 = await s.mark_instant("liverestore.1.c")
+        assert tok2 != tok
+        with pytest.raises(BlockStoreError, match="is gone"):
+            await s.changed_since(tok, [(0, MiB)])
+        await s.drop_instant(tok)
+        assert snapshots(spec) == ["liverestore.1.c"]      # not the old token's to remove
+        await s.drop_instant(tok2)
+    try:
+        asyncio.run(go())
+    finally:
+        s.abandon()
+
+
+def test_a_fenced_clone_fractures_without_a_snapshot(ceph, tmp_path, caplog):
+    """Another client took the clone's image: the snapshot is refused
+    (fenced), the fracture completes on the maps and the pair widens."""
+    spec = ceph.spec()
+    clone = open_store(spec, 16 * MiB, create=True)
+
+    async def go():
+        eng = Engine(MemoryMetadataStore())
+        eng.add_volume("src", FileBlockStore(str(tmp_path / "src.img"), 16 * MiB, create=True))
+        eng.add_volume("cln", clone)
+        await eng.start()
+        p = await eng.create_pair("src", "cln", extent_size=65536)
+        await eng.wait_job(p.id, 60)
+        img, close = take_over(spec)
+        try:
+            with caplog.at_level(logging.WARNING, "restore_core.instants"):
+                await eng.fracture(p.id)
+            assert p.state.value == "fractured" and p.instants == {}
+            assert clone.lost() is not None and "blocklisted" in clone.lost()
+            why = [m for m in caplog.messages if "no snapshot of its clone" in m]
+            assert len(why) == 1 and "blocklisted" in why[0]
+            assert list(img.list_snaps()) == []
+            with pytest.raises(StoreFencedError):
+                await clone.drop_instant("liverestore.1.cln@4")
+        finally:
+            close()
+        await eng.close()
+    try:
+        asyncio.run(go())
+    finally:
+        clone.close()
+
+
+def worker(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.ceph.instant_worker", *args],
+                            stdout=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill9_after_clone_writes_recovers_the_exact_delta_from_the_snapshot(ceph, tmp_path):
+    spec = ceph.spec()
+    d = str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "tests.ceph.instant_worker", "setup", d,
+                          spec.location], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    instants = json.loads(out.stdout.splitlines()[-1])
+    assert list(instants) == ["clone"]
+    snap = instants["clone"].partition("@")[0]
+    assert snapshots(spec) == [snap]
+    orig = random.Random(1).randbytes(w.SIZE)        # the source, so the synced clone
+
+    p = worker("write", d, spec.location, "7")
+    try:
+        assert p.stdout.readline().strip() == "WROTE"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    acked = [tuple(map(int, line.split()[1:])) for line in open(os.path.join(d, "writes.log"))]
+    assert len(acked) == w.WRITES
+    written = {e for off, n in acked for e in range(off // w.ES, (off + n - 1) // w.ES + 1)}
+
+    out = subprocess.run([sys.executable, "-m", "tests.ceph.instant_worker", "recover", d,
+                          spec.location], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    delta = set(got["delta"])
+    # the clone as an independent client reads it: every extent that differs
+    # from its fracture-time image is in the delta (never a miss) ...
+    now = read_image(spec, 0, w.SIZE)
+    differ = {e for e in range(w.SIZE // w.ES)
+              if now[e * w.ES:(e + 1) * w.ES] != orig[e * w.ES:(e + 1) * w.ES]}
+    assert differ == written
+    # ... and the delta is exactly the written extents, not whole regions
+    assert delta == written
+    regions = {e // INTENT_EXTENTS for e in written}
+    assert len(delta) < len(regions) * INTENT_EXTENTS
+    assert got["instants"] == instants                # kept for the next crash
+    assert snapshots(spec) == [snap]
