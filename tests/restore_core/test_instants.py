@@ -75,6 +75,17 @@ def crash(r: Rig) -> None:
     eng._watch.cancel()
 
 
+async def restart(r: Rig, p: Pair) -> tuple[Engine, Pair]:
+    """A crash, then a start on the same metadata and stores."""
+    crash(r)
+    eng = await r.boot()
+    return eng, eng.pair(p.id)
+
+
+#: what widening makes of a write in the first region
+FIRST_REGION = list(range(INTENT_EXTENTS))
+
+
 def persisted_delta(r: Rig, p) -> set[int]:
     snap = r.meta.load()
     return set(load_map(p.nextents, snap.maps.get(p.map_key("delta"), {})).set_in(0, p.nextents))
@@ -93,9 +104,7 @@ def test_a_crash_takes_the_clone_side_delta_from_the_instant_not_whole_regions()
         # the first write of a region committed with its region; the rest
         # of the exact bits are only in memory when the daemon dies
         assert not {17, 100, 101} & persisted_delta(r, p)
-        crash(r)
-        eng2 = await r.boot()
-        p2 = eng2.pair(p.id)
+        eng2, p2 = await restart(r, p)
         got = set(p2.maps.delta.set_in(0, p2.nextents))
         # exactly the clone's writes, plus the source's whole region
         assert got == set(clone_written) | set(range(2 * INTENT_EXTENTS, p2.nextents))
@@ -112,10 +121,8 @@ def test_a_region_written_on_both_sides_widens():
         p = await r.fractured_pair()
         await r.cios[0].write(3 * ES, pattern(1, ES))
         await r.sio.write(200 * ES, pattern(2, ES))      # same region, the file side
-        crash(r)
-        eng2 = await r.boot()
-        p2 = eng2.pair(p.id)
-        assert p2.maps.delta.set_in(0, p2.nextents) == list(range(INTENT_EXTENTS))
+        eng2, p2 = await restart(r, p)
+        assert p2.maps.delta.set_in(0, p2.nextents) == FIRST_REGION
         await eng2.close()
     run(go())
 
@@ -131,9 +138,8 @@ def test_a_refused_instant_falls_back_to_widening_with_one_warning(caplog):
         assert len(why) == 1 and "widens" in why[0]
         assert p.instants == {} and r.cln.snaps == {}
         await r.cios[0].write(3 * ES, pattern(1, ES))
-        crash(r)
-        eng2 = await r.boot()
-        assert eng2.pair(p.id).maps.delta.set_in(0, p.nextents) == list(range(INTENT_EXTENTS))
+        eng2, p2 = await restart(r, p)
+        assert p2.maps.delta.set_in(0, p.nextents) == FIRST_REGION
         await eng2.close()
     run(go())
 
@@ -144,11 +150,9 @@ def test_an_instant_gone_at_restart_widens_and_is_forgotten():
         await r.boot()
         p = await r.fractured_pair()
         await r.cios[0].write(3 * ES, pattern(1, ES))
-        crash(r)
         r.cln.snaps.clear()                 # an operator removed the snapshot
-        eng2 = await r.boot()
-        p2 = eng2.pair(p.id)
-        assert p2.maps.delta.set_in(0, p.nextents) == list(range(INTENT_EXTENTS))
+        eng2, p2 = await restart(r, p)
+        assert p2.maps.delta.set_in(0, p.nextents) == FIRST_REGION
         assert p2.instants == {}
         assert r.meta.load().pairs[p.id]["instants"] == {}
         await eng2.close()
