@@ -251,3 +251,23 @@ def test_with_the_clone_offline_at_restart_the_exact_delta_waits_for_relink():
         assert p2.instants == p.instants
         await eng.close()
     run(go())
+
+
+def test_with_both_sides_keeping_instants_both_sides_are_exact():
+    async def go():
+        r = rig()
+        src = InstantStore(r.size, "src")
+        src.current[:] = r.src.current
+        src.durable[:] = r.src.durable
+        r.src = src
+        await r.boot()
+        p = await r.fractured_pair()
+        assert sorted(p.instants) == ["clone", "source"]
+        await r.sio.write(260 * ES, pattern(1, ES))      # the first write of each region
+        await r.cios[0].write(2 * ES, pattern(2, ES))
+        await r.sio.write(7 * ES, pattern(3, 10))
+        await r.cios[0].write(300 * ES, pattern(4, 10))
+        eng2, p2 = await restart(r, p)
+        assert p2.maps.delta.set_in(0, p2.nextents) == [2, 7, 260, 300]
+        await eng2.close()
+    run(go())
