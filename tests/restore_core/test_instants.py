@@ -9,6 +9,7 @@ import logging
 from restore_core.blockstore import BlockStoreError, MemoryBlockStore
 from restore_core.committer import load_map
 from restore_core.engine import Engine
+from restore_core import instants
 from restore_core.instants import PREFIX
 from restore_core.pair import Pair
 from restore_core.restoremaps import INTENT_EXTENTS
@@ -270,4 +271,26 @@ def test_with_both_sides_keeping_instants_both_sides_are_exact():
         eng2, p2 = await restart(r, p)
         assert p2.maps.delta.set_in(0, p2.nextents) == [2, 7, 260, 300]
         await eng2.close()
+    run(go())
+
+
+def test_a_snapshot_that_takes_too_long_leaves_the_fracture_to_widening(monkeypatch, caplog):
+    """Hosts are held while the fracture waits for it: a cluster in trouble
+    must not hold them for its whole op timeout."""
+    monkeypatch.setattr(instants, "MARK_TIMEOUT_S", 0.05)
+
+    async def go():
+        r = rig(16)
+        marked = r.cln.mark_instant
+
+        async def slow(name: str) -> str | None:
+            await asyncio.sleep(30)
+            return await marked(name)
+        r.cln.mark_instant = slow
+        await r.boot()
+        with caplog.at_level(logging.WARNING, "restore_core.instants"):
+            p = await asyncio.wait_for(r.fractured_pair(), 10)
+        assert p.state.value == "fractured" and p.instants == {}
+        assert [m for m in caplog.messages if "did not answer within 0.05 s" in m]
+        await r.engine.close()
     run(go())
