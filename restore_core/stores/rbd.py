@@ -39,6 +39,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import threading
 from typing import Callable, TypeVar
 
 from ..blockstore import BlockStore, BlockStoreError, StoreFencedError
@@ -144,6 +145,10 @@ class RbdStore(BlockStore):
         self._tokens = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None   # the one watching the eventfd
         self._submitter: Submitter | None = None
+        # held by a blocking management call (snapshot, diff) in its thread:
+        # the close waits for it (a fracture stops waiting for a snapshot
+        # after instants.MARK_TIMEOUT_S, librbd goes on making it)
+        self._managing = threading.Lock()
         try:
             self._open(size, create, stale_owner)
         except BaseException:
@@ -402,8 +407,11 @@ class RbdStore(BlockStore):
         img = self._image
         if self.fenced is not None or img is None:
             raise StoreFencedError(f"{self.name}: {what} refused: {self.fenced or 'closed'}")
+        def locked() -> T:
+            with self._managing:
+                return call(img, *args)
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, call, img, *args)
+            return await asyncio.get_running_loop().run_in_executor(None, locked)
         except RbdError as e:
             raise self._error(what, None, e.errno) from None
 
@@ -485,10 +493,17 @@ class RbdStore(BlockStore):
                 img.lock_release()
             except RbdError:
                 pass        # not the owner any more: nothing to release
+        managed = self._managing.acquire(timeout=DRAIN_TIMEOUT_S)
+        if not managed:
+            log.warning("%s: closed with a snapshot call still running after %s s", self.name,
+                        DRAIN_TIMEOUT_S)
         try:
             img.close()     # after the aio in flight completed
         except RbdError as e:
             log.warning("%s: close: %s", self.name, e)
+        finally:
+            if managed:
+                self._managing.release()
         pending, self._pending = self._pending, {}
         for p in pending.values():
             if p.settled is not None:

@@ -11,17 +11,22 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import rbd
 
+from restore_core import instants
 from restore_core.blockstore import BlockStoreError, StoreFencedError
 from restore_core.engine import Engine
 from restore_core.metadata import MemoryMetadataStore
+from restore_core.pair import PairState
 from restore_core.restoremaps import INTENT_EXTENTS
 from restore_core.stores import open_store
 from restore_core.stores.file import FileBlockStore
+from restore_core.stores.rbd import DRAIN_TIMEOUT_S
 from tests.ceph import instant_worker as w
+from tests.ceph.conftest import COMMAND_BOUND_S
 from tests.ceph.util import other_client, read_image, take_over
 
 MiB = 1 << 20
@@ -178,3 +183,52 @@ def test_show_lists_the_snapshot_and_delete_leaves_the_image_without_it(ceph, da
     assert snapshots(spec) == ["liverestore-by-hand"]
     d.cli("volume", "delete", "cln")
     assert snapshots(spec) == ["liverestore-by-hand"]
+
+
+def test_a_dead_osd_bounds_the_fracture_and_the_close_waits_for_the_snapshot_call(
+        ceph_bluestore, tmp_path, monkeypatch):
+    """With the OSD dead the snapshot cannot be made: the fracture goes on
+    after MARK_TIMEOUT_S (the file source serving again at once), and a
+    close meanwhile waits for librbd's snapshot call instead of closing the
+    image under it; what the call made once the OSD is back is swept."""
+    cl = ceph_bluestore
+    spec = cl.spec()
+    monkeypatch.setattr(instants, "MARK_TIMEOUT_S", 0.5)
+    clone = open_store(spec, 16 * MiB, create=True)
+
+    async def go():
+        eng = Engine(MemoryMetadataStore())
+        sio = eng.add_volume("src", FileBlockStore(str(tmp_path / "s.img"), 16 * MiB,
+                                                   create=True))
+        eng.add_volume("cln", clone)
+        await eng.start()
+        p = await eng.create_pair("src", "cln", extent_size=65536)
+        await eng.wait_job(p.id, 60)
+        cmd = await asyncio.to_thread(cl.kill, "osd")
+        try:
+            fracture = asyncio.create_task(eng.fracture(p.id))
+            await asyncio.sleep(1.5)            # past the snapshot's 0.5 s
+            assert p.state is PairState.FRACTURED and p.instants == {}
+            t0 = time.monotonic()
+            await sio.write(0, b"s" * 4096)     # hosts are not held by the sick cluster
+            assert time.monotonic() - t0 < 1
+            # (the command itself returns once its clean-up met the op timeouts)
+            await asyncio.wait_for(fracture, 4 * COMMAND_BOUND_S)
+            t0 = time.monotonic()
+            await asyncio.to_thread(clone.close)
+            assert time.monotonic() - t0 < DRAIN_TIMEOUT_S + 2 * COMMAND_BOUND_S
+        finally:
+            await asyncio.to_thread(cl.restart, "osd", cmd)
+        await eng.close()
+        for _ in range(60):                     # the OSD comes back within seconds
+            try:
+                again = open_store(spec, 16 * MiB)
+                break
+            except BlockStoreError:
+                await asyncio.sleep(1)
+        try:
+            await instants.sweep(again, set())
+            assert snapshots(spec) == []
+        finally:
+            again.close()
+    asyncio.run(go())
