@@ -34,7 +34,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .blockstore import BlockStore, BlockStoreError
 
@@ -77,14 +77,11 @@ async def take(pair_id: str, stores: dict[str, BlockStore]) -> dict[str, str]:
         try:
             token = await asyncio.wait_for(
                 store.mark_instant(f"{PREFIX}{time.time_ns()}.{pair_id}"), MARK_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            log.warning("pair %s: no snapshot of its %s at this fracture (the cluster did not "
-                        "answer within %s s); after a crash its delta there widens to whole "
-                        "write-intent regions", pair_id, side, MARK_TIMEOUT_S)
-            continue
-        except (BlockStoreError, OSError) as e:
+        except (BlockStoreError, OSError, asyncio.TimeoutError) as e:
+            why = str(e) if str(e) else f"the cluster did not answer within {MARK_TIMEOUT_S} s"
             log.warning("pair %s: no snapshot of its %s at this fracture (%s); after a crash "
-                        "its delta there widens to whole write-intent regions", pair_id, side, e)
+                        "its delta there widens to whole write-intent regions", pair_id, side,
+                        why)
             continue
         if token is not None:
             out[side] = token
@@ -127,7 +124,7 @@ async def sweep(store: BlockStore, keep: set[str]) -> None:
     await _drop(store, lambda t: owner(t) is not None and t not in keep)
 
 
-async def _drop(store: BlockStore, stale: Any) -> None:
+async def _drop(store: BlockStore, stale: Callable[[str], bool]) -> None:
     try:
         doomed = [t for t in await store.instants(PREFIX) if stale(t)]
         for t in doomed:
