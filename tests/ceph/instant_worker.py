@@ -3,10 +3,13 @@ SQLite with a file source and an RBD clone.
 
   setup DIR LOCATION   make the pair (clone image created), sync, fracture
   write DIR LOCATION SEED
-                       write the clone LU at random after the fracture, log
-                       each acknowledged write ("A off len") and print WROTE,
-                       then wait to be killed: the lazy commit is held off,
-                       so the exact delta bits of most writes never reach disk
+                       write the clone LU at random after the fracture (two at
+                       a time), logging each write before it ("I off len")
+                       and once acknowledged ("A off len"); print HALF when
+                       half are acknowledged (writes go on) and WROTE when
+                       all are, then wait to be killed: the lazy commit is
+                       held off, so the exact delta bits of most writes never
+                       reach disk
   recover DIR LOCATION start (recovering) and print the delta's extents and
                        the pair's instants as one JSON line
 """
@@ -66,12 +69,25 @@ async def write(d: str, location: str, seed: int) -> None:
     cio = eng.volume_io(PAIR)
     rnd = random.Random(seed)
     log = os.open(os.path.join(d, "writes.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    acked = [0]
+
+    async def writer(todo: list[tuple[int, bytes]]) -> None:
+        for off, data in todo:
+            os.write(log, f"I {off} {len(data)}\n".encode())
+            await cio.write(off, data, fua=rnd.random() < 0.3)
+            os.write(log, f"A {off} {len(data)}\n".encode())
+            acked[0] += 1
+            if acked[0] == WRITES // 2:
+                print("HALF", flush=True)
+    writes = []
     for _ in range(WRITES):
-        # two of the four 16 MiB regions, any alignment
+        # two of the four 16 MiB regions, any alignment; the two writers'
+        # ranges apart (one in each half of a region), so no two overlap
         n = rnd.choice([512, 4096, 3 * 4096, ES + 4096])
-        off = rnd.choice([0, 32 << 20]) + rnd.randrange(0, (16 << 20) - n)
-        await cio.write(off, rnd.randbytes(n), fua=rnd.random() < 0.3)
-        os.write(log, f"A {off} {n}\n".encode())
+        half = len(writes) % 2
+        off = rnd.choice([0, 32 << 20]) + half * (8 << 20) + rnd.randrange(0, (8 << 20) - n)
+        writes.append((off, rnd.randbytes(n)))
+    await asyncio.gather(writer(writes[0::2]), writer(writes[1::2]))
     print("WROTE", flush=True)
     await asyncio.sleep(3600)
 
