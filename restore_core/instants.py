@@ -1,5 +1,6 @@
 """A fractured pair's instants: a mark of each side's content at the moment
-the pair became fractured, kept by the stores that can (an RBD image's
+the pair was fractured (not when a restore ends fractured: see
+Engine._job_finished), kept by the stores that can (an RBD image's
 snapshot; BlockStore.mark_instant), so that a restart after a crash takes
 that side's delta from what the store says changed since, exactly, instead
 of widening it by whole write-intent regions (restoremaps: ``covered``).

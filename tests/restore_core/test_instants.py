@@ -175,7 +175,13 @@ def test_instants_live_from_fracture_to_the_next_sync_restore_or_delete():
         await eng.restore(p.id)
         assert p.instants == {} and r.cln.snaps == {}
         await eng.wait_job(p.id, 10)
-        # a protected restore ends fractured: tracked from a new instant
+        # a protected restore ends fractured, with no instant (see _job_finished)
+        assert p.instants == {} and r.cln.snaps == {}
+        await eng.fracture(p.id)                # already fractured: nothing changes
+        assert r.cln.snaps == {}
+        await eng.sync(p.id)
+        await eng.wait_job(p.id, 10)
+        await eng.fracture(p.id)
         assert list(r.cln.snaps) == [p.instants["clone"]]
         await eng.delete_pair(p.id)
         assert r.cln.snaps == {}
