@@ -83,6 +83,14 @@ async def restart(r: Rig, p: Pair) -> tuple[Engine, Pair]:
     return eng, eng.pair(p.id)
 
 
+async def fractured_then_written(r: Rig) -> Pair:
+    """Boot, a fractured pair, and a write to its clone's extent 3."""
+    await r.boot()
+    p = await r.fractured_pair()
+    await r.cios[0].write(3 * ES, pattern(1, ES))
+    return p
+
+
 #: what widening makes of a write in the first region
 FIRST_REGION = list(range(INTENT_EXTENTS))
 
@@ -118,9 +126,7 @@ def test_a_crash_takes_the_clone_side_delta_from_the_instant_not_whole_regions()
 def test_a_region_written_on_both_sides_widens():
     async def go():
         r = rig()
-        await r.boot()
-        p = await r.fractured_pair()
-        await r.cios[0].write(3 * ES, pattern(1, ES))
+        p = await fractured_then_written(r)
         await r.sio.write(200 * ES, pattern(2, ES))      # same region, the file side
         eng2, p2 = await restart(r, p)
         assert p2.maps.delta.set_in(0, p2.nextents) == FIRST_REGION
@@ -148,9 +154,7 @@ def test_a_refused_instant_falls_back_to_widening_with_one_warning(caplog):
 def test_an_instant_gone_at_restart_widens_and_is_forgotten():
     async def go():
         r = rig()
-        await r.boot()
-        p = await r.fractured_pair()
-        await r.cios[0].write(3 * ES, pattern(1, ES))
+        p = await fractured_then_written(r)
         r.cln.snaps.clear()                 # an operator removed the snapshot
         eng2, p2 = await restart(r, p)
         assert p2.maps.delta.set_in(0, p.nextents) == FIRST_REGION
@@ -241,9 +245,7 @@ def test_a_group_fracture_marks_every_members_clone_and_its_restore_drops_them()
 def test_with_the_clone_offline_at_restart_the_exact_delta_waits_for_relink():
     async def go():
         r = rig()
-        await r.boot()
-        p = await r.fractured_pair()
-        await r.cios[0].write(3 * ES, pattern(1, ES))
+        p = await fractured_then_written(r)
         await r.cios[0].write(9 * ES, pattern(2, ES))
         crash(r)
         eng = Engine(r.meta, r.undo_images)
