@@ -421,6 +421,10 @@ class Engine:
                                                      pair.extent_size, pair.nextents)
             if changed is None:
                 pair.instants = {}      # one that cannot say now will not later either
+            else:
+                log.info("pair %s: after the crash, %d extent run(s) written since the "
+                         "fracture, from its snapshots, instead of %d whole extents",
+                         pair.id, len(changed), sum(b - a for a, b in covered))
             pair.maps.settle_covered(changed)
         if pair.maps.widen_delta_by_intent() or covered:
             self.committer.put_pair(pair.id, pair.to_record())

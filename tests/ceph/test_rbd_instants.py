@@ -241,3 +241,42 @@ def test_a_dead_osd_bounds_the_fracture_and_the_close_waits_for_the_snapshot_cal
         finally:
             again.close()
     asyncio.run(go())
+
+
+def test_source_and_clone_on_rbd_both_sides_exact_after_a_crash(ceph):
+    """Both images keep a snapshot of the fracture: a crash's delta is exact
+    on both sides (the engine's maps, then stores closed with no engine
+    close, as a kill would leave them, then a new engine on new clients)."""
+    specs = {"src": ceph.spec(), "cln": ceph.spec()}
+    meta = MemoryMetadataStore()
+
+    async def boot(create: bool = False) -> Engine:
+        eng = Engine(meta)
+        for name, spec in specs.items():
+            eng.add_volume(name, open_store(spec, 16 * MiB, create=create))
+        await eng.start()
+        return eng
+
+    async def go():
+        eng = await boot(create=True)
+        await eng.volume_io("src").write(0, os.urandom(16 * MiB))
+        p = await eng.create_pair("src", "cln", extent_size=65536)
+        await eng.wait_job(p.id, 60)
+        await eng.fracture(p.id)
+        assert sorted(p.instants) == ["clone", "source"]
+        assert [len(snapshots(s)) for s in specs.values()] == [1, 1]
+        await eng.volume_io("src").write(5 * 65536 + 100, b"s" * 100)   # commits its region
+        await eng.volume_io("cln").write(9 * 65536, b"c" * 65536)       # ... and the clone's
+        await eng.volume_io("src").write(70 * 65536, b"s" * 4096)       # lazy bits only
+        await eng.volume_io("cln").write(200 * 65536 - 512, b"c" * 1024)
+        eng._lazy.cancel()
+        eng._watch.cancel()
+        for vol in eng.volumes.values():
+            vol.store.close()
+        eng2 = await boot()
+        p2 = eng2.pair(p.id)
+        assert p2.maps.delta.set_in(0, p2.nextents) == [5, 9, 70, 199, 200]
+        await eng2.close()
+        for vol in eng2.volumes.values():
+            vol.store.close()
+    asyncio.run(go())
