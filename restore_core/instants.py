@@ -22,12 +22,12 @@ back to widening; one that is gone at restart (an operator removed it)
 widens too. Names are ``liverestore.<ns>.<pair id>``: a snapshot of any
 other name is never touched.
 
-Cost (tests/bench/rbd_snapshot.py, single-node memstore cluster, load ~4):
-the snapshot takes 58-61 ms, with hosts held, at each fracture; 4 KiB
-random writes to the clone right after it run at 0.89-0.92 of the IOPS of
-an image without one (each object's first write after it is copied at the
-OSD), and the snapshot holds the space of what the clone overwrites until
-the next sync or restore.
+Cost (tests/bench/rbd_snapshot.py, single-node memstore cluster, three
+runs at load 0.3-4): the snapshot takes 58-61 ms, with hosts held, at each
+fracture; 4 KiB random writes to the clone right after it run at 0.85-0.92
+of the IOPS of an image without one (each object's first write after it is
+copied at the OSD), and the snapshot holds the space of what the clone
+overwrites until the next sync or restore.
 """
 from __future__ import annotations
 
