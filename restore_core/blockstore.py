@@ -135,6 +135,34 @@ class BlockStore(ABC):
         """
         return [(offset, length, True)]
 
+    # Instants (optional; an RBD image's snapshots): the store keeps a named
+    # mark of its content now and can later say exactly which ranges were
+    # written (or discarded) since. A fractured pair marks one so that a
+    # restart after a crash computes the exact delta of this side instead of
+    # widening it by whole write-intent regions. Each call may block on the
+    # store's cluster; failures are BlockStoreError (StoreFencedError once
+    # the store was fenced).
+    async def mark_instant(self, name: str) -> str | None:
+        """Mark the content as it is now (no write may be in flight); returns
+        the token the other calls take (what a record persists), or None:
+        this store keeps no instants."""
+        return None
+
+    async def changed_since(self, instant: str,
+                            ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """(offset, length) runs within ``ranges`` (each offset, length)
+        written or discarded since ``instant``; BlockStoreError if the
+        instant is gone (or never was this store's)."""
+        raise BlockStoreError(f"{self.name}: this store keeps no instants")
+
+    async def drop_instant(self, instant: str) -> None:
+        """Forget the instant (one already gone is no error)."""
+
+    async def instants(self, prefix: str) -> list[str]:
+        """Tokens of the instants this store keeps under names starting
+        with ``prefix`` (a restart removes those no pair records)."""
+        return []
+
     def close(self) -> None:  # pragma: no cover - trivial default
         pass
 

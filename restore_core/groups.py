@@ -289,16 +289,19 @@ class Groups:
             g, pairs = self._pairs(name)
             todo = [p for p in pairs if eng._needs_fracture(p)]
             differ: dict[str, ExtentMap] = {}
+            marked: dict[str, dict[str, str]] = {}
 
             async def stop(p: Pair) -> None:
                 differ[p.id] = p.maps.may_differ()     # before its copier stops
                 await eng._stop_background(p)
+                marked[p.id] = await eng.take_instants(p)
 
             def bump(p: Pair) -> None:
                 eng.volumes[p.clone].generation += 1
-            await self._at_one_instant(todo, stop, lambda p: eng._set_fractured(p, differ[p.id]),
-                                       bump)
+            await self._at_one_instant(
+                todo, stop, lambda p: eng._set_fractured(p, differ[p.id], marked[p.id]), bump)
             for p in todo:
+                await eng._tidy_instants(p)
                 eng._emit("fractured", p.id)
             return g
 
@@ -330,6 +333,7 @@ class Groups:
                         await eng._discard_image(p.id, eng._release_undo(p))
                 raise
             for p in pairs:
+                await eng._tidy_instants(p)
                 eng._emit("restore-started", p.id)
             return g
 
@@ -343,6 +347,7 @@ class Groups:
             await self._at_one_instant(todo, eng._quiesce, eng._set_aborting,
                                        eng._restore_started)
             for p in todo:
+                await eng._tidy_instants(p)
                 eng._emit("abort-started", p.id)
             return g
 

@@ -12,6 +12,7 @@ from .extentmap import extent_count
 from .gate import IOGate
 from .hostyield import HostYield
 from .inflight import InFlightMap
+from .instants import INSTANTS_FIELD, instants_of_record
 from .metadata import DAMAGED_FIELD, HOLD_FIELD, UNDO_FIELD
 from .regionlog import RegionLog
 from .restoremaps import RestoreMaps
@@ -150,6 +151,9 @@ class Pair:
         # the abort finishes or the admin commits
         self.undo: dict[str, Any] | None = None
         self.aborted = False               # runtime: an abort began since the last job start
+        # a fractured pair's instants (restore_core.instants), by side
+        # ("source", "clone"): the store's token of the mark it keeps
+        self.instants: dict[str, str] = {}
         # runtime
         self.source_store: BlockStore | None = None
         self.clone_store: BlockStore | None = None
@@ -171,7 +175,7 @@ class Pair:
             "job": self.job.to_record() if self.job else None,
             "throttle": asdict(self.throttle),
             HOLD_FIELD: self.hold, DAMAGED_FIELD: self.damaged,
-            UNDO_FIELD: self.undo,
+            UNDO_FIELD: self.undo, INSTANTS_FIELD: dict(self.instants),
         }
 
     @classmethod
@@ -188,6 +192,7 @@ class Pair:
         if undo is not None and not isinstance(undo, dict):
             raise ValueError(f"pair {p.id}: bad undo image record {undo!r}")
         p.undo = undo
+        p.instants = instants_of_record(r.get(INSTANTS_FIELD))
         return p
 
     def map_key(self, name: str) -> str:

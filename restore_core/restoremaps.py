@@ -18,6 +18,11 @@ Persisted (one bit per extent unless said otherwise):
             extents each, like md's write-intent bitmap): a host write makes
             its region bit durable before it is acknowledged, while its exact
             delta bits stay in memory and reach disk with a later batch.
+  covered -- write-intent regions too, but of writes to a side whose store
+            keeps the pair's fracture instant (an RBD snapshot): a restart
+            takes their delta from what that store says changed since the
+            instant (exact extents) instead of the whole region. A region in
+            both maps is widened.
   saved  -- keep-undo restore (restore_core.undo): extents whose
             pre-restore source data is durable in the undo image; set
             before the restore overwrites them.
@@ -42,7 +47,7 @@ from .extentmap import CHUNK_BITS, ExtentMap
 
 # 256 extents: 16 MiB regions at the default 64 KiB extent size.
 INTENT_EXTENTS = 256
-PERSISTED_MAPS = ("delta", "done", "marks", "intent", "saved", "written")
+PERSISTED_MAPS = ("delta", "done", "marks", "intent", "covered", "saved", "written")
 
 Settle = Callable[[], None]
 
@@ -58,6 +63,7 @@ class RestoreMaps:
         self.done = ExtentMap(n)
         self.marks = ExtentMap(n)
         self.intent = ExtentMap((n + INTENT_EXTENTS - 1) // INTENT_EXTENTS)
+        self.covered = ExtentMap(self.intent.nbits)
         self.saved = ExtentMap(n)
         self.written = ExtentMap(n)
         self.todo = ExtentMap(n)
@@ -65,6 +71,7 @@ class RestoreMaps:
         # index -> batch making its bit durable (later markers wait for it too)
         self._pending_marks: dict[int, int] = {}
         self._pending_intent: dict[int, int] = {}
+        self._pending_covered: dict[int, int] = {}
         self._pending_written: dict[int, int] = {}
         self._committer: Committer | None = None
         self._prefix = ""
@@ -183,14 +190,17 @@ class RestoreMaps:
         """Dirty-region log: a mirrored write may leave the legs differing."""
         return self._mark_extents(extents)
 
-    def mark_tracked(self, a: int, b: int) -> int:
+    def mark_tracked(self, a: int, b: int, covered: bool = False) -> int:
         """A write to a fractured pair's side: its exact delta bits are set
         in memory (they reach disk with a later batch); its write-intent
-        region must be durable before the write is acknowledged."""
+        region must be durable before the write is acknowledged -- in
+        ``covered`` if the side's store keeps the fracture instant."""
         if not self.delta.all(a, b):
             self.delta.set_range(a, b)
-        return self._mark(self.intent, a // INTENT_EXTENTS, (b - 1) // INTENT_EXTENTS + 1,
-                          self._pending_intent)
+        ra, rb = a // INTENT_EXTENTS, (b - 1) // INTENT_EXTENTS + 1
+        if covered:
+            return self._mark(self.covered, ra, rb, self._pending_covered)
+        return self._mark(self.intent, ra, rb, self._pending_intent)
 
     def _mark_extents(self, extents: range | list[int]) -> int:
         if isinstance(extents, range):      # one run: one slice operation
@@ -263,7 +273,8 @@ class RestoreMaps:
 
     def prune_pending(self, durable_id: int) -> None:
         """Forget marks whose batch is on disk."""
-        for pm in (self._pending_marks, self._pending_intent, self._pending_written):
+        for pm in (self._pending_marks, self._pending_intent, self._pending_covered,
+                   self._pending_written):
             if pm:
                 for e in [e for e, b in pm.items() if b <= durable_id]:
                     del pm[e]
@@ -292,6 +303,7 @@ class RestoreMaps:
     def clear_intent(self) -> None:
         """The exact delta commits with this change: no region is dirty."""
         self.intent.clear_all()
+        self.covered.clear_all()
 
     def begin_sync(self, synchronized: bool, full: bool) -> None:
         if synchronized:
@@ -300,7 +312,7 @@ class RestoreMaps:
         if full:
             self.delta.set_all()
         self.done.clear_all()
-        self.intent.clear_all()
+        self.clear_intent()
 
     def begin_restore(self, keep_undo: bool = False) -> None:
         self.done.clear_all()
@@ -347,7 +359,7 @@ class RestoreMaps:
             self.delta.assign(differ)
         self.done.clear_all()
         self.marks.clear_all()
-        self.intent.clear_all()
+        self.clear_intent()
         self.todo.clear_all()
         self.landed.clear_all()
 
@@ -370,10 +382,33 @@ class RestoreMaps:
         differ. Returns whether there was anything to widen."""
         if not self.intent.any(0, self.intent.nbits):
             return False
-        for ra, rb in list(self.intent.runs()):
-            self.delta.set_range(ra * INTENT_EXTENTS, min(rb * INTENT_EXTENTS, self.nextents))
+        self._widen(self.intent.runs())
         self.intent.clear_all()
         return True
+
+    def covered_extents(self) -> list[tuple[int, int]]:
+        """After a crash: the extent runs [a, b) of the covered regions,
+        whose delta the stores' instants can say exactly (one dirty in
+        ``intent`` too is widened with intent whatever they say)."""
+        if not self.covered.any(0, self.covered.nbits):
+            return []
+        return [(ra * INTENT_EXTENTS, min(rb * INTENT_EXTENTS, self.nextents))
+                for ra, rb in self.covered.runs()]
+
+    def settle_covered(self, changed: list[tuple[int, int]] | None) -> None:
+        """After a crash: ``changed`` -- the extent runs the instants say
+        were written in the covered regions -- join the delta; None (an
+        instant could not say) widens every covered region instead."""
+        if changed is None:
+            self._widen(self.covered.runs())
+        else:
+            for a, b in changed:
+                self.delta.set_range(a, b)
+        self.covered.clear_all()
+
+    def _widen(self, regions: list[tuple[int, int]]) -> None:
+        for ra, rb in list(regions):
+            self.delta.set_range(ra * INTENT_EXTENTS, min(rb * INTENT_EXTENTS, self.nextents))
 
     def widen_damaged_chunk(self, name: str, chunk: int, protected_restore: bool) -> str:
         """A persisted chunk of map ``name`` failed its checksum: give it the
@@ -411,6 +446,6 @@ class RestoreMaps:
                 m.mark_chunk_dirty(c)
             return f"every extent {where} not still to restore counts as host-written"
         m.set_range(a, b)
-        if name == "intent":
+        if name in ("intent", "covered"):
             return f"every region {where} counts as dirty"
         return f"every extent {where} counts as differing"

@@ -265,6 +265,7 @@ class VolumeIO(LunIO):
         vol = self.vol
         tracked = [vol.as_clone] if vol.as_clone is not None else []
         tracked += vol.as_source
+        side = "clone" if vol.as_clone is not None else "source"
         fractured = []
         for pair in tracked:
             a, b = extents_of(offset, length, pair.extent_size)
@@ -276,7 +277,7 @@ class VolumeIO(LunIO):
                       and self._restored_and_marked(pair, a, b)):
                 return False
         for pair, a, b in fractured:
-            if pair.maps.mark_tracked(a, b):
+            if pair.maps.mark_tracked(a, b, side in pair.instants):
                 return False                     # its region must be durable first
         return True
 
@@ -428,7 +429,7 @@ class VolumeIO(LunIO):
     async def _modify_clone(self, pair: Pair, offset: int, length: int, io: IoFn, fua: bool) -> None:
         # Only a fractured clone is writable (checked by _check).
         a, b = extents_of(offset, length, pair.extent_size)
-        bid = pair.maps.mark_tracked(a, b)
+        bid = pair.maps.mark_tracked(a, b, "clone" in pair.instants)
         if bid:
             await self.committer.wait_durable(bid)
         await io(self.vol.store)
@@ -450,7 +451,8 @@ class VolumeIO(LunIO):
                 if pair.tracks_written:     # keep-undo: an abort keeps this write
                     wait_bid = max(wait_bid, pair.maps.mark_written_since_restore(range(a, b)))
                 if st is PairState.FRACTURED:
-                    wait_bid = max(wait_bid, pair.maps.mark_tracked(a, b))
+                    wait_bid = max(wait_bid, pair.maps.mark_tracked(
+                        a, b, "source" in pair.instants))
                     continue
                 pair.last_host_io = time.monotonic()
                 if pair.to_source:

@@ -633,6 +633,7 @@ class Service(GroupOps):
             store = self.eng.remove_volume(name)
         except EngineError as e:
             raise self._wrap(e) from e
+        await self.eng.forget_instants(store)      # the image left in place keeps none
         store.close()
         self.devices.pop(name, None)
         self.cfg.delete_volume(name)
@@ -726,7 +727,11 @@ class Service(GroupOps):
         return {**asdict(rec), "role": role, "access": st.access.value, "access_reason": st.reason,
                 "offline": vol.offline, "undo_of": vol.undo_of,
                 "exported_by": self._exported_in(name),
-                "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else [])}
+                "pairs": [p.id for p in vol.as_source] + ([vol.as_clone.id] if vol.as_clone else []),
+                # snapshots the daemon keeps on this image (they hold space)
+                "snapshots": [p.instants[side] for p in (*vol.as_source, vol.as_clone)
+                              if p is not None for side in ("source", "clone")
+                              if getattr(p, side) == name and side in p.instants]}
 
     # -- pairs ------------------------------------------------------------------------------
     async def pair_create(self, source: str, clone: str, extent_size: Size | None = None,
@@ -822,7 +827,7 @@ class Service(GroupOps):
                 "extent_size": p.extent_size, "throttle": asdict(p.throttle),
                 "progress": asdict(pr), **{"state": pr.state},
                 "damaged": p.damaged, "held": p.hold, "group": self.grp.group_of(p.id),
-                "undo_image": _undo_where(p.undo),
+                "undo_image": _undo_where(p.undo), "snapshots": dict(p.instants),
                 "offline": "; ".join(self.eng.offline_reasons(p)) or None,
                 "history": self.journal.note(p.id) if self.journal is not None else None}
 

@@ -125,6 +125,9 @@ def pair_fields(p: dict[str, Any]) -> list[Field]:
     if p.get("undo_image"):
         fields.append(("undo image", f"{p['undo_image']} ('liverestore pair abort {p['id']}' "
                        f"puts back what the restore overwrote; 'pair commit' discards it)"))
+    for side, snap in sorted((p.get("snapshots") or {}).items()):
+        fields.append((f"{side} snapshot", f"{snap} (of the fracture: a crash costs only the "
+                       "extents written since; removed by the next sync or restore)"))
     for key, label in (("held", "HELD"), ("damaged", "DAMAGED")):
         if p.get(key):
             fields.append((label, p[key]))
@@ -138,6 +141,9 @@ def volume_fields(v: dict[str, Any]) -> list[Field]:
         ("extent size", size(v["extent_size"])), ("role", v["role"]), ("access", access),
         ("exported by", v.get("exported_by") or "-"),
         ("pairs", ", ".join(v.get("pairs") or []) or "-"), ("created", when(v.get("created_at")))]
+    if v.get("snapshots"):
+        fields.append(("snapshots", ", ".join(v["snapshots"]) + " (the daemon's, holding "
+                       "space until the pair's next sync or restore)"))
     if v.get("offline"):
         fields.append(("OFFLINE", v["offline"]))
     return fields

@@ -39,7 +39,8 @@ import asyncio
 import errno
 import itertools
 import logging
-from typing import Callable
+import threading
+from typing import Callable, TypeVar
 
 from ..blockstore import BlockStore, BlockStoreError, StoreFencedError
 from . import librbd
@@ -48,6 +49,7 @@ from .rbd_submit import DISCARD, FLUSH, READ, WRITE, Submitter, drain, submitter
 from .spec import RbdSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: librados' own defaults wait forever. An OSD op must outlast an OSD's
 #: failure detection (heartbeat grace 20 s + interval 6 s by default, as
@@ -80,6 +82,14 @@ def remove_image(spec: RbdSpec) -> None:
     store = RbdStore(spec)          # takes the lock: refuses an image in use
     store.created = True
     store.abandon()
+
+
+def _remove_snapshot(img: librbd.Image, name: str) -> None:
+    try:
+        img.snap_remove(name)
+    except RbdError as e:
+        if e.errno != errno.ENOENT:     # gone meanwhile: what was asked
+            raise
 
 
 class _Pending:
@@ -135,6 +145,10 @@ class RbdStore(BlockStore):
         self._tokens = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None   # the one watching the eventfd
         self._submitter: Submitter | None = None
+        # held by a blocking management call (snapshot, diff) in its thread:
+        # the close waits for it (a fracture stops waiting for a snapshot
+        # after instants.MARK_TIMEOUT_S, librbd goes on making it)
+        self._managing = threading.Lock()
         try:
             self._open(size, create, stale_owner)
         except BaseException:
@@ -384,6 +398,54 @@ class RbdStore(BlockStore):
             runs.append((pos, end - pos, False))
         return runs
 
+    # -- instants: RBD snapshots, token "NAME@ID" -------------------------------------
+    # The id makes the token name one snapshot for good: a snapshot of the
+    # same name made later (by anyone) is not the instant.
+    async def _manage(self, what: str, call: Callable[..., T], *args: object) -> T:
+        """A blocking librbd call, off the loop; its errors (fencing too)
+        are judged here, on the loop."""
+        img = self._image
+        if self.fenced is not None or img is None:
+            raise StoreFencedError(f"{self.name}: {what} refused: {self.fenced or 'closed'}")
+        def locked() -> T:
+            with self._managing:
+                return call(img, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, locked)
+        except RbdError as e:
+            raise self._error(what, None, e.errno) from None
+
+    async def mark_instant(self, name: str) -> str | None:
+        snap_id = await self._manage(f"snapshot {name}", librbd.Image.snap_create, name)
+        return f"{name}@{snap_id}"
+
+    async def changed_since(self, instant: str,
+                            ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        name = await self._snapshot(instant)
+        if name is None:
+            raise BlockStoreError(f"{self.name}: snapshot {instant} is gone")
+        out: list[tuple[int, int]] = []
+        for off, n in ranges:
+            out += await self._manage(f"diff since {name}", librbd.Image.changed_since, name,
+                                      off, n)
+        return out
+
+    async def drop_instant(self, instant: str) -> None:
+        name = await self._snapshot(instant)
+        if name is None:
+            return
+        await self._manage(f"remove snapshot {name}", _remove_snapshot, name)
+
+    async def instants(self, prefix: str) -> list[str]:
+        snaps = await self._manage("list snapshots", librbd.Image.snaps)
+        return [f"{n}@{i}" for n, i in snaps if n.startswith(prefix)]
+
+    async def _snapshot(self, instant: str) -> str | None:
+        """The name of the snapshot ``instant`` names, if it still exists."""
+        name, _, ident = instant.rpartition("@")
+        snaps = await self._manage("list snapshots", librbd.Image.snaps)
+        return name if (name, ident) in {(n, str(i)) for n, i in snaps} else None
+
     def grow(self, size: int) -> None:
         if size < self._size:
             raise BlockStoreError(f"{self.name}: cannot shrink from {self._size} to {size} bytes")
@@ -431,10 +493,17 @@ class RbdStore(BlockStore):
                 img.lock_release()
             except RbdError:
                 pass        # not the owner any more: nothing to release
+        managed = self._managing.acquire(timeout=DRAIN_TIMEOUT_S)
+        if not managed:
+            log.warning("%s: closed with a snapshot call still running after %s s", self.name,
+                        DRAIN_TIMEOUT_S)
         try:
             img.close()     # after the aio in flight completed
         except RbdError as e:
             log.warning("%s: close: %s", self.name, e)
+        finally:
+            if managed:
+                self._managing.release()
         pending, self._pending = self._pending, {}
         for p in pending.values():
             if p.settled is not None:
