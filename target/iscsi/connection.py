@@ -335,15 +335,18 @@ class IscsiConnection(asyncio.BufferedProtocol):
         """SPIKE: let the native lane answer the plain READs at the head of
         the buffer (target/iscsi/lane.py); True if it answered any."""
         w = session.window
-        start, nbytes, n = native.scan(self.buf, s, self.end, session.tasks, self._wbuf, self.statsn,
+        start, nbytes, n, started = native.scan(self.buf, s, self.end, session.tasks, self._wbuf, self.statsn,
                                        w.exp_cmdsn, w.max_cmdsn, w.depth - w.inflight,
                                        bool(w.pending_count()), session.single_data_in,
                                        max(0, FLUSH_BYTES - self._wbytes))
-        if not n:
+        if not n and not started:
             return False
         self.start = start
         self.statsn = native.statsn
         w.exp_cmdsn = native.exp_cmdsn
+        w.inflight += started           # RBD reads: answered by SessionLane._complete
+        self.pdus_in += started
+        session.commands += started
         self._wbytes += nbytes
         self.pdus_in += n
         self.pdus_out += n

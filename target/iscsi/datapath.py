@@ -63,9 +63,9 @@ class DataPathMixin:
             except P.PduError:
                 self.reject(pdu.bhs, P.REJECT_INVALID_PDU_FIELD)
                 return None
-        if itt == P.ALL_ONES or itt in self.tasks:
-            self.reject(pdu.bhs, P.REJECT_TASK_IN_PROGRESS if itt in self.tasks
-                        else P.REJECT_INVALID_PDU_FIELD)
+        if itt == P.ALL_ONES or itt in self.tasks or (self.lane is not None and self.lane.native.busy(itt)):
+            self.reject(pdu.bhs, P.REJECT_INVALID_PDU_FIELD if itt == P.ALL_ONES
+                        else P.REJECT_TASK_IN_PROGRESS)
             return None
         task = Task(self, pdu, cdb)
         dlen = len(pdu.data)

@@ -20,8 +20,12 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+import asyncio
+
 from restore_core.direct import DirectLease
+from restore_core.stores import librbd
 from restore_core.stores.file import FileBlockStore
+from restore_core.stores.rbd import RbdStore
 from target.scsi.device import ScsiDevice
 
 try:
@@ -52,7 +56,15 @@ class SessionLane:
         self._leases: dict[int, tuple[DirectLease, int]] = {}
         self._scsi_target: Any = None
         self._closed = False
-        self._timer = session.conn.loop.call_later(ROUTE_CHECK_S, self._poll)
+        self._draining: dict[int, tuple[DirectLease, int]] = {}   # revoked, reads in flight
+        self._idle: list[asyncio.Future] = []
+        loop = session.conn.loop
+        self._rbd = librbd.available
+        if self._rbd:
+            self.native.set_rbd(librbd.native_addresses())
+        self._fd = self.native.fileno()
+        loop.add_reader(self._fd, self._complete)
+        self._timer = loop.call_later(ROUTE_CHECK_S, self._poll)
 
     # -- the route --------------------------------------------------------------
     def _devices(self) -> dict[int, ScsiDevice]:
@@ -94,19 +106,59 @@ class SessionLane:
             if lease is None:
                 continue
             store = lease.store
-            if not isinstance(store, FileBlockStore) or store.size < dev.num_blocks * dev.block_size:
+            image = _rbd_image(store) if self._rbd and lun not in self._draining else 0
+            if ((not isinstance(store, FileBlockStore) and not image)
+                    or store.size < dev.num_blocks * dev.block_size):
                 lease.release()
                 continue
-            fd = os.dup(store.fd)
+            fd = -1 if image else os.dup(store.fd)
             self._leases[lun] = (lease, fd)
             lease.on_change = self.check
-            self.native.set_lun(lun, fd, dev.block_size, dev.num_blocks, dev.limits.max_transfer)
+            self.native.set_lun(lun, fd, dev.block_size, dev.num_blocks, dev.limits.max_transfer,
+                                image)
 
     def _revoke(self, lun: int) -> None:
         lease, fd = self._leases.pop(lun)
         self.native.set_lun(lun, -1)
-        os.close(fd)
-        lease.release()
+        if fd >= 0:
+            os.close(fd)
+        if self.native.lun_counts(lun)[2]:
+            self._draining[lun] = (lease, fd)     # its gate stays entered until they end
+        else:
+            lease.release()
+
+    # -- RBD reads in flight -------------------------------------------------------
+    def _complete(self) -> None:
+        """librbd finished reads: answer them (one writev for the batch)."""
+        s = self.session
+        conn = s.conn
+        w = s.window
+        gone = conn.closing or s.closed
+        nbytes, n = self.native.complete(None if gone else conn._wbuf, conn.statsn, w.exp_cmdsn,
+                                         w.max_cmdsn, w.depth - w.inflight)
+        w.complete(n)
+        if n and not gone:
+            conn.statsn = self.native.statsn
+            conn._wbytes += nbytes
+            conn.pdus_out += n
+            conn.flush()
+        for lun in [lun for lun in self._draining if not self.native.lun_counts(lun)[2]]:
+            self._draining.pop(lun)[0].release()
+        if not self.native.inflight:
+            for f in self._idle:
+                if not f.done():
+                    f.set_result(None)
+            self._idle.clear()
+            if self._closed:
+                conn.loop.remove_reader(self._fd)
+
+    async def drained(self) -> None:
+        """Until no read of the lane is in flight (task management and logout
+        answer after the commands they cover)."""
+        if self.native.inflight:
+            f = self.session.conn.loop.create_future()
+            self._idle.append(f)
+            await f
 
     def revoke_all(self) -> None:
         for lun in list(self._leases):
@@ -128,3 +180,13 @@ class SessionLane:
                  self.session.tsih, self.native.commands, self.native.would_block)
         self._timer.cancel()
         self.revoke_all()
+        if not self.native.inflight:
+            self.session.conn.loop.remove_reader(self._fd)
+
+
+def _rbd_image(store: object) -> int:
+    """The rbd_image_t of an RBD store the lane may read (0: none)."""
+    if not isinstance(store, RbdStore) or store.fenced is not None:
+        return 0
+    image = store._image           # SPIKE: the merged lane asks the store for a read route
+    return image.handle if image is not None else 0

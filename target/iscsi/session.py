@@ -146,6 +146,10 @@ class Session(DataPathMixin, TaskManagementMixin):
         if task.cdb[0] in PLAIN_IO:
             return
         self._lane_holds.append(task)
+        self.lanes_stop()
+
+    def lanes_stop(self) -> None:
+        """No lane of the target answers until lanes_go."""
         HOLDS[id(self.target)] = HOLDS.get(id(self.target), 0) + 1
         for s in self.server.sessions_of(self.target):
             if s.lane is not None:
@@ -155,6 +159,9 @@ class Session(DataPathMixin, TaskManagementMixin):
         if task not in self._lane_holds:
             return
         self._lane_holds.remove(task)
+        self.lanes_go()
+
+    def lanes_go(self) -> None:
         key = id(self.target)
         HOLDS[key] -= 1
         if not HOLDS[key]:
@@ -296,6 +303,9 @@ class Session(DataPathMixin, TaskManagementMixin):
             response = P.LOGOUT_RSP_CID_NOT_FOUND
         else:
             self.logging_out = True
+            if self.lane is not None:
+                self.lane.revoke_all()
+                await self.lane.drained()     # their answers go out before ours
             # commands still waiting for their Data-Out will not get it: end
             # them; let the ones the SCSI layer is executing finish
             stuck = [t for t in self.tasks.values() if t.state in ("queued", "data")]
