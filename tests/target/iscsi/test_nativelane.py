@@ -76,12 +76,10 @@ def test_another_nexus_reservation_stops_the_lane_at_once(tmp_path):
     async def main():
         srv, files = await start(tmp_path)
         try:
-            a = Initiator(*srv.addresses[0], name="iqn.2025-01.org.test:host-a")
-            b = Initiator(*srv.addresses[0], name="iqn.2025-01.org.test:host-b")
-            await a.login(IQN)
-            await b.login(IQN)
-            await ready(a, 0)
-            await ready(b, 0)
+            a, b = (Initiator(*srv.addresses[0], name=f"iqn.2025-01.org.test:lane-{x}") for x in "ab")
+            for i in (a, b):
+                await i.login(IQN)
+                await ready(i, 0)
             await published(srv, 0)
             assert (await b.scsi(0, read10(0, 1), read_len=512)).status == 0
             assert lane_reads(srv) == 1
