@@ -1,0 +1,192 @@
+"""SPIKE (docs/native-lane.md): the published route of a session's native
+READ lane (target/iscsi/_nativelane.c).
+
+The route is published, not re-made per command, as the TCMU native ring
+does (target/tcmu/native_device.py): a LUN is direct for this session while
+its ScsiDevice says this nexus's plain READ/WRITEs need no check beyond
+their CDB (``direct_refusal``) and the session holds the LunIO's
+:class:`~restore_core.direct.DirectLease` on a file store. Unlike a TCMU
+device, an iSCSI LU has several nexuses: a command of any session of the
+target that is not a plain READ/WRITE may change what every session may do
+(a reservation, a unit attention, MODE SELECT), so its delivery takes every
+session's lane back (``hold``) and its end re-checks them; the lease's
+on_change and a poll every ``ROUTE_CHECK_S`` are the net under both. The
+lane answers commands inside its scan, on the loop's thread, so taking a
+LUN back needs no waiting: no native command is ever in flight.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import asyncio
+
+from restore_core.direct import DirectLease
+from restore_core.stores import librbd
+from restore_core.stores.file import FileBlockStore
+from restore_core.stores.rbd import RbdStore
+from target.scsi.device import ScsiDevice
+
+try:
+    from ._nativelane import Lane
+except ImportError:             # not built
+    Lane = None
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .session import Session
+
+log = logging.getLogger(__name__)
+
+#: LIVERESTORE_ISCSI_LANE=1 turns the spike on (off by default: not merged)
+ENABLED = Lane is not None and os.environ.get("LIVERESTORE_ISCSI_LANE") == "1"
+ROUTE_CHECK_S = 0.1
+#: opcodes that cannot change any nexus's route (the lane answers the reads)
+PLAIN_IO = frozenset((0x28, 0x2A, 0x88, 0x8A))
+MAX_LANE_LUN = 255
+#: id(target config) -> commands of its sessions that may change a route,
+#: running now: while any runs, no lane of the target answers
+HOLDS: dict[int, int] = {}
+
+
+class SessionLane:
+    def __init__(self, session: "Session") -> None:
+        self.session = session
+        self.native = Lane()
+        self._leases: dict[int, tuple[DirectLease, int]] = {}
+        self._scsi_target: Any = None
+        self._closed = False
+        self._draining: dict[int, tuple[DirectLease, int]] = {}   # revoked, reads in flight
+        self._idle: list[asyncio.Future] = []
+        loop = session.conn.loop
+        self._rbd = librbd.available
+        if self._rbd:
+            self.native.set_rbd(librbd.native_addresses())
+        self._fd = self.native.fileno()
+        loop.add_reader(self._fd, self._complete)
+        self._timer = loop.call_later(ROUTE_CHECK_S, self._poll)
+
+    # -- the route --------------------------------------------------------------
+    def _devices(self) -> dict[int, ScsiDevice]:
+        st = self.session.target.scsi_target if self.session.target is not None else None
+        if isinstance(st, ScsiDevice):
+            return {0: st}
+        luns = getattr(st, "luns", None)
+        if luns is None or not hasattr(st, "device"):
+            return {}
+        out = {}
+        for lun in luns():
+            dev = st.device(lun)
+            if isinstance(dev, ScsiDevice) and lun <= MAX_LANE_LUN:
+                out[lun] = dev
+        return out
+
+    def check(self) -> None:
+        """Publish each LUN this nexus may read directly; take back the
+        others."""
+        s = self.session
+        if self._closed or s.closed or s.logging_out or HOLDS.get(id(s.target)):
+            self.revoke_all()
+            return
+        st = s.target.scsi_target if s.target is not None else None
+        if st is not self._scsi_target:
+            self.revoke_all()
+            self._scsi_target = st
+        devices = self._devices()
+        for lun in list(self._leases):
+            dev = devices.get(lun)
+            lease = self._leases[lun][0]
+            if dev is None or not lease.valid() or dev.direct_refusal(s.nexus) is not None:
+                self._revoke(lun)
+        for lun, dev in devices.items():
+            if lun in self._leases or dev.direct_refusal(s.nexus) is not None:
+                continue
+            get = getattr(dev.lunio, "direct_lease", None)
+            lease = get() if get is not None else None
+            if lease is None:
+                continue
+            store = lease.store
+            image = _rbd_image(store) if self._rbd and lun not in self._draining else 0
+            if ((not isinstance(store, FileBlockStore) and not image)
+                    or store.size < dev.num_blocks * dev.block_size):
+                lease.release()
+                continue
+            fd = -1 if image else os.dup(store.fd)
+            self._leases[lun] = (lease, fd)
+            lease.on_change = self.check
+            self.native.set_lun(lun, fd, dev.block_size, dev.num_blocks, dev.limits.max_transfer,
+                                image)
+
+    def _revoke(self, lun: int) -> None:
+        lease, fd = self._leases.pop(lun)
+        self.native.set_lun(lun, -1)
+        if fd >= 0:
+            os.close(fd)
+        if self.native.lun_counts(lun)[2]:
+            self._draining[lun] = (lease, fd)     # its gate stays entered until they end
+        else:
+            lease.release()
+
+    # -- RBD reads in flight -------------------------------------------------------
+    def _complete(self) -> None:
+        """librbd finished reads: answer them (one writev for the batch)."""
+        s = self.session
+        conn = s.conn
+        w = s.window
+        gone = conn.closing or s.closed
+        nbytes, n = self.native.complete(None if gone else conn._wbuf, conn.statsn, w.exp_cmdsn,
+                                         w.max_cmdsn, w.depth - w.inflight)
+        w.complete(n)
+        if n and not gone:
+            conn.statsn = self.native.statsn
+            conn._wbytes += nbytes
+            conn.pdus_out += n
+            conn.flush()
+        for lun in [lun for lun in self._draining if not self.native.lun_counts(lun)[2]]:
+            self._draining.pop(lun)[0].release()
+        if not self.native.inflight:
+            for f in self._idle:
+                if not f.done():
+                    f.set_result(None)
+            self._idle.clear()
+            if self._closed:
+                conn.loop.remove_reader(self._fd)
+
+    async def drained(self) -> None:
+        """Until no read of the lane is in flight (task management and logout
+        answer after the commands they cover)."""
+        if self.native.inflight:
+            f = self.session.conn.loop.create_future()
+            self._idle.append(f)
+            await f
+
+    def revoke_all(self) -> None:
+        for lun in list(self._leases):
+            self._revoke(lun)
+
+    def _poll(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.check()
+        except Exception:
+            log.exception("session %s: lane route check failed", self.session.tsih)
+            self.revoke_all()
+        self._timer = self.session.conn.loop.call_later(ROUTE_CHECK_S, self._poll)
+
+    def close(self) -> None:
+        self._closed = True
+        log.info("session %s: the lane answered %d READs (%d would have waited for the disk)",
+                 self.session.tsih, self.native.commands, self.native.would_block)
+        self._timer.cancel()
+        self.revoke_all()
+        if not self.native.inflight:
+            self.session.conn.loop.remove_reader(self._fd)
+
+
+def _rbd_image(store: object) -> int:
+    """The rbd_image_t of an RBD store the lane may read (0: none)."""
+    if not isinstance(store, RbdStore) or store.fenced is not None:
+        return 0
+    image = store._image           # SPIKE: the merged lane asks the store for a read route
+    return image.handle if image is not None else 0
