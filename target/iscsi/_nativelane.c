@@ -21,8 +21,10 @@
  * The command is finished before scan returns (one Data-In carrying the
  * status appended to the connection's corked output), so no native command
  * is ever in flight when Python runs: task management, logout and session
- * close find nothing of the lane's to wait for. The RBD variant (aio, in
- * flight across loop turns) is designed in the note, not built here.
+ * close find nothing of the lane's to wait for. RBD reads are in flight
+ * across loop turns: queued on the store's submitter thread (its C API,
+ * same fence), answered by complete() when GOOD, else handed back to
+ * Python as their command; each holds budget credit while in flight.
  *
  * Sequence numbers: Python owns StatSN, ExpCmdSN and the window; scan
  * takes them in and leaves the advanced ones in the lane's members for
@@ -47,42 +49,52 @@
 #define OP_SCSI_CMD 0x01
 #define OP_DATA_IN 0x25
 
-/* librbd, not linked: the addresses restore_core.stores.librbd loaded */
-typedef int (*create_fn)(void *arg, void *cb, void **comp);
-typedef int (*read_fn)(void *img, uint64_t off, size_t len, void *buf, void *comp, int flags);
-typedef void (*release_fn)(void *comp);
-typedef ssize_t (*retval_fn)(void *comp);
+/* RBD reads ride the RBD store's own submitter thread and fence: the C API
+ * restore_core/stores/_rbdaio.c exports in a capsule (same layout as its
+ * RbdAioApi). Never librbd on the loop's thread: with
+ * rbd_non_blocking_aio=false librbd dispatches in the calling thread and
+ * may block there (lock acquisition, image refresh, throttle). */
+#define RBDAIO_API "restore_core.stores._rbdaio.API"
+#define RBDAIO_OP_READ 0
+typedef void (*rbdaio_done_fn)(void *arg, long long rc);
+typedef struct {
+    int version;
+    int (*is_aio)(PyObject *obj);
+    int (*put)(PyObject *aio, int op, uint64_t offset, uint64_t length, void *addr,
+               rbdaio_done_fn done, void *arg);
+    int (*fenced)(PyObject *aio);
+} RbdAioApi;
 
 struct core;
 
 /* An RBD read in flight: its Data-In PDU is built in place around the data
- * librbd reads into. Owned by librbd until its callback, then by the core's
- * done list, then by complete() (or freed by the callback once the lane is
- * gone). */
+ * librbd reads into; until then pdu[0..BHS_LEN) holds the command's BHS (a
+ * read that fails goes back to Python as that command). Owned by librbd
+ * until its callback, then by the core's done list, then by complete() (or
+ * freed by the callback once the lane is gone). */
 typedef struct req {
     struct req *next;           /* done list */
     struct req *live_next, *live_prev;   /* the lane's in-flight list (loop only) */
     struct core *core;
+    PyObject *aio;              /* the store's submitter (a reference; loop only) */
     long long rc;
-    uint32_t itt, n;
+    uint32_t itt, n, cost;
     uint8_t lun;
     uint8_t pdu[];              /* BHS_LEN + n */
 } req_t;
 
-/* What librbd's callback touches: shared by the lane and its reads in
+/* What the completion callback touches: shared by the lane and its reads in
  * flight, freed by whichever lets go last (a session closed with reads in
  * flight frees nothing they will touch). */
 typedef struct core {
     pthread_mutex_t mu;
     req_t *done;
     int notified, eventfd, gone, refs;
-    retval_fn retval;
-    release_fn release;
 } core_t;
 
 typedef struct {
-    int fd;                     /* -1: not direct (or an RBD LU: image) */
-    void *image;                /* rbd_image_t of an RBD LU published direct */
+    int fd;                     /* -1: not direct (or an RBD LU: aio) */
+    PyObject *aio;              /* the RBD store's submitter of an RBD LU published direct */
     uint32_t block_size;
     uint64_t num_blocks, max_blocks;
     unsigned long long reads, bytes;
@@ -97,8 +109,14 @@ typedef struct {
     unsigned int statsn, exp_cmdsn, max_cmdsn;
     unsigned long long commands, bytes, would_block;
     core_t *core;
-    create_fn create;
-    read_fn read;
+    const RbdAioApi *api;
+    /* the session's memory budget: bytes of it the lane holds and has not
+     * lent to a read in flight; credit_fn(n) -> bytes granted (n or more,
+     * or 0: the budget's end) tops it up, one Python call per block */
+    long long credit;
+    PyObject *credit_fn;
+    unsigned long long credit_calls;
+    unsigned int starved;       /* commands left to Python before asking again */
     req_t *live;
     unsigned int inflight;
 } Lane;
@@ -112,12 +130,12 @@ static void core_put(core_t *c) {
     }
 }
 
-/* librbd's thread: queue the read for the loop, wake it once per batch */
-static void read_done(void *comp, void *arg) {
+/* librbd's thread (or the submitter's, for a start refused): queue the
+ * read for the loop, wake it once per batch */
+static void read_done(void *arg, long long rc) {
     req_t *r = arg;
     core_t *c = r->core;
-    r->rc = c->retval(comp);
-    c->release(comp);
+    r->rc = rc;
     pthread_mutex_lock(&c->mu);
     if (c->gone) {
         pthread_mutex_unlock(&c->mu);
@@ -173,6 +191,12 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
 
 static void Lane_dealloc(Lane *self) {
     core_t *c = self->core;
+    /* the callback never touches ->aio: drop the references here, under the GIL */
+    for (req_t *r = self->live; r != NULL; r = r->live_next)
+        Py_CLEAR(r->aio);
+    for (int i = 0; i < N_LUNS; i++)
+        Py_CLEAR(self->luns[i].aio);
+    Py_CLEAR(self->credit_fn);
     if (c != NULL) {
         pthread_mutex_lock(&c->mu);
         c->gone = 1;            /* reads still in flight free themselves */
@@ -190,17 +214,27 @@ static void Lane_dealloc(Lane *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* set_rbd(addresses): librbd's create_completion, aio_read2, aio_write2,
- * aio_discard, aio_flush, aio_release, aio_get_return_value
- * (restore_core.stores.librbd.native_addresses) */
+/* set_rbd(api, credit_fn): the RBD submitters' C API (the capsule
+ * restore_core.stores._rbdaio.API) and the budget's top-up, credit_fn(n) ->
+ * bytes granted (it must not hold the lane: no reference cycle) */
 static PyObject *Lane_set_rbd(Lane *self, PyObject *args) {
-    unsigned long long a[7];
-    if (!PyArg_ParseTuple(args, "(KKKKKKK)", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6]))
+    PyObject *cap, *fn;
+    if (!PyArg_ParseTuple(args, "OO", &cap, &fn))
         return NULL;
-    self->create = (create_fn)(uintptr_t)a[0];
-    self->read = (read_fn)(uintptr_t)a[1];
-    self->core->release = (release_fn)(uintptr_t)a[5];
-    self->core->retval = (retval_fn)(uintptr_t)a[6];
+    const RbdAioApi *api = PyCapsule_GetPointer(cap, RBDAIO_API);
+    if (api == NULL)
+        return NULL;
+    if (api->version != 1) {
+        PyErr_SetString(PyExc_ValueError, "RBD submitter API version mismatch");
+        return NULL;
+    }
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "credit_fn must be callable");
+        return NULL;
+    }
+    self->api = api;
+    Py_INCREF(fn);
+    Py_XSETREF(self->credit_fn, fn);
     Py_RETURN_NONE;
 }
 
@@ -210,26 +244,30 @@ static PyObject *Lane_set_rbd(Lane *self, PyObject *args) {
 static PyObject *Lane_set_lun(Lane *self, PyObject *args) {
     int lun, fd;
     unsigned int bs = 512;
-    unsigned long long nb = 0, mb = 0, image = 0;
-    if (!PyArg_ParseTuple(args, "ii|IKKK", &lun, &fd, &bs, &nb, &mb, &image))
+    unsigned long long nb = 0, mb = 0;
+    PyObject *aio = NULL;       /* an RBD store's submitter; 0 / None: none */
+    if (!PyArg_ParseTuple(args, "ii|IKKO", &lun, &fd, &bs, &nb, &mb, &aio))
         return NULL;
+    if (aio != NULL && !PyObject_IsTrue(aio))
+        aio = NULL;
+    if (aio != NULL && (self->api == NULL || !self->api->is_aio(aio))) {
+        PyErr_SetString(PyExc_TypeError, "not an RBD submitter (set_rbd first)");
+        return NULL;
+    }
     if (lun < 0 || lun >= N_LUNS) {
         PyErr_SetString(PyExc_ValueError, "LUN out of the lane's range");
         return NULL;
     }
     lun_t *l = &self->luns[lun];
-    int on = fd >= 0 || image != 0;
+    int on = fd >= 0 || aio != NULL;
     if (on && (bs < 512 || (bs & 3) || nb == 0 || mb == 0)) {
         PyErr_SetString(PyExc_ValueError, "bad geometry");
         return NULL;
     }
-    if (image && self->read == NULL) {
-        PyErr_SetString(PyExc_ValueError, "set_rbd first");
-        return NULL;
-    }
-    self->published += on - (l->fd >= 0 || l->image != NULL);
-    l->fd = image ? -1 : fd;
-    l->image = (void *)(uintptr_t)image;
+    self->published += on - (l->fd >= 0 || l->aio != NULL);
+    l->fd = aio ? -1 : fd;
+    Py_XINCREF(aio);
+    Py_XSETREF(l->aio, aio);
     l->block_size = bs;
     l->num_blocks = nb;
     l->max_blocks = mb;
@@ -257,7 +295,7 @@ static lun_t *plain_read(Lane *self, const uint8_t *b, uint32_t room_bytes,
     if (b[8] || b[10] || b[11] || be32(b + 12))
         return NULL;            /* not peripheral addressing of LUN < 256 */
     lun_t *l = &self->luns[b[9]];
-    if (l->fd < 0 && l->image == NULL)
+    if (l->fd < 0 && l->aio == NULL)
         return NULL;
     const uint8_t *c = b + 32;
     uint64_t lba, blocks;
@@ -293,35 +331,72 @@ static int live_itt(Lane *self, uint32_t itt) {
     return 0;
 }
 
-/* Start an RBD read into a new request's PDU; 1 if librbd took it. Called
- * on the loop's thread: with rbd_non_blocking_aio=false librbd dispatches
- * it right here (the store's submitter thread does this for Python's
- * reads; see docs/native-lane.md for why the merged lane must too). */
-static int start_read(Lane *self, lun_t *l, uint8_t lun, uint32_t itt, uint64_t offset, uint32_t n) {
+/* After the budget said no, this many RBD reads go to Python before the
+ * lane asks again (unless its own reads give credit back first): one Python
+ * call per STARVED_SKIP commands at the budget's end too. */
+#define STARVED_SKIP 32
+
+/* Top the budget credit up to at least ``need`` (one Python call); 0 at
+ * the budget's end (then the command is Python's: it answers BUSY / TASK
+ * SET FULL or waits, as for any command the budget cannot take). */
+static int take_credit(Lane *self, long long need) {
+    if (self->credit_fn == NULL)
+        return 0;
+    if (self->starved) {
+        self->starved--;
+        return 0;
+    }
+    self->credit_calls++;
+    PyObject *got = PyObject_CallFunction(self->credit_fn, "L", need - self->credit);
+    long long n = got == NULL ? -1 : PyLong_AsLongLong(got);
+    Py_XDECREF(got);
+    if (n < 0 && PyErr_Occurred()) {
+        PyErr_WriteUnraisable(self->credit_fn);   /* never expected; the lane stops */
+        return 0;
+    }
+    if (n > 0)
+        self->credit += n;
+    if (self->credit < need) {
+        self->starved = STARVED_SKIP;
+        return 0;
+    }
+    return 1;
+}
+
+/* Queue an RBD read for the store's submitter thread into a new request's
+ * PDU; 1 if it took it. ``bhs``: the command (kept for Python until the
+ * read succeeds). Each read holds its memory's worth of budget credit until
+ * complete() frees it. */
+static int start_read(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, uint64_t offset,
+                      uint32_t n) {
+    long long cost = (long long)sizeof(req_t) + BHS_LEN + n;
+    if (self->credit < cost && !take_credit(self, cost))
+        return 0;
     req_t *r = malloc(sizeof *r + BHS_LEN + n);
     if (r == NULL)
         return 0;
+    memcpy(r->pdu, bhs, BHS_LEN);
     r->core = self->core;
     r->itt = itt;
     r->n = n;
-    r->lun = lun;
-    void *comp = NULL;
-    if (self->create(r, (void *)read_done, &comp) < 0) {
-        free(r);
-        return 0;
-    }
-    __atomic_add_fetch(&self->core->refs, 1, __ATOMIC_ACQ_REL);
-    if (self->read(l->image, offset, n, r->pdu + BHS_LEN, comp, 0) < 0) {
-        self->core->release(comp);
-        free(r);
-        core_put(self->core);
-        return 0;
-    }
+    r->cost = (uint32_t)cost;
+    r->lun = bhs[9];
+    r->aio = l->aio;
     r->live_prev = NULL;
     r->live_next = self->live;
+    __atomic_add_fetch(&self->core->refs, 1, __ATOMIC_ACQ_REL);
+    /* from here on read_done may run on another thread: it touches only
+     * rc and next, and frees nothing while the lane lives */
+    if (self->api->put(l->aio, RBDAIO_OP_READ, offset, n, r->pdu + BHS_LEN, read_done, r) < 0) {
+        free(r);
+        core_put(self->core);
+        return 0;               /* fenced, stopped: Python's path says why */
+    }
+    Py_INCREF(r->aio);
     if (self->live != NULL)
         self->live->live_prev = r;
     self->live = r;
+    self->credit -= cost;
     l->inflight++;
     self->inflight++;
     return 1;
@@ -338,11 +413,16 @@ static PyObject *Lane_busy(Lane *self, PyObject *arg) {
     return PyBool_FromLong(live_itt(self, (uint32_t)itt));
 }
 
-/* complete(out, statsn, exp_cmdsn, max_cmdsn, room) -> (nbytes, ncmds):
- * answer the RBD reads librbd finished (a Data-In with status GOOD, or
- * CHECK CONDITION, MEDIUM ERROR / UNRECOVERED READ ERROR for a failed one),
+/* complete(out, statsn, exp_cmdsn, max_cmdsn, room) -> (nbytes, ncmds, retry):
+ * answer the RBD reads that finished with a Data-In carrying status GOOD,
  * appending the PDUs to ``out`` (None: the connection is gone, drop them).
- * ``room``: depth - in flight before these complete. */
+ * C answers only a read that returned all its bytes from a store not fenced
+ * now (checked here, on the loop, where the store fences): any other is
+ * NOT answered; its command's BHS is in ``retry`` (a list, or None) for
+ * Python to run as a task (the SCSI layer gives the sense, NOT READY with
+ * the reason once fenced, and the store sees the error). ``room``: depth -
+ * in flight before these complete; ``ncmds`` counts the answered ones only
+ * (a retried command stays in the window until its task ends). */
 static PyObject *Lane_complete(Lane *self, PyObject *args) {
     PyObject *out;
     unsigned int statsn, exp, maxsn;
@@ -360,11 +440,14 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
     pthread_mutex_unlock(&c->mu);
     unsigned long long nbytes = 0, ncmds = 0;
     for (req_t *r = d; r != NULL; r = r->next)
-        ncmds++;
+        r->rc = r->rc == (long long)r->n && !self->api->fenced(r->aio) ? 0 : -1;
+    for (req_t *r = d; r != NULL; r = r->next)
+        ncmds += r->rc == 0;
     room += (long)ncmds;
     uint32_t cand = exp + (uint32_t)room - 1;
     if ((uint32_t)(cand - maxsn) && (uint32_t)(cand - maxsn) < 0x80000000u)
         maxsn = cand;
+    PyObject *retry = NULL;
     int err = 0;
     while (d != NULL) {
         req_t *r = d;
@@ -374,50 +457,53 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
         if (r->live_next) r->live_next->live_prev = r->live_prev;
         self->luns[r->lun].inflight--;
         self->inflight--;
-        if (!err && out != Py_None) {
+        self->credit += r->cost;
+        self->starved = 0;
+        Py_CLEAR(r->aio);
+        if (!err && out != Py_None && r->rc != 0) {
+            PyObject *bhs = PyBytes_FromStringAndSize((char *)r->pdu, BHS_LEN);
+            if (retry == NULL && bhs != NULL)
+                retry = PyList_New(0);
+            if (bhs == NULL || retry == NULL || PyList_Append(retry, bhs) < 0)
+                err = 1;
+            Py_XDECREF(bhs);
+        } else if (!err && out != Py_None) {
             uint8_t *p = r->pdu;
-            uint32_t n = r->rc == (long long)r->n ? r->n : 0;
+            uint32_t n = r->n;
             memset(p, 0, BHS_LEN);
+            p[0] = OP_DATA_IN;
+            p[1] = 0x81;            /* F, S: phase-collapsed status GOOD */
+            p[5] = n >> 16; p[6] = n >> 8; p[7] = n;
             put32(p + 16, r->itt);
+            put32(p + 20, 0xFFFFFFFFu);
             put32(p + 24, statsn);
             statsn += 1;
             put32(p + 28, exp);
             put32(p + 32, maxsn);
-            PyObject *pdu;
-            if (n) {
-                p[0] = OP_DATA_IN;
-                p[1] = 0x81;
-                p[5] = n >> 16; p[6] = n >> 8; p[7] = n;
-                put32(p + 20, 0xFFFFFFFFu);
-                pdu = PyBytes_FromStringAndSize((char *)p, BHS_LEN + n);
-                self->luns[r->lun].reads++;
-                self->luns[r->lun].bytes += n;
-            } else {
-                /* SCSI Response, CHECK CONDITION, underflow of all of it */
-                static const uint8_t sense[20] = {0, 18, 0x70, 0, 0x03, 0, 0, 0, 0, 10,
-                                                  0, 0, 0, 0, 0x11, 0};
-                p[0] = 0x21;
-                p[1] = 0x80 | 0x02;          /* F, U */
-                p[3] = 0x02;
-                p[7] = 20;
-                put32(p + 44, r->n);
-                memcpy(p + BHS_LEN, sense, 20);
-                pdu = PyBytes_FromStringAndSize((char *)p, BHS_LEN + 20);
-            }
+            PyObject *pdu = PyBytes_FromStringAndSize((char *)p, BHS_LEN + n);
             if (pdu == NULL || PyList_Append(out, pdu) < 0)
                 err = 1;
-            else
-                nbytes += PyBytes_GET_SIZE(pdu);
+            else {
+                nbytes += BHS_LEN + n;
+                self->luns[r->lun].reads++;
+                self->luns[r->lun].bytes += n;
+            }
             Py_XDECREF(pdu);
         }
         free(r);
         core_put(c);
     }
-    if (err)
+    if (err) {
+        Py_XDECREF(retry);
         return NULL;
+    }
     self->statsn = statsn;
     self->max_cmdsn = maxsn;
-    return Py_BuildValue("KK", nbytes, ncmds);
+    if (retry == NULL) {
+        retry = Py_None;
+        Py_INCREF(retry);
+    }
+    return Py_BuildValue("KKN", nbytes, ncmds, retry);
 }
 
 /* scan(buf, start, end, tasks, out, statsn, exp_cmdsn, max_cmdsn, room,
@@ -468,9 +554,9 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         }
         if (live_itt(self, itt))
             break;
-        if (l->image != NULL) {
-            if (!start_read(self, l, b[9], itt, offset, n))
-                break;          /* librbd refused it: Python's path reports why */
+        if (l->aio != NULL) {
+            if (!start_read(self, l, b, itt, offset, n))
+                break;          /* fenced, or the budget's end: Python's path */
             exp += 1;           /* in flight: the window's count grows, MaxCmdSN stays */
             room -= 1;
             nasync++;
@@ -559,6 +645,9 @@ static PyMemberDef Lane_members[] = {
     {"bytes", T_ULONGLONG, offsetof(Lane, bytes), READONLY, NULL},
     {"would_block", T_ULONGLONG, offsetof(Lane, would_block), READONLY, NULL},
     {"inflight", T_UINT, offsetof(Lane, inflight), READONLY, NULL},
+    {"credit", T_LONGLONG, offsetof(Lane, credit), 0,
+     "budget bytes held and not lent to a read in flight (Python gives the excess back)"},
+    {"credit_calls", T_ULONGLONG, offsetof(Lane, credit_calls), READONLY, NULL},
     {NULL}
 };
 

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
 
 import asyncio
 
 from restore_core.direct import DirectLease
-from restore_core.stores import librbd
 from restore_core.stores.file import FileBlockStore
 from restore_core.stores.rbd import RbdStore
+from restore_core.stores.rbd_submit import NATIVE_API
 from target.scsi.device import ScsiDevice
+
+from . import pdu as P
 
 try:
     from ._nativelane import Lane
@@ -47,6 +50,10 @@ MAX_LANE_LUN = 255
 #: id(target config) -> commands of its sessions that may change a route,
 #: running now: while any runs, no lane of the target answers
 HOLDS: dict[int, int] = {}
+#: RBD reads in flight hold their memory's worth of the session's budget;
+#: the lane takes it in blocks of this (one Python call per ~250 4 KiB
+#: reads) and gives back what it holds idle beyond two blocks
+CREDIT_BLOCK = 1 << 20
 
 
 class SessionLane:
@@ -59,9 +66,9 @@ class SessionLane:
         self._draining: dict[int, tuple[DirectLease, int]] = {}   # revoked, reads in flight
         self._idle: list[asyncio.Future] = []
         loop = session.conn.loop
-        self._rbd = librbd.available
+        self._rbd = NATIVE_API is not None
         if self._rbd:
-            self.native.set_rbd(librbd.native_addresses())
+            self.native.set_rbd(NATIVE_API, _credit_taker(self))
         self._fd = self.native.fileno()
         loop.add_reader(self._fd, self._complete)
         self._timer = loop.call_later(ROUTE_CHECK_S, self._poll)
@@ -129,19 +136,28 @@ class SessionLane:
 
     # -- RBD reads in flight -------------------------------------------------------
     def _complete(self) -> None:
-        """librbd finished reads: answer them (one writev for the batch)."""
+        """librbd finished reads: answer the good ones (one writev for the
+        batch); a failed one, or any once its store is fenced, runs as its
+        command through Python's path instead (which answers NOT READY with
+        the reason, or whatever the store's error deserves)."""
         s = self.session
         conn = s.conn
         w = s.window
         gone = conn.closing or s.closed
-        nbytes, n = self.native.complete(None if gone else conn._wbuf, conn.statsn, w.exp_cmdsn,
-                                         w.max_cmdsn, w.depth - w.inflight)
+        nbytes, n, retry = self.native.complete(None if gone else conn._wbuf, conn.statsn,
+                                                w.exp_cmdsn, w.max_cmdsn, w.depth - w.inflight)
         w.complete(n)
         if n and not gone:
             conn.statsn = self.native.statsn
             conn._wbytes += nbytes
             conn.pdus_out += n
             conn.flush()
+        if retry is not None:
+            for bhs in retry:
+                self._retry(bhs)
+        # what it holds idle, but for two blocks; all of it when commands
+        # (of any session) wait for budget: idle credit must not starve them
+        self._give_credit(0 if s.budget.server.waiting() else 2 * CREDIT_BLOCK)
         for lun in [lun for lun in self._draining if not self.native.lun_counts(lun)[2]]:
             self._draining.pop(lun)[0].release()
         if not self.native.inflight:
@@ -151,6 +167,36 @@ class SessionLane:
             self._idle.clear()
             if self._closed:
                 conn.loop.remove_reader(self._fd)
+
+    def _retry(self, bhs: bytes) -> None:
+        """A lane read that failed becomes its command's task, as Python
+        would have made it: its CmdSN was taken and it still counts in the
+        window, so it is delivered at once (before drained() can return:
+        task management and logout then find it among the tasks)."""
+        s = self.session
+        s.commands -= 1                 # counted once, when the lane took it
+        task = s._prepare_scsi(P.Pdu(bhs))
+        if task is None:
+            s._noop(True)
+        else:
+            s._deliver(task, True)
+
+    def _credit(self, need: int) -> int:
+        """Budget for RBD reads: a block (or just ``need``) more; 0 at the
+        session's or the server's limit, and the lane leaves commands to
+        Python until reads in flight give some back."""
+        budget = self.session.budget
+        for n in (max(need, CREDIT_BLOCK), need):
+            if budget.try_take(n):
+                return n
+        return 0
+
+    def _give_credit(self, keep: int) -> None:
+        """Hand the budget back what the lane holds idle beyond ``keep``."""
+        extra = self.native.credit - keep
+        if extra > 0:
+            self.native.credit -= extra
+            self.session.budget.give(extra)
 
     async def drained(self) -> None:
         """Until no read of the lane is in flight (task management and logout
@@ -180,13 +226,24 @@ class SessionLane:
                  self.session.tsih, self.native.commands, self.native.would_block)
         self._timer.cancel()
         self.revoke_all()
+        self._give_credit(0)
         if not self.native.inflight:
             self.session.conn.loop.remove_reader(self._fd)
 
 
-def _rbd_image(store: object) -> int:
-    """The rbd_image_t of an RBD store the lane may read (0: none)."""
-    if not isinstance(store, RbdStore) or store.fenced is not None:
+def _rbd_image(store: object) -> object:
+    """The submitter of an RBD store the lane may read through (0: none)."""
+    if not isinstance(store, RbdStore):
         return 0
-    image = store._image           # SPIKE: the merged lane asks the store for a read route
-    return image.handle if image is not None else 0
+    return store.lane_submitter() or 0
+
+
+def _credit_taker(lane: SessionLane) -> Callable[[int], int]:
+    """SessionLane._credit for the C lane, without a reference to the lane
+    (the C object is not garbage-collected: a cycle through it would leak)."""
+    ref = weakref.ref(lane)
+
+    def take(need: int) -> int:
+        held = ref()
+        return 0 if held is None else held._credit(need)
+    return take
