@@ -23,6 +23,7 @@ if lane_mod.Lane is None or lane_mod.NATIVE_API is None:
 
 from target.iscsi import datapath, session, tmf  # noqa: E402
 from target.service import Service  # noqa: E402
+from tests.ceph.conftest import TEST_OSD_OP_TIMEOUT_S  # noqa: E402
 from tests.ceph.util import take_over  # noqa: E402
 from tests.support import free_port  # noqa: E402
 from tests.target.iscsi.initiator import Initiator  # noqa: E402
@@ -262,3 +263,29 @@ def test_stop_with_lane_reads_in_flight_waits_for_them_not_the_drain_timeout(cep
     with caplog.at_level("WARNING"):
         asyncio.run(go())
     assert not [m for m in caplog.messages if "still in flight" in m]
+
+
+def test_a_lane_read_that_times_out_is_retried_by_python(ceph, tmp_path):
+    """Lane reads that fail without a fence (the OSD silent past the op
+    timeout) are not answered by C: Python runs them again, and once the
+    OSD is back they return the image's bytes; nothing is fenced."""
+    async def go():
+        async with rig(tmp_path, ceph) as r:
+            data = os.urandom(65536)
+            await r.svc.devices["r"].lunio.write(0, data, fua=True)
+            lane, before = r.session.lane, r.lane_reads()
+            with osd_stopped(ceph):
+                reads = [asyncio.ensure_future(r.i.scsi(0, read10(8 * k, 8), read_len=4096))
+                         for k in range(4)]
+                await until(lambda: lane.native.inflight == 4, "4 lane reads in flight")
+                # they time out (rados_osd_op_timeout): back to Python, not answered
+                await until(lambda: lane.native.inflight == 0, "the lane reads' timeout",
+                            TEST_OSD_OP_TIMEOUT_S + 10)
+                assert not any(f.done() for f in reads)
+                assert len(r.session.tasks) == 4
+            got = await asyncio.wait_for(asyncio.gather(*reads), 30)
+            assert [x.status for x in got] == [GOOD] * 4
+            assert b"".join(x.data for x in got) == data[:4 * 4096]
+            assert r.lane_reads() == before
+            assert r.store.lost() is None and r.svc.volume_show("r")["offline"] is None
+    asyncio.run(go())
