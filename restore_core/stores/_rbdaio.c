@@ -39,12 +39,13 @@
 #include <string.h>
 #include <unistd.h>
 
-enum { OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH };
+#include "rbdaio_api.h"
 
-/* The C API (see rbdaio.h's twin in _nativelane.c): one call queues an aio
- * whose completion runs ``done(arg, return value)`` on librbd's thread, or
- * on the submitter thread for a start refused (fenced, or librbd said no). */
-typedef void (*ext_done_fn)(void *arg, long long rc);
+enum { OP_READ = RBDAIO_READ, OP_WRITE = RBDAIO_WRITE, OP_DISCARD = RBDAIO_DISCARD,
+       OP_FLUSH = RBDAIO_FLUSH };
+
+/* A C API call's completion (rbdaio_api.h) */
+typedef rbdaio_done_fn ext_done_fn;
 
 typedef int (*create_fn)(void *arg, void *cb, void **comp);
 typedef int (*rw_fn)(void *img, uint64_t off, size_t len, void *buf, void *comp, int flags);
@@ -443,16 +444,7 @@ static int api_fenced(PyObject *aio)
     return __atomic_load_n(&((Aio *)aio)->fenced, __ATOMIC_ACQUIRE);
 }
 
-/* Keep its layout: _nativelane.c declares the same (RbdAioApi there). */
-typedef struct {
-    int version;
-    int (*is_aio)(PyObject *obj);
-    int (*put)(PyObject *aio, int op, uint64_t offset, uint64_t length, void *addr,
-               ext_done_fn done, void *arg);
-    int (*fenced)(PyObject *aio);
-} RbdAioApi;
-
-static const RbdAioApi api = {1, api_is_aio, api_put, api_fenced};
+static const RbdAioApi api = {RBDAIO_API_VERSION, api_is_aio, api_put, api_fenced};
 
 /* The store lost the image (rbd.RbdStore._fence): nothing queued starts any
  * more and nothing new is queued, for Python or the C API alike. */
@@ -601,7 +593,7 @@ PyMODINIT_FUNC PyInit__rbdaio(void)
         Py_DECREF(m);
         return NULL;
     }
-    PyObject *cap = PyCapsule_New((void *)&api, "restore_core.stores._rbdaio.API", NULL);
+    PyObject *cap = PyCapsule_New((void *)&api, RBDAIO_API_NAME, NULL);
     if (cap == NULL || PyModule_AddObject(m, "API", cap) < 0) {
         Py_XDECREF(cap);
         Py_DECREF(m);

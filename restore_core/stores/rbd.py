@@ -25,8 +25,11 @@ Fencing: the store takes the image's exclusive lock in managed mode
 request. Another client can only take the image by breaking the lock,
 which blocklists this client; from then on every librbd call fails with
 ESHUTDOWN (or EROFS if the lock was broken without blocklisting). The
-first such failure fences the store: it refuses all further I/O at once,
-acknowledges nothing still in flight, reports why through ``lost()`` and
+first such failure fences the store: it refuses all further I/O at once
+(its submitter first: nothing queued starts, and the native iSCSI lane's
+reads, which ride the same submitter through its C API, are never answered
+by the lane from then on), acknowledges nothing still in flight, reports
+why through ``lost()`` and
 its ``on_fenced`` hook (the service takes the volume offline: NOT READY
 with that reason), and only a new open (``volume relink``) brings it back.
 A timeout does not fence: the cluster may come back, and the same client

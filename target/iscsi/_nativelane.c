@@ -50,20 +50,11 @@
 #define OP_DATA_IN 0x25
 
 /* RBD reads ride the RBD store's own submitter thread and fence: the C API
- * restore_core/stores/_rbdaio.c exports in a capsule (same layout as its
- * RbdAioApi). Never librbd on the loop's thread: with
- * rbd_non_blocking_aio=false librbd dispatches in the calling thread and
- * may block there (lock acquisition, image refresh, throttle). */
-#define RBDAIO_API "restore_core.stores._rbdaio.API"
-#define RBDAIO_OP_READ 0
-typedef void (*rbdaio_done_fn)(void *arg, long long rc);
-typedef struct {
-    int version;
-    int (*is_aio)(PyObject *obj);
-    int (*put)(PyObject *aio, int op, uint64_t offset, uint64_t length, void *addr,
-               rbdaio_done_fn done, void *arg);
-    int (*fenced)(PyObject *aio);
-} RbdAioApi;
+ * restore_core/stores/_rbdaio.c exports in a capsule. Never librbd on the
+ * loop's thread: with rbd_non_blocking_aio=false librbd dispatches in the
+ * calling thread and may block there (lock acquisition, image refresh,
+ * throttle). */
+#include "../../restore_core/stores/rbdaio_api.h"
 
 struct core;
 
@@ -221,10 +212,10 @@ static PyObject *Lane_set_rbd(Lane *self, PyObject *args) {
     PyObject *cap, *fn;
     if (!PyArg_ParseTuple(args, "OO", &cap, &fn))
         return NULL;
-    const RbdAioApi *api = PyCapsule_GetPointer(cap, RBDAIO_API);
+    const RbdAioApi *api = PyCapsule_GetPointer(cap, RBDAIO_API_NAME);
     if (api == NULL)
         return NULL;
-    if (api->version != 1) {
+    if (api->version != RBDAIO_API_VERSION) {
         PyErr_SetString(PyExc_ValueError, "RBD submitter API version mismatch");
         return NULL;
     }
@@ -387,7 +378,7 @@ static int start_read(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, ui
     __atomic_add_fetch(&self->core->refs, 1, __ATOMIC_ACQ_REL);
     /* from here on read_done may run on another thread: it touches only
      * rc and next, and frees nothing while the lane lives */
-    if (self->api->put(l->aio, RBDAIO_OP_READ, offset, n, r->pdu + BHS_LEN, read_done, r) < 0) {
+    if (self->api->put(l->aio, RBDAIO_READ, offset, n, r->pdu + BHS_LEN, read_done, r) < 0) {
         free(r);
         core_put(self->core);
         return 0;               /* fenced, stopped: Python's path says why */

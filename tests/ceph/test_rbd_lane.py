@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import struct
 import time
 from typing import Any, AsyncIterator
 
@@ -21,12 +20,12 @@ from target.iscsi import lane as lane_mod
 if lane_mod.Lane is None or lane_mod.NATIVE_API is None:
     pytest.fail("the native lane and the C RBD submitter must be built (bash .ci/install --test)")
 
-from target.iscsi import datapath, session, tmf  # noqa: E402
 from target.service import Service  # noqa: E402
 from tests.ceph.conftest import TEST_OSD_OP_TIMEOUT_S  # noqa: E402
 from tests.ceph.util import take_over  # noqa: E402
 from tests.support import free_port  # noqa: E402
 from tests.target.iscsi.initiator import Initiator  # noqa: E402
+from tests.target.iscsi.test_nativelane import lane_on, read10  # noqa: E402,F401 (autouse fixture)
 from tests.target.iscsi.test_scsi_integration import ready  # noqa: E402
 
 MiB = 1 << 20
@@ -34,16 +33,6 @@ SIZE = 8 * MiB
 IQN = "iqn.2025-01.org.test:rbd-lane"
 GOOD, CHECK_CONDITION, BUSY, TASK_SET_FULL = 0x00, 0x02, 0x08, 0x28
 NOT_READY = 0x02
-
-
-@pytest.fixture(autouse=True)
-def lane_on(monkeypatch):
-    for m in (lane_mod, datapath, session, tmf):
-        monkeypatch.setattr(m, "ENABLED" if m is lane_mod else "LANE_ENABLED", True)
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
 
 
 class Rig:
