@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from typing import Any, AsyncIterator
 
@@ -112,13 +113,14 @@ def test_lane_reads_ride_the_stores_submitter_and_return_its_bytes(ceph, tmp_pat
             data = os.urandom(1 * MiB)
             await r.svc.devices["r"].lunio.write(0, data, fua=True)
             sub = r.store._submitter
-            started, before = sub.started, r.lane_reads()
+            started, before, refs = sub.started, r.lane_reads(), sys.getrefcount(sub)
             got = await asyncio.gather(*(r.i.read(0, 8 * k, 8) for k in range(256)))
             assert b"".join(got) == data
             assert r.lane_reads() - before == 256          # all of them the lane's
             # ... queued on the store's own thread (librbd never called on the loop's)
             assert sub.started - started >= 256
             assert r.session.lane.native.inflight == 0
+            assert sys.getrefcount(sub) == refs             # each read's reference let go
             # what the reads held goes back, but for the lane's idle credit
             assert r.session.lane.native.credit <= 2 * lane_mod.CREDIT_BLOCK
             assert r.session.budget.used <= 2 * lane_mod.CREDIT_BLOCK
