@@ -12,5 +12,10 @@ setup(ext_modules=[
     # (restore_core/stores/_rbdaio.c); optional the same way: without it
     # the RBD store runs restore_core.stores.rbd_submit.PySubmitter
     Extension("restore_core.stores._rbdaio", ["restore_core/stores/_rbdaio.c"],
+              depends=["restore_core/stores/rbdaio_api.h"],
+              extra_compile_args=["-O2", "-Wall"], optional=True),
+    # SPIKE: plain iSCSI READs answered in C (target/iscsi/_nativelane.c,
+    # docs/native-lane.md); optional: without it every PDU takes Python's path
+    Extension("target.iscsi._nativelane", ["target/iscsi/_nativelane.c"],
               extra_compile_args=["-O2", "-Wall"], optional=True),
 ])

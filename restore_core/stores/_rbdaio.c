@@ -14,6 +14,13 @@
  * and loads without librbd. A call librbd refuses at once is queued in
  * `failed` and the eventfd bumped: the loop takes it with the completions.
  *
+ * Other extensions queue reads on the same thread through a C API (a
+ * capsule, API below: target/iscsi/_nativelane.c's RBD reads): their
+ * completion calls their own callback on librbd's thread instead of
+ * queueing a (token, result) for poll, and they obey the same fence: once
+ * fence() was called nothing queued is started any more, Python's or
+ * theirs (each fails with ESHUTDOWN), and put refuses new ones.
+ *
  * Completions come back through a C callback, not librbd's own eventfd
  * notification (rbd_set_image_notification + rbd_poll_io_events, which
  * PySubmitter uses): librbd's thread queues (token, result) in `done` and
@@ -32,7 +39,13 @@
 #include <string.h>
 #include <unistd.h>
 
-enum { OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH };
+#include "rbdaio_api.h"
+
+enum { OP_READ = RBDAIO_READ, OP_WRITE = RBDAIO_WRITE, OP_DISCARD = RBDAIO_DISCARD,
+       OP_FLUSH = RBDAIO_FLUSH };
+
+/* A C API call's completion (rbdaio_api.h) */
+typedef rbdaio_done_fn ext_done_fn;
 
 typedef int (*create_fn)(void *arg, void *cb, void **comp);
 typedef int (*rw_fn)(void *img, uint64_t off, size_t len, void *buf, void *comp, int flags);
@@ -46,6 +59,8 @@ typedef struct {
     uint64_t offset, length;
     void *addr;
     uintptr_t token;
+    ext_done_fn done;           /* NULL: Python's (token polled), else the C API's */
+    void *arg;
 } Req;
 
 typedef struct {
@@ -78,11 +93,15 @@ typedef struct {
     int refs;                   /* atomic */
     release_fn release;
     retval_fn retval;
+    unsigned long long ext_done;    /* C API calls completed (atomic) */
+    int closing;                /* atomic: a close drains; wake it per C API completion */
 } Core;
 
 typedef struct {
     Core *core;
     uintptr_t token;
+    ext_done_fn done;
+    void *arg;
 } Call;
 
 typedef struct {
@@ -102,6 +121,7 @@ typedef struct {
     Failed *failed;
     size_t nfailed, capfailed;
     int inited, stopping, running, sleeping;
+    int fenced;                 /* atomic: nothing queued starts any more */
     unsigned long long started;     /* written by the thread only */
     unsigned long long taken;       /* written by the loop only */
     pthread_t thread;
@@ -158,6 +178,16 @@ static int results_push(Results *r, uintptr_t token, long long rc)
     return 0;
 }
 
+/* A C API call ended (completed, or refused at its start): its owner's
+ * callback, then counted, so a close that drains sees it (``taken``). */
+static void ext_finished(Core *c, ext_done_fn done, void *arg, long long rc)
+{
+    done(arg, rc);
+    __atomic_add_fetch(&c->ext_done, 1, __ATOMIC_ACQ_REL);
+    if (__atomic_load_n(&c->closing, __ATOMIC_ACQUIRE))
+        bump(c->eventfd);       /* the drain waits on the eventfd */
+}
+
 /* On a librbd thread: one call completed. */
 static void completed(void *comp, void *arg)
 {
@@ -165,8 +195,15 @@ static void completed(void *comp, void *arg)
     Core *c = call->core;
     long long rc = c->retval(comp);
     uintptr_t token = call->token;
+    ext_done_fn done = call->done;
+    void *done_arg = call->arg;
     c->release(comp);
     free(call);
+    if (done != NULL) {
+        ext_finished(c, done, done_arg, rc);
+        core_put(c);
+        return;
+    }
     pthread_mutex_lock(&c->mu);
     /* no memory for it (cannot happen in practice): its waiter waits out the close */
     (void)results_push(&c->done, token, rc);
@@ -182,11 +219,17 @@ static void completed(void *comp, void *arg)
 static void start(Aio *a, const Req *r)
 {
     void *comp = NULL;
-    Call *call = malloc(sizeof *call);
-    int rc = -ENOMEM;
+    Call *call = NULL;
+    int rc = -ESHUTDOWN;
+    if (!__atomic_load_n(&a->fenced, __ATOMIC_ACQUIRE)) {
+        call = malloc(sizeof *call);
+        rc = -ENOMEM;
+    }
     if (call != NULL) {
         call->core = a->core;
         call->token = r->token;
+        call->done = r->done;
+        call->arg = r->arg;
         __atomic_add_fetch(&a->core->refs, 1, __ATOMIC_RELAXED);
         rc = a->create(call, (void *)completed, &comp);
         if (rc < 0) {
@@ -216,6 +259,11 @@ static void start(Aio *a, const Req *r)
     }
     if (rc >= 0) {
         __atomic_add_fetch(&a->started, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    if (r->done != NULL) {      /* counted as started and ended: ``taken`` stays consistent */
+        __atomic_add_fetch(&a->started, 1, __ATOMIC_RELEASE);
+        ext_finished(a->core, r->done, r->arg, rc);
         return;
     }
     pthread_mutex_lock(&a->mu);
@@ -320,6 +368,8 @@ static int Aio_init(Aio *a, PyObject *args, PyObject *kw)
 
 static void stop_thread(Aio *a)
 {
+    if (a->core != NULL)        /* a close drains next: C API completions wake it */
+        __atomic_store_n(&a->core->closing, 1, __ATOMIC_RELEASE);
     if (!a->running)
         return;
     pthread_mutex_lock(&a->mu);
@@ -332,29 +382,75 @@ static void stop_thread(Aio *a)
     a->running = 0;
 }
 
+/* Queue one request (on the loop's thread); 0, or -errno: the submitter
+ * is stopped (ESHUTDOWN), fenced (ESHUTDOWN) or out of memory. */
+static int queue(Aio *a, const Req *r)
+{
+    int rc = -ESHUTDOWN;
+    pthread_mutex_lock(&a->mu);
+    if (a->running && !a->stopping && !__atomic_load_n(&a->fenced, __ATOMIC_ACQUIRE)) {
+        rc = queue_push(&a->q, r) == 0 ? 0 : -ENOMEM;
+        if (rc == 0 && a->sleeping) {
+            a->sleeping = 0;    /* one signal per sleep */
+            pthread_cond_signal(&a->cv);
+        }
+    }
+    pthread_mutex_unlock(&a->mu);
+    return rc;
+}
+
 static PyObject *Aio_put(Aio *a, PyObject *args)
 {
-    Req r;
+    Req r = {0};
     unsigned long long offset, length, addr, token;
     if (!PyArg_ParseTuple(args, "iKKKK", &r.op, &offset, &length, &addr, &token))
         return NULL;
-    if (!a->running || a->stopping) {
-        PyErr_SetString(PyExc_RuntimeError, "submitter stopped");
-        return NULL;
-    }
     r.offset = offset;
     r.length = length;
     r.addr = (void *)(uintptr_t)addr;
     r.token = (uintptr_t)token;
-    pthread_mutex_lock(&a->mu);
-    int rc = queue_push(&a->q, &r);
-    if (rc == 0 && a->sleeping) {
-        a->sleeping = 0;        /* one signal per sleep */
-        pthread_cond_signal(&a->cv);
-    }
-    pthread_mutex_unlock(&a->mu);
-    if (rc != 0)
+    int rc = queue(a, &r);
+    if (rc == -ENOMEM)
         return PyErr_NoMemory();
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "submitter stopped");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyTypeObject AioType;
+
+/* The C API's put: ``aio`` is an Aio (api_is_aio); its caller holds a
+ * reference. ``done`` runs exactly once when this returns 0, never when it
+ * returns -errno. Holds no GIL-protected state: any thread may call it. */
+static int api_put(PyObject *aio, int op, uint64_t offset, uint64_t length, void *addr,
+                   ext_done_fn done, void *arg)
+{
+    Req r = {.op = op, .offset = offset, .length = length, .addr = addr, .token = 0,
+             .done = done, .arg = arg};
+    if (done == NULL || op < OP_READ || op > OP_FLUSH)
+        return -EINVAL;
+    return queue((Aio *)aio, &r);
+}
+
+static int api_is_aio(PyObject *obj)
+{
+    return PyObject_TypeCheck(obj, &AioType);
+}
+
+static int api_fenced(PyObject *aio)
+{
+    return __atomic_load_n(&((Aio *)aio)->fenced, __ATOMIC_ACQUIRE);
+}
+
+static const RbdAioApi api = {RBDAIO_API_VERSION, api_is_aio, api_put, api_fenced};
+
+/* The store lost the image (rbd.RbdStore._fence): nothing queued starts any
+ * more and nothing new is queued, for Python or the C API alike. */
+static PyObject *Aio_fence(Aio *a, PyObject *unused)
+{
+    __atomic_store_n(&a->fenced, 1, __ATOMIC_RELEASE);
     Py_RETURN_NONE;
 }
 
@@ -424,7 +520,14 @@ static PyObject *Aio_get_started(Aio *a, void *unused)
 
 static PyObject *Aio_get_taken(Aio *a, void *unused)
 {
-    return PyLong_FromUnsignedLongLong(a->taken);
+    /* C API calls are released by their own callback: taken when they end */
+    return PyLong_FromUnsignedLongLong(
+        a->taken + (a->core ? __atomic_load_n(&a->core->ext_done, __ATOMIC_ACQUIRE) : 0));
+}
+
+static PyObject *Aio_get_fenced(Aio *a, void *unused)
+{
+    return PyBool_FromLong(__atomic_load_n(&a->fenced, __ATOMIC_ACQUIRE));
 }
 
 static void Aio_dealloc(Aio *a)
@@ -446,6 +549,8 @@ static PyMethodDef Aio_methods[] = {
     {"put", (PyCFunction)Aio_put, METH_VARARGS,
      "put(op, offset, length, address, token): queue one call (on the loop)"},
     {"stop", (PyCFunction)Aio_stop, METH_NOARGS, "start what is queued, then end the thread"},
+    {"fence", (PyCFunction)Aio_fence, METH_NOARGS,
+     "the image is lost: start nothing more (queued calls fail with ESHUTDOWN)"},
     {"poll", (PyCFunction)Aio_poll, METH_NOARGS,
      "[(token, return value)] of the completions and refused starts so far"},
     {NULL}
@@ -454,6 +559,7 @@ static PyMethodDef Aio_methods[] = {
 static PyGetSetDef Aio_getset[] = {
     {"started", (getter)Aio_get_started, NULL, "aio calls librbd accepted", NULL},
     {"taken", (getter)Aio_get_taken, NULL, "completions polled and released", NULL},
+    {"fenced", (getter)Aio_get_fenced, NULL, "fence() was called", NULL},
     {NULL}
 };
 
@@ -484,6 +590,12 @@ PyMODINIT_FUNC PyInit__rbdaio(void)
     Py_INCREF(&AioType);
     if (PyModule_AddObject(m, "Aio", (PyObject *)&AioType) < 0) {
         Py_DECREF(&AioType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *cap = PyCapsule_New((void *)&api, RBDAIO_API_NAME, NULL);
+    if (cap == NULL || PyModule_AddObject(m, "API", cap) < 0) {
+        Py_XDECREF(cap);
         Py_DECREF(m);
         return NULL;
     }

@@ -25,8 +25,11 @@ Fencing: the store takes the image's exclusive lock in managed mode
 request. Another client can only take the image by breaking the lock,
 which blocklists this client; from then on every librbd call fails with
 ESHUTDOWN (or EROFS if the lock was broken without blocklisting). The
-first such failure fences the store: it refuses all further I/O at once,
-acknowledges nothing still in flight, reports why through ``lost()`` and
+first such failure fences the store: it refuses all further I/O at once
+(its submitter first: nothing queued starts, and the native iSCSI lane's
+reads, which ride the same submitter through its C API, are never answered
+by the lane from then on), acknowledges nothing still in flight, reports
+why through ``lost()`` and
 its ``on_fenced`` hook (the service takes the volume offline: NOT READY
 with that reason), and only a new open (``volume relink``) brings it back.
 A timeout does not fence: the cluster may come back, and the same client
@@ -45,7 +48,7 @@ from typing import Callable, TypeVar
 from ..blockstore import BlockStore, BlockStoreError, StoreFencedError
 from . import librbd
 from .librbd import RbdError
-from .rbd_submit import DISCARD, FLUSH, READ, WRITE, Submitter, drain, submitter
+from .rbd_submit import DISCARD, FLUSH, READ, WRITE, NativeSubmitter, Submitter, drain, submitter
 from .spec import RbdSpec
 
 log = logging.getLogger(__name__)
@@ -247,9 +250,25 @@ class RbdStore(BlockStore):
         if self.fenced is not None:
             return
         self.fenced = why
+        # first, before anything else runs: the submitter starts nothing
+        # more, and a native lane's reads completing from now on are not
+        # answered by the lane (it asks the submitter at each completion)
+        if self._submitter is not None:
+            self._submitter.fence()
         log.error("%s fenced: %s; no further I/O on it until it is relinked", self.name, why)
         if self.on_fenced is not None:
             self.on_fenced(why)
+
+    def lane_submitter(self) -> object | None:
+        """The submitter a native iSCSI lane (target/iscsi/lane.py) queues
+        its reads on through the C API (rbd_submit.NATIVE_API), obeying the
+        same fence; None when there is none: fenced, closed, or the ctypes
+        submitter (no C API)."""
+        sub = self._submitter
+        if self.fenced is not None or sub is None or NativeSubmitter is None \
+                or not isinstance(sub, NativeSubmitter):
+            return None
+        return sub
 
     def _error(self, what: str, offset: int | None, err: int) -> BlockStoreError:
         if err in _FENCED:

@@ -42,6 +42,7 @@ both as (token, return value).
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import select
 import threading
@@ -51,9 +52,13 @@ from typing import Protocol
 from .librbd import Image, RbdError, native_addresses
 
 try:
+    from ._rbdaio import API as NATIVE_API
     from ._rbdaio import Aio as NativeSubmitter
 except ImportError:      # not built (no compiler): the ctypes thread does the same
     NativeSubmitter = None
+    #: the C API of the native submitter (a capsule): other extensions queue
+    #: reads on an image's submitter thread through it (target/iscsi/_nativelane.c)
+    NATIVE_API = None
 
 READ, WRITE, DISCARD, FLUSH = range(4)
 #: (op, offset, length, buffer address, token)
@@ -76,6 +81,10 @@ class Submitter(Protocol):
 
     def stop(self) -> None:
         """Start what is queued, then end the thread."""
+
+    def fence(self) -> None:
+        """The image is lost: nothing queued starts any more (each fails
+        with ESHUTDOWN) and nothing more is queued."""
 
     def poll(self) -> list[tuple[int, int]]:
         """On the loop: (token, return value) of every completion and every
@@ -114,6 +123,7 @@ class PySubmitter:
         self._queue: collections.deque[Request | None] = collections.deque()
         self._failed: collections.deque[tuple[int, int]] = collections.deque()
         self._idle = False
+        self._fenced = False
         # a binary semaphore: a C lock is much cheaper to signal than
         # threading.Semaphore (a Condition); a second signal collapses
         self._wake = threading.Lock()
@@ -130,6 +140,8 @@ class PySubmitter:
         return self._image.taken
 
     def put(self, op: int, offset: int, length: int, addr: int, token: int) -> None:
+        if self._fenced:
+            raise RuntimeError("submitter fenced")      # as the C one refuses it
         self._put((op, offset, length, addr, token))
 
     def _put(self, req: Request | None) -> None:
@@ -144,6 +156,9 @@ class PySubmitter:
     def stop(self) -> None:
         self._put(None)
         self._thread.join()
+
+    def fence(self) -> None:
+        self._fenced = True
 
     def poll(self) -> list[tuple[int, int]]:
         out = self._image.poll()
@@ -162,6 +177,8 @@ class PySubmitter:
                     return
                 op, offset, length, addr, token = req
                 try:
+                    if self._fenced:
+                        raise RbdError(errno.ESHUTDOWN, "fenced")
                     if op <= WRITE:
                         starts[op](offset, length, addr, token)
                     elif op == DISCARD:

@@ -116,6 +116,11 @@ class MemoryBudget:
         victim.evict()
         victim.close()
 
+    def waiting(self) -> bool:
+        """Do requests wait for memory (holders should give back what they
+        hold idle)?"""
+        return bool(self._waiters)
+
     def stats(self) -> dict[str, int]:
         return {"memory_limit": self.memory_limit, "budget": self.limit, "used": self.used,
                 "session_limit": self.session_limit, "waiting": len(self._waiters),

@@ -17,6 +17,7 @@ from ..logsafe import RateLimitedLog
 from . import pdu as P
 from .budget import COMMAND_COST, SMALL_WRITE
 from .buffers import POOL_MIN
+from .lane import ENABLED as LANE_ENABLED
 from .residual import residual_count
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
                    SENSE_INTERNAL_FAILURE, SENSE_INVALID_FIELD_CDB, SENSE_INVALID_TTT,
@@ -62,9 +63,9 @@ class DataPathMixin:
             except P.PduError:
                 self.reject(pdu.bhs, P.REJECT_INVALID_PDU_FIELD)
                 return None
-        if itt == P.ALL_ONES or itt in self.tasks:
-            self.reject(pdu.bhs, P.REJECT_TASK_IN_PROGRESS if itt in self.tasks
-                        else P.REJECT_INVALID_PDU_FIELD)
+        if itt == P.ALL_ONES or itt in self.tasks or (self.lane is not None and self.lane.native.busy(itt)):
+            self.reject(pdu.bhs, P.REJECT_INVALID_PDU_FIELD if itt == P.ALL_ONES
+                        else P.REJECT_TASK_IN_PROGRESS)
             return None
         task = Task(self, pdu, cdb)
         dlen = len(pdu.data)
@@ -120,6 +121,8 @@ class DataPathMixin:
             self._finish(task)
             return
         task.state = "data"
+        if LANE_ENABLED:
+            self.lane_hold(task)
         if task.attr == ATTR_ORDERED or self._ordered:     # else nothing to wait for
             task.wait_for = self._ordering_deps(task)
         if not self._run_now(task):
@@ -527,6 +530,8 @@ class DataPathMixin:
     def _finish(self, task: Task) -> None:
         if not task.finished:
             task.finished = True
+            if LANE_ENABLED:
+                self.lane_release(task)
             self.budget.give(task.charged)
             task.charged = 0
             if task.immediate:

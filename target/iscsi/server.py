@@ -145,6 +145,9 @@ class IscsiServer:
     def set_scsi_target(self, iqn: str, scsi_target: Any) -> None:
         """Swap the LUN set behind a target (new commands go to the new one)."""
         self.targets[iqn].scsi_target = scsi_target
+        for s in self.sessions_of(self.targets[iqn]):
+            if s.lane is not None:
+                s.lane.check()        # SPIKE: no lane answers from the old set
 
     def set_acl(self, iqn: str, acl: set[str] | None) -> None:
         cfg = self.targets[iqn]

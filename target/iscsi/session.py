@@ -24,6 +24,8 @@ from ..logsafe import NAME_CLIP, RateLimitedLog, clip
 from . import pdu as P
 from .cmdsn import CmdWindow
 from .datapath import DataPathMixin
+from .lane import ENABLED as LANE_ENABLED
+from .lane import HOLDS, PLAIN_IO, SessionLane
 from .params import NOT_UNDERSTOOD, REJECT, TextError, encode_text, parse_text
 from .task import ProtocolViolation, Task
 from .tmf import TaskManagementMixin
@@ -99,6 +101,9 @@ class Session(DataPathMixin, TaskManagementMixin):
         self.single_data_in = min(prm.initiator_mrdsl, prm.max_burst_length) if self.plain_pdus else 0
         self._scsi_target = None                # the ScsiTarget _scsi_submit is for
         self._scsi_submit = None
+        # SPIKE: the native READ lane (lane.py), off unless LIVERESTORE_ISCSI_LANE=1
+        self.lane = SessionLane(self) if LANE_ENABLED and self.plain_pdus and not self.discovery else None
+        self._lane_holds: list[Task] = []       # our commands that hold every lane of the target
 
     # -- helpers ---------------------------------------------------------------
     @property
@@ -133,6 +138,37 @@ class Session(DataPathMixin, TaskManagementMixin):
                      P.OPCODE_NAMES.get(bhs[0] & 0x3F, hex(bhs[0] & 0x3F)))
         self.conn.send(P.build_bhs(P.OP_REJECT, P.FLAG_FINAL, b2=reason, itt=P.ALL_ONES,
                                    fields=self._sn_fields(self.conn.next_statsn())), bytes(bhs[:P.BHS_LEN]))
+
+    # -- the native lane (SPIKE) ------------------------------------------------
+    def lane_hold(self, task: Task) -> None:
+        """A command that may change any nexus's route starts: every lane of
+        the target stops answering until it ends (lane_release)."""
+        if task.cdb[0] in PLAIN_IO:
+            return
+        self._lane_holds.append(task)
+        self.lanes_stop()
+
+    def lanes_stop(self) -> None:
+        """No lane of the target answers until lanes_go."""
+        HOLDS[id(self.target)] = HOLDS.get(id(self.target), 0) + 1
+        for s in self.server.sessions_of(self.target):
+            if s.lane is not None:
+                s.lane.revoke_all()
+
+    def lane_release(self, task: Task) -> None:
+        if task not in self._lane_holds:
+            return
+        self._lane_holds.remove(task)
+        self.lanes_go()
+
+    def lanes_go(self) -> None:
+        key = id(self.target)
+        HOLDS[key] -= 1
+        if not HOLDS[key]:
+            del HOLDS[key]
+            for s in self.server.sessions_of(self.target):
+                if s.lane is not None:
+                    s.lane.check()
 
     # -- dispatch ----------------------------------------------------------------
     def handle(self, pdu: P.Pdu, placed: bool = False) -> None:
@@ -267,6 +303,9 @@ class Session(DataPathMixin, TaskManagementMixin):
             response = P.LOGOUT_RSP_CID_NOT_FOUND
         else:
             self.logging_out = True
+            if self.lane is not None:
+                self.lane.revoke_all()
+                await self.lane.drained()     # their answers go out before ours
             # commands still waiting for their Data-Out will not get it: end
             # them; let the ones the SCSI layer is executing finish
             stuck = [t for t in self.tasks.values() if t.state in ("queued", "data")]
@@ -322,6 +361,10 @@ class Session(DataPathMixin, TaskManagementMixin):
             a.cancel()
         self.idle.set()
         self.budget.close()
+        for t in self._lane_holds[:]:
+            self.lane_release(t)
+        if self.lane is not None:
+            self.lane.close()
         self.server._session_closed(self)
         if self.target is not None:
             try:

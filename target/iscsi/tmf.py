@@ -7,6 +7,7 @@ import logging
 
 from . import pdu as P
 from .cmdsn import sn_lt
+from .lane import ENABLED as LANE_ENABLED
 from .task import Task
 
 log = logging.getLogger("target.iscsi.session")
@@ -31,7 +32,13 @@ class TaskManagementMixin:
     async def _tmf(self, pdu: P.Pdu, counted: bool) -> None:
         func = pdu.flags & 0x7F
         lun = pdu.lun
+        if LANE_ENABLED:
+            # SPIKE: no lane starts a read while it runs, and this
+            # session's lane reads end first (they are not abortable)
+            self.lanes_stop()
         try:
+            if self.lane is not None:
+                await self.lane.drained()
             response = await self._tmf_do(pdu, func, lun)
         except asyncio.CancelledError:
             raise
@@ -40,6 +47,8 @@ class TaskManagementMixin:
             response = P.TMF_RSP_REJECTED
         finally:
             self._noop(counted)
+            if LANE_ENABLED:
+                self.lanes_go()
         if self.closed:
             return
         self._tmf_rsp(pdu.itt, response)

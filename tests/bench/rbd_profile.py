@@ -137,14 +137,42 @@ def main() -> int:
         result["fio-rbd"] = _report("fio-rbd", side["total_ios"], delta)
         result["fio-rbd"]["per_s"] = round(side["iops"])
 
-        d = Daemon(_Tmp(base)).start()
-        d.cli("volume", "create", "flu", "--path", os.path.join(base, "flu.img"), "--size",
+        # LANE=1: then the same two sides again on a daemon with the native
+        # iSCSI READ lane on (the spike of docs/native-lane.md)
+        for lane in ("", "1") if os.environ.get("LANE") == "1" else ("",):
+            d = _lu_sides(base, lane, conf, lu, ceph, result)
+            d.stop()
+            d = None
+    finally:
+        if d is not None and d.proc and d.proc.poll() is None:
+            d.stop()
+        subprocess.run([SCRIPT, "stop", cdir], capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+    result["load_1min"].append(round(os.getloadavg()[0], 2))
+    print(json.dumps(result))
+    return 0
+
+
+def _lu_sides(base: str, lane: str, conf: str, lu: RbdSpec, ceph: dict[str, int],
+              result: dict[str, Any]) -> Daemon:
+    """lu-rbd and lu-file (``lane``: with the native lane on, named so)
+    on a daemon of their own; returns it, still running."""
+    home = os.path.join(base, "lane" if lane else "plain")
+    os.makedirs(home)
+    os.environ["LIVERESTORE_ISCSI_LANE"] = lane
+    try:
+        d = Daemon(_Tmp(home)).start()
+    finally:
+        os.environ.pop("LIVERESTORE_ISCSI_LANE")
+    try:
+        d.cli("volume", "create", "flu", "--path", os.path.join(home, "flu.img"), "--size",
               str(SIZE))
         d.cli("volume", "create", "lu", "--rbd", lu.image_name, "--ceph-conf", conf)
         d.cli("export", "create", IQN, "--lun", "0=lu", "--lun", "1=flu")
         assert d.proc is not None
         pids = {**ceph, "daemon": d.proc.pid}
         for name, lun in (("lu-rbd", 0), ("lu-file", 1)):
+            name += "+lane" if lane else ""
             url = f"{d.url}/{lun}"
             perf = None
             if os.environ.get("PERF") and lun == 0:     # perf record the daemon's RBD side
@@ -171,14 +199,10 @@ def main() -> int:
                 perf.wait(timeout=60)
             result[name] = _report(name, cmds, delta)
             result[name]["per_s"] = round(iops)
-    finally:
-        if d is not None and d.proc and d.proc.poll() is None:
-            d.stop()
-        subprocess.run([SCRIPT, "stop", cdir], capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
-    result["load_1min"].append(round(os.getloadavg()[0], 2))
-    print(json.dumps(result))
-    return 0
+    except BaseException:
+        d.stop()
+        raise
+    return d
 
 
 if __name__ == "__main__":

@@ -137,6 +137,27 @@ def test_takeover_fences_the_store_no_write_acknowledged_after(ceph, caplog):
     s.close()
 
 
+def test_a_fence_stops_the_submitter_and_the_lanes_route(ceph, submitter_kind):
+    """The store's fence reaches its submitter before anything else runs:
+    nothing more is queued there (Python's requests or a native lane's,
+    through the C API), and the lane is offered no route to the store."""
+    spec = ceph.spec()
+    s = open_store(spec, 4 * MiB, create=True)
+    try:
+        sub = s._submitter
+        assert (s.lane_submitter() is sub) == (submitter_kind == "native")
+        s._fence("test: the lock was lost")
+        assert s.lane_submitter() is None
+        started = sub.started
+        with pytest.raises(RuntimeError):
+            sub.put(rbd_submit.READ, 0, 4096, buffer_address(bytearray(4096), True)[0], 1)
+        assert sub.started == started
+        if submitter_kind == "native":
+            assert sub.fenced
+    finally:
+        s.close()
+
+
 def test_a_cancelled_io_ends_only_after_librbd_let_go_of_its_buffer(ceph):
     """Reads land straight in the caller's buffer: a cancelled read must not
     hand the buffer back (to a pool, to the next command) while librbd can

@@ -1,0 +1,249 @@
+"""SPIKE (docs/native-lane.md): the published route of a session's native
+READ lane (target/iscsi/_nativelane.c).
+
+The route is published, not re-made per command, as the TCMU native ring
+does (target/tcmu/native_device.py): a LUN is direct for this session while
+its ScsiDevice says this nexus's plain READ/WRITEs need no check beyond
+their CDB (``direct_refusal``) and the session holds the LunIO's
+:class:`~restore_core.direct.DirectLease` on a file store. Unlike a TCMU
+device, an iSCSI LU has several nexuses: a command of any session of the
+target that is not a plain READ/WRITE may change what every session may do
+(a reservation, a unit attention, MODE SELECT), so its delivery takes every
+session's lane back (``hold``) and its end re-checks them; the lease's
+on_change and a poll every ``ROUTE_CHECK_S`` are the net under both. The
+lane answers commands inside its scan, on the loop's thread, so taking a
+LUN back needs no waiting: no native command is ever in flight.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
+
+import asyncio
+
+from restore_core.direct import DirectLease
+from restore_core.stores.file import FileBlockStore
+from restore_core.stores.rbd import RbdStore
+from restore_core.stores.rbd_submit import NATIVE_API
+from target.scsi.device import ScsiDevice
+
+from . import pdu as P
+
+try:
+    from ._nativelane import Lane
+except ImportError:             # not built
+    Lane = None
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .session import Session
+
+log = logging.getLogger(__name__)
+
+#: LIVERESTORE_ISCSI_LANE=1 turns the spike on (off by default: not merged)
+ENABLED = Lane is not None and os.environ.get("LIVERESTORE_ISCSI_LANE") == "1"
+ROUTE_CHECK_S = 0.1
+#: opcodes that cannot change any nexus's route (the lane answers the reads)
+PLAIN_IO = frozenset((0x28, 0x2A, 0x88, 0x8A))
+MAX_LANE_LUN = 255
+#: id(target config) -> commands of its sessions that may change a route,
+#: running now: while any runs, no lane of the target answers
+HOLDS: dict[int, int] = {}
+#: RBD reads in flight hold their memory's worth of the session's budget;
+#: the lane takes it in blocks of this (one Python call per ~250 4 KiB
+#: reads) and gives back what it holds idle beyond two blocks
+CREDIT_BLOCK = 1 << 20
+
+
+class SessionLane:
+    def __init__(self, session: "Session") -> None:
+        self.session = session
+        self.native = Lane()
+        self._leases: dict[int, tuple[DirectLease, int]] = {}
+        self._scsi_target: Any = None
+        self._closed = False
+        self._draining: dict[int, tuple[DirectLease, int]] = {}   # revoked, reads in flight
+        self._idle: list[asyncio.Future] = []
+        loop = session.conn.loop
+        self._rbd = NATIVE_API is not None
+        if self._rbd:
+            self.native.set_rbd(NATIVE_API, _credit_taker(self))
+        self._fd = self.native.fileno()
+        loop.add_reader(self._fd, self._complete)
+        self._timer = loop.call_later(ROUTE_CHECK_S, self._poll)
+
+    # -- the route --------------------------------------------------------------
+    def _devices(self) -> dict[int, ScsiDevice]:
+        st = self.session.target.scsi_target if self.session.target is not None else None
+        if isinstance(st, ScsiDevice):
+            return {0: st}
+        luns = getattr(st, "luns", None)
+        if luns is None or not hasattr(st, "device"):
+            return {}
+        out = {}
+        for lun in luns():
+            dev = st.device(lun)
+            if isinstance(dev, ScsiDevice) and lun <= MAX_LANE_LUN:
+                out[lun] = dev
+        return out
+
+    def check(self) -> None:
+        """Publish each LUN this nexus may read directly; take back the
+        others."""
+        s = self.session
+        if self._closed or s.closed or s.logging_out or HOLDS.get(id(s.target)):
+            self.revoke_all()
+            return
+        st = s.target.scsi_target if s.target is not None else None
+        if st is not self._scsi_target:
+            self.revoke_all()
+            self._scsi_target = st
+        devices = self._devices()
+        for lun in list(self._leases):
+            dev = devices.get(lun)
+            lease = self._leases[lun][0]
+            if dev is None or not lease.valid() or dev.direct_refusal(s.nexus) is not None:
+                self._revoke(lun)
+        for lun, dev in devices.items():
+            if lun in self._leases or dev.direct_refusal(s.nexus) is not None:
+                continue
+            get = getattr(dev.lunio, "direct_lease", None)
+            lease = get() if get is not None else None
+            if lease is None:
+                continue
+            store = lease.store
+            image = _rbd_image(store) if self._rbd and lun not in self._draining else 0
+            if ((not isinstance(store, FileBlockStore) and not image)
+                    or store.size < dev.num_blocks * dev.block_size):
+                lease.release()
+                continue
+            fd = -1 if image else os.dup(store.fd)
+            self._leases[lun] = (lease, fd)
+            lease.on_change = self.check
+            self.native.set_lun(lun, fd, dev.block_size, dev.num_blocks, dev.limits.max_transfer,
+                                image)
+
+    def _revoke(self, lun: int) -> None:
+        lease, fd = self._leases.pop(lun)
+        self.native.set_lun(lun, -1)
+        if fd >= 0:
+            os.close(fd)
+        if self.native.lun_counts(lun)[2]:
+            self._draining[lun] = (lease, fd)     # its gate stays entered until they end
+        else:
+            lease.release()
+
+    # -- RBD reads in flight -------------------------------------------------------
+    def _complete(self) -> None:
+        """librbd finished reads: answer the good ones (one writev for the
+        batch); a failed one, or any once its store is fenced, runs as its
+        command through Python's path instead (which answers NOT READY with
+        the reason, or whatever the store's error deserves)."""
+        s = self.session
+        conn = s.conn
+        w = s.window
+        gone = conn.closing or s.closed
+        nbytes, n, retry = self.native.complete(None if gone else conn._wbuf, conn.statsn,
+                                                w.exp_cmdsn, w.max_cmdsn, w.depth - w.inflight)
+        w.complete(n)
+        if n and not gone:
+            conn.statsn = self.native.statsn
+            conn._wbytes += nbytes
+            conn.pdus_out += n
+            conn.flush()
+        if retry is not None:
+            for bhs in retry:
+                self._retry(bhs)
+        # what it holds idle, but for two blocks; all of it when commands
+        # (of any session) wait for budget: idle credit must not starve them
+        self._give_credit(0 if s.budget.server.waiting() else 2 * CREDIT_BLOCK)
+        for lun in [lun for lun in self._draining if not self.native.lun_counts(lun)[2]]:
+            self._draining.pop(lun)[0].release()
+        if not self.native.inflight:
+            for f in self._idle:
+                if not f.done():
+                    f.set_result(None)
+            self._idle.clear()
+            if self._closed:
+                conn.loop.remove_reader(self._fd)
+
+    def _retry(self, bhs: bytes) -> None:
+        """A lane read that failed becomes its command's task, as Python
+        would have made it: its CmdSN was taken and it still counts in the
+        window, so it is delivered at once (before drained() can return:
+        task management and logout then find it among the tasks)."""
+        s = self.session
+        s.commands -= 1                 # counted once, when the lane took it
+        task = s._prepare_scsi(P.Pdu(bhs))
+        if task is None:
+            s._noop(True)
+        else:
+            s._deliver(task, True)
+
+    def _credit(self, need: int) -> int:
+        """Budget for RBD reads: a block (or just ``need``) more; 0 at the
+        session's or the server's limit, and the lane leaves commands to
+        Python until reads in flight give some back."""
+        budget = self.session.budget
+        for n in (max(need, CREDIT_BLOCK), need):
+            if budget.try_take(n):
+                return n
+        return 0
+
+    def _give_credit(self, keep: int) -> None:
+        """Hand the budget back what the lane holds idle beyond ``keep``."""
+        extra = self.native.credit - keep
+        if extra > 0:
+            self.native.credit -= extra
+            self.session.budget.give(extra)
+
+    async def drained(self) -> None:
+        """Until no read of the lane is in flight (task management and logout
+        answer after the commands they cover)."""
+        if self.native.inflight:
+            f = self.session.conn.loop.create_future()
+            self._idle.append(f)
+            await f
+
+    def revoke_all(self) -> None:
+        for lun in list(self._leases):
+            self._revoke(lun)
+
+    def _poll(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.check()
+        except Exception:
+            log.exception("session %s: lane route check failed", self.session.tsih)
+            self.revoke_all()
+        self._timer = self.session.conn.loop.call_later(ROUTE_CHECK_S, self._poll)
+
+    def close(self) -> None:
+        self._closed = True
+        log.info("session %s: the lane answered %d READs (%d would have waited for the disk)",
+                 self.session.tsih, self.native.commands, self.native.would_block)
+        self._timer.cancel()
+        self.revoke_all()
+        self._give_credit(0)
+        if not self.native.inflight:
+            self.session.conn.loop.remove_reader(self._fd)
+
+
+def _rbd_image(store: object) -> object:
+    """The submitter of an RBD store the lane may read through (0: none)."""
+    if not isinstance(store, RbdStore):
+        return 0
+    return store.lane_submitter() or 0
+
+
+def _credit_taker(lane: SessionLane) -> Callable[[int], int]:
+    """SessionLane._credit for the C lane, without a reference to the lane
+    (the C object is not garbage-collected: a cycle through it would leak)."""
+    ref = weakref.ref(lane)
+
+    def take(need: int) -> int:
+        held = ref()
+        return 0 if held is None else held._credit(need)
+    return take
