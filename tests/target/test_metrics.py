@@ -193,3 +193,42 @@ def test_only_get_metrics_is_answered(mdaemon):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
+
+
+def test_native_lane_reads_count_like_any_other(tmp_path, monkeypatch):
+    """Reads the native iSCSI lane answers (target/iscsi/lane.py: an
+    unpaired volume, plain READs) are in the LU's counters, bytes and
+    latency histogram, as reads through Python are."""
+    monkeypatch.setenv("LIVERESTORE_ISCSI_LANE", "1")
+    port = free_port()
+    d = Daemon(tmp_path, extra=("--metrics", str(port))).start()
+    try:
+        d.cli("volume", "create", "db1", "--size", "8M")
+        d.cli("export", "create", IQN, "--lun", "0=db1")
+        before = scrape(port)
+
+        async def io() -> None:
+            ini = await logged_in(d.port)
+            assert (await ini.write(0, 0, b"\x5a" * 65536)).status == GOOD
+            await asyncio.sleep(0.3)                 # the lane publishes the LU
+            for i in range(16):
+                assert await ini.read(0, i * 8, 8) == b"\x5a" * 4096
+            await ini.logout()
+            await ini.close()
+        asyncio.run(io())
+        for _ in range(100):        # the session's close folds what the lane answered
+            if "the lane answered" in open(d.log).read():
+                break
+            time.sleep(0.05)
+        text = scrape(port)
+    finally:
+        d.stop()
+    answered = [int(line.split("the lane answered ")[1].split()[0])
+                for line in open(d.log) if "the lane answered" in line]
+    assert answered and answered[0] > 0, "the lane answered none: the test is moot"
+
+    def delta(name: str, **labels: str) -> float:
+        return value(text, name, **labels) - value(before, name, **labels)
+    assert delta("liverestore_lu_commands_total", volume="db1", kind="read") == 16
+    assert delta("liverestore_lu_bytes_total", volume="db1", kind="read") == 16 * 4096
+    assert delta("liverestore_lu_command_duration_seconds_count", volume="db1", kind="read") == 16
