@@ -34,13 +34,22 @@ def read_counts(dev) -> tuple[int, int, float, int]:
     return st.commands[READ], st.bytes[READ], st.seconds[READ], sum(st.buckets[READ])
 
 
-async def lane_read_burst(srv, i: Initiator, data: bytes) -> None:
-    """READS 4 KiB reads, every one answered by the lane."""
+async def lane_read_burst(srv) -> tuple[Initiator, tuple]:
+    """A session that read READS 4 KiB blocks, every one answered by the
+    lane; the LU's read counters before them."""
+    dev = srv.targets[IQN].scsi_target.device(0)
+    i = Initiator(*srv.addresses[0])
+    await i.login(IQN, immediate_data=True)
+    await ready(i, 0)
+    data = os.urandom(READS * 4096)
+    assert (await i.write(0, 0, data)).status == 0
+    before = read_counts(dev)
     await published(srv, 0)
-    before = lane_reads(srv)
+    lane_before = lane_reads(srv)
     got = await asyncio.gather(*(i.read(0, 8 * k, 8) for k in range(READS)))
     assert b"".join(got) == data
-    assert lane_reads(srv) - before == READS
+    assert lane_reads(srv) - lane_before == READS
+    return i, before
 
 
 def test_lane_reads_are_folded_into_the_lus_counters(tmp_path):
@@ -48,20 +57,14 @@ def test_lane_reads_are_folded_into_the_lus_counters(tmp_path):
         srv, files = await start(tmp_path)
         dev = srv.targets[IQN].scsi_target.device(0)
         try:
-            i = Initiator(*srv.addresses[0])
-            await i.login(IQN, immediate_data=True)
-            await ready(i, 0)
-            data = os.urandom(READS * 4096)
-            assert (await i.write(0, 0, data)).status == 0
-            before = read_counts(dev)
-            await lane_read_burst(srv, i, data)
+            i, before = await lane_read_burst(srv)
             for _ in range(100):            # the fold runs every FOLD_S
                 if read_counts(dev)[0] - before[0] >= READS:
                     break
                 await asyncio.sleep(0.02)
             cmds, nbytes, secs, bucketed = (a - b for a, b in zip(read_counts(dev), before))
             assert cmds == READS and bucketed == READS, (cmds, bucketed)
-            assert nbytes == len(data)
+            assert nbytes == READS * 4096
             # each read's time in the target, a few microseconds here
             assert 0 < secs < READS * LATENCY_BUCKETS[-1]
             await i.close()
@@ -76,13 +79,7 @@ def test_closing_the_session_folds_what_the_timer_has_not(tmp_path, monkeypatch)
         srv, files = await start(tmp_path)
         dev = srv.targets[IQN].scsi_target.device(0)
         try:
-            i = Initiator(*srv.addresses[0])
-            await i.login(IQN, immediate_data=True)
-            await ready(i, 0)
-            data = os.urandom(READS * 4096)
-            assert (await i.write(0, 0, data)).status == 0
-            before = read_counts(dev)
-            await lane_read_burst(srv, i, data)
+            i, before = await lane_read_burst(srv)
             assert read_counts(dev) == before           # no fold yet
             await i.close()
             for _ in range(100):
@@ -90,7 +87,7 @@ def test_closing_the_session_folds_what_the_timer_has_not(tmp_path, monkeypatch)
                     break
                 await asyncio.sleep(0.02)
             cmds, nbytes, _, bucketed = (a - b for a, b in zip(read_counts(dev), before))
-            assert (cmds, nbytes, bucketed) == (READS, len(data), READS)
+            assert (cmds, nbytes, bucketed) == (READS, READS * 4096, READS)
         finally:
             await srv.stop()
     run(main())
