@@ -118,6 +118,7 @@ typedef struct {
     unsigned int inflight;
     double bounds[N_BOUNDS_MAX];    /* latency buckets' upper bounds (s) */
     int n_bounds;
+    unsigned long long answered;    /* READs answered GOOD, file and RBD */
 } Lane;
 
 static void core_put(core_t *c) {
@@ -171,6 +172,7 @@ static inline double now_s(void) {
 /* A READ answered GOOD with ``n`` bytes after ``secs`` in the target: the
  * lane's running totals and the LU's metrics (folded by take_counts). */
 static void count_read(Lane *self, lun_t *l, uint32_t n, double secs) {
+    self->answered++;
     l->reads++;
     l->bytes += n;
     if (l->metrics == NULL && (l->metrics = calloc(1, sizeof *l->metrics)) == NULL)
@@ -674,6 +676,7 @@ static PyMemberDef Lane_members[] = {
     {"bytes", T_ULONGLONG, offsetof(Lane, bytes), READONLY, NULL},
     {"would_block", T_ULONGLONG, offsetof(Lane, would_block), READONLY, NULL},
     {"inflight", T_UINT, offsetof(Lane, inflight), READONLY, NULL},
+    {"answered", T_ULONGLONG, offsetof(Lane, answered), READONLY, NULL},
     {NULL}
 };
 

@@ -209,7 +209,7 @@ class SessionLane:
     def close(self) -> None:
         self._closed = True
         log.info("session %s: the lane answered %d READs (%d would have waited for the disk)",
-                 self.session.tsih, self.native.commands, self.native.would_block)
+                 self.session.tsih, self.native.answered, self.native.would_block)
         self._fold_timer.cancel()
         self._fold_stats()
         self._timer.cancel()
