@@ -333,7 +333,8 @@ static PyObject *Lane_set_buckets(Lane *self, PyObject *arg) {
 
 /* take_counts() -> [(lun, commands, bytes, seconds, buckets)]: the READs
  * answered since the last call, per LUN that had any (the caller folds them
- * into the LUs' metrics); the counts start again from zero. */
+ * into the LUs' metrics); the counts start again from zero (not when it
+ * fails: the next call hands them over). */
 static PyObject *Lane_take_counts(Lane *self, PyObject *unused) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
@@ -345,16 +346,24 @@ static PyObject *Lane_take_counts(Lane *self, PyObject *unused) {
         PyObject *b = PyList_New(self->n_bounds + 1);
         if (b == NULL)
             goto fail;
-        for (int k = 0; k <= self->n_bounds; k++)
-            PyList_SET_ITEM(b, k, PyLong_FromUnsignedLongLong(m->buckets[k]));
+        for (int k = 0; k <= self->n_bounds; k++) {
+            PyObject *v = PyLong_FromUnsignedLongLong(m->buckets[k]);
+            if (v == NULL) {
+                Py_DECREF(b);
+                goto fail;
+            }
+            PyList_SET_ITEM(b, k, v);
+        }
         PyObject *t = Py_BuildValue("(iKKdN)", i, m->commands, m->bytes, m->seconds, b);
         if (t == NULL || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             goto fail;
         }
         Py_DECREF(t);
-        memset(m, 0, sizeof *m);
     }
+    for (int i = 0; i < N_LUNS; i++)    /* handed over whole, or kept whole */
+        if (self->luns[i].metrics != NULL)
+            memset(self->luns[i].metrics, 0, sizeof *self->luns[i].metrics);
     return out;
 fail:
     Py_DECREF(out);

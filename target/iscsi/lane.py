@@ -190,8 +190,8 @@ class SessionLane:
     def _fold_tick(self) -> None:
         if self._closed:
             return
-        self._fold_stats()
         self._fold_timer = self.session.conn.loop.call_later(FOLD_S, self._fold_tick)
+        self._fold_stats()
 
     def _fold_stats(self) -> None:
         """The READs the lane answered since the last fold, into their LUs'
