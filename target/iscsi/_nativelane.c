@@ -42,12 +42,14 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BHS_LEN 48
 #define N_LUNS 256
 #define OP_SCSI_CMD 0x01
 #define OP_DATA_IN 0x25
+#define N_BOUNDS_MAX 32
 
 /* RBD reads ride the RBD store's own submitter thread and fence: the C API
  * restore_core/stores/_rbdaio.c exports in a capsule. Never librbd on the
@@ -73,6 +75,7 @@ typedef struct req {
     struct core *core;
     PyObject *aio;              /* the store's submitter (a reference; loop only) */
     long long rc;
+    double t0;                  /* submitted (latency of the LU's metrics) */
     uint32_t itt, n, cost;
     uint8_t lun;
     uint8_t pdu[];              /* BHS_LEN + n */
@@ -87,6 +90,17 @@ typedef struct core {
     int notified, eventfd, gone, refs;
 } core_t;
 
+/* The READs a LUN's lane answered since the LU's metrics last took them
+ * (take_counts): commands, Data-In bytes, seconds and a latency histogram
+ * over the bounds set_buckets gave (LuStats' LATENCY_BUCKETS). Allocated at
+ * a LUN's first answered read: a session's lane costs nothing per LUN it
+ * never reads. */
+typedef struct {
+    unsigned long long commands, bytes;
+    double seconds;
+    unsigned long long buckets[N_BOUNDS_MAX + 1];
+} lun_metrics_t;
+
 typedef struct {
     int fd;                     /* -1: not direct (or an RBD LU: aio) */
     PyObject *aio;              /* the RBD store's submitter of an RBD LU published direct */
@@ -94,6 +108,7 @@ typedef struct {
     uint64_t num_blocks, max_blocks;
     unsigned long long reads, bytes;
     unsigned int inflight;      /* RBD reads of this LUN in flight */
+    lun_metrics_t *metrics;     /* NULL until the LUN's first answered read */
 } lun_t;
 
 typedef struct {
@@ -114,6 +129,9 @@ typedef struct {
     unsigned int starved;       /* commands left to Python before asking again */
     req_t *live;
     unsigned int inflight;
+    double bounds[N_BOUNDS_MAX];    /* latency buckets' upper bounds (s) */
+    int n_bounds;
+    unsigned long long answered;    /* READs answered GOOD, file and RBD */
 } Lane;
 
 static void core_put(core_t *c) {
@@ -158,6 +176,37 @@ static inline void put32(uint8_t *p, uint32_t v) {
     p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
 }
 
+static inline double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* A READ answered GOOD with ``n`` bytes after ``secs`` in the target: the
+ * lane's running totals and the LU's metrics (folded by take_counts). */
+static void count_read(Lane *self, lun_t *l, uint32_t n, double secs) {
+    self->answered++;
+    l->reads++;
+    l->bytes += n;
+    if (l->metrics == NULL && (l->metrics = calloc(1, sizeof *l->metrics)) == NULL)
+        return;                 /* out of memory: the metrics miss it, the read does not */
+    lun_metrics_t *m = l->metrics;
+    int b = 0;
+    while (b < self->n_bounds && secs > self->bounds[b])
+        b++;
+    m->commands++;
+    m->bytes += n;
+    m->seconds += secs;
+    m->buckets[b]++;
+}
+
+static void free_metrics(Lane *self) {
+    for (int i = 0; i < N_LUNS; i++) {
+        free(self->luns[i].metrics);
+        self->luns[i].metrics = NULL;
+    }
+}
+
 static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     if (self->core != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "already initialised");
@@ -185,6 +234,7 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
 }
 
 static void Lane_dealloc(Lane *self) {
+    free_metrics(self);
     core_t *c = self->core;
     /* the callback never touches ->aio: drop the references here, under the GIL */
     for (req_t *r = self->live; r != NULL; r = r->live_next)
@@ -280,6 +330,79 @@ static PyObject *Lane_lun_counts(Lane *self, PyObject *arg) {
                          self->luns[lun].inflight);
 }
 
+/* set_buckets(bounds): the upper bounds (seconds, ascending) of the latency
+ * histogram take_counts returns; a read slower than the last is counted in
+ * one more bucket (+Inf). */
+static PyObject *Lane_set_buckets(Lane *self, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "bounds must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > N_BOUNDS_MAX) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "too many buckets");
+        return NULL;
+    }
+    double b[N_BOUNDS_MAX];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        b[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if (b[i] == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (i && !(b[i] > b[i - 1])) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "bounds must ascend");
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    /* counts taken over other bounds would land in the wrong buckets */
+    free_metrics(self);
+    memcpy(self->bounds, b, sizeof b[0] * (size_t)n);
+    self->n_bounds = (int)n;
+    Py_RETURN_NONE;
+}
+
+/* take_counts() -> [(lun, commands, bytes, seconds, buckets)]: the READs
+ * answered since the last call, per LUN that had any (the caller folds them
+ * into the LUs' metrics); the counts start again from zero (not when it
+ * fails: the next call hands them over). */
+static PyObject *Lane_take_counts(Lane *self, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < N_LUNS; i++) {
+        lun_metrics_t *m = self->luns[i].metrics;
+        if (m == NULL || m->commands == 0)
+            continue;
+        PyObject *b = PyList_New(self->n_bounds + 1);
+        if (b == NULL)
+            goto fail;
+        for (int k = 0; k <= self->n_bounds; k++) {
+            PyObject *v = PyLong_FromUnsignedLongLong(m->buckets[k]);
+            if (v == NULL) {
+                Py_DECREF(b);
+                goto fail;
+            }
+            PyList_SET_ITEM(b, k, v);
+        }
+        PyObject *t = Py_BuildValue("(iKKdN)", i, m->commands, m->bytes, m->seconds, b);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            goto fail;
+        }
+        Py_DECREF(t);
+    }
+    for (int i = 0; i < N_LUNS; i++)    /* handed over whole, or kept whole */
+        if (self->luns[i].metrics != NULL)
+            memset(self->luns[i].metrics, 0, sizeof *self->luns[i].metrics);
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 /* The READ this PDU is, if the lane may answer it: its LUN and range. */
 static lun_t *plain_read(Lane *self, const uint8_t *b, uint32_t room_bytes,
                          uint64_t *offset, uint32_t *bytes) {
@@ -372,6 +495,7 @@ static int start_read(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, ui
         return 0;
     memcpy(r->pdu, bhs, BHS_LEN);
     r->core = self->core;
+    r->t0 = now_s();
     r->itt = itt;
     r->n = n;
     r->cost = (uint32_t)cost;
@@ -434,6 +558,7 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
     c->notified = 0;
     pthread_mutex_unlock(&c->mu);
     unsigned long long nbytes = 0, ncmds = 0;
+    double t_done = now_s();
     for (req_t *r = d; r != NULL; r = r->next)
         r->rc = r->rc == (long long)r->n && !self->api->fenced(r->aio) ? 0 : -1;
     for (req_t *r = d; r != NULL; r = r->next)
@@ -480,8 +605,7 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
                 err = 1;
             else {
                 nbytes += BHS_LEN + n;
-                self->luns[r->lun].reads++;
-                self->luns[r->lun].bytes += n;
+                count_read(self, &self->luns[r->lun], n, t_done - r->t0);
             }
             Py_XDECREF(pdu);
         }
@@ -523,6 +647,7 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
     const uint8_t *buf = view.buf;
     Py_ssize_t s = start;
     unsigned long long nbytes = 0, ncmds = 0, nasync = 0;
+    double t0 = now_s();
     if (end > view.len)
         end = view.len;
     while (!held_back && room > 0 && end - s >= BHS_LEN) {
@@ -602,8 +727,7 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         Py_DECREF(pdu);
         if (rc < 0)
             goto fail;
-        l->reads++;
-        l->bytes += n;
+        count_read(self, l, n, now_s() - t0);
         nbytes += BHS_LEN + n;
         ncmds++;
         s += BHS_LEN;
@@ -628,6 +752,8 @@ static PyMethodDef Lane_methods[] = {
     {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "the eventfd finished RBD reads bump"},
     {"busy", (PyCFunction)Lane_busy, METH_O, "is this ITT one of the lane's in flight"},
     {"complete", (PyCFunction)Lane_complete, METH_VARARGS, "answer the finished RBD reads"},
+    {"set_buckets", (PyCFunction)Lane_set_buckets, METH_O, "the latency histogram's bounds"},
+    {"take_counts", (PyCFunction)Lane_take_counts, METH_NOARGS, "the READs answered since, per LUN"},
     {NULL}
 };
 
@@ -643,6 +769,7 @@ static PyMemberDef Lane_members[] = {
     {"credit", T_LONGLONG, offsetof(Lane, credit), 0,
      "budget bytes held and not lent to a read in flight (Python gives the excess back)"},
     {"credit_calls", T_ULONGLONG, offsetof(Lane, credit_calls), READONLY, NULL},
+    {"answered", T_ULONGLONG, offsetof(Lane, answered), READONLY, NULL},
     {NULL}
 };
 

@@ -159,7 +159,7 @@ def _lu_sides(base: str, lane: str, conf: str, lu: RbdSpec, ceph: dict[str, int]
     on a daemon of their own; returns it, still running."""
     home = os.path.join(base, "lane" if lane else "plain")
     os.makedirs(home)
-    os.environ["LIVERESTORE_ISCSI_LANE"] = lane
+    os.environ["LIVERESTORE_ISCSI_LANE"] = lane or "0"      # the lane is on by default
     try:
         d = Daemon(_Tmp(home)).start()
     finally:

@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from typing import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -193,3 +194,59 @@ def test_only_get_metrics_is_answered(mdaemon):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 405
+
+
+
+LANE_READS = 16
+
+
+def lane_read_deltas(d: Daemon, port: int, volume: str) -> Callable[..., float]:
+    """LANE_READS 4 KiB reads of ``volume`` (unpaired, exported as LUN 0 of
+    a daemon started with the native lane on, scraped at ``port``) once the
+    lane has published it; a sample's change across them, read after the
+    session's close has folded the lane's counts."""
+    before = scrape(port)
+
+    async def io() -> None:
+        ini = await logged_in(d.port)
+        assert (await ini.write(0, 0, b"\x5a" * 65536)).status == GOOD
+        await asyncio.sleep(0.3)                 # the lane publishes the LU
+        got = await asyncio.gather(*(ini.read(0, i * 8, 8) for i in range(LANE_READS)))
+        assert got == [b"\x5a" * 4096] * LANE_READS
+        await ini.logout()
+        await ini.close()
+    asyncio.run(io())
+    for _ in range(100):
+        if "the lane answered" in open(d.log).read():
+            break
+        time.sleep(0.05)
+    text = scrape(port)
+    answered = [int(line.split("the lane answered ")[1].split()[0])
+                for line in open(d.log) if "the lane answered" in line]
+    assert answered and answered[0] > 0, "the lane answered none: the test is moot"
+    return lambda name, **labels: value(text, name, **labels) - value(before, name, **labels)
+
+
+def assert_counted_once(delta: Callable[..., float], volume: str) -> None:
+    """lane_read_deltas' reads are each a read of ``volume``'s counters,
+    bytes and latency histogram, once."""
+    assert delta("liverestore_lu_commands_total", volume=volume, kind="read") == LANE_READS
+    assert delta("liverestore_lu_bytes_total", volume=volume, kind="read") == LANE_READS * 4096
+    assert delta("liverestore_lu_command_duration_seconds_count", volume=volume,
+                 kind="read") == LANE_READS
+
+
+def test_native_lane_reads_count_like_any_other(tmp_path, monkeypatch):
+    """Reads the native iSCSI lane answers (target/iscsi/lane.py: an
+    unpaired volume, plain READs) are in the LU's counters, bytes and
+    latency histogram, as reads through Python are."""
+    monkeypatch.setenv("LIVERESTORE_ISCSI_LANE", "1")
+    port = free_port()
+    d = Daemon(tmp_path, extra=("--metrics", str(port))).start()
+    try:
+        d.cli("volume", "create", "db1", "--size", "8M")
+        d.cli("export", "create", IQN, "--lun", "0=db1")
+        delta = lane_read_deltas(d, port, "db1")
+    finally:
+        d.stop()
+    assert_counted_once(delta, "db1")
