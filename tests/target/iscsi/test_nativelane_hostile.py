@@ -180,3 +180,217 @@ def test_simple_read_after_an_ordered_write_waits_for_it(tmp_path):
         finally:
             await srv.stop()
     run(main())
+
+
+# -- hostile PDUs: the same bytes on the wire as Python's with the lane off ----------
+#: after the answer to the closing ping, a quiet gap this long ends what
+#: the target sends for a case (answers that run off the loop come late)
+QUIET_S = 0.2
+PING_ITT = 0x7FFF0000
+LAST_LBA = (32 << 20) // 512 - 1          # LUN 0 of test_scsi_integration.start
+PATTERN = bytes(range(256)) * 4096        # the first MiB of LUN 0
+
+
+def set_lane(on: bool) -> None:
+    """The lane for the sessions logged in from now on (monkeypatched back
+    by the fixture)."""
+    lane_mod.ENABLED = datapath.LANE_ENABLED = session.LANE_ENABLED = tmf.LANE_ENABLED = on
+
+
+class Wire:
+    """Raw PDUs built from the test initiator's sequence numbers."""
+
+    def __init__(self, i: Initiator) -> None:
+        self.i = i
+
+    def cmd(self, cdb: bytes, edtl: int, *, lun: bytes | int = 0, flags: int = 0xC1,
+            byte0: int = 0x01, itt: int | None = None, cmdsn: int | None = None,
+            data: bytes = b"") -> bytes:
+        """A SCSI Command PDU (default: F R, SIMPLE, the next CmdSN)."""
+        i = self.i
+        if cmdsn is None:
+            cmdsn = i.cmdsn
+            if not byte0 & 0x40:
+                i.cmdsn = (i.cmdsn + 1) & 0xFFFFFFFF
+        bhs = bytearray(48)
+        bhs[0], bhs[1] = byte0, flags
+        bhs[5:8] = len(data).to_bytes(3, "big")
+        bhs[8:16] = lun if isinstance(lun, bytes) else bytes((0, lun)) + bytes(6)
+        struct.pack_into(">IIII", bhs, 16, i.new_itt() if itt is None else itt, edtl, cmdsn,
+                         i.exp_statsn)
+        bhs[32:32 + len(cdb)] = cdb
+        return bytes(bhs) + data + bytes(-len(data) % 4)
+
+    def read(self, lba: int = 0, blocks: int = 8, *, edtl: int | None = None, b1: int = 0,
+             ctl: int = 0, sixteen: bool = False, **kw) -> bytes:
+        if sixteen:
+            cdb = struct.pack(">BBQIBB", 0x88, b1, lba, blocks, 0, ctl)
+        else:
+            cdb = struct.pack(">BBIBHB", 0x28, b1, lba, 0, blocks, ctl)
+        return self.cmd(cdb, blocks * 512 if edtl is None else edtl, **kw)
+
+    def tmf(self, func: int, ref_itt: int, ref_cmdsn: int, *, immediate: bool = True) -> bytes:
+        i = self.i
+        bhs = bytearray(48)
+        bhs[0] = 0x02 | (0x40 if immediate else 0)
+        bhs[1] = 0x80 | func
+        struct.pack_into(">IIIIII", bhs, 16, i.new_itt(), ref_itt, i.cmdsn, i.exp_statsn,
+                         ref_cmdsn, 0)
+        if not immediate:
+            i.cmdsn += 1
+        return bytes(bhs)
+
+    def ping(self) -> bytes:
+        """An immediate NOP-Out whose NOP-In says every PDU before it was
+        parsed."""
+        i = self.i
+        bhs = bytearray(48)
+        bhs[0], bhs[1] = 0x00 | 0x40, 0x80
+        struct.pack_into(">IIII", bhs, 16, PING_ITT, 0xFFFFFFFF, i.cmdsn, i.exp_statsn)
+        return bytes(bhs)
+
+    def logout(self) -> bytes:
+        i = self.i
+        bhs = bytearray(48)
+        bhs[0], bhs[1] = 0x06 | 0x40, 0x80
+        struct.pack_into(">III", bhs, 16, i.new_itt(), 0, i.cmdsn)
+        struct.pack_into(">I", bhs, 28, i.exp_statsn)
+        return bytes(bhs)
+
+
+def _r2t_write(w: Wire, itt: int) -> bytes:
+    """A WRITE(10) of 8 blocks with no data sent: its task waits for Data-Out."""
+    return w.cmd(write10(300, 8), 4096, flags=0xA1, itt=itt)
+
+
+def _ahs_read(w: Wire) -> bytes:
+    pdu = bytearray(w.read(0, 8))
+    pdu[4] = 1                                  # one word of AHS: an extended CDB of nothing
+    return bytes(pdu) + struct.pack(">HBB", 1, 1, 0)
+
+
+CASES = {
+    "plain reads, 10 and 16": lambda w: [w.read(0, 8) + w.read(8, 8, sixteen=True) + w.read(LAST_LBA, 1)],
+    "ITT of a Python task": lambda w: [_r2t_write(w, 0x7000) + w.read(0, 8, itt=0x7000) + w.read(8, 8)],
+    "ITT all ones": lambda w: [w.read(0, 8, itt=0xFFFFFFFF) + w.read(8, 8)],
+    "same ITT twice in a row": lambda w: [w.read(0, 8, itt=0x7001) + w.read(8, 8, itt=0x7001)],
+    "CmdSN ahead, then the gap": lambda w: (
+        lambda c: [w.read(8, 8, cmdsn=c + 1) + w.read(0, 8, cmdsn=c) + w.read(16, 8, cmdsn=c + 2)])(
+        w.i.cmdsn),
+    "CmdSN ahead, gap later": lambda w: (
+        lambda c: [w.read(8, 8, cmdsn=c + 1), QUIET_S, w.read(0, 8, cmdsn=c)
+                   + w.read(16, 8, cmdsn=c + 2)])(w.i.cmdsn),
+    "CmdSN behind": lambda w: [w.read(0, 8, cmdsn=w.i.cmdsn - 1) + w.read(8, 8)],
+    "CmdSN far beyond the window": lambda w: [w.read(0, 8, cmdsn=w.i.cmdsn + 5000) + w.read(8, 8)],
+    "immediate bit": lambda w: [w.read(0, 8) + w.read(8, 8, byte0=0x41) + w.read(16, 8)],
+    "reserved opcode bit": lambda w: [w.read(0, 8) + w.read(8, 8, byte0=0x81) + w.read(16, 8)],
+    "LUN 5 peripheral": lambda w: [w.read(0, 8, lun=5)],
+    "LUN 0 flat": lambda w: [w.read(0, 8) + w.read(0, 8, lun=b"\x40\x00" + bytes(6))],
+    "LUN 5 flat": lambda w: [w.read(0, 8) + w.read(0, 8, lun=b"\x40\x05" + bytes(6))],
+    "LUN 0 bus 1": lambda w: [w.read(0, 8) + w.read(0, 8, lun=b"\x01\x00" + bytes(6))],
+    "LUN 0 second level": lambda w: [w.read(0, 8) + w.read(0, 8, lun=b"\x00\x00\x00\x01" + bytes(4))],
+    "LUN logical unit addressing": lambda w: [w.read(0, 8) + w.read(0, 8, lun=b"\x80\x00" + bytes(6))],
+    "LUN extended addressing": lambda w: [w.read(0, 8) + w.read(0, 8, lun=b"\xc1\x00" + bytes(6))],
+    "LUN absent": lambda w: [w.read(0, 8) + w.read(0, 8, lun=7)],
+    "EDTL below": lambda w: [w.read(0, 8) + w.read(0, 8, edtl=4096 - 512) + w.read(8, 8)],
+    "EDTL above": lambda w: [w.read(0, 8) + w.read(0, 8, edtl=4096 + 512) + w.read(8, 8)],
+    "EDTL zero": lambda w: [w.read(0, 8) + w.read(0, 8, edtl=0) + w.read(8, 8)],
+    "zero blocks": lambda w: [w.read(0, 8) + w.read(0, 0) + w.read(8, 8)],
+    "beyond one Data-In": lambda w: [w.read(0, 8) + w.read(0, 1024) + w.read(8, 8)],
+    "huge": lambda w: [w.read(0, 8) + w.read(0, 0xFFFF) + w.read(8, 8)],
+    "past the end": lambda w: [w.read(0, 8) + w.read(LAST_LBA, 2) + w.read(8, 8)],
+    "LBA 2^63": lambda w: [w.read(0, 8) + w.read(1 << 63, 1, sixteen=True) + w.read(8, 8)],
+    "NACA": lambda w: [w.read(0, 8) + w.read(0, 8, ctl=0x04) + w.read(8, 8, sixteen=True, ctl=0x04)],
+    "RDPROTECT": lambda w: [w.read(0, 8) + w.read(0, 8, b1=0x20) + w.read(8, 8, sixteen=True, b1=0x60)],
+    "FUA DPO, LINK, vendor bits": lambda w: [w.read(0, 8, b1=0x18) + w.read(8, 8, ctl=0x01)
+                                             + w.read(16, 8, ctl=0xC0)],
+    "F=0": lambda w: [w.read(0, 8) + w.read(0, 8, flags=0x41) + w.read(8, 8)],
+    "W and R": lambda w: [w.read(0, 8) + w.read(0, 8, flags=0xE1) + w.read(8, 8)],
+    "no R": lambda w: [w.read(0, 8) + w.read(0, 8, flags=0x81) + w.read(8, 8)],
+    "attributes": lambda w: [w.read(0, 8, flags=0xC0) + w.read(8, 8, flags=0xC2) + w.read(16, 8, flags=0xC3)
+                             + w.read(24, 8, flags=0xC4) + w.read(32, 8, flags=0xC5) + w.read(40, 8)],
+    "data segment on a READ": lambda w: [w.read(0, 8) + w.read(0, 8, data=bytes(512))],
+    "AHS": lambda w: [w.read(0, 8) + _ahs_read(w) + w.read(8, 8)],
+    "header split": lambda w: (lambda a, b: [a + b[:20], 0.05, b[20:40], 0.05, b[40:]])(
+        w.read(0, 8), w.read(8, 8)),
+    "ABORT TASK of an answered read": lambda w: (
+        lambda itt, c: [w.read(0, 8, itt=itt) + w.tmf(1, itt, c) + w.read(8, 8)])(0x7002, w.i.cmdsn),
+    "ABORT TASK, not immediate": lambda w: (
+        lambda itt, c: [w.read(0, 8, itt=itt) + w.tmf(1, itt, c, immediate=False) + w.read(8, 8)])(
+        0x7003, w.i.cmdsn),
+    "LUN RESET behind reads": lambda w: [w.read(0, 8) + w.tmf(5, 0xFFFFFFFF, 0) + w.read(8, 8)],
+    "logout behind reads": lambda w: [w.read(0, 8) + w.read(8, 8) + w.logout()],
+}
+
+
+async def _exchange(tmp_path, case, on: bool) -> tuple[bytes, int]:
+    """Log in, then send the case's bytes raw; everything the target
+    answers until it is quiet (or closes), and how many READs the lane
+    answered."""
+    set_lane(on)
+    d = tmp_path / ("on" if on else "off")
+    d.mkdir()
+    srv, files = await start(d)
+    try:
+        with open(files[0][0], "r+b") as f:
+            f.write(PATTERN)
+        i = Initiator(*srv.addresses[0], name="iqn.2025-01.org.test:wire",
+                      isid=bytes((0x40, 0, 1, 0x37, 0, 1)))
+        await i.login(IQN, immediate_data=True, initial_r2t=True)
+        await ready(i, 0)
+        await ready(i, 5)
+        lanes = [s.lane for s in srv.sessions.values() if s.lane is not None]
+        if on:
+            publish(srv, 0, 5)
+        i._reader_task.cancel()
+        await asyncio.gather(i._reader_task, return_exceptions=True)
+        w = Wire(i)
+        for part in case(w):
+            if isinstance(part, float):
+                await asyncio.sleep(part)
+            else:
+                i.writer.write(part)
+        i.writer.write(w.ping())
+        out = bytearray()
+        pinged = False
+        while True:
+            try:
+                chunk = await asyncio.wait_for(i.reader.read(1 << 20), QUIET_S if pinged else 20)
+            except asyncio.TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            pinged = pinged or any(p[0] & 0x3F == 0x20 and p[16:20] == PING_ITT.to_bytes(4, "big")
+                                   for p in _pdus(out))
+        answered = sum(lane.native.commands for lane in lanes)
+        i.writer.close()
+        return bytes(out), answered
+    finally:
+        await srv.stop()
+
+
+def _pdus(wire: bytes) -> list[bytes]:
+    out, s = [], 0
+    while s + 48 <= len(wire):
+        dlen = int.from_bytes(wire[s + 5:s + 8], "big")
+        n = 48 + wire[s + 4] * 4 + dlen + (-dlen % 4)
+        out.append(wire[s:s + n])
+        s += n
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_pdu_gets_pythons_bytes(tmp_path, name):
+    async def main():
+        off, _ = await _exchange(tmp_path, CASES[name], False)
+        on, answered = await _exchange(tmp_path, CASES[name], True)
+        assert answered, "the lane answered nothing: the case compares Python with itself"
+        if on != off:
+            a, b = _pdus(off), _pdus(on)
+            k = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise AssertionError(f"{name}: {len(a)} PDUs off, {len(b)} on; PDU {k} differs:\n"
+                                 f"off {a[k][:48].hex() if k < len(a) else None}\n"
+                                 f"on  {b[k][:48].hex() if k < len(b) else None}")
+        assert off, "the target answered nothing"
+    run(main())
