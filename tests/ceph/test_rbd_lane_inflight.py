@@ -21,13 +21,14 @@ import pytest
 from restore_core.plain_lunio import PlainLunIO
 from restore_core.stores import open_store
 from target.iscsi import IscsiServer, IscsiTargetConfig
-from target.iscsi import datapath, session, tmf
 from target.iscsi import lane as lane_mod
 from target.iscsi import pdu as P
 from target.scsi.device import ScsiDevice
 from target.scsi.identity import DeviceIdentity
 from target.scsi.lunset import LunSet
 from tests.target.iscsi.initiator import Initiator
+from tests.target.iscsi.test_nativelane_hostile import lane_on, read10  # noqa: F401 (autouse fixture)
+from tests.target.iscsi.test_scsi_integration import ready
 
 if lane_mod.Lane is None:
     pytest.skip("the native lane is not built", allow_module_level=True)
@@ -37,23 +38,6 @@ MiB = 1 << 20
 #: how long reads are held in the stopped OSD (the op timeout is 5 s)
 HELD_S = 1.5
 DATA = os.urandom(4096)
-
-
-@pytest.fixture(autouse=True)
-def lane_on(monkeypatch):
-    for m in (lane_mod, datapath, session, tmf):
-        monkeypatch.setattr(m, "ENABLED" if m is lane_mod else "LANE_ENABLED", True)
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
-
-
-async def _ready(i: Initiator) -> None:
-    for _ in range(5):
-        if (await i.scsi(0, bytes(6))).status == 0:
-            return
-    raise AssertionError("TEST UNIT READY never succeeded")
 
 
 async def _timed(coro):
@@ -108,7 +92,7 @@ async def held(ceph, *names: str) -> AsyncIterator[Held]:
         for x in names:
             i = Initiator(*srv.addresses[0], name=f"iqn.2025-01.org.test:{x}")
             await i.login(IQN)
-            await _ready(i)
+            await ready(i, 0)
             h.initiators.append(i)
         for s in srv.sessions.values():
             s.lane.check()
@@ -170,40 +154,29 @@ def test_itt_of_a_lane_read_in_flight_is_rejected_as_python_would(ceph):
     run(main())
 
 
-def test_abort_task_of_a_lane_read_in_flight_answers_after_it(ceph):
+@pytest.mark.parametrize("request_", ["ABORT TASK", "logout"])
+def test_a_request_covering_a_lane_read_in_flight_answers_after_it(ceph, request_):
+    """ABORT TASK of the read, or a logout: the read completes (it cannot be
+    aborted), then the request is answered (for the ABORT, the task no
+    longer exists)."""
     async def main():
-        async with held(ceph, "abort-a") as h:
+        async with held(ceph, "covering-a") as h:
             (a,) = h.initiators
             h.stop_osd()
             read = asyncio.create_task(_timed(a.scsi(0, read10(0, 8), read_len=4096)))
-            await h.in_flight("abort-a")
-            abort = asyncio.create_task(_timed(a.tmf(P.TMF_ABORT_TASK, 0, ref_itt=a.itt,
-                                                     ref_cmdsn=a.cmdsn - 1)))
+            await h.in_flight("covering-a")
+            if request_ == "logout":
+                req, answers = a.logout(), (0,)
+            else:
+                req = a.tmf(P.TMF_ABORT_TASK, 0, ref_itt=a.itt, ref_cmdsn=a.cmdsn - 1)
+                answers = (P.TMF_RSP_COMPLETE, P.TMF_RSP_NO_TASK)
+            answer = asyncio.create_task(_timed(req))
             await asyncio.sleep(HELD_S)
-            assert not abort.done(), "ABORT TASK answered with the read in flight"
+            assert not answer.done(), f"{request_} answered with the read in flight"
             h.continue_osd()
-            (r, t_read), (response, t_abort) = await asyncio.gather(read, abort)
-            # the read completed (it cannot be aborted), then the TMF: the
-            # task no longer exists
-            assert r.status == 0 and r.data == DATA and t_read <= t_abort
-            assert response in (P.TMF_RSP_COMPLETE, P.TMF_RSP_NO_TASK)
-    run(main())
-
-
-def test_logout_with_a_lane_read_in_flight_answers_after_it(ceph):
-    async def main():
-        async with held(ceph, "logout-a") as h:
-            (a,) = h.initiators
-            h.stop_osd()
-            read = asyncio.create_task(_timed(a.scsi(0, read10(0, 8), read_len=4096)))
-            await h.in_flight("logout-a")
-            logout = asyncio.create_task(_timed(a.logout()))
-            await asyncio.sleep(HELD_S)
-            assert not logout.done()
-            h.continue_osd()
-            (r, t_read), (response, t_logout) = await asyncio.gather(read, logout)
-            assert r.status == 0 and r.data == DATA and t_read <= t_logout
-            assert response == 0
+            (r, t_read), (response, t_answer) = await asyncio.gather(read, answer)
+            assert r.status == 0 and r.data == DATA and t_read <= t_answer
+            assert response in answers
     run(main())
 
 
@@ -234,7 +207,7 @@ def test_connection_dropped_with_lane_reads_in_flight(ceph):
                 t.cancel()
             b = Initiator(*h.srv.addresses[0], name="iqn.2025-01.org.test:drop-b")
             await b.login(IQN)
-            await _ready(b)
+            await ready(b, 0)
             for s in h.srv.sessions.values():
                 s.lane.check()
             assert (await b.scsi(0, read10(0, 8), read_len=4096)).data == DATA

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import pytest
 
@@ -68,52 +70,61 @@ def asc(r) -> tuple[int, int]:
     return r.sense[12], r.sense[13]
 
 
-async def logged_in(srv, *luns: int, name: str = "iqn.2025-01.org.test:hostile") -> Initiator:
-    i = Initiator(*srv.addresses[0], name=name)
-    await i.login(IQN, immediate_data=True)
-    for lun in luns:
-        await ready(i, lun)
-    return i
+class Lu:
+    """A server with LUNs 0 and 5, one logged-in initiator, the LUNs it is
+    ready on published to its lane."""
+
+    def __init__(self, srv, files: dict, i: Initiator) -> None:
+        self.srv, self.files, self.i = srv, files, i
+
+    def device(self, lun: int = 0):
+        return self.srv.targets[IQN].scsi_target.device(lun)
+
+    async def read(self, lun: int = 0, lba: int = 0):
+        return await self.i.scsi(lun, read10(lba, 1), read_len=512)
+
+
+@asynccontextmanager
+async def published_lu(tmp_path, *luns: int) -> AsyncIterator[Lu]:
+    srv, files = await start(tmp_path)
+    try:
+        i = Initiator(*srv.addresses[0], name="iqn.2025-01.org.test:hostile")
+        await i.login(IQN, immediate_data=True)
+        for lun in luns:
+            await ready(i, lun)
+        publish(srv, *luns)
+        yield Lu(srv, files, i)
+        await i.close()
+    finally:
+        await srv.stop()
 
 
 # -- state changes that are not commands of this target's sessions ------------------
 def test_lun_removed_revokes_it_and_queues_the_inventory_ua_at_once(tmp_path):
     async def main():
-        srv, _ = await start(tmp_path)
-        try:
-            i = await logged_in(srv, 0, 5)
-            publish(srv, 0, 5)
-            assert (await i.scsi(5, read10(0, 1), read_len=512)).status == 0
-            assert lane_reads(srv) == 1
-            srv.targets[IQN].scsi_target.remove(5)          # a control request, no command
-            assert none_published(srv)
-            r = await i.scsi(5, read10(0, 1), read_len=512)
+        async with published_lu(tmp_path, 0, 5) as lu:
+            assert (await lu.read(5)).status == 0
+            assert lane_reads(lu.srv) == 1
+            lu.srv.targets[IQN].scsi_target.remove(5)       # a control request, no command
+            assert none_published(lu.srv)
+            r = await lu.read(5)
             assert r.status == 2 and asc(r) == ASC_LU_NOT_SUPPORTED, r.sense.hex()
-            r = await i.scsi(0, read10(0, 1), read_len=512)
+            r = await lu.read(0)
             assert r.status == 2 and asc(r) == ASC_REPORTED_LUNS_CHANGED, r.sense.hex()
-            assert lane_reads(srv) == 1
-            await i.close()
-        finally:
-            await srv.stop()
+            assert lane_reads(lu.srv) == 1
     run(main())
 
 
 def test_capacity_change_outside_commands_stops_the_lane_until_reported(tmp_path):
     async def main():
-        srv, files = await start(tmp_path)
-        try:
-            i = await logged_in(srv, 0)
-            publish(srv, 0)
-            dev = srv.targets[IQN].scsi_target.device(0)
-            dev.lunio.store.grow(files[0][1] + (1 << 20))
+        async with published_lu(tmp_path, 0) as lu:
+            dev = lu.device()
+            dev.lunio.store.grow(lu.files[0][1] + (1 << 20))
             dev.lunio_changed()                             # what volume resize calls
-            assert none_published(srv)
-            r = await i.scsi(0, read10(0, 1), read_len=512)
+            assert none_published(lu.srv)
+            r = await lu.read()
             assert r.status == 2 and asc(r) == ASC_CAPACITY_CHANGED, r.sense.hex()
-            assert lane_reads(srv) == 0
-            await i.close()
-        finally:
-            await srv.stop()
+            assert lane_reads(lu.srv) == 0
     run(main())
 
 
@@ -122,38 +133,25 @@ def test_reservation_made_elsewhere_conflicts_at_once(tmp_path):
     exporting the LU) reaches no HOLDS of this target: the device's hook
     must revoke the lane."""
     async def main():
-        srv, _ = await start(tmp_path)
-        try:
-            i = await logged_in(srv, 0)
-            publish(srv, 0)
-            dev = srv.targets[IQN].scsi_target.device(0)
-            dev.pr.reserve_spc2(("iqn.2025-01.org.test:elsewhere", "tcmu"))
-            assert none_published(srv)
-            assert (await i.scsi(0, read10(0, 1), read_len=512)).status == 0x18
-            assert lane_reads(srv) == 0
-            dev.pr.release_spc2(("iqn.2025-01.org.test:elsewhere", "tcmu"))
-            await i.close()
-        finally:
-            await srv.stop()
+        async with published_lu(tmp_path, 0) as lu:
+            elsewhere = ("iqn.2025-01.org.test:elsewhere", "tcmu")
+            lu.device().pr.reserve_spc2(elsewhere)
+            assert none_published(lu.srv)
+            assert (await lu.read()).status == 0x18
+            assert lane_reads(lu.srv) == 0
+            lu.device().pr.release_spc2(elsewhere)
     run(main())
 
 
 def test_mode_change_elsewhere_takes_the_lun_back_at_once(tmp_path):
     async def main():
-        srv, _ = await start(tmp_path)
-        try:
-            i = await logged_in(srv, 0)
-            publish(srv, 0)
-            dev = srv.targets[IQN].scsi_target.device(0)
+        async with published_lu(tmp_path, 0) as lu:
             caching = bytes((0x08, 0x12)) + bytes(18)      # WCE off
-            assert dev.mode.select(bytes((0x15, 0x10, 0, 0, 24, 0)), bytes(4) + caching,
-                                   ten=False, block_size=512)
-            assert none_published(srv)
-            assert (await i.scsi(0, read10(0, 1), read_len=512)).status == 0
-            assert lane_reads(srv) == 0
-            await i.close()
-        finally:
-            await srv.stop()
+            assert lu.device().mode.select(bytes((0x15, 0x10, 0, 0, 24, 0)), bytes(4) + caching,
+                                           ten=False, block_size=512)
+            assert none_published(lu.srv)
+            assert (await lu.read()).status == 0
+            assert lane_reads(lu.srv) == 0
     run(main())
 
 
@@ -163,10 +161,8 @@ def test_simple_read_after_an_ordered_write_waits_for_it(tmp_path):
     must see its data and be answered after it (a higher StatSN), not by
     the lane meanwhile."""
     async def main():
-        srv, _ = await start(tmp_path)
-        try:
-            i = await logged_in(srv, 0)
-            publish(srv, 0)
+        async with published_lu(tmp_path, 0) as lu:
+            i = lu.i
             for k in range(8):
                 data = os.urandom(4096)
                 w, r = await asyncio.gather(
@@ -175,10 +171,7 @@ def test_simple_read_after_an_ordered_write_waits_for_it(tmp_path):
                 assert w.status == 0 and r.status == 0
                 assert r.data == data, k
                 assert w.response.u32(24) < r.response.u32(24), k
-                publish(srv, 0)
-            await i.close()
-        finally:
-            await srv.stop()
+                publish(lu.srv, 0)
     run(main())
 
 
