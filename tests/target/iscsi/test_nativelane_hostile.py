@@ -21,7 +21,13 @@ from target.iscsi import lane as lane_mod
 if lane_mod.Lane is None:
     pytest.skip("the native lane is not built", allow_module_level=True)
 
-from target.iscsi import datapath, session, tmf  # noqa: E402
+from restore_core.engine import Engine  # noqa: E402
+from restore_core.metadata import MemoryMetadataStore  # noqa: E402
+from restore_core.stores.file import FileBlockStore  # noqa: E402
+from target.iscsi import IscsiServer, IscsiTargetConfig, datapath, session, tmf  # noqa: E402
+from target.scsi.device import ScsiDevice  # noqa: E402
+from target.scsi.identity import DeviceIdentity  # noqa: E402
+from target.scsi.lunset import LunSet  # noqa: E402
 
 from .initiator import Initiator  # noqa: E402
 from .test_scsi_integration import IQN, ready, run, start  # noqa: E402
@@ -155,6 +161,42 @@ def test_mode_change_elsewhere_takes_the_lun_back_at_once(tmp_path):
     run(main())
 
 
+def test_pair_created_on_the_volume_revokes_at_once(tmp_path):
+    """The LunIO's own changes (here a pair created on the volume: a paired
+    volume is never direct) reach the lane through its lease
+    (DirectLease.on_change), inside the change."""
+    async def main():
+        eng = Engine(MemoryMetadataStore())
+        for name in ("src", "cln"):
+            eng.add_volume(name, FileBlockStore(str(tmp_path / f"{name}.img"), 4 << 20, create=True))
+        await eng.start()
+        ident = DeviceIdentity(product_id="liverestore", revision="0001", serial="lanepair",
+                               naa="5000000000000002", t10_vendor_id="lanepair")
+        srv = IscsiServer([IscsiTargetConfig(IQN, LunSet({0: ScsiDevice(eng.volume_io("cln"), ident)}))],
+                          [("127.0.0.1", 0)])
+        await srv.start()
+        try:
+            i = Initiator(*srv.addresses[0], name="iqn.2025-01.org.test:pair")
+            await i.login(IQN)
+            await ready(i, 0)
+            publish(srv, 0)
+            assert (await i.scsi(0, read10(0, 1), read_len=512)).status == 0
+            assert lane_reads(srv) == 1
+            p = await eng.create_pair("src", "cln", extent_size=65536)
+            assert none_published(srv)
+            await i.scsi(0, read10(0, 1), read_len=512)     # Python's answer, whatever it is
+            assert lane_reads(srv) == 1
+            await eng.wait_job(p.id, 30)
+            await eng.delete_pair(p.id, force=True)
+            await ready(i, 0)
+            publish(srv, 0)                                 # direct again
+            await i.close()
+        finally:
+            await srv.stop()
+            await eng.close()
+    run(main())
+
+
 def test_simple_read_after_an_ordered_write_waits_for_it(tmp_path):
     """SAM: a SIMPLE task does not start before an earlier ORDERED one ends.
     An ORDERED FUA write waits for its flush in Python; the READ behind it
@@ -275,6 +317,8 @@ CASES = {
                    + w.read(16, 8, cmdsn=c + 2)])(w.i.cmdsn),
     "CmdSN behind": lambda w: [w.read(0, 8, cmdsn=w.i.cmdsn - 1) + w.read(8, 8)],
     "CmdSN far beyond the window": lambda w: [w.read(0, 8, cmdsn=w.i.cmdsn + 5000) + w.read(8, 8)],
+    "window closed": lambda w: [w.read(0, 8) + b"".join(w.cmd(write10(300 + 8 * k, 8), 4096, flags=0xA1)
+                                                         for k in range(128)) + w.read(8, 8)],
     "immediate bit": lambda w: [w.read(0, 8) + w.read(8, 8, byte0=0x41) + w.read(16, 8)],
     "reserved opcode bit": lambda w: [w.read(0, 8) + w.read(8, 8, byte0=0x81) + w.read(16, 8)],
     "LUN 5 peripheral": lambda w: [w.read(0, 8, lun=5)],
