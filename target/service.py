@@ -663,6 +663,9 @@ class Service(GroupOps):
             store.grow(want)
         except (OSError, BlockStoreError) as e:
             raise ServiceError(_why(rec.path, e)) from e
+        dev = self.devices.get(name)
+        if dev is not None:
+            dev.lunio_changed()         # hosts see the new capacity's UA from now on
         rec.size = want
         self.cfg.put_volume(rec)
         return self.volume_show(name)

@@ -261,7 +261,15 @@ class IscsiConnection(asyncio.BufferedProtocol):
             avail = self.end - s
             lane = session.lane if session is not None else None
             if (lane is not None and avail >= BHS_LEN and buf[s] == P.OP_SCSI_CMD
-                    and lane.native.published and not session.logging_out and not self.write_paused):
+                    and lane.native.published and not session.logging_out):
+                if self.write_paused:
+                    # the peer is behind reading what the lane sent: a READ
+                    # left to Python now would only wait for drain() in _run,
+                    # up to the window's depth of them, and a peer that
+                    # ignores MaxCmdSN then loses commands; take nothing
+                    # from it until it has read (resume_writing)
+                    self._pause_reading()
+                    break
                 if self._lane_scan(session, lane.native, s):
                     continue
             if avail < BHS_LEN:

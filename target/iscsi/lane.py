@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import asyncio
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 #: in the daemon's environment turns it off (an escape hatch: every command
 #: then takes Python's path, which the lane leaves byte-for-byte as it was).
 ENABLED = Lane is not None and os.environ.get("LIVERESTORE_ISCSI_LANE", "1") != "0"
+#: The poll is a net, not the mechanism: every state change that can end a
+#: LUN's route revokes it synchronously -- commands of this target's
+#: sessions hold every lane while they run (HOLDS), the LunIO calls the
+#: lease's on_change, the ScsiDevice calls watch_route's callback (a UA
+#: queued, a reservation or mode page changed, capacity, the LUN removed).
+#: What the poll still does is publish again a LUN whose refusal ended
+#: without a call (a unit attention reported by a plain READ, a pair
+#: deleted, a gate reopened): late, that costs speed, never a wrong answer.
 ROUTE_CHECK_S = 0.1
 #: opcodes that cannot change any nexus's route (the lane answers the reads)
 PLAIN_IO = frozenset((0x28, 0x2A, 0x88, 0x8A))
@@ -74,6 +83,8 @@ class SessionLane:
         self._scsi_target: Any = None
         self._closed = False
         self._draining: dict[int, tuple[DirectLease, int]] = {}   # revoked, reads in flight
+        self._unwatch: dict[int, Callable[[], None]] = {}     # published LUN -> stop its device's calls
+        self._check_due = False
         self._idle: list[asyncio.Future] = []
         loop = session.conn.loop
         self._rbd = NATIVE_API is not None
@@ -133,18 +144,43 @@ class SessionLane:
             fd = -1 if image else os.dup(store.fd)
             self._leases[lun] = (lease, fd)
             lease.on_change = self.check
+            self._unwatch[lun] = dev.watch_route(partial(self._device_changed, lun))
             self.native.set_lun(lun, fd, dev.block_size, dev.num_blocks, dev.limits.max_transfer,
                                 image)
 
     def _revoke(self, lun: int) -> None:
         lease, fd = self._leases.pop(lun)
         self.native.set_lun(lun, -1)
+        self._unwatch.pop(lun)()
         if fd >= 0:
             os.close(fd)
         if self.native.lun_counts(lun)[2]:
             self._draining[lun] = (lease, fd)     # its gate stays entered until they end
         else:
             lease.release()
+
+    def _device_changed(self, lun: int) -> None:
+        """The LUN's ScsiDevice changed state (ScsiDevice.watch_route): no
+        lane read of it from now on; whether it may be published again is
+        decided after the change, not inside it."""
+        if lun in self._leases:
+            self._revoke(lun)
+        if not self._check_due and not self._closed:
+            self._check_due = True
+            self.session.conn.loop.call_soon(self._check_now)
+
+    def _check_now(self) -> None:
+        self._check_due = False
+        if not self._closed:
+            self._checked()
+
+    def _checked(self) -> None:
+        """check(), and a failed one takes every LUN back."""
+        try:
+            self.check()
+        except Exception:
+            log.exception("session %s: lane route check failed", self.session.tsih)
+            self.revoke_all()
 
     # -- RBD reads in flight -------------------------------------------------------
     def _complete(self) -> None:
@@ -226,11 +262,7 @@ class SessionLane:
     def _poll(self) -> None:
         if self._closed:
             return
-        try:
-            self.check()
-        except Exception:
-            log.exception("session %s: lane route check failed", self.session.tsih)
-            self.revoke_all()
+        self._checked()
         self._timer = self.session.conn.loop.call_later(ROUTE_CHECK_S, self._poll)
 
     # -- metrics ------------------------------------------------------------------

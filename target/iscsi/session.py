@@ -27,7 +27,7 @@ from .datapath import DataPathMixin
 from .lane import ENABLED as LANE_ENABLED
 from .lane import HOLDS, PLAIN_IO, SessionLane
 from .params import NOT_UNDERSTOOD, REJECT, TextError, encode_text, parse_text
-from .task import ProtocolViolation, Task
+from .task import ATTR_ORDERED, ProtocolViolation, Task
 from .tmf import TaskManagementMixin
 
 __all__ = ["Session", "ProtocolViolation", "iscsi_transport_id"]
@@ -142,8 +142,10 @@ class Session(DataPathMixin, TaskManagementMixin):
     # -- the native lane (SPIKE) ------------------------------------------------
     def lane_hold(self, task: Task) -> None:
         """A command that may change any nexus's route starts: every lane of
-        the target stops answering until it ends (lane_release)."""
-        if task.cdb[0] in PLAIN_IO:
+        the target stops answering until it ends (lane_release). An ORDERED
+        READ/WRITE holds too: the SIMPLE commands behind it wait for its end
+        (SAM), which only Python's path does (_ordering_deps)."""
+        if task.cdb[0] in PLAIN_IO and task.attr != ATTR_ORDERED:
             return
         self._lane_holds.append(task)
         self.lanes_stop()

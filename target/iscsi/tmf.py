@@ -13,6 +13,9 @@ from .task import Task
 log = logging.getLogger("target.iscsi.session")
 
 ABORT_WAIT = 30.0          # bound on waiting for aborted/cancelled commands
+#: the functions that abort the tasks of other sessions too
+OTHER_SESSIONS = frozenset((P.TMF_CLEAR_TASK_SET, P.TMF_LUN_RESET, P.TMF_TARGET_WARM_RESET,
+                            P.TMF_TARGET_COLD_RESET))
 
 
 class TaskManagementMixin:
@@ -37,8 +40,8 @@ class TaskManagementMixin:
             # session's lane reads end first (they are not abortable)
             self.lanes_stop()
         try:
-            if self.lane is not None:
-                await self.lane.drained()
+            if LANE_ENABLED:
+                await self._lane_reads_end(func)
             response = await self._tmf_do(pdu, func, lun)
         except asyncio.CancelledError:
             raise
@@ -56,6 +59,25 @@ class TaskManagementMixin:
             await self.conn.drain()
             for s in self.server.sessions_of(self.target):
                 s.conn.close("target cold reset")
+
+    async def _lane_reads_end(self, func: int) -> None:
+        """Until the lane reads this function covers have ended (they cannot
+        be aborted: librbd owns their buffers; each is answered as completed
+        before it): this session's, and for the functions that abort other
+        sessions' tasks every session's of the target (SAM: a reset completes
+        after the tasks it aborts). The caller stopped every lane of the
+        target, so none starts meanwhile. A LUN RESET waits for reads of
+        other LUNs too: they end as soon, and no per-LUN wait is needed.
+        Bounded as aborting Python's tasks is."""
+        sessions = [self] if func not in OTHER_SESSIONS else self.server.sessions_of(self.target)
+        reads = [s.lane.drained() for s in sessions if s.lane is not None]
+        if not reads:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*reads), ABORT_WAIT)
+        except asyncio.TimeoutError:
+            log.warning("session %s: TMF %d answered with lane reads still in flight after %.0f s",
+                        self.tsih, func, ABORT_WAIT)
 
     async def _tmf_do(self, pdu: P.Pdu, func: int, lun: int) -> int:
         if func == P.TMF_ABORT_TASK:

@@ -85,6 +85,9 @@ class ScsiDevice:
         # its unit attention, before any handler runs); kept with _size
         self.num_blocks = self._size // block_size
         self._last_access: Access | None = None
+        # who answers plain READ/WRITEs without asking submit (watch_route)
+        self._route_watchers: list[Callable[[], None]] = []
+        self.ua.on_queue = self.pr.on_change = self.mode.on_change = self.route_changed
 
     # -- state the handlers read -------------------------------------------------
     def read_only(self) -> bool:
@@ -112,6 +115,35 @@ class ScsiDevice:
         if lunio.generation != self._generation or lunio.size != self._size:
             return "LU changed"
         return None
+
+    def watch_route(self, changed: Callable[[], None]) -> Callable[[], None]:
+        """Call ``changed`` (on the loop, synchronously) right after any
+        change that may make direct_refusal say no for some nexus -- a unit
+        attention queued, a reservation or mode page changed, the LunIO's size
+        or generation noticed, the LU taken out of its LunSet -- whether a
+        command of any transport or a control request made it. A transport
+        that answers plain commands itself stops there (it must not block
+        nor re-publish from inside the change; it re-checks later). Returns
+        the function that stops the calls."""
+        self._route_watchers.append(changed)
+
+        def unwatch() -> None:
+            if changed in self._route_watchers:
+                self._route_watchers.remove(changed)
+        return unwatch
+
+    def route_changed(self) -> None:
+        for changed in self._route_watchers[:]:
+            changed()
+
+    def lunio_changed(self) -> None:
+        """The LunIO's size or generation changed outside a command (a
+        control request: the volume grown): queue its unit attention now,
+        not at the next command's dispatch, so that no transport answers a
+        command as if nothing happened."""
+        lunio = self.lunio
+        if lunio.generation != self._generation or lunio.size != self._size:
+            self._poll_lunio()
 
     # -- transport-facing ----------------------------------------------------------
     def submit(self, cmd: ScsiCommand) -> ScsiResponse | Coroutine[Any, Any, ScsiResponse]:

@@ -57,6 +57,7 @@ class LunSet:
 
     def remove(self, lun: int) -> ScsiDevice:
         dev = self._devices.pop(lun)
+        dev.route_changed()             # nobody answers for it any more
         self._inventory_changed(lun)
         return dev
 

@@ -10,6 +10,7 @@ PC=11b and SP=1 are refused as SPC requires.
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 from . import constants as c
 from .sense import (CheckCondition, invalid_cdb, invalid_param,
@@ -49,6 +50,8 @@ class ModePages:
         self._changeable[CACHING][2] = _WCE
         self._changeable[CONTROL][2] = _D_SENSE
         self._current = {code: bytearray(p) for code, p in self._default.items()}
+        #: called after the current pages change (ScsiDevice.route_changed)
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def write_cache(self) -> bool:
@@ -61,6 +64,8 @@ class ModePages:
     def reset(self) -> None:
         """Back to defaults (SAM: a LU reset restores mode parameters)."""
         self._current = {code: bytearray(p) for code, p in self._default.items()}
+        if self.on_change is not None:
+            self.on_change()
 
     # -- MODE SENSE -----------------------------------------------------------
     def sense(self, cdb: bytes, *, ten: bool, num_blocks: int, block_size: int,
@@ -169,4 +174,6 @@ class ModePages:
             if new != self._current[code]:
                 self._current[code] = new
                 changed = True
+        if changed and self.on_change is not None:
+            self.on_change()
         return changed

@@ -19,7 +19,7 @@ import json
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from . import constants as c
 from .api import Nexus
@@ -133,6 +133,8 @@ class Reservations:
         self.generation = 0
         self.aptpl = False
         self.spc2_holder: NexusKey | None = None
+        #: called after any change of the state above (ScsiDevice.route_changed)
+        self.on_change: Callable[[], None] | None = None
         self._load()
 
     # -- persistence --------------------------------------------------------
@@ -147,7 +149,14 @@ class Reservations:
                 "registrations": regs, "reservation": res}
 
     def _save(self) -> None:
-        self.store.save(self.state())
+        try:
+            self.store.save(self.state())
+        finally:                # changed in memory either way
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _load(self) -> None:
         try:
@@ -220,20 +229,24 @@ class Reservations:
         if self.registrations or (self.spc2_holder is not None and self.spc2_holder != key):
             raise ReservationConflict()
         self.spc2_holder = key
+        self._changed()
 
     def release_spc2(self, key: NexusKey) -> None:
         if self.registrations:
             raise ReservationConflict()
         if self.spc2_holder == key:
             self.spc2_holder = None
+            self._changed()
 
     def reset(self) -> None:
         """LU reset / target reset: SPC-2 reservations go, PR state stays."""
         self.spc2_holder = None
+        self._changed()
 
     def nexus_lost(self, key: NexusKey) -> None:
         if self.spc2_holder == key:
             self.spc2_holder = None
+            self._changed()
 
     # -- PERSISTENT RESERVE IN ----------------------------------------------
     def pr_in(self, cdb: bytes, nexus: Nexus) -> bytes:

@@ -11,7 +11,7 @@ as parameter data instead of CHECK CONDITION).
 from __future__ import annotations
 
 from collections import deque
-from typing import Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 from . import constants as c
 
@@ -22,6 +22,10 @@ _MAX_QUEUED = 16     # a nexus that never polls must not grow without bound
 class UnitAttentions:
     def __init__(self) -> None:
         self._queues: dict[NexusKey, deque[tuple[int, int]]] = {}
+        #: called after a UA is queued on nexuses that may not know yet
+        #: (ScsiDevice.route_changed: a transport answering plain READs
+        #: itself must stop before their next command)
+        self.on_queue: Callable[[], None] | None = None
 
     def known(self, key: NexusKey) -> bool:
         return key in self._queues
@@ -43,6 +47,7 @@ class UnitAttentions:
     def establish(self, asc_ascq: tuple[int, int], keys: Iterable[NexusKey] | None = None,
                   *, exclude: NexusKey | None = None) -> None:
         """Queue a UA on the given nexuses (default: every known one)."""
+        queued = False
         for key in list(self._queues) if keys is None else keys:
             if key == exclude:
                 continue
@@ -54,12 +59,17 @@ class UnitAttentions:
             if len(q) >= _MAX_QUEUED:
                 q.popleft()
             q.append(asc_ascq)
+            queued = True
+        if queued and self.on_queue is not None:
+            self.on_queue()
 
     def reset(self, asc_ascq: tuple[int, int]) -> None:
         """A reset supersedes whatever was pending: it is the one thing to report."""
         for q in self._queues.values():
             q.clear()
             q.append(asc_ascq)
+        if self.on_queue is not None:
+            self.on_queue()
 
     def pop(self, key: NexusKey) -> tuple[int, int] | None:
         q = self._queues.get(key)
