@@ -14,8 +14,9 @@ setup(ext_modules=[
     Extension("restore_core.stores._rbdaio", ["restore_core/stores/_rbdaio.c"],
               depends=["restore_core/stores/rbdaio_api.h"],
               extra_compile_args=["-O2", "-Wall"], optional=True),
-    # SPIKE: plain iSCSI READs answered in C (target/iscsi/_nativelane.c,
+    # plain iSCSI READs answered in C (target/iscsi/_nativelane.c,
     # docs/native-lane.md); optional: without it every PDU takes Python's path
     Extension("target.iscsi._nativelane", ["target/iscsi/_nativelane.c"],
+              depends=["restore_core/stores/rbdaio_api.h"],
               extra_compile_args=["-O2", "-Wall"], optional=True),
 ])

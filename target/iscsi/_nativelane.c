@@ -1,5 +1,5 @@
 /*
- * SPIKE (docs/native-lane.md): the native data lane of one iSCSI session.
+ * The native READ lane of one iSCSI session (docs/native-lane.md).
  *
  * Why: a 4 KiB READ through the Python receive path, the SCSI layer and the
  * Data-In encoder costs the event loop ~17 us of CPU (77% of it in
@@ -18,10 +18,8 @@
  * these stops the scan at that PDU, unconsumed: Python parses it exactly as
  * without the lane (it answers with sense whatever deserves sense).
  *
- * The command is finished before scan returns (one Data-In carrying the
- * status appended to the connection's corked output), so no native command
- * is ever in flight when Python runs: task management, logout and session
- * close find nothing of the lane's to wait for. RBD reads are in flight
+ * A file read is finished before scan returns (one Data-In carrying the
+ * status appended to the connection's corked output). RBD reads are in flight
  * across loop turns: queued on the store's submitter thread (its C API,
  * same fence), answered by complete() when GOOD, else handed back to
  * Python as their command; each holds budget credit while in flight.
@@ -786,7 +784,7 @@ static PyTypeObject LaneType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_nativelane", "the native iSCSI READ lane (spike)", -1, NULL
+    PyModuleDef_HEAD_INIT, "_nativelane", "the native iSCSI READ lane", -1, NULL
 };
 
 PyMODINIT_FUNC PyInit__nativelane(void) {

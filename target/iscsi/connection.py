@@ -340,7 +340,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 self.mv = memoryview(self.buf)
 
     def _lane_scan(self, session: Session, native, s: int) -> bool:
-        """SPIKE: let the native lane answer the plain READs at the head of
+        """Let the native lane answer the plain READs at the head of
         the buffer (target/iscsi/lane.py); True if it answered any."""
         w = session.window
         start, nbytes, n, started = native.scan(self.buf, s, self.end, session.tasks, self._wbuf, self.statsn,

@@ -1,18 +1,20 @@
-"""SPIKE (docs/native-lane.md): the published route of a session's native
-READ lane (target/iscsi/_nativelane.c).
+"""The published route of a session's native READ lane
+(target/iscsi/_nativelane.c; design and numbers in docs/native-lane.md).
 
 The route is published, not re-made per command, as the TCMU native ring
 does (target/tcmu/native_device.py): a LUN is direct for this session while
 its ScsiDevice says this nexus's plain READ/WRITEs need no check beyond
 their CDB (``direct_refusal``) and the session holds the LunIO's
-:class:`~restore_core.direct.DirectLease` on a file store. Unlike a TCMU
-device, an iSCSI LU has several nexuses: a command of any session of the
-target that is not a plain READ/WRITE may change what every session may do
-(a reservation, a unit attention, MODE SELECT), so its delivery takes every
-session's lane back (``hold``) and its end re-checks them; the lease's
-on_change and a poll every ``ROUTE_CHECK_S`` are the net under both. The
-lane answers commands inside its scan, on the loop's thread, so taking a
-LUN back needs no waiting: no native command is ever in flight.
+:class:`~restore_core.direct.DirectLease` on a file store or an unfenced
+RBD store. Unlike a TCMU device, an iSCSI LU has several nexuses: a command
+of any session of the target that is not a plain READ/WRITE may change what
+every session may do (a reservation, a unit attention, MODE SELECT), so its
+delivery takes every session's lane back (``hold``) and its end re-checks
+them; state changes that are not commands revoke through the device's
+``watch_route`` and the lease's ``on_change``, synchronously. A file read
+finishes inside the scan; an RBD read is in flight across loop turns, so
+taking its LUN back keeps the lease until the last one completes, and task
+management and close wait for them (``drained``).
 """
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ class IscsiServer:
         self.targets[iqn].scsi_target = scsi_target
         for s in self.sessions_of(self.targets[iqn]):
             if s.lane is not None:
-                s.lane.check()        # SPIKE: no lane answers from the old set
+                s.lane.check()        # no lane answers from the old set
 
     def set_acl(self, iqn: str, acl: set[str] | None) -> None:
         cfg = self.targets[iqn]

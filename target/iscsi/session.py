@@ -101,7 +101,7 @@ class Session(DataPathMixin, TaskManagementMixin):
         self.single_data_in = min(prm.initiator_mrdsl, prm.max_burst_length) if self.plain_pdus else 0
         self._scsi_target = None                # the ScsiTarget _scsi_submit is for
         self._scsi_submit = None
-        # SPIKE: the native READ lane (lane.py), off unless LIVERESTORE_ISCSI_LANE=1
+        # the native READ lane (lane.py); LIVERESTORE_ISCSI_LANE=0 turns it off
         self.lane = SessionLane(self) if LANE_ENABLED and self.plain_pdus and not self.discovery else None
         self._lane_holds: list[Task] = []       # our commands that hold every lane of the target
 
@@ -139,7 +139,7 @@ class Session(DataPathMixin, TaskManagementMixin):
         self.conn.send(P.build_bhs(P.OP_REJECT, P.FLAG_FINAL, b2=reason, itt=P.ALL_ONES,
                                    fields=self._sn_fields(self.conn.next_statsn())), bytes(bhs[:P.BHS_LEN]))
 
-    # -- the native lane (SPIKE) ------------------------------------------------
+    # -- the native lane --------------------------------------------------------
     def lane_hold(self, task: Task) -> None:
         """A command that may change any nexus's route starts: every lane of
         the target stops answering until it ends (lane_release). An ORDERED

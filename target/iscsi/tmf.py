@@ -36,7 +36,7 @@ class TaskManagementMixin:
         func = pdu.flags & 0x7F
         lun = pdu.lun
         if LANE_ENABLED:
-            # SPIKE: no lane starts a read while it runs, and this
+            # no lane starts a read while it runs, and this
             # session's lane reads end first (they are not abortable)
             self.lanes_stop()
         try:
