@@ -112,7 +112,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     lun_t luns[N_LUNS];
-    int published;              /* LUNs with fd >= 0 */
+    int published;              /* LUNs published (a file fd or an RBD submitter) */
     int nowait;
     unsigned int statsn, exp_cmdsn, max_cmdsn;
     unsigned long long commands, bytes, would_block;
@@ -172,6 +172,30 @@ static inline uint32_t be32(const uint8_t *p) {
 static inline uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
 static inline void put32(uint8_t *p, uint32_t v) {
     p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+/* A Data-In PDU's header carrying the whole of a READ's ``n`` bytes and its
+ * status GOOD (phase-collapsed), into the BHS_LEN bytes at ``p``. */
+static void good_data_in(uint8_t *p, uint32_t itt, uint32_t n, uint32_t statsn, uint32_t exp,
+                         uint32_t maxsn) {
+    memset(p, 0, BHS_LEN);
+    p[0] = OP_DATA_IN;
+    p[1] = 0x81;                /* F, S: phase-collapsed status GOOD */
+    p[5] = n >> 16; p[6] = n >> 8; p[7] = n;
+    put32(p + 16, itt);
+    put32(p + 20, 0xFFFFFFFFu);
+    put32(p + 24, statsn);
+    put32(p + 28, exp);
+    put32(p + 32, maxsn);
+}
+
+/* MaxCmdSN once ``room`` more commands fit the window after ExpCmdSN
+ * ``exp``: it only ever moves forward (serial arithmetic). */
+static uint32_t advanced_maxsn(uint32_t exp, long room, uint32_t maxsn) {
+    uint32_t cand = exp + (uint32_t)room - 1;
+    if ((uint32_t)(cand - maxsn) && (uint32_t)(cand - maxsn) < 0x80000000u)
+        return cand;
+    return maxsn;
 }
 
 static inline double now_s(void) {
@@ -562,9 +586,7 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
     for (req_t *r = d; r != NULL; r = r->next)
         ncmds += r->rc == 0;
     room += (long)ncmds;
-    uint32_t cand = exp + (uint32_t)room - 1;
-    if ((uint32_t)(cand - maxsn) && (uint32_t)(cand - maxsn) < 0x80000000u)
-        maxsn = cand;
+    maxsn = advanced_maxsn(exp, room, maxsn);
     PyObject *retry = NULL;
     int err = 0;
     while (d != NULL) {
@@ -586,19 +608,9 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
                 err = 1;
             Py_XDECREF(bhs);
         } else if (!err && out != Py_None) {
-            uint8_t *p = r->pdu;
             uint32_t n = r->n;
-            memset(p, 0, BHS_LEN);
-            p[0] = OP_DATA_IN;
-            p[1] = 0x81;            /* F, S: phase-collapsed status GOOD */
-            p[5] = n >> 16; p[6] = n >> 8; p[7] = n;
-            put32(p + 16, r->itt);
-            put32(p + 20, 0xFFFFFFFFu);
-            put32(p + 24, statsn);
-            statsn += 1;
-            put32(p + 28, exp);
-            put32(p + 32, maxsn);
-            PyObject *pdu = PyBytes_FromStringAndSize((char *)p, BHS_LEN + n);
+            good_data_in(r->pdu, r->itt, n, statsn++, exp, maxsn);
+            PyObject *pdu = PyBytes_FromStringAndSize((char *)r->pdu, BHS_LEN + n);
             if (pdu == NULL || PyList_Append(out, pdu) < 0)
                 err = 1;
             else {
@@ -708,19 +720,8 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         /* the command is taken: ExpCmdSN moves on; it completes here, so
          * the window's in-flight count is unchanged and MaxCmdSN moves on */
         exp += 1;
-        uint32_t cand = exp + (uint32_t)room - 1;
-        if ((uint32_t)(cand - maxsn) && (uint32_t)(cand - maxsn) < 0x80000000u)
-            maxsn = cand;
-        memset(p, 0, BHS_LEN);
-        p[0] = OP_DATA_IN;
-        p[1] = 0x81;            /* F, S: phase-collapsed status GOOD */
-        p[5] = n >> 16; p[6] = n >> 8; p[7] = n;
-        put32(p + 16, itt);
-        put32(p + 20, 0xFFFFFFFFu);
-        put32(p + 24, statsn);
-        statsn += 1;
-        put32(p + 28, exp);
-        put32(p + 32, maxsn);
+        maxsn = advanced_maxsn(exp, room, maxsn);
+        good_data_in(p, itt, n, statsn++, exp, maxsn);
         int rc = PyList_Append(out, pdu);
         Py_DECREF(pdu);
         if (rc < 0)
@@ -746,7 +747,7 @@ static PyMethodDef Lane_methods[] = {
     {"set_lun", (PyCFunction)Lane_set_lun, METH_VARARGS, "publish a LUN direct (fd) or take it back (-1)"},
     {"scan", (PyCFunction)Lane_scan, METH_VARARGS, "answer the plain READs at the head of the buffer"},
     {"lun_counts", (PyCFunction)Lane_lun_counts, METH_O, "(reads, bytes, in flight) of a LUN"},
-    {"set_rbd", (PyCFunction)Lane_set_rbd, METH_VARARGS, "librbd's function addresses"},
+    {"set_rbd", (PyCFunction)Lane_set_rbd, METH_VARARGS, "the RBD submitters' C API and the budget's top-up"},
     {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "the eventfd finished RBD reads bump"},
     {"busy", (PyCFunction)Lane_busy, METH_O, "is this ITT one of the lane's in flight"},
     {"complete", (PyCFunction)Lane_complete, METH_VARARGS, "answer the finished RBD reads"},
