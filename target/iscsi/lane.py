@@ -84,7 +84,7 @@ class SessionLane:
         self._leases: dict[int, tuple[DirectLease, int]] = {}
         self._scsi_target: Any = None
         self._closed = False
-        self._draining: dict[int, tuple[DirectLease, int]] = {}   # revoked, reads in flight
+        self._draining: dict[int, DirectLease] = {}   # revoked LUN -> its lease, reads in flight
         self._unwatch: dict[int, Callable[[], None]] = {}     # published LUN -> stop its device's calls
         self._check_due = False
         self._idle: list[asyncio.Future] = []
@@ -138,17 +138,17 @@ class SessionLane:
             if lease is None:
                 continue
             store = lease.store
-            image = _rbd_image(store) if self._rbd and lun not in self._draining else 0
-            if ((not isinstance(store, FileBlockStore) and not image)
+            aio = _rbd_submitter(store) if self._rbd and lun not in self._draining else 0
+            if ((not isinstance(store, FileBlockStore) and not aio)
                     or store.size < dev.num_blocks * dev.block_size):
                 lease.release()
                 continue
-            fd = -1 if image else os.dup(store.fd)
+            fd = -1 if aio else os.dup(store.fd)
             self._leases[lun] = (lease, fd)
             lease.on_change = self.check
             self._unwatch[lun] = dev.watch_route(partial(self._device_changed, lun))
             self.native.set_lun(lun, fd, dev.block_size, dev.num_blocks, dev.limits.max_transfer,
-                                image)
+                                aio)
 
     def _revoke(self, lun: int) -> None:
         lease, fd = self._leases.pop(lun)
@@ -157,7 +157,7 @@ class SessionLane:
         if fd >= 0:
             os.close(fd)
         if self.native.lun_counts(lun)[2]:
-            self._draining[lun] = (lease, fd)     # its gate stays entered until they end
+            self._draining[lun] = lease     # its gate stays entered until they end
         else:
             lease.release()
 
@@ -210,7 +210,7 @@ class SessionLane:
         # (of any session) wait for budget: idle credit must not starve them
         self._give_credit(0 if s.budget.server.waiting() else 2 * CREDIT_BLOCK)
         for lun in [lun for lun in self._draining if not self.native.lun_counts(lun)[2]]:
-            self._draining.pop(lun)[0].release()
+            self._draining.pop(lun).release()
         if not self.native.inflight:
             for f in self._idle:
                 if not f.done():
@@ -300,7 +300,7 @@ class SessionLane:
             self.session.conn.loop.remove_reader(self._fd)
 
 
-def _rbd_image(store: object) -> object:
+def _rbd_submitter(store: object) -> object:
     """The submitter of an RBD store the lane may read through (0: none)."""
     if not isinstance(store, RbdStore):
         return 0
