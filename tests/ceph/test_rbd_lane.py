@@ -114,9 +114,11 @@ def test_lane_reads_ride_the_stores_submitter_and_return_its_bytes(ceph, tmp_pat
             await r.svc.devices["r"].lunio.write(0, data, fua=True)
             sub = r.store._submitter
             started, before, refs = sub.started, r.lane_reads(), sys.getrefcount(sub)
+            out = r.session.bytes_out
             got = await asyncio.gather(*(r.i.read(0, 8 * k, 8) for k in range(256)))
             assert b"".join(got) == data
             assert r.lane_reads() - before == 256          # all of them the lane's
+            assert r.session.bytes_out - out == len(data)  # the session's traffic counts them
             # ... queued on the store's own thread (librbd never called on the loop's)
             assert sub.started - started >= 256
             assert r.session.lane.native.inflight == 0
