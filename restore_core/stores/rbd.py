@@ -167,15 +167,20 @@ class RbdStore(BlockStore):
         c.conf_set("rbd_cache", "false")
         c.conf_set("rbd_skip_partial_discard", "false")
         c.conf_set("rbd_non_blocking_aio", "false")    # dispatch on our submitter thread
-        # rbd_disable_zero_copy_writes stays true (librbd copies each write).
-        # Without the copy librbd holds a write's completion until it drops
-        # the caller's buffer, and a write started after this client was
-        # blocklisted never drops it: the write never completes and
-        # rbd_close then waits for it forever (librbd 16.2.15, measured),
-        # so no fencing could ever close the image. Failing such writes at
-        # once would not help, the close would still hang. And the copy
-        # costs little: 1 MiB writes at QD32 from one store, 870 (copy) vs
-        # 886 MiB/s (zero-copy), medians of 6 interleaved rounds, load ~5.
+        # rbd_disable_zero_copy_writes stays true (librbd copies each write),
+        # although the copy is what keeps rbd_lu_1m_write_ratio under 0.8:
+        # tests.bench.rbd, interleaved runs, 0.73-0.75 copying vs 0.84-0.85
+        # zero-copy (the copy into fresh memory and its page faults are 70%
+        # of the submitter thread's CPU). Without the copy librbd completes
+        # a write only once it dropped the caller's buffer, and librbd
+        # 16.2.15 never drops it (measured) for a write started after this
+        # client was blocklisted, nor for one in flight when an OSD dies:
+        # those writes never complete, so fencing and an OSD restart hang
+        # the host's commands, and rbd_close waits forever. Working around
+        # it was tried and dropped: failing stuck writes from a timer while
+        # their buffers stay pinned needs a blocklist probe, and both
+        # probes tried (rbd_is_exclusive_lock_owner, a rados_stat) were seen
+        # hanging past the OSD restart too; closing meant leaking the image.
         c.conf_set("client_mount_timeout", str(CONNECT_TIMEOUT_S))
         for key, default in (("rados_osd_op_timeout", OSD_OP_TIMEOUT_S),
                              ("rados_mon_op_timeout", MON_OP_TIMEOUT_S)):
