@@ -44,9 +44,6 @@
 enum { OP_READ = RBDAIO_READ, OP_WRITE = RBDAIO_WRITE, OP_DISCARD = RBDAIO_DISCARD,
        OP_FLUSH = RBDAIO_FLUSH };
 
-/* A C API call's completion (rbdaio_api.h) */
-typedef rbdaio_done_fn ext_done_fn;
-
 typedef int (*create_fn)(void *arg, void *cb, void **comp);
 typedef int (*rw_fn)(void *img, uint64_t off, size_t len, void *buf, void *comp, int flags);
 typedef int (*discard_fn)(void *img, uint64_t off, uint64_t len, void *comp);
@@ -59,7 +56,7 @@ typedef struct {
     uint64_t offset, length;
     void *addr;
     uintptr_t token;
-    ext_done_fn done;           /* NULL: Python's (token polled), else the C API's */
+    rbdaio_done_fn done;        /* NULL: Python's (token polled), else the C API's */
     void *arg;
 } Req;
 
@@ -100,7 +97,7 @@ typedef struct {
 typedef struct {
     Core *core;
     uintptr_t token;
-    ext_done_fn done;
+    rbdaio_done_fn done;
     void *arg;
 } Call;
 
@@ -180,7 +177,7 @@ static int results_push(Results *r, uintptr_t token, long long rc)
 
 /* A C API call ended (completed, or refused at its start): its owner's
  * callback, then counted, so a close that drains sees it (``taken``). */
-static void ext_finished(Core *c, ext_done_fn done, void *arg, long long rc)
+static void ext_finished(Core *c, rbdaio_done_fn done, void *arg, long long rc)
 {
     done(arg, rc);
     __atomic_add_fetch(&c->ext_done, 1, __ATOMIC_ACQ_REL);
@@ -195,7 +192,7 @@ static void completed(void *comp, void *arg)
     Core *c = call->core;
     long long rc = c->retval(comp);
     uintptr_t token = call->token;
-    ext_done_fn done = call->done;
+    rbdaio_done_fn done = call->done;
     void *done_arg = call->arg;
     c->release(comp);
     free(call);
@@ -425,7 +422,7 @@ static PyTypeObject AioType;
  * reference. ``done`` runs exactly once when this returns 0, never when it
  * returns -errno. Holds no GIL-protected state: any thread may call it. */
 static int api_put(PyObject *aio, int op, uint64_t offset, uint64_t length, void *addr,
-                   ext_done_fn done, void *arg)
+                   rbdaio_done_fn done, void *arg)
 {
     Req r = {.op = op, .offset = offset, .length = length, .addr = addr, .token = 0,
              .done = done, .arg = arg};

@@ -64,6 +64,9 @@ class ModePages:
     def reset(self) -> None:
         """Back to defaults (SAM: a LU reset restores mode parameters)."""
         self._current = {code: bytearray(p) for code, p in self._default.items()}
+        self._changed()
+
+    def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
 
@@ -174,6 +177,6 @@ class ModePages:
             if new != self._current[code]:
                 self._current[code] = new
                 changed = True
-        if changed and self.on_change is not None:
-            self.on_change()
+        if changed:
+            self._changed()
         return changed
