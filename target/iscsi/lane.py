@@ -194,8 +194,19 @@ class SessionLane:
         conn = s.conn
         w = s.window
         gone = conn.closing or s.closed
-        nbytes, n, retry = self.native.complete(None if gone else conn._wbuf, conn.statsn,
-                                                w.exp_cmdsn, w.max_cmdsn, w.depth - w.inflight)
+        try:
+            nbytes, n, retry = self.native.complete(None if gone else conn._wbuf, conn.statsn,
+                                                    w.exp_cmdsn, w.max_cmdsn,
+                                                    w.depth - w.inflight)
+        except MemoryError:
+            # the batch's reads were taken off the lane and freed, some maybe
+            # answered into the write buffer, none counted: the connection
+            # cannot go on consistently. Dropped, as after any lost
+            # connection the host retries its commands on a new one.
+            log.error("session %s: out of memory answering lane reads; connection dropped",
+                      s.tsih)
+            conn.abort("out of memory answering lane reads")
+            nbytes, n, retry, gone = 0, 0, None, True
         w.complete(n)
         if n and not gone:
             conn.statsn = self.native.statsn

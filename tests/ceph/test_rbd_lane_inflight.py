@@ -9,6 +9,7 @@ answered after it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import struct
@@ -26,7 +27,7 @@ from target.iscsi import pdu as P
 from target.scsi.device import ScsiDevice
 from target.scsi.identity import DeviceIdentity
 from target.scsi.lunset import LunSet
-from tests.target.iscsi.initiator import Initiator
+from tests.target.iscsi.initiator import Initiator, InitiatorError
 from tests.target.iscsi.test_nativelane_hostile import lane_on, read10  # noqa: F401 (autouse fixture)
 from tests.target.iscsi.test_scsi_integration import ready
 
@@ -214,3 +215,53 @@ def test_connection_dropped_with_lane_reads_in_flight(ceph):
             assert h.lane("drop-b").native.lun_counts(0)[0] == 1
             h.initiators[:] = [b]
     run(main())
+
+
+class _OutOfMemory:
+    """A lane's native object whose complete() runs out of memory mid-batch
+    while answering, as PyList_Append failing would: the reads are taken
+    off the lane and freed unanswered, then MemoryError. (For a connection
+    already gone nothing is answered, so nothing is allocated.)"""
+
+    def __init__(self, native) -> None:
+        self._native = native
+
+    def __getattr__(self, name: str):
+        return getattr(self._native, name)
+
+    def complete(self, out, *args):
+        got = self._native.complete(None, *args)
+        if out is None:
+            return got
+        raise MemoryError
+
+
+def test_out_of_memory_answering_lane_reads_drops_that_connection_only(ceph, caplog):
+    """Running out of memory while answering a batch of lane reads drops
+    that connection (its host retries on a new one), with one error line
+    and no traceback; the lane ends empty and other sessions keep reading."""
+    async def main():
+        async with held(ceph, "oom-a", "oom-b") as h:
+            a, b = h.initiators
+            lane = h.lane("oom-a")
+            lane.native = _OutOfMemory(lane.native)
+            h.stop_osd()
+            reads = [asyncio.create_task(a.scsi(0, read10(8 * k, 8), read_len=4096))
+                     for k in range(4)]
+            await h.in_flight("oom-a", 4)
+            h.continue_osd()
+            for _ in range(500):
+                if len(h.srv.sessions) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert ["oom-b" in s.nexus.initiator for s in h.srv.sessions.values()] == [True]
+            assert not lane.native.inflight and not lane._draining
+            got = await asyncio.gather(*reads, return_exceptions=True)
+            assert all(isinstance(x, InitiatorError) for x in got), got   # the host saw it drop
+            assert (await b.scsi(0, read10(0, 8), read_len=4096)).data == DATA
+            h.initiators[:] = [b]
+    with caplog.at_level(logging.INFO):
+        run(main())
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert sum("out of memory answering lane reads; connection dropped" in r.getMessage()
+               for r in caplog.records) == 1
