@@ -60,11 +60,25 @@ def drop_caches(disk: str | None = None) -> None:
         f.write("3")
 
 
+#: how long disks_of waits for a session's disks, and how often it asks
+#: open-iscsi to rescan meanwhile: on the TCG guest the kernel once showed
+#: 1 of 2 LUNs after 30 s (the CI run at 89af990), and a rescan is how an
+#: admin makes it look again
+DISK_WAIT_S = 90.0
+RESCAN_EVERY_S = 15.0
+
+
 def disks_of(iqn: str | None, count: int) -> dict[int, str]:
     """LUN -> /dev/sdX of the sessions (to ``iqn`` only, if given), from the
-    SCSI address h:c:t:l; waits up to 30 s for ``count`` disks."""
+    SCSI address h:c:t:l; waits up to DISK_WAIT_S for ``count`` disks,
+    rescanning the sessions every RESCAN_EVERY_S."""
     disks: dict[int, str] = {}
-    for _ in range(150):
+    start = time.monotonic()
+    rescan = start + RESCAN_EVERY_S
+    while time.monotonic() - start < DISK_WAIT_S:
+        if time.monotonic() >= rescan:
+            sh("iscsiadm -m session --rescan", check=False)
+            rescan = time.monotonic() + RESCAN_EVERY_S
         disks = {}
         out = sh("iscsiadm -m session -P3", check=False).stdout
         cur = None
