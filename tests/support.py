@@ -75,6 +75,20 @@ class Daemon:
         return f"iscsi://127.0.0.1:{self.port}/{IQN}"
 
 
+def qemu_io(d: Daemon, *cmds: str, lun: int = 0, ok: bool = True) -> str:
+    """Run qemu-io's commands, in one process, against LUN `lun` of the
+    daemon's export through iSCSI; its output. With ok (as Daemon.cli), the
+    run must exit 0 and no command may report a failure."""
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    r = subprocess.run(args + [f"{d.url}/{lun}"], capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    if ok:
+        assert r.returncode == 0 and "fail" not in out.lower(), out
+    return out
+
+
 def secret_file(d: Daemon, secret: str) -> str:
     """A file holding a CHAP secret for `--chap-secret-file` (never argv)."""
     path = os.path.join(os.path.dirname(d.dir), "chap-secret")

@@ -206,7 +206,7 @@ class SessionLane:
             log.error("session %s: out of memory answering lane reads; connection dropped",
                       s.tsih)
             conn.abort("out of memory answering lane reads")
-            nbytes, n, retry, gone = 0, 0, None, True
+            nbytes, n, retry = 0, 0, None
         w.complete(n)
         if n and not gone:
             conn.statsn = self.native.statsn

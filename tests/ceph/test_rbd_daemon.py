@@ -15,7 +15,7 @@ import pytest
 
 from tests.ceph.util import read_image, take_over
 from tests.peers import cunit
-from tests.support import IQN, LR, ROOT, Daemon
+from tests.support import IQN, LR, ROOT, Daemon, qemu_io
 from tests.target.test_conformance import SUITE, report, run_suite
 
 MiB = 1 << 20
@@ -123,7 +123,7 @@ def test_takeover_under_1m_writes_through_iscsi_then_relink_and_a_clean_exit(cep
         try:
             time.sleep(1)
             t0 = time.monotonic()
-            out = qemu_io(d, "write -P 0x33 8192 4096")
+            out = qemu_io(d, "write -P 0x33 8192 4096", ok=False)
             assert "error" in out.lower(), out
             assert time.monotonic() - t0 < 15, "the host's write waited out the takeover"
             assert "blocklisted" in show(d, "r")["offline"]
@@ -140,9 +140,3 @@ def test_takeover_under_1m_writes_through_iscsi_then_relink_and_a_clean_exit(cep
     assert read_image(spec, 0, 12288) == b"\x11" * 4096 + b"\x22" * 4096 + b"\xa5" * 4096
     log = open(d.log).read()
     assert "Traceback" not in log and log.count("fenced:") == 2, log[-3000:]
-
-
-def qemu_io(d: Daemon, command: str) -> str:
-    r = subprocess.run(["qemu-io", "-f", "raw", "-c", command, f"{d.url}/0"],
-                       capture_output=True, text=True, timeout=60)
-    return r.stdout + r.stderr

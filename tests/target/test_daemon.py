@@ -12,7 +12,7 @@ import time
 import pytest
 
 from target.control import Client, ControlError
-from tests.support import IQN, LR, ROOT, Daemon, free_port, secret_file
+from tests.support import IQN, LR, ROOT, Daemon, free_port, qemu_io, secret_file
 
 
 
@@ -81,29 +81,17 @@ def test_restore_under_real_initiator_then_restart(daemon, tmp_path):
     clone is unchanged; then a graceful stop and a restart."""
     setup_pair(daemon)
 
-    def qio(*cmds: str, lun: int = 0) -> str:
-        args = ["qemu-io", "-f", "raw"]
-        for c in cmds:
-            args += ["-c", c]
-        r = subprocess.run(args + [f"{daemon.url}/{lun}"], capture_output=True, text=True,
-                           timeout=120)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0 and "fail" not in out.lower(), out
-        return out
-
-    qio("write -P 0x11 0 16M")
+    qemu_io(daemon, "write -P 0x11 0 16M")
     daemon.cli("pair", "sync", "db1-clone", "--wait")
     daemon.cli("pair", "fracture", "db1-clone")
-    qio("write -P 0x22 0 8M", "write -P 0x23 20M 1M")
+    qemu_io(daemon, "write -P 0x22 0 8M", "write -P 0x23 20M 1M")
     daemon.cli("pair", "throttle", "db1-clone", "--rate", "2M")
     out = json.loads(daemon.cli("pair", "restore", "db1-clone", "--json").stdout)
     assert out["state"] == "restoring"
     # clone: not ready during a protected restore
-    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 512", f"{daemon.url}/1"],
-                       capture_output=True, text=True, timeout=60)
-    assert "read 512/512" not in r.stdout
-    qio("read -P 0x11 0 4M", "write -P 0x44 1M 64k", "read -P 0x44 1M 64k",
-        "read -P 0x00 20M 1M")
+    assert "read 512/512" not in qemu_io(daemon, "read 0 512", lun=1, ok=False)
+    qemu_io(daemon, "read -P 0x11 0 4M", "write -P 0x44 1M 64k", "read -P 0x44 1M 64k",
+            "read -P 0x00 20M 1M")
     daemon.cli("pair", "throttle", "db1-clone", "--rate", "0")   # applies at once
     for _ in range(600):
         p = json.loads(daemon.cli("pair", "show", "db1-clone", "--json").stdout)
@@ -111,15 +99,15 @@ def test_restore_under_real_initiator_then_restart(daemon, tmp_path):
             break
         time.sleep(0.1)
     assert p["state"] == "fractured" and p["progress"]["delta_extents"] == 1
-    qio("read -P 0x11 0 1M", "read -P 0x44 1M 64k", "read -P 0x11 2M 14M")
-    qio("read -P 0x11 0 16M", lun=1)           # the clone is unchanged
+    qemu_io(daemon, "read -P 0x11 0 1M", "read -P 0x44 1M 64k", "read -P 0x11 2M 14M")
+    qemu_io(daemon, "read -P 0x11 0 16M", lun=1)           # the clone is unchanged
     assert daemon.stop() == 0                    # SIGTERM: graceful
     d2 = Daemon.__new__(Daemon)
     d2.__dict__.update(daemon.__dict__)
     d2.init = False
     d2.start()
     try:
-        qio("read -P 0x44 1M 64k")
+        qemu_io(daemon, "read -P 0x44 1M 64k")
         assert "fractured" in d2.cli("pair", "list").stdout
     finally:
         d2.stop()

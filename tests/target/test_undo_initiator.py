@@ -10,21 +10,11 @@ import subprocess
 
 import pytest
 
-from tests.support import IQN, Daemon
+from tests.support import IQN, Daemon, qemu_io
 
 M = 1 << 20
 ES = 64 << 10
 SIZE = 16 * M
-
-
-def qio(d: Daemon, *cmds: str, lun: int = 0) -> str:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    r = subprocess.run(args + [f"{d.url}/{lun}"], capture_output=True, text=True, timeout=120)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "fail" not in out.lower(), out
-    return out
 
 
 def fill(img: bytearray, off: int, n: int, byte: int) -> None:
@@ -41,7 +31,7 @@ def test_abort_puts_back_pre_restore_data_except_host_writes(daemon, tmp_path):
     d.cli("export", "create", IQN, "--lun", "0=db1", "--lun", "1=db1-clone")
     clone = bytearray(SIZE)
     fill(clone, 0, SIZE, 0x11)
-    qio(d, f"write -P 0x11 0 {SIZE}")
+    qemu_io(d, f"write -P 0x11 0 {SIZE}")
     d.cli("pair", "sync", "db1-clone", "--wait")
     d.cli("pair", "fracture", "db1-clone")
 
@@ -49,7 +39,7 @@ def test_abort_puts_back_pre_restore_data_except_host_writes(daemon, tmp_path):
     pre = bytearray(clone)
     fill(pre, 0, 8 * M, 0x22)
     fill(pre, 12 * M, 2 * M, 0x23)
-    qio(d, f"write -P 0x22 0 {8 * M}", f"write -P 0x23 {12 * M} {2 * M}")
+    qemu_io(d, f"write -P 0x22 0 {8 * M}", f"write -P 0x23 {12 * M} {2 * M}")
 
     d.cli("pair", "throttle", "db1-clone", "--rate", "1M")     # still running when we abort
     p = json.loads(d.cli("pair", "restore", "db1-clone", "--keep-undo", "--json").stdout)
@@ -61,20 +51,20 @@ def test_abort_puts_back_pre_restore_data_except_host_writes(daemon, tmp_path):
     part = 13 * M                         # its extent: restored first (clone data), then written
     fill(want, part, ES, 0x11)
     fill(want, part + 4096, 8192, 0x45)
-    qio(d, f"read -P 0x11 0 {M}", f"write -P 0x44 {M} {ES}", f"write -P 0x45 {part + 4096} 8192",
+    qemu_io(d, f"read -P 0x11 0 {M}", f"write -P 0x44 {M} {ES}", f"write -P 0x45 {part + 4096} 8192",
         f"read -P 0x44 {M} {ES}")
     assert json.loads(d.cli("pair", "show", "db1-clone", "--json").stdout)["state"] == "restoring"
 
     p = json.loads(d.cli("pair", "abort", "db1-clone", "--json").stdout)
     assert p["state"] == "aborting"
     # during the abort: reads of extents still to put back come from the undo image
-    qio(d, f"read -P 0x22 {4 * M} {M}", f"read -P 0x23 {12 * M} {M}")
+    qemu_io(d, f"read -P 0x22 {4 * M} {M}", f"read -P 0x23 {12 * M} {M}")
     d.cli("pair", "throttle", "db1-clone", "--rate", "0")
     d.cli("pair", "wait", "db1-clone")
     p = json.loads(d.cli("pair", "show", "db1-clone", "--json").stdout)
     assert p["state"] == "fractured" and p["undo_image"] is None
 
-    qio(d, f"read -P 0x22 0 {M}", f"read -P 0x44 {M} {ES}", f"read -P 0x11 {8 * M} {4 * M}",
+    qemu_io(d, f"read -P 0x22 0 {M}", f"read -P 0x44 {M} {ES}", f"read -P 0x11 {8 * M} {4 * M}",
         f"read -P 0x45 {part + 4096} 8192", f"read -P 0x23 {part + ES} {M - ES}")
     out = tmp_path / "source.raw"
     r = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"{d.url}/0", str(out)],
@@ -84,4 +74,4 @@ def test_abort_puts_back_pre_restore_data_except_host_writes(daemon, tmp_path):
     assert len(got) == SIZE
     bad = [e for e in range(SIZE // ES) if got[e * ES:(e + 1) * ES] != want[e * ES:(e + 1) * ES]]
     assert not bad, f"extents {bad[:8]} are neither pre-restore data nor the hosts' writes"
-    qio(d, f"read -P 0x11 0 {SIZE}", lun=1)           # the clone never changed
+    qemu_io(d, f"read -P 0x11 0 {SIZE}", lun=1)           # the clone never changed
