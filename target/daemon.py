@@ -16,6 +16,7 @@ from .errors import ServiceError, one_line
 from .eventhook import EventHook
 from .events import EventBus, pair_event
 from .frontends import EmbeddedFrontend
+from .heap import keep_warm_heap
 from .metrics import MetricsServer, registry_for
 from .portals import format_portal
 from .sdnotify import Notifier
@@ -32,6 +33,7 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
                 memory_limit: str | None = None, on_event: str | None = None,
                 metrics: tuple[str, int] | None = None,
                 ready: Callable[[Service], None] | None = None) -> None:
+    keep_warm_heap()
     # start() locks the state directory before anything else it does
     service = Service(state_dir, init=init, portals=portals, backend=backend,
                       volume_dirs=volume_dirs, memory_limit=memory_limit)
