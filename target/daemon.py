@@ -16,7 +16,7 @@ from .errors import ServiceError, one_line
 from .eventhook import EventHook
 from .events import EventBus, pair_event
 from .frontends import EmbeddedFrontend
-from .heap import keep_warm_heap
+from .heap import give_back_every, keep_warm_heap
 from .metrics import MetricsServer, registry_for
 from .portals import format_portal
 from .sdnotify import Notifier
@@ -33,7 +33,7 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
                 memory_limit: str | None = None, on_event: str | None = None,
                 metrics: tuple[str, int] | None = None,
                 ready: Callable[[Service], None] | None = None) -> None:
-    keep_warm_heap()
+    warm_heap = keep_warm_heap()
     # start() locks the state directory before anything else it does
     service = Service(state_dir, init=init, portals=portals, backend=backend,
                       volume_dirs=volume_dirs, memory_limit=memory_limit)
@@ -77,6 +77,8 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
     gc.freeze()
     notifier.ready(status_text(service))
     status = loop.create_task(_report_status(service, notifier), name="sd-status")
+    # the warm heap's bound: what it keeps free goes back every TRIM_EVERY s
+    trims = [loop.create_task(give_back_every(), name="heap-trim")] if warm_heap else []
     if ready is not None:
         ready(service)
     try:
@@ -86,9 +88,9 @@ async def serve(state_dir: str, socket_path: str, *, init: bool = False,
         events.publish("daemon.stopping")
         log.info("stopping: draining I/O, flushing, persisting")
         loop.remove_signal_handler(signal.SIGHUP)
-        for t in (status, *reloads):
+        for t in (status, *trims, *reloads):
             t.cancel()
-        await asyncio.gather(status, *reloads, return_exceptions=True)
+        await asyncio.gather(status, *trims, *reloads, return_exceptions=True)
         if exporter is not None:
             await exporter.stop()
         await control.stop()
