@@ -8,7 +8,10 @@ ways in one run against a throw-away single-node Ceph cluster:
 
     python -m tests.bench.rbd_profile   (SECS, SIZE_MB, WORKLOAD=4k|1m env knobs;
                                          PERF=FILE: perf record the daemon on lu-rbd,
-                                         PERF_CG=dwarf for stacks through libpython)
+                                         PERF_CG=dwarf for stacks through libpython;
+                                         ATTACH="CMD ... {pid}": run CMD on the
+                                         daemon instead, e.g. py-spy record or
+                                         perf stat -e 'syscalls:sys_enter_*')
 
 Per side it prints the commands per second, then for each consumer (the
 daemon's threads by kernel name, the OSD, the mon/mgr, the tool, the rest
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -174,13 +178,17 @@ def _lu_sides(base: str, lane: str, conf: str, lu: RbdSpec, ceph: dict[str, int]
         for name, lun in (("lu-rbd", 0), ("lu-file", 1)):
             name += "+lane" if lane else ""
             url = f"{d.url}/{lun}"
-            perf = None
+            prof = None
             if os.environ.get("PERF") and lun == 0:     # perf record the daemon's RBD side
-                perf = subprocess.Popen(["perf", "record", "-q", "-F", "2000", "--call-graph",
+                prof = subprocess.Popen(["perf", "record", "-q", "-F", "2000", "--call-graph",
                                          os.environ.get("PERF_CG", "fp"), "-p", str(d.proc.pid),
                                          "-o", os.environ["PERF"]],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
+            elif os.environ.get("ATTACH") and lun == 0:  # any other profiler, stopped by SIGINT
+                prof = subprocess.Popen(shlex.split(os.environ["ATTACH"].format(pid=d.proc.pid)),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1.0)
             if WORKLOAD == "4k":
                 out, delta = _run_tool(["iscsi-perf", "-m", "32", "-b", "8", "-t", str(SECS),
                                         "-r", url], None, pids)
@@ -194,9 +202,9 @@ def _lu_sides(base: str, lane: str, conf: str, lu: RbdSpec, ceph: dict[str, int]
                                         "--pattern=0x5a", url], None, pids)
                 secs = float(re.search(r"Run completed in ([0-9.]+) seconds", out).group(1))
                 cmds, iops = n, n / secs
-            if perf is not None:
-                perf.send_signal(2)
-                perf.wait(timeout=60)
+            if prof is not None:
+                prof.send_signal(2)
+                prof.wait(timeout=60)
             result[name] = _report(name, cmds, delta)
             result[name]["per_s"] = round(iops)
     except BaseException:
