@@ -6,7 +6,9 @@ ways in one run against a throw-away single-node Ceph cluster:
   lu-rbd    iscsi-perf / qemu-img bench through iSCSI on an RBD-backed LU
   lu-file   the same tool on a file-backed LU of the same daemon
 
-    python -m tests.bench.rbd_profile   (SECS, SIZE_MB, WORKLOAD=4k|1m env knobs;
+    python -m tests.bench.rbd_profile   (SECS, SIZE_MB, WORKLOAD=4k|4kw|1m env knobs:
+                                         4 KiB random reads, 4 KiB or 1 MiB
+                                         sequential writes, 32 in flight;
                                          PERF=FILE: perf record the daemon on lu-rbd,
                                          PERF_CG=dwarf for stacks through libpython;
                                          ATTACH="CMD ... {pid}": run CMD on the
@@ -49,6 +51,8 @@ MiB = 1 << 20
 SECS = int(os.environ.get("SECS", "5"))
 SIZE = int(os.environ.get("SIZE_MB", "256")) * MiB
 WORKLOAD = os.environ.get("WORKLOAD", "4k")
+#: the tool's I/O size of each write workload
+WRITE_SIZE = {"4kw": "4K", "1m": "1M"}
 #: voluntary, then involuntary (their order in /proc/PID/task/TID/status)
 _SWITCHES = re.compile(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", re.M)
 
@@ -131,7 +135,8 @@ def main() -> int:
         ceph = {n: int(open(os.path.join(cdir, "pids", n)).read())
                 for n in os.listdir(os.path.join(cdir, "pids"))}
         fio_args = [f"--runtime={SECS}", "--time_based", f"--size={SIZE}"]
-        fio_args += ["--rw=randread", "--bs=4k"] if WORKLOAD == "4k" else ["--rw=write", "--bs=1M"]
+        fio_args += (["--rw=randread", "--bs=4k"] if WORKLOAD == "4k"
+                     else ["--rw=write", f"--bs={WRITE_SIZE[WORKLOAD]}"])
         out, delta = _run_tool(
             ["fio", "--name=rbd", "--ioengine=rbd", f"--clientname={lu.client_id}",
              f"--pool={lu.pool}", f"--rbdname={lu.image}", "--iodepth=32",
@@ -196,9 +201,11 @@ def _lu_sides(base: str, lane: str, conf: str, lu: RbdSpec, ceph: dict[str, int]
                 iops = float(re.findall(r"average\s+(\d+)", text)[-1])
                 cmds = iops * SECS
             else:
-                n = max(SIZE // MiB, result["fio-rbd"]["per_s"] * SECS)   # as long as fio ran
+                bs = WRITE_SIZE[WORKLOAD]
+                per = MiB if bs == "1M" else 4096
+                n = max(SIZE // per, result["fio-rbd"]["per_s"] * SECS)   # as long as fio ran
                 out, delta = _run_tool(["qemu-img", "bench", "-f", "raw", "-t", "none", "-w",
-                                        "-c", str(n), "-d", "32", "-s", "1M", "-S", "1M",
+                                        "-c", str(n), "-d", "32", "-s", bs, "-S", bs,
                                         "--pattern=0x5a", url], None, pids)
                 secs = float(re.search(r"Run completed in ([0-9.]+) seconds", out).group(1))
                 cmds, iops = n, n / secs
