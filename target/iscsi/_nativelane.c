@@ -24,6 +24,15 @@
  * same fence), answered by complete() when GOOD, else handed back to
  * Python as their command; each holds budget credit while in flight.
  *
+ * WRITE(10)/WRITE(16) to an RBD LU take the same decision plus: W=1 R=0
+ * F=1, no FUA and no WRPROTECT, all the data immediate (DataSegmentLength
+ * = EDTL = the transfer, within FirstBurstLength, MaxRecvDataSegmentLength
+ * and the command data limit: set_write_params) and the whole PDU already
+ * in the buffer. The data is copied into the request and queued on the
+ * submitter like a read; complete() answers GOOD only if librbd took it and
+ * the store is not fenced then, else it goes back to Python as its command
+ * with its data. A write that needs R2Ts is Python's.
+ *
  * Sequence numbers: Python owns StatSN, ExpCmdSN and the window; scan
  * takes them in and leaves the advanced ones in the lane's members for
  * Python to take back (all of it runs on the loop's thread).
@@ -47,6 +56,8 @@
 #define N_LUNS 256
 #define OP_SCSI_CMD 0x01
 #define OP_DATA_IN 0x25
+#define OP_SCSI_RSP 0x21
+#define KINDS 2                 /* metrics: 0 READ, 1 WRITE (lane.LANE_KINDS) */
 #define N_BOUNDS_MAX 32
 
 /* RBD reads ride the RBD store's own submitter thread and fence: the C API
@@ -62,9 +73,11 @@
 
 struct core;
 
-/* An RBD read in flight: its Data-In PDU is built in place around the data
- * librbd reads into; until then pdu[0..BHS_LEN) holds the command's BHS (a
- * read that fails goes back to Python as that command). Owned by librbd
+/* An RBD read or write in flight. A read's Data-In PDU is built in place
+ * around the data librbd reads into; until then pdu[0..BHS_LEN) holds the
+ * command's BHS (a read that fails goes back to Python as that command). A
+ * write holds its command's BHS and then its data, which go back to Python
+ * together if it fails. Owned by librbd
  * until its callback, then by the core's done list, then by complete() (or
  * freed by the callback once the lane is gone). */
 typedef struct req {
@@ -75,7 +88,7 @@ typedef struct req {
     long long rc;
     double t0;                  /* submitted (latency of the LU's metrics) */
     uint32_t itt, n, cost;
-    uint8_t lun;
+    uint8_t lun, write;
     uint8_t pdu[];              /* BHS_LEN + n */
 } req_t;
 
@@ -88,11 +101,11 @@ typedef struct core {
     int notified, eventfd, gone, refs;
 } core_t;
 
-/* The READs a LUN's lane answered since the LU's metrics last took them
- * (take_counts): commands, Data-In bytes, seconds and a latency histogram
- * over the bounds set_buckets gave (LuStats' LATENCY_BUCKETS). Allocated at
- * a LUN's first answered read: a session's lane costs nothing per LUN it
- * never reads. */
+/* The commands of one kind (READ, WRITE) a LUN's lane answered since the
+ * LU's metrics last took them (take_counts): commands, data bytes, seconds
+ * and a latency histogram over the bounds set_buckets gave (LuStats'
+ * LATENCY_BUCKETS). Allocated at a LUN's first answered command of the
+ * kind: a session's lane costs nothing per LUN it never serves. */
 typedef struct {
     unsigned long long commands, bytes;
     double seconds;
@@ -105,8 +118,8 @@ typedef struct {
     uint32_t block_size;
     uint64_t num_blocks, max_blocks;
     unsigned long long reads, bytes;
-    unsigned int inflight;      /* RBD reads of this LUN in flight */
-    lun_metrics_t *metrics;     /* NULL until the LUN's first answered read */
+    unsigned int inflight;      /* RBD reads and writes of this LUN in flight */
+    lun_metrics_t *metrics[KINDS];  /* NULL until the LUN's first answered command of a kind */
 } lun_t;
 
 typedef struct {
@@ -130,6 +143,12 @@ typedef struct {
     double bounds[N_BOUNDS_MAX];    /* latency buckets' upper bounds (s) */
     int n_bounds;
     unsigned long long answered;    /* READs answered GOOD, file and RBD */
+    /* writes: the largest all-immediate one the lane takes (0: none; the
+     * negotiated FirstBurstLength and MaxRecvDataSegmentLength, the command
+     * data limit), those in flight and those answered GOOD */
+    uint32_t max_write;
+    unsigned int writes_inflight;
+    unsigned long long written;
 } Lane;
 
 static void core_put(core_t *c) {
@@ -142,8 +161,8 @@ static void core_put(core_t *c) {
 }
 
 /* librbd's thread (or the submitter's, for a start refused): queue the
- * read for the loop, wake it once per batch */
-static void read_done(void *arg, long long rc) {
+ * read or write for the loop, wake it once per batch */
+static void io_done(void *arg, long long rc) {
     req_t *r = arg;
     core_t *c = r->core;
     r->rc = rc;
@@ -189,6 +208,18 @@ static void good_data_in(uint8_t *p, uint32_t itt, uint32_t n, uint32_t statsn, 
     put32(p + 32, maxsn);
 }
 
+/* A SCSI Response GOOD (no sense, no residual; ExpDataSN 0: no R2T was
+ * sent) into the BHS_LEN bytes at ``p``, as Python's _send_result packs it. */
+static void good_status(uint8_t *p, uint32_t itt, uint32_t statsn, uint32_t exp, uint32_t maxsn) {
+    memset(p, 0, BHS_LEN);
+    p[0] = OP_SCSI_RSP;
+    p[1] = 0x80;
+    put32(p + 16, itt);
+    put32(p + 24, statsn);
+    put32(p + 28, exp);
+    put32(p + 32, maxsn);
+}
+
 /* MaxCmdSN once ``room`` more commands fit the window after ExpCmdSN
  * ``exp``: it only ever moves forward (serial arithmetic). */
 static uint32_t advanced_maxsn(uint32_t exp, long room, uint32_t maxsn) {
@@ -204,15 +235,21 @@ static inline double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* A READ answered GOOD with ``n`` bytes after ``secs`` in the target: the
- * lane's running totals and the LU's metrics (folded by take_counts). */
-static void count_read(Lane *self, lun_t *l, uint32_t n, double secs) {
-    self->answered++;
-    l->reads++;
-    l->bytes += n;
-    if (l->metrics == NULL && (l->metrics = calloc(1, sizeof *l->metrics)) == NULL)
-        return;                 /* out of memory: the metrics miss it, the read does not */
-    lun_metrics_t *m = l->metrics;
+/* A command answered GOOD with ``n`` data bytes after ``secs`` in the
+ * target: the lane's running totals and the LU's metrics (folded by
+ * take_counts). */
+static void count_io(Lane *self, lun_t *l, int write, uint32_t n, double secs) {
+    if (write)
+        self->written++;
+    else {
+        self->answered++;
+        l->reads++;
+        l->bytes += n;
+    }
+    lun_metrics_t **mp = &l->metrics[write];
+    if (*mp == NULL && (*mp = calloc(1, sizeof **mp)) == NULL)
+        return;                 /* out of memory: the metrics miss it, the command does not */
+    lun_metrics_t *m = *mp;
     int b = 0;
     while (b < self->n_bounds && secs > self->bounds[b])
         b++;
@@ -223,10 +260,11 @@ static void count_read(Lane *self, lun_t *l, uint32_t n, double secs) {
 }
 
 static void free_metrics(Lane *self) {
-    for (int i = 0; i < N_LUNS; i++) {
-        free(self->luns[i].metrics);
-        self->luns[i].metrics = NULL;
-    }
+    for (int i = 0; i < N_LUNS; i++)
+        for (int k = 0; k < KINDS; k++) {
+            free(self->luns[i].metrics[k]);
+            self->luns[i].metrics[k] = NULL;
+        }
 }
 
 static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
@@ -386,16 +424,17 @@ static PyObject *Lane_set_buckets(Lane *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* take_counts() -> [(lun, commands, bytes, seconds, buckets)]: the READs
- * answered since the last call, per LUN that had any (the caller folds them
+/* take_counts() -> [(lun, kind, commands, bytes, seconds, buckets)]: the
+ * commands answered since the last call, per LUN and kind (0 READ, 1
+ * WRITE) that had any (the caller folds them
  * into the LUs' metrics); the counts start again from zero (not when it
  * fails: the next call hands them over). */
 static PyObject *Lane_take_counts(Lane *self, PyObject *unused) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    for (int i = 0; i < N_LUNS; i++) {
-        lun_metrics_t *m = self->luns[i].metrics;
+    for (int i = 0; i < N_LUNS * KINDS; i++) {
+        lun_metrics_t *m = self->luns[i / KINDS].metrics[i % KINDS];
         if (m == NULL || m->commands == 0)
             continue;
         PyObject *b = PyList_New(self->n_bounds + 1);
@@ -409,28 +448,38 @@ static PyObject *Lane_take_counts(Lane *self, PyObject *unused) {
             }
             PyList_SET_ITEM(b, k, v);
         }
-        PyObject *t = Py_BuildValue("(iKKdN)", i, m->commands, m->bytes, m->seconds, b);
+        PyObject *t = Py_BuildValue("(iiKKdN)", i / KINDS, i % KINDS, m->commands, m->bytes,
+                                    m->seconds, b);
         if (t == NULL || PyList_Append(out, t) < 0) {
             Py_XDECREF(t);
             goto fail;
         }
         Py_DECREF(t);
     }
-    for (int i = 0; i < N_LUNS; i++)    /* handed over whole, or kept whole */
-        if (self->luns[i].metrics != NULL)
-            memset(self->luns[i].metrics, 0, sizeof *self->luns[i].metrics);
+    for (int i = 0; i < N_LUNS * KINDS; i++)    /* handed over whole, or kept whole */
+        if (self->luns[i / KINDS].metrics[i % KINDS] != NULL)
+            memset(self->luns[i / KINDS].metrics[i % KINDS], 0, sizeof(lun_metrics_t));
     return out;
 fail:
     Py_DECREF(out);
     return NULL;
 }
 
-/* The READ this PDU is, if the lane may answer it: its LUN and range. */
-static lun_t *plain_read(Lane *self, const uint8_t *b, uint32_t room_bytes,
-                         uint64_t *offset, uint32_t *bytes) {
-    if ((b[0] & 0x7F) != OP_SCSI_CMD || b[4] || b[5] || b[6] || b[7])
-        return NULL;            /* immediate, AHS, data segment */
-    if ((b[1] & 0xE7) != 0xC1)  /* F R !W, attr SIMPLE */
+/* The READ or WRITE this PDU is, if the lane may answer it: its LUN, range
+ * and direction. ``room_bytes``: the most one Data-In (and the output) may
+ * carry; ``avail``: the bytes buffered from the PDU's start (a write's data
+ * must all be in). */
+static lun_t *plain_io(Lane *self, const uint8_t *b, uint32_t room_bytes, Py_ssize_t avail,
+                       uint64_t *offset, uint32_t *bytes, int *write) {
+    if ((b[0] & 0x7F) != OP_SCSI_CMD || b[4])
+        return NULL;            /* immediate, AHS */
+    uint32_t dlen = (uint32_t)b[5] << 16 | (uint32_t)b[6] << 8 | b[7];
+    int w;
+    if ((b[1] & 0xE7) == 0xC1 && dlen == 0)         /* F R !W, attr SIMPLE */
+        w = 0;
+    else if ((b[1] & 0xE7) == 0xA1 && dlen)         /* F !R W, attr SIMPLE, data with it */
+        w = 1;
+    else
         return NULL;
     if (b[8] || b[10] || b[11] || be32(b + 12))
         return NULL;            /* not peripheral addressing of LUN < 256 */
@@ -440,27 +489,38 @@ static lun_t *plain_read(Lane *self, const uint8_t *b, uint32_t room_bytes,
     const uint8_t *c = b + 32;
     uint64_t lba, blocks;
     switch (c[0]) {
-    case 0x28:
+    case 0x28: case 0x2A:
         if (c[9] & 0x04) return NULL;                  /* NACA */
         lba = be32(c + 2); blocks = (uint64_t)c[7] << 8 | c[8];
         break;
-    case 0x88:
+    case 0x88: case 0x8A:
         if (c[15] & 0x04) return NULL;
         lba = be64(c + 2); blocks = be32(c + 10);
         break;
     default:
         return NULL;
     }
-    if (c[1] & 0xE0)                                   /* RDPROTECT */
+    if ((c[0] == 0x2A || c[0] == 0x8A) != w)
+        return NULL;            /* a READ with W set, a WRITE without: Python's */
+    if (c[1] & 0xE0)                                   /* RD/WRPROTECT */
         return NULL;
     if (blocks == 0 || blocks > l->max_blocks || lba >= l->num_blocks
             || blocks > l->num_blocks - lba)
         return NULL;
     uint64_t n = blocks * l->block_size;
-    if (n != be32(b + 20) || n > room_bytes)
-        return NULL;            /* a residual, or more than one Data-In / the output room */
+    if (n != be32(b + 20))
+        return NULL;            /* a residual */
+    if (w) {
+        /* RBD only (a file write would block the loop); FUA is Python's;
+         * all of the data immediate, within the session's limits, here */
+        if (l->aio == NULL || (c[1] & 0x08) || dlen != n || n > self->max_write
+                || avail < BHS_LEN + (Py_ssize_t)n)
+            return NULL;
+    } else if (n > room_bytes)
+        return NULL;            /* more than one Data-In / the output room */
     *offset = lba * l->block_size;
     *bytes = (uint32_t)n;
+    *write = w;
     return l;
 }
 
@@ -503,19 +563,21 @@ static int take_credit(Lane *self, long long need) {
     return 1;
 }
 
-/* Queue an RBD read for the store's submitter thread into a new request's
- * PDU; 1 if it took it. ``bhs``: the command (kept for Python until the
- * read succeeds). Each read holds its memory's worth of budget credit until
+/* Queue an RBD read (into a new request's PDU) or write (of a copy of the
+ * command's data, which follows ``bhs``) on the store's submitter thread; 1
+ * if it took it. ``bhs``: the command (kept for Python until the command
+ * succeeds). Each holds its memory's worth of budget credit until
  * complete() frees it. */
-static int start_read(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, uint64_t offset,
-                      uint32_t n) {
+static int start_io(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, uint64_t offset,
+                    uint32_t n, int write) {
     long long cost = (long long)sizeof(req_t) + BHS_LEN + n;
     if (self->credit < cost && !take_credit(self, cost))
         return 0;
     req_t *r = malloc(sizeof *r + BHS_LEN + n);
     if (r == NULL)
         return 0;
-    memcpy(r->pdu, bhs, BHS_LEN);
+    memcpy(r->pdu, bhs, write ? BHS_LEN + (size_t)n : BHS_LEN);
+    r->write = (uint8_t)write;
     r->core = self->core;
     r->t0 = now_s();
     r->itt = itt;
@@ -526,9 +588,10 @@ static int start_read(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, ui
     r->live_prev = NULL;
     r->live_next = self->live;
     __atomic_add_fetch(&self->core->refs, 1, __ATOMIC_ACQ_REL);
-    /* from here on read_done may run on another thread: it touches only
+    /* from here on io_done may run on another thread: it touches only
      * rc and next, and frees nothing while the lane lives */
-    if (self->api->put(l->aio, RBDAIO_READ, offset, n, r->pdu + BHS_LEN, read_done, r) < 0) {
+    if (self->api->put(l->aio, write ? RBDAIO_WRITE : RBDAIO_READ, offset, n, r->pdu + BHS_LEN,
+                       io_done, r) < 0) {
         free(r);
         core_put(self->core);
         return 0;               /* fenced, stopped: Python's path says why */
@@ -540,7 +603,21 @@ static int start_read(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, ui
     self->credit -= cost;
     l->inflight++;
     self->inflight++;
+    self->writes_inflight += write;
     return 1;
+}
+
+/* set_write_params(first_burst, max_recv, max_cmd): the session's
+ * FirstBurstLength (0: ImmediateData=No, no lane writes), its
+ * MaxRecvDataSegmentLength and the command data limit; the lane takes
+ * all-immediate writes up to the smallest. */
+static PyObject *Lane_set_write_params(Lane *self, PyObject *args) {
+    unsigned int fb, mr, mc;
+    if (!PyArg_ParseTuple(args, "III", &fb, &mr, &mc))
+        return NULL;
+    uint32_t m = fb < mr ? fb : mr;
+    self->max_write = m < mc ? m : mc;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Lane_fileno(Lane *self, PyObject *unused) {
@@ -555,15 +632,17 @@ static PyObject *Lane_busy(Lane *self, PyObject *arg) {
 }
 
 /* complete(out, statsn, exp_cmdsn, max_cmdsn, room) -> (nbytes, ncmds, retry):
- * answer the RBD reads that finished with a Data-In carrying status GOOD,
- * appending the PDUs to ``out`` (None: the connection is gone, drop them).
- * C answers only a read that returned all its bytes from a store not fenced
+ * answer the RBD reads that finished with a Data-In carrying status GOOD and
+ * the writes with a SCSI Response GOOD, appending the PDUs to ``out``
+ * (None: the connection is gone, drop them). C answers only a read that
+ * returned all its bytes, or a write librbd took, from a store not fenced
  * now (checked here, on the loop, where the store fences): any other is
- * NOT answered; its command's BHS is in ``retry`` (a list, or None) for
- * Python to run as a task (the SCSI layer gives the sense, NOT READY with
- * the reason once fenced, and the store sees the error). ``room``: depth -
- * in flight before these complete; ``ncmds`` counts the answered ones only
- * (a retried command stays in the window until its task ends). */
+ * NOT answered; its command PDU (the BHS, and a write's data) is in
+ * ``retry`` (a list, or None) for Python to run as a task (the SCSI layer
+ * gives the sense, NOT READY with the reason once fenced, and the store
+ * sees the error). ``room``: depth - in flight before these complete;
+ * ``ncmds`` counts the answered ones only (a retried command stays in the
+ * window until its task ends). */
 static PyObject *Lane_complete(Lane *self, PyObject *args) {
     PyObject *out;
     unsigned int statsn, exp, maxsn;
@@ -582,7 +661,8 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
     unsigned long long nbytes = 0, ncmds = 0;
     double t_done = now_s();
     for (req_t *r = d; r != NULL; r = r->next)
-        r->rc = r->rc == (long long)r->n && !self->api->fenced(r->aio) ? 0 : -1;
+        r->rc = (r->write ? r->rc >= 0 : r->rc == (long long)r->n)
+                && !self->api->fenced(r->aio) ? 0 : -1;
     for (req_t *r = d; r != NULL; r = r->next)
         ncmds += r->rc == 0;
     room += (long)ncmds;
@@ -597,25 +677,30 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
         if (r->live_next) r->live_next->live_prev = r->live_prev;
         self->luns[r->lun].inflight--;
         self->inflight--;
+        self->writes_inflight -= r->write;
         self->credit += r->cost;
         self->starved = 0;
         Py_CLEAR(r->aio);
         if (!err && out != Py_None && r->rc != 0) {
-            PyObject *bhs = PyBytes_FromStringAndSize((char *)r->pdu, BHS_LEN);
+            PyObject *bhs = PyBytes_FromStringAndSize(
+                (char *)r->pdu, r->write ? BHS_LEN + (Py_ssize_t)r->n : BHS_LEN);
             if (retry == NULL && bhs != NULL)
                 retry = PyList_New(0);
             if (bhs == NULL || retry == NULL || PyList_Append(retry, bhs) < 0)
                 err = 1;
             Py_XDECREF(bhs);
         } else if (!err && out != Py_None) {
-            uint32_t n = r->n;
-            good_data_in(r->pdu, r->itt, n, statsn++, exp, maxsn);
-            PyObject *pdu = PyBytes_FromStringAndSize((char *)r->pdu, BHS_LEN + n);
+            uint32_t n = r->n, sent = r->write ? 0 : n;
+            if (r->write)
+                good_status(r->pdu, r->itt, statsn++, exp, maxsn);
+            else
+                good_data_in(r->pdu, r->itt, n, statsn++, exp, maxsn);
+            PyObject *pdu = PyBytes_FromStringAndSize((char *)r->pdu, BHS_LEN + sent);
             if (pdu == NULL || PyList_Append(out, pdu) < 0)
                 err = 1;
             else {
-                nbytes += BHS_LEN + n;
-                count_read(self, &self->luns[r->lun], n, t_done - r->t0);
+                nbytes += BHS_LEN + sent;
+                count_io(self, &self->luns[r->lun], r->write, n, t_done - r->t0);
             }
             Py_XDECREF(pdu);
         }
@@ -636,10 +721,13 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
 }
 
 /* scan(buf, start, end, tasks, out, statsn, exp_cmdsn, max_cmdsn, room,
- *      held_back, single_data_in, out_room) -> (start, nbytes, ncmds)
+ *      held_back, single_data_in, out_room)
+ *   -> (start, nbytes, ncmds, nasync, bytes_in)
  * Answers the plain READs at the head of buf[start:end], appending one
- * bytes object (Data-In with status) per command to ``out``; stops at the
- * first PDU it does not answer. ``room``: commands the window may still
+ * bytes object (Data-In with status) per file read to ``out`` (``ncmds``,
+ * ``nbytes``), and starts the RBD reads and writes (``nasync``; a write's
+ * data, ``bytes_in``, is consumed with its command); stops at the first
+ * PDU it does not take. ``room``: commands the window may still
  * take (depth - in flight); ``held_back``: commands wait ahead of ExpCmdSN.
  * The sequence numbers after the scan are in statsn/exp_cmdsn/max_cmdsn. */
 static PyObject *Lane_scan(Lane *self, PyObject *args) {
@@ -656,7 +744,7 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         return NULL;
     const uint8_t *buf = view.buf;
     Py_ssize_t s = start;
-    unsigned long long nbytes = 0, ncmds = 0, nasync = 0;
+    unsigned long long nbytes = 0, ncmds = 0, nasync = 0, bytes_in = 0;
     double t0 = now_s();
     if (end > view.len)
         end = view.len;
@@ -664,9 +752,10 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         const uint8_t *b = buf + s;
         uint64_t offset;
         uint32_t n;
+        int write;
         uint32_t left = nbytes < out_room ? out_room - (uint32_t)nbytes : 0;
         uint32_t limit = single < left ? single : left;
-        lun_t *l = plain_read(self, b, limit, &offset, &n);
+        lun_t *l = plain_io(self, b, limit, end - s, &offset, &n, &write);
         if (l == NULL || be32(b + 24) != exp)
             break;
         uint32_t itt = be32(b + 16);
@@ -685,12 +774,14 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         if (live_itt(self, itt))
             break;
         if (l->aio != NULL) {
-            if (!start_read(self, l, b, itt, offset, n))
+            if (!start_io(self, l, b, itt, offset, n, write))
                 break;          /* fenced, or the budget's end: Python's path */
             exp += 1;           /* in flight: the window's count grows, MaxCmdSN stays */
             room -= 1;
             nasync++;
-            s += BHS_LEN;
+            /* (a write's data is whole blocks: no padding follows it) */
+            s += BHS_LEN + (write ? (Py_ssize_t)n : 0);
+            bytes_in += write ? n : 0;
             continue;
         }
         PyObject *pdu = PyBytes_FromStringAndSize(NULL, BHS_LEN + n);
@@ -726,7 +817,7 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         Py_DECREF(pdu);
         if (rc < 0)
             goto fail;
-        count_read(self, l, n, now_s() - t0);
+        count_io(self, l, 0, n, now_s() - t0);
         nbytes += BHS_LEN + n;
         ncmds++;
         s += BHS_LEN;
@@ -737,7 +828,7 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
     self->max_cmdsn = maxsn;
     self->commands += ncmds;
     self->bytes += nbytes;
-    return Py_BuildValue("nKKK", s, nbytes, ncmds, nasync);
+    return Py_BuildValue("nKKKK", s, nbytes, ncmds, nasync, bytes_in);
 fail:
     PyBuffer_Release(&view);
     return NULL;
@@ -745,14 +836,18 @@ fail:
 
 static PyMethodDef Lane_methods[] = {
     {"set_lun", (PyCFunction)Lane_set_lun, METH_VARARGS, "publish a LUN direct (fd) or take it back (-1)"},
-    {"scan", (PyCFunction)Lane_scan, METH_VARARGS, "answer the plain READs at the head of the buffer"},
+    {"scan", (PyCFunction)Lane_scan, METH_VARARGS,
+     "answer or start the plain READs and WRITEs at the head of the buffer"},
     {"lun_counts", (PyCFunction)Lane_lun_counts, METH_O, "(reads, bytes, in flight) of a LUN"},
     {"set_rbd", (PyCFunction)Lane_set_rbd, METH_VARARGS, "the RBD submitters' C API and the budget's top-up"},
     {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "the eventfd finished RBD reads bump"},
     {"busy", (PyCFunction)Lane_busy, METH_O, "is this ITT one of the lane's in flight"},
-    {"complete", (PyCFunction)Lane_complete, METH_VARARGS, "answer the finished RBD reads"},
+    {"complete", (PyCFunction)Lane_complete, METH_VARARGS, "answer the finished RBD reads and writes"},
     {"set_buckets", (PyCFunction)Lane_set_buckets, METH_O, "the latency histogram's bounds"},
-    {"take_counts", (PyCFunction)Lane_take_counts, METH_NOARGS, "the READs answered since, per LUN"},
+    {"set_write_params", (PyCFunction)Lane_set_write_params, METH_VARARGS,
+     "FirstBurstLength (0: no writes), MaxRecvDataSegmentLength, command data limit"},
+    {"take_counts", (PyCFunction)Lane_take_counts, METH_NOARGS,
+     "the commands answered since, per LUN and kind"},
     {NULL}
 };
 
@@ -769,6 +864,9 @@ static PyMemberDef Lane_members[] = {
      "budget bytes held and not lent to a read in flight (Python gives the excess back)"},
     {"credit_calls", T_ULONGLONG, offsetof(Lane, credit_calls), READONLY, NULL},
     {"answered", T_ULONGLONG, offsetof(Lane, answered), READONLY, NULL},
+    {"written", T_ULONGLONG, offsetof(Lane, written), READONLY, "WRITEs answered GOOD"},
+    {"writes_inflight", T_UINT, offsetof(Lane, writes_inflight), READONLY, NULL},
+    {"max_write", T_UINT, offsetof(Lane, max_write), READONLY, NULL},
     {NULL}
 };
 

@@ -340,21 +340,23 @@ class IscsiConnection(asyncio.BufferedProtocol):
                 self.mv = memoryview(self.buf)
 
     def _lane_scan(self, session: Session, native, s: int) -> bool:
-        """Let the native lane answer the plain READs at the head of
-        the buffer (target/iscsi/lane.py); True if it answered any."""
+        """Let the native lane answer the plain READs (and start the plain
+        RBD writes) at the head of the buffer (target/iscsi/lane.py); True
+        if it took any."""
         w = session.window
-        start, nbytes, n, started = native.scan(self.buf, s, self.end, session.tasks, self._wbuf, self.statsn,
-                                       w.exp_cmdsn, w.max_cmdsn, w.depth - w.inflight,
-                                       bool(w.pending_count()), session.single_data_in,
-                                       max(0, FLUSH_BYTES - self._wbytes))
+        start, nbytes, n, started, bytes_in = native.scan(
+            self.buf, s, self.end, session.tasks, self._wbuf, self.statsn, w.exp_cmdsn,
+            w.max_cmdsn, w.depth - w.inflight, bool(w.pending_count()), session.single_data_in,
+            max(0, FLUSH_BYTES - self._wbytes))
         if not n and not started:
             return False
         self.start = start
         self.statsn = native.statsn
         w.exp_cmdsn = native.exp_cmdsn
-        w.inflight += started           # RBD reads: answered by SessionLane._complete
+        w.inflight += started           # RBD reads and writes: answered by SessionLane._complete
         self.pdus_in += started
         session.commands += started
+        session.bytes_in += bytes_in
         self._wbytes += nbytes
         self.pdus_in += n
         self.pdus_out += n

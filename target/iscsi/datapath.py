@@ -122,7 +122,7 @@ class DataPathMixin:
             return
         task.state = "data"
         if LANE_ENABLED:
-            self.lane_hold(task)
+            task.lane_wait = self.lane_hold(task)
         if task.attr == ATTR_ORDERED or self._ordered:     # else nothing to wait for
             task.wait_for = self._ordering_deps(task)
         if not self._run_now(task):
@@ -351,7 +351,8 @@ class DataPathMixin:
         at hand, the socket keeping up) is executed and, when the SCSI
         layer answers at once, answered right here. Returns False, having
         done nothing, if it must wait first (then _run does it all)."""
-        if task.wait_for or task.error_sense is not None or self.conn.write_paused:
+        if (task.wait_for or task.lane_wait or task.error_sense is not None
+                or self.conn.write_paused):
             return False
         if task.read:
             # the data it will produce, held until the socket took it
@@ -455,6 +456,10 @@ class DataPathMixin:
                         self._send_r2ts(task)
                         await task.data_ready.wait()
                         task.data_ready = None
+                if task.lane_wait:
+                    # it holds the lanes: the target's lane writes in flight end first
+                    task.lane_wait = False
+                    await self.lane_writes_end()
                 if task.wait_for:
                     # SAM task attributes: an ORDERED command runs after every
                     # command delivered before it, and later SIMPLE ones after it

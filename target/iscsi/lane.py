@@ -1,5 +1,6 @@
-"""The published route of a session's native READ lane
-(target/iscsi/_nativelane.c; design and numbers in docs/native-lane.md).
+"""The published route of a session's native lane: plain READs, and plain
+all-immediate WRITEs to RBD LUs (target/iscsi/_nativelane.c; design and
+numbers in docs/native-lane.md).
 
 The route is published, not re-made per command, as the TCMU native ring
 does (target/tcmu/native_device.py): a LUN is direct for this session while
@@ -14,7 +15,11 @@ them; state changes that are not commands revoke through the device's
 ``watch_route`` and the lease's ``on_change``, synchronously. A file read
 finishes inside the scan; an RBD read is in flight across loop turns, so
 taking its LUN back keeps the lease until the last one completes, and task
-management and close wait for them (``drained``).
+management and close wait for them (``drained``). A lane write in flight
+is not ordered against anything by the lane itself: a command that holds
+the lanes runs only once the target's lane writes have ended
+(``writes_end``), so a COMPARE AND WRITE, an ORDERED command, a
+reservation or SYNCHRONIZE CACHE never overlaps one.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from restore_core.stores.file import FileBlockStore
 from restore_core.stores.rbd import RbdStore
 from restore_core.stores.rbd_submit import NATIVE_API
 from target.scsi.device import ScsiDevice
-from target.scsi.lustats import LATENCY_BUCKETS, READ
+from target.scsi.lustats import LATENCY_BUCKETS, READ, WRITE
 
 from . import pdu as P
 
@@ -75,6 +80,8 @@ HOLDS: dict[int, int] = {}
 #: the lane takes it in blocks of this (one Python call per ~250 4 KiB
 #: reads) and gives back what it holds idle beyond two blocks
 CREDIT_BLOCK = 1 << 20
+#: take_counts' kinds, in the C lane's order
+LANE_KINDS = (READ, WRITE)
 
 
 class SessionLane:
@@ -92,6 +99,11 @@ class SessionLane:
         self._rbd = NATIVE_API is not None
         if self._rbd:
             self.native.set_rbd(NATIVE_API, _credit_taker(self))
+        prm = session.params
+        # all-immediate writes up to these (none without ImmediateData)
+        self.native.set_write_params(prm.first_burst_length if prm.immediate_data else 0,
+                                     prm.target_mrdsl, session.server.max_cmd_data)
+        self._writes_idle: list[asyncio.Future] = []
         self._fd = self.native.fileno()
         loop.add_reader(self._fd, self._complete)
         self.native.set_buckets(LATENCY_BUCKETS)
@@ -184,12 +196,14 @@ class SessionLane:
             log.exception("session %s: lane route check failed", self.session.tsih)
             self.revoke_all()
 
-    # -- RBD reads in flight -------------------------------------------------------
+    # -- RBD reads and writes in flight -------------------------------------------
     def _complete(self) -> None:
-        """librbd finished reads: answer the good ones (one writev for the
-        batch); a failed one, or any once its store is fenced, runs as its
-        command through Python's path instead (which answers NOT READY with
-        the reason, or whatever the store's error deserves)."""
+        """librbd finished reads and writes: answer the good ones (one
+        writev for the batch); a failed one, or any once its store is
+        fenced, runs as its command through Python's path instead (which
+        answers NOT READY with the reason, or whatever the store's error
+        deserves; a write is written again only by that path, which checks
+        the fence first)."""
         s = self.session
         conn = s.conn
         w = s.window
@@ -215,13 +229,18 @@ class SessionLane:
             s.bytes_out += nbytes - n * P.BHS_LEN
             conn.flush()
         if retry is not None:
-            for bhs in retry:
-                self._retry(bhs)
+            for command in retry:
+                self._retry(command)
         # what it holds idle, but for two blocks; all of it when commands
         # (of any session) wait for budget: idle credit must not starve them
         self._give_credit(0 if s.budget.server.waiting() else 2 * CREDIT_BLOCK)
         for lun in [lun for lun in self._draining if not self.native.lun_counts(lun)[2]]:
             self._draining.pop(lun).release()
+        if not self.native.writes_inflight:
+            for f in self._writes_idle:
+                if not f.done():
+                    f.set_result(None)
+            self._writes_idle.clear()
         if not self.native.inflight:
             for f in self._idle:
                 if not f.done():
@@ -230,14 +249,18 @@ class SessionLane:
             if self._closed:
                 conn.loop.remove_reader(self._fd)
 
-    def _retry(self, bhs: bytes) -> None:
-        """A lane read that failed becomes its command's task, as Python
-        would have made it: its CmdSN was taken and it still counts in the
-        window, so it is delivered at once (before drained() can return:
-        task management and logout then find it among the tasks)."""
+    def _retry(self, command: bytes) -> None:
+        """A lane read or write that failed becomes its command's task, as
+        Python would have made it (a write's data is its immediate data):
+        its CmdSN was taken and it still counts in the window, so it is
+        delivered at once (before drained() can return: task management and
+        logout then find it among the tasks)."""
         s = self.session
         s.commands -= 1                 # counted once, when the lane took it
-        task = s._prepare_scsi(P.Pdu(bhs))
+        data = memoryview(command)[P.BHS_LEN:]
+        if data.nbytes:
+            s.bytes_in -= data.nbytes   # (and again by _prepare_scsi)
+        task = s._prepare_scsi(P.Pdu(command[:P.BHS_LEN], b"", data))
         if task is None:
             s._noop(True)
         else:
@@ -259,6 +282,13 @@ class SessionLane:
         if extra > 0:
             self.native.credit -= extra
             self.session.budget.give(extra)
+
+    async def writes_end(self) -> None:
+        """Until no write of the lane is in flight."""
+        if self.native.writes_inflight:
+            f = self.session.conn.loop.create_future()
+            self._writes_idle.append(f)
+            await f
 
     async def drained(self) -> None:
         """Until no read of the lane is in flight (task management and logout
@@ -293,15 +323,16 @@ class SessionLane:
         if not counts:
             return
         devices = self._devices()
-        for lun, commands, nbytes, seconds, buckets in counts:
+        for lun, kind, commands, nbytes, seconds, buckets in counts:
             dev = devices.get(lun)
             if dev is not None:         # an LU removed since: its metrics went with it
-                dev.stats.add(READ, commands, nbytes, seconds, buckets)
+                dev.stats.add(LANE_KINDS[kind], commands, nbytes, seconds, buckets)
 
     def close(self) -> None:
         self._closed = True
-        log.info("session %s: the lane answered %d READs (%d would have waited for the disk)",
-                 self.session.tsih, self.native.answered, self.native.would_block)
+        log.info("session %s: the lane answered %d READs (%d would have waited for the disk) "
+                 "and %d WRITEs", self.session.tsih, self.native.answered,
+                 self.native.would_block, self.native.written)
         self._fold_timer.cancel()
         self._fold_stats()
         self._timer.cancel()

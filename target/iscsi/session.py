@@ -19,6 +19,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from target.scsi.api import Nexus
+from target.scsi.constants import COMPARE_AND_WRITE
 
 from ..logsafe import NAME_CLIP, RateLimitedLog, clip
 from . import pdu as P
@@ -28,7 +29,7 @@ from .lane import ENABLED as LANE_ENABLED
 from .lane import HOLDS, PLAIN_IO, SessionLane
 from .params import NOT_UNDERSTOOD, REJECT, TextError, encode_text, parse_text
 from .task import ATTR_ORDERED, ProtocolViolation, Task
-from .tmf import TaskManagementMixin
+from .tmf import ABORT_WAIT, TaskManagementMixin
 
 __all__ = ["Session", "ProtocolViolation", "iscsi_transport_id"]
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 ratelog = RateLimitedLog(log)     # for what a client can trigger once per PDU
 
 LOGOUT_DRAIN = 30.0        # bound on waiting for in-flight commands at logout
+#: bound on a lane-holding command's wait for the lane writes in flight (as
+#: task management's for the commands it aborts)
+LANE_WAIT_S = ABORT_WAIT
 
 
 def iscsi_transport_id(initiator_port: str) -> bytes:
@@ -140,15 +144,36 @@ class Session(DataPathMixin, TaskManagementMixin):
                                    fields=self._sn_fields(self.conn.next_statsn())), bytes(bhs[:P.BHS_LEN]))
 
     # -- the native lane --------------------------------------------------------
-    def lane_hold(self, task: Task) -> None:
+    def lane_hold(self, task: Task) -> bool:
         """A command that may change any nexus's route starts: every lane of
         the target stops answering until it ends (lane_release). An ORDERED
         READ/WRITE holds too: the SIMPLE commands behind it wait for its end
-        (SAM), which only Python's path does (_ordering_deps)."""
+        (SAM), which only Python's path does (_ordering_deps). True if it
+        must not run before the target's lane writes in flight end
+        (lane_writes_end): an ORDERED command runs after every command
+        before it, and a COMPARE AND WRITE is atomic against every write;
+        other commands may overlap a SIMPLE write in flight, as they may
+        one on Python's path."""
         if task.cdb[0] in PLAIN_IO and task.attr != ATTR_ORDERED:
-            return
+            return False
         self._lane_holds.append(task)
         self.lanes_stop()
+        return (task.attr == ATTR_ORDERED or task.cdb[0] == COMPARE_AND_WRITE) and any(
+            s.lane is not None and s.lane.native.writes_inflight
+            for s in self.server.sessions_of(self.target))
+
+    async def lane_writes_end(self) -> None:
+        """Until the lane writes of every session of the target in flight
+        now have ended (none starts meanwhile: the caller holds the lanes).
+        Bounded as task management's wait for them is."""
+        ends = [s.lane.writes_end() for s in self.server.sessions_of(self.target)
+                if s.lane is not None and s.lane.native.writes_inflight]
+        if ends:
+            try:
+                await asyncio.wait_for(asyncio.gather(*ends), LANE_WAIT_S)
+            except asyncio.TimeoutError:
+                log.warning("session %s: lane writes still in flight after %.0f s; "
+                            "running the command that waited for them", self.tsih, LANE_WAIT_S)
 
     def lanes_stop(self) -> None:
         """No lane of the target answers until lanes_go."""

@@ -56,7 +56,7 @@ class Task:
                  "counted", "buf", "received", "unsol_end", "unsol_next", "r2t_next", "r2tsn",
                  "r2ts", "data_ready", "aio", "aborted", "notify_abort", "state", "window_released",
                  "error_sense", "error_status", "immediate", "unsol_datasn", "wait_for",
-                 "charged", "paid_to", "finished")
+                 "charged", "paid_to", "finished", "lane_wait")
 
     def __init__(self, session: "Session", pdu: P.Pdu, cdb: bytes) -> None:
         self.session = session
@@ -93,6 +93,9 @@ class Task:
         self.paid_to = 0                  # write data up to this offset is charged
         self.finished = False
         self.wait_for: list[Task] | None = None
+        # it may change what a lane write in flight sees (it holds the lanes):
+        # it runs once the target's lane writes in flight have ended
+        self.lane_wait = False
 
     def deliver(self, counted: bool) -> None:
         """Its CmdSN came up (``counted``: it holds a CmdSN window slot)."""

@@ -36,12 +36,12 @@ class TaskManagementMixin:
         func = pdu.flags & 0x7F
         lun = pdu.lun
         if LANE_ENABLED:
-            # no lane starts a read while it runs, and this
-            # session's lane reads end first (they are not abortable)
+            # no lane starts a command while it runs, and this session's
+            # lane reads and writes end first (they are not abortable)
             self.lanes_stop()
         try:
             if LANE_ENABLED:
-                await self._lane_reads_end(func)
+                await self._lane_commands_end(func)
             response = await self._tmf_do(pdu, func, lun)
         except asyncio.CancelledError:
             raise
@@ -60,23 +60,23 @@ class TaskManagementMixin:
             for s in self.server.sessions_of(self.target):
                 s.conn.close("target cold reset")
 
-    async def _lane_reads_end(self, func: int) -> None:
-        """Until the lane reads this function covers have ended (they cannot
+    async def _lane_commands_end(self, func: int) -> None:
+        """Until the lane reads and writes this function covers have ended (they cannot
         be aborted: librbd owns their buffers; each is answered as completed
         before it): this session's, and for the functions that abort other
         sessions' tasks every session's of the target (SAM: a reset completes
         after the tasks it aborts). The caller stopped every lane of the
-        target, so none starts meanwhile. A LUN RESET waits for reads of
+        target, so none starts meanwhile. A LUN RESET waits for those of
         other LUNs too: they end as soon, and no per-LUN wait is needed.
         Bounded as aborting Python's tasks is."""
         sessions = [self] if func not in OTHER_SESSIONS else self.server.sessions_of(self.target)
-        reads = [s.lane.drained() for s in sessions if s.lane is not None]
-        if not reads:
+        ends = [s.lane.drained() for s in sessions if s.lane is not None]
+        if not ends:
             return
         try:
-            await asyncio.wait_for(asyncio.gather(*reads), ABORT_WAIT)
+            await asyncio.wait_for(asyncio.gather(*ends), ABORT_WAIT)
         except asyncio.TimeoutError:
-            log.warning("session %s: TMF %d answered with lane reads still in flight after %.0f s",
+            log.warning("session %s: TMF %d answered with lane commands still in flight after %.0f s",
                         self.tsih, func, ABORT_WAIT)
 
     async def _tmf_do(self, pdu: P.Pdu, func: int, lun: int) -> int:

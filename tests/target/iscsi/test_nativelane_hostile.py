@@ -360,6 +360,20 @@ CASES = {
 }
 
 
+async def send_case(i: Initiator, case) -> None:
+    """Take the initiator's socket over and send the case's parts raw (a
+    float: a pause), then the closing ping."""
+    i._reader_task.cancel()
+    await asyncio.gather(i._reader_task, return_exceptions=True)
+    w = Wire(i)
+    for part in case(w):
+        if isinstance(part, float):
+            await asyncio.sleep(part)
+        else:
+            i.writer.write(part)
+    i.writer.write(w.ping())
+
+
 async def _exchange(tmp_path, case, on: bool, stall: float = 0.0) -> tuple[bytes, int, int]:
     """Log in, then send the case's bytes raw; everything the target
     answers until it is quiet (or closes), how many READs the lane
@@ -381,15 +395,7 @@ async def _exchange(tmp_path, case, on: bool, stall: float = 0.0) -> tuple[bytes
         conn = next(iter(srv.sessions.values())).conn
         if on:
             publish(srv, 0, 5)
-        i._reader_task.cancel()
-        await asyncio.gather(i._reader_task, return_exceptions=True)
-        w = Wire(i)
-        for part in case(w):
-            if isinstance(part, float):
-                await asyncio.sleep(part)
-            else:
-                i.writer.write(part)
-        i.writer.write(w.ping())
+        await send_case(i, case)
         held = 0
         for _ in range(int(stall / 0.01)):
             await asyncio.sleep(0.01)
