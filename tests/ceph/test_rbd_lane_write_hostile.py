@@ -101,7 +101,8 @@ async def served(tmp_path, ceph, image: str) -> AsyncIterator[Service]:
         await svc.stop()
 
 
-async def exchange(tmp_path, ceph, image: str, case, on: bool) -> tuple[bytes, int]:
+async def exchange(tmp_path, ceph, image: str, case, on: bool,
+                   immediate_data: bool = True) -> tuple[bytes, int]:
     """The target's answers to the case's bytes, and how many writes the
     lane took."""
     set_lane(on)
@@ -110,7 +111,8 @@ async def exchange(tmp_path, ceph, image: str, case, on: bool) -> tuple[bytes, i
     async with served(d, ceph, image) as svc:
         srv = svc.frontend.server
         i = Initiator(*srv.addresses[0], name="iqn.2025-01.org.test:wire")
-        await i.login(IQN, immediate_data=True, initial_r2t=True, first_burst=FIRST_BURST)
+        await i.login(IQN, immediate_data=immediate_data, initial_r2t=True,
+                      first_burst=FIRST_BURST)
         await ready(i, 0)
         lanes = [s.lane for s in srv.sessions.values() if s.lane is not None]
         if on:
@@ -175,24 +177,49 @@ def _statsns(wire: bytes) -> list[int]:
     return sorted(out)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_hostile_write_gets_pythons_answers(ceph, tmp_path, name):
+def _image(ceph) -> str:
     spec = ceph.spec()
     with other_client(spec) as io:
         rbd.RBD().create(io, spec.image, BLOCKS * 512, old_format=False, features=FEATURES)
-    image = spec.image_name
+    return spec.image_name
+
+
+def _same(name: str, off: bytes, on: bytes) -> None:
+    a = collections.Counter((_key(p), _normal(p)) for p in _pdus(off))
+    b = collections.Counter((_key(p), _normal(p)) for p in _pdus(on))
+    assert a == b, f"{name}: off-only {a - b}\non-only {b - a}"
+    assert off, "the target answered nothing"
+    assert _statsns(on) == _statsns(off)
+    assert len(set(_statsns(on))) == len(_statsns(on)), "a StatSN given twice"
+    assert any(_key(p) == (0x20, PING_ITT) for p in _pdus(on))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_write_gets_pythons_answers(ceph, tmp_path, name):
+    image = _image(ceph)
 
     async def main():
         off, _ = await exchange(tmp_path, ceph, image, CASES[name], False)
         on, taken = await exchange(tmp_path, ceph, image, CASES[name], True)
         assert taken, "the lane took no write: the case compares Python with itself"
-        a = collections.Counter((_key(p), _normal(p)) for p in _pdus(off))
-        b = collections.Counter((_key(p), _normal(p)) for p in _pdus(on))
-        assert a == b, f"{name}: off-only {a - b}\non-only {b - a}"
-        assert off, "the target answered nothing"
-        assert _statsns(on) == _statsns(off)
-        assert len(set(_statsns(on))) == len(_statsns(on)), "a StatSN given twice"
-        assert any(_key(p) == (0x20, PING_ITT) for p in _pdus(on))
+        _same(name, off, on)
+    asyncio.run(main())
+
+
+def test_immediate_data_on_a_session_without_it_is_pythons(ceph, tmp_path):
+    """ImmediateData=No: a command carrying data anyway is a protocol
+    error Python rejects; the lane takes none of them."""
+    image = _image(ceph)
+
+    def case(w: Wire) -> list:
+        return [wr(w, 0) + wr(w, 8)]
+
+    async def main():
+        off, _ = await exchange(tmp_path, ceph, image, case, False, immediate_data=False)
+        on, taken = await exchange(tmp_path, ceph, image, case, True, immediate_data=False)
+        assert taken == 0
+        _same("ImmediateData=No", off, on)
+        assert any(p[0] & 0x3F == 0x3F for p in _pdus(on)), "no Reject"
     asyncio.run(main())
 
 
@@ -208,9 +235,7 @@ def _answers(wire: bytes) -> list[tuple[int, int, int]]:
 
 @pytest.mark.parametrize("func", [1, 5], ids=["ABORT TASK", "LUN RESET"])
 def test_task_management_answers_after_the_lane_writes_it_covers(ceph, tmp_path, func):
-    spec = ceph.spec()
-    with other_client(spec) as io:
-        rbd.RBD().create(io, spec.image, BLOCKS * 512, old_format=False, features=FEATURES)
+    image = _image(ceph)
     itts = (0x7002, 0x7003)
 
     def case(w: Wire) -> list:
@@ -220,7 +245,7 @@ def test_task_management_answers_after_the_lane_writes_it_covers(ceph, tmp_path,
                 + wr(w, 16, itt=0x7004)]
 
     async def main():
-        on, taken = await exchange(tmp_path, ceph, spec.image_name, case, True)
+        on, taken = await exchange(tmp_path, ceph, image, case, True)
         got = _answers(on)
         tmf = next(k for k, a in enumerate(got) if a[0] == 0x22)
         # the function is complete (its task ended), or the task it names is gone
