@@ -866,7 +866,6 @@ static PyMemberDef Lane_members[] = {
     {"answered", T_ULONGLONG, offsetof(Lane, answered), READONLY, NULL},
     {"written", T_ULONGLONG, offsetof(Lane, written), READONLY, "WRITEs answered GOOD"},
     {"writes_inflight", T_UINT, offsetof(Lane, writes_inflight), READONLY, NULL},
-    {"max_write", T_UINT, offsetof(Lane, max_write), READONLY, NULL},
     {NULL}
 };
 

@@ -16,10 +16,11 @@ them; state changes that are not commands revoke through the device's
 finishes inside the scan; an RBD read is in flight across loop turns, so
 taking its LUN back keeps the lease until the last one completes, and task
 management and close wait for them (``drained``). A lane write in flight
-is not ordered against anything by the lane itself: a command that holds
-the lanes runs only once the target's lane writes have ended
-(``writes_end``), so a COMPARE AND WRITE, an ORDERED command, a
-reservation or SYNCHRONIZE CACHE never overlaps one.
+is a SIMPLE command in flight: an ORDERED command (SAM orders it after
+every earlier one) and a COMPARE AND WRITE (atomic against every write)
+run only once the target's lane writes have ended (``writes_end``,
+Session.lane_writes_end); other commands may overlap one, as they may a
+SIMPLE write on Python's path.
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ SECS = int(os.environ.get("SECS", "5"))
 SIZE = int(os.environ.get("SIZE_MB", "256")) * MiB
 WORKLOAD = os.environ.get("WORKLOAD", "4k")
 #: the tool's I/O size of each write workload
-WRITE_SIZE = {"4kw": "4K", "1m": "1M"}
+WRITE_SIZE = {"4kw": 4096, "1m": MiB}
 #: voluntary, then involuntary (their order in /proc/PID/task/TID/status)
 _SWITCHES = re.compile(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", re.M)
 
@@ -136,7 +136,7 @@ def main() -> int:
                 for n in os.listdir(os.path.join(cdir, "pids"))}
         fio_args = [f"--runtime={SECS}", "--time_based", f"--size={SIZE}"]
         fio_args += (["--rw=randread", "--bs=4k"] if WORKLOAD == "4k"
-                     else ["--rw=write", f"--bs={WRITE_SIZE[WORKLOAD]}"])
+                     else ["--rw=write", f"--bs={WRITE_SIZE[WORKLOAD]}"])      # bytes
         out, delta = _run_tool(
             ["fio", "--name=rbd", "--ioengine=rbd", f"--clientname={lu.client_id}",
              f"--pool={lu.pool}", f"--rbdname={lu.image}", "--iodepth=32",
@@ -202,10 +202,9 @@ def _lu_sides(base: str, lane: str, conf: str, lu: RbdSpec, ceph: dict[str, int]
                 cmds = iops * SECS
             else:
                 bs = WRITE_SIZE[WORKLOAD]
-                per = MiB if bs == "1M" else 4096
-                n = max(SIZE // per, result["fio-rbd"]["per_s"] * SECS)   # as long as fio ran
+                n = max(SIZE // bs, result["fio-rbd"]["per_s"] * SECS)    # as long as fio ran
                 out, delta = _run_tool(["qemu-img", "bench", "-f", "raw", "-t", "none", "-w",
-                                        "-c", str(n), "-d", "32", "-s", bs, "-S", bs,
+                                        "-c", str(n), "-d", "32", "-s", str(bs), "-S", str(bs),
                                         "--pattern=0x5a", url], None, pids)
                 secs = float(re.search(r"Run completed in ([0-9.]+) seconds", out).group(1))
                 cmds, iops = n, n / secs

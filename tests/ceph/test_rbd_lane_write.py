@@ -13,6 +13,7 @@ import struct
 import time
 from typing import Any
 
+from target.iscsi import lane as lane_mod
 from target.scsi.lustats import WRITE
 from tests.ceph.conftest import TEST_OSD_OP_TIMEOUT_S
 from tests.ceph.test_rbd_lane import (GOOD, MiB, not_ready, osd_stopped, rig,  # noqa: F401
@@ -59,7 +60,7 @@ def test_lane_writes_ride_the_submitter_and_land_on_the_image(ceph, tmp_path):
             # the LU's metrics count them as writes (folded every FOLD_S)
             await until(lambda: dev.stats.commands[WRITE] - stats_before == 256,
                         "the lane's writes in the LU's metrics")
-            assert lane.native.credit <= 2 * 1024 * 1024
+            assert lane.native.credit <= 2 * lane_mod.CREDIT_BLOCK
     asyncio.run(go())
 
 
