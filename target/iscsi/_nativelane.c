@@ -57,6 +57,7 @@
 #define OP_SCSI_CMD 0x01
 #define OP_DATA_IN 0x25
 #define OP_SCSI_RSP 0x21
+#define OP_R2T 0x31
 #define KINDS 2                 /* metrics: 0 READ, 1 WRITE (lane.LANE_KINDS) */
 #define N_BOUNDS_MAX 32
 
@@ -87,8 +88,19 @@ typedef struct req {
     PyObject *aio;              /* the store's submitter (a reference; loop only) */
     long long rc;
     double t0;                  /* submitted (latency of the LU's metrics) */
+    uint64_t offset;            /* on the store */
     uint32_t itt, n, cost;
     uint8_t lun, write;
+    /* the lane's (or librbd's) reference, plus one per LaneBuf exporting
+     * the data to Python: freed by whichever lets go last */
+    int refs;
+    /* a write collecting its data (loop only): ``imm`` bytes of immediate
+     * data (``imm_pending``: still being placed by the connection), ``have``
+     * bytes in, solicited up to ``r2t_next``, ``r2tsn`` R2Ts sent; the one
+     * outstanding (``r2t_open``) is ``ttt`` for [r_off, r_end), in up to
+     * ``r_next`` with DataSN ``r_datasn`` next */
+    uint8_t collecting, imm_pending, r2t_open;
+    uint32_t imm, have, r2t_next, r2tsn, ttt, r_off, r_end, r_next, r_datasn;
     uint8_t pdu[];              /* BHS_LEN + n */
 } req_t;
 
@@ -143,13 +155,67 @@ typedef struct {
     double bounds[N_BOUNDS_MAX];    /* latency buckets' upper bounds (s) */
     int n_bounds;
     unsigned long long answered;    /* READs answered GOOD, file and RBD */
-    /* writes: the largest all-immediate one the lane takes (0: none; the
-     * negotiated FirstBurstLength and MaxRecvDataSegmentLength, the command
-     * data limit), those in flight and those answered GOOD */
-    uint32_t max_write;
-    unsigned int writes_inflight;
-    unsigned long long written;
+    /* writes (set_write_params): immediate data up to ``max_imm`` (0:
+     * ImmediateData=No), all-immediate ones up to ``max_cmd`` bytes, those
+     * that need R2Ts up to ``max_r2t_write`` (0: none) solicited
+     * ``max_burst`` at a time; a command whose immediate data is not all
+     * in is taken if it has at least ``direct_min`` (the rest is placed in
+     * the request), else left until it is */
+    uint32_t max_imm, max_cmd, max_r2t_write, max_burst, direct_min;
+    uint32_t next_ttt;          /* the lane's R2Ts' TTTs: TTT_LANE | a counter */
+    unsigned int writes_inflight;   /* writes in librbd's hands */
+    unsigned int collecting;        /* writes collecting their data */
+    unsigned long long written, r2ts;
 } Lane;
+
+/* The TTTs of the lane's R2Ts: Python's own are below 0x80000000 (R2Ts)
+ * or 0x80000000 | below 0x40000000 in practice (Text) */
+#define TTT_LANE 0xC0000000u
+
+static void req_put(req_t *r);
+
+/* A window on a request's data that Python may hold (a payload being
+ * placed, a write given back to Python): it keeps the request's memory. */
+typedef struct {
+    PyObject_HEAD
+    req_t *r;
+    uint32_t off, len;
+} LaneBuf;
+
+static int LaneBuf_getbuffer(LaneBuf *self, Py_buffer *view, int flags) {
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->r->pdu + BHS_LEN + self->off,
+                             self->len, 0, flags);
+}
+
+static void LaneBuf_dealloc(LaneBuf *self) {
+    req_put(self->r);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyBufferProcs LaneBuf_as_buffer = { (getbufferproc)LaneBuf_getbuffer, NULL };
+
+static PyTypeObject LaneBufType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "target.iscsi._nativelane.LaneBuf",
+    .tp_basicsize = sizeof(LaneBuf),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)LaneBuf_dealloc,
+    .tp_as_buffer = &LaneBuf_as_buffer,
+};
+
+/* A writable memoryview of ``len`` bytes of the request's data at ``off``. */
+static PyObject *data_view(req_t *r, uint32_t off, uint32_t len) {
+    LaneBuf *b = PyObject_New(LaneBuf, &LaneBufType);
+    if (b == NULL)
+        return NULL;
+    __atomic_add_fetch(&r->refs, 1, __ATOMIC_ACQ_REL);
+    b->r = r;
+    b->off = off;
+    b->len = len;
+    PyObject *mv = PyMemoryView_FromObject((PyObject *)b);
+    Py_DECREF(b);
+    return mv;
+}
 
 static void core_put(core_t *c) {
     if (__atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) == 0) {
@@ -157,6 +223,14 @@ static void core_put(core_t *c) {
         if (c->eventfd >= 0)
             close(c->eventfd);
         free(c);
+    }
+}
+
+static void req_put(req_t *r) {
+    if (__atomic_sub_fetch(&r->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        core_t *c = r->core;
+        free(r);
+        core_put(c);
     }
 }
 
@@ -169,8 +243,7 @@ static void io_done(void *arg, long long rc) {
     pthread_mutex_lock(&c->mu);
     if (c->gone) {
         pthread_mutex_unlock(&c->mu);
-        free(r);
-        core_put(c);
+        req_put(r);
         return;
     }
     r->next = c->done;
@@ -208,9 +281,10 @@ static void good_data_in(uint8_t *p, uint32_t itt, uint32_t n, uint32_t statsn, 
     put32(p + 32, maxsn);
 }
 
-/* A SCSI Response GOOD (no sense, no residual; ExpDataSN 0: no R2T was
- * sent) into the BHS_LEN bytes at ``p``, as Python's _send_result packs it. */
-static void good_status(uint8_t *p, uint32_t itt, uint32_t statsn, uint32_t exp, uint32_t maxsn) {
+/* A SCSI Response GOOD (no sense, no residual; ExpDataSN: the R2Ts sent)
+ * into the BHS_LEN bytes at ``p``, as Python's _send_result packs it. */
+static void good_status(uint8_t *p, uint32_t itt, uint32_t statsn, uint32_t exp, uint32_t maxsn,
+                        uint32_t r2tsn) {
     memset(p, 0, BHS_LEN);
     p[0] = OP_SCSI_RSP;
     p[1] = 0x80;
@@ -218,6 +292,7 @@ static void good_status(uint8_t *p, uint32_t itt, uint32_t statsn, uint32_t exp,
     put32(p + 24, statsn);
     put32(p + 28, exp);
     put32(p + 32, maxsn);
+    put32(p + 36, r2tsn);
 }
 
 /* MaxCmdSN once ``room`` more commands fit the window after ExpCmdSN
@@ -296,9 +371,14 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
 static void Lane_dealloc(Lane *self) {
     free_metrics(self);
     core_t *c = self->core;
-    /* the callback never touches ->aio: drop the references here, under the GIL */
-    for (req_t *r = self->live; r != NULL; r = r->live_next)
+    /* the callback never touches ->aio: drop the references here, under the
+     * GIL; a write still collecting its data was never librbd's: freed */
+    for (req_t *r = self->live, *nx; r != NULL; r = nx) {
+        nx = r->live_next;
         Py_CLEAR(r->aio);
+        if (r->collecting)
+            req_put(r);
+    }
     for (int i = 0; i < N_LUNS; i++)
         Py_CLEAR(self->luns[i].aio);
     Py_CLEAR(self->credit_fn);
@@ -310,8 +390,7 @@ static void Lane_dealloc(Lane *self) {
         pthread_mutex_unlock(&c->mu);
         while (d != NULL) {
             req_t *nx = d->next;
-            free(d);
-            core_put(c);
+            req_put(d);
             d = nx;
         }
         core_put(c);
@@ -467,8 +546,7 @@ fail:
 
 /* The READ or WRITE this PDU is, if the lane may answer it: its LUN, range
  * and direction. ``room_bytes``: the most one Data-In (and the output) may
- * carry; ``avail``: the bytes buffered from the PDU's start (a write's data
- * must all be in). */
+ * carry; ``avail``: the bytes buffered from the PDU's start. */
 static lun_t *plain_io(Lane *self, const uint8_t *b, uint32_t room_bytes, Py_ssize_t avail,
                        uint64_t *offset, uint32_t *bytes, int *write) {
     if ((b[0] & 0x7F) != OP_SCSI_CMD || b[4])
@@ -477,7 +555,7 @@ static lun_t *plain_io(Lane *self, const uint8_t *b, uint32_t room_bytes, Py_ssi
     int w;
     if ((b[1] & 0xE7) == 0xC1 && dlen == 0)         /* F R !W, attr SIMPLE */
         w = 0;
-    else if ((b[1] & 0xE7) == 0xA1 && dlen)         /* F !R W, attr SIMPLE, data with it */
+    else if ((b[1] & 0xE7) == 0xA1)                 /* F !R W, attr SIMPLE */
         w = 1;
     else
         return NULL;
@@ -512,9 +590,14 @@ static lun_t *plain_io(Lane *self, const uint8_t *b, uint32_t room_bytes, Py_ssi
         return NULL;            /* a residual */
     if (w) {
         /* RBD only (a file write would block the loop); FUA is Python's;
-         * all of the data immediate, within the session's limits, here */
-        if (l->aio == NULL || (c[1] & 0x08) || dlen != n || n > self->max_write
-                || avail < BHS_LEN + (Py_ssize_t)n)
+         * the immediate data within the session's limits and whole words;
+         * the rest solicited by R2Ts only where the session lets the lane */
+        if (l->aio == NULL || (c[1] & 0x08) || dlen > n || dlen > self->max_imm || (dlen & 3)
+                || n > (dlen == n ? self->max_cmd : self->max_r2t_write))
+            return NULL;
+        /* the rest of a small PDU: Python's framing waits for it whole
+         * (as it places only big payloads in their buffer) */
+        if (avail < BHS_LEN + (Py_ssize_t)dlen && dlen < self->direct_min)
             return NULL;
     } else if (n > room_bytes)
         return NULL;            /* more than one Data-In / the output room */
@@ -563,60 +646,342 @@ static int take_credit(Lane *self, long long need) {
     return 1;
 }
 
-/* Queue an RBD read (into a new request's PDU) or write (of a copy of the
- * command's data, which follows ``bhs``) on the store's submitter thread; 1
- * if it took it. ``bhs``: the command (kept for Python until the command
- * succeeds). Each holds its memory's worth of budget credit until
- * complete() frees it. */
-static int start_io(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, uint64_t offset,
-                    uint32_t n, int write) {
+/* A request for ``n`` bytes at ``offset`` of the LUN, holding its
+ * command's BHS and the first ``copy`` bytes of its data (they follow
+ * ``bhs``), on the lane's in-flight list and holding its memory's worth of
+ * budget credit until it is freed; NULL: the budget's end, or no memory. */
+static req_t *new_req(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, uint64_t offset,
+                      uint32_t n, size_t copy, int write) {
     long long cost = (long long)sizeof(req_t) + BHS_LEN + n;
     if (self->credit < cost && !take_credit(self, cost))
-        return 0;
+        return NULL;
     req_t *r = malloc(sizeof *r + BHS_LEN + n);
     if (r == NULL)
-        return 0;
-    memcpy(r->pdu, bhs, write ? BHS_LEN + (size_t)n : BHS_LEN);
+        return NULL;
+    memset(r, 0, sizeof *r);
+    memcpy(r->pdu, bhs, BHS_LEN + copy);
     r->write = (uint8_t)write;
     r->core = self->core;
-    r->t0 = now_s();
+    r->offset = offset;
     r->itt = itt;
     r->n = n;
     r->cost = (uint32_t)cost;
     r->lun = bhs[9];
+    r->refs = 1;
     r->aio = l->aio;
-    r->live_prev = NULL;
-    r->live_next = self->live;
-    __atomic_add_fetch(&self->core->refs, 1, __ATOMIC_ACQ_REL);
-    /* from here on io_done may run on another thread: it touches only
-     * rc and next, and frees nothing while the lane lives */
-    if (self->api->put(l->aio, write ? RBDAIO_WRITE : RBDAIO_READ, offset, n, r->pdu + BHS_LEN,
-                       io_done, r) < 0) {
-        free(r);
-        core_put(self->core);
-        return 0;               /* fenced, stopped: Python's path says why */
-    }
     Py_INCREF(r->aio);
+    __atomic_add_fetch(&self->core->refs, 1, __ATOMIC_ACQ_REL);
+    r->live_next = self->live;
     if (self->live != NULL)
         self->live->live_prev = r;
     self->live = r;
     self->credit -= cost;
-    l->inflight++;
+    return r;
+}
+
+static void unlink_req(Lane *self, req_t *r) {
+    if (r->live_prev) r->live_prev->live_next = r->live_next;
+    else self->live = r->live_next;
+    if (r->live_next) r->live_next->live_prev = r->live_prev;
+    r->live_prev = r->live_next = NULL;
+}
+
+/* Drop a request librbd never had: off the list, its credit back. */
+static void drop_req(Lane *self, req_t *r) {
+    unlink_req(self, r);
+    self->credit += r->cost;
+    Py_CLEAR(r->aio);
+    req_put(r);
+}
+
+/* Queue the request's read or write on its store's submitter thread; 1 if
+ * it took it (else the request is still the lane's). */
+static int submit(Lane *self, req_t *r) {
+    r->t0 = now_s();
+    /* from here on io_done may run on another thread: it touches only
+     * rc and next, and frees nothing while the lane lives */
+    if (self->api->put(r->aio, r->write ? RBDAIO_WRITE : RBDAIO_READ, r->offset, r->n,
+                       r->pdu + BHS_LEN, io_done, r) < 0)
+        return 0;               /* fenced, stopped: Python's path says why */
+    self->luns[r->lun].inflight++;
     self->inflight++;
-    self->writes_inflight += write;
+    self->writes_inflight += r->write;
     return 1;
 }
 
-/* set_write_params(first_burst, max_recv, max_cmd): the session's
- * FirstBurstLength (0: ImmediateData=No, no lane writes), its
- * MaxRecvDataSegmentLength and the command data limit; the lane takes
- * all-immediate writes up to the smallest. */
-static PyObject *Lane_set_write_params(Lane *self, PyObject *args) {
-    unsigned int fb, mr, mc;
-    if (!PyArg_ParseTuple(args, "III", &fb, &mr, &mc))
+/* Queue an RBD read (into a new request's PDU) or an all-immediate write
+ * (of a copy of the command's data, which follows ``bhs``); 1 if it took
+ * it. */
+static int start_io(Lane *self, lun_t *l, const uint8_t *bhs, uint32_t itt, uint64_t offset,
+                    uint32_t n, int write) {
+    req_t *r = new_req(self, l, bhs, itt, offset, n, write ? n : 0, write);
+    if (r == NULL)
+        return 0;
+    if (!submit(self, r)) {
+        drop_req(self, r);
+        return 0;
+    }
+    return 1;
+}
+
+/* An R2T soliciting write ``r``'s next burst, appended to ``out`` (its
+ * StatSN the next one, not advanced); BHS_LEN, or -1 (a Python error). */
+static int send_r2t(Lane *self, req_t *r, PyObject *out, uint32_t statsn, uint32_t exp,
+                    uint32_t maxsn) {
+    uint32_t len = r->n - r->r2t_next;
+    if (len > self->max_burst)
+        len = self->max_burst;
+    uint32_t ttt = TTT_LANE | (self->next_ttt++ & 0x3FFFFFFFu);
+    if (ttt == 0xFFFFFFFFu)
+        ttt = TTT_LANE | (self->next_ttt++ & 0x3FFFFFFFu);
+    PyObject *pdu = PyBytes_FromStringAndSize(NULL, BHS_LEN);
+    if (pdu == NULL)
+        return -1;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(pdu);
+    memset(p, 0, BHS_LEN);
+    p[0] = OP_R2T;
+    p[1] = 0x80;
+    memcpy(p + 8, r->pdu + 8, 8);           /* the command's LUN */
+    put32(p + 16, r->itt);
+    put32(p + 20, ttt);
+    put32(p + 24, statsn);
+    put32(p + 28, exp);
+    put32(p + 32, maxsn);
+    put32(p + 36, r->r2tsn);
+    put32(p + 40, r->r2t_next);
+    put32(p + 44, len);
+    int rc = PyList_Append(out, pdu);
+    Py_DECREF(pdu);
+    if (rc < 0)
+        return -1;
+    r->ttt = ttt;
+    r->r_off = r->r_next = r->r2t_next;
+    r->r_end = r->r2t_next + len;
+    r->r_datasn = 0;
+    r->r2t_open = 1;
+    r->r2t_next += len;
+    r->r2tsn++;
+    self->r2ts++;
+    return BHS_LEN;
+}
+
+/* Write ``r`` handed to Python as it stands (SessionLane._adopt makes it a
+ * task): (command BHS, its data -- a view: the memory stays the request's
+ * --, bytes in, solicited up to, R2Ts sent, the outstanding R2T (TTT,
+ * offset, end, next offset, next DataSN) or None, the budget bytes it
+ * holds, which go with it). The lane lets go of it; NULL: a Python error,
+ * and it is still the lane's. */
+static PyObject *give_back(Lane *self, req_t *r) {
+    PyObject *bhs = PyBytes_FromStringAndSize((char *)r->pdu, BHS_LEN);
+    PyObject *buf = bhs == NULL ? NULL : data_view(r, 0, r->n);
+    if (buf == NULL) {
+        Py_XDECREF(bhs);
         return NULL;
-    uint32_t m = fb < mr ? fb : mr;
-    self->max_write = m < mc ? m : mc;
+    }
+    PyObject *t;
+    if (r->r2t_open)
+        t = Py_BuildValue("(NNIII(IIIII)I)", bhs, buf, r->have, r->r2t_next, r->r2tsn, r->ttt,
+                          r->r_off, r->r_end, r->r_next, r->r_datasn, r->cost);
+    else
+        t = Py_BuildValue("(NNIIIOI)", bhs, buf, r->collecting ? r->have : r->n,
+                          r->collecting ? r->r2t_next : r->n, r->r2tsn, Py_None, r->cost);
+    if (t == NULL)
+        return NULL;
+    if (r->collecting) {
+        r->collecting = 0;
+        self->collecting--;
+    }
+    unlink_req(self, r);
+    Py_CLEAR(r->aio);
+    req_put(r);
+    return t;
+}
+
+/* Write ``r`` got more of its data: its next burst solicited once the
+ * last one is in, or queued on the submitter once it has all of it. The
+ * bytes appended to ``out`` (an R2T), or -1 (a Python error); *back: the
+ * write handed to Python instead, if its LUN is no longer published on
+ * the same store (the route was taken back while its immediate data was
+ * placed: demote skips those) or the submitter refuses it (fenced). */
+static int advance(Lane *self, req_t *r, PyObject *out, uint32_t statsn, uint32_t exp,
+                   uint32_t maxsn, PyObject **back) {
+    *back = NULL;
+    if (self->luns[r->lun].aio == r->aio) {
+        if (r->have < r->n)
+            return r->r2t_open ? 0 : send_r2t(self, r, out, statsn, exp, maxsn);
+        r->collecting = 0;
+        self->collecting--;
+        if (submit(self, r))
+            return 0;
+        r->collecting = 1;
+        self->collecting++;
+    }
+    *back = give_back(self, r);
+    return *back == NULL ? -1 : 0;
+}
+
+static req_t *collecting_itt(Lane *self, uint32_t itt, int imm_pending) {
+    for (req_t *r = self->live; r != NULL; r = r->live_next)
+        if (r->collecting && r->itt == itt && r->imm_pending == imm_pending)
+            return r;
+    return NULL;
+}
+
+/* Is this Data-Out (header ``b``, ``n`` bytes of data) exactly the next
+ * piece of the burst the lane solicited? Anything else (another TTT,
+ * offset or DataSN, too long, F early, unsolicited, empty) is Python's to
+ * judge: the write goes back to Python first. */
+static int expected_data_out(const req_t *r, const uint8_t *b, Py_ssize_t n) {
+    uint32_t off = be32(b + 40);
+    return r->r2t_open && n > 0 && be32(b + 20) == r->ttt && off == r->r_next
+        && (uint64_t)n <= r->r_end - off && be32(b + 36) == r->r_datasn
+        && (!(b[1] & 0x80) || off + (uint32_t)n == r->r_end);
+}
+
+/* What data_out and placed return: the bytes of R2T appended, the write
+ * handed back, or NULL on a Python error. */
+static PyObject *outcome(int k, PyObject *back) {
+    if (k < 0)
+        return NULL;
+    if (back != NULL)
+        return back;
+    return PyLong_FromLong(k);
+}
+
+/* destination(bhs, dlen) -> memoryview | None: where the payload of this
+ * Data-Out goes, if it is exactly the next piece of a lane write's burst
+ * (its data then lands in the request; data_out follows when it is in). */
+static PyObject *Lane_destination(Lane *self, PyObject *args) {
+    Py_buffer b;
+    Py_ssize_t dlen;
+    if (!PyArg_ParseTuple(args, "y*n", &b, &dlen))
+        return NULL;
+    const uint8_t *h = b.buf;
+    req_t *r = b.len >= BHS_LEN ? collecting_itt(self, be32(h + 16), 0) : NULL;
+    PyObject *res;
+    if (r != NULL && expected_data_out(r, h, dlen))
+        res = data_view(r, be32(h + 40), (uint32_t)dlen);
+    else {
+        res = Py_None;
+        Py_INCREF(res);
+    }
+    PyBuffer_Release(&b);
+    return res;
+}
+
+/* data_out(bhs, data, out, statsn, exp_cmdsn, max_cmdsn) -> None | int |
+ * tuple: a Data-Out for a write the lane collects: None if it collects
+ * none with this ITT (Python drops the PDU as for an unknown task); the
+ * bytes of R2T appended to ``out`` once taken (the data copied unless it
+ * was placed in the request already); else the write handed back
+ * (give_back: Python then handles this PDU as its task's). */
+static PyObject *Lane_data_out(Lane *self, PyObject *args) {
+    Py_buffer b, d;
+    PyObject *out;
+    unsigned int statsn, exp, maxsn;
+    if (!PyArg_ParseTuple(args, "y*y*O!III", &b, &d, &PyList_Type, &out, &statsn, &exp, &maxsn))
+        return NULL;
+    PyObject *res = NULL, *back = NULL;
+    const uint8_t *h = b.buf;
+    req_t *r = b.len >= BHS_LEN ? collecting_itt(self, be32(h + 16), 0) : NULL;
+    if (r == NULL) {
+        res = Py_None;
+        Py_INCREF(res);
+    } else if (!expected_data_out(r, h, d.len)) {
+        res = give_back(self, r);
+    } else {
+        uint8_t *dst = r->pdu + BHS_LEN + r->r_next;
+        if (d.buf != dst)
+            memcpy(dst, d.buf, (size_t)d.len);
+        r->r_next += (uint32_t)d.len;
+        r->r_datasn++;
+        r->have += (uint32_t)d.len;
+        if (r->r_next == r->r_end)
+            r->r2t_open = 0;
+        int k = advance(self, r, out, statsn, exp, maxsn, &back);
+        res = outcome(k, back);
+    }
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&d);
+    return res;
+}
+
+/* placed(itt, out, statsn, exp_cmdsn, max_cmdsn) -> None | int | tuple:
+ * the immediate data of a write scan took before it was all in has been
+ * placed in the request: as data_out. */
+static PyObject *Lane_placed(Lane *self, PyObject *args) {
+    unsigned int itt, statsn, exp, maxsn;
+    PyObject *out, *back = NULL;
+    if (!PyArg_ParseTuple(args, "IO!III", &itt, &PyList_Type, &out, &statsn, &exp, &maxsn))
+        return NULL;
+    req_t *r = collecting_itt(self, itt, 1);
+    if (r == NULL)
+        Py_RETURN_NONE;
+    r->imm_pending = 0;
+    r->have = r->imm;
+    int k = advance(self, r, out, statsn, exp, maxsn, &back);
+    return outcome(k, back);
+}
+
+/* demote(lun) -> [tuple]: the writes of the LUN (-1: of every LUN)
+ * collecting their data, handed back to Python (give_back): its route
+ * was taken back. Not one whose immediate data is still being placed:
+ * placed() hands that back once it is in. */
+static PyObject *Lane_demote(Lane *self, PyObject *arg) {
+    long lun = PyLong_AsLong(arg);
+    if (lun == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *res = PyList_New(0);
+    if (res == NULL)
+        return NULL;
+    for (req_t *r = self->live, *nx; r != NULL; r = nx) {
+        nx = r->live_next;
+        if (!r->collecting || r->imm_pending || (lun >= 0 && r->lun != lun))
+            continue;
+        PyObject *t = give_back(self, r);
+        if (t == NULL || PyList_Append(res, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(res);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return res;
+}
+
+/* drop_collecting(): the connection is gone: the writes still collecting
+ * their data are dropped (nothing of them was written). */
+static PyObject *Lane_drop_collecting(Lane *self, PyObject *unused) {
+    for (req_t *r = self->live, *nx; r != NULL; r = nx) {
+        nx = r->live_next;
+        if (r->collecting) {
+            r->collecting = 0;
+            self->collecting--;
+            drop_req(self, r);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* set_write_params(max_imm, max_cmd, max_r2t_write, max_burst, direct_min):
+ * the most immediate data a command may carry (0: ImmediateData=No),
+ * the command data limit (all-immediate writes), the largest write the
+ * lane solicits with R2Ts (0: none), MaxBurstLength, and the smallest
+ * payload the connection places in its buffer (a command with less
+ * immediate data waits in the receive buffer until it is whole). */
+static PyObject *Lane_set_write_params(Lane *self, PyObject *args) {
+    unsigned int mi, mc, mr, mb, dm;
+    if (!PyArg_ParseTuple(args, "IIIII", &mi, &mc, &mr, &mb, &dm))
+        return NULL;
+    if (mr && mb == 0) {
+        PyErr_SetString(PyExc_ValueError, "R2T writes need a burst length");
+        return NULL;
+    }
+    self->max_imm = mi;
+    self->max_cmd = mc;
+    self->max_r2t_write = mr;
+    self->max_burst = mb;
+    self->direct_min = dm;
     Py_RETURN_NONE;
 }
 
@@ -637,8 +1002,8 @@ static PyObject *Lane_busy(Lane *self, PyObject *arg) {
  * (None: the connection is gone, drop them). C answers only a read that
  * returned all its bytes, or a write librbd took, from a store not fenced
  * now (checked here, on the loop, where the store fences): any other is
- * NOT answered; its command PDU (the BHS, and a write's data) is in
- * ``retry`` (a list, or None) for Python to run as a task (the SCSI layer
+ * NOT answered; its command is in ``retry`` (a list, or None) for Python
+ * to run as a task -- a read's BHS, a write as give_back hands it -- (the SCSI layer
  * gives the sense, NOT READY with the reason once fenced, and the store
  * sees the error). ``room``: depth - in flight before these complete;
  * ``ncmds`` counts the answered ones only (a retried command stays in the
@@ -672,27 +1037,26 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
     while (d != NULL) {
         req_t *r = d;
         d = r->next;
-        if (r->live_prev) r->live_prev->live_next = r->live_next;
-        else self->live = r->live_next;
-        if (r->live_next) r->live_next->live_prev = r->live_prev;
         self->luns[r->lun].inflight--;
         self->inflight--;
         self->writes_inflight -= r->write;
-        self->credit += r->cost;
         self->starved = 0;
-        Py_CLEAR(r->aio);
         if (!err && out != Py_None && r->rc != 0) {
-            PyObject *bhs = PyBytes_FromStringAndSize(
-                (char *)r->pdu, r->write ? BHS_LEN + (Py_ssize_t)r->n : BHS_LEN);
-            if (retry == NULL && bhs != NULL)
+            /* a read goes back as its command; a write as give_back's
+             * tuple (with its data and its budget credit) */
+            PyObject *x = r->write ? give_back(self, r)
+                : PyBytes_FromStringAndSize((char *)r->pdu, BHS_LEN);
+            if (retry == NULL && x != NULL)
                 retry = PyList_New(0);
-            if (bhs == NULL || retry == NULL || PyList_Append(retry, bhs) < 0)
+            if (x == NULL || retry == NULL || PyList_Append(retry, x) < 0)
                 err = 1;
-            Py_XDECREF(bhs);
+            Py_XDECREF(x);
+            if (x != NULL && r->write)
+                continue;       /* Python's now */
         } else if (!err && out != Py_None) {
             uint32_t n = r->n, sent = r->write ? 0 : n;
             if (r->write)
-                good_status(r->pdu, r->itt, statsn++, exp, maxsn);
+                good_status(r->pdu, r->itt, statsn++, exp, maxsn, r->r2tsn);
             else
                 good_data_in(r->pdu, r->itt, n, statsn++, exp, maxsn);
             PyObject *pdu = PyBytes_FromStringAndSize((char *)r->pdu, BHS_LEN + sent);
@@ -704,8 +1068,10 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
             }
             Py_XDECREF(pdu);
         }
-        free(r);
-        core_put(c);
+        unlink_req(self, r);
+        self->credit += r->cost;
+        Py_CLEAR(r->aio);
+        req_put(r);
     }
     if (err) {
         Py_XDECREF(retry);
@@ -722,12 +1088,17 @@ static PyObject *Lane_complete(Lane *self, PyObject *args) {
 
 /* scan(buf, start, end, tasks, out, statsn, exp_cmdsn, max_cmdsn, room,
  *      held_back, single_data_in, out_room)
- *   -> (start, nbytes, ncmds, nasync, bytes_in)
+ *   -> (start, nbytes, ncmds, nasync, bytes_in, nr2t, placing)
  * Answers the plain READs at the head of buf[start:end], appending one
  * bytes object (Data-In with status) per file read to ``out`` (``ncmds``,
  * ``nbytes``), and starts the RBD reads and writes (``nasync``; a write's
- * data, ``bytes_in``, is consumed with its command); stops at the first
- * PDU it does not take. ``room``: commands the window may still
+ * immediate data, ``bytes_in``, is consumed with its command): an
+ * all-immediate one whose data is in goes to the submitter, another
+ * collects its data, with an R2T appended to ``out`` (``nr2t``, in
+ * ``nbytes``) once its immediate data is in. ``placing``: None, or
+ * (ITT, memoryview) when the last command's immediate data is still
+ * arriving (the rest is to be placed there, then placed(ITT) called; the
+ * scan stopped there). Stops at the first PDU it does not take. ``room``: commands the window may still
  * take (depth - in flight); ``held_back``: commands wait ahead of ExpCmdSN.
  * The sequence numbers after the scan are in statsn/exp_cmdsn/max_cmdsn. */
 static PyObject *Lane_scan(Lane *self, PyObject *args) {
@@ -744,7 +1115,8 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         return NULL;
     const uint8_t *buf = view.buf;
     Py_ssize_t s = start;
-    unsigned long long nbytes = 0, ncmds = 0, nasync = 0, bytes_in = 0;
+    unsigned long long nbytes = 0, ncmds = 0, nasync = 0, bytes_in = 0, nr2t = 0;
+    PyObject *placing = NULL;
     double t0 = now_s();
     if (end > view.len)
         end = view.len;
@@ -773,15 +1145,56 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
         }
         if (live_itt(self, itt))
             break;
-        if (l->aio != NULL) {
+        uint32_t dlen = write ? (uint32_t)b[5] << 16 | (uint32_t)b[6] << 8 | b[7] : 0;
+        Py_ssize_t have = end - s - BHS_LEN < (Py_ssize_t)dlen ? end - s - BHS_LEN : dlen;
+        if (l->aio != NULL && (!write || (dlen == n && have == dlen))) {
             if (!start_io(self, l, b, itt, offset, n, write))
                 break;          /* fenced, or the budget's end: Python's path */
             exp += 1;           /* in flight: the window's count grows, MaxCmdSN stays */
             room -= 1;
             nasync++;
-            /* (a write's data is whole blocks: no padding follows it) */
+            /* (a write's data is whole words: no padding follows it) */
             s += BHS_LEN + (write ? (Py_ssize_t)n : 0);
             bytes_in += write ? n : 0;
+            continue;
+        }
+        if (write) {
+            /* it collects its data: the immediate data placed or copied,
+             * the rest solicited */
+            req_t *r = new_req(self, l, b, itt, offset, n, (size_t)have, 1);
+            if (r == NULL)
+                break;
+            r->collecting = 1;
+            self->collecting++;
+            r->imm = dlen;
+            r->have = (uint32_t)have;
+            r->r2t_next = dlen;
+            if (have < (Py_ssize_t)dlen) {
+                r->imm_pending = 1;
+                PyObject *view = data_view(r, (uint32_t)have, dlen - (uint32_t)have);
+                placing = view == NULL ? NULL : Py_BuildValue("(IN)", itt, view);
+                if (placing == NULL) {
+                    self->collecting--;
+                    drop_req(self, r);
+                    goto fail;
+                }
+            } else {
+                int k = send_r2t(self, r, out, statsn, exp + 1, maxsn);
+                if (k < 0) {
+                    self->collecting--;
+                    drop_req(self, r);
+                    goto fail;
+                }
+                nbytes += (unsigned)k;
+                nr2t++;
+            }
+            exp += 1;
+            room -= 1;
+            nasync++;
+            bytes_in += dlen;
+            s += BHS_LEN + have;
+            if (placing != NULL)
+                break;          /* all that is buffered is its */
             continue;
         }
         PyObject *pdu = PyBytes_FromStringAndSize(NULL, BHS_LEN + n);
@@ -828,7 +1241,11 @@ static PyObject *Lane_scan(Lane *self, PyObject *args) {
     self->max_cmdsn = maxsn;
     self->commands += ncmds;
     self->bytes += nbytes;
-    return Py_BuildValue("nKKKK", s, nbytes, ncmds, nasync, bytes_in);
+    if (placing == NULL) {
+        placing = Py_None;
+        Py_INCREF(placing);
+    }
+    return Py_BuildValue("nKKKKKN", s, nbytes, ncmds, nasync, bytes_in, nr2t, placing);
 fail:
     PyBuffer_Release(&view);
     return NULL;
@@ -846,6 +1263,14 @@ static PyMethodDef Lane_methods[] = {
     {"set_buckets", (PyCFunction)Lane_set_buckets, METH_O, "the latency histogram's bounds"},
     {"set_write_params", (PyCFunction)Lane_set_write_params, METH_VARARGS,
      "FirstBurstLength (0: no writes), MaxRecvDataSegmentLength, command data limit"},
+    {"destination", (PyCFunction)Lane_destination, METH_VARARGS,
+     "where a lane write's Data-Out payload goes (None: the receive buffer)"},
+    {"data_out", (PyCFunction)Lane_data_out, METH_VARARGS, "a Data-Out for a lane write"},
+    {"placed", (PyCFunction)Lane_placed, METH_VARARGS, "a lane write's immediate data is in"},
+    {"demote", (PyCFunction)Lane_demote, METH_O,
+     "hand the writes collecting data on a LUN (-1: all) back to Python"},
+    {"drop_collecting", (PyCFunction)Lane_drop_collecting, METH_NOARGS,
+     "drop the writes collecting data (the connection is gone)"},
     {"take_counts", (PyCFunction)Lane_take_counts, METH_NOARGS,
      "the commands answered since, per LUN and kind"},
     {NULL}
@@ -865,7 +1290,10 @@ static PyMemberDef Lane_members[] = {
     {"credit_calls", T_ULONGLONG, offsetof(Lane, credit_calls), READONLY, NULL},
     {"answered", T_ULONGLONG, offsetof(Lane, answered), READONLY, NULL},
     {"written", T_ULONGLONG, offsetof(Lane, written), READONLY, "WRITEs answered GOOD"},
-    {"writes_inflight", T_UINT, offsetof(Lane, writes_inflight), READONLY, NULL},
+    {"writes_inflight", T_UINT, offsetof(Lane, writes_inflight), READONLY,
+     "writes in librbd's hands"},
+    {"collecting", T_UINT, offsetof(Lane, collecting), READONLY, "writes collecting their data"},
+    {"r2ts", T_ULONGLONG, offsetof(Lane, r2ts), READONLY, "R2Ts sent"},
     {NULL}
 };
 
@@ -886,7 +1314,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__nativelane(void) {
-    if (PyType_Ready(&LaneType) < 0)
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&LaneBufType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

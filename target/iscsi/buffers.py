@@ -31,6 +31,15 @@ from __future__ import annotations
 
 POOL_MIN = 64 * 1024        # smaller buffers come from malloc's free lists cheaply
 POOL_SHARE = 16             # the pool holds at most 1/POOL_SHARE of the memory limit
+#: Payloads (immediate data, Data-Out) at least this big are received in
+#: place, in their write's buffer (connection._start_direct); smaller ones
+#: are copied out of the receive buffer once whole.
+DIRECT_MIN = 16 * 1024
+#: Writes up to this size get a plain buffer at receipt when all their data
+#: fits the budget (the fast path); bigger ones get a lazy mapping, so one
+#: whose data never comes holds budget but not memory (datapath). The
+#: native lane collects the data of writes up to this size.
+EAGER_WRITE = 8 << 20
 
 
 def unviewed(buf: bytearray) -> bool:

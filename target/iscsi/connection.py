@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..logsafe import RateLimitedLog
 from . import pdu as P
+from .buffers import DIRECT_MIN
 from .login import LoginMachine, LoginStep
 from .session import ProtocolViolation, Session
 
@@ -33,7 +34,6 @@ MAX_WRITE_BACKLOG = 1 << 30    # unsent bytes beyond this: the peer is not readi
 # Unsent output beyond this: stop reading the peer's requests until it has
 # read its answers, so a client that never reads cannot make us produce more.
 INPUT_PAUSE_BYTES = 256 * 1024
-DIRECT_MIN = 16 * 1024       # Data-Out payloads at least this big are received in place
 # Reads a wake-up may add while a bulk transfer is under way (_pull): about
 # 1 MiB of 256 KiB Data-Out PDUs, so one busy peer cannot starve the loop.
 PULL_READS = 8
@@ -41,14 +41,18 @@ BHS_LEN, DIGEST_LEN = P.BHS_LEN, P.DIGEST_LEN     # (read per PDU)
 
 
 class _Direct:
-    __slots__ = ("dest", "have", "dlen", "bhs", "tail")
+    __slots__ = ("dest", "have", "dlen", "bhs", "tail", "lane_itt")
 
-    def __init__(self, dest: memoryview, have: int, dlen: int, bhs: bytes, tail: int) -> None:
+    def __init__(self, dest: memoryview, have: int, dlen: int, bhs: bytes, tail: int,
+                 lane_itt: int | None = None) -> None:
         self.dest = dest
         self.have = have
         self.dlen = dlen
         self.bhs = bhs
         self.tail = tail
+        # the immediate data of a write the native lane took (its command
+        # already consumed): the lane is told when it is in
+        self.lane_itt = lane_itt
 
 
 class IscsiConnection(asyncio.BufferedProtocol):
@@ -344,7 +348,7 @@ class IscsiConnection(asyncio.BufferedProtocol):
         RBD writes) at the head of the buffer (target/iscsi/lane.py); True
         if it took any."""
         w = session.window
-        start, nbytes, n, started, bytes_in = native.scan(
+        start, nbytes, n, started, bytes_in, r2ts, placing = native.scan(
             self.buf, s, self.end, session.tasks, self._wbuf, self.statsn, w.exp_cmdsn,
             w.max_cmdsn, w.depth - w.inflight, bool(w.pending_count()), session.single_data_in,
             max(0, FLUSH_BYTES - self._wbytes))
@@ -354,19 +358,29 @@ class IscsiConnection(asyncio.BufferedProtocol):
         self.statsn = native.statsn
         w.exp_cmdsn = native.exp_cmdsn
         w.inflight += started           # RBD reads and writes: answered by SessionLane._complete
-        self.pdus_in += started
-        session.commands += started
+        self.pdus_in += started + n
+        session.commands += started + n
         session.bytes_in += bytes_in
+        session.bytes_out += nbytes - (n + r2ts) * BHS_LEN
+        self.queued(n + r2ts, nbytes)
+        if placing is not None:
+            # the rest of the last command's immediate data goes straight
+            # into the lane's request (all that was buffered was its)
+            itt, dest = placing
+            self._direct = _Direct(dest, 0, len(dest), b"", 0, itt)
+            self.start = self.end = 0
+        return True
+
+    def queued(self, pdus: int, nbytes: int) -> None:
+        """``pdus`` PDUs of ``nbytes`` appended to the corked output by the
+        native lane: counted, and flushed at the end of this receive (or on
+        the loop's next turn)."""
         self._wbytes += nbytes
-        self.pdus_in += n
-        self.pdus_out += n
-        session.commands += n
-        session.bytes_out += nbytes - n * BHS_LEN
+        self.pdus_out += pdus
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if not self._receiving:
                 self.loop.call_soon(self.flush)
-        return True
 
     # -- direct placement of large payloads -----------------------------------------
     # Once the header of a big Data-Out or write command is in, the rest of
@@ -402,6 +416,11 @@ class IscsiConnection(asyncio.BufferedProtocol):
         s = self.start
         self.start = s + d.tail
         self._direct = None
+        if d.lane_itt is not None:
+            self.direct_pdus += 1
+            self._bulk = True
+            self.session.lane.placed(d.lane_itt)
+            return True
         if self.data_digest:
             pad = (-d.dlen) & 3
             want = P.digest_bytes(d.dest, self.mv[s:s + pad])

@@ -16,7 +16,7 @@ from .. import eager
 from ..logsafe import RateLimitedLog
 from . import pdu as P
 from .budget import COMMAND_COST, SMALL_WRITE
-from .buffers import POOL_MIN
+from .buffers import EAGER_WRITE, POOL_MIN
 from .lane import ENABLED as LANE_ENABLED
 from .residual import residual_count
 from .task import (ATTR_HEAD_OF_QUEUE, ATTR_ORDERED, SENSE_DATA_OFFSET_ERROR, SENSE_DATA_PHASE_ERROR,
@@ -31,10 +31,6 @@ ratelog = RateLimitedLog(log)     # for what a client can trigger once per comma
 # many in flight per session they are answered TASK SET FULL, which SCSI
 # initiators retry (Linux also lowers the device's queue depth).
 IMMEDIATE_LIMIT = 16
-# Writes up to this size get a plain buffer at receipt when all their data
-# fits the budget (the fast path); bigger ones get a lazy mapping, so one
-# whose data never comes holds budget but not memory.
-EAGER_WRITE = 8 << 20
 
 
 def write_buffer(nbytes: int) -> bytearray | mmap.mmap:
@@ -222,6 +218,8 @@ class DataPathMixin:
         itt, ttt = int.from_bytes(bhs[16:20], "big"), int.from_bytes(bhs[20:24], "big")
         off = int.from_bytes(bhs[40:44], "big")
         task = self.tasks.get(itt)
+        if task is None and self.lane is not None:
+            return self.lane.native.destination(bhs, dlen)      # a write the lane collects?
         if (task is None or task.aborted or task.error_sense is not None or task.buf is None
                 or not task.write or off + dlen > task.edtl):
             return None
@@ -252,6 +250,11 @@ class DataPathMixin:
 
     def _data_out(self, pdu: P.Pdu, placed: bool = False) -> None:
         task = self.tasks.get(pdu.itt)
+        if task is None and self.lane is not None:
+            # a write the lane collects takes it, or hands itself over
+            if self.lane.data_out(pdu):
+                return
+            task = self.tasks.get(pdu.itt)
         if task is None or task.aborted or task.error_sense is not None:
             log.debug("session %s: Data-Out for unknown/aborted/failed ITT 0x%08x dropped",
                       self.tsih, pdu.itt)

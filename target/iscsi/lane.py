@@ -40,6 +40,8 @@ from target.scsi.device import ScsiDevice
 from target.scsi.lustats import LATENCY_BUCKETS, READ, WRITE
 
 from . import pdu as P
+from .buffers import DIRECT_MIN, EAGER_WRITE
+from .task import R2TState, Task
 
 try:
     from ._nativelane import Lane
@@ -101,9 +103,15 @@ class SessionLane:
         if self._rbd:
             self.native.set_rbd(NATIVE_API, _credit_taker(self))
         prm = session.params
-        # all-immediate writes up to these (none without ImmediateData)
-        self.native.set_write_params(prm.first_burst_length if prm.immediate_data else 0,
-                                     prm.target_mrdsl, session.server.max_cmd_data)
+        max_cmd = session.server.max_cmd_data
+        # immediate data as the session allows it; writes that need R2Ts
+        # only with one burst outstanding at a time (MaxOutstandingR2T 1,
+        # what open-iscsi and libiscsi negotiate): the lane solicits one,
+        # so its R2Ts are the ones Python's path would send
+        self.native.set_write_params(
+            min(prm.first_burst_length, prm.target_mrdsl) if prm.immediate_data else 0, max_cmd,
+            min(max_cmd, EAGER_WRITE) if prm.max_outstanding_r2t == 1 else 0,
+            prm.max_burst_length, DIRECT_MIN)
         self._writes_idle: list[asyncio.Future] = []
         self._fd = self.native.fileno()
         loop.add_reader(self._fd, self._complete)
@@ -173,6 +181,11 @@ class SessionLane:
             self._draining[lun] = lease     # its gate stays entered until they end
         else:
             lease.release()
+        if not self._closed:
+            # writes still collecting their data continue on Python's path,
+            # which checks the LU's state when they execute
+            for write in self.native.demote(lun):
+                self._adopt(*write)
 
     def _device_changed(self, lun: int) -> None:
         """The LUN's ScsiDevice changed state (ScsiDevice.watch_route): no
@@ -231,7 +244,10 @@ class SessionLane:
             conn.flush()
         if retry is not None:
             for command in retry:
-                self._retry(command)
+                if command.__class__ is tuple:
+                    self._adopt(*command)
+                else:
+                    self._retry(command)
         # what it holds idle, but for two blocks; all of it when commands
         # (of any session) wait for budget: idle credit must not starve them
         self._give_credit(0 if s.budget.server.waiting() else 2 * CREDIT_BLOCK)
@@ -251,21 +267,78 @@ class SessionLane:
                 conn.loop.remove_reader(self._fd)
 
     def _retry(self, command: bytes) -> None:
-        """A lane read or write that failed becomes its command's task, as
-        Python would have made it (a write's data is its immediate data):
-        its CmdSN was taken and it still counts in the window, so it is
-        delivered at once (before drained() can return: task management and
-        logout then find it among the tasks)."""
+        """A lane read that failed becomes its command's task, as Python
+        would have made it: its CmdSN was taken and it still counts in the
+        window, so it is delivered at once (before drained() can return:
+        task management and logout then find it among the tasks)."""
         s = self.session
         s.commands -= 1                 # counted once, when the lane took it
-        data = memoryview(command)[P.BHS_LEN:]
-        if data.nbytes:
-            s.bytes_in -= data.nbytes   # (and again by _prepare_scsi)
-        task = s._prepare_scsi(P.Pdu(command[:P.BHS_LEN], b"", data))
+        task = s._prepare_scsi(P.Pdu(command))
         if task is None:
             s._noop(True)
         else:
             s._deliver(task, True)
+
+    def _adopt(self, bhs: bytes, buf: memoryview, received: int, r2t_next: int, r2tsn: int,
+               r2t: tuple[int, int, int, int, int] | None, cost: int) -> None:
+        """A lane write becomes a task of Python's path exactly where it
+        stands (the C lane's give_back): a write that failed in librbd (all
+        its data in), or one collecting its data whose route was taken back
+        or whose Data-Out the lane does not judge. Its data stays in the
+        lane's memory (``buf``), its budget bytes become the task's charge,
+        its R2Ts (TTT, DataSN, offsets) carry on, and like a retried read it
+        is delivered at once in the window slot it holds."""
+        s = self.session
+        pdu = P.Pdu(bhs)
+        task = Task(s, pdu, bytes(bhs[32:48]))
+        task.buf = buf
+        task.received = received
+        task.unsol_end = task.unsol_next = pdu.dlen     # F=1: no unsolicited Data-Out
+        task.r2t_next = r2t_next
+        task.r2tsn = r2tsn
+        if r2t is not None:
+            ttt, off, end, nxt, datasn = r2t
+            st = R2TState(ttt, off, end - off, r2tsn - 1)
+            st.next, st.datasn = nxt, datasn
+            task.r2ts[ttt] = st
+            s.ttts[ttt] = task
+        task.charged, task.paid_to = cost, task.edtl
+        if not s.tasks:
+            s.idle.clear()
+        s.tasks[task.itt] = task
+        s._deliver(task, True)
+
+    # -- writes collecting their data -------------------------------------------
+    def data_out(self, pdu: P.Pdu) -> bool:
+        """A Data-Out of no Python task: True if the lane took it (or it
+        belongs to no command at all); False if it is Python's, the lane
+        having just handed its write over as a task."""
+        s = self.session
+        conn = s.conn
+        w = s.window
+        res = self.native.data_out(pdu.bhs, pdu.data, conn._wbuf, conn.statsn, w.exp_cmdsn,
+                                   w.max_cmdsn)
+        if res is None:
+            return False
+        if res.__class__ is tuple:
+            self._adopt(*res)
+            return False
+        s.bytes_in += len(pdu.data)
+        s.budget.progress()
+        if res:
+            conn.queued(1, res)
+        return True
+
+    def placed(self, itt: int) -> None:
+        """The rest of a lane write's immediate data has been placed."""
+        s = self.session
+        conn = s.conn
+        w = s.window
+        res = self.native.placed(itt, conn._wbuf, conn.statsn, w.exp_cmdsn, w.max_cmdsn)
+        if res.__class__ is tuple:
+            self._adopt(*res)
+        elif res:
+            conn.queued(1, res)
 
     def _credit(self, need: int) -> int:
         """Budget for RBD reads: a block (or just ``need``) more; 0 at the
@@ -331,9 +404,10 @@ class SessionLane:
 
     def close(self) -> None:
         self._closed = True
+        self.native.drop_collecting()       # nothing of them was written
         log.info("session %s: the lane answered %d READs (%d would have waited for the disk) "
-                 "and %d WRITEs", self.session.tsih, self.native.answered,
-                 self.native.would_block, self.native.written)
+                 "and %d WRITEs (%d R2Ts)", self.session.tsih, self.native.answered,
+                 self.native.would_block, self.native.written, self.native.r2ts)
         self._fold_timer.cancel()
         self._fold_stats()
         self._timer.cancel()

@@ -61,7 +61,7 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path, ceph) -> AsyncIterator[Rig]:
+async def rig(tmp_path, ceph, **login: Any) -> AsyncIterator[Rig]:
     port = free_port()
     svc = Service(str(tmp_path / "state"), init=True, portals=[("127.0.0.1", port)],
                   backend="embedded")
@@ -71,7 +71,7 @@ async def rig(tmp_path, ceph) -> AsyncIterator[Rig]:
         await svc.volume_create("r", size=SIZE, rbd=spec.image_name, ceph_conf=ceph.conf)
         await svc.export_create(IQN, luns={"0": "r"})
         i = Initiator("127.0.0.1", port)
-        await i.login(IQN)
+        await i.login(IQN, **login)
         await ready(i, 0)
         r = Rig(svc, i, spec)
         await r.published()
