@@ -25,13 +25,21 @@
  * Python as their command; each holds budget credit while in flight.
  *
  * WRITE(10)/WRITE(16) to an RBD LU take the same decision plus: W=1 R=0
- * F=1, no FUA and no WRPROTECT, all the data immediate (DataSegmentLength
- * = EDTL = the transfer, within FirstBurstLength, MaxRecvDataSegmentLength
- * and the command data limit: set_write_params) and the whole PDU already
- * in the buffer. The data is copied into the request and queued on the
- * submitter like a read; complete() answers GOOD only if librbd took it and
- * the store is not fenced then, else it goes back to Python as its command
- * with its data. A write that needs R2Ts is Python's.
+ * F=1, no FUA and no WRPROTECT, EDTL = the transfer, immediate data in
+ * whole words within FirstBurstLength and MaxRecvDataSegmentLength (none
+ * with ImmediateData=No), all-immediate within the command data limit,
+ * else (it needs R2Ts) only with MaxOutstandingR2T 1 and up to the eager
+ * write size (set_write_params). An all-immediate write whose PDU is in the
+ * buffer is copied into its request and queued on the submitter like a
+ * read. Any other collects its data: the rest of its immediate data is
+ * placed in the request by the connection (placed()), the lane sends its
+ * R2Ts one burst at a time and takes the Data-Outs that are exactly the
+ * next piece of the burst (destination() / data_out()), then queues it.
+ * Whatever else happens to it -- a Data-Out it does not judge, its LUN
+ * taken back, the submitter refusing it -- hands it to Python where it
+ * stands (give_back; Python's path then answers as it would have).
+ * complete() answers GOOD only if librbd took the write and the store is
+ * not fenced then, else hands it back too.
  *
  * Sequence numbers: Python owns StatSN, ExpCmdSN and the window; scan
  * takes them in and leaves the advanced ones in the lane's members for
@@ -1262,7 +1270,7 @@ static PyMethodDef Lane_methods[] = {
     {"complete", (PyCFunction)Lane_complete, METH_VARARGS, "answer the finished RBD reads and writes"},
     {"set_buckets", (PyCFunction)Lane_set_buckets, METH_O, "the latency histogram's bounds"},
     {"set_write_params", (PyCFunction)Lane_set_write_params, METH_VARARGS,
-     "FirstBurstLength (0: no writes), MaxRecvDataSegmentLength, command data limit"},
+     "immediate data, command data, R2T write limits; MaxBurstLength; placement threshold"},
     {"destination", (PyCFunction)Lane_destination, METH_VARARGS,
      "where a lane write's Data-Out payload goes (None: the receive buffer)"},
     {"data_out", (PyCFunction)Lane_data_out, METH_VARARGS, "a Data-Out for a lane write"},

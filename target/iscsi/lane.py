@@ -1,6 +1,6 @@
 """The published route of a session's native lane: plain READs, and plain
-all-immediate WRITEs to RBD LUs (target/iscsi/_nativelane.c; design and
-numbers in docs/native-lane.md).
+WRITEs to RBD LUs, their R2Ts and Data-Out included (target/iscsi/_nativelane.c;
+design and numbers in docs/native-lane.md).
 
 The route is published, not re-made per command, as the TCMU native ring
 does (target/tcmu/native_device.py): a LUN is direct for this session while
@@ -20,7 +20,10 @@ is a SIMPLE command in flight: an ORDERED command (SAM orders it after
 every earlier one) and a COMPARE AND WRITE (atomic against every write)
 run only once the target's lane writes have ended (``writes_end``,
 Session.lane_writes_end); other commands may overlap one, as they may a
-SIMPLE write on Python's path.
+SIMPLE write on Python's path. A write still collecting its data is not
+in flight: taking its LUN back hands it to Python's path as a task where it
+stands (``_adopt``), so task management, logout and ordering find it
+among the session's tasks.
 """
 from __future__ import annotations
 

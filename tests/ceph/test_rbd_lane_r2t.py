@@ -360,31 +360,18 @@ CASES: dict[str, Case] = {
 async def exchange(tmp_path, ceph, case: Case, on: bool) -> tuple[list[bytes], int, bytes]:
     """The target's PDUs for the case (on a fresh image), the R2Ts the
     lane sent, and the first MiB of the image afterwards."""
-    set_lane(on)
     d = tmp_path / ("on" if on else "off")
     d.mkdir()
-    image = _image(ceph)
-    async with served(d, ceph, image) as svc:
-        srv = svc.frontend.server
-        i = Initiator(*srv.addresses[0], name="iqn.2025-01.org.test:wire")
-        await i.login(IQN, immediate_data=True, **R2T_LOGIN)
-        await ready(i, 0)
-        lanes = [s.lane for s in srv.sessions.values() if s.lane is not None]
-        if on:
-            await until(lambda: lanes and all(lane._leases.get(0) for lane in lanes),
-                        "the LUN published")
-        i._reader_task.cancel()
-        await asyncio.gather(i._reader_task, return_exceptions=True)
-        x = Raw(i)
+    async with raw_session(d, ceph, on) as (svc, x, s, spec):
         await case(x)
         await x.rest()
+        lane = s.lane
         for _ in range(500):                 # writes in flight end before the image is read
-            if not any(lane.native.inflight for lane in lanes):
+            if lane is None or not lane.native.inflight:
                 break
             await asyncio.sleep(0.01)
-        r2ts = sum(lane.native.r2ts for lane in lanes)
-        i.writer.close()
-    img = await asyncio.to_thread(read_image, ceph.spec(image.split("/")[-1]), 0, MiB)
+        r2ts = lane.native.r2ts if lane is not None else 0
+    img = await asyncio.to_thread(read_image, spec, 0, MiB)
     return x.got, r2ts, img
 
 
@@ -419,10 +406,10 @@ def test_hostile_r2t_write_gets_pythons_answers(ceph, tmp_path, name):
 # -- a write handed over mid-transfer ----------------------------------------------------
 
 @contextlib.asynccontextmanager
-async def raw_session(tmp_path, ceph):
-    """A session with the lane on, its socket taken over: (service, Raw,
-    session, the image's spec)."""
-    set_lane(True)
+async def raw_session(tmp_path, ceph, on: bool = True):
+    """A session (the lane ``on`` or off) on a fresh image, its socket
+    taken over: (service, Raw, session, the image's spec)."""
+    set_lane(on)
     image = _image(ceph)
     async with served(tmp_path, ceph, image) as svc:
         srv = svc.frontend.server
@@ -430,7 +417,8 @@ async def raw_session(tmp_path, ceph):
         await i.login(IQN, immediate_data=True, **R2T_LOGIN)
         await ready(i, 0)
         (s,) = srv.sessions.values()
-        await until(lambda: s.lane._leases.get(0), "the LUN published")
+        if on:
+            await until(lambda: s.lane._leases.get(0), "the LUN published")
         i._reader_task.cancel()
         await asyncio.gather(i._reader_task, return_exceptions=True)
         try:
