@@ -313,9 +313,9 @@ class SessionLane:
 
     # -- writes collecting their data -------------------------------------------
     def data_out(self, pdu: P.Pdu) -> bool:
-        """A Data-Out of no Python task: True if the lane took it (or it
-        belongs to no command at all); False if it is Python's, the lane
-        having just handed its write over as a task."""
+        """A Data-Out of no Python task: True if the lane took it; False if
+        it is Python's (the lane having just handed its write over as a
+        task, or it belongs to no command at all: Python drops it)."""
         s = self.session
         conn = s.conn
         w = s.window
