@@ -23,7 +23,7 @@ if lane_mod.Lane is None or lane_mod.NATIVE_API is None:
 
 from target.service import Service  # noqa: E402
 from tests.ceph.conftest import TEST_OSD_OP_TIMEOUT_S  # noqa: E402
-from tests.ceph.util import take_over  # noqa: E402
+from tests.ceph.util import stop_process, take_over  # noqa: E402
 from tests.support import free_port  # noqa: E402
 from tests.target.iscsi.initiator import Initiator  # noqa: E402
 from tests.target.iscsi.test_nativelane import lane_on, read10  # noqa: E402,F401 (autouse fixture)
@@ -87,7 +87,7 @@ async def rig(tmp_path, ceph, **login: Any) -> AsyncIterator[Rig]:
 def osd_stopped(ceph):
     """The OSD stopped (SIGSTOP) meanwhile: reads stay in flight."""
     pid = int(open(os.path.join(ceph.dir, "pids", "osd")).read())
-    os.kill(pid, signal.SIGSTOP)
+    stop_process(pid)
     try:
         yield
     finally:

@@ -27,6 +27,7 @@ from target.iscsi import pdu as P
 from target.scsi.device import ScsiDevice
 from target.scsi.identity import DeviceIdentity
 from target.scsi.lunset import LunSet
+from tests.ceph.util import stop_process
 from tests.target.iscsi.initiator import Initiator, InitiatorError
 from tests.target.iscsi.test_nativelane_hostile import lane_on, read10  # noqa: F401 (autouse fixture)
 from tests.target.iscsi.test_scsi_integration import ready
@@ -58,7 +59,7 @@ class Held:
         return next(s.lane for s in self.srv.sessions.values() if name in s.nexus.initiator)
 
     def stop_osd(self) -> None:
-        os.kill(self.osd, signal.SIGSTOP)
+        stop_process(self.osd)
         self.stopped = True
 
     def continue_osd(self) -> None:
