@@ -37,9 +37,10 @@ def _stat_fields(stat: bytes) -> tuple[str, list[bytes]]:
     return comm, stat[stat.rindex(b")") + 2:].split()
 
 
-def threads(pid: int) -> list[tuple[int, str, float]]:
-    """(tid, kernel name, CPU seconds) of each live thread of ``pid``."""
-    out: list[tuple[int, str, float]] = []
+def thread_stats(pid: int) -> list[tuple[int, str, list[bytes]]]:
+    """(tid, kernel name, the stat fields after it) of each live thread of
+    ``pid``; fields[0] is the thread's state."""
+    out: list[tuple[int, str, list[bytes]]] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -50,9 +51,14 @@ def threads(pid: int) -> list[tuple[int, str, float]]:
                 stat = f.read()
         except OSError:
             continue                            # ended meanwhile
-        comm, fields = _stat_fields(stat)
-        out.append((int(tid), comm, (int(fields[11]) + int(fields[12])) / _TICK))  # utime + stime
+        out.append((int(tid), *_stat_fields(stat)))
     return out
+
+
+def threads(pid: int) -> list[tuple[int, str, float]]:
+    """(tid, kernel name, CPU seconds) of each live thread of ``pid``."""
+    return [(tid, comm, (int(fields[11]) + int(fields[12])) / _TICK)     # utime + stime
+            for tid, comm, fields in thread_stats(pid)]
 
 
 def _thread_cpu(pid: int) -> dict[str, float]:

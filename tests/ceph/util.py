@@ -12,6 +12,7 @@ import rados
 import rbd
 
 from restore_core.stores.spec import RbdSpec
+from tests.bench.cpuacct import thread_stats
 
 
 @contextmanager
@@ -69,14 +70,8 @@ def stop_process(pid: int, timeout: float = 5.0) -> None:
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + timeout
     while True:
-        states = []
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-            except FileNotFoundError:       # a thread that ended meanwhile
-                pass
-        if all(st in "TtXZ" for st in states):
+        states = [fields[0].decode() for _, _, fields in thread_stats(pid)]
+        if states and all(st in "TtXZ" for st in states):
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"process {pid} did not stop in {timeout} s: {states}")
